@@ -1,0 +1,3 @@
+//! forge-coordinator binary (being built).
+
+fn main() {}

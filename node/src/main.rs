@@ -1,0 +1,226 @@
+//! `forge-node`: the program each machine runs. Subcommands that exist here work; others are
+//! added as they are built.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use forge_trainer::bench::{TrainStepBench, TrainStepResult};
+use forge_trainer::config::RunConfig;
+use forge_trainer::device::parse_device;
+use forge_trainer::models::{Family, ModelConfig, PRESETS, Precision};
+use std::path::PathBuf;
+use tch::Device;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "forge-node",
+    version,
+    about = "Forge node: trains a model replica"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect model architectures.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Parameter count and training FLOPs per token of a preset or a run config's [model].
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Forward + backward + grad clip + AdamW on a random batch: tokens/s, step time, MFU.
+    TrainStep(TrainStepArgs),
+}
+
+/// Which model: a preset (with an optional family) or the [model] section of a run config.
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Model preset: tiny, 4m, 15m, gpt2-124m.
+    #[arg(long, conflicts_with = "config")]
+    preset: Option<String>,
+    /// Architecture family for the preset: llama or gpt2 (default: llama; gpt2 for gpt2-124m).
+    #[arg(long, conflicts_with = "config")]
+    family: Option<Family>,
+    /// Run config whose [model] section names the model.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> Result<ModelConfig> {
+        match (&self.preset, &self.config) {
+            (_, Some(path)) => Ok(RunConfig::load(path)?.model_config()?),
+            (Some(preset), None) => Ok(ModelConfig::preset(preset, self.family)?),
+            (None, None) => anyhow::bail!(
+                "name a model: --preset ({}) or --config FILE",
+                PRESETS.join(", ")
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequence length for the attention part of FLOPs/token (default: the model's maximum).
+    #[arg(long)]
+    seq: Option<i64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct TrainStepArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: i64,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32 or bf16 for matmuls and attention (default: bf16 on CUDA, fp32 on CPU).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// CPU threads for libtorch kernels (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Peak TFLOP/s of the device, for MFU where the built-in table has no entry (CPUs).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Model(ModelCommand::Info(args)) => model_info(&args),
+        Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
+    }
+}
+
+fn model_info(args: &InfoArgs) -> Result<()> {
+    let cfg = args.model.resolve()?;
+    let seq = args.seq.unwrap_or(cfg.max_seq_len);
+    let flops = cfg.train_flops_per_token(seq);
+    if args.json {
+        let value = serde_json::json!({
+            "config": cfg,
+            "params": cfg.param_count(),
+            "matmul_params": cfg.matmul_params(),
+            "seq_len": seq,
+            "train_flops_per_token": flops,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("family          {}", cfg.family);
+    println!(
+        "layers          {} (d_model {}, heads {}, kv heads {}, d_ff {})",
+        cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_ff
+    );
+    println!(
+        "vocab           {} (tied head: {})",
+        cfg.vocab_size, cfg.tie_embeddings
+    );
+    println!("max seq len     {}", cfg.max_seq_len);
+    println!(
+        "parameters      {} ({:.2}M)",
+        cfg.param_count(),
+        cfg.param_count() as f64 / 1e6
+    );
+    println!("matmul params   {}", cfg.matmul_params());
+    println!("train FLOPs/tok {:.4e} at seq {}", flops, seq);
+    Ok(())
+}
+
+fn bench_train_step(args: &TrainStepArgs) -> Result<()> {
+    let model = args.model.resolve()?;
+    let device = parse_device(&args.device)?;
+    let precision = args.precision.unwrap_or(match device {
+        Device::Cpu => Precision::Fp32,
+        _ => Precision::Bf16,
+    });
+    let bench = TrainStepBench {
+        model,
+        batch: args.batch,
+        seq_len: args.seq,
+        device,
+        precision,
+        warmup: args.warmup,
+        steps: args.steps,
+        threads: args.threads,
+        peak_tflops: args.peak_tflops,
+        seed: 0,
+    };
+    let result = bench.run().context("train-step benchmark")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print_result(&result);
+    }
+    Ok(())
+}
+
+fn print_result(r: &TrainStepResult) {
+    println!(
+        "{} {:.2}M params, batch {} x seq {}, {} ({}), {:?}, {} threads",
+        r.family,
+        r.params as f64 / 1e6,
+        r.batch,
+        r.seq_len,
+        r.device,
+        r.device_name,
+        r.precision,
+        r.threads
+    );
+    println!(
+        "step {:.1} ms median ({:.1} mean over {} steps), {:.0} tokens/s, {:.3} TFLOP/s",
+        r.step_ms_median, r.step_ms_mean, r.steps, r.tokens_per_s, r.achieved_tflops
+    );
+    match r.mfu {
+        Some(mfu) => println!(
+            "MFU {:.1}% of {:.1} TFLOP/s peak",
+            mfu * 100.0,
+            r.peak_tflops.unwrap_or(0.0)
+        ),
+        None => println!("MFU n/a: peak unknown for this device (pass --peak-tflops)"),
+    }
+}

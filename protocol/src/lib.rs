@@ -1,0 +1,1 @@
+//! forge-protocol: wire types, framing and codecs (being built).

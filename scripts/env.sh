@@ -1,0 +1,8 @@
+# Sourced by the other scripts (and by developers: `source scripts/env.sh` before running cargo
+# by hand). Points the torch-sys build at the project's virtualenv.
+FORGE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FORGE_VENV="${FORGE_VENV:-$FORGE_ROOT/.venv}"
+FORGE_TORCH_VERSION="2.11.0"
+export VIRTUAL_ENV="$FORGE_VENV"
+export PATH="$FORGE_VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Idempotent setup: a project-local virtualenv with torch 2.11.0 (the libtorch that tch 0.24
+# expects), then a build of the workspace. A second run skips what is already done.
+#
+#   scripts/setup.sh            venv + release binaries (target/release)
+#   scripts/setup.sh --dev      venv + debug binaries (target/debug), what the tests use
+#   scripts/setup.sh --no-build venv only
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$FORGE_ROOT"
+
+profile=release
+case "${1:-}" in
+  "") ;;
+  --dev) profile=dev ;;
+  --no-build) profile=none ;;
+  *) echo "usage: scripts/setup.sh [--dev|--no-build]" >&2; exit 2 ;;
+esac
+
+die() { echo "setup: $*" >&2; exit 1; }
+say() { echo "setup: $*" >&2; }
+
+torch_version() { "$FORGE_VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
+
+# 1. Python virtualenv with torch.
+installed="$(test -x "$FORGE_VENV/bin/python" && torch_version)"
+if [[ "${installed%%+*}" == "$FORGE_TORCH_VERSION" ]]; then
+  say "torch $installed already in $FORGE_VENV"
+else
+  command -v python3 >/dev/null \
+    || die "python3 not found; install Python 3.9 or newer (Debian: apt-get install python3 python3-venv)"
+  python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' \
+    || die "python3 is $(python3 --version 2>&1); torch $FORGE_TORCH_VERSION needs Python 3.9 or newer"
+  if [[ -n "$installed" ]]; then
+    say "the virtualenv has torch $installed, but tch 0.24 needs exactly $FORGE_TORCH_VERSION; installing $FORGE_TORCH_VERSION over it"
+  else
+    free_kb=$(df -Pk "$FORGE_ROOT" | awk 'NR==2 {print $4}')
+    need_kb=$((8 * 1024 * 1024))
+    (( free_kb >= need_kb )) \
+      || die "only $((free_kb / 1024 / 1024)) GiB free under $FORGE_ROOT; torch $FORGE_TORCH_VERSION with its CUDA libraries needs about 8 GiB. Free some space, or set FORGE_VENV to a folder on a bigger disk"
+    if [[ ! -x "$FORGE_VENV/bin/python" ]]; then
+      say "creating virtualenv $FORGE_VENV"
+      python3 -m venv "$FORGE_VENV" \
+        || die "python3 -m venv failed; on Debian/Ubuntu install the venv module: apt-get install python3-venv"
+    fi
+    "$FORGE_VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+      || die "pip is missing in $FORGE_VENV; install python3-pip (or python3-venv with ensurepip) and delete $FORGE_VENV"
+  fi
+  say "installing torch==$FORGE_TORCH_VERSION into $FORGE_VENV (about 5 GB)"
+  "$FORGE_VENV/bin/python" -m pip install --disable-pip-version-check -q \
+      "torch==$FORGE_TORCH_VERSION" numpy \
+    || die "pip could not install torch==$FORGE_TORCH_VERSION (see the pip output above)"
+  installed="$(torch_version)"
+  [[ "${installed%%+*}" == "$FORGE_TORCH_VERSION" ]] \
+    || die "after install, the virtualenv reports torch '${installed:-none}', not $FORGE_TORCH_VERSION"
+  say "torch $installed installed"
+fi
+
+[[ "$profile" == none ]] && exit 0
+
+# 2. Build. cargo skips what is up to date.
+command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and re-run"
+flags=(--workspace --bins)
+[[ "$profile" == release ]] && flags+=(--release)
+say "building ($profile)"
+cargo build "${flags[@]}"
+
+# 3. The binaries must start without LD_LIBRARY_PATH (rpath to the virtualenv's libtorch).
+dir=target/$([[ "$profile" == release ]] && echo release || echo debug)
+env -u LD_LIBRARY_PATH "$dir/forge-node" --version >/dev/null \
+  || die "$dir/forge-node does not start; see the loader error above"
+say "ready: $dir/forge-node, $dir/forge-coordinator"

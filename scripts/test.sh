@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: setup (virtualenv + debug build), formatting and
+# lints, then every test of every crate. CI runs exactly this (.ci/run).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$FORGE_ROOT"
+
+scripts/setup.sh --dev
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# Integration tests start the binaries built by setup.sh --dev (target/debug).
+cargo test --workspace

@@ -1,0 +1,56 @@
+//! Errors of the trainer crate. Messages carry the values that went wrong and, where a user can
+//! fix the cause, what to do next.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown model preset '{name}'; known presets: {known}")]
+    UnknownPreset { name: String, known: String },
+
+    #[error("invalid model config: {0}")]
+    InvalidModelConfig(String),
+
+    #[error("invalid device '{spec}': {why}")]
+    InvalidDevice { spec: String, why: String },
+
+    #[error("config file {path}: {why}")]
+    Config { path: PathBuf, why: String },
+
+    #[error(
+        "weights file {path} does not match the model: {why} \
+         (was it written for another family or preset?)"
+    )]
+    WeightsMismatch { path: PathBuf, why: String },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("libtorch error while {context}: {source}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+
+    #[error("invalid benchmark settings: {0}")]
+    InvalidBench(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn torch(context: impl Into<String>) -> impl FnOnce(tch::TchError) -> Error {
+        let context = context.into();
+        move |source| Error::Torch { context, source }
+    }
+
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}

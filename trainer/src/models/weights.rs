@@ -1,0 +1,203 @@
+//! Weights in the Hugging Face safetensors layout: load with every key and shape checked,
+//! save with the same names the family uses on the Hub.
+
+use super::{Family, ModelConfig};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor, nn::VarStore};
+
+/// Keys in Hub files that are buffers, not parameters (old GPT-2 attention masks, old Llama
+/// rotary tables). They carry nothing a model needs and are skipped.
+fn is_buffer(key: &str) -> bool {
+    key.ends_with(".attn.bias")
+        || key.ends_with(".attn.masked_bias")
+        || key.ends_with("rotary_emb.inv_freq")
+}
+
+/// Maps a key from a Hub file onto this crate's parameter name. GPT-2 files saved from
+/// `GPT2Model` lack the `transformer.` prefix that `GPT2LMHeadModel` files have.
+fn canonical_key(cfg: &ModelConfig, key: &str) -> String {
+    if cfg.family == Family::Gpt2 && !key.starts_with("transformer.") && key != "lm_head.weight" {
+        format!("transformer.{key}")
+    } else {
+        key.to_string()
+    }
+}
+
+/// Reads a safetensors file into `vs`, which must hold exactly the model's parameters.
+/// Every parameter must be present with its shape; extra keys are an error, except buffers and
+/// a tied output head that equals the embedding.
+pub fn load(vs: &mut VarStore, cfg: &ModelConfig, path: &Path) -> Result<()> {
+    let mismatch = |why: String| Error::WeightsMismatch {
+        path: path.to_path_buf(),
+        why,
+    };
+    std::fs::metadata(path).map_err(Error::io(format!("reading weights {}", path.display())))?;
+    let tensors = Tensor::read_safetensors(path).map_err(Error::torch(format!(
+        "reading safetensors {}",
+        path.display()
+    )))?;
+    let mut file: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .map(|(k, t)| (canonical_key(cfg, &k), t))
+        .collect();
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let missing: Vec<&String> = vars.keys().filter(|k| !file.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        return Err(mismatch(format!(
+            "{} parameter(s) missing, e.g. {}",
+            missing.len(),
+            preview(&missing)
+        )));
+    }
+    if cfg.tie_embeddings {
+        // Some exports write the tied head out; accept it only when it is the embedding.
+        if let Some(head) = file.remove("lm_head.weight") {
+            let embed_key = match cfg.family {
+                Family::Gpt2 => "transformer.wte.weight",
+                Family::Llama => "model.embed_tokens.weight",
+            };
+            let same = file
+                .get(embed_key)
+                .is_some_and(|e| e.size() == head.size() && e.equal(&head));
+            if !same {
+                return Err(mismatch(format!(
+                    "the file has an lm_head.weight that differs from {embed_key}, but the model \
+                     ties its head; set tie_embeddings = false to load an untied head"
+                )));
+            }
+        }
+    }
+    let extra: Vec<&String> = file.keys().filter(|k| !vars.contains_key(*k)).collect();
+    if !extra.is_empty() {
+        return Err(mismatch(format!(
+            "{} tensor(s) the model does not have, e.g. {}",
+            extra.len(),
+            preview(&extra)
+        )));
+    }
+    for (name, var) in &vars {
+        let src = &file[name];
+        if src.size() != var.size() {
+            return Err(mismatch(format!(
+                "{name} has shape {:?} in the file but {:?} in the model",
+                src.size(),
+                var.size()
+            )));
+        }
+        if !src.is_floating_point() {
+            return Err(mismatch(format!(
+                "{name} is {:?}, not a float tensor",
+                src.kind()
+            )));
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            var.copy_(&file[&name].to_kind(Kind::Float).to_device(var.device()));
+        }
+    });
+    Ok(())
+}
+
+/// Writes every parameter of `vs` to a safetensors file under its Hub name (fp32, CPU).
+pub fn save(vs: &VarStore, path: &Path) -> Result<()> {
+    let named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous()))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
+    Tensor::write_safetensors(&named, path).map_err(Error::torch(format!(
+        "writing safetensors {}",
+        path.display()
+    )))
+}
+
+fn preview(keys: &[&String]) -> String {
+    let shown: Vec<&str> = keys.iter().take(4).map(|k| k.as_str()).collect();
+    let more = if keys.len() > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    format!("{}{more}", shown.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Model;
+    use tch::Device;
+
+    fn build(cfg: &ModelConfig) -> (VarStore, Model) {
+        let vs = VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), cfg).unwrap();
+        (vs, model)
+    }
+
+    #[test]
+    fn save_then_load_gives_the_same_logits() {
+        let dir = std::env::temp_dir().join(format!("forge-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for family in [Family::Gpt2, Family::Llama] {
+            let cfg = ModelConfig::preset("tiny", Some(family)).unwrap();
+            let (vs_a, a) = build(&cfg);
+            let file = dir.join(format!("{family}.safetensors"));
+            save(&vs_a, &file).unwrap();
+            let (mut vs_b, b) = build(&cfg);
+            load(&mut vs_b, &cfg, &file).unwrap();
+            let ids = Tensor::randint(cfg.vocab_size, [1, 8], (Kind::Int64, Device::Cpu));
+            let diff = f64::try_from((a.forward(&ids) - b.forward(&ids)).abs().max()).unwrap();
+            assert_eq!(diff, 0.0, "{family}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn wrong_family_or_shape_is_named() {
+        let dir = std::env::temp_dir().join(format!("forge-weights-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let gpt2 = ModelConfig::preset("tiny", Some(Family::Gpt2)).unwrap();
+        let (vs, _m) = build(&gpt2);
+        let file = dir.join("gpt2.safetensors");
+        save(&vs, &file).unwrap();
+
+        let llama = ModelConfig::preset("tiny", Some(Family::Llama)).unwrap();
+        let (mut vs_l, _l) = build(&llama);
+        let err = load(&mut vs_l, &llama, &file).unwrap_err().to_string();
+        assert!(
+            err.contains("missing") && err.contains("another family"),
+            "{err}"
+        );
+
+        let mut wider = gpt2.clone();
+        wider.d_ff = 512;
+        let (mut vs_w, _w) = build(&wider);
+        let err = load(&mut vs_w, &wider, &file).unwrap_err().to_string();
+        assert!(
+            err.contains("c_fc.bias has shape [384] in the file but [512]"),
+            "{err}"
+        );
+
+        std::fs::write(dir.join("garbage.safetensors"), b"not a safetensors file").unwrap();
+        let (mut vs_g, _g) = build(&gpt2);
+        let err = load(&mut vs_g, &gpt2, &dir.join("garbage.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("garbage.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn gpt2_keys_without_the_transformer_prefix_load() {
+        let cfg = ModelConfig::preset("tiny", Some(Family::Gpt2)).unwrap();
+        assert_eq!(
+            canonical_key(&cfg, "h.0.ln_1.weight"),
+            "transformer.h.0.ln_1.weight"
+        );
+        assert_eq!(canonical_key(&cfg, "lm_head.weight"), "lm_head.weight");
+        assert!(is_buffer("h.3.attn.bias") && !is_buffer("h.3.attn.c_attn.bias"));
+    }
+}
