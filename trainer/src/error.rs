@@ -37,6 +37,12 @@ pub enum Error {
         source: tch::TchError,
     },
 
+    #[error("checkpoint {path}: {why}")]
+    Checkpoint { path: PathBuf, why: String },
+
+    #[error("invalid [train] settings: {0}")]
+    InvalidTrainConfig(String),
+
     #[error("invalid benchmark settings: {0}")]
     InvalidBench(String),
 }

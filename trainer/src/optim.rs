@@ -1,7 +1,10 @@
 //! Inner optimizer: AdamW with decoupled weight decay on matrices only, and global-norm
 //! gradient clipping. The state (moments and step) is explicit so checkpoints can save it.
 
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use tch::{Tensor, nn::VarStore};
 
 /// AdamW hyper-parameters (defaults from the DiLoCo inner optimizer).
@@ -114,17 +117,53 @@ impl AdamW {
         }
     }
 
-    /// Names and tensors of the optimizer state, for checkpoints.
-    pub fn state(&self) -> Vec<(String, &Tensor)> {
-        self.params
+    /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, and
+    /// `step`), for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .params
             .iter()
             .flat_map(|s| {
                 [
-                    (format!("{}.exp_avg", s.name), &s.exp_avg),
-                    (format!("{}.exp_avg_sq", s.name), &s.exp_avg_sq),
+                    (format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()),
+                    (format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.shallow_clone()),
                 ]
             })
-            .collect()
+            .collect();
+        out.push(("step".into(), Tensor::from_slice(&[self.step])));
+        out
+    }
+
+    /// Restores state written by [`AdamW::state_tensors`]; every moment must be present with
+    /// its parameter's shape.
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let missing = |name: &str| Error::Checkpoint {
+            path: PathBuf::from("optimizer.safetensors"),
+            why: format!("optimizer state has no tensor {name} of the right shape"),
+        };
+        let step = tensors.get("step").ok_or_else(|| missing("step"))?;
+        let step = i64::try_from(step.reshape([-1]).get(0)).map_err(|_| missing("step"))?;
+        let get = |name: String, like: &Tensor| -> Result<Tensor> {
+            match tensors.get(&name) {
+                Some(t) if t.size() == like.size() => Ok(t.shallow_clone()),
+                _ => Err(missing(&name)),
+            }
+        };
+        let mut loaded = Vec::with_capacity(self.params.len());
+        for s in &self.params {
+            loaded.push((
+                get(format!("{}.exp_avg", s.name), &s.exp_avg)?,
+                get(format!("{}.exp_avg_sq", s.name), &s.exp_avg_sq)?,
+            ));
+        }
+        tch::no_grad(|| {
+            for (s, (m, v)) in self.params.iter_mut().zip(loaded) {
+                s.exp_avg.copy_(&m.to_kind(s.exp_avg.kind()).to_device(s.exp_avg.device()));
+                s.exp_avg_sq.copy_(&v.to_kind(s.exp_avg_sq.kind()).to_device(s.exp_avg_sq.device()));
+            }
+        });
+        self.step = step;
+        Ok(())
     }
 }
 
@@ -181,6 +220,31 @@ mod tests {
         let db = f64::try_from((b - b_expected).abs().max()).unwrap();
         assert!(dw < 1e-6 && db < 1e-6, "dw {dw} db {db}");
         assert_eq!(opt.step_count(), 1);
+    }
+
+    #[test]
+    fn state_round_trips_exactly() {
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3, 2], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        for _ in 0..3 {
+            opt.zero_grad();
+            (&w * &w).sum(Kind::Float).backward();
+            opt.step(0.01);
+        }
+        let saved: HashMap<String, Tensor> =
+            opt.state_tensors().into_iter().map(|(k, t)| (k, t.copy())).collect();
+        let mut fresh = AdamW::new(&vs, AdamWConfig::default());
+        fresh.load_state_tensors(&saved).unwrap();
+        assert_eq!(fresh.step_count(), 3);
+        for ((ka, a), (kb, b)) in opt.state_tensors().iter().zip(fresh.state_tensors().iter()) {
+            assert_eq!(ka, kb);
+            assert!(a.equal(b), "{ka}");
+        }
+        let mut partial = saved;
+        partial.remove("w.exp_avg_sq");
+        let err = fresh.load_state_tensors(&partial).unwrap_err().to_string();
+        assert!(err.contains("w.exp_avg_sq"), "{err}");
     }
 
     #[test]

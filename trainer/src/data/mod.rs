@@ -1,0 +1,1 @@
+//! Data pipeline: tokenizers, corpora, token caches, batches (being built).
