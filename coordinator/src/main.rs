@@ -1,3 +1,193 @@
-//! forge-coordinator binary (being built).
+//! `forge-coordinator`: command-line entry point of the Forge coordinator.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forge_coordinator::planner::{ModelProfile, NodeProfile, Plan, plan};
+use forge_coordinator::profile::{USABLE_MEMORY_FRACTION, load_model, load_nodes};
+
+#[derive(Debug, Parser)]
+#[command(name = "forge-coordinator", version, about = "The Forge coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the replicas × pipeline stages the planner would choose for a model on some nodes.
+    Plan {
+        /// A preset (tiny, 4m, 15m, gpt2-124m, llama-1b) or a model profile file ending in .toml.
+        #[arg(long)]
+        model: String,
+        /// TOML file with one [[node]] per machine (name, memory_gib, tflops, upload_mbit_s,
+        /// download_mbit_s).
+        #[arg(long)]
+        nodes: PathBuf,
+        /// Sequences per micro-batch (overrides the preset's).
+        #[arg(long)]
+        micro_batch: Option<u64>,
+        /// Tokens per sequence (overrides the preset's).
+        #[arg(long)]
+        seq_len: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan {
+            model,
+            nodes,
+            micro_batch,
+            seq_len,
+        } => {
+            let profile = load_model(&model, micro_batch, seq_len)
+                .with_context(|| format!("cannot load model {model:?}"))?;
+            let nodes = load_nodes(&nodes)
+                .with_context(|| format!("cannot load nodes file {}", nodes.display()))?;
+            print!("{}", describe(&profile, &nodes, &plan(&profile, &nodes)));
+        }
+    }
+    Ok(())
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:>4.1} GB", bytes as f64 / 1e9)
+}
+
+fn ms(seconds: f64) -> String {
+    format!("{:>3.0} ms", seconds * 1e3)
+}
+
+fn layer_names(profile: &ModelProfile, start: usize, end: usize) -> String {
+    let first = &profile.layers[start].name;
+    let last = &profile.layers[end - 1].name;
+    if end - start == 1 {
+        first.clone()
+    } else {
+        format!("{first} … {last}")
+    }
+}
+
+/// The plan as a person reads it.
+fn describe(profile: &ModelProfile, nodes: &[NodeProfile], plan: &Plan) -> String {
+    use std::fmt::Write;
+    let name = |id: u64| {
+        nodes
+            .iter()
+            .find(|node| node.id == id)
+            .map_or("?", |node| node.name.as_str())
+    };
+    let width = nodes.iter().map(|node| node.name.len()).max().unwrap_or(4);
+    let weights: u64 = profile.layers.iter().map(|l| l.param_bytes).sum();
+    let adam: u64 = profile.layers.iter().map(|l| l.optimizer_bytes).sum();
+    let activations: u64 = profile.layers.iter().map(|l| l.activation_bytes).sum();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {}: {} layers, {} tokens per micro-batch, {:.2} GFLOP per token",
+        profile.name,
+        profile.layers.len(),
+        profile.tokens_per_micro_batch,
+        profile.flops_per_token() / 1e9
+    );
+    let _ = writeln!(
+        s,
+        "  whole model on one node: {} = weights+grads {} + AdamW {} + activations {} per micro-batch",
+        gb(profile.whole_model_bytes()),
+        gb(weights),
+        gb(adam),
+        gb(activations)
+    );
+    let _ = writeln!(
+        s,
+        "nodes ({:.0}% of each device's memory is planned for):",
+        USABLE_MEMORY_FRACTION * 100.0
+    );
+    for node in nodes {
+        let _ = writeln!(
+            s,
+            "  {:width$}  {} usable  {:6.1} TFLOP/s  up {:.0} / down {:.0} Mbit/s",
+            node.name,
+            gb(node.memory_bytes),
+            node.flops_per_s / 1e12,
+            node.upload_bytes_per_s * 8.0 / 1e6,
+            node.download_bytes_per_s * 8.0 / 1e6,
+        );
+    }
+    let tokens_per_s = plan.throughput() * profile.tokens_per_micro_batch as f64;
+    let _ = writeln!(
+        s,
+        "plan: {} replica(s), {} node(s) on standby, {:.2} micro-batches/s ≈ {:.0} tokens/s in total",
+        plan.replicas.len(),
+        plan.standby.len(),
+        plan.throughput(),
+        tokens_per_s
+    );
+    let names = plan
+        .replicas
+        .iter()
+        .flat_map(|replica| &replica.stages)
+        .map(|stage| {
+            let (start, end) = (stage.layers.start as usize, stage.layers.end as usize);
+            layer_names(profile, start, end).chars().count() + 2
+        })
+        .max()
+        .unwrap_or(0);
+    for (index, replica) in plan.replicas.iter().enumerate() {
+        let kind = if replica.stages.len() == 1 {
+            "whole model".to_string()
+        } else {
+            format!("pipeline of {} stages", replica.stages.len())
+        };
+        let _ = writeln!(
+            s,
+            "  replica {index}: {kind}, bottleneck {} per micro-batch",
+            ms(replica.bottleneck_s())
+        );
+        for (stage, plan) in replica.stages.iter().enumerate() {
+            let (start, end) = (plan.layers.start as usize, plan.layers.end as usize);
+            let limit = nodes
+                .iter()
+                .find(|node| node.id == plan.node)
+                .map_or(0, |node| node.memory_bytes);
+            let _ = writeln!(
+                s,
+                "    stage {stage}  {:width$}  layers {start:>2}..{end:<2} {:names$}  memory {} of {}  compute {}  transfer {}",
+                name(plan.node),
+                format!("({})", layer_names(profile, start, end)),
+                gb(plan.memory_bytes),
+                gb(limit),
+                ms(plan.compute_s),
+                ms(plan.transfer_s),
+            );
+        }
+    }
+    if !plan.standby.is_empty() {
+        let names: Vec<&str> = plan.standby.iter().map(|id| name(*id)).collect();
+        let _ = writeln!(
+            s,
+            "  standby: {} (cannot hold a stage, or adding it would not shorten any bottleneck)",
+            names.join(", ")
+        );
+    }
+    if plan.replicas.is_empty() {
+        let _ = writeln!(
+            s,
+            "  no replica fits: add nodes with more memory, lower --micro-batch or --seq-len, or pick a smaller model"
+        );
+    }
+    s
+}

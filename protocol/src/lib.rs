@@ -1,1 +1,20 @@
-//! forge-protocol: wire types, framing and codecs (being built).
+//! Forge wire protocol: the messages nodes and the coordinator exchange, the headers of the
+//! peer-to-peer sync stream, and the single codec that frames and serializes them. No I/O.
+
+/// Framing, size limits, bincode and zstd: the only module that serializes anything.
+pub mod codec;
+/// Errors and the crate's `Result`.
+pub mod error;
+/// Control messages between node and coordinator, and the version handshake.
+pub mod messages;
+/// Headers of the peer-to-peer DiLoCo all-reduce stream.
+pub mod sync;
+
+pub use error::{Error, Result};
+pub use messages::{
+    Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
+    CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
+    ErrorReply, GlobalState, Heartbeat, Hello, Join, JoinAccepted, LayerRange, Leave, MemberDead,
+    MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed, RoundId,
+    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash,
+};

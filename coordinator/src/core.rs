@@ -1,0 +1,1056 @@
+//! The coordinator as a pure state machine: membership, assignment, rounds, global state and
+//! checkpoint bookkeeping. No I/O and no clock: the caller feeds in time and messages and carries
+//! out the returned [`Output`]s.
+//!
+//! Rules (the tests in `sim.rs` check them under a lossy simulated network):
+//! - **Liveness.** Any message from a member counts as a heartbeat. A member silent for
+//!   `heartbeat_timeout_ms` is declared dead on the next call at or after that moment, removed,
+//!   and announced to the others. A graceful `Leave` removes it at once.
+//! - **Assignment.** Outside a round, every membership change re-plans: with a model profile the
+//!   planner groups members into replicas × stages (keeping running replicas unless a new plan is
+//!   1.3× faster); without one every member is a whole-model replica. Each replica gets the lowest
+//!   free data shard. A member that joins while a round runs waits on standby until it closes.
+//! - **Rounds.** A round opens when no round is open and at least `min_replicas` replicas are
+//!   assigned; its participants are fixed at that moment. It closes when every participant still
+//!   alive has reported, or at its deadline, whichever is first.
+//! - **Quorum.** A round commits only if a strict majority of its participants (counted at open,
+//!   so members that died or were cut off still count against it; only a graceful leave before
+//!   reporting takes a member out of the count) reported an outer step that
+//!   agrees with the winning hash of every tensor they hold, and at least `min_replicas` replicas
+//!   agree in full. Otherwise it is abandoned and nodes restore their previous parameters. A
+//!   partitioned minority therefore never closes a round it shares with a majority; once the
+//!   missing members are declared dead the next round is formed from the members that remain.
+//! - **Agreement.** For each tensor (and for each layer range's `params_hash`) the digest most
+//!   members reported wins; a tie has no winner. Disagreement is surfaced as an event.
+//! - **Checkpoints.** Every `checkpoint_every_rounds` committed rounds, one fully agreeing
+//!   replica writes one shard per stage. The checkpoint is committed only when every shard is
+//!   reported durable by its writer with hashes matching that round's global state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use forge_protocol::codec::{self, Channel};
+use forge_protocol::{
+    Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
+    CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
+    GlobalState, Hello, JoinAccepted, LayerRange, MemberDead, MemberId, NodeMessage, OuterStep,
+    Peer, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
+    StageAssignment, TensorHash,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::planner::{self, ModelProfile, Plan};
+use crate::profile::node_from_capabilities;
+
+/// Milliseconds on the caller's monotonic clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// A connection as the caller numbers them; a reconnecting node gets a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ConnId(pub u64);
+
+/// What the coordinator core needs to know; validated once by [`Coordinator::new`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// The run config (TOML) handed to every node on join; the core does not read it.
+    pub run_config: String,
+    /// With a profile, members that cannot hold the whole model are grouped into pipelines.
+    pub model: Option<ModelProfile>,
+    /// Fewest fully agreeing replicas a round needs to commit (and to open).
+    pub min_replicas: u32,
+    /// Number of fixed data shards; each replica reads a different one.
+    pub data_shards: u32,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// A round closes this long after it opens, whoever has reported.
+    pub round_deadline_ms: u64,
+    /// Checkpoint every this many rounds (by round id); 0 never.
+    pub checkpoint_every_rounds: u64,
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::InvalidConfig { reason });
+        if self.min_replicas == 0 {
+            return bad("min_replicas must be at least 1".to_string());
+        }
+        if self.data_shards < self.min_replicas {
+            return bad(format!(
+                "data_shards ({}) must be at least min_replicas ({}): every replica reads its own shard",
+                self.data_shards, self.min_replicas
+            ));
+        }
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_timeout_ms <= self.heartbeat_interval_ms
+        {
+            return bad(format!(
+                "heartbeat_timeout_ms ({}) must exceed heartbeat_interval_ms ({}), which must be positive; a timeout of 3-5 intervals tolerates lost heartbeats",
+                self.heartbeat_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.round_deadline_ms == 0 {
+            return bad("round_deadline_ms must be positive".to_string());
+        }
+        if let Some(model) = &self.model {
+            model.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// What the caller feeds in besides time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// A decoded message from a connection.
+    Message(NodeMessage),
+    /// The connection closed. The member stays until its heartbeat timeout, so it can reconnect.
+    Disconnected,
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Send {
+        to: ConnId,
+        message: CoordinatorMessage,
+    },
+    /// Close the connection after sending what precedes this.
+    Close { conn: ConnId },
+    /// For logs, metrics and persistence.
+    Event(Event),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Refused {
+        conn: ConnId,
+        reason: String,
+    },
+    Joined {
+        member: MemberId,
+        peer_id: String,
+    },
+    Left {
+        member: MemberId,
+        reason: String,
+    },
+    Dead {
+        member: MemberId,
+        silent_ms: u64,
+    },
+    PlanChanged {
+        replicas: usize,
+        standby: Vec<MemberId>,
+    },
+    RoundOpened {
+        round: RoundId,
+        participants: Vec<MemberId>,
+    },
+    RoundClosed {
+        round: RoundId,
+        committed: bool,
+        included: Vec<MemberId>,
+        excluded: Vec<MemberId>,
+    },
+    /// Reports of one round disagree on some tensor (or layer range) hashes.
+    HashDisagreement {
+        round: RoundId,
+        tensors: Vec<String>,
+        disagreeing: Vec<MemberId>,
+    },
+    CheckpointCommitted {
+        round: RoundId,
+    },
+    Warning {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Member {
+    conn: Option<ConnId>,
+    capabilities: Capabilities,
+    last_heard: Millis,
+    assignment: Option<Assignment>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Replica {
+    /// Members in stage order.
+    members: Vec<MemberId>,
+    data_shard: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct OpenRound {
+    id: RoundId,
+    deadline: Millis,
+    participants: BTreeMap<MemberId, Assignment>,
+    reports: BTreeMap<MemberId, RoundReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PendingCheckpoint {
+    writers: Vec<ShardWriter>,
+    durable: BTreeSet<u32>,
+    tensor_hashes: BTreeMap<String, Digest>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Conn {
+    hello: bool,
+    member: Option<MemberId>,
+}
+
+/// The coordinator's whole state. Serializable, so a thin shell can persist it after each step
+/// ([`Coordinator::to_snapshot`]) and restore it after a restart.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    now: Millis,
+    next_member: u64,
+    next_replica: u64,
+    members: BTreeMap<MemberId, Member>,
+    plan: Option<Plan>,
+    replicas: BTreeMap<ReplicaId, Replica>,
+    membership_changed: bool,
+    round: Option<OpenRound>,
+    last_round: Option<RoundId>,
+    global: GlobalState,
+    checkpoints: BTreeMap<RoundId, PendingCheckpoint>,
+    last_checkpoint: Option<RoundId>,
+    /// Connections do not survive a restart; nodes reconnect.
+    #[serde(skip)]
+    conns: BTreeMap<ConnId, Conn>,
+}
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig) -> Result<Coordinator> {
+        config.validate()?;
+        Ok(Coordinator {
+            config,
+            now: Millis(0),
+            next_member: 1,
+            next_replica: 1,
+            members: BTreeMap::new(),
+            plan: None,
+            replicas: BTreeMap::new(),
+            membership_changed: false,
+            round: None,
+            last_round: None,
+            global: GlobalState::default(),
+            checkpoints: BTreeMap::new(),
+            last_checkpoint: None,
+            conns: BTreeMap::new(),
+        })
+    }
+
+    /// Handles one input from connection `from` at time `now`.
+    pub fn step(&mut self, now: Millis, from: ConnId, input: Input) -> Vec<Output> {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        match input {
+            Input::Message(message) => self.on_message(from, message, &mut out),
+            Input::Disconnected => {
+                let conn = self.conns.remove(&from).unwrap_or_default();
+                if let Some(member) = conn.member.and_then(|id| self.members.get_mut(&id)) {
+                    if member.conn == Some(from) {
+                        member.conn = None;
+                    }
+                }
+            }
+        }
+        self.advance(&mut out);
+        out
+    }
+
+    /// Lets time pass: declares silent members dead and closes rounds past their deadline.
+    /// Call it at least every `heartbeat_interval_ms`.
+    pub fn tick(&mut self, now: Millis) -> Vec<Output> {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        self.advance(&mut out);
+        out
+    }
+
+    /// The state as one snapshot blob (magic + version, via the protocol codec).
+    pub fn to_snapshot(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Snapshot, self).map_err(Error::Snapshot)
+    }
+
+    /// Restores a snapshot taken before a restart. The caller's clock restarted too, so every
+    /// member gets a full heartbeat timeout to reconnect and an open round a full deadline.
+    pub fn from_snapshot(bytes: &[u8], now: Millis) -> Result<Coordinator> {
+        let mut coordinator: Coordinator =
+            codec::decode(Channel::Snapshot, bytes).map_err(Error::Snapshot)?;
+        coordinator.config.validate()?;
+        coordinator.now = now;
+        for member in coordinator.members.values_mut() {
+            member.last_heard = now;
+            member.conn = None;
+        }
+        if let Some(round) = &mut coordinator.round {
+            round.deadline = now.plus(coordinator.config.round_deadline_ms);
+        }
+        Ok(coordinator)
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = (MemberId, Option<&Assignment>)> + '_ {
+        self.members
+            .iter()
+            .map(|(id, member)| (*id, member.assignment.as_ref()))
+    }
+
+    pub fn open_round(&self) -> Option<RoundId> {
+        self.round.as_ref().map(|round| round.id)
+    }
+
+    /// The newest round ever opened.
+    pub fn last_round(&self) -> Option<RoundId> {
+        self.last_round
+    }
+
+    pub fn global(&self) -> &GlobalState {
+        &self.global
+    }
+
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    pub fn last_checkpoint(&self) -> Option<RoundId> {
+        self.last_checkpoint
+    }
+
+    fn on_message(&mut self, from: ConnId, message: NodeMessage, out: &mut Vec<Output>) {
+        if let NodeMessage::Hello(theirs) = &message {
+            let ours = Hello::current();
+            match ours.check_compatible(theirs) {
+                Ok(()) => {
+                    self.conns.entry(from).or_default().hello = true;
+                    send(out, from, CoordinatorMessage::Hello(ours));
+                }
+                Err(err) => {
+                    let reason = err.to_string();
+                    reply_error(out, from, ErrorCode::IncompatibleVersion, reason.clone());
+                    out.push(Output::Close { conn: from });
+                    out.push(Output::Event(Event::Refused { conn: from, reason }));
+                }
+            }
+            return;
+        }
+        let conn = self.conns.get(&from).copied().unwrap_or_default();
+        if !conn.hello {
+            reply_error(
+                out,
+                from,
+                ErrorCode::HelloRequired,
+                "send Hello first: it carries the protocol version".to_string(),
+            );
+            return;
+        }
+        let member = conn.member.filter(|id| self.members.contains_key(id));
+        if let NodeMessage::Join(join) = message {
+            match member {
+                Some(id) => reply_error(
+                    out,
+                    from,
+                    ErrorCode::AlreadyJoined,
+                    format!("this connection already joined as {id}"),
+                ),
+                None => self.on_join(from, join.capabilities, out),
+            }
+            return;
+        }
+        let Some(id) = member else {
+            let (code, text) = match conn.member {
+                Some(gone) => (
+                    ErrorCode::UnknownMember,
+                    format!(
+                        "{gone} is no longer part of the run (declared dead or left); send Join again"
+                    ),
+                ),
+                None => (ErrorCode::NotJoined, "send Join first".to_string()),
+            };
+            reply_error(out, from, code, text);
+            return;
+        };
+        if let Some(record) = self.members.get_mut(&id) {
+            record.last_heard = self.now;
+            record.conn = Some(from);
+        }
+        match message {
+            NodeMessage::Leave(leave) => {
+                // A graceful leave is no sign of a partition, so the round's quorum stops
+                // counting the member (unless it already reported).
+                if let Some(round) = &mut self.round {
+                    if !round.reports.contains_key(&id) {
+                        round.participants.remove(&id);
+                    }
+                }
+                self.remove_member(id, format!("left: {}", leave.reason), out);
+                out.push(Output::Event(Event::Left {
+                    member: id,
+                    reason: leave.reason,
+                }));
+            }
+            NodeMessage::Heartbeat(_) => {}
+            NodeMessage::RoundReport(report) => self.on_report(from, id, report, out),
+            NodeMessage::CheckpointShardDurable(durable) => {
+                self.on_shard_durable(from, id, durable, out)
+            }
+            NodeMessage::Hello(_) | NodeMessage::Join(_) => {}
+        }
+    }
+
+    fn on_join(&mut self, from: ConnId, capabilities: Capabilities, out: &mut Vec<Output>) {
+        if let Err(reason) = check_capabilities(&capabilities) {
+            reply_error(out, from, ErrorCode::InvalidJoin, reason.clone());
+            out.push(Output::Event(Event::Refused { conn: from, reason }));
+            return;
+        }
+        // The same peer joining again (after a restart or reconnect) replaces its old self.
+        let previous: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(_, member)| member.capabilities.peer_id == capabilities.peer_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for old in previous {
+            self.remove_member(old, "rejoined as a new member".to_string(), out);
+        }
+        let id = MemberId(self.next_member);
+        self.next_member += 1;
+        let peer_id = capabilities.peer_id.clone();
+        self.members.insert(
+            id,
+            Member {
+                conn: Some(from),
+                capabilities,
+                last_heard: self.now,
+                assignment: None,
+            },
+        );
+        self.conns.entry(from).or_default().member = Some(id);
+        self.membership_changed = true;
+        if self.round.is_none() {
+            self.replan(Some(id), out);
+        }
+        let assignment = self.members[&id].assignment;
+        let accepted = JoinAccepted {
+            member: id,
+            assignment,
+            run_config: self.config.run_config.clone(),
+            sync_peers: self.sync_peers(id),
+            global: self.global.clone(),
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+        };
+        send(out, from, CoordinatorMessage::JoinAccepted(accepted));
+        out.push(Output::Event(Event::Joined {
+            member: id,
+            peer_id,
+        }));
+    }
+
+    fn on_report(
+        &mut self,
+        from: ConnId,
+        id: MemberId,
+        report: RoundReport,
+        out: &mut Vec<Output>,
+    ) {
+        let open = self.round.as_ref().map(|round| round.id);
+        if open == Some(report.round) {
+            let round = self.round.as_mut().expect("checked above");
+            if !round.participants.contains_key(&id) {
+                reply_error(
+                    out,
+                    from,
+                    ErrorCode::NotAParticipant,
+                    format!(
+                        "{id} is not a participant of {}; it joined after the round opened",
+                        report.round
+                    ),
+                );
+                return;
+            }
+            // A duplicate (retransmitted) report does not replace the first.
+            round.reports.entry(id).or_insert(report);
+            return;
+        }
+        let newest = open.or(self.last_round);
+        if newest.is_none_or(|newest| report.round > newest) {
+            reply_error(
+                out,
+                from,
+                ErrorCode::WrongRound,
+                format!(
+                    "report for {} but the newest round is {}",
+                    report.round,
+                    newest.map_or("none".to_string(), |round| round.0.to_string())
+                ),
+            );
+        }
+        // A report for a closed round arrives too late to count; RoundClosed told the node.
+    }
+
+    fn on_shard_durable(
+        &mut self,
+        from: ConnId,
+        id: MemberId,
+        durable: CheckpointShardDurable,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(pending) = self.checkpoints.get_mut(&durable.round) else {
+            return;
+        };
+        let writer = ShardWriter {
+            shard: durable.shard,
+            member: id,
+        };
+        if !pending.writers.contains(&writer) {
+            reply_error(
+                out,
+                from,
+                ErrorCode::CheckpointMismatch,
+                format!(
+                    "{id} is not the writer of shard {} of the {} checkpoint",
+                    durable.shard, durable.round
+                ),
+            );
+            return;
+        }
+        if let Some(bad) = durable
+            .tensor_hashes
+            .iter()
+            .find(|hash| pending.tensor_hashes.get(&hash.name) != Some(&hash.digest))
+        {
+            reply_error(
+                out,
+                from,
+                ErrorCode::CheckpointMismatch,
+                format!(
+                    "shard {} of the {} checkpoint has tensor {} with hash {}, which is not that round's committed hash; rewrite the shard from the committed state",
+                    durable.shard, durable.round, bad.name, bad.digest
+                ),
+            );
+            return;
+        }
+        pending.durable.insert(durable.shard);
+        if pending.durable.len() < pending.writers.len() {
+            return;
+        }
+        let round = durable.round;
+        let shards = pending.writers.len() as u32;
+        // An older checkpoint still pending is superseded by this one.
+        self.checkpoints
+            .retain(|pending_round, _| *pending_round > round);
+        self.last_checkpoint = Some(round);
+        let message =
+            CoordinatorMessage::CheckpointCommitted(CheckpointCommitted { round, shards });
+        self.broadcast(message, out);
+        out.push(Output::Event(Event::CheckpointCommitted { round }));
+    }
+
+    fn remove_member(&mut self, id: MemberId, reason: String, out: &mut Vec<Output>) {
+        if self.members.remove(&id).is_none() {
+            return;
+        }
+        self.membership_changed = true;
+        self.broadcast(
+            CoordinatorMessage::MemberDead(MemberDead { member: id, reason }),
+            out,
+        );
+    }
+
+    /// Everything that follows from the passage of time or a change: deaths, round close,
+    /// re-planning and the next round.
+    fn advance(&mut self, out: &mut Vec<Output>) {
+        let timeout = self.config.heartbeat_timeout_ms;
+        let silent: Vec<(MemberId, u64)> = self
+            .members
+            .iter()
+            .filter(|(_, member)| self.now >= member.last_heard.plus(timeout))
+            .map(|(id, member)| (*id, self.now.0 - member.last_heard.0))
+            .collect();
+        for (id, silent_ms) in silent {
+            self.remove_member(id, format!("no message for {silent_ms} ms"), out);
+            out.push(Output::Event(Event::Dead {
+                member: id,
+                silent_ms,
+            }));
+        }
+        if self.round.is_some() {
+            self.try_close_round(out);
+        }
+        if self.round.is_none() {
+            if self.membership_changed {
+                self.replan(None, out);
+            }
+            self.try_open_round(out);
+        }
+    }
+
+    /// Recomputes replicas and stages; sends `Assigned` to every member whose assignment
+    /// changed, except `joiner`, whose `JoinAccepted` carries it.
+    fn replan(&mut self, joiner: Option<MemberId>, out: &mut Vec<Output>) {
+        self.membership_changed = false;
+        let groups: Vec<Vec<(MemberId, Option<StageAssignment>)>> = match &self.config.model {
+            None => {
+                self.plan = None;
+                self.members.keys().map(|id| vec![(*id, None)]).collect()
+            }
+            Some(profile) => {
+                let nodes: Vec<_> = self
+                    .members
+                    .iter()
+                    .map(|(id, member)| node_from_capabilities(id.0, &member.capabilities, profile))
+                    .collect();
+                let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes);
+                let groups = plan
+                    .replicas
+                    .iter()
+                    .map(|replica| {
+                        let stages = replica.stages.len() as u32;
+                        replica
+                            .stages
+                            .iter()
+                            .enumerate()
+                            .map(|(index, stage)| {
+                                let assignment = (stages > 1).then_some(StageAssignment {
+                                    stage: index as u32,
+                                    stages,
+                                    layers: stage.layers,
+                                });
+                                (MemberId(stage.node), assignment)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                self.plan = Some(plan);
+                groups
+            }
+        };
+
+        // Replicas made of the same members keep their id and data shard.
+        let mut kept = BTreeMap::new();
+        let mut fresh = Vec::new();
+        for group in groups {
+            let members: Vec<MemberId> = group.iter().map(|(id, _)| *id).collect();
+            match self
+                .replicas
+                .iter()
+                .find(|(_, replica)| replica.members == members)
+            {
+                Some((id, replica)) => {
+                    kept.insert(*id, (replica.clone(), group));
+                }
+                None => fresh.push((members, group)),
+            }
+        }
+        let mut used: BTreeSet<u32> = kept.values().map(|(r, _)| r.data_shard).collect();
+        let mut replicas = BTreeMap::new();
+        let mut assignments: BTreeMap<MemberId, Assignment> = BTreeMap::new();
+        let mut place =
+            |id: ReplicaId, data_shard: u32, group: Vec<(MemberId, Option<StageAssignment>)>| {
+                for (member, stage) in group {
+                    assignments.insert(
+                        member,
+                        Assignment {
+                            replica: id,
+                            data_shard: DataShard {
+                                index: data_shard,
+                                count: self.config.data_shards,
+                            },
+                            stage,
+                        },
+                    );
+                }
+            };
+        for (id, (replica, group)) in kept {
+            place(id, replica.data_shard, group);
+            replicas.insert(id, replica);
+        }
+        for (members, group) in fresh {
+            let Some(shard) = (0..self.config.data_shards).find(|shard| !used.contains(shard))
+            else {
+                out.push(Output::Event(Event::Warning {
+                    message: format!(
+                        "all {} data shards are in use; members {members:?} stay on standby (raise data_shards)",
+                        self.config.data_shards
+                    ),
+                }));
+                continue;
+            };
+            used.insert(shard);
+            let id = ReplicaId(self.next_replica);
+            self.next_replica += 1;
+            place(id, shard, group);
+            replicas.insert(
+                id,
+                Replica {
+                    members,
+                    data_shard: shard,
+                },
+            );
+        }
+        self.replicas = replicas;
+
+        let mut changed = Vec::new();
+        for (id, member) in &mut self.members {
+            let next = assignments.get(id).copied();
+            if member.assignment != next {
+                member.assignment = next;
+                changed.push(*id);
+            }
+        }
+        let standby: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(_, member)| member.assignment.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !changed.is_empty() {
+            out.push(Output::Event(Event::PlanChanged {
+                replicas: self.replicas.len(),
+                standby,
+            }));
+        }
+        for id in changed {
+            if Some(id) == joiner {
+                continue;
+            }
+            let message = CoordinatorMessage::Assigned(Assigned {
+                assignment: self.members[&id].assignment,
+                sync_peers: self.sync_peers(id),
+            });
+            self.send_to_member(id, message, out);
+        }
+    }
+
+    fn try_open_round(&mut self, out: &mut Vec<Output>) {
+        if (self.replicas.len() as u32) < self.config.min_replicas {
+            return;
+        }
+        let participants: BTreeMap<MemberId, Assignment> = self
+            .members
+            .iter()
+            .filter_map(|(id, member)| member.assignment.map(|a| (*id, a)))
+            .collect();
+        let id = self.last_round.map_or(RoundId(1), RoundId::next);
+        self.last_round = Some(id);
+        let peers: Vec<Peer> = participants
+            .keys()
+            .map(|member| self.peer(*member))
+            .collect();
+        let message = CoordinatorMessage::RoundOpened(RoundOpened {
+            round: id,
+            participants: peers,
+            deadline_ms: self.config.round_deadline_ms,
+            global_version: self.global.version,
+        });
+        for member in participants.keys() {
+            self.send_to_member(*member, message.clone(), out);
+        }
+        out.push(Output::Event(Event::RoundOpened {
+            round: id,
+            participants: participants.keys().copied().collect(),
+        }));
+        self.round = Some(OpenRound {
+            id,
+            deadline: self.now.plus(self.config.round_deadline_ms),
+            participants,
+            reports: BTreeMap::new(),
+        });
+    }
+
+    fn try_close_round(&mut self, out: &mut Vec<Output>) {
+        let Some(round) = &self.round else {
+            return;
+        };
+        let waiting = round
+            .participants
+            .keys()
+            .any(|id| self.members.contains_key(id) && !round.reports.contains_key(id));
+        if waiting && self.now < round.deadline {
+            return;
+        }
+        let round = self.round.take().expect("checked above");
+        let verdict = judge(&round);
+        if !verdict.disagreeing_tensors.is_empty() {
+            out.push(Output::Event(Event::HashDisagreement {
+                round: round.id,
+                tensors: verdict.disagreeing_tensors.clone(),
+                disagreeing: verdict.disagreeing.clone(),
+            }));
+        }
+        let complete: Vec<ReplicaId> = verdict.complete_replicas(&round);
+        let quorum = verdict.agreeing.len() * 2 > round.participants.len()
+            && complete.len() as u32 >= self.config.min_replicas;
+        let (outcome, included, checkpoint) = if quorum {
+            self.global = GlobalState {
+                version: self.global.version + 1,
+                round: Some(round.id),
+                tensor_hashes: verdict
+                    .tensors
+                    .iter()
+                    .map(|(name, digest)| TensorHash {
+                        name: name.clone(),
+                        digest: *digest,
+                    })
+                    .collect(),
+            };
+            let checkpoint = self.request_checkpoint(&round, &complete, &verdict);
+            let outcome = RoundOutcome::Committed {
+                version: self.global.version,
+                tensor_hashes: self.global.tensor_hashes.clone(),
+            };
+            (outcome, verdict.agreeing.clone(), checkpoint)
+        } else {
+            let reason = format!(
+                "{} of {} participants agreed on the new parameters and {} replicas agreed in full; committing needs a strict majority of participants and min_replicas = {} replicas",
+                verdict.agreeing.len(),
+                round.participants.len(),
+                complete.len(),
+                self.config.min_replicas
+            );
+            (RoundOutcome::Abandoned { reason }, Vec::new(), None)
+        };
+        let message = CoordinatorMessage::RoundClosed(RoundClosed {
+            round: round.id,
+            outcome,
+            included: included.clone(),
+            checkpoint,
+        });
+        for member in round.participants.keys() {
+            self.send_to_member(*member, message.clone(), out);
+        }
+        let excluded = round
+            .participants
+            .keys()
+            .filter(|id| !included.contains(id))
+            .copied()
+            .collect();
+        out.push(Output::Event(Event::RoundClosed {
+            round: round.id,
+            committed: quorum,
+            included,
+            excluded,
+        }));
+    }
+
+    fn request_checkpoint(
+        &mut self,
+        round: &OpenRound,
+        complete: &[ReplicaId],
+        verdict: &Verdict,
+    ) -> Option<CheckpointRequest> {
+        let every = self.config.checkpoint_every_rounds;
+        if every == 0 || round.id.0 % every != 0 {
+            return None;
+        }
+        let writer = complete.first()?;
+        let mut stages: Vec<(u32, MemberId)> = round
+            .participants
+            .iter()
+            .filter(|(_, a)| a.replica == *writer)
+            .map(|(id, a)| (a.stage_index(), *id))
+            .collect();
+        stages.sort_unstable();
+        let writers: Vec<ShardWriter> = stages
+            .into_iter()
+            .map(|(shard, member)| ShardWriter { shard, member })
+            .collect();
+        self.checkpoints.insert(
+            round.id,
+            PendingCheckpoint {
+                writers: writers.clone(),
+                durable: BTreeSet::new(),
+                tensor_hashes: verdict.tensors.clone(),
+            },
+        );
+        Some(CheckpointRequest {
+            shards: writers.len() as u32,
+            writers,
+        })
+    }
+
+    /// Members of other replicas holding the same layers: the ones `id` all-reduces with.
+    fn sync_peers(&self, id: MemberId) -> Vec<Peer> {
+        let Some(mine) = self.members.get(&id).and_then(|m| m.assignment) else {
+            return Vec::new();
+        };
+        let layers = |a: &Assignment| a.stage.map(|stage| stage.layers);
+        self.members
+            .iter()
+            .filter(|(other, member)| {
+                **other != id
+                    && member
+                        .assignment
+                        .is_some_and(|a| a.replica != mine.replica && layers(&a) == layers(&mine))
+            })
+            .map(|(other, _)| self.peer(*other))
+            .collect()
+    }
+
+    fn peer(&self, id: MemberId) -> Peer {
+        let member = &self.members[&id];
+        Peer {
+            member: id,
+            assignment: member.assignment.expect("only assigned members are peers"),
+            peer_id: member.capabilities.peer_id.clone(),
+            listen_addrs: member.capabilities.listen_addrs.clone(),
+        }
+    }
+
+    fn send_to_member(&self, id: MemberId, message: CoordinatorMessage, out: &mut Vec<Output>) {
+        if let Some(conn) = self.members.get(&id).and_then(|member| member.conn) {
+            send(out, conn, message);
+        }
+    }
+
+    fn broadcast(&self, message: CoordinatorMessage, out: &mut Vec<Output>) {
+        for id in self.members.keys() {
+            self.send_to_member(*id, message.clone(), out);
+        }
+    }
+}
+
+/// How a round's reports agree.
+struct Verdict {
+    /// Winning digest per tensor name.
+    tensors: BTreeMap<String, Digest>,
+    agreeing: Vec<MemberId>,
+    disagreeing: Vec<MemberId>,
+    disagreeing_tensors: Vec<String>,
+}
+
+impl Verdict {
+    fn complete_replicas(&self, round: &OpenRound) -> Vec<ReplicaId> {
+        let mut replicas: BTreeMap<ReplicaId, bool> = BTreeMap::new();
+        for (id, assignment) in &round.participants {
+            let agrees = self.agreeing.contains(id);
+            *replicas.entry(assignment.replica).or_insert(true) &= agrees;
+        }
+        replicas
+            .into_iter()
+            .filter(|(_, complete)| *complete)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
+/// Votes per tensor (real tensors, plus each layer range's `params_hash` as a pseudo-tensor)
+/// and finds who agrees with every winner.
+fn judge(round: &OpenRound) -> Verdict {
+    let mut votes: BTreeMap<String, BTreeMap<Digest, usize>> = BTreeMap::new();
+    let mut claims: BTreeMap<MemberId, Vec<(String, Digest)>> = BTreeMap::new();
+    for (id, report) in &round.reports {
+        let OuterStep::Ok {
+            params_hash,
+            tensor_hashes,
+        } = &report.outer_step
+        else {
+            continue;
+        };
+        let layers = round.participants[id]
+            .stage
+            .map_or("whole model".to_string(), |stage| layer_label(stage.layers));
+        let mut mine = vec![(format!("params_hash of {layers}"), *params_hash)];
+        mine.extend(tensor_hashes.iter().map(|t| (t.name.clone(), t.digest)));
+        for (name, digest) in &mine {
+            *votes
+                .entry(name.clone())
+                .or_default()
+                .entry(*digest)
+                .or_default() += 1;
+        }
+        claims.insert(*id, mine);
+    }
+    let mut winners: BTreeMap<String, Digest> = BTreeMap::new();
+    let mut disagreeing_tensors = Vec::new();
+    for (name, counts) in &votes {
+        if counts.len() > 1 {
+            disagreeing_tensors.push(name.clone());
+        }
+        let top = counts.values().copied().max().unwrap_or(0);
+        let mut leaders = counts.iter().filter(|(_, count)| **count == top);
+        if let (Some((digest, _)), None) = (leaders.next(), leaders.next()) {
+            winners.insert(name.clone(), *digest);
+        }
+    }
+    let mut agreeing = Vec::new();
+    let mut disagreeing = Vec::new();
+    for (id, mine) in &claims {
+        if mine
+            .iter()
+            .all(|(name, digest)| winners.get(name) == Some(digest))
+        {
+            agreeing.push(*id);
+        } else {
+            disagreeing.push(*id);
+        }
+    }
+    winners.retain(|name, _| !name.starts_with("params_hash of "));
+    Verdict {
+        tensors: winners,
+        agreeing,
+        disagreeing,
+        disagreeing_tensors,
+    }
+}
+
+fn layer_label(layers: LayerRange) -> String {
+    format!("layers {}..{}", layers.start, layers.end)
+}
+
+fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), String> {
+    if capabilities.devices.is_empty()
+        || capabilities
+            .devices
+            .iter()
+            .any(|device| device.memory_bytes == 0)
+    {
+        return Err("Join lists no devices, or a device with 0 bytes of memory; the node must report its devices".to_string());
+    }
+    if !(capabilities.tokens_per_s.is_finite() && capabilities.tokens_per_s > 0.0) {
+        return Err(format!(
+            "Join reports {} tokens/s; the node must measure its speed before joining",
+            capabilities.tokens_per_s
+        ));
+    }
+    if capabilities.upload_bytes_per_s == 0 || capabilities.download_bytes_per_s == 0 {
+        return Err(
+            "Join reports 0 bytes/s of bandwidth; the node must measure its link".to_string(),
+        );
+    }
+    if capabilities.peer_id.is_empty() {
+        return Err("Join has an empty peer_id".to_string());
+    }
+    Ok(())
+}
+
+fn send(out: &mut Vec<Output>, to: ConnId, message: CoordinatorMessage) {
+    out.push(Output::Send { to, message });
+}
+
+fn reply_error(out: &mut Vec<Output>, to: ConnId, code: ErrorCode, message: String) {
+    send(
+        out,
+        to,
+        CoordinatorMessage::Error(ErrorReply { code, message }),
+    );
+}

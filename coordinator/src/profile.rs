@@ -1,0 +1,550 @@
+//! Model profiles for the planner (built-in presets computed from architecture numbers, or a
+//! TOML file) and node profiles (from a TOML nodes file or from a joining node's capabilities).
+//!
+//! Memory accounting assumes mixed-precision training as the trainer does it: fp32 weights and
+//! gradients (8 bytes per parameter), AdamW moments in fp32 (8 bytes per parameter), bf16
+//! activations saved for backward with flash attention (no sequence² term), fp32 logits for the
+//! loss. FLOPs are 6 per parameter per token for the matrix multiplies plus 12·seq·d_model per
+//! token per layer for attention.
+
+use std::path::Path;
+
+use forge_protocol::{Capabilities, DeviceKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::planner::{LayerProfile, ModelProfile, NodeProfile};
+
+/// Share of a device's memory a stage may plan for; the rest is CUDA context, allocator
+/// fragmentation and temporaries the profile does not count.
+pub const USABLE_MEMORY_FRACTION: f64 = 0.9;
+
+/// Preset names accepted by `--model`, in size order.
+pub const PRESETS: &[&str] = &["tiny", "4m", "15m", "gpt2-124m", "llama-1b"];
+
+const WEIGHT_AND_GRAD_BYTES: u64 = 8;
+const ADAMW_BYTES: u64 = 8;
+const ACTIVATION_BYTES: u64 = 2;
+const LOGIT_BYTES: u64 = 4;
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// LayerNorm with biases, GELU MLP, learned positions, tied head.
+    Gpt2,
+    /// RMSNorm, SwiGLU MLP, RoPE, optional grouped-query attention.
+    Llama,
+}
+
+/// Architecture numbers a profile is computed from; field names follow the trainer's model
+/// config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    pub family: Family,
+    pub vocab_size: u64,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_kv_head: u64,
+    pub d_model: u64,
+    pub d_ff: u64,
+    /// Training sequence length (also gpt2's position table size).
+    pub seq_len: u64,
+    /// Sequences per micro-batch.
+    pub micro_batch: u64,
+    pub tie_embeddings: bool,
+}
+
+impl Architecture {
+    /// A built-in preset; the first four match the trainer's presets.
+    pub fn preset(name: &str) -> Result<Architecture> {
+        let llama =
+            |vocab_size, n_layer, n_head, d_model, d_ff, seq_len, micro_batch| Architecture {
+                family: Family::Llama,
+                vocab_size,
+                n_layer,
+                n_head,
+                n_kv_head: n_head,
+                d_model,
+                d_ff,
+                seq_len,
+                micro_batch,
+                tie_embeddings: true,
+            };
+        Ok(match name {
+            "tiny" => llama(2048, 4, 4, 128, 384, 256, 8),
+            "4m" => llama(2048, 4, 4, 256, 1024, 512, 8),
+            "15m" => llama(32_000, 6, 6, 288, 768, 256, 16),
+            "gpt2-124m" => Architecture {
+                family: Family::Gpt2,
+                ..llama(50_257, 12, 12, 768, 3072, 1024, 8)
+            },
+            // Llama 3.2 1B: 16 layers, d=2048, 32 heads with 8 kv heads, ffn 8192, 128k vocab.
+            "llama-1b" => Architecture {
+                n_kv_head: 8,
+                ..llama(128_256, 16, 32, 2048, 8192, 2048, 1)
+            },
+            other => {
+                return Err(Error::UnknownPreset {
+                    name: other.to_string(),
+                    known: PRESETS.join(", "),
+                });
+            }
+        })
+    }
+
+    fn validate(&self, name: &str) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::InvalidProfile {
+                name: name.to_string(),
+                reason,
+            })
+        };
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_kv_head", self.n_kv_head),
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("seq_len", self.seq_len),
+            ("micro_batch", self.micro_batch),
+        ] {
+            if value == 0 {
+                return bad(format!("{field} must be positive"));
+            }
+        }
+        if self.d_model % self.n_head != 0 || self.n_head % self.n_kv_head != 0 {
+            return bad(format!(
+                "d_model {} must divide by n_head {}, and n_head by n_kv_head {}",
+                self.d_model, self.n_head, self.n_kv_head
+            ));
+        }
+        Ok(())
+    }
+
+    /// The planner's view: an embedding layer, `n_layer` blocks, and the final norm + head.
+    pub fn profile(&self, name: &str) -> Result<ModelProfile> {
+        self.validate(name)?;
+        let d = self.d_model;
+        let tokens = self.micro_batch * self.seq_len;
+        let kv = self.n_kv_head * (d / self.n_head);
+        let boundary = tokens * d * ACTIVATION_BYTES;
+        let state = |params: u64| (params * WEIGHT_AND_GRAD_BYTES, params * ADAMW_BYTES);
+
+        let positions = match self.family {
+            Family::Gpt2 => self.seq_len * d,
+            Family::Llama => 0,
+        };
+        let embedding = self.vocab_size * d;
+        let (param_bytes, optimizer_bytes) = state(embedding + positions);
+        let mut layers = vec![LayerProfile {
+            name: "embed".to_string(),
+            param_bytes,
+            optimizer_bytes,
+            activation_bytes: 0,
+            flops: 0.0,
+            output_bytes: boundary,
+            tied_to: None,
+            tied_bytes: 0,
+        }];
+
+        let (matmul, norms_and_biases, hidden) = match self.family {
+            Family::Gpt2 => (
+                d * 3 * d + d * d + 2 * d * self.d_ff,
+                4 * d + 3 * d + d + self.d_ff + d,
+                2 * self.d_ff,
+            ),
+            Family::Llama => (
+                2 * d * d + 2 * d * kv + 3 * d * self.d_ff,
+                2 * d,
+                3 * self.d_ff,
+            ),
+        };
+        // Saved per token: both norm inputs and outputs, q, k, v, attention output, MLP hidden.
+        let saved_per_token = 6 * d + 2 * kv + hidden;
+        let attention_flops = 12.0 * (self.micro_batch * self.seq_len * self.seq_len * d) as f64;
+        let (param_bytes, optimizer_bytes) = state(matmul + norms_and_biases);
+        for index in 0..self.n_layer {
+            layers.push(LayerProfile {
+                name: format!("block.{index}"),
+                param_bytes,
+                optimizer_bytes,
+                activation_bytes: tokens * saved_per_token * ACTIVATION_BYTES,
+                flops: 6.0 * (matmul * tokens) as f64 + attention_flops,
+                output_bytes: boundary,
+                tied_to: None,
+                tied_bytes: 0,
+            });
+        }
+
+        let final_norm = match self.family {
+            Family::Gpt2 => 2 * d,
+            Family::Llama => d,
+        };
+        let own_head = if self.tie_embeddings { 0 } else { embedding };
+        let (param_bytes, optimizer_bytes) = state(final_norm + own_head);
+        let (tied_weights, tied_adam) = state(embedding);
+        layers.push(LayerProfile {
+            name: "head".to_string(),
+            param_bytes,
+            optimizer_bytes,
+            activation_bytes: tokens * (2 * d * ACTIVATION_BYTES + self.vocab_size * LOGIT_BYTES),
+            flops: 6.0 * (embedding * tokens) as f64,
+            output_bytes: 0,
+            tied_to: self.tie_embeddings.then_some(0),
+            tied_bytes: if self.tie_embeddings {
+                tied_weights + tied_adam
+            } else {
+                0
+            },
+        });
+        let profile = ModelProfile {
+            name: name.to_string(),
+            tokens_per_micro_batch: tokens,
+            layers,
+        };
+        profile.validate()?;
+        Ok(profile)
+    }
+}
+
+/// A custom profile file: either architecture numbers or an explicit list of layers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFile {
+    name: Option<String>,
+    architecture: Option<Architecture>,
+    tokens_per_micro_batch: Option<u64>,
+    #[serde(default)]
+    layer: Vec<LayerEntry>,
+}
+
+/// One `[[layer]]` entry; `count` repeats it (names get `.0`, `.1`, ... appended).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerEntry {
+    name: String,
+    #[serde(default = "one")]
+    count: u64,
+    param_bytes: u64,
+    optimizer_bytes: u64,
+    activation_bytes: u64,
+    flops: f64,
+    output_bytes: u64,
+    tied_to: Option<usize>,
+    #[serde(default)]
+    tied_bytes: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// A preset name or a path to a `.toml` profile; `micro_batch` and `seq_len` override the
+/// architecture's (they do not apply to an explicit layer list).
+pub fn load_model(
+    model: &str,
+    micro_batch: Option<u64>,
+    seq_len: Option<u64>,
+) -> Result<ModelProfile> {
+    let with_overrides = |mut arch: Architecture| {
+        arch.micro_batch = micro_batch.unwrap_or(arch.micro_batch);
+        arch.seq_len = seq_len.unwrap_or(arch.seq_len);
+        arch
+    };
+    if !model.ends_with(".toml") {
+        return with_overrides(Architecture::preset(model)?).profile(model);
+    }
+    let path = Path::new(model);
+    let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let file: ProfileFile = toml::from_str(&text).map_err(|cause| Error::Toml {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let name = file.name.unwrap_or_else(|| model.to_string());
+    match (file.architecture, file.layer.is_empty()) {
+        (Some(arch), true) if file.tokens_per_micro_batch.is_none() => {
+            with_overrides(arch).profile(&name)
+        }
+        (None, false) => {
+            let tokens_per_micro_batch =
+                file.tokens_per_micro_batch
+                    .ok_or_else(|| Error::InvalidProfile {
+                        name: name.clone(),
+                        reason: "a [[layer]] list needs tokens_per_micro_batch".to_string(),
+                    })?;
+            let mut layers = Vec::new();
+            for entry in file.layer {
+                for index in 0..entry.count {
+                    layers.push(LayerProfile {
+                        name: if entry.count == 1 {
+                            entry.name.clone()
+                        } else {
+                            format!("{}.{index}", entry.name)
+                        },
+                        param_bytes: entry.param_bytes,
+                        optimizer_bytes: entry.optimizer_bytes,
+                        activation_bytes: entry.activation_bytes,
+                        flops: entry.flops,
+                        output_bytes: entry.output_bytes,
+                        tied_to: entry.tied_to,
+                        tied_bytes: entry.tied_bytes,
+                    });
+                }
+            }
+            let profile = ModelProfile {
+                name,
+                tokens_per_micro_batch,
+                layers,
+            };
+            profile.validate()?;
+            Ok(profile)
+        }
+        _ => Err(Error::InvalidProfile {
+            name,
+            reason: "give either an [architecture] table or a [[layer]] list with \
+                     tokens_per_micro_batch, not both and not neither"
+                .to_string(),
+        }),
+    }
+}
+
+/// The nodes file of `forge-coordinator plan`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodesFile {
+    node: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeEntry {
+    name: String,
+    /// Memory of each device (the smallest, if they differ), before headroom.
+    memory_gib: f64,
+    /// Effective (measured) training TFLOP/s of the whole node, not the datasheet peak.
+    tflops: f64,
+    upload_mbit_s: f64,
+    download_mbit_s: f64,
+}
+
+/// Reads a nodes file; ids are the entries' positions.
+pub fn load_nodes(path: &Path) -> Result<Vec<NodeProfile>> {
+    let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let file: NodesFile = toml::from_str(&text).map_err(|cause| Error::Toml {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let mut nodes = Vec::with_capacity(file.node.len());
+    for (index, entry) in file.node.into_iter().enumerate() {
+        for (field, value) in [
+            ("memory_gib", entry.memory_gib),
+            ("tflops", entry.tflops),
+            ("upload_mbit_s", entry.upload_mbit_s),
+            ("download_mbit_s", entry.download_mbit_s),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Error::InvalidNode {
+                    name: entry.name,
+                    reason: format!("{field} is {value}; it must be a positive number"),
+                });
+            }
+        }
+        nodes.push(NodeProfile {
+            id: index as u64,
+            memory_bytes: (entry.memory_gib * GIB * USABLE_MEMORY_FRACTION) as u64,
+            flops_per_s: entry.tflops * 1e12,
+            upload_bytes_per_s: entry.upload_mbit_s * 1e6 / 8.0,
+            download_bytes_per_s: entry.download_mbit_s * 1e6 / 8.0,
+            name: entry.name,
+        });
+    }
+    if nodes.is_empty() {
+        return Err(Error::InvalidNode {
+            name: path.display().to_string(),
+            reason: "the file lists no [[node]]".to_string(),
+        });
+    }
+    Ok(nodes)
+}
+
+/// The planner's view of a joining node: its accelerators if it has any, else its CPU memory;
+/// FLOP/s from its measured tokens/s on this model.
+pub fn node_from_capabilities(
+    id: u64,
+    capabilities: &Capabilities,
+    profile: &ModelProfile,
+) -> NodeProfile {
+    let has_gpu = capabilities
+        .devices
+        .iter()
+        .any(|device| device.kind == DeviceKind::Cuda);
+    let smallest = capabilities
+        .devices
+        .iter()
+        .filter(|device| !has_gpu || device.kind == DeviceKind::Cuda)
+        .map(|device| device.memory_bytes)
+        .min()
+        .unwrap_or(0);
+    NodeProfile {
+        id,
+        name: format!("member {id}"),
+        memory_bytes: (smallest as f64 * USABLE_MEMORY_FRACTION) as u64,
+        flops_per_s: capabilities.tokens_per_s * profile.flops_per_token(),
+        upload_bytes_per_s: capabilities.upload_bytes_per_s as f64,
+        download_bytes_per_s: capabilities.download_bytes_per_s as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parameters(profile: &ModelProfile) -> u64 {
+        profile.layers.iter().map(|l| l.param_bytes).sum::<u64>() / WEIGHT_AND_GRAD_BYTES
+    }
+
+    #[test]
+    fn presets_have_the_published_parameter_counts() {
+        let gpt2 = Architecture::preset("gpt2-124m")
+            .unwrap()
+            .profile("gpt2-124m")
+            .unwrap();
+        assert_eq!(parameters(&gpt2), 124_439_808);
+        let llama = Architecture::preset("llama-1b")
+            .unwrap()
+            .profile("llama-1b")
+            .unwrap();
+        assert_eq!(parameters(&llama), 1_235_814_400);
+        assert_eq!(llama.layers.len(), 18);
+        // Tied head: the embedding is not counted twice on one node.
+        assert_eq!(llama.layers[17].tied_to, Some(0));
+        for name in PRESETS {
+            let profile = load_model(name, None, None).unwrap();
+            assert!(profile.flops_per_token() > 0.0, "{name}");
+        }
+    }
+
+    #[test]
+    fn flops_per_token_is_six_per_parameter_plus_attention() {
+        let gpt2 = Architecture::preset("gpt2-124m")
+            .unwrap()
+            .profile("gpt2-124m")
+            .unwrap();
+        // llm.c's figure for GPT-2 124M at T=1024 is about 0.87 GFLOP per token (with the
+        // 6N + 12·L·d·T rule and the tied head counted in the matmuls).
+        let gflops = gpt2.flops_per_token() / 1e9;
+        assert!((0.8..0.9).contains(&gflops), "{gflops}");
+    }
+
+    #[test]
+    fn overrides_change_the_activation_memory() {
+        let small = load_model("llama-1b", Some(1), Some(512)).unwrap();
+        let large = load_model("llama-1b", Some(2), Some(2048)).unwrap();
+        assert_eq!(small.tokens_per_micro_batch, 512);
+        assert!(large.whole_model_bytes() > small.whole_model_bytes());
+    }
+
+    #[test]
+    fn unknown_preset_lists_the_known_ones() {
+        let err = load_model("llama-70b", None, None).unwrap_err().to_string();
+        assert!(err.contains("tiny, 4m, 15m, gpt2-124m, llama-1b"), "{err}");
+    }
+
+    #[test]
+    fn custom_profile_files_in_both_forms() {
+        let dir = std::env::temp_dir().join(format!("forge-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let layers = dir.join("layers.toml");
+        std::fs::write(
+            &layers,
+            r#"
+name = "handmade"
+tokens_per_micro_batch = 1024
+[[layer]]
+name = "embed"
+param_bytes = 100
+optimizer_bytes = 100
+activation_bytes = 0
+flops = 0.0
+output_bytes = 10
+[[layer]]
+name = "block"
+count = 3
+param_bytes = 200
+optimizer_bytes = 200
+activation_bytes = 50
+flops = 1e9
+output_bytes = 10
+"#,
+        )
+        .unwrap();
+        let profile = load_model(layers.to_str().unwrap(), None, None).unwrap();
+        assert_eq!(profile.layers.len(), 4);
+        assert_eq!(profile.layers[3].name, "block.2");
+
+        let arch = dir.join("arch.toml");
+        std::fs::write(
+            &arch,
+            r#"
+[architecture]
+family = "llama"
+vocab_size = 32000
+n_layer = 6
+n_head = 6
+n_kv_head = 6
+d_model = 288
+d_ff = 768
+seq_len = 256
+micro_batch = 16
+tie_embeddings = true
+"#,
+        )
+        .unwrap();
+        let from_file = load_model(arch.to_str().unwrap(), None, None).unwrap();
+        let preset = load_model("15m", None, None).unwrap();
+        assert_eq!(from_file.layers, preset.layers);
+
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "name = \"x\"\ntokens_per_microbatch = 3\n").unwrap();
+        let err = load_model(typo.to_str().unwrap(), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens_per_microbatch"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nodes_file_is_read_with_headroom_and_checked() {
+        let dir = std::env::temp_dir().join(format!("forge-nodes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("nodes.toml");
+        std::fs::write(
+            &path,
+            "[[node]]\nname = \"a\"\nmemory_gib = 10\ntflops = 2\nupload_mbit_s = 800\ndownload_mbit_s = 1000\n",
+        )
+        .unwrap();
+        let nodes = load_nodes(&path).unwrap();
+        assert_eq!(
+            nodes[0].memory_bytes,
+            (10.0 * GIB * USABLE_MEMORY_FRACTION) as u64
+        );
+        assert_eq!(nodes[0].upload_bytes_per_s, 100e6);
+        std::fs::write(
+            &path,
+            "[[node]]\nname = \"a\"\nmemory_gib = 10\ntflops = 0\nupload_mbit_s = 800\ndownload_mbit_s = 1000\n",
+        )
+        .unwrap();
+        let err = load_nodes(&path).unwrap_err().to_string();
+        assert!(err.contains("tflops is 0"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,1238 @@
+//! Deterministic simulation for tests: simulated nodes and a lossy network (seeded drops, delays,
+//! duplicates, partitions, crashes) drive the coordinator core while a checker asserts the
+//! invariants on everything it emits.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use forge_protocol::{
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
+    ErrorCode, Heartbeat, Hello, Join, Leave, MemberId, NodeMessage, OuterStep, ReplicaId, RoundId,
+    RoundOutcome, RoundReport, TensorHash,
+};
+
+use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
+
+/// splitmix64: tiny, seedable and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Network {
+    pub(crate) drop: f64,
+    pub(crate) duplicate: f64,
+    pub(crate) min_delay_ms: u64,
+    pub(crate) max_delay_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Delivery {
+    ToCoordinator {
+        node: usize,
+        message: NodeMessage,
+    },
+    ToNode {
+        node: usize,
+        message: CoordinatorMessage,
+    },
+}
+
+/// The new global parameters every honest node computes in a round (bit-identical averages).
+pub(crate) fn honest_digest(round: RoundId) -> Digest {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&round.0.to_le_bytes());
+    Digest(bytes)
+}
+
+struct SimNode {
+    conn: ConnId,
+    peer_id: String,
+    alive: bool,
+    member: Option<MemberId>,
+    /// Participating round and when its outer step is done.
+    round: Option<(RoundId, u64)>,
+    /// Reports that no `RoundClosed` acknowledged yet, re-sent on every timer.
+    unacknowledged: Option<RoundReport>,
+    shards: Vec<CheckpointShardDurable>,
+    /// Reports a different hash than everyone else.
+    diverges: bool,
+    /// Extra delay before writing a checkpoint shard.
+    shard_delay_ms: u64,
+    shard_ready_at: u64,
+    next_timer: u64,
+}
+
+/// What the checker remembers to verify the invariants.
+#[derive(Default)]
+pub(crate) struct Record {
+    pub(crate) opened: Vec<(RoundId, BTreeSet<MemberId>)>,
+    pub(crate) closed: Vec<(RoundId, bool, Vec<MemberId>, u64)>,
+    pub(crate) dead: BTreeMap<MemberId, u64>,
+    pub(crate) disagreements: Vec<(RoundId, Vec<MemberId>)>,
+    pub(crate) checkpoints: Vec<(RoundId, u64)>,
+    member_of_node: BTreeMap<MemberId, usize>,
+    /// Honest OK reports delivered to the coordinator, per round.
+    delivered_reports: BTreeMap<RoundId, BTreeSet<MemberId>>,
+    /// Members that left or were declared dead, with when.
+    gone: BTreeMap<MemberId, u64>,
+    writers: BTreeMap<RoundId, BTreeSet<(u32, MemberId)>>,
+    durable_delivered: BTreeMap<RoundId, BTreeSet<(u32, MemberId)>>,
+    replica_of: BTreeMap<(RoundId, MemberId), ReplicaId>,
+    global_version: u64,
+}
+
+pub(crate) struct Sim {
+    pub(crate) now: u64,
+    pub(crate) coordinator: Coordinator,
+    nodes: Vec<SimNode>,
+    network: Network,
+    rng: Rng,
+    queue: BTreeMap<(u64, u64), Delivery>,
+    seq: u64,
+    /// Nodes cut off from the coordinator, both directions.
+    pub(crate) partitioned: BTreeSet<usize>,
+    pub(crate) record: Record,
+    crashed_at: BTreeMap<usize, u64>,
+    tick_ms: u64,
+    compute_ms: (u64, u64),
+}
+
+pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
+    CoordinatorConfig {
+        run_config: "[model]\npreset = \"tiny\"\n".to_string(),
+        model: None,
+        min_replicas,
+        data_shards: 16,
+        heartbeat_interval_ms: 500,
+        heartbeat_timeout_ms: 2_000,
+        round_deadline_ms: 4_000,
+        checkpoint_every_rounds: 3,
+    }
+}
+
+pub(crate) fn capabilities(peer_id: &str, memory_bytes: u64) -> Capabilities {
+    Capabilities {
+        devices: vec![Device {
+            kind: DeviceKind::Cuda,
+            name: "sim-gpu".to_string(),
+            memory_bytes,
+        }],
+        tokens_per_s: 10_000.0,
+        upload_bytes_per_s: 125_000_000,
+        download_bytes_per_s: 125_000_000,
+        peer_id: peer_id.to_string(),
+        listen_addrs: vec![format!("/ip4/10.0.0.1/udp/4000/quic-v1/{peer_id}")],
+    }
+}
+
+impl Sim {
+    pub(crate) fn new(config: CoordinatorConfig, nodes: usize, network: Network, seed: u64) -> Sim {
+        let tick_ms = 100;
+        let mut sim = Sim {
+            now: 0,
+            coordinator: Coordinator::new(config).unwrap(),
+            nodes: Vec::new(),
+            network,
+            rng: Rng(seed),
+            queue: BTreeMap::new(),
+            seq: 0,
+            partitioned: BTreeSet::new(),
+            record: Record::default(),
+            crashed_at: BTreeMap::new(),
+            tick_ms,
+            compute_ms: (300, 2_500),
+        };
+        for index in 0..nodes {
+            sim.add_node(index as u64 * 37);
+        }
+        sim
+    }
+
+    pub(crate) fn add_node(&mut self, start_at: u64) -> usize {
+        let index = self.nodes.len();
+        self.nodes.push(SimNode {
+            conn: ConnId(index as u64 + 1),
+            peer_id: format!("peer-{index}"),
+            alive: true,
+            member: None,
+            round: None,
+            unacknowledged: None,
+            shards: Vec::new(),
+            diverges: false,
+            shard_delay_ms: 0,
+            shard_ready_at: 0,
+            next_timer: self.now + start_at,
+        });
+        index
+    }
+
+    pub(crate) fn set_diverges(&mut self, node: usize) {
+        self.nodes[node].diverges = true;
+    }
+
+    pub(crate) fn set_shard_delay(&mut self, node: usize, ms: u64) {
+        self.nodes[node].shard_delay_ms = ms;
+    }
+
+    pub(crate) fn crash(&mut self, node: usize) {
+        self.nodes[node].alive = false;
+        self.crashed_at.insert(node, self.now);
+    }
+
+    pub(crate) fn leave(&mut self, node: usize) {
+        self.send_to_coordinator(
+            node,
+            NodeMessage::Leave(Leave {
+                reason: "operator stopped it".to_string(),
+            }),
+        );
+        self.nodes[node].alive = false;
+    }
+
+    pub(crate) fn member(&self, node: usize) -> Option<MemberId> {
+        self.nodes[node].member
+    }
+
+    pub(crate) fn committed_rounds(&self) -> usize {
+        self.record.closed.iter().filter(|c| c.1).count()
+    }
+
+    fn send_to_coordinator(&mut self, node: usize, message: NodeMessage) {
+        self.transmit(Delivery::ToCoordinator { node, message });
+    }
+
+    fn transmit(&mut self, delivery: Delivery) {
+        if self.rng.chance(self.network.drop) {
+            return;
+        }
+        let copies = if self.rng.chance(self.network.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self
+                .rng
+                .between(self.network.min_delay_ms, self.network.max_delay_ms);
+            self.seq += 1;
+            self.queue
+                .insert((self.now + delay, self.seq), delivery.clone());
+        }
+    }
+
+    /// Runs until `until` (simulated milliseconds), checking the invariants after every step.
+    pub(crate) fn run_until(&mut self, until: u64) {
+        while self.now < until {
+            let next_tick = (self.now / self.tick_ms + 1) * self.tick_ms;
+            let next_delivery = self.queue.keys().next().map(|(at, _)| *at);
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter(|node| node.alive)
+                .map(|node| node.next_timer)
+                .min();
+            let at = [Some(next_tick), next_delivery, next_timer]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap()
+                .min(until);
+            self.now = at;
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let delivery = entry.remove();
+                self.deliver(delivery);
+            }
+            for node in 0..self.nodes.len() {
+                if self.nodes[node].alive && self.nodes[node].next_timer <= self.now {
+                    self.on_timer(node);
+                }
+            }
+            if self.now % self.tick_ms == 0 {
+                let outputs = self.coordinator.tick(Millis(self.now));
+                self.handle_outputs(outputs);
+            }
+            self.check_failure_detection();
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::ToCoordinator { node, message } => {
+                if self.partitioned.contains(&node) {
+                    return;
+                }
+                self.observe_inbound(node, &message);
+                let conn = self.nodes[node].conn;
+                let outputs =
+                    self.coordinator
+                        .step(Millis(self.now), conn, Input::Message(message));
+                self.handle_outputs(outputs);
+            }
+            Delivery::ToNode { node, message } => {
+                if self.partitioned.contains(&node) || !self.nodes[node].alive {
+                    return;
+                }
+                self.on_node_message(node, message);
+            }
+        }
+    }
+
+    /// Remembers what reached the coordinator, to check later that it was counted.
+    fn observe_inbound(&mut self, node: usize, message: &NodeMessage) {
+        let Some(member) = self.nodes[node].member else {
+            return;
+        };
+        if self.record.gone.contains_key(&member) {
+            return;
+        }
+        match message {
+            NodeMessage::RoundReport(report) => {
+                let honest = matches!(&report.outer_step,
+                    OuterStep::Ok { params_hash, .. } if *params_hash == honest_digest(report.round));
+                if honest {
+                    self.record
+                        .delivered_reports
+                        .entry(report.round)
+                        .or_default()
+                        .insert(member);
+                }
+            }
+            NodeMessage::CheckpointShardDurable(durable) => {
+                self.record
+                    .durable_delivered
+                    .entry(durable.round)
+                    .or_default()
+                    .insert((durable.shard, member));
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_outputs(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, message } => {
+                    let node = (to.0 - 1) as usize;
+                    self.transmit(Delivery::ToNode { node, message });
+                }
+                Output::Close { .. } => {}
+                Output::Event(event) => self.check_event(event),
+            }
+        }
+    }
+
+    fn check_event(&mut self, event: Event) {
+        let record = &mut self.record;
+        match event {
+            Event::Joined { member, peer_id } => {
+                let node = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.peer_id == peer_id)
+                    .unwrap();
+                record.member_of_node.insert(member, node);
+            }
+            Event::Dead { member, .. } => {
+                record.dead.insert(member, self.now);
+                record.gone.insert(member, self.now);
+            }
+            Event::Left { member, .. } => {
+                record.gone.insert(member, self.now);
+            }
+            Event::RoundOpened {
+                round,
+                participants,
+            } => {
+                if let Some((last, _)) = record.opened.last() {
+                    assert!(
+                        round > *last,
+                        "round ids must increase: {last:?} then {round:?}"
+                    );
+                }
+                assert!(
+                    participants
+                        .iter()
+                        .all(|member| !record.gone.contains_key(member)),
+                    "{round} opened with a dead member"
+                );
+                record
+                    .opened
+                    .push((round, participants.into_iter().collect()));
+            }
+            Event::RoundClosed {
+                round,
+                committed,
+                included,
+                excluded,
+            } => {
+                let (opened, participants) = record.opened.last().unwrap().clone();
+                assert_eq!(opened, round, "closed a round that is not the open one");
+                let all: BTreeSet<MemberId> = included.iter().chain(&excluded).copied().collect();
+                assert!(
+                    all.is_subset(&participants),
+                    "{round} closed with non-participants"
+                );
+                for member in participants.difference(&all) {
+                    assert!(
+                        record.gone.contains_key(member),
+                        "{round} dropped {member} from its participants"
+                    );
+                }
+                if committed {
+                    assert!(
+                        included.len() * 2 > participants.len(),
+                        "{round} committed by {} of {} participants: a minority",
+                        included.len(),
+                        participants.len()
+                    );
+                    let delivered = record
+                        .delivered_reports
+                        .get(&round)
+                        .cloned()
+                        .unwrap_or_default();
+                    for member in &included {
+                        assert!(
+                            delivered.contains(member),
+                            "{round} counted {member} without its report"
+                        );
+                    }
+                    // Every honest report that arrived from a member still alive is counted.
+                    for member in &delivered {
+                        if participants.contains(member) && !record.gone.contains_key(member) {
+                            assert!(
+                                included.contains(member),
+                                "{round} left out {member} whose report arrived"
+                            );
+                        }
+                    }
+                    let version = self.coordinator.global().version;
+                    assert_eq!(
+                        version,
+                        record.global_version + 1,
+                        "version must step by one"
+                    );
+                    record.global_version = version;
+                } else {
+                    assert!(included.is_empty());
+                }
+                record.closed.push((round, committed, included, self.now));
+            }
+            Event::HashDisagreement {
+                round, disagreeing, ..
+            } => record.disagreements.push((round, disagreeing)),
+            Event::CheckpointCommitted { round } => {
+                let writers = record.writers.get(&round).cloned().unwrap_or_default();
+                let durable = record
+                    .durable_delivered
+                    .get(&round)
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(
+                    !writers.is_empty(),
+                    "checkpoint of {round} committed without a request"
+                );
+                assert!(
+                    writers.is_subset(&durable),
+                    "checkpoint of {round} committed before every shard was durable: writers {writers:?}, durable {durable:?}"
+                );
+                record.checkpoints.push((round, self.now));
+            }
+            Event::Refused { .. } | Event::PlanChanged { .. } | Event::Warning { .. } => {}
+        }
+    }
+
+    /// A crashed member is declared dead within the timeout (plus one tick of detection delay).
+    fn check_failure_detection(&self) {
+        let timeout = self.coordinator.config().heartbeat_timeout_ms;
+        for (node, crashed) in &self.crashed_at {
+            let Some(member) = self.nodes[*node].member else {
+                continue;
+            };
+            if self.now > crashed + timeout + self.tick_ms {
+                assert!(
+                    self.record.gone.contains_key(&member),
+                    "{member} crashed at {crashed} ms and is still alive at {} ms",
+                    self.now
+                );
+            }
+        }
+    }
+
+    fn on_timer(&mut self, node: usize) {
+        let interval = self.coordinator.config().heartbeat_interval_ms;
+        self.nodes[node].next_timer = self.now + interval;
+        if self.nodes[node].member.is_none() {
+            self.send_to_coordinator(node, NodeMessage::Hello(Hello::current()));
+            let caps = capabilities(&self.nodes[node].peer_id.clone(), 24 << 30);
+            self.send_to_coordinator(node, NodeMessage::Join(Join { capabilities: caps }));
+            return;
+        }
+        let state = &self.nodes[node];
+        let round = state.round.map(|(round, _)| round);
+        if let Some((round, _)) = state.round.filter(|(_, done_at)| self.now >= *done_at) {
+            let digest = if state.diverges {
+                Digest([0xEE; 32])
+            } else {
+                honest_digest(round)
+            };
+            let report = RoundReport {
+                round,
+                tokens_processed: 4_096,
+                outer_step: OuterStep::Ok {
+                    params_hash: digest,
+                    tensor_hashes: vec![TensorHash {
+                        name: "model.embed_tokens.weight".to_string(),
+                        digest,
+                    }],
+                },
+            };
+            let node_state = &mut self.nodes[node];
+            node_state.round = None;
+            node_state.unacknowledged = Some(report);
+        }
+        if let Some(report) = self.nodes[node].unacknowledged.clone() {
+            self.send_to_coordinator(node, NodeMessage::RoundReport(report));
+        }
+        if self.now >= self.nodes[node].shard_ready_at {
+            for shard in self.nodes[node].shards.clone() {
+                self.send_to_coordinator(node, NodeMessage::CheckpointShardDurable(shard));
+            }
+        }
+        self.send_to_coordinator(
+            node,
+            NodeMessage::Heartbeat(Heartbeat {
+                round,
+                inner_steps_done: 10,
+            }),
+        );
+    }
+
+    fn on_node_message(&mut self, node: usize, message: CoordinatorMessage) {
+        match message {
+            CoordinatorMessage::JoinAccepted(accepted) => {
+                let state = &mut self.nodes[node];
+                if state.member.is_none() {
+                    state.member = Some(accepted.member);
+                }
+            }
+            CoordinatorMessage::RoundOpened(opened) => {
+                let me = self.nodes[node].member;
+                if let Some(peer) = opened.participants.iter().find(|p| Some(p.member) == me) {
+                    self.record
+                        .replica_of
+                        .insert((opened.round, peer.member), peer.assignment.replica);
+                    let done = self.now + self.rng.between(self.compute_ms.0, self.compute_ms.1);
+                    let state = &mut self.nodes[node];
+                    if state.round.is_none_or(|(round, _)| round < opened.round) {
+                        state.round = Some((opened.round, done));
+                    }
+                }
+            }
+            CoordinatorMessage::RoundClosed(closed) => {
+                let me = self.nodes[node].member;
+                let state = &mut self.nodes[node];
+                if state
+                    .unacknowledged
+                    .as_ref()
+                    .is_some_and(|r| r.round <= closed.round)
+                {
+                    state.unacknowledged = None;
+                }
+                if state.round.is_some_and(|(round, _)| round <= closed.round) {
+                    state.round = None;
+                }
+                if let (Some(request), RoundOutcome::Committed { tensor_hashes, .. }) =
+                    (&closed.checkpoint, &closed.outcome)
+                {
+                    let writers = self.record.writers.entry(closed.round).or_default();
+                    for writer in &request.writers {
+                        writers.insert((writer.shard, writer.member));
+                    }
+                    for writer in request.writers.iter().filter(|w| Some(w.member) == me) {
+                        let state = &mut self.nodes[node];
+                        if state.shards.iter().any(|s| s.round == closed.round) {
+                            continue;
+                        }
+                        state.shard_ready_at = self.now + state.shard_delay_ms;
+                        state.shards.push(CheckpointShardDurable {
+                            round: closed.round,
+                            shard: writer.shard,
+                            tensor_hashes: tensor_hashes.clone(),
+                        });
+                    }
+                }
+            }
+            CoordinatorMessage::CheckpointCommitted(committed) => {
+                self.nodes[node]
+                    .shards
+                    .retain(|shard| shard.round > committed.round);
+            }
+            CoordinatorMessage::MemberDead(dead) => {
+                if Some(dead.member) == self.nodes[node].member {
+                    self.forget_membership(node);
+                }
+            }
+            CoordinatorMessage::Error(error) => {
+                if matches!(
+                    error.code,
+                    ErrorCode::UnknownMember | ErrorCode::NotJoined | ErrorCode::HelloRequired
+                ) {
+                    self.forget_membership(node);
+                }
+            }
+            CoordinatorMessage::Hello(_) | CoordinatorMessage::Assigned(_) => {}
+        }
+    }
+
+    fn forget_membership(&mut self, node: usize) {
+        let state = &mut self.nodes[node];
+        state.member = None;
+        state.round = None;
+        state.unacknowledged = None;
+        state.shards.clear();
+    }
+}
+
+/// A direct driver for scenario tests that need exact control over every message.
+pub(crate) struct Driver {
+    pub(crate) now: u64,
+    pub(crate) coordinator: Coordinator,
+}
+
+impl Driver {
+    pub(crate) fn new(config: CoordinatorConfig) -> Driver {
+        Driver {
+            now: 0,
+            coordinator: Coordinator::new(config).unwrap(),
+        }
+    }
+
+    pub(crate) fn send(&mut self, conn: u64, message: NodeMessage) -> Vec<Output> {
+        self.coordinator
+            .step(Millis(self.now), ConnId(conn), Input::Message(message))
+    }
+
+    pub(crate) fn join(&mut self, conn: u64, memory_bytes: u64) -> (MemberId, Vec<Output>) {
+        self.send(conn, NodeMessage::Hello(Hello::current()));
+        let caps = capabilities(&format!("peer-{conn}"), memory_bytes);
+        let outputs = self.send(conn, NodeMessage::Join(Join { capabilities: caps }));
+        let member = outputs
+            .iter()
+            .find_map(|output| match output {
+                Output::Send {
+                    message: CoordinatorMessage::JoinAccepted(accepted),
+                    ..
+                } => Some(accepted.member),
+                _ => None,
+            })
+            .expect("join accepted");
+        (member, outputs)
+    }
+
+    pub(crate) fn advance(&mut self, ms: u64) -> Vec<Output> {
+        self.now += ms;
+        self.coordinator.tick(Millis(self.now))
+    }
+
+    pub(crate) fn report(&mut self, conn: u64, round: RoundId, digest: Digest) -> Vec<Output> {
+        self.send(
+            conn,
+            NodeMessage::RoundReport(RoundReport {
+                round,
+                tokens_processed: 1_000,
+                outer_step: OuterStep::Ok {
+                    params_hash: digest,
+                    tensor_hashes: vec![TensorHash {
+                        name: "w".to_string(),
+                        digest,
+                    }],
+                },
+            }),
+        )
+    }
+}
+
+pub(crate) fn events(outputs: &[Output]) -> Vec<&Event> {
+    outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::Event(event) => Some(event),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMessage> {
+    outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::Send { to, message } if *to == ConnId(conn) => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
+mod tests {
+    use forge_protocol::{ErrorCode, PROTOCOL_VERSION};
+
+    use super::*;
+    use crate::planner::ModelProfile;
+    use crate::profile::Architecture;
+
+    const LOSSY: Network = Network {
+        drop: 0.05,
+        duplicate: 0.05,
+        min_delay_ms: 1,
+        max_delay_ms: 250,
+    };
+
+    fn closed(outputs: &[Output]) -> Option<(RoundId, bool, Vec<MemberId>)> {
+        events(outputs).into_iter().find_map(|event| match event {
+            Event::RoundClosed {
+                round,
+                committed,
+                included,
+                ..
+            } => Some((*round, *committed, included.clone())),
+            _ => None,
+        })
+    }
+
+    fn opened(outputs: &[Output]) -> Option<(RoundId, Vec<MemberId>)> {
+        events(outputs).into_iter().find_map(|event| match event {
+            Event::RoundOpened {
+                round,
+                participants,
+            } => Some((*round, participants.clone())),
+            _ => None,
+        })
+    }
+
+    fn error_codes(outputs: &[Output], conn: u64) -> Vec<ErrorCode> {
+        messages_to(outputs, conn)
+            .into_iter()
+            .filter_map(|message| match message {
+                CoordinatorMessage::Error(error) => Some(error.code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lossy_network_keeps_every_invariant_and_makes_progress() {
+        for seed in 0..10 {
+            let mut sim = Sim::new(config(2), 5, LOSSY, seed);
+            sim.run_until(60_000);
+            assert!(
+                sim.committed_rounds() >= 8,
+                "seed {seed}: only {} rounds committed",
+                sim.committed_rounds()
+            );
+            assert!(
+                !sim.record.checkpoints.is_empty(),
+                "seed {seed}: no checkpoint committed"
+            );
+        }
+    }
+
+    #[test]
+    fn heavy_loss_and_duplication_never_break_the_invariants() {
+        let network = Network {
+            drop: 0.3,
+            duplicate: 0.3,
+            min_delay_ms: 1,
+            max_delay_ms: 1_500,
+        };
+        for seed in 100..106 {
+            let mut sim = Sim::new(config(2), 6, network, seed);
+            sim.run_until(60_000);
+        }
+    }
+
+    #[test]
+    fn crashed_member_is_declared_dead_within_the_timeout_and_rounds_go_on() {
+        let mut sim = Sim::new(config(2), 5, LOSSY, 7);
+        sim.run_until(8_000);
+        let leaver = sim.member(4).expect("node 4 joined");
+        sim.leave(4);
+        sim.run_until(10_000);
+        assert!(
+            sim.record.gone.contains_key(&leaver),
+            "graceful leave not processed"
+        );
+        assert!(
+            !sim.record.dead.contains_key(&leaver),
+            "a leaver is not declared dead"
+        );
+        let victim = sim.member(1).expect("node 1 joined");
+        let crashed_at = sim.now;
+        sim.crash(1);
+        sim.run_until(40_000);
+        let dead_at = sim.record.dead[&victim];
+        assert!(
+            dead_at <= crashed_at + 2_000 + 100,
+            "declared dead at {dead_at} ms, crashed at {crashed_at} ms"
+        );
+        let after: Vec<_> = sim
+            .record
+            .closed
+            .iter()
+            .filter(|(_, committed, _, at)| *committed && *at > dead_at)
+            .collect();
+        assert!(
+            after.len() >= 3,
+            "only {} rounds committed after the death",
+            after.len()
+        );
+        assert!(
+            after
+                .iter()
+                .all(|(_, _, included, _)| !included.contains(&victim))
+        );
+    }
+
+    #[test]
+    fn coordinator_cut_off_from_the_majority_commits_nothing_until_it_heals() {
+        let mut sim = Sim::new(config(3), 5, LOSSY, 11);
+        sim.run_until(15_000);
+        let before = sim.committed_rounds();
+        assert!(before > 0);
+        let cut = sim.now;
+        sim.partitioned.extend([0, 1, 2]);
+        sim.run_until(40_000);
+        // A round open at the cut may still commit from reports that arrived before it (the
+        // checker verifies them); after its deadline nothing commits.
+        for (round, committed, _, at) in &sim.record.closed {
+            if *at > cut + 4_000 {
+                assert!(
+                    !committed,
+                    "{round} committed while the majority was cut off"
+                );
+            }
+        }
+        for node in 0..3 {
+            let member = sim
+                .record
+                .member_of_node
+                .iter()
+                .find(|(_, n)| **n == node)
+                .map(|(m, _)| *m);
+            assert!(member.is_some_and(|m| sim.record.gone.contains_key(&m)));
+        }
+        sim.partitioned.clear();
+        sim.run_until(70_000);
+        assert!(
+            sim.committed_rounds() > before + 2,
+            "rounds did not resume after the partition healed"
+        );
+    }
+
+    #[test]
+    fn round_shared_with_a_silent_majority_is_abandoned_not_committed() {
+        let mut driver = Driver::new(config(2));
+        let members: Vec<MemberId> = (1..=5).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        // Round 1 opened with the first two members; finish it so all five take part in round 2.
+        let round1 = RoundId(1);
+        driver.report(1, round1, honest_digest(round1));
+        let outputs = driver.report(2, round1, honest_digest(round1));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        let (round2, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(participants, members);
+        // Members 3, 4, 5 fall silent (a partition); 1 and 2 report.
+        driver.report(1, round2, honest_digest(round2));
+        driver.report(2, round2, honest_digest(round2));
+        let mut closing = Vec::new();
+        let heartbeat = NodeMessage::Heartbeat(Heartbeat {
+            round: Some(round2),
+            inner_steps_done: 0,
+        });
+        while closed(&closing).is_none() && driver.now < 10_000 {
+            closing.extend(driver.advance(100));
+            closing.extend(driver.send(1, heartbeat.clone()));
+            closing.extend(driver.send(2, heartbeat.clone()));
+        }
+        assert_eq!(
+            driver.now, 2_000,
+            "closed once the silent members were declared dead"
+        );
+        let (round, committed, included) = closed(&closing).expect("round 2 closed");
+        assert_eq!((round, committed, included), (round2, false, Vec::new()));
+        assert_eq!(driver.coordinator.global().version, 1);
+        let abandoned = messages_to(&closing, 1).into_iter().any(|m| {
+            matches!(m, CoordinatorMessage::RoundClosed(c) if matches!(c.outcome, RoundOutcome::Abandoned { .. }))
+        });
+        assert!(
+            abandoned,
+            "members must be told to restore their parameters"
+        );
+        // The silent members are gone now; the next round is formed from those that remain.
+        let (round3, participants) = opened(&closing).expect("round 3 opened");
+        assert_eq!(participants, members[..2].to_vec());
+        driver.report(1, round3, honest_digest(round3));
+        let outputs = driver.report(2, round3, honest_digest(round3));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        assert_eq!(driver.coordinator.global().version, 2);
+    }
+
+    #[test]
+    fn hash_disagreement_is_surfaced_and_the_diverging_member_excluded() {
+        let mut sim = Sim::new(config(2), 5, LOSSY, 3);
+        sim.set_diverges(4);
+        sim.run_until(40_000);
+        let rogue = sim.member(4).expect("node 4 joined");
+        assert!(sim.committed_rounds() >= 5);
+        assert!(
+            sim.record
+                .disagreements
+                .iter()
+                .any(|(_, disagreeing)| disagreeing == &vec![rogue]),
+            "disagreement not surfaced: {:?}",
+            sim.record.disagreements
+        );
+        for (round, _, included, _) in &sim.record.closed {
+            assert!(
+                !included.contains(&rogue),
+                "{round} counted the diverging member"
+            );
+        }
+    }
+
+    #[test]
+    fn slow_checkpoint_shard_delays_the_commit_but_never_breaks_it() {
+        let mut sim = Sim::new(config(2), 3, LOSSY, 5);
+        for node in 0..3 {
+            sim.set_shard_delay(node, 6_000);
+        }
+        sim.run_until(60_000);
+        assert!(!sim.record.checkpoints.is_empty());
+        for (round, at) in &sim.record.checkpoints {
+            let closed_at = sim.record.closed.iter().find(|c| c.0 == *round).unwrap().3;
+            assert!(
+                *at >= closed_at + 6_000,
+                "{round} checkpoint committed before its shard was written"
+            );
+        }
+    }
+
+    #[test]
+    fn incompatible_hello_is_refused_naming_both_versions() {
+        let mut driver = Driver::new(config(1));
+        let outputs = driver.send(
+            9,
+            NodeMessage::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION + 1,
+                software_version: "9.9.9".to_string(),
+            }),
+        );
+        let reply = messages_to(&outputs, 9);
+        let CoordinatorMessage::Error(error) = reply[0] else {
+            panic!("expected an error, got {reply:?}");
+        };
+        assert_eq!(error.code, ErrorCode::IncompatibleVersion);
+        assert!(
+            error
+                .message
+                .contains(&format!("protocol version {}", PROTOCOL_VERSION + 1))
+        );
+        assert!(error.message.contains("9.9.9"));
+        assert!(outputs.contains(&Output::Close { conn: ConnId(9) }));
+    }
+
+    #[test]
+    fn messages_before_hello_or_join_are_refused() {
+        let mut driver = Driver::new(config(1));
+        let heartbeat = NodeMessage::Heartbeat(Heartbeat {
+            round: None,
+            inner_steps_done: 0,
+        });
+        let outputs = driver.send(1, heartbeat.clone());
+        assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::HelloRequired]);
+        driver.send(1, NodeMessage::Hello(Hello::current()));
+        let outputs = driver.send(1, heartbeat);
+        assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::NotJoined]);
+        let mut bad = capabilities("peer-1", 8 << 30);
+        bad.tokens_per_s = 0.0;
+        let outputs = driver.send(1, NodeMessage::Join(Join { capabilities: bad }));
+        assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::InvalidJoin]);
+    }
+
+    #[test]
+    fn join_hands_out_the_run_config_and_distinct_data_shards() {
+        let mut driver = Driver::new(config(3));
+        let mut shards = BTreeSet::new();
+        for conn in 1..=3 {
+            let (_, outputs) = driver.join(conn, 24 << 30);
+            let Some(CoordinatorMessage::JoinAccepted(accepted)) =
+                messages_to(&outputs, conn).into_iter().next()
+            else {
+                panic!("no JoinAccepted");
+            };
+            assert_eq!(accepted.run_config, config(3).run_config);
+            let assignment = accepted.assignment.expect("assigned between rounds");
+            assert!(assignment.stage.is_none());
+            shards.insert(assignment.data_shard.index);
+        }
+        assert_eq!(shards.len(), 3, "every replica reads its own shard");
+        assert_eq!(driver.coordinator.open_round(), Some(RoundId(1)));
+    }
+
+    #[test]
+    fn joiner_during_a_round_waits_on_standby_then_takes_part() {
+        let mut driver = Driver::new(config(1));
+        driver.join(1, 24 << 30);
+        assert_eq!(driver.coordinator.open_round(), Some(RoundId(1)));
+        let (second, outputs) = driver.join(2, 24 << 30);
+        let Some(CoordinatorMessage::JoinAccepted(accepted)) =
+            messages_to(&outputs, 2).into_iter().next()
+        else {
+            panic!("no JoinAccepted");
+        };
+        assert_eq!(accepted.assignment, None);
+        let outputs = driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        assert!(
+            messages_to(&outputs, 2)
+                .iter()
+                .any(|m| matches!(m, CoordinatorMessage::Assigned(a) if a.assignment.is_some()))
+        );
+        let (round, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(round, RoundId(2));
+        assert!(participants.contains(&second));
+    }
+
+    #[test]
+    fn late_member_is_excluded_at_the_deadline_and_its_report_ignored() {
+        let mut driver = Driver::new(config(2));
+        for conn in 1..=3 {
+            driver.join(conn, 24 << 30);
+        }
+        // Round 1 opened with members 1 and 2; complete it so all three take part in round 2.
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        let (round, _) = opened(&outputs).unwrap();
+        driver.report(1, round, honest_digest(round));
+        driver.report(2, round, honest_digest(round));
+        let mut outputs = Vec::new();
+        while closed(&outputs).is_none() {
+            driver.now += 500;
+            for conn in 1..=3 {
+                outputs.extend(driver.send(
+                    conn,
+                    NodeMessage::Heartbeat(Heartbeat {
+                        round: Some(round),
+                        inner_steps_done: 1,
+                    }),
+                ));
+            }
+        }
+        let (_, committed, included) = closed(&outputs).unwrap();
+        assert!(committed);
+        assert_eq!(included, vec![MemberId(1), MemberId(2)]);
+        assert_eq!(driver.now, 4_000, "closed at the deadline");
+        let next = opened(&outputs).unwrap().0;
+        assert_eq!(next, RoundId(round.0 + 1));
+        let late = driver.report(3, round, honest_digest(round));
+        assert!(
+            error_codes(&late, 3).is_empty(),
+            "a late report is dropped quietly"
+        );
+        assert_eq!(driver.coordinator.global().round, Some(round));
+        let future = driver.report(3, RoundId(99), honest_digest(round));
+        assert_eq!(error_codes(&future, 3), vec![ErrorCode::WrongRound]);
+    }
+
+    #[test]
+    fn graceful_leave_removes_the_member_at_once() {
+        let mut driver = Driver::new(config(1));
+        driver.join(1, 24 << 30);
+        let (leaver, _) = driver.join(2, 24 << 30);
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        let outputs = driver.send(
+            2,
+            NodeMessage::Leave(Leave {
+                reason: "done".to_string(),
+            }),
+        );
+        assert!(events(&outputs).contains(&&Event::Left {
+            member: leaver,
+            reason: "done".to_string()
+        }));
+        assert!(
+            messages_to(&outputs, 1)
+                .iter()
+                .any(|m| matches!(m, CoordinatorMessage::MemberDead(d) if d.member == leaver))
+        );
+        // Round 2 no longer waits for the member that left.
+        assert_eq!(
+            closed(&outputs).map(|c| (c.0, c.1)),
+            Some((RoundId(2), true))
+        );
+        let outputs = driver.send(
+            2,
+            NodeMessage::Heartbeat(Heartbeat {
+                round: None,
+                inner_steps_done: 0,
+            }),
+        );
+        assert_eq!(error_codes(&outputs, 2), vec![ErrorCode::UnknownMember]);
+    }
+
+    #[test]
+    fn snapshot_restores_members_rounds_and_global_state() {
+        let mut driver = Driver::new(config(1));
+        driver.join(1, 24 << 30);
+        driver.join(2, 24 << 30);
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        driver.report(2, RoundId(2), honest_digest(RoundId(2)));
+        let bytes = driver.coordinator.to_snapshot().unwrap();
+        assert_eq!(&bytes[..4], b"FGSN");
+        let mut restored = Coordinator::from_snapshot(&bytes, Millis(5)).unwrap();
+        assert_eq!(restored.global(), driver.coordinator.global());
+        assert_eq!(restored.last_round(), Some(RoundId(3)));
+        assert_eq!(restored.members().count(), 2);
+        // Nobody reconnects: after a full timeout on the new clock both are dead and the open
+        // round is abandoned; round ids still only increase.
+        let outputs = restored.tick(Millis(5 + 2_000));
+        assert_eq!(
+            events(&outputs)
+                .iter()
+                .filter(|e| matches!(e, Event::Dead { .. }))
+                .count(),
+            2
+        );
+        assert_eq!(
+            closed(&outputs).map(|c| (c.0, c.1)),
+            Some((RoundId(3), false))
+        );
+        assert!(Coordinator::from_snapshot(&bytes[..bytes.len() - 1], Millis(0)).is_err());
+    }
+
+    fn pipeline_profile() -> (ModelProfile, u64) {
+        let profile = Architecture::preset("4m").unwrap().profile("4m").unwrap();
+        let whole = profile.whole_model_bytes();
+        (profile, whole)
+    }
+
+    #[test]
+    fn pipeline_checkpoint_commits_only_when_every_shard_is_durable() {
+        let (profile, whole) = pipeline_profile();
+        let mut cfg = config(1);
+        cfg.model = Some(profile);
+        cfg.checkpoint_every_rounds = 1;
+        let mut driver = Driver::new(cfg);
+        // Devices just big enough for the whole model before headroom: neither node fits it alone.
+        let (first, _) = driver.join(1, whole);
+        let (second, outputs) = driver.join(2, whole);
+        let (round, participants) = opened(&outputs).expect("a pipeline replica formed");
+        assert_eq!(participants, vec![first, second]);
+        let assignments: BTreeMap<MemberId, _> = driver
+            .coordinator
+            .members()
+            .map(|(id, a)| (id, *a.unwrap()))
+            .collect();
+        assert_eq!(assignments[&first].replica, assignments[&second].replica);
+        let stages: Vec<_> = assignments.values().map(|a| a.stage.unwrap()).collect();
+        assert_eq!(
+            stages[0].layers.end, stages[1].layers.start,
+            "contiguous layers"
+        );
+        // Each stage reports the hashes of its own tensors.
+        let report = |digest: Digest, name: &str| {
+            NodeMessage::RoundReport(RoundReport {
+                round,
+                tokens_processed: 10,
+                outer_step: OuterStep::Ok {
+                    params_hash: digest,
+                    tensor_hashes: vec![TensorHash {
+                        name: name.to_string(),
+                        digest,
+                    }],
+                },
+            })
+        };
+        let digest_a = Digest([1; 32]);
+        let digest_b = Digest([2; 32]);
+        driver.send(1, report(digest_a, "stage0.w"));
+        let outputs = driver.send(2, report(digest_b, "stage1.w"));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        let request = messages_to(&outputs, 1)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::RoundClosed(c) => c.checkpoint.clone(),
+                _ => None,
+            })
+            .expect("checkpoint requested");
+        assert_eq!(request.shards, 2);
+        let durable = |shard: u32, name: &str, digest: Digest| {
+            NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
+                round,
+                shard,
+                tensor_hashes: vec![TensorHash {
+                    name: name.to_string(),
+                    digest,
+                }],
+            })
+        };
+        let shard_of = |member: MemberId| {
+            request
+                .writers
+                .iter()
+                .find(|w| w.member == member)
+                .unwrap()
+                .shard
+        };
+        let outputs = driver.send(1, durable(shard_of(first), "stage0.w", digest_a));
+        assert!(
+            !events(&outputs)
+                .iter()
+                .any(|e| matches!(e, Event::CheckpointCommitted { .. }))
+        );
+        assert_eq!(driver.coordinator.last_checkpoint(), None);
+        // The wrong member, then the right member with a wrong hash: both refused.
+        let outputs = driver.send(1, durable(shard_of(second), "stage1.w", digest_b));
+        assert_eq!(
+            error_codes(&outputs, 1),
+            vec![ErrorCode::CheckpointMismatch]
+        );
+        let outputs = driver.send(2, durable(shard_of(second), "stage1.w", digest_a));
+        assert_eq!(
+            error_codes(&outputs, 2),
+            vec![ErrorCode::CheckpointMismatch]
+        );
+        assert_eq!(driver.coordinator.last_checkpoint(), None);
+        let outputs = driver.send(2, durable(shard_of(second), "stage1.w", digest_b));
+        assert!(events(&outputs).contains(&&Event::CheckpointCommitted { round }));
+        assert_eq!(driver.coordinator.last_checkpoint(), Some(round));
+    }
+
+    #[test]
+    fn invalid_config_is_refused_with_the_reason() {
+        let mut cfg = config(3);
+        cfg.data_shards = 2;
+        let err = Coordinator::new(cfg).unwrap_err().to_string();
+        assert!(err.contains("data_shards (2)"), "{err}");
+        let mut cfg = config(1);
+        cfg.heartbeat_timeout_ms = cfg.heartbeat_interval_ms;
+        assert!(Coordinator::new(cfg).is_err());
+    }
+}

@@ -1,0 +1,785 @@
+//! Control messages between a node and the coordinator, and the version handshake.
+//!
+//! A control connection starts with both sides sending [`Hello`]; the coordinator refuses a peer
+//! whose protocol version differs ([`Hello::check_compatible`]). Then the node sends [`Join`] and
+//! receives [`JoinAccepted`]. Each direction has its own enum ([`NodeMessage`],
+//! [`CoordinatorMessage`]) so a message can only travel the way it is meant to.
+//!
+//! Round lifecycle as the node sees it: `RoundOpened` (who takes part) → inner steps → all-reduce
+//! of the pseudo_grad with the other participants of its stage → outer step → `RoundReport` →
+//! `RoundClosed`. A node keeps the previous global parameters until `RoundClosed`: if the outcome
+//! is `Abandoned`, or the committed hash of its stage differs from its own, it restores them (or
+//! fetches the committed state from a peer) instead of continuing from its own outer step.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Channel};
+use crate::error::{Error, Result};
+
+/// Version of the message set below; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Protocol id of the control stream, in the libp2p style.
+pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
+
+/// A member of the run, numbered by the coordinator in join order; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MemberId(pub u64);
+
+/// One model replica: a single node, or a pipeline of nodes each holding one stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaId(pub u64);
+
+/// A DiLoCo round (H inner steps, then one outer step). Round ids only increase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RoundId(pub u64);
+
+impl RoundId {
+    /// The round after this one.
+    pub fn next(self) -> RoundId {
+        RoundId(self.0 + 1)
+    }
+}
+
+/// A 32-byte content hash (SHA-256, computed by the node) of parameters or a tensor.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0[..8] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+
+impl fmt::Display for MemberId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "member {}", self.0)
+    }
+}
+
+impl fmt::Display for RoundId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "round {}", self.0)
+    }
+}
+
+/// The first message on a control connection, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    /// The Forge release, for the error message; only `protocol_version` decides compatibility.
+    pub software_version: String,
+}
+
+impl Hello {
+    /// The Hello this build sends.
+    pub fn current() -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Refuses a peer whose protocol version differs, naming both versions.
+    pub fn check_compatible(&self, theirs: &Hello) -> Result<()> {
+        if self.protocol_version == theirs.protocol_version {
+            return Ok(());
+        }
+        Err(Error::IncompatibleVersion {
+            ours: self.protocol_version,
+            theirs: theirs.protocol_version,
+            our_software: self.software_version.clone(),
+            their_software: theirs.software_version.clone(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// One compute device of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub kind: DeviceKind,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// What a node brings to the run, measured by the node before it joins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub devices: Vec<Device>,
+    /// Training throughput of the whole node on the run's model (all local devices together).
+    pub tokens_per_s: f64,
+    pub upload_bytes_per_s: u64,
+    pub download_bytes_per_s: u64,
+    /// The node's peer-to-peer identity (libp2p peer id).
+    pub peer_id: String,
+    /// Addresses other nodes dial for the sync all-reduce and state transfer.
+    pub listen_addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub capabilities: Capabilities,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The round the node is training in, if any.
+    pub round: Option<RoundId>,
+    pub inner_steps_done: u64,
+}
+
+/// Which slice of the data a replica reads: shard `index` of `count` fixed shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataShard {
+    pub index: u32,
+    pub count: u32,
+}
+
+/// Half-open range of layer indices `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// The pipeline stage a node holds when its replica is split across nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageAssignment {
+    pub stage: u32,
+    pub stages: u32,
+    pub layers: LayerRange,
+}
+
+/// A node's work: which replica, which data shard, and which stage if the model is split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub replica: ReplicaId,
+    pub data_shard: DataShard,
+    pub stage: Option<StageAssignment>,
+}
+
+impl Assignment {
+    /// The stage index, 0 for a whole-model replica.
+    pub fn stage_index(&self) -> u32 {
+        self.stage.map_or(0, |stage| stage.stage)
+    }
+}
+
+/// Another member as a node needs to know it: how to reach it and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub member: MemberId,
+    pub assignment: Assignment,
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorHash {
+    pub name: String,
+    pub digest: Digest,
+}
+
+/// The committed global parameters, as hashes a joiner checks what it fetched against.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalState {
+    /// 0 before any round committed (parameters come from the run config's seed).
+    pub version: u64,
+    /// The round that produced this version.
+    pub round: Option<RoundId>,
+    pub tensor_hashes: Vec<TensorHash>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAccepted {
+    pub member: MemberId,
+    /// `None` while the node waits on standby: a round is running, or the planner could not
+    /// place it yet. An [`Assigned`] message follows when that changes.
+    pub assignment: Option<Assignment>,
+    /// The run config, TOML, owned by the coordinator.
+    pub run_config: String,
+    /// Members holding the same stage in other replicas: the node's sync group.
+    pub sync_peers: Vec<Peer>,
+    pub global: GlobalState,
+    pub heartbeat_interval_ms: u64,
+    /// Silence longer than this and the coordinator declares the member dead.
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// A new or changed assignment, sent between rounds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assigned {
+    pub assignment: Option<Assignment>,
+    pub sync_peers: Vec<Peer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundOpened {
+    pub round: RoundId,
+    /// Everyone taking part; a node all-reduces with the participants of its own stage.
+    pub participants: Vec<Peer>,
+    /// The coordinator closes the round this long after opening it, whoever has reported.
+    pub deadline_ms: u64,
+    /// The global state version the round starts from.
+    pub global_version: u64,
+}
+
+/// How a node's outer step went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OuterStep {
+    Ok {
+        /// Hash of the node's new global parameters (its stage's tensors, in name order).
+        params_hash: Digest,
+        tensor_hashes: Vec<TensorHash>,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: RoundId,
+    pub tokens_processed: u64,
+    pub outer_step: OuterStep,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundOutcome {
+    /// The round's outer step is the new global state; a node whose own tensor hashes differ
+    /// fetches the committed state from a peer.
+    Committed {
+        version: u64,
+        tensor_hashes: Vec<TensorHash>,
+    },
+    /// No quorum agreed; every node restores the parameters it had when the round opened.
+    Abandoned { reason: String },
+}
+
+/// Which member writes which checkpoint shard: one complete replica writes the checkpoint, one
+/// shard per stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardWriter {
+    pub shard: u32,
+    pub member: MemberId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub shards: u32,
+    pub writers: Vec<ShardWriter>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundClosed {
+    pub round: RoundId,
+    pub outcome: RoundOutcome,
+    /// Members whose reports made up the outcome; a participant not listed was excluded.
+    pub included: Vec<MemberId>,
+    /// Present when this round's state is to be checkpointed.
+    pub checkpoint: Option<CheckpointRequest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberDead {
+    pub member: MemberId,
+    pub reason: String,
+}
+
+/// A node reports that its checkpoint shard of `round` is on disk (fsynced).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointShardDurable {
+    pub round: RoundId,
+    pub shard: u32,
+    pub tensor_hashes: Vec<TensorHash>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointCommitted {
+    pub round: RoundId,
+    pub shards: u32,
+}
+
+/// Why the coordinator refused a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    IncompatibleVersion,
+    HelloRequired,
+    AlreadyJoined,
+    NotJoined,
+    /// The member was declared dead or left; join again.
+    UnknownMember,
+    WrongRound,
+    NotAParticipant,
+    CheckpointMismatch,
+    InvalidJoin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Everything a node sends to the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum NodeMessage {
+    Hello(Hello),
+    Join(Join),
+    Leave(Leave),
+    Heartbeat(Heartbeat),
+    RoundReport(RoundReport),
+    CheckpointShardDurable(CheckpointShardDurable),
+}
+
+/// Everything the coordinator sends to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    Hello(Hello),
+    JoinAccepted(JoinAccepted),
+    Assigned(Assigned),
+    RoundOpened(RoundOpened),
+    RoundClosed(RoundClosed),
+    MemberDead(MemberDead),
+    CheckpointCommitted(CheckpointCommitted),
+    Error(ErrorReply),
+}
+
+impl NodeMessage {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<NodeMessage> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+impl CoordinatorMessage {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<CoordinatorMessage> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::{HEADER_LEN, parse_header};
+
+    fn digest() -> impl Strategy<Value = Digest> {
+        any::<[u8; 32]>().prop_map(Digest)
+    }
+
+    fn tensor_hashes() -> impl Strategy<Value = Vec<TensorHash>> {
+        prop::collection::vec(
+            ("[a-z_.0-9]{1,24}", digest()).prop_map(|(name, digest)| TensorHash { name, digest }),
+            0..6,
+        )
+    }
+
+    fn assignment() -> impl Strategy<Value = Assignment> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            1..64u32,
+            prop::option::of((0..8u32, 1..9u32, 0..40u32, 0..40u32)),
+        )
+            .prop_map(|(replica, index, count, stage)| Assignment {
+                replica: ReplicaId(replica),
+                data_shard: DataShard { index, count },
+                stage: stage.map(|(stage, stages, start, len)| StageAssignment {
+                    stage,
+                    stages,
+                    layers: LayerRange {
+                        start,
+                        end: start + len,
+                    },
+                }),
+            })
+    }
+
+    fn peer() -> impl Strategy<Value = Peer> {
+        (
+            any::<u64>(),
+            assignment(),
+            "[A-Za-z0-9]{0,52}",
+            prop::collection::vec("/ip4/[0-9.]{7,15}/udp/[0-9]{1,5}/quic-v1", 0..3),
+        )
+            .prop_map(|(member, assignment, peer_id, listen_addrs)| Peer {
+                member: MemberId(member),
+                assignment,
+                peer_id,
+                listen_addrs,
+            })
+    }
+
+    fn hello() -> impl Strategy<Value = Hello> {
+        (any::<u16>(), "[0-9.a-z-]{0,16}").prop_map(|(protocol_version, software_version)| Hello {
+            protocol_version,
+            software_version,
+        })
+    }
+
+    fn outer_step() -> impl Strategy<Value = OuterStep> {
+        prop_oneof![
+            (digest(), tensor_hashes()).prop_map(|(params_hash, tensor_hashes)| OuterStep::Ok {
+                params_hash,
+                tensor_hashes
+            }),
+            ".{0,40}".prop_map(|reason| OuterStep::Failed { reason }),
+        ]
+    }
+
+    fn node_message() -> impl Strategy<Value = NodeMessage> {
+        let device =
+            (any::<bool>(), ".{0,20}", any::<u64>()).prop_map(|(cuda, name, memory)| Device {
+                kind: if cuda {
+                    DeviceKind::Cuda
+                } else {
+                    DeviceKind::Cpu
+                },
+                name,
+                memory_bytes: memory,
+            });
+        let join = (
+            prop::collection::vec(device, 0..4),
+            0.0..1e7f64,
+            any::<u64>(),
+            any::<u64>(),
+            "[A-Za-z0-9]{0,52}",
+            prop::collection::vec(".{0,30}", 0..3),
+        )
+            .prop_map(|(devices, tokens_per_s, up, down, peer_id, listen_addrs)| {
+                NodeMessage::Join(Join {
+                    capabilities: Capabilities {
+                        devices,
+                        tokens_per_s,
+                        upload_bytes_per_s: up,
+                        download_bytes_per_s: down,
+                        peer_id,
+                        listen_addrs,
+                    },
+                })
+            });
+        prop_oneof![
+            hello().prop_map(NodeMessage::Hello),
+            join,
+            ".{0,40}".prop_map(|reason| NodeMessage::Leave(Leave { reason })),
+            (prop::option::of(any::<u64>()), any::<u64>()).prop_map(|(round, steps)| {
+                NodeMessage::Heartbeat(Heartbeat {
+                    round: round.map(RoundId),
+                    inner_steps_done: steps,
+                })
+            }),
+            (any::<u64>(), any::<u64>(), outer_step()).prop_map(|(round, tokens, outer_step)| {
+                NodeMessage::RoundReport(RoundReport {
+                    round: RoundId(round),
+                    tokens_processed: tokens,
+                    outer_step,
+                })
+            }),
+            (any::<u64>(), any::<u32>(), tensor_hashes()).prop_map(|(round, shard, hashes)| {
+                NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
+                    round: RoundId(round),
+                    shard,
+                    tensor_hashes: hashes,
+                })
+            }),
+        ]
+    }
+
+    fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
+        let accepted = (
+            any::<u64>(),
+            prop::option::of(assignment()),
+            ".{0,200}",
+            prop::collection::vec(peer(), 0..4),
+            (any::<u64>(), tensor_hashes()),
+        )
+            .prop_map(
+                |(member, assignment, run_config, sync_peers, (version, hashes))| {
+                    CoordinatorMessage::JoinAccepted(JoinAccepted {
+                        member: MemberId(member),
+                        assignment,
+                        run_config,
+                        sync_peers,
+                        global: GlobalState {
+                            version,
+                            round: Some(RoundId(version)),
+                            tensor_hashes: hashes,
+                        },
+                        heartbeat_interval_ms: 1000,
+                        heartbeat_timeout_ms: 5000,
+                    })
+                },
+            );
+        let outcome = prop_oneof![
+            (any::<u64>(), tensor_hashes()).prop_map(|(version, tensor_hashes)| {
+                RoundOutcome::Committed {
+                    version,
+                    tensor_hashes,
+                }
+            }),
+            ".{0,40}".prop_map(|reason| RoundOutcome::Abandoned { reason }),
+        ];
+        let closed = (
+            any::<u64>(),
+            outcome,
+            prop::collection::vec(any::<u64>().prop_map(MemberId), 0..6),
+            prop::option::of(prop::collection::vec(
+                (any::<u32>(), any::<u64>()).prop_map(|(shard, member)| ShardWriter {
+                    shard,
+                    member: MemberId(member),
+                }),
+                0..4,
+            )),
+        )
+            .prop_map(|(round, outcome, included, writers)| {
+                CoordinatorMessage::RoundClosed(RoundClosed {
+                    round: RoundId(round),
+                    outcome,
+                    included,
+                    checkpoint: writers.map(|writers| CheckpointRequest {
+                        shards: writers.len() as u32,
+                        writers,
+                    }),
+                })
+            });
+        prop_oneof![
+            hello().prop_map(CoordinatorMessage::Hello),
+            accepted,
+            (
+                prop::option::of(assignment()),
+                prop::collection::vec(peer(), 0..3)
+            )
+                .prop_map(|(assignment, sync_peers)| {
+                    CoordinatorMessage::Assigned(Assigned {
+                        assignment,
+                        sync_peers,
+                    })
+                }),
+            (
+                any::<u64>(),
+                prop::collection::vec(peer(), 0..5),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(round, participants, deadline_ms, global_version)| {
+                    CoordinatorMessage::RoundOpened(RoundOpened {
+                        round: RoundId(round),
+                        participants,
+                        deadline_ms,
+                        global_version,
+                    })
+                }),
+            closed,
+            (any::<u64>(), ".{0,30}").prop_map(|(member, reason)| {
+                CoordinatorMessage::MemberDead(MemberDead {
+                    member: MemberId(member),
+                    reason,
+                })
+            }),
+            (any::<u64>(), any::<u32>()).prop_map(|(round, shards)| {
+                CoordinatorMessage::CheckpointCommitted(CheckpointCommitted {
+                    round: RoundId(round),
+                    shards,
+                })
+            }),
+            ".{0,60}".prop_map(|message| CoordinatorMessage::Error(ErrorReply {
+                code: ErrorCode::WrongRound,
+                message
+            })),
+        ]
+    }
+
+    /// A byte edit applied to a valid frame: overwrite, insert, delete or truncate.
+    fn mutate(frame: &mut Vec<u8>, edits: &[(u8, usize, u8)]) {
+        for &(kind, at, byte) in edits {
+            if frame.is_empty() {
+                frame.push(byte);
+                continue;
+            }
+            let at = at % frame.len();
+            match kind % 4 {
+                0 => frame[at] ^= byte.max(1),
+                1 => frame.insert(at, byte),
+                2 => {
+                    frame.remove(at);
+                }
+                _ => frame.truncate(at),
+            }
+        }
+    }
+
+    proptest! {
+        // A fixed seed keeps the suite deterministic; PROPTEST_CASES=10000 searches further.
+        #![proptest_config(ProptestConfig {
+            rng_seed: prop::test_runner::RngSeed::Fixed(0x464f_5247),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn node_messages_round_trip(message in node_message()) {
+            let frame = message.to_frame().unwrap();
+            prop_assert_eq!(NodeMessage::from_frame(&frame).unwrap(), message);
+        }
+
+        #[test]
+        fn coordinator_messages_round_trip(message in coordinator_message()) {
+            let frame = message.to_frame().unwrap();
+            prop_assert_eq!(CoordinatorMessage::from_frame(&frame).unwrap(), message);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = NodeMessage::from_frame(&bytes);
+            let _ = CoordinatorMessage::from_frame(&bytes);
+            let _ = crate::sync::SyncChunkHeader::from_frame(&bytes);
+        }
+
+        #[test]
+        fn random_payload_behind_a_valid_header_never_panics(
+            payload in prop::collection::vec(any::<u8>(), 0..512),
+            compressed in any::<bool>(),
+            decoded_len in 0u32..4096,
+        ) {
+            // Valid header, hostile payload: exercises bincode and zstd rather than the header.
+            let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+            frame.extend_from_slice(b"FGCT");
+            frame.extend_from_slice(&crate::codec::FORMAT_VERSION.to_le_bytes());
+            frame.push(u8::from(compressed));
+            frame.push(0);
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            let decoded = if compressed { decoded_len } else { payload.len() as u32 };
+            frame.extend_from_slice(&decoded.to_le_bytes());
+            frame.extend_from_slice(&payload);
+            prop_assert!(parse_header(Channel::Control, &frame).is_ok());
+            let _ = NodeMessage::from_frame(&frame);
+            let _ = CoordinatorMessage::from_frame(&frame);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(
+            message in coordinator_message(),
+            edits in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..6),
+        ) {
+            let mut frame = message.to_frame().unwrap();
+            mutate(&mut frame, &edits);
+            let _ = CoordinatorMessage::from_frame(&frame);
+            let _ = NodeMessage::from_frame(&frame);
+        }
+
+        #[test]
+        fn mutated_node_frames_never_panic(
+            message in node_message(),
+            edits in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..6),
+        ) {
+            let mut frame = message.to_frame().unwrap();
+            mutate(&mut frame, &edits);
+            let _ = NodeMessage::from_frame(&frame);
+        }
+    }
+
+    #[test]
+    fn large_join_accepted_is_compressed_and_round_trips() {
+        let hashes = (0..400)
+            .map(|i| TensorHash {
+                name: format!("model.layers.{i}.mlp.down_proj.weight"),
+                digest: Digest([i as u8; 32]),
+            })
+            .collect();
+        let message = CoordinatorMessage::JoinAccepted(JoinAccepted {
+            member: MemberId(3),
+            assignment: None,
+            run_config: "[model]\npreset = \"tiny\"\n".repeat(50),
+            sync_peers: Vec::new(),
+            global: GlobalState {
+                version: 9,
+                round: Some(RoundId(9)),
+                tensor_hashes: hashes,
+            },
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_ms: 5000,
+        });
+        let frame = message.to_frame().unwrap();
+        assert!(parse_header(Channel::Control, &frame).unwrap().compressed);
+        assert_eq!(CoordinatorMessage::from_frame(&frame).unwrap(), message);
+    }
+
+    #[test]
+    fn incompatible_hello_names_both_versions() {
+        let ours = Hello {
+            protocol_version: 1,
+            software_version: "0.1.0".to_string(),
+        };
+        let theirs = Hello {
+            protocol_version: 2,
+            software_version: "0.2.0".to_string(),
+        };
+        let err = ours.check_compatible(&theirs).unwrap_err().to_string();
+        assert!(err.contains("protocol version 2 (forge 0.2.0)"), "{err}");
+        assert!(err.contains("speaks 1 (forge 0.1.0)"), "{err}");
+        let same_protocol = Hello {
+            protocol_version: 1,
+            software_version: "0.1.7".to_string(),
+        };
+        assert!(ours.check_compatible(&same_protocol).is_ok());
+    }
+
+    #[test]
+    fn sync_header_checks_limits_before_the_payload_is_read() {
+        use crate::sync::{MAX_SYNC_CHUNK_BYTES, SyncChunkHeader, SyncCodec, SyncPhase};
+        let header = SyncChunkHeader {
+            round: RoundId(4),
+            sender: MemberId(1),
+            stage: 0,
+            phase: SyncPhase::ReduceScatter,
+            chunk_index: 2,
+            chunks: 8,
+            codec: SyncCodec::Int8Blocks { block: 256 },
+            payload_len: 1 << 20,
+            zstd: true,
+        };
+        let frame = header.to_frame().unwrap();
+        assert_eq!(SyncChunkHeader::from_frame(&frame).unwrap(), header);
+        let huge = SyncChunkHeader {
+            payload_len: MAX_SYNC_CHUNK_BYTES + 1,
+            ..header
+        };
+        let err = SyncChunkHeader::from_frame(&huge.to_frame().unwrap()).unwrap_err();
+        assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+        let bad_index = SyncChunkHeader {
+            chunk_index: 8,
+            ..header
+        };
+        assert!(SyncChunkHeader::from_frame(&bad_index.to_frame().unwrap()).is_err());
+    }
+}
