@@ -106,6 +106,16 @@ impl CoordinatorConfig {
     }
 }
 
+/// One member as the shell sees it for status reports.
+#[derive(Clone, Copy, Debug)]
+pub struct MemberView<'a> {
+    pub member: MemberId,
+    pub capabilities: &'a Capabilities,
+    pub connected: bool,
+    pub last_heard: Millis,
+    pub assignment: Option<Assignment>,
+}
+
 /// What the caller feeds in besides time.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
@@ -137,6 +147,10 @@ pub enum Event {
     Joined {
         member: MemberId,
         peer_id: String,
+    },
+    /// A member reconnected and kept its id and assignment.
+    Resumed {
+        member: MemberId,
     },
     Left {
         member: MemberId,
@@ -334,6 +348,34 @@ impl Coordinator {
         self.last_checkpoint
     }
 
+    /// The latest time fed in.
+    pub fn now(&self) -> Millis {
+        self.now
+    }
+
+    /// Every member with what a status report shows about it.
+    pub fn member_views(&self) -> impl Iterator<Item = MemberView<'_>> + '_ {
+        self.members.iter().map(|(id, member)| MemberView {
+            member: *id,
+            capabilities: &member.capabilities,
+            connected: member.conn.is_some(),
+            last_heard: member.last_heard,
+            assignment: member.assignment,
+        })
+    }
+
+    /// The open round's participants and who has reported, with its deadline.
+    pub fn open_round_view(&self) -> Option<(RoundId, Vec<MemberId>, Vec<MemberId>, Millis)> {
+        self.round.as_ref().map(|round| {
+            (
+                round.id,
+                round.participants.keys().copied().collect(),
+                round.reports.keys().copied().collect(),
+                round.deadline,
+            )
+        })
+    }
+
     fn on_message(&mut self, from: ConnId, message: NodeMessage, out: &mut Vec<Output>) {
         if let NodeMessage::Hello(theirs) = &message {
             let ours = Hello::current();
@@ -370,7 +412,12 @@ impl Coordinator {
                     ErrorCode::AlreadyJoined,
                     format!("this connection already joined as {id}"),
                 ),
-                None => self.on_join(from, join.capabilities, out),
+                None => match join.rejoin {
+                    Some(id) if self.can_resume(id, &join.capabilities) => {
+                        self.on_resume(from, id, join.capabilities, out)
+                    }
+                    _ => self.on_join(from, join.capabilities, out),
+                },
             }
             return;
         }
@@ -463,6 +510,70 @@ impl Coordinator {
             member: id,
             peer_id,
         }));
+    }
+
+    /// A reconnecting node keeps its member id only if that member is still alive and has the
+    /// same peer identity: a member declared dead is gone for good (its replica was re-planned).
+    fn can_resume(&self, id: MemberId, capabilities: &Capabilities) -> bool {
+        self.members
+            .get(&id)
+            .is_some_and(|member| member.capabilities.peer_id == capabilities.peer_id)
+    }
+
+    fn on_resume(
+        &mut self,
+        from: ConnId,
+        id: MemberId,
+        capabilities: Capabilities,
+        out: &mut Vec<Output>,
+    ) {
+        if let Err(reason) = check_capabilities(&capabilities) {
+            reply_error(out, from, ErrorCode::InvalidJoin, reason.clone());
+            out.push(Output::Event(Event::Refused { conn: from, reason }));
+            return;
+        }
+        let member = self.members.get_mut(&id).expect("checked by can_resume");
+        if let Some(old) = member.conn.replace(from) {
+            // Messages the old connection still delivers must not count for the member.
+            if let Some(conn) = self.conns.get_mut(&old) {
+                conn.member = None;
+            }
+        }
+        member.last_heard = self.now;
+        if member.capabilities != capabilities {
+            member.capabilities = capabilities;
+            self.membership_changed = true;
+        }
+        self.conns.entry(from).or_default().member = Some(id);
+        let accepted = JoinAccepted {
+            member: id,
+            assignment: self.members[&id].assignment,
+            run_config: self.config.run_config.clone(),
+            sync_peers: self.sync_peers(id),
+            global: self.global.clone(),
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+        };
+        send(out, from, CoordinatorMessage::JoinAccepted(accepted));
+        // The RoundOpened sent before the drop may be lost; a participant that has not
+        // reported gets it again (nodes ignore a round they already know).
+        if let Some(round) = &self.round {
+            if round.participants.contains_key(&id) && !round.reports.contains_key(&id) {
+                let remaining = round.deadline.0.saturating_sub(self.now.0);
+                let message = CoordinatorMessage::RoundOpened(RoundOpened {
+                    round: round.id,
+                    participants: round
+                        .participants
+                        .keys()
+                        .map(|m| self.peer_of(*m, round))
+                        .collect(),
+                    deadline_ms: remaining,
+                    global_version: self.global.version,
+                });
+                send(out, from, message);
+            }
+        }
+        out.push(Output::Event(Event::Resumed { member: id }));
     }
 
     fn on_report(
@@ -904,6 +1015,17 @@ impl Coordinator {
             })
             .map(|(other, _)| self.peer(*other))
             .collect()
+    }
+
+    /// A round participant as it was assigned when the round opened.
+    fn peer_of(&self, id: MemberId, round: &OpenRound) -> Peer {
+        let capabilities = self.members.get(&id).map(|m| &m.capabilities);
+        Peer {
+            member: id,
+            assignment: round.participants[&id],
+            peer_id: capabilities.map_or(String::new(), |c| c.peer_id.clone()),
+            listen_addrs: capabilities.map_or(Vec::new(), |c| c.listen_addrs.clone()),
+        }
     }
 
     fn peer(&self, id: MemberId) -> Peer {

@@ -1,5 +1,7 @@
-//! Errors of the coordinator library: invalid configs, profiles and node files.
+//! Errors of the coordinator library: invalid configs, profiles and node files, the state
+//! database, TLS and the control connection.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Everything that can go wrong in `forge-coordinator`'s library.
@@ -31,6 +33,88 @@ pub enum Error {
         path: PathBuf,
         cause: toml::de::Error,
     },
+
+    #[error("[coordinator] table of {path}: {reason}")]
+    RunConfig { path: PathBuf, reason: String },
+
+    #[error("cannot create the state directory {path}: {cause}")]
+    StateDir {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+
+    #[error("state database {path}: {cause}{hint}")]
+    Store {
+        path: PathBuf,
+        /// Boxed: redb's error is large and would bloat every `Result` of the crate.
+        cause: Box<redb::Error>,
+        hint: &'static str,
+    },
+
+    #[error(
+        "state database {path} holds a damaged {what}: {cause}; restore the state directory from a backup or start a new run with an empty --state-dir"
+    )]
+    CorruptStore {
+        path: PathBuf,
+        what: &'static str,
+        cause: String,
+    },
+
+    #[error("cannot generate the coordinator's TLS certificate: {0}")]
+    Certificate(rcgen::Error),
+
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+
+    #[error("cannot listen on {addr}: {cause}; pick another --listen address or port")]
+    Listen {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+
+    #[error(
+        "cluster token {token:?} is malformed ({reason}); pass the token `forge-coordinator serve` printed, SECRET.FINGERPRINT"
+    )]
+    BadToken { token: String, reason: String },
+
+    #[error(
+        "cannot connect to the coordinator at {addr}: {reason}; check that `forge-coordinator serve` runs there, that UDP port {port} is reachable, and that the token is from that coordinator",
+        port = addr.port()
+    )]
+    Connect { addr: SocketAddr, reason: String },
+
+    #[error("the coordinator at {addr} refused this client: {message}")]
+    Refused { addr: SocketAddr, message: String },
+
+    #[error("control stream broke: {reason}")]
+    Stream { reason: String },
+
+    #[error("control message: {0}")]
+    Protocol(forge_protocol::Error),
+
+    #[error("expected {expected} from the coordinator, got {got}")]
+    UnexpectedMessage { expected: &'static str, got: String },
+
+    #[error(
+        "the coordinator client has stopped ({reason}); connect again with CoordinatorClient::connect"
+    )]
+    ClientStopped { reason: String },
+}
+
+impl Error {
+    pub(crate) fn store(path: &std::path::Path, cause: impl Into<redb::Error>) -> Error {
+        let cause = cause.into();
+        let hint = if matches!(cause, redb::Error::DatabaseAlreadyOpen) {
+            "; another forge-coordinator is running on this state directory"
+        } else {
+            ""
+        };
+        Error::Store {
+            path: path.to_path_buf(),
+            cause: Box::new(cause),
+            hint,
+        }
+    }
 }
 
 /// Result alias used across `forge-coordinator`.

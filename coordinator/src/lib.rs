@@ -1,18 +1,38 @@
 //! Forge coordinator: the membership and round state machine, the pipeline stage planner and
-//! the model profiles it plans with. The network shell drives [`Coordinator`] and does all I/O.
+//! the model profiles it plans with, and the network shell (server, client, state database)
+//! that drives the state machine over QUIC.
 
+/// The node's side of the control connection: join, heartbeats, reports, reconnects.
+pub mod client;
 /// The coordinator state machine: membership, assignment, rounds, checkpoints. No I/O.
 pub mod core;
 /// Errors and the crate's `Result`.
 pub mod error;
+/// Fixed-size latency histogram for the server's statistics.
+pub mod latency;
 /// Pipeline stage planner: model profile + nodes → replicas × stages.
 pub mod planner;
 /// Model profiles (presets, TOML) and node profiles (TOML, join capabilities).
 pub mod profile;
+/// The `[coordinator]` table of a run config.
+pub mod run_config;
+/// The QUIC server: connection tasks and the event loop that owns the core and the database.
+pub mod server;
+/// Durable state in redb: identity, snapshot, round history.
+mod store;
+/// Self-signed certificate, cluster token, certificate pinning.
+pub mod tls;
+/// Length-prefixed control frames on QUIC streams.
+mod wire;
 
 #[cfg(test)]
 mod sim;
 
-pub use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
+pub use crate::client::{ClientOptions, CoordinatorClient, Notification, fetch_status};
+pub use crate::core::{
+    ConnId, Coordinator, CoordinatorConfig, Event, Input, MemberView, Millis, Output,
+};
 pub use crate::error::{Error, Result};
 pub use crate::planner::{ModelProfile, NodeProfile, Plan, plan, rebalance};
+pub use crate::server::{Server, ServerStats, Startup};
+pub use crate::tls::ClusterToken;

@@ -1,5 +1,10 @@
 //! `forge-coordinator`: command-line entry point of the Forge coordinator.
 
+mod bench;
+mod commands;
+mod sim_member;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,6 +22,60 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the coordinator: QUIC on --listen, state (token, members, rounds) in --state-dir.
+    Serve {
+        /// The run config handed to every node; only its [coordinator] table is read here.
+        #[arg(long)]
+        config: PathBuf,
+        /// Address to listen on (UDP), e.g. 0.0.0.0:7400; port 0 picks a free port.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory for the state database; reuse it to continue a run after a restart.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Show a running coordinator's members, stage plan, rounds and last checkpoint.
+    Status {
+        /// The coordinator's address, as printed by `serve`.
+        addr: SocketAddr,
+        /// The cluster token printed by `serve`.
+        #[arg(long)]
+        token: String,
+        /// Print JSON for scripts instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_s: u64,
+    },
+    /// Simulated members for tests and demos: join, heartbeat, and report agreeing hashes for
+    /// every round and checkpoint, without training anything.
+    SimMember {
+        /// The coordinator's address.
+        addr: SocketAddr,
+        #[arg(long)]
+        token: String,
+        /// How many members this process simulates (one connection each).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Peer ids are PREFIX-0, PREFIX-1, ...
+        #[arg(long, default_value = "sim")]
+        peer_prefix: String,
+        /// Leave gracefully after this many seconds (default: run until killed).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// How long a silent coordinator counts as gone before reconnecting, in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        idle_timeout_ms: u64,
+        /// Simulated training time per round before reporting, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        train_ms: u64,
+    },
+    /// Benchmarks (not tests): `bench heartbeats` measures the coordinator under many members.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
     /// Print the replicas × pipeline stages the planner would choose for a model on some nodes.
     Plan {
         /// A preset (tiny, 4m, 15m, gpt2-124m, llama-1b) or a model profile file ending in .toml.
@@ -47,6 +106,35 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            state_dir,
+        } => commands::serve(&config, listen, &state_dir)?,
+        Command::Status {
+            addr,
+            token,
+            json,
+            timeout_s,
+        } => commands::status(addr, &token, json, timeout_s)?,
+        Command::SimMember {
+            addr,
+            token,
+            count,
+            peer_prefix,
+            seconds,
+            idle_timeout_ms,
+            train_ms,
+        } => sim_member::run(
+            addr,
+            &token,
+            count,
+            &peer_prefix,
+            seconds,
+            idle_timeout_ms,
+            train_ms,
+        )?,
+        Command::Bench { bench } => bench::run(bench)?,
         Command::Plan {
             model,
             nodes,

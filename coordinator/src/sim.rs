@@ -456,7 +456,10 @@ impl Sim {
                 );
                 record.checkpoints.push((round, self.now));
             }
-            Event::Refused { .. } | Event::PlanChanged { .. } | Event::Warning { .. } => {}
+            Event::Refused { .. }
+            | Event::Resumed { .. }
+            | Event::PlanChanged { .. }
+            | Event::Warning { .. } => {}
         }
     }
 
@@ -483,7 +486,13 @@ impl Sim {
         if self.nodes[node].member.is_none() {
             self.send_to_coordinator(node, NodeMessage::Hello(Hello::current()));
             let caps = capabilities(&self.nodes[node].peer_id.clone(), 24 << 30);
-            self.send_to_coordinator(node, NodeMessage::Join(Join { capabilities: caps }));
+            self.send_to_coordinator(
+                node,
+                NodeMessage::Join(Join {
+                    capabilities: caps,
+                    rejoin: None,
+                }),
+            );
             return;
         }
         let state = &self.nodes[node];
@@ -634,7 +643,13 @@ impl Driver {
     pub(crate) fn join(&mut self, conn: u64, memory_bytes: u64) -> (MemberId, Vec<Output>) {
         self.send(conn, NodeMessage::Hello(Hello::current()));
         let caps = capabilities(&format!("peer-{conn}"), memory_bytes);
-        let outputs = self.send(conn, NodeMessage::Join(Join { capabilities: caps }));
+        let outputs = self.send(
+            conn,
+            NodeMessage::Join(Join {
+                capabilities: caps,
+                rejoin: None,
+            }),
+        );
         let member = outputs
             .iter()
             .find_map(|output| match output {
@@ -971,7 +986,13 @@ mod tests {
         assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::NotJoined]);
         let mut bad = capabilities("peer-1", 8 << 30);
         bad.tokens_per_s = 0.0;
-        let outputs = driver.send(1, NodeMessage::Join(Join { capabilities: bad }));
+        let outputs = driver.send(
+            1,
+            NodeMessage::Join(Join {
+                capabilities: bad,
+                rejoin: None,
+            }),
+        );
         assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::InvalidJoin]);
     }
 
@@ -1057,6 +1078,77 @@ mod tests {
         assert_eq!(driver.coordinator.global().round, Some(round));
         let future = driver.report(3, RoundId(99), honest_digest(round));
         assert_eq!(error_codes(&future, 3), vec![ErrorCode::WrongRound]);
+    }
+
+    #[test]
+    fn reconnecting_member_keeps_its_id_and_hears_the_open_round_again() {
+        let mut driver = Driver::new(config(1));
+        let (first, _) = driver.join(1, 24 << 30);
+        let (second, _) = driver.join(2, 24 << 30);
+        let outputs = driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        assert_eq!(opened(&outputs), Some((RoundId(2), vec![first, second])));
+        driver
+            .coordinator
+            .step(Millis(driver.now), ConnId(2), Input::Disconnected);
+        driver.now += 500;
+
+        driver.send(12, NodeMessage::Hello(Hello::current()));
+        let rejoin = |peer: &str, member| {
+            NodeMessage::Join(Join {
+                capabilities: capabilities(peer, 24 << 30),
+                rejoin: Some(member),
+            })
+        };
+        let outputs = driver.send(12, rejoin("peer-2", second));
+        assert!(events(&outputs).contains(&&Event::Resumed { member: second }));
+        let to_new = messages_to(&outputs, 12);
+        assert!(
+            matches!(to_new[0], CoordinatorMessage::JoinAccepted(a) if a.member == second && a.assignment.is_some()),
+            "{to_new:?}"
+        );
+        assert!(
+            matches!(to_new[1], CoordinatorMessage::RoundOpened(o) if o.round == RoundId(2) && o.deadline_ms == 3_500),
+            "{to_new:?}"
+        );
+        // The old connection no longer speaks for the member; the new one does.
+        let stale = driver.report(2, RoundId(2), honest_digest(RoundId(2)));
+        assert_eq!(error_codes(&stale, 2), vec![ErrorCode::HelloRequired]);
+        driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        let outputs = driver.report(12, RoundId(2), honest_digest(RoundId(2)));
+        assert_eq!(
+            closed(&outputs),
+            Some((RoundId(2), true, vec![first, second]))
+        );
+
+        // Another peer cannot take over a member id: it joins as a new member.
+        driver.send(13, NodeMessage::Hello(Hello::current()));
+        let outputs = driver.send(13, rejoin("peer-x", first));
+        assert!(!events(&outputs).contains(&&Event::Resumed { member: first }));
+        assert!(driver.coordinator.members().any(|(id, _)| id == first));
+        assert_eq!(driver.coordinator.members().count(), 3);
+
+        // A member already declared dead comes back under a new id.
+        let outputs = driver.advance(2_000);
+        assert!(
+            events(&outputs)
+                .iter()
+                .any(|e| matches!(e, Event::Dead { .. }))
+        );
+        let alive: Vec<MemberId> = driver.coordinator.members().map(|(id, _)| id).collect();
+        assert!(
+            !alive.contains(&second) && !alive.contains(&first),
+            "{alive:?}"
+        );
+        driver.send(14, NodeMessage::Hello(Hello::current()));
+        let outputs = driver.send(14, rejoin("peer-2", second));
+        let accepted = messages_to(&outputs, 14)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::JoinAccepted(a) => Some(a.member),
+                _ => None,
+            })
+            .unwrap();
+        assert!(accepted > second, "{accepted:?}");
     }
 
     #[test]

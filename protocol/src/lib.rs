@@ -7,6 +7,8 @@ pub mod codec;
 pub mod error;
 /// Control messages between node and coordinator, and the version handshake.
 pub mod messages;
+/// The opening exchange of a control connection (cluster token) and the status report.
+pub mod session;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.
 pub mod sync;
 

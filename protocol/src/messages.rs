@@ -136,6 +136,10 @@ pub struct Capabilities {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Join {
     pub capabilities: Capabilities,
+    /// Set by a node process reconnecting after its connection dropped: the member id it had.
+    /// The coordinator keeps that id (and assignment) if the member is still alive with the same
+    /// `peer_id`; otherwise the node joins as a new member.
+    pub rejoin: Option<MemberId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +339,8 @@ pub enum ErrorCode {
     NotAParticipant,
     CheckpointMismatch,
     InvalidJoin,
+    /// The cluster token is missing or wrong.
+    Unauthorized,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -476,19 +482,23 @@ mod tests {
             any::<u64>(),
             "[A-Za-z0-9]{0,52}",
             prop::collection::vec(".{0,30}", 0..3),
+            prop::option::of(any::<u64>().prop_map(MemberId)),
         )
-            .prop_map(|(devices, tokens_per_s, up, down, peer_id, listen_addrs)| {
-                NodeMessage::Join(Join {
-                    capabilities: Capabilities {
-                        devices,
-                        tokens_per_s,
-                        upload_bytes_per_s: up,
-                        download_bytes_per_s: down,
-                        peer_id,
-                        listen_addrs,
-                    },
-                })
-            });
+            .prop_map(
+                |(devices, tokens_per_s, up, down, peer_id, listen_addrs, rejoin)| {
+                    NodeMessage::Join(Join {
+                        rejoin,
+                        capabilities: Capabilities {
+                            devices,
+                            tokens_per_s,
+                            upload_bytes_per_s: up,
+                            download_bytes_per_s: down,
+                            peer_id,
+                            listen_addrs,
+                        },
+                    })
+                },
+            );
         prop_oneof![
             hello().prop_map(NodeMessage::Hello),
             join,

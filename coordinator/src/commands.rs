@@ -1,0 +1,270 @@
+//! `serve` and `status`: the coordinator as a user runs it.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use forge_coordinator::server::{Server, ServerStats, Startup};
+use forge_coordinator::{fetch_status, run_config};
+use forge_protocol::session::Status;
+use forge_protocol::{Assignment, DeviceKind};
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr; stdout carries only the lines a user or script reads.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub(crate) fn serve(config: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Result<()> {
+    init_logging();
+    let config = run_config::load(config)?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let server = Server::bind(config, listen, state_dir)?;
+        let addr = server.local_addr()?;
+        let token = server.token();
+        let how = match server.startup() {
+            Startup::FirstStart => "new cluster: token and certificate generated",
+            Startup::NoRunState => "no run yet",
+            Startup::Restored => "restored the previous run",
+        };
+        println!(
+            "forge-coordinator listening on {addr} ({how}; state in {})",
+            server.state_file().display()
+        );
+        println!("cluster token: {token}");
+        println!("to add a machine, run on it:");
+        println!("  forge-node join {addr} --token {token}");
+        if addr.ip().is_unspecified() {
+            println!("  (replace {} with this machine's LAN address)", addr.ip());
+        }
+        let stats = server.stats();
+        let on_signal = stats.clone();
+        // SIGUSR1 prints the statistics since the last print and starts a new window.
+        if let Ok(mut usr1) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        {
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    let window = std::mem::take(&mut *lock(&on_signal));
+                    println!("{}", stats_line(&window));
+                }
+            });
+        }
+        let result = server.run(shutdown_signal()).await;
+        println!("{}", stats_line(&lock(&stats)));
+        result
+    })?;
+    Ok(())
+}
+
+fn lock(stats: &Mutex<ServerStats>) -> std::sync::MutexGuard<'_, ServerStats> {
+    stats
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term = async {
+        match &mut term {
+            Some(term) => {
+                term.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn us(duration: Duration) -> String {
+    format!("{:.1}", duration.as_secs_f64() * 1e6)
+}
+
+/// One machine-readable line, read by `bench heartbeats`.
+pub(crate) fn stats_line(stats: &ServerStats) -> String {
+    format!(
+        "stats heartbeats={} heartbeat_step_p50_us={} heartbeat_step_p99_us={} heartbeat_step_max_us={} heartbeat_handling_p50_us={} heartbeat_handling_p99_us={} other_messages={} other_step_p50_us={} other_step_p99_us={} commits={} commit_p50_us={} commit_p99_us={}",
+        stats.heartbeat_step.count(),
+        us(stats.heartbeat_step.quantile(0.5)),
+        us(stats.heartbeat_step.quantile(0.99)),
+        us(stats.heartbeat_step.max()),
+        us(stats.heartbeat_handling.quantile(0.5)),
+        us(stats.heartbeat_handling.quantile(0.99)),
+        stats.other_step.count(),
+        us(stats.other_step.quantile(0.5)),
+        us(stats.other_step.quantile(0.99)),
+        stats.commits.count(),
+        us(stats.commits.quantile(0.5)),
+        us(stats.commits.quantile(0.99)),
+    )
+}
+
+pub(crate) fn status(
+    addr: SocketAddr,
+    token: &str,
+    json: bool,
+    timeout_s: u64,
+) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let status = runtime.block_on(fetch_status(addr, token, Duration::from_secs(timeout_s)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", describe(addr, &status));
+    }
+    Ok(())
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+fn place(assignment: Option<&Assignment>) -> String {
+    match assignment {
+        None => "standby".to_string(),
+        Some(a) => {
+            let mut s = format!(
+                "replica {}, data shard {}/{}",
+                a.replica.0, a.data_shard.index, a.data_shard.count
+            );
+            if let Some(stage) = a.stage {
+                let _ = write!(
+                    s,
+                    ", stage {}/{} (layers {}..{})",
+                    stage.stage, stage.stages, stage.layers.start, stage.layers.end
+                );
+            }
+            s
+        }
+    }
+}
+
+/// The status as a person reads it.
+fn describe(addr: SocketAddr, status: &Status) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "coordinator {addr} (forge {}): {} member(s)",
+        status.software_version,
+        status.members.len()
+    );
+    for m in &status.members {
+        let cuda = m
+            .devices
+            .iter()
+            .filter(|d| d.kind == DeviceKind::Cuda)
+            .count();
+        let memory: u64 = m.devices.iter().map(|d| d.memory_bytes).sum();
+        let devices = if cuda > 0 {
+            format!("{cuda}× GPU, {}", gb(memory))
+        } else {
+            format!("CPU, {}", gb(memory))
+        };
+        let _ = writeln!(
+            s,
+            "  member {:<4} {:<20} {:<18} {:>10.0} tokens/s  up {:.0} / down {:.0} Mbit/s  heartbeat {} ms ago{}  {}",
+            m.member.0,
+            m.peer_id,
+            devices,
+            m.tokens_per_s,
+            m.upload_bytes_per_s as f64 * 8.0 / 1e6,
+            m.download_bytes_per_s as f64 * 8.0 / 1e6,
+            m.last_heartbeat_ms_ago,
+            if m.connected { "" } else { " (disconnected)" },
+            place(m.assignment.as_ref()),
+        );
+    }
+    let _ = writeln!(s, "stage plan: {} replica(s)", status.replicas.len());
+    for replica in &status.replicas {
+        let stages: Vec<String> = replica
+            .stages
+            .iter()
+            .map(|stage| match stage.stage {
+                None => format!("member {} (whole model)", stage.member.0),
+                Some(st) => format!(
+                    "member {} (layers {}..{})",
+                    stage.member.0, st.layers.start, st.layers.end
+                ),
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  replica {} (data shard {}): {}",
+            replica.replica.0,
+            replica.data_shard.index,
+            stages.join(" → ")
+        );
+    }
+    if !status.standby.is_empty() {
+        let ids: Vec<String> = status.standby.iter().map(|m| m.0.to_string()).collect();
+        let _ = writeln!(s, "  standby: members {}", ids.join(", "));
+    }
+    match &status.open_round {
+        Some(round) => {
+            let _ = writeln!(
+                s,
+                "current round: {} open, {} of {} participants reported, deadline in {} ms",
+                round.round.0,
+                round.reported.len(),
+                round.participants.len(),
+                round.deadline_in_ms
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "current round: none open (newest: {})",
+                status
+                    .last_round
+                    .map_or("none yet".to_string(), |r| r.0.to_string())
+            );
+        }
+    }
+    let _ = write!(
+        s,
+        "rounds: {} committed, {} abandoned",
+        status.rounds_committed, status.rounds_abandoned
+    );
+    if let Some(last) = status.recent_rounds.last() {
+        let _ = write!(
+            s,
+            "; last closed: round {} {} with {} member(s)",
+            last.round.0,
+            if last.committed {
+                "committed"
+            } else {
+                "abandoned"
+            },
+            last.included.len()
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "global state version: {}", status.global_version);
+    let _ = writeln!(
+        s,
+        "last committed checkpoint: {}",
+        status
+            .last_checkpoint
+            .map_or("none yet".to_string(), |r| format!("round {}", r.0))
+    );
+    s
+}

@@ -1,0 +1,130 @@
+//! The coordinator's view of a run config: the whole file is handed to nodes as an opaque TOML
+//! string, and only its `[coordinator]` table is read here (the other tables belong to the
+//! trainer and are not looked at).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::core::CoordinatorConfig;
+use crate::error::{Error, Result};
+
+/// The `[coordinator]` table; every key is optional and unknown keys are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordinatorSection {
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    round_deadline_ms: Option<u64>,
+    min_replicas: Option<u32>,
+    data_shards: Option<u32>,
+    checkpoint_every_rounds: Option<u64>,
+}
+
+/// Defaults for a LAN run: a member silent for 5 heartbeats is dead; a DiLoCo round of a few
+/// hundred inner steps fits well inside 30 minutes.
+const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_ROUND_DEADLINE_MS: u64 = 30 * 60 * 1_000;
+const DEFAULT_MIN_REPLICAS: u32 = 1;
+const DEFAULT_DATA_SHARDS: u32 = 64;
+const DEFAULT_CHECKPOINT_EVERY_ROUNDS: u64 = 10;
+
+/// Reads the run config at `path` into the core's config (the text travels to nodes as is).
+pub fn load(path: &Path) -> Result<CoordinatorConfig> {
+    let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    parse(text, path)
+}
+
+/// Parses run config `text` (read from `path`, named in errors) and validates the result.
+pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
+    let table: toml::Table = toml::from_str(&text).map_err(|cause| Error::Toml {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let section =
+        match table.get("coordinator") {
+            None => None,
+            Some(value) => Some(value.clone().try_into::<CoordinatorSection>().map_err(
+                |cause| Error::RunConfig {
+                    path: path.to_path_buf(),
+                    reason: cause.to_string().trim_end().to_string(),
+                },
+            )?),
+        };
+    let get = |pick: fn(&CoordinatorSection) -> Option<u64>, default: u64| {
+        section.as_ref().and_then(pick).unwrap_or(default)
+    };
+    let config = CoordinatorConfig {
+        model: None,
+        min_replicas: section
+            .as_ref()
+            .and_then(|s| s.min_replicas)
+            .unwrap_or(DEFAULT_MIN_REPLICAS),
+        data_shards: section
+            .as_ref()
+            .and_then(|s| s.data_shards)
+            .unwrap_or(DEFAULT_DATA_SHARDS),
+        heartbeat_interval_ms: get(|s| s.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS),
+        heartbeat_timeout_ms: get(|s| s.heartbeat_timeout_ms, DEFAULT_HEARTBEAT_TIMEOUT_MS),
+        round_deadline_ms: get(|s| s.round_deadline_ms, DEFAULT_ROUND_DEADLINE_MS),
+        checkpoint_every_rounds: get(
+            |s| s.checkpoint_every_rounds,
+            DEFAULT_CHECKPOINT_EVERY_ROUNDS,
+        ),
+        run_config: text,
+    };
+    config.validate().map_err(|err| Error::RunConfig {
+        path: path.to_path_buf(),
+        reason: err.to_string(),
+    })?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_tables_are_ignored_and_defaults_apply() {
+        let text = "[model]\npreset = \"tiny\"\nwhatever = 3\n[train]\nsteps = 10\n";
+        let config = parse(text.to_string(), Path::new("run.toml")).unwrap();
+        assert_eq!(config.run_config, text);
+        assert_eq!(config.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
+        assert_eq!(config.min_replicas, DEFAULT_MIN_REPLICAS);
+    }
+
+    #[test]
+    fn coordinator_table_overrides_defaults() {
+        let text = "[coordinator]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 900\nmin_replicas = 2\n";
+        let config = parse(text.to_string(), Path::new("run.toml")).unwrap();
+        assert_eq!(config.heartbeat_interval_ms, 200);
+        assert_eq!(config.heartbeat_timeout_ms, 900);
+        assert_eq!(config.min_replicas, 2);
+        assert_eq!(config.round_deadline_ms, DEFAULT_ROUND_DEADLINE_MS);
+    }
+
+    #[test]
+    fn unknown_key_and_invalid_values_name_the_file_and_the_key() {
+        let err = parse(
+            "[coordinator]\nheartbeat_timeout = 3\n".to_string(),
+            Path::new("configs/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("configs/x.toml") && err.contains("heartbeat_timeout"),
+            "{err}"
+        );
+        let err = parse(
+            "[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 500\n".to_string(),
+            Path::new("configs/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("heartbeat_timeout_ms (500)"), "{err}");
+    }
+}

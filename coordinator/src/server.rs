@@ -1,0 +1,656 @@
+//! The network shell around the coordinator core: a QUIC endpoint, one task per connection, and
+//! one event loop that owns the [`Coordinator`] and the [`Store`].
+//!
+//! Connection tasks check the cluster token, decode frames and hand inputs to the event loop
+//! over a bounded channel; the loop feeds them (and the time, on an interval) to the core in
+//! batches, commits what changed to the database, and only then sends the core's outputs, so no
+//! node ever hears of a state a restart could lose. Heartbeats change nothing that survives a
+//! restart (the core restarts every member's timeout anyway), so they are never written.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use forge_protocol::session::{
+    MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord,
+    StageStatus, Status,
+};
+use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, NodeMessage};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
+use crate::error::{Error, Result};
+use crate::latency::Histogram;
+use crate::store::{Changes, RoundHistory, Store};
+use crate::tls::{self, ClusterToken, Identity};
+use crate::wire::{read_frame, write_frame};
+
+/// A client has this long to open its control stream and send [`Open`].
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one slow connection before the coordinator drops it rather than wait.
+const OUTBOX_FRAMES: usize = 256;
+/// Inputs the event loop takes in one batch (one database commit per batch).
+const BATCH: usize = 1024;
+
+/// What the coordinator did, for `serve`'s exit line and the heartbeat benchmark.
+#[derive(Clone, Debug, Default)]
+pub struct ServerStats {
+    /// Time inside [`Coordinator::step`] per heartbeat.
+    pub heartbeat_step: Histogram,
+    /// From a heartbeat frame fully received by its connection task to the core having
+    /// handled it (channel queueing, batching and the step).
+    pub heartbeat_handling: Histogram,
+    /// Time inside `step` for every other message.
+    pub other_step: Histogram,
+    /// Database commits and their duration.
+    pub commits: Histogram,
+}
+
+/// How the server came up, for the lines `serve` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Startup {
+    /// Empty state directory: a new token and certificate were generated.
+    FirstStart,
+    /// Token and certificate exist, no run state yet.
+    NoRunState,
+    /// The previous run's members and rounds were restored.
+    Restored,
+}
+
+/// A bound coordinator, ready to [`Server::run`].
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    core: Coordinator,
+    store: Store,
+    identity: Identity,
+    history: RoundHistory,
+    startup: Startup,
+    started: Instant,
+    stats: Arc<Mutex<ServerStats>>,
+}
+
+enum ToLoop {
+    Connected {
+        conn: ConnId,
+        addr: SocketAddr,
+        outbox: mpsc::Sender<Outbound>,
+    },
+    Input {
+        conn: ConnId,
+        input: Input,
+        received: Instant,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+}
+
+enum Outbound {
+    Frame(Vec<u8>),
+    Close,
+}
+
+impl Server {
+    /// Opens (or creates) the state in `state_dir`, restores the previous run if there is one,
+    /// and binds `listen`. `config` is used only when the state directory holds no run yet.
+    pub fn bind(config: CoordinatorConfig, listen: SocketAddr, state_dir: &Path) -> Result<Server> {
+        let store = Store::open(state_dir)?;
+        let (identity, created) = store.identity()?;
+        let core = match store.snapshot()? {
+            Some(bytes) => {
+                let core = Coordinator::from_snapshot(&bytes, Millis(0))?;
+                if core.config().run_config != config.run_config {
+                    warn!(
+                        "the run config differs from the one this state directory was started with; continuing the stored run unchanged (use an empty --state-dir to start a new run)"
+                    );
+                }
+                core
+            }
+            None => Coordinator::new(config)?,
+        };
+        let startup = match (
+            created,
+            core.last_round().is_some() || core.members().count() > 0,
+        ) {
+            (true, _) => Startup::FirstStart,
+            (false, true) => Startup::Restored,
+            (false, false) => Startup::NoRunState,
+        };
+        let history = store.round_history()?;
+        let idle = Duration::from_millis(core.config().heartbeat_timeout_ms);
+        let endpoint = tls::server_endpoint(listen, &identity, idle)?;
+        Ok(Server {
+            endpoint,
+            core,
+            store,
+            identity,
+            history,
+            startup,
+            started: Instant::now(),
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|cause| Error::Tls(format!("cannot read the bound address: {cause}")))
+    }
+
+    /// The token nodes need: `SECRET.FINGERPRINT`.
+    pub fn token(&self) -> ClusterToken {
+        self.identity.token()
+    }
+
+    pub fn startup(&self) -> Startup {
+        self.startup
+    }
+
+    pub fn state_file(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// The statistics the event loop accumulates; `std::mem::take` on them starts a new window.
+    pub fn stats(&self) -> Arc<Mutex<ServerStats>> {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown` resolves; an error means the state could not be made durable,
+    /// and the coordinator stops rather than tell nodes about state it may lose.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Server {
+            endpoint,
+            core,
+            store,
+            identity,
+            history,
+            started,
+            stats,
+            ..
+        } = self;
+        let (to_loop, inbox) = mpsc::channel(4 * BATCH);
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            Arc::from(identity.token_secret.as_str()),
+            to_loop,
+        ));
+        let mut event_loop = EventLoop {
+            core,
+            store,
+            history,
+            started,
+            conns: BTreeMap::new(),
+            stats,
+        };
+        let result = event_loop.run(inbox, shutdown).await;
+        accept.abort();
+        endpoint.close(0u32.into(), b"coordinator shutting down");
+        // Lets the close frames leave; nodes reconnect to the next coordinator either way.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        result
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, secret: Arc<str>, to_loop: mpsc::Sender<ToLoop>) {
+    let mut next = 1u64;
+    while let Some(incoming) = endpoint.accept().await {
+        let conn = ConnId(next);
+        next += 1;
+        tokio::spawn(serve_connection(
+            incoming,
+            conn,
+            secret.clone(),
+            to_loop.clone(),
+        ));
+    }
+}
+
+/// Handshake, token check, then either the node protocol or one status reply.
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    conn: ConnId,
+    secret: Arc<str>,
+    to_loop: mpsc::Sender<ToLoop>,
+) {
+    let addr = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(err) => {
+            warn!(%addr, "refused a client at the TLS handshake: {err}");
+            return;
+        }
+    };
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+        let (send, mut recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|err| err.to_string())?;
+        let frame = read_frame(&mut recv)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or("the client closed its stream before sending Open")?;
+        let open = Open::from_frame(&frame).map_err(|err| err.to_string())?;
+        Ok::<_, String>((send, recv, open))
+    })
+    .await;
+    let (mut send, recv, open) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(reason)) => {
+            warn!(%addr, "dropped a client before it identified itself: {reason}");
+            return;
+        }
+        Err(_) => {
+            warn!(%addr, "dropped a client that sent no Open within {OPEN_TIMEOUT:?}");
+            return;
+        }
+    };
+    let refusal = if !tls::secret_matches(&secret, &open.token_secret) {
+        warn!(%addr, purpose = ?open.purpose, "refused a client with a wrong cluster token");
+        Some(ErrorReply {
+            code: ErrorCode::Unauthorized,
+            message: "wrong cluster token; pass the token `forge-coordinator serve` printed (it stays the same across restarts of the same --state-dir)".to_string(),
+        })
+    } else if let Err(err) = Hello::current().check_compatible(&open.hello) {
+        warn!(%addr, "refused an incompatible client: {err}");
+        Some(ErrorReply {
+            code: ErrorCode::IncompatibleVersion,
+            message: err.to_string(),
+        })
+    } else {
+        None
+    };
+    if let Some(reply) = refusal {
+        if let Ok(frame) = OpenReply::Refused(reply).to_frame() {
+            let _ = write_frame(&mut send, &frame).await;
+        }
+        finish(&connection, send).await;
+        return;
+    }
+    let accepted = OpenReply::Accepted {
+        hello: Hello::current(),
+    };
+    let Ok(frame) = accepted.to_frame() else {
+        return;
+    };
+    if write_frame(&mut send, &frame).await.is_err() {
+        return;
+    }
+    match open.purpose {
+        Purpose::Status => {
+            let (reply, status) = oneshot::channel();
+            if to_loop.send(ToLoop::Status { reply }).await.is_err() {
+                return;
+            }
+            let Ok(status) = status.await else {
+                return;
+            };
+            match status.to_frame() {
+                Ok(frame) => {
+                    let _ = write_frame(&mut send, &frame).await;
+                }
+                Err(err) => warn!(%addr, "cannot encode the status report: {err}"),
+            }
+            finish(&connection, send).await;
+        }
+        Purpose::Join => {
+            debug!(%addr, ?conn, "node connection opened");
+            serve_node(connection, addr, conn, send, recv, to_loop).await;
+        }
+    }
+}
+
+/// Ends the stream and gives the client a moment to read what was sent before closing.
+async fn finish(connection: &quinn::Connection, mut send: quinn::SendStream) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+    connection.close(0u32.into(), b"done");
+}
+
+async fn serve_node(
+    connection: quinn::Connection,
+    addr: SocketAddr,
+    conn: ConnId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    to_loop: mpsc::Sender<ToLoop>,
+) {
+    let (outbox, mut outgoing) = mpsc::channel(OUTBOX_FRAMES);
+    let registered = ToLoop::Connected { conn, addr, outbox };
+    if to_loop.send(registered).await.is_err() {
+        return;
+    }
+    let writer_connection = connection.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(outbound) = outgoing.recv().await {
+            match outbound {
+                Outbound::Frame(frame) => {
+                    if write_frame(&mut send, &frame).await.is_err() {
+                        break;
+                    }
+                }
+                Outbound::Close => {
+                    finish(&writer_connection, send).await;
+                    return;
+                }
+            }
+        }
+        writer_connection.close(0u32.into(), b"closed by coordinator");
+    });
+    loop {
+        let input = match read_frame(&mut recv).await {
+            Ok(Some(frame)) => match NodeMessage::from_frame(&frame) {
+                Ok(message) => Input::Message(message),
+                Err(err) => {
+                    warn!(%addr, "closing a connection that sent an undecodable message: {err}");
+                    break;
+                }
+            },
+            Ok(None) => break,
+            Err(err) => {
+                debug!(%addr, "node connection ended: {err}");
+                break;
+            }
+        };
+        let message = ToLoop::Input {
+            conn,
+            input,
+            received: Instant::now(),
+        };
+        if to_loop.send(message).await.is_err() {
+            return;
+        }
+    }
+    let _ = to_loop
+        .send(ToLoop::Input {
+            conn,
+            input: Input::Disconnected,
+            received: Instant::now(),
+        })
+        .await;
+    connection.close(0u32.into(), b"stream ended");
+    writer.abort();
+}
+
+struct EventLoop {
+    core: Coordinator,
+    store: Store,
+    history: RoundHistory,
+    started: Instant,
+    conns: BTreeMap<ConnId, (SocketAddr, mpsc::Sender<Outbound>)>,
+    stats: Arc<Mutex<ServerStats>>,
+}
+
+impl EventLoop {
+    async fn run(
+        &mut self,
+        mut inbox: mpsc::Receiver<ToLoop>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        // Ticking several times per heartbeat interval keeps failure detection within a small
+        // fraction of the interval past the timeout.
+        let tick_ms = (self.core.config().heartbeat_interval_ms / 4).clamp(10, 250);
+        let mut ticker = tokio::time::interval(Duration::from_millis(tick_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let ticked = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                _ = ticker.tick() => true,
+                received = inbox.recv_many(&mut batch, BATCH) => {
+                    if received == 0 {
+                        return Ok(());
+                    }
+                    false
+                }
+            };
+            self.process(ticked, &mut batch)?;
+        }
+    }
+
+    fn now(&self) -> Millis {
+        Millis(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// Steps the core through one batch, commits what changed, then sends.
+    fn process(&mut self, ticked: bool, batch: &mut Vec<ToLoop>) -> Result<()> {
+        let mut outputs = Vec::new();
+        let mut durable = false;
+        let mut status_requests = Vec::new();
+        for command in batch.drain(..) {
+            match command {
+                ToLoop::Connected { conn, addr, outbox } => {
+                    self.conns.insert(conn, (addr, outbox));
+                }
+                ToLoop::Status { reply } => status_requests.push(reply),
+                ToLoop::Input {
+                    conn,
+                    input,
+                    received,
+                } => {
+                    let heartbeat = matches!(input, Input::Message(NodeMessage::Heartbeat(_)));
+                    durable |= !matches!(
+                        input,
+                        Input::Disconnected
+                            | Input::Message(NodeMessage::Heartbeat(_) | NodeMessage::Hello(_))
+                    );
+                    if matches!(input, Input::Disconnected) {
+                        self.conns.remove(&conn);
+                    }
+                    let now = self.now();
+                    let start = Instant::now();
+                    let out = self.core.step(now, conn, input);
+                    let done = Instant::now();
+                    let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    if heartbeat {
+                        stats.heartbeat_step.record(done - start);
+                        stats.heartbeat_handling.record(done - received);
+                    } else {
+                        stats.other_step.record(done - start);
+                    }
+                    outputs.extend(out);
+                }
+            }
+        }
+        if ticked {
+            outputs.extend(self.core.tick(self.now()));
+        }
+        let mut changes = Changes::default();
+        for output in &outputs {
+            if let Output::Event(event) = output {
+                durable = true;
+                self.on_event(event, &mut changes);
+            }
+        }
+        if durable {
+            changes.snapshot = Some(self.core.to_snapshot()?);
+        }
+        if !changes.is_empty() {
+            let start = Instant::now();
+            // The loop waits for the fsync on purpose: nothing may be sent before it is durable.
+            self.store.commit(&changes)?;
+            let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.commits.record(start.elapsed());
+        }
+        for output in outputs {
+            self.dispatch(output);
+        }
+        if !status_requests.is_empty() {
+            let status = self.status();
+            for reply in status_requests {
+                let _ = reply.send(status.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn addr(&self, conn: ConnId) -> String {
+        self.conns
+            .get(&conn)
+            .map_or_else(|| format!("{conn:?}"), |(addr, _)| addr.to_string())
+    }
+
+    fn on_event(&mut self, event: &Event, changes: &mut Changes) {
+        match event {
+            Event::Refused { conn, reason } => {
+                warn!(addr = %self.addr(*conn), "refused: {reason}");
+            }
+            Event::Joined { member, peer_id } => info!(%member, peer_id, "joined"),
+            Event::Resumed { member } => info!(%member, "reconnected"),
+            Event::Left { member, reason } => info!(%member, "left: {reason}"),
+            Event::Dead { member, silent_ms } => {
+                warn!(%member, "declared dead after {silent_ms} ms of silence");
+            }
+            Event::PlanChanged { replicas, standby } => {
+                info!(replicas, standby = standby.len(), "plan changed");
+            }
+            Event::RoundOpened {
+                round,
+                participants,
+            } => info!(%round, participants = participants.len(), "round opened"),
+            Event::RoundClosed {
+                round,
+                committed,
+                included,
+                excluded,
+            } => {
+                info!(
+                    %round,
+                    committed,
+                    included = included.len(),
+                    excluded = ?excluded,
+                    "round closed"
+                );
+                let record = RoundRecord {
+                    round: *round,
+                    committed: *committed,
+                    included: included.clone(),
+                    excluded: excluded.clone(),
+                    closed_at_unix_ms: unix_ms(),
+                };
+                self.history.push(record.clone());
+                changes.rounds.push(record);
+            }
+            Event::HashDisagreement {
+                round,
+                tensors,
+                disagreeing,
+            } => warn!(%round, ?tensors, ?disagreeing, "reports disagree"),
+            Event::CheckpointCommitted { round } => {
+                info!(%round, "checkpoint committed");
+                changes.checkpoints.push((*round, unix_ms()));
+            }
+            Event::Warning { message } => warn!("{message}"),
+        }
+    }
+
+    fn dispatch(&mut self, output: Output) {
+        match output {
+            Output::Send { to, message } => self.send(to, &message),
+            Output::Close { conn } => {
+                if let Some((_, outbox)) = self.conns.remove(&conn) {
+                    let _ = outbox.try_send(Outbound::Close);
+                }
+            }
+            Output::Event(_) => {}
+        }
+    }
+
+    fn send(&mut self, to: ConnId, message: &CoordinatorMessage) {
+        let Some((addr, outbox)) = self.conns.get(&to) else {
+            return;
+        };
+        let frame = match message.to_frame() {
+            Ok(frame) => frame,
+            Err(err) => {
+                warn!(%addr, "cannot encode a message: {err}");
+                return;
+            }
+        };
+        if outbox.try_send(Outbound::Frame(frame)).is_err() {
+            // The loop never waits for one connection: a node this far behind is dropped and
+            // reconnects.
+            warn!(%addr, "dropping a connection that is {OUTBOX_FRAMES} messages behind");
+            self.conns.remove(&to);
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = self.core.now();
+        let mut replicas: BTreeMap<_, ReplicaStatus> = BTreeMap::new();
+        let mut standby = Vec::new();
+        let members = self
+            .core
+            .member_views()
+            .map(|view| {
+                match view.assignment {
+                    Some(assignment) => replicas
+                        .entry(assignment.replica)
+                        .or_insert_with(|| ReplicaStatus {
+                            replica: assignment.replica,
+                            data_shard: assignment.data_shard,
+                            stages: Vec::new(),
+                        })
+                        .stages
+                        .push(StageStatus {
+                            member: view.member,
+                            stage: assignment.stage,
+                        }),
+                    None => standby.push(view.member),
+                }
+                MemberStatus {
+                    member: view.member,
+                    peer_id: view.capabilities.peer_id.clone(),
+                    devices: view.capabilities.devices.clone(),
+                    tokens_per_s: view.capabilities.tokens_per_s,
+                    upload_bytes_per_s: view.capabilities.upload_bytes_per_s,
+                    download_bytes_per_s: view.capabilities.download_bytes_per_s,
+                    connected: view.connected,
+                    last_heartbeat_ms_ago: now.0.saturating_sub(view.last_heard.0),
+                    assignment: view.assignment,
+                }
+            })
+            .collect();
+        let mut replicas: Vec<ReplicaStatus> = replicas.into_values().collect();
+        for replica in &mut replicas {
+            replica
+                .stages
+                .sort_by_key(|stage| stage.stage.map_or(0, |s| s.stage));
+        }
+        let open_round =
+            self.core
+                .open_round_view()
+                .map(
+                    |(round, participants, reported, deadline)| OpenRoundStatus {
+                        round,
+                        participants,
+                        reported,
+                        deadline_in_ms: deadline.0.saturating_sub(now.0),
+                    },
+                );
+        Status {
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+            members,
+            replicas,
+            standby,
+            open_round,
+            last_round: self.core.last_round(),
+            rounds_committed: self.history.committed,
+            rounds_abandoned: self.history.abandoned,
+            recent_rounds: self.history.recent.iter().cloned().collect(),
+            global_version: self.core.global().version,
+            last_checkpoint: self.core.last_checkpoint(),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}

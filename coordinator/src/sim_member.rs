@@ -1,0 +1,172 @@
+//! `sim-member`: members that train nothing but follow the protocol honestly (heartbeats, one
+//! agreeing report per round, checkpoint shards reported durable), for tests, demos and the
+//! heartbeat benchmark. Built on the same [`CoordinatorClient`] `forge-node` uses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
+use forge_protocol::{
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
+    OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::commands::runtime;
+
+pub(crate) fn capabilities(peer_id: String) -> Capabilities {
+    Capabilities {
+        devices: vec![Device {
+            kind: DeviceKind::Cpu,
+            name: "simulated CPU".to_string(),
+            memory_bytes: 8 << 30,
+        }],
+        tokens_per_s: 1_000.0,
+        upload_bytes_per_s: 125_000_000,
+        download_bytes_per_s: 125_000_000,
+        peer_id,
+        listen_addrs: Vec::new(),
+    }
+}
+
+/// What every honest member computes for a round: the same bytes everywhere.
+fn round_digest(round: RoundId) -> Digest {
+    Digest(Sha256::digest(format!("forge sim round {}", round.0)).into())
+}
+
+pub(crate) fn run(
+    addr: SocketAddr,
+    token: &str,
+    count: usize,
+    peer_prefix: &str,
+    seconds: Option<u64>,
+    idle_timeout_ms: u64,
+    train_ms: u64,
+) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let options = ClientOptions {
+            idle_timeout: Duration::from_millis(idle_timeout_ms),
+            reconnect_max: Duration::from_millis(idle_timeout_ms.clamp(200, 5_000)),
+            ..ClientOptions::default()
+        };
+        let mut members = Vec::with_capacity(count);
+        for index in 0..count {
+            let peer_id = format!("{peer_prefix}-{index}");
+            let (client, accepted, notifications) = CoordinatorClient::connect(
+                addr,
+                token,
+                capabilities(peer_id.clone()),
+                options.clone(),
+            )
+            .await
+            .with_context(|| format!("{peer_id} cannot join"))?;
+            println!("{peer_id} joined as member {}", accepted.member.0);
+            members.push(tokio::spawn(follow(
+                peer_id,
+                client,
+                notifications,
+                seconds,
+                Duration::from_millis(train_ms),
+            )));
+        }
+        for member in members {
+            member.await??;
+        }
+        Ok(())
+    })
+}
+
+/// Plays one member until `seconds` pass (then leaves) or the client stops.
+async fn follow(
+    peer_id: String,
+    client: CoordinatorClient,
+    mut notifications: UnboundedReceiver<Notification>,
+    seconds: Option<u64>,
+    train: Duration,
+) -> anyhow::Result<()> {
+    let mut reported: Option<RoundId> = None;
+    let deadline = async {
+        match seconds {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        let notification = tokio::select! {
+            () = &mut deadline => {
+                client.leave("sim-member finished").await?;
+                println!("{peer_id} left");
+                return Ok(());
+            }
+            notification = notifications.recv() => notification,
+        };
+        let Some(notification) = notification else {
+            anyhow::bail!("{peer_id}: the client stopped without saying why");
+        };
+        match notification {
+            Notification::Message(CoordinatorMessage::RoundOpened(opened)) => {
+                let me = client.member();
+                let participant = opened.participants.iter().any(|p| p.member == me);
+                if participant && reported.is_none_or(|last| opened.round > last) {
+                    reported = Some(opened.round);
+                    let digest = round_digest(opened.round);
+                    let report = RoundReport {
+                        round: opened.round,
+                        tokens_processed: 4_096,
+                        outer_step: OuterStep::Ok {
+                            params_hash: digest,
+                            tensor_hashes: vec![TensorHash {
+                                name: "model.embed_tokens.weight".to_string(),
+                                digest,
+                            }],
+                        },
+                    };
+                    // The simulated inner steps take `train`; notifications keep flowing
+                    // meanwhile. A failed report means the client stopped, which the
+                    // notifications report.
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(train).await;
+                        let _ = client.report(report).await;
+                    });
+                }
+            }
+            Notification::Message(CoordinatorMessage::RoundClosed(closed)) => {
+                let me = client.member();
+                let (Some(request), RoundOutcome::Committed { tensor_hashes, .. }) =
+                    (closed.checkpoint, closed.outcome)
+                else {
+                    continue;
+                };
+                for writer in request.writers.iter().filter(|w| w.member == me) {
+                    client
+                        .shard_durable(CheckpointShardDurable {
+                            round: closed.round,
+                            shard: writer.shard,
+                            tensor_hashes: tensor_hashes.clone(),
+                        })
+                        .await?;
+                }
+            }
+            Notification::Rejoined {
+                accepted,
+                kept_member,
+            } => {
+                println!(
+                    "{peer_id} reconnected as member {} ({})",
+                    accepted.member.0,
+                    if kept_member { "kept its id" } else { "new id" }
+                );
+            }
+            Notification::Disconnected { reason } => {
+                println!("{peer_id} disconnected: {reason}");
+            }
+            Notification::Stopped { reason } => anyhow::bail!("{peer_id}: {reason}"),
+            Notification::Message(_) => {}
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The coordinator's durable state in one redb file (`STATE_DIR/coordinator.redb`): its identity
+//! (token secret, certificate, key), the core's latest snapshot, and the history of closed rounds
+//! and committed checkpoints.
+//!
+//! Every write is one transaction committed with fsync before the server sends anything that
+//! depends on it (write-ahead), so a coordinator killed at any moment restarts from a state at
+//! least as new as anything a node was told.
+
+// The transaction closures return redb's own (large) error, which is boxed into the crate's
+// error right away; boxing it inside every closure as well would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::path::{Path, PathBuf};
+
+use forge_protocol::RoundId;
+use forge_protocol::codec::{self, Channel};
+use forge_protocol::session::RoundRecord;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::error::{Error, Result};
+use crate::tls::Identity;
+
+/// Small named blobs: identity and the snapshot.
+const META: TableDefinition<'static, &'static str, &'static [u8]> = TableDefinition::new("meta");
+/// Closed rounds by round id, each a [`RoundRecord`] in a codec snapshot frame.
+const ROUNDS: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("rounds");
+/// Committed checkpoints: round id → wall-clock commit time (ms since the Unix epoch).
+const CHECKPOINTS: TableDefinition<'static, u64, u64> = TableDefinition::new("checkpoints");
+
+const TOKEN_SECRET: &str = "token_secret";
+const CERT_DER: &str = "cert_der";
+const KEY_DER: &str = "key_der";
+const SNAPSHOT: &str = "snapshot";
+
+/// The file inside the state directory.
+pub(crate) const FILE_NAME: &str = "coordinator.redb";
+
+/// What one batch of core steps changed, written in one transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    pub(crate) snapshot: Option<Vec<u8>>,
+    pub(crate) rounds: Vec<RoundRecord>,
+    pub(crate) checkpoints: Vec<(RoundId, u64)>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.rounds.is_empty() && self.checkpoints.is_empty()
+    }
+}
+
+/// Round counts and the newest records, for status reports without a database read.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RoundHistory {
+    pub(crate) committed: u64,
+    pub(crate) abandoned: u64,
+    pub(crate) recent: std::collections::VecDeque<RoundRecord>,
+}
+
+/// How many closed rounds a status report lists.
+pub(crate) const RECENT_ROUNDS: usize = 50;
+
+impl RoundHistory {
+    pub(crate) fn push(&mut self, record: RoundRecord) {
+        if record.committed {
+            self.committed += 1;
+        } else {
+            self.abandoned += 1;
+        }
+        if self.recent.len() == RECENT_ROUNDS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(record);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    path: PathBuf,
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `state_dir`, creating the directory if needed.
+    pub(crate) fn open(state_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(state_dir).map_err(|cause| Error::StateDir {
+            path: state_dir.to_path_buf(),
+            cause,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|err| Error::store(&path, err))?;
+        let store = Store { path, db };
+        // Creating the tables up front lets every read assume they exist.
+        store.write(|txn| {
+            txn.open_table(META)?;
+            txn.open_table(ROUNDS)?;
+            txn.open_table(CHECKPOINTS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error>,
+    ) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|err| Error::store(&self.path, err))?;
+        body(&txn).map_err(|err| Error::store(&self.path, err))?;
+        txn.commit().map_err(|err| Error::store(&self.path, err))
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let read = || -> std::result::Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(META)?;
+            Ok(table.get(key)?.map(|value| value.value().to_vec()))
+        };
+        read().map_err(|err| Error::store(&self.path, err))
+    }
+
+    /// The stored identity, or a new one stored now (first start). The second value says which.
+    pub(crate) fn identity(&self) -> Result<(Identity, bool)> {
+        let parts = (
+            self.meta(TOKEN_SECRET)?,
+            self.meta(CERT_DER)?,
+            self.meta(KEY_DER)?,
+        );
+        if let (Some(secret), Some(cert_der), Some(key_der)) = parts {
+            let token_secret = String::from_utf8(secret).map_err(|err| Error::CorruptStore {
+                path: self.path.clone(),
+                what: "token secret",
+                cause: err.to_string(),
+            })?;
+            let identity = Identity {
+                token_secret,
+                cert_der,
+                key_der,
+            };
+            return Ok((identity, false));
+        }
+        let identity = Identity::generate()?;
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(TOKEN_SECRET, identity.token_secret.as_bytes())?;
+            meta.insert(CERT_DER, identity.cert_der.as_slice())?;
+            meta.insert(KEY_DER, identity.key_der.as_slice())?;
+            Ok(())
+        })?;
+        Ok((identity, true))
+    }
+
+    pub(crate) fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        self.meta(SNAPSHOT)
+    }
+
+    /// Round counts and the newest [`RECENT_ROUNDS`] records.
+    pub(crate) fn round_history(&self) -> Result<RoundHistory> {
+        let read = || -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(ROUNDS)?;
+            let mut all = Vec::with_capacity(table.len()? as usize);
+            for entry in table.iter()? {
+                all.push(entry?.1.value().to_vec());
+            }
+            Ok(all)
+        };
+        let blobs = read().map_err(|err| Error::store(&self.path, err))?;
+        let mut history = RoundHistory::default();
+        for blob in blobs {
+            let record: RoundRecord =
+                codec::decode(Channel::Snapshot, &blob).map_err(|err| Error::CorruptStore {
+                    path: self.path.clone(),
+                    what: "round record",
+                    cause: err.to_string(),
+                })?;
+            history.push(record);
+        }
+        Ok(history)
+    }
+
+    /// The newest committed checkpoint's round, from the checkpoint table.
+    #[cfg(test)]
+    pub(crate) fn last_checkpoint(&self) -> Result<Option<RoundId>> {
+        let read = || -> std::result::Result<Option<u64>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(CHECKPOINTS)?;
+            Ok(table.last()?.map(|(round, _)| round.value()))
+        };
+        read()
+            .map(|round| round.map(RoundId))
+            .map_err(|err| Error::store(&self.path, err))
+    }
+
+    /// Writes one batch of changes atomically (fsynced when this returns).
+    pub(crate) fn commit(&self, changes: &Changes) -> Result<()> {
+        let mut rounds = Vec::with_capacity(changes.rounds.len());
+        for record in &changes.rounds {
+            let blob =
+                codec::encode(Channel::Snapshot, record).map_err(|err| Error::CorruptStore {
+                    path: self.path.clone(),
+                    what: "round record",
+                    cause: err.to_string(),
+                })?;
+            rounds.push((record.round.0, blob));
+        }
+        self.write(|txn| {
+            if let Some(snapshot) = &changes.snapshot {
+                txn.open_table(META)?
+                    .insert(SNAPSHOT, snapshot.as_slice())?;
+            }
+            let mut table = txn.open_table(ROUNDS)?;
+            for (round, blob) in &rounds {
+                table.insert(*round, blob.as_slice())?;
+            }
+            let mut table = txn.open_table(CHECKPOINTS)?;
+            for (round, at) in &changes.checkpoints {
+                table.insert(round.0, *at)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use forge_protocol::MemberId;
+
+    use super::*;
+
+    fn record(round: u64, committed: bool) -> RoundRecord {
+        RoundRecord {
+            round: RoundId(round),
+            committed,
+            included: vec![MemberId(1)],
+            excluded: Vec::new(),
+            closed_at_unix_ms: 1_000 + round,
+        }
+    }
+
+    #[test]
+    fn identity_snapshot_and_history_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, created) = {
+            let store = Store::open(dir.path()).unwrap();
+            let (identity, created) = store.identity().unwrap();
+            let changes = Changes {
+                snapshot: Some(b"FGSN-snapshot".to_vec()),
+                rounds: (1..=60).map(|r| record(r, r % 10 != 0)).collect(),
+                checkpoints: vec![(RoundId(20), 5), (RoundId(40), 6)],
+            };
+            store.commit(&changes).unwrap();
+            (identity, created)
+        };
+        assert!(created);
+        let store = Store::open(dir.path()).unwrap();
+        let (again, created) = store.identity().unwrap();
+        assert!(!created);
+        assert_eq!(again.token(), identity.token());
+        assert_eq!(again.key_der, identity.key_der);
+        assert_eq!(store.snapshot().unwrap().unwrap(), b"FGSN-snapshot");
+        let history = store.round_history().unwrap();
+        assert_eq!((history.committed, history.abandoned), (54, 6));
+        assert_eq!(history.recent.len(), RECENT_ROUNDS);
+        assert_eq!(history.recent.back().unwrap().round, RoundId(60));
+        assert_eq!(store.last_checkpoint().unwrap(), Some(RoundId(40)));
+    }
+
+    #[test]
+    fn a_second_coordinator_on_the_same_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("another forge-coordinator"), "{err}");
+    }
+}

@@ -1,0 +1,209 @@
+//! The opening exchange of a control connection (cluster token and what the client wants) and
+//! the read-only status report.
+//!
+//! Every control connection starts with the client sending [`Open`] and the coordinator
+//! answering [`OpenReply`], before any [`crate::NodeMessage`]. The token secret is checked here,
+//! outside the coordinator core, so an unauthenticated peer never reaches the state machine. A
+//! [`Purpose::Join`] connection then carries the node protocol; a [`Purpose::Status`] connection
+//! receives one [`Status`] and is closed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Channel};
+use crate::error::Result;
+use crate::messages::{
+    Assignment, DataShard, Device, ErrorReply, Hello, MemberId, ReplicaId, RoundId, StageAssignment,
+};
+
+/// ALPN id of the control protocol; a TLS peer offering anything else is refused in the
+/// handshake.
+pub const CONTROL_ALPN: &[u8] = b"/forge/control/1";
+
+/// What a client opens a control connection for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// A node joining (or re-joining) the run; the node protocol follows.
+    Join,
+    /// A read-only status query (`forge-coordinator status`).
+    Status,
+}
+
+/// The first frame a client sends on a control connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    pub hello: Hello,
+    /// The secret half of the cluster token (the part before the `.`).
+    pub token_secret: String,
+    pub purpose: Purpose,
+}
+
+/// The coordinator's answer to [`Open`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenReply {
+    Accepted {
+        hello: Hello,
+    },
+    /// The coordinator closes the connection after this.
+    Refused(ErrorReply),
+}
+
+/// One member as `forge-coordinator status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub member: MemberId,
+    pub peer_id: String,
+    pub devices: Vec<Device>,
+    pub tokens_per_s: f64,
+    pub upload_bytes_per_s: u64,
+    pub download_bytes_per_s: u64,
+    /// Whether a control connection is open right now (a member may be briefly disconnected
+    /// while it reconnects, and stays a member until its heartbeat timeout).
+    pub connected: bool,
+    pub last_heartbeat_ms_ago: u64,
+    pub assignment: Option<Assignment>,
+}
+
+/// One member's place in a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub member: MemberId,
+    /// `None` when the member holds the whole model.
+    pub stage: Option<StageAssignment>,
+}
+
+/// One replica of the stage plan, members in stage order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub replica: ReplicaId,
+    pub data_shard: DataShard,
+    pub stages: Vec<StageStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRoundStatus {
+    pub round: RoundId,
+    pub participants: Vec<MemberId>,
+    pub reported: Vec<MemberId>,
+    pub deadline_in_ms: u64,
+}
+
+/// A closed round as the coordinator's history records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: RoundId,
+    pub committed: bool,
+    pub included: Vec<MemberId>,
+    pub excluded: Vec<MemberId>,
+    /// Wall-clock close time, milliseconds since the Unix epoch.
+    pub closed_at_unix_ms: u64,
+}
+
+/// Everything `forge-coordinator status` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub software_version: String,
+    pub members: Vec<MemberStatus>,
+    /// The stage plan: replicas × stages.
+    pub replicas: Vec<ReplicaStatus>,
+    /// Members with no assignment (joined during a round, or the planner could not place them).
+    pub standby: Vec<MemberId>,
+    pub open_round: Option<OpenRoundStatus>,
+    /// The newest round ever opened.
+    pub last_round: Option<RoundId>,
+    pub rounds_committed: u64,
+    pub rounds_abandoned: u64,
+    /// The newest closed rounds, oldest first.
+    pub recent_rounds: Vec<RoundRecord>,
+    pub global_version: u64,
+    pub last_checkpoint: Option<RoundId>,
+}
+
+impl Open {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<Open> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+impl OpenReply {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<OpenReply> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+impl Status {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<Status> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{DeviceKind, ErrorCode};
+
+    #[test]
+    fn open_and_refusal_round_trip() {
+        let open = Open {
+            hello: Hello::current(),
+            token_secret: "0123abcd".to_string(),
+            purpose: Purpose::Status,
+        };
+        assert_eq!(Open::from_frame(&open.to_frame().unwrap()).unwrap(), open);
+        let refused = OpenReply::Refused(ErrorReply {
+            code: ErrorCode::Unauthorized,
+            message: "wrong cluster token".to_string(),
+        });
+        assert_eq!(
+            OpenReply::from_frame(&refused.to_frame().unwrap()).unwrap(),
+            refused
+        );
+    }
+
+    #[test]
+    fn status_with_many_members_fits_a_control_frame_and_round_trips() {
+        let members = (0..2_000)
+            .map(|i| MemberStatus {
+                member: MemberId(i),
+                peer_id: format!("12D3KooW{i:044}"),
+                devices: vec![Device {
+                    kind: DeviceKind::Cuda,
+                    name: "NVIDIA GeForce RTX 4090".to_string(),
+                    memory_bytes: 24 << 30,
+                }],
+                tokens_per_s: 12_345.0,
+                upload_bytes_per_s: 125_000_000,
+                download_bytes_per_s: 125_000_000,
+                connected: true,
+                last_heartbeat_ms_ago: 300,
+                assignment: None,
+            })
+            .collect();
+        let status = Status {
+            software_version: "0.1.0".to_string(),
+            members,
+            replicas: Vec::new(),
+            standby: Vec::new(),
+            open_round: None,
+            last_round: Some(RoundId(7)),
+            rounds_committed: 6,
+            rounds_abandoned: 0,
+            recent_rounds: Vec::new(),
+            global_version: 6,
+            last_checkpoint: None,
+        };
+        let frame = status.to_frame().unwrap();
+        assert_eq!(Status::from_frame(&frame).unwrap(), status);
+    }
+}
