@@ -6,7 +6,8 @@ with the fields Forge prints, so scripts/bench_train_step.sh can take the ratio.
 
 Written the way a PyTorch user writes it: nn.Module, F.scaled_dot_product_attention,
 F.rms_norm / F.layer_norm, torch.optim.AdamW with its defaults for the device, and
-torch.autocast(bfloat16) for bf16. --compile adds torch.compile.
+torch.autocast(bfloat16) for bf16; GPT-2's projections are Hugging Face's Conv1D (weights
+stored (in, out), addmm), as in transformers and in Forge. --compile adds torch.compile.
 """
 
 import argparse
@@ -28,17 +29,30 @@ PRESETS = {
 }
 
 
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's projection: weight stored (in, out), y = addmm(b, x, W)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.weight.size(1),))
+
+
 class Gpt2Block(nn.Module):
     def __init__(self, c):
         super().__init__()
         d = c["d_model"]
         self.n_head = c["n_head"]
         self.ln_1 = nn.LayerNorm(d, eps=1e-5)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.attn_proj = nn.Linear(d, d)
+        self.c_attn = Conv1D(d, 3 * d)
+        self.attn_proj = Conv1D(d, d)
         self.ln_2 = nn.LayerNorm(d, eps=1e-5)
-        self.c_fc = nn.Linear(d, c["d_ff"])
-        self.mlp_proj = nn.Linear(c["d_ff"], d)
+        self.c_fc = Conv1D(d, c["d_ff"])
+        self.mlp_proj = Conv1D(c["d_ff"], d)
 
     def forward(self, x):
         b, t, d = x.shape

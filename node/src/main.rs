@@ -4,10 +4,17 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use forge_trainer::bench::{TrainStepBench, TrainStepResult};
+use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::config::RunConfig;
+use forge_trainer::data::{Dataset, Tokenizer};
 use forge_trainer::device::parse_device;
 use forge_trainer::models::{Family, ModelConfig, PRESETS, Precision};
+use forge_trainer::sample::{SampleConfig, generate};
+use forge_trainer::train::{Outcome, Trainer, load_checkpoint_model};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use tch::Device;
 
 #[derive(Debug, Parser)]
@@ -23,6 +30,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train on this machine alone, from a run config (resumes from its newest checkpoint).
+    Train(TrainArgs),
+    /// Generate text from a checkpoint.
+    Sample(SampleArgs),
+    /// Inspect a run config's data.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Inspect model architectures.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -35,6 +49,47 @@ enum Command {
 enum ModelCommand {
     /// Parameter count and training FLOPs per token of a preset or a run config's [model].
     Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Run config (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Start from scratch even if the run directory has checkpoints.
+    #[arg(long)]
+    no_resume: bool,
+}
+
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step-NNNNNNNN) or a run directory (its newest).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "Once upon a time")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// 0 samples from the whole vocabulary.
+    #[arg(long, default_value_t = 40)]
+    top_k: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Tokenize (or reuse the cache), then print corpus statistics and the bigram baseline the
+    /// model must beat.
+    Stats {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +177,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
@@ -131,9 +187,92 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => train(&args),
+        Command::Sample(args) => sample(&args),
+        Command::Data(DataCommand::Stats { config }) => data_stats(&config),
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
     }
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    let mut cfg = RunConfig::load(&args.config)?;
+    if args.no_resume {
+        cfg.checkpoint.resume = false;
+    }
+    // Ctrl-C / SIGTERM set the flag; the loop saves a checkpoint and returns.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let mut trainer = Trainer::new(cfg)?;
+    let summary = trainer.run(&stop)?;
+    match &summary.outcome {
+        Outcome::Finished { step, checkpoint } => {
+            println!(
+                "finished at step {step}; checkpoint {}",
+                checkpoint.display()
+            );
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            println!(
+                "interrupted at step {step}; checkpoint {}; run the same command to resume",
+                checkpoint.display()
+            );
+        }
+    }
+    if let (Some(loss), Some(bpb)) = (summary.final_eval_loss, summary.final_eval_bpb) {
+        println!("validation loss {loss:.4} ({bpb:.4} bits per byte)");
+    }
+    if let Some(text) = &summary.sample {
+        println!("sample: {text}");
+    }
+    println!(
+        "metrics: {}",
+        summary.out_dir.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+fn sample(args: &SampleArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dir = resolve_checkpoint(&args.checkpoint)?;
+    let (_vs, model, _state) = load_checkpoint_model(&dir, device)?;
+    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let cfg = SampleConfig {
+        max_new_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let new = generate(&model, &prompt, &cfg, Some(tokenizer.eot_id()), device);
+    println!("{}{}", args.prompt, tokenizer.decode(&new)?);
+    Ok(())
+}
+
+/// A checkpoint directory as given, or the newest valid one under a run directory.
+fn resolve_checkpoint(path: &std::path::Path) -> Result<PathBuf> {
+    if path.join("manifest.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for root in [path.join("checkpoints"), path.to_path_buf()] {
+        if let Some((_, dir)) = CheckpointDir::new(&root, usize::MAX).latest_valid() {
+            return Ok(dir);
+        }
+    }
+    anyhow::bail!(
+        "no valid checkpoint at {}: pass a step-NNNNNNNN directory or a run directory that has checkpoints/",
+        path.display()
+    )
+}
+
+fn data_stats(config: &std::path::Path) -> Result<()> {
+    let cfg = RunConfig::load(config)?;
+    let dataset = Dataset::prepare(&cfg.data)?;
+    print!("{}", dataset.stats_report()?);
+    Ok(())
 }
 
 fn model_info(args: &InfoArgs) -> Result<()> {

@@ -100,11 +100,10 @@ impl TrainStepBench {
         for i in 0..self.warmup + self.steps {
             sync();
             let start = Instant::now();
-            opt.zero_grad();
             let loss = model.loss(&ids, &targets);
-            loss.backward();
-            clip_grad_norm(&vs, 1.0);
-            opt.step(3e-4);
+            let grads = opt.gradients(&loss);
+            clip_grad_norm(&grads, 1.0);
+            opt.step(3e-4, &grads);
             sync();
             if i >= self.warmup {
                 times.push(start.elapsed().as_secs_f64());

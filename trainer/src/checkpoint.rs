@@ -97,11 +97,17 @@ impl CheckpointDir {
     /// adds the manifest, commits by rename, and drops checkpoints beyond `keep`. On any error
     /// the temporary directory is removed and earlier checkpoints are untouched.
     pub fn save(&self, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.root)
-            .map_err(|e| ckpt_err(&self.root, format!("cannot create the checkpoint folder: {e}")))?;
-        let tmp = self
-            .root
-            .join(format!(".tmp-{}-{}", step_dir_name(step), std::process::id()));
+        std::fs::create_dir_all(&self.root).map_err(|e| {
+            ckpt_err(
+                &self.root,
+                format!("cannot create the checkpoint folder: {e}"),
+            )
+        })?;
+        let tmp = self.root.join(format!(
+            ".tmp-{}-{}",
+            step_dir_name(step),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         let result = self.write_and_commit(step, &tmp, write);
         if result.is_err() {
@@ -112,7 +118,12 @@ impl CheckpointDir {
         Ok(path)
     }
 
-    fn write_and_commit(&self, step: u64, tmp: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    fn write_and_commit(
+        &self,
+        step: u64,
+        tmp: &Path,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let io = |what: &str, e: std::io::Error| {
             let hint = if e.raw_os_error() == Some(28) || e.raw_os_error() == Some(27) {
                 " (the disk is full: free space or point the run at another disk; the previous checkpoint is intact)"
@@ -126,7 +137,11 @@ impl CheckpointDir {
         let mut files = BTreeMap::new();
         for entry in std::fs::read_dir(tmp).map_err(|e| io("listing", e))? {
             let path = entry.map_err(|e| io("listing", e))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io(&format!("syncing {name}"), e))?;
@@ -147,7 +162,8 @@ impl CheckpointDir {
         let final_path = self.path_of(step);
         if final_path.exists() {
             // A checkpoint of this step exists (saved before a resume): the new one replaces it.
-            std::fs::remove_dir_all(&final_path).map_err(|e| io("replacing the old checkpoint", e))?;
+            std::fs::remove_dir_all(&final_path)
+                .map_err(|e| io("replacing the old checkpoint", e))?;
         }
         std::fs::rename(tmp, &final_path).map_err(|e| io("committing (rename)", e))?;
         fsync_dir(&self.root).map_err(|e| io("syncing the checkpoint folder", e))?;
@@ -167,7 +183,7 @@ impl CheckpointDir {
                 Some((step, e.path()))
             })
             .collect();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|c| std::cmp::Reverse(c.0));
         found
     }
 
@@ -180,7 +196,12 @@ impl CheckpointDir {
         if let Ok(entries) = std::fs::read_dir(&self.root) {
             for e in entries.filter_map(|e| e.ok()) {
                 let stale = e.file_name().to_string_lossy().starts_with(".tmp-step-");
-                if stale && !e.file_name().to_string_lossy().ends_with(&format!("-{}", std::process::id())) {
+                if stale
+                    && !e
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(&format!("-{}", std::process::id()))
+                {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -208,8 +229,12 @@ impl CheckpointDir {
 /// Checks every file of a checkpoint directory against its manifest.
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let manifest_path = dir.join(MANIFEST);
-    let text = std::fs::read(&manifest_path)
-        .map_err(|e| ckpt_err(dir, format!("no readable manifest ({e}); the save did not finish")))?;
+    let text = std::fs::read(&manifest_path).map_err(|e| {
+        ckpt_err(
+            dir,
+            format!("no readable manifest ({e}); the save did not finish"),
+        )
+    })?;
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| ckpt_err(dir, format!("the manifest is not valid: {e}")))?;
     if manifest.format != FORMAT || manifest.version != VERSION {
@@ -226,11 +251,17 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
         if got.bytes != want.bytes {
             return Err(ckpt_err(
                 dir,
-                format!("{name} has {} bytes, the manifest says {} (truncated?)", got.bytes, want.bytes),
+                format!(
+                    "{name} has {} bytes, the manifest says {} (truncated?)",
+                    got.bytes, want.bytes
+                ),
             ));
         }
         if got.sha256 != want.sha256 {
-            return Err(ckpt_err(dir, format!("{name} does not match its SHA-256 (corrupt)")));
+            return Err(ckpt_err(
+                dir,
+                format!("{name} does not match its SHA-256 (corrupt)"),
+            ));
         }
     }
     Ok(manifest)
@@ -254,7 +285,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ckpts = CheckpointDir::new(tmp.path().join("ckpt"), 2);
         for step in [10, 20, 30] {
-            ckpts.save(step, write_files(&[("a.bin", &[1, 2, 3]), ("state.json", b"{}")])).unwrap();
+            ckpts
+                .save(
+                    step,
+                    write_files(&[("a.bin", &[1, 2, 3]), ("state.json", b"{}")]),
+                )
+                .unwrap();
         }
         let steps: Vec<u64> = ckpts.candidates().iter().map(|c| c.0).collect();
         assert_eq!(steps, vec![30, 20], "keeps the last two");

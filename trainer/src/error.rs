@@ -40,11 +40,37 @@ pub enum Error {
     #[error("checkpoint {path}: {why}")]
     Checkpoint { path: PathBuf, why: String },
 
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     #[error("invalid [train] settings: {0}")]
     InvalidTrainConfig(String),
 
     #[error("invalid benchmark settings: {0}")]
     InvalidBench(String),
+
+    #[error("invalid [data] settings: {0}")]
+    Data(String),
+
+    #[error("corpus file {path}: {why}")]
+    Corpus { path: PathBuf, why: String },
+
+    #[error("tokenizer {source_name}: {why}")]
+    Tokenizer { source_name: String, why: String },
+
+    #[error("token cache {path}: {why}")]
+    TokenCache { path: PathBuf, why: String },
+
+    #[error(
+        "token cache {path} was built with tokenizer {cached} but this run uses tokenizer {in_use}; \
+         its token ids mean other words. Delete the file (it is rebuilt from the corpus) or use \
+         the tokenizer it was built with"
+    )]
+    TokenizerMismatch {
+        path: PathBuf,
+        cached: String,
+        in_use: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

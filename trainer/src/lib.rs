@@ -13,5 +13,10 @@ pub mod models;
 pub mod optim;
 pub mod sample;
 pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};
+
+/// Guards libtorch's process-wide random generator: whoever seeds it holds this until the
+/// last draw that must be reproducible (model initialisation, seeded sampling).
+pub(crate) static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -68,7 +68,12 @@ impl MetricsLog {
             .map_err(Error::io("writing metrics.jsonl"))?;
         let eval = m
             .eval_loss
-            .map(|l| format!(" eval_loss {l:.4} bpb {:.4}", m.eval_bpb.unwrap_or(f64::NAN)))
+            .map(|l| {
+                format!(
+                    " eval_loss {l:.4} bpb {:.4}",
+                    m.eval_bpb.unwrap_or(f64::NAN)
+                )
+            })
             .unwrap_or_default();
         let summary = format!(
             "loss {:.4} lr {:.2e} gnorm {:.3} {:.0} tok/s{eval}",
@@ -107,7 +112,8 @@ impl MetricsLog {
 
 /// Reads a metrics file back (for tests, benchmarks and the demo).
 pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {

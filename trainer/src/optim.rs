@@ -1,5 +1,10 @@
 //! Inner optimizer: AdamW with decoupled weight decay on matrices only, and global-norm
 //! gradient clipping. The state (moments and step) is explicit so checkpoints can save it.
+//!
+//! Gradients are explicit too: [`AdamW::gradients`] returns fresh tensors (autograd.grad)
+//! instead of accumulating into each parameter's `.grad`, which saves a zeroing pass and an
+//! accumulation pass per step (tch cannot reset `.grad` to None) and gives data-parallel
+//! reducers one ordered list to average.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -77,9 +82,17 @@ impl AdamW {
         self.step
     }
 
-    /// One AdamW step at learning rate `lr` using the gradients currently stored on the
-    /// parameters. Parameters without a gradient are left untouched.
-    pub fn step(&mut self, lr: f64) {
+    /// Gradients of `loss` with respect to every parameter, in this optimizer's order. A
+    /// parameter that does not affect the loss gets an undefined tensor.
+    pub fn gradients(&self, loss: &Tensor) -> Vec<Tensor> {
+        let params: Vec<&Tensor> = self.params.iter().map(|s| &s.param).collect();
+        Tensor::run_backward(&[loss], &params, false, false)
+    }
+
+    /// One AdamW step at learning rate `lr` with `grads` from [`AdamW::gradients`]. Parameters
+    /// whose gradient is undefined are left untouched.
+    pub fn step(&mut self, lr: f64, grads: &[Tensor]) {
+        assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
         let AdamWConfig {
             beta1,
@@ -91,30 +104,27 @@ impl AdamW {
         let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias1;
         tch::no_grad(|| {
-            for s in &mut self.params {
-                let grad = s.param.grad();
+            for (s, grad) in self.params.iter_mut().zip(grads) {
                 if !grad.defined() {
                     continue;
                 }
                 if s.decay && weight_decay != 0.0 {
                     let _ = s.param.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
-                let _ = s.exp_avg.lerp_(&grad, 1.0 - beta1);
+                let _ = s.exp_avg.lerp_(grad, 1.0 - beta1);
                 let _ = s.exp_avg_sq.lerp_(&grad.square(), 1.0 - beta2);
-                let denom = (s.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-                let _ = s.param.addcdiv_(&(&s.exp_avg * -step_size), &denom);
+                if step_size == 0.0 {
+                    continue; // lr 0: moments advance, parameters stay (as in PyTorch)
+                }
+                // param -= step_size · m / (√v / √bias2 + eps), with one temporary: the step
+                // size is folded into the denominator because tch's addcdiv_ has no `value`.
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bias2_sqrt);
+                let _ = denom.g_add_scalar_(eps);
+                let _ = denom.g_div_scalar_(-step_size);
+                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
             }
         });
-    }
-
-    /// Clears every parameter's gradient.
-    pub fn zero_grad(&mut self) {
-        for s in &mut self.params {
-            let mut grad = s.param.grad();
-            if grad.defined() {
-                let _ = grad.detach_().zero_();
-            }
-        }
     }
 
     /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, and
@@ -126,7 +136,10 @@ impl AdamW {
             .flat_map(|s| {
                 [
                     (format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()),
-                    (format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.shallow_clone()),
+                    (
+                        format!("{}.exp_avg_sq", s.name),
+                        s.exp_avg_sq.shallow_clone(),
+                    ),
                 ]
             })
             .collect();
@@ -158,8 +171,12 @@ impl AdamW {
         }
         tch::no_grad(|| {
             for (s, (m, v)) in self.params.iter_mut().zip(loaded) {
-                s.exp_avg.copy_(&m.to_kind(s.exp_avg.kind()).to_device(s.exp_avg.device()));
-                s.exp_avg_sq.copy_(&v.to_kind(s.exp_avg_sq.kind()).to_device(s.exp_avg_sq.device()));
+                s.exp_avg
+                    .copy_(&m.to_kind(s.exp_avg.kind()).to_device(s.exp_avg.device()));
+                s.exp_avg_sq.copy_(
+                    &v.to_kind(s.exp_avg_sq.kind())
+                        .to_device(s.exp_avg_sq.device()),
+                );
             }
         });
         self.step = step;
@@ -167,25 +184,34 @@ impl AdamW {
     }
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. `max_norm <= 0` only measures.
-pub fn clip_grad_norm(vs: &VarStore, max_norm: f64) -> f64 {
-    let grads: Vec<Tensor> = vs
-        .trainable_variables()
-        .iter()
-        .map(|p| p.grad())
-        .filter(|g| g.defined())
-        .collect();
-    if grads.is_empty() {
+/// Adds `more` into `acc` element by element (gradient accumulation over micro-batches).
+pub fn accumulate(acc: &mut [Tensor], more: Vec<Tensor>) {
+    assert_eq!(acc.len(), more.len(), "gradient lists of the same model");
+    tch::no_grad(|| {
+        for (a, m) in acc.iter_mut().zip(more) {
+            if !a.defined() {
+                *a = m;
+            } else if m.defined() {
+                let _ = a.g_add_(&m);
+            }
+        }
+    });
+}
+
+/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping. `max_norm <= 0` only measures.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
+    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+    if defined.is_empty() {
         return 0.0;
     }
     tch::no_grad(|| {
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        let norms: Vec<Tensor> = defined.iter().map(|g| g.norm()).collect();
         let total = f64::try_from(Tensor::stack(&norms, 0).norm()).unwrap_or(f64::NAN);
         if max_norm > 0.0 && total.is_finite() {
             let coef = max_norm / (total + 1e-6);
             if coef < 1.0 {
-                for g in &grads {
+                for g in defined {
                     let _ = g.shallow_clone().g_mul_scalar_(coef);
                 }
             }
@@ -208,10 +234,10 @@ mod tests {
         let b = vs.root().var("b", &[3], nn::Init::Const(1.0));
         let c = Tensor::from_slice(&[1.0f32, -2.0, 3.0]);
         let loss = (&w * &c).sum(Kind::Float) + (&b * &c).sum(Kind::Float);
-        loss.backward();
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let grads = opt.gradients(&loss);
         let lr = 0.01;
-        opt.step(lr);
+        opt.step(lr, &grads);
         // w decays (matrix), b does not (vector).
         let w_expected =
             Tensor::from_slice(&[1.0f32 * (1.0 - 0.001) - 0.01, 0.999 + 0.01, 0.999 - 0.01]);
@@ -225,15 +251,24 @@ mod tests {
     #[test]
     fn state_round_trips_exactly() {
         let vs = VarStore::new(Device::Cpu);
-        let w = vs.root().var("w", &[3, 2], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let w = vs.root().var(
+            "w",
+            &[3, 2],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
         for _ in 0..3 {
-            opt.zero_grad();
-            (&w * &w).sum(Kind::Float).backward();
-            opt.step(0.01);
+            let grads = opt.gradients(&(&w * &w).sum(Kind::Float));
+            opt.step(0.01, &grads);
         }
-        let saved: HashMap<String, Tensor> =
-            opt.state_tensors().into_iter().map(|(k, t)| (k, t.copy())).collect();
+        let saved: HashMap<String, Tensor> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect();
         let mut fresh = AdamW::new(&vs, AdamWConfig::default());
         fresh.load_state_tensors(&saved).unwrap();
         assert_eq!(fresh.step_count(), 3);
@@ -251,12 +286,37 @@ mod tests {
     fn clipping_bounds_the_global_norm() {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[4], nn::Init::Const(0.0));
-        (&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0]))
-            .sum(Kind::Float)
-            .backward();
-        let before = clip_grad_norm(&vs, 1.0);
+        let opt = AdamW::new(&vs, AdamWConfig::default());
+        let grads =
+            opt.gradients(&(&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float));
+        let before = clip_grad_norm(&grads, 1.0);
         assert!((before - 5.0).abs() < 1e-5);
-        let after = clip_grad_norm(&vs, 0.0);
+        let after = clip_grad_norm(&grads, 0.0);
         assert!((after - 1.0).abs() < 1e-4, "{after}");
+    }
+
+    /// Explicit gradients equal what `.backward()` accumulates, and accumulating two halves
+    /// equals the gradient of the sum.
+    #[test]
+    fn explicit_gradients_match_backward_and_accumulate() {
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var(
+            "w",
+            &[3],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
+        let unused = vs.root().var("unused", &[2], nn::Init::Const(1.0));
+        let opt = AdamW::new(&vs, AdamWConfig::default());
+        let f = |k: f64| (&w * &w * k).sum(Kind::Float);
+        let mut acc = opt.gradients(&f(1.0));
+        accumulate(&mut acc, opt.gradients(&f(2.0)));
+        f(3.0).backward();
+        // Order is by name: unused, w.
+        assert!(!acc[0].defined(), "an unused parameter has no gradient");
+        assert!(acc[1].allclose(&w.grad(), 1e-6, 1e-6, false));
+        assert!(!unused.grad().defined());
     }
 }

@@ -30,7 +30,13 @@ impl Default for SampleConfig {
 
 /// Continues `prompt` (token ids) and returns only the new tokens. Stops early at `stop`
 /// (the end-of-text id), which is not included.
-pub fn generate(model: &Model, prompt: &[u32], cfg: &SampleConfig, stop: Option<u32>, device: Device) -> Vec<u32> {
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &SampleConfig,
+    stop: Option<u32>,
+    device: Device,
+) -> Vec<u32> {
     let max_len = model.config().max_seq_len as usize;
     let vocab = model.config().vocab_size;
     let mut tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
@@ -39,6 +45,8 @@ pub fn generate(model: &Model, prompt: &[u32], cfg: &SampleConfig, stop: Option<
         tokens.push(stop.map_or(0, |s| s as i64));
     }
     let start = tokens.len();
+    // Seeded sampling draws from libtorch's process-wide generator; keep other threads out.
+    let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(cfg.seed);
     tch::no_grad(|| {
         for _ in 0..cfg.max_new_tokens {
@@ -52,9 +60,13 @@ pub fn generate(model: &Model, prompt: &[u32], cfg: &SampleConfig, stop: Option<
                 if cfg.top_k > 0 && cfg.top_k < vocab {
                     let (top, _) = scaled.topk(cfg.top_k, 0, true, true);
                     let kth = top.select(0, cfg.top_k - 1);
-                    scaled = scaled.where_self(&scaled.ge_tensor(&kth), &Tensor::from(f64::NEG_INFINITY));
+                    scaled = scaled
+                        .where_self(&scaled.ge_tensor(&kth), &Tensor::from(f64::NEG_INFINITY));
                 }
-                scaled.softmax(0, Kind::Float).multinomial(1, false).squeeze()
+                scaled
+                    .softmax(0, Kind::Float)
+                    .multinomial(1, false)
+                    .squeeze()
             };
             let next = i64::try_from(next).unwrap_or(0);
             if stop.is_some_and(|s| s as i64 == next) {

@@ -45,19 +45,23 @@ impl Schedule {
             ));
         }
         match *self {
-            Schedule::Cosine { min_lr_ratio, .. } if !ratio_ok(min_lr_ratio) => {
-                bad(format!("min_lr_ratio must be in [0, 1], got {min_lr_ratio}"))
-            }
+            Schedule::Cosine { min_lr_ratio, .. } if !ratio_ok(min_lr_ratio) => bad(format!(
+                "min_lr_ratio must be in [0, 1], got {min_lr_ratio}"
+            )),
             Schedule::Wsd {
                 decay_fraction,
                 min_lr_ratio,
                 ..
             } => {
                 if !(decay_fraction > 0.0 && decay_fraction <= 1.0) {
-                    return bad(format!("decay_fraction must be in (0, 1], got {decay_fraction}"));
+                    return bad(format!(
+                        "decay_fraction must be in (0, 1], got {decay_fraction}"
+                    ));
                 }
                 if !ratio_ok(min_lr_ratio) {
-                    return bad(format!("min_lr_ratio must be in [0, 1], got {min_lr_ratio}"));
+                    return bad(format!(
+                        "min_lr_ratio must be in [0, 1], got {min_lr_ratio}"
+                    ));
                 }
                 Ok(())
             }
@@ -99,13 +103,17 @@ impl Schedule {
             return (step + 1) as f64 / warmup as f64;
         }
         let cosine = |progress: f64, floor: f64| {
-            floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos())
+            floor
+                + (1.0 - floor)
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos())
         };
         let last = total.saturating_sub(1).max(warmup + 1);
         match *self {
-            Schedule::Cosine { min_lr_ratio, .. } => {
-                cosine((step - warmup) as f64 / (last - warmup) as f64, min_lr_ratio)
-            }
+            Schedule::Cosine { min_lr_ratio, .. } => cosine(
+                (step - warmup) as f64 / (last - warmup) as f64,
+                min_lr_ratio,
+            ),
             Schedule::Wsd {
                 decay_fraction,
                 min_lr_ratio,
@@ -132,7 +140,10 @@ impl Schedule {
                     let progress = (step - anneal_start + 1) as f64 / anneal_steps as f64;
                     constant_lr_ratio - (constant_lr_ratio - min_lr_ratio) * progress.min(1.0)
                 } else if step < warmup + cooldown_steps {
-                    cosine((step - warmup) as f64 / cooldown_steps as f64, constant_lr_ratio)
+                    cosine(
+                        (step - warmup) as f64 / cooldown_steps as f64,
+                        constant_lr_ratio,
+                    )
                 } else {
                     constant_lr_ratio
                 }
@@ -221,7 +232,12 @@ mod tests {
             warmup_steps: 100,
             min_lr_ratio: 0.1,
         };
-        assert!(s.validate(50).unwrap_err().to_string().contains("warmup_steps 100"));
+        assert!(
+            s.validate(50)
+                .unwrap_err()
+                .to_string()
+                .contains("warmup_steps 100")
+        );
         let s = Schedule::Infinite {
             warmup_steps: 10,
             cooldown_steps: 100,
@@ -233,7 +249,10 @@ mod tests {
         let parsed: std::result::Result<Schedule, _> =
             toml::from_str("kind = \"cosine\"\nwarmup_steps = 3\nmin_lr_ratio = 0.1\nfoo = 1");
         assert!(parsed.is_err());
-        let parsed: Schedule = toml::from_str("kind = \"wsd\"\nwarmup_steps = 3\ndecay_fraction = 0.2\nmin_lr_ratio = 0.0").unwrap();
+        let parsed: Schedule = toml::from_str(
+            "kind = \"wsd\"\nwarmup_steps = 3\ndecay_fraction = 0.2\nmin_lr_ratio = 0.0",
+        )
+        .unwrap();
         assert!(matches!(parsed, Schedule::Wsd { .. }));
     }
 

@@ -1,1 +1,444 @@
-//! Data pipeline: tokenizers, corpora, token caches, batches (being built).
+//! Data pipeline: corpus files → documents → token ids → a memory-mapped token cache →
+//! shuffled, sharded `seq_len + 1` windows for training and fixed windows for validation.
+//! Plain Rust throughout (no tch): the training loop turns batches into tensors.
+//!
+//! - `tokenizer`: load a Hugging Face `tokenizer.json` or train a byte-level BPE; stable hash.
+//! - `corpus`: streaming readers for text, JSON, JSONL and llm.c token shards.
+//! - `cache`: tokenize once (in parallel) into a cache reused until sources or tokenizer change.
+//! - `batches`: packed windows, seeded shuffle, replica × worker shards, resumable positions.
+//! - `stats`: corpus statistics and the bigram baseline a model must beat.
+//!
+//! The training loop calls [`Dataset::prepare`] with the run's `[data]` section, then builds a
+//! [`Batches`] over `dataset.train.tokens()` and an [`EvalBatches`] over `dataset.val.tokens()`.
+
+mod batches;
+mod cache;
+mod corpus;
+mod stats;
+mod tokenizer;
+
+pub use batches::{Batch, Batches, DataPosition, EvalBatches, shard_index};
+pub use cache::{TokenCache, Tokens};
+pub use corpus::{CorpusFormat, Documents, LlmcShard, detect_format, documents, write_llmc_shard};
+pub use stats::{BaselineReport, BigramBaseline, CorpusStats, bits_per_byte};
+pub use tokenizer::{END_OF_TEXT, Tokenizer, TokenizerOrigin};
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The `[data]` section of a run config. Relative paths are taken from the working directory.
+///
+/// ```toml
+/// [data]
+/// train = "../shared/data/tinystories/train-sample.txt"   # or a list of files
+/// val = "../shared/data/tinystories/valid-sample.txt"
+/// format = "auto"          # auto | text_eot | text_blank_lines | json | jsonl | llmc_shard
+/// text_field = "text"      # the record field that holds the text in json / jsonl
+/// cache_dir = ".forge-cache/data"
+/// tokenizer = { train = { vocab_size = 2048 } }   # or { path = "tokenizer.json" }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training corpus file(s), read in order into one token stream.
+    #[serde(deserialize_with = "one_or_many")]
+    pub train: Vec<PathBuf>,
+    /// Validation corpus file(s).
+    #[serde(deserialize_with = "one_or_many")]
+    pub val: Vec<PathBuf>,
+    /// Layout of the corpus files; `auto` decides per file.
+    #[serde(default)]
+    pub format: CorpusFormat,
+    /// Layout of the validation files when it differs from `format`.
+    #[serde(default)]
+    pub val_format: Option<CorpusFormat>,
+    /// Record field holding the text, for `json` and `jsonl` records.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    pub tokenizer: TokenizerConfig,
+    /// Where token caches and trained tokenizers are kept.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+}
+
+/// Which tokenizer a run uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenizerConfig {
+    /// A Hugging Face `tokenizer.json` (GPT-2's: `../shared/data/gpt2/tokenizer.json`).
+    Path(PathBuf),
+    /// A byte-level BPE trained on the train corpus, saved under `cache_dir` and reused while
+    /// the corpus is unchanged.
+    Train { vocab_size: usize },
+}
+
+fn default_text_field() -> String {
+    "text".to_string()
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".forge-cache/data")
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl DataConfig {
+    /// Checks what can be checked without reading the corpus.
+    pub fn validate(&self) -> Result<()> {
+        if self.train.is_empty() {
+            return Err(Error::Data(
+                "train lists no files; give at least one corpus".into(),
+            ));
+        }
+        if self.val.is_empty() {
+            return Err(Error::Data(
+                "val lists no files; give a validation corpus (it is never trained on)".into(),
+            ));
+        }
+        if let Some(p) = self.val.iter().find(|p| self.train.contains(p)) {
+            return Err(Error::Data(format!(
+                "{} is both a train and a val file; validation must be held out",
+                p.display()
+            )));
+        }
+        if self.text_field.is_empty() {
+            return Err(Error::Data(
+                "text_field is empty; name the field that holds the text".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A tokenizer and the train and validation token caches made with it.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub tokenizer: Tokenizer,
+    pub tokenizer_origin: TokenizerOrigin,
+    pub train: TokenCache,
+    pub val: TokenCache,
+}
+
+impl Dataset {
+    /// Loads or trains the tokenizer, then builds (or reuses) both token caches.
+    pub fn prepare(cfg: &DataConfig) -> Result<Self> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.cache_dir).map_err(|e| {
+            Error::Data(format!(
+                "cannot create cache_dir {} ({e}); set data.cache_dir to a writable directory",
+                cfg.cache_dir.display()
+            ))
+        })?;
+        let (tokenizer, tokenizer_origin) = match &cfg.tokenizer {
+            TokenizerConfig::Path(path) => (
+                Tokenizer::load(path)?,
+                TokenizerOrigin::Loaded(path.clone()),
+            ),
+            TokenizerConfig::Train { vocab_size } => trained_tokenizer(cfg, *vocab_size)?,
+        };
+        let train = TokenCache::build_or_open(
+            &cfg.train,
+            cfg.format,
+            &cfg.text_field,
+            &tokenizer,
+            &cfg.cache_dir,
+            "train",
+        )?;
+        let val = TokenCache::build_or_open(
+            &cfg.val,
+            cfg.val_format.unwrap_or(cfg.format),
+            &cfg.text_field,
+            &tokenizer,
+            &cfg.cache_dir,
+            "val",
+        )?;
+        Ok(Self {
+            tokenizer,
+            tokenizer_origin,
+            train,
+            val,
+        })
+    }
+
+    /// Corpus statistics and the unigram and bigram baselines on the validation set.
+    pub fn stats_report(&self) -> Result<BaselineReport> {
+        BaselineReport::of(self)
+    }
+}
+
+/// Bumped when the BPE training recipe changes, so saved tokenizers are retrained.
+const BPE_RECIPE: &str = "byte-level-bpe-v1";
+
+/// The BPE for `cfg.train`: reused from `cache_dir` when one was trained on the same files
+/// (same paths, sizes and contents at both ends), trained and saved otherwise.
+fn trained_tokenizer(cfg: &DataConfig, vocab_size: usize) -> Result<(Tokenizer, TokenizerOrigin)> {
+    let mut key = Sha256::new();
+    key.update(BPE_RECIPE.as_bytes());
+    key.update(vocab_size.to_le_bytes());
+    key.update(cache::content_key(&cfg.train, cfg.format, &cfg.text_field)?);
+    let file = cfg.cache_dir.join(format!(
+        "tokenizer-bpe{vocab_size}-{}.json",
+        &hex::encode(key.finalize())[..16]
+    ));
+    if file.exists() {
+        match Tokenizer::load(&file) {
+            Ok(tok) => {
+                tracing::info!("reusing trained tokenizer {}", file.display());
+                return Ok((tok, TokenizerOrigin::Trained(file)));
+            }
+            Err(e) => tracing::warn!("retraining the tokenizer: {e}"),
+        }
+    }
+    let started = Instant::now();
+    tracing::info!(
+        "training a byte-level BPE of {vocab_size} tokens on {:?}",
+        cfg.train
+    );
+    let mut sources = Vec::new();
+    for path in &cfg.train {
+        sources.push(corpus::documents(path, cfg.format, &cfg.text_field)?);
+    }
+    let tok = Tokenizer::train(sources.into_iter().flatten(), vocab_size)?;
+    tok.save(&file)?;
+    tracing::info!(
+        "trained tokenizer saved to {} in {:.1} s",
+        file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((tok, TokenizerOrigin::Trained(file)))
+}
+
+pub(crate) fn cache_error(path: &Path, why: impl Into<String>) -> Error {
+    Error::TokenCache {
+        path: path.to_path_buf(),
+        why: why.into(),
+    }
+}
+
+/// A file written under a temporary name and renamed into place by [`AtomicFile::commit`]
+/// after an fsync, so readers see the old file or the whole new one, never a part. Dropped
+/// without a commit, it removes the temporary file.
+pub(crate) struct AtomicFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    out: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub(crate) fn create(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Unique per process and per call, so concurrent writers of one path never share a
+        // temporary file; the last rename wins with a complete file either way.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()));
+        let file = File::create(&tmp).map_err(Error::io(format!(
+            "cannot create {} (is its directory writable?)",
+            tmp.display()
+        )))?;
+        Ok(Self {
+            tmp,
+            path: path.to_path_buf(),
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    pub(crate) fn final_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&mut self) -> std::io::Result<&mut BufWriter<File>> {
+        self.out
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("file already committed"))
+    }
+
+    /// Flushes, fsyncs, renames over the final name and fsyncs the directory.
+    pub(crate) fn commit(mut self) -> Result<()> {
+        let context = format!(
+            "cannot finish writing {} (disk full?); the previous version, if any, is untouched",
+            self.path.display()
+        );
+        let out = self.out.take().expect("commit runs once");
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(context.clone())(e.into_error()))?;
+        file.sync_all().map_err(Error::io(context.clone()))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(Error::io(context.clone()))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Makes the rename itself durable.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::io(context))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer()?.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer()?.flush()
+    }
+}
+
+impl Seek for AtomicFile {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.writer()?.seek(pos)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            // Not committed: the partial file must not outlive the failed write.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes).map_err(Error::io(format!(
+        "cannot write {} (free disk space and retry)",
+        path.display()
+    )))?;
+    file.commit()
+}
+
+/// Paths of the shared sample data used by tests: `$FORGE_DATA_DIR` or `../shared/data` next
+/// to the repository.
+#[cfg(test)]
+pub(crate) mod test_data {
+    use std::path::PathBuf;
+
+    fn root() -> PathBuf {
+        let root = std::env::var_os("FORGE_DATA_DIR").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
+            PathBuf::from,
+        );
+        assert!(
+            root.is_dir(),
+            "shared sample data not found at {}; set FORGE_DATA_DIR to the directory holding \
+             gpt2/ and tinystories/",
+            root.display()
+        );
+        root
+    }
+
+    pub(crate) fn gpt2_tokenizer() -> PathBuf {
+        root().join("gpt2/tokenizer.json")
+    }
+
+    pub(crate) fn tinystories(name: &str) -> PathBuf {
+        root().join("tinystories").join(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> std::result::Result<DataConfig, String> {
+        toml::from_str(toml_text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn data_section_parses_from_toml() {
+        let cfg = parse(
+            r#"
+            train = ["a.txt", "b.json"]
+            val = "v.txt"
+            format = "json"
+            val_format = "text_blank_lines"
+            text_field = "story"
+            tokenizer = { train = { vocab_size = 2048 } }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.train, [PathBuf::from("a.txt"), PathBuf::from("b.json")]);
+        assert_eq!(cfg.val, [PathBuf::from("v.txt")]);
+        assert_eq!(cfg.format, CorpusFormat::Json);
+        assert_eq!(cfg.val_format, Some(CorpusFormat::TextBlankLines));
+        assert_eq!(cfg.tokenizer, TokenizerConfig::Train { vocab_size: 2048 });
+        assert_eq!(cfg.cache_dir, PathBuf::from(".forge-cache/data"));
+        cfg.validate().unwrap();
+
+        let cfg = parse("train = \"t\"\nval = \"v\"\n[tokenizer]\npath = \"tok.json\"\n").unwrap();
+        assert_eq!(cfg.tokenizer, TokenizerConfig::Path("tok.json".into()));
+        assert_eq!(
+            (cfg.format, cfg.text_field.as_str()),
+            (CorpusFormat::Auto, "text")
+        );
+        // Round trip, as a checkpoint stores its config.
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(parse(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_data_sections_are_refused() {
+        let base = "val = \"v\"\ntokenizer = { path = \"t\" }\n";
+        let err = parse(&format!("train = \"t\"\nshuffle = true\n{base}")).unwrap_err();
+        assert!(err.contains("unknown field `shuffle`"), "{err}");
+        let err = parse(&format!("train = \"t\"\nformat = \"csv\"\n{base}")).unwrap_err();
+        assert!(err.contains("unknown variant `csv`"), "{err}");
+        let err =
+            parse("train = \"t\"\nval = \"v\"\ntokenizer = { train = { vocab = 9 } }").unwrap_err();
+        assert!(err.contains("vocab"), "{err}");
+        let cfg = parse(&format!("train = []\n{base}")).unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("train lists no files")
+        );
+        let cfg = parse(&format!("train = \"v\"\n{base}")).unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("both a train and a val file")
+        );
+    }
+
+    #[test]
+    fn atomic_file_leaves_nothing_behind_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        std::fs::write(&path, b"old").unwrap();
+        {
+            let mut f = AtomicFile::create(&path).unwrap();
+            f.write_all(b"partial").unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

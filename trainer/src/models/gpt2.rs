@@ -29,9 +29,13 @@ impl Conv1D {
         }
     }
 
+    /// `x @ W + b` through `aten::linear` (one fused addmm, as `nn.Linear` does).
     fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        x.matmul(&to_compute(&self.weight, kind)) + to_compute(&self.bias, kind)
+        x.linear(
+            &to_compute(&self.weight, kind).tr(),
+            Some(to_compute(&self.bias, kind)),
+        )
     }
 }
 

@@ -1,0 +1,216 @@
+//! `forge-node train` as a user runs it: Ctrl-C saves a checkpoint and the same command
+//! resumes; a full disk while saving fails with a clear message and keeps the last checkpoint;
+//! `sample` reads a checkpoint.
+
+use forge_integration_tests::{binary, run};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn shared_data() -> PathBuf {
+    std::env::var_os("FORGE_DATA_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
+        PathBuf::from,
+    )
+}
+
+/// configs/tiny-cpu.toml, shrunk for a test and pointed at `out_dir`.
+fn write_config(dir: &Path, out_dir: &Path, max_steps: u64, checkpoint_every: u64) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"),
+    )
+    .unwrap();
+    let data = shared_data().join("tinystories");
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("forge-data-cache");
+    let replacements = [
+        (
+            "\"../shared/data/tinystories/train-sample.txt\"",
+            format!("{:?}", data.join("train-sample.txt")),
+        ),
+        (
+            "\"../shared/data/tinystories/valid-sample.txt\"",
+            format!("{:?}", data.join("valid-sample.txt")),
+        ),
+        (
+            "cache_dir = \".forge-cache/data\"",
+            format!("cache_dir = {cache:?}"),
+        ),
+        (
+            "out_dir = \"runs/tiny-cpu\"",
+            format!("out_dir = {out_dir:?}"),
+        ),
+        ("max_steps = 500", format!("max_steps = {max_steps}")),
+        ("seq_len = 128", "seq_len = 32".into()),
+        ("batch_size = 16", "batch_size = 8".into()),
+        ("micro_batch = 16", "micro_batch = 8".into()),
+        ("warmup_steps = 30", "warmup_steps = 2".into()),
+        (
+            "every = 100\n# Validation",
+            "every = 1000\n# Validation".into(),
+        ),
+        ("batches = 0", "batches = 2".into()),
+        ("resume = true", "resume = true".into()),
+    ];
+    let mut text = text;
+    for (from, to) in replacements {
+        assert!(text.contains(from), "tiny-cpu.toml no longer has {from}");
+        text = text.replacen(from, &to, 1);
+    }
+    let marker = "# Save every this many steps (and at the end, and on Ctrl-C).\nevery = 100";
+    assert!(text.contains(marker));
+    text = text.replace(
+        marker,
+        &format!("# Save every.\nevery = {checkpoint_every}"),
+    );
+    let path = dir.join(format!("run-{max_steps}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn checkpoints(out_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(out_dir.join("checkpoints"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_same_command_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let long = write_config(tmp.path(), &out, 100_000, 1000);
+    let mut child = Command::new(binary("forge-node"))
+        .args(["train", "--config", long.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has trained a few steps (metrics lines), then press Ctrl-C.
+    let metrics = out.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            start.elapsed() < LIMIT,
+            "no training progress within {LIMIT:?}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "forge-node exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let step: u64 = stdout
+        .split("interrupted at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'interrupted at step N' in: {stdout}"));
+    assert!(step >= 3);
+    assert_eq!(checkpoints(&out), vec![format!("step-{step:08}")]);
+
+    // The same run with a budget two steps further resumes and finishes there.
+    let more = write_config(tmp.path(), &out, step + 2, 1000);
+    let r = run(
+        "forge-node",
+        &["train", "--config", more.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(r.success(), "{}", r.stderr);
+    assert!(
+        r.stdout.contains(&format!("finished at step {}", step + 2)),
+        "{}",
+        r.stdout
+    );
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], step + 2);
+
+    let sample = run(
+        "forge-node",
+        &[
+            "sample",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--max-tokens",
+            "20",
+            "--prompt",
+            "Once upon a time",
+        ],
+        LIMIT,
+    );
+    assert!(sample.success(), "{}", sample.stderr);
+    assert!(
+        sample.stdout.starts_with("Once upon a time"),
+        "{}",
+        sample.stdout
+    );
+}
+
+#[test]
+fn a_full_disk_while_saving_fails_clearly_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let first = write_config(tmp.path(), &out, 4, 4);
+    let r = run(
+        "forge-node",
+        &["train", "--config", first.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(r.success(), "{}", r.stderr);
+    assert_eq!(checkpoints(&out), vec!["step-00000004".to_string()]);
+
+    // Files may not grow past 1 MiB (the shell's ulimit; SIGXFSZ ignored so writes fail with
+    // EFBIG instead of killing the process): the step-8 checkpoint cannot be written.
+    let second = write_config(tmp.path(), &out, 8, 4);
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 1024; exec {:?} train --config {:?}",
+        binary("forge-node"),
+        second
+    );
+    let output = Command::new("bash")
+        .args(["-c", &script])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("checkpoint") && stderr.contains("the previous checkpoint is intact"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Nothing already saved is lost, and no half-written directory is left.
+    assert_eq!(checkpoints(&out), vec!["step-00000004".to_string()]);
+    let sample = run(
+        "forge-node",
+        &[
+            "sample",
+            "--checkpoint",
+            out.join("checkpoints/step-00000004").to_str().unwrap(),
+            "--max-tokens",
+            "5",
+        ],
+        LIMIT,
+    );
+    assert!(sample.success(), "{}", sample.stderr);
+}

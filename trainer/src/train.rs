@@ -1,0 +1,514 @@
+//! Single-node training: the loop that `forge-node train` runs, and that every DiLoCo node
+//! runs between outer steps. Gradient accumulation, clipping, scheduled AdamW, eval with bits
+//! per byte and a sample, atomic checkpoints with exact resume, a divergence guard, and a clean
+//! stop on Ctrl-C.
+
+use crate::checkpoint::CheckpointDir;
+use crate::config::RunConfig;
+use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches};
+use crate::device::{device_name, parse_device};
+use crate::error::{Error, Result};
+use crate::flops;
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
+use crate::optim::{AdamW, accumulate, clip_grad_norm};
+use crate::sample::generate;
+use crate::schedule::scaled_peak_lr;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::{Device, Tensor, nn::VarStore};
+
+/// Everything besides tensors that a checkpoint must restore for an exact resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainState {
+    pub step: u64,
+    pub tokens: u64,
+    pub data_position: DataPosition,
+    pub loss_ema: Option<f64>,
+    pub elapsed_s: f64,
+    pub model: ModelConfig,
+    /// The run config as TOML, so a checkpoint says how it was made.
+    pub run_config: String,
+    pub forge_version: String,
+}
+
+/// How a run ended (errors are returned as `Err`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The budget was reached.
+    Finished { step: u64, checkpoint: PathBuf },
+    /// A stop was requested (SIGINT/SIGTERM); a checkpoint was saved.
+    Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+/// Summary a caller can print.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub outcome: Outcome,
+    pub final_eval_loss: Option<f64>,
+    pub final_eval_bpb: Option<f64>,
+    pub sample: Option<String>,
+    pub out_dir: PathBuf,
+}
+
+/// A run being trained.
+pub struct Trainer {
+    cfg: RunConfig,
+    device: Device,
+    dataset: Dataset,
+    vs: VarStore,
+    model: Model,
+    opt: AdamW,
+    batches: Batches,
+    eval_set: Vec<Batch>,
+    eval_bytes_per_token: f64,
+    ckpts: CheckpointDir,
+    state: TrainState,
+    peak_lr: f64,
+    peak_tflops: Option<f64>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("out_dir", &self.cfg.train.out_dir)
+            .field("step", &self.state.step)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Prepares data, builds the model and optimizer, and resumes from the newest valid
+    /// checkpoint in the run directory when `[checkpoint] resume` is on.
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        let t = &cfg.train;
+        let device = parse_device(&t.device)?;
+        let precision = t.precision.unwrap_or(match device {
+            Device::Cpu => Precision::Fp32,
+            _ => Precision::Bf16,
+        });
+        if precision == Precision::Bf16 && device == Device::Cpu {
+            return Err(Error::InvalidTrainConfig(
+                "precision bf16 is for CUDA devices; use fp32 on cpu".into(),
+            ));
+        }
+        if let Some(n) = t.threads {
+            tch::set_num_threads(n);
+        }
+        let out_dir = t.out_dir.clone();
+        std::fs::create_dir_all(&out_dir).map_err(Error::io(format!(
+            "creating the run directory {}",
+            out_dir.display()
+        )))?;
+        let dataset = Dataset::prepare(&cfg.data)?;
+
+        let mut model_cfg = cfg.model_config()?;
+        let vocab = dataset.tokenizer.vocab_size() as i64;
+        match cfg.model.vocab_size {
+            Some(v) if v < vocab => {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "[model] vocab_size {v} is smaller than the tokenizer's {vocab} tokens"
+                )));
+            }
+            Some(_) => {}
+            None => model_cfg.vocab_size = vocab,
+        }
+        model_cfg.validate()?;
+
+        let vs = VarStore::new(device);
+        let mut model = {
+            // libtorch's generator is process-wide: hold it from seeding to the last draw, so
+            // another thread cannot make this run's initialisation differ.
+            let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(t.seed as i64);
+            Model::new(&vs.root(), &model_cfg)?
+        };
+        model.set_precision(precision);
+        let opt = AdamW::new(&vs, t.adamw);
+        let batches = Batches::new(
+            dataset.train.tokens().clone(),
+            t.seq_len as usize,
+            t.micro_batch,
+            t.seed,
+            0,
+            1,
+        )?;
+        let max_windows = (cfg.eval.batches > 0).then(|| cfg.eval.batches * t.micro_batch);
+        let eval_set: Vec<Batch> = EvalBatches::new(
+            dataset.val.tokens().clone(),
+            t.seq_len as usize,
+            t.micro_batch,
+            max_windows,
+        )?
+        .collect();
+        let eval_bytes_per_token = bytes_per_token(&dataset, &eval_set);
+        let ckpts = CheckpointDir::new(out_dir.join("checkpoints"), cfg.checkpoint.keep);
+        let peak_lr = scaled_peak_lr(t.lr, cfg.tokens_per_step(), t.lr_reference_batch_tokens);
+        let peak_tflops = match device {
+            Device::Cuda(i) => flops::cuda_device_name(i)
+                .and_then(|name| flops::gpu_peak_tflops(&name, precision == Precision::Bf16)),
+            _ => None,
+        };
+        let state = TrainState {
+            step: 0,
+            tokens: 0,
+            data_position: batches.position(),
+            loss_ema: None,
+            elapsed_s: 0.0,
+            model: model_cfg,
+            run_config: toml::to_string(&cfg).expect("config serializes"),
+            forge_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut trainer = Trainer {
+            cfg,
+            device,
+            dataset,
+            vs,
+            model,
+            opt,
+            batches,
+            eval_set,
+            eval_bytes_per_token,
+            ckpts,
+            state,
+            peak_lr,
+            peak_tflops,
+        };
+        if trainer.cfg.checkpoint.resume {
+            trainer.resume_latest()?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn resume_latest(&mut self) -> Result<()> {
+        let Some((step, dir)) = self.ckpts.latest_valid() else {
+            return Ok(());
+        };
+        let state: TrainState = read_json(&dir.join("state.json"))?;
+        if state.model != self.state.model {
+            return Err(Error::Checkpoint {
+                path: dir,
+                why: "it was written for a different model; use another out_dir or set [checkpoint] resume = false".into(),
+            });
+        }
+        weights::load(&mut self.vs, &state.model, &dir.join("model.safetensors"))?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let opt_state: HashMap<String, Tensor> = Tensor::read_safetensors(&opt_path)
+            .map_err(Error::torch(format!("reading {}", opt_path.display())))?
+            .into_iter()
+            .collect();
+        self.opt.load_state_tensors(&opt_state)?;
+        self.batches.seek(state.data_position)?;
+        tracing::info!("resumed from {} (step {step})", dir.display());
+        self.state = TrainState {
+            run_config: self.state.run_config.clone(),
+            ..state
+        };
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current step.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.ckpts.save(self.state.step, |dir| {
+            let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                why: format!(
+                    "writing {what} failed: {e}. If the disk is full, free space and resume; \
+                     the previous checkpoint is intact"
+                ),
+            };
+            weights::save(&self.vs, &dir.join("model.safetensors"))
+                .map_err(|e| failed("model.safetensors", &e))?;
+            let opt: Vec<(String, Tensor)> = self
+                .opt
+                .state_tensors()
+                .into_iter()
+                .map(|(k, t)| (k, t.to_device(Device::Cpu)))
+                .collect();
+            Tensor::write_safetensors(&opt, dir.join("optimizer.safetensors"))
+                .map_err(|e| failed("optimizer.safetensors", &e))?;
+            write_json(&dir.join("state.json"), &self.state)
+                .map_err(|e| failed("state.json", &e))?;
+            self.dataset
+                .tokenizer
+                .save(&dir.join("tokenizer.json"))
+                .map_err(|e| failed("tokenizer.json", &e))
+        })
+    }
+
+    /// Mean loss over the fixed validation windows, and bits per byte.
+    pub fn evaluate(&self) -> (f64, f64) {
+        let _guard = tch::no_grad_guard();
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for batch in &self.eval_set {
+            let (ids, tgt) = self.to_tensors(batch);
+            let loss = cross_entropy(&self.model.forward(&ids), &tgt);
+            total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
+            count += batch.targets.len();
+        }
+        let loss = total / count.max(1) as f64;
+        (
+            loss,
+            loss / std::f64::consts::LN_2 / self.eval_bytes_per_token,
+        )
+    }
+
+    /// A sample continuation of the configured prompt.
+    pub fn sample(&self) -> String {
+        let prompt = self
+            .dataset
+            .tokenizer
+            .encode(&self.cfg.eval.prompt)
+            .unwrap_or_default();
+        let eot = Some(self.dataset.tokenizer.eot_id());
+        let new = generate(
+            &self.model,
+            &prompt,
+            &self.cfg.eval.sample,
+            eot,
+            self.device,
+        );
+        format!(
+            "{}{}",
+            self.cfg.eval.prompt,
+            self.dataset.tokenizer.decode(&new).unwrap_or_default()
+        )
+    }
+
+    /// A batch as (inputs, targets) tensors of shape (rows, seq_len) on the device.
+    fn to_tensors(&self, batch: &Batch) -> (Tensor, Tensor) {
+        let shape = [batch.rows as i64, batch.seq_len as i64];
+        (
+            Tensor::from_slice(&batch.inputs)
+                .view(shape)
+                .to_device(self.device),
+            Tensor::from_slice(&batch.targets)
+                .view(shape)
+                .to_device(self.device),
+        )
+    }
+
+    /// One optimizer step (with gradient accumulation); returns (loss, grad_norm, lr).
+    pub fn train_step(&mut self) -> Result<(f64, f64, f64)> {
+        let t = &self.cfg.train;
+        let accum = t.batch_size / t.micro_batch;
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut loss_sum = 0.0;
+        for _ in 0..accum {
+            let batch = self.batches.next_batch();
+            let (ids, tgt) = self.to_tensors(&batch);
+            let loss = cross_entropy(&self.model.forward(&ids), &tgt) / accum as f64;
+            let micro = self.opt.gradients(&loss);
+            if grads.is_empty() {
+                grads = micro;
+            } else {
+                accumulate(&mut grads, micro);
+            }
+            loss_sum += f64::try_from(&loss).map_err(Error::torch("reading the loss"))?;
+        }
+        let grad_norm = clip_grad_norm(&grads, t.grad_clip);
+        let total = self.cfg.total_steps();
+        let lr = self.peak_lr * t.schedule.factor(self.state.step, total);
+        self.opt.step(lr, &grads);
+        self.state.step += 1;
+        self.state.tokens += self.cfg.tokens_per_step();
+        self.state.data_position = self.batches.position();
+        Ok((loss_sum, grad_norm, lr))
+    }
+
+    /// Checks a loss against the moving average; an error explains the stop.
+    fn guard(&mut self, loss: f64) -> Result<()> {
+        let step = self.state.step;
+        let last_good = self
+            .ckpts
+            .latest_valid()
+            .map(|(_, p)| p.display().to_string());
+        let keep = last_good.map_or("no checkpoint was saved yet".to_string(), |p| {
+            format!("the last good checkpoint is {p}")
+        });
+        if !loss.is_finite() {
+            return Err(Error::Diverged(format!(
+                "loss is {loss} at step {step}; {keep}. Lower [train] lr or raise warmup, then resume"
+            )));
+        }
+        let settle = 2 * warmup_of(&self.cfg);
+        if let Some(ema) = self.state.loss_ema
+            && step > settle
+            && loss > ema * self.cfg.train.divergence_factor
+        {
+            return Err(Error::Diverged(format!(
+                "loss {loss:.4} at step {step} is over {}x its moving average {ema:.4}; {keep}. \
+                 Lower [train] lr, then resume",
+                self.cfg.train.divergence_factor
+            )));
+        }
+        self.state.loss_ema = Some(self.state.loss_ema.map_or(loss, |e| 0.9 * e + 0.1 * loss));
+        Ok(())
+    }
+
+    /// Trains to the end of the budget, or until `stop` is set.
+    pub fn run(&mut self, stop: &Arc<AtomicBool>) -> Result<RunSummary> {
+        let total = self.cfg.total_steps();
+        let out_dir = self.cfg.train.out_dir.clone();
+        let mut log = MetricsLog::open(
+            &out_dir.join("metrics.jsonl"),
+            total,
+            self.state.step,
+            self.cfg.train.log_every,
+        )?;
+        log.note(&format!(
+            "training {} {:.2}M params on {} for {total} steps ({} tokens/step), run dir {}",
+            self.state.model.family,
+            self.state.model.param_count() as f64 / 1e6,
+            device_name(self.device),
+            self.cfg.tokens_per_step(),
+            out_dir.display()
+        ));
+        let flops_per_token = self
+            .state
+            .model
+            .train_flops_per_token(self.cfg.train.seq_len);
+        let started = Instant::now();
+        let elapsed_before = self.state.elapsed_s;
+        let mut last_eval = (None, None);
+        while self.state.step < total {
+            if stop.load(Ordering::Relaxed) {
+                let checkpoint = self.save_checkpoint()?;
+                log.note(&format!(
+                    "stopped at step {}; checkpoint {}; run the same command to resume",
+                    self.state.step,
+                    checkpoint.display()
+                ));
+                log.finish();
+                return Ok(RunSummary {
+                    outcome: Outcome::Interrupted {
+                        step: self.state.step,
+                        checkpoint,
+                    },
+                    final_eval_loss: last_eval.0,
+                    final_eval_bpb: last_eval.1,
+                    sample: None,
+                    out_dir,
+                });
+            }
+            let step_start = Instant::now();
+            let (loss, grad_norm, lr) = self.train_step()?;
+            let step_s = step_start.elapsed().as_secs_f64();
+            self.guard(loss)?;
+            self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            let tokens_per_s = self.cfg.tokens_per_step() as f64 / step_s;
+            let mut m = StepMetrics {
+                step: self.state.step,
+                tokens: self.state.tokens,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                mfu: self
+                    .peak_tflops
+                    .map(|p| flops_per_token * tokens_per_s / 1e12 / p),
+                eval_loss: None,
+                eval_bpb: None,
+                elapsed_s: self.state.elapsed_s,
+            };
+            let done = self.state.step == total;
+            if self.state.step % self.cfg.eval.every == 0 || done {
+                let (eval_loss, bpb) = self.evaluate();
+                m.eval_loss = Some(eval_loss);
+                m.eval_bpb = Some(bpb);
+                last_eval = (Some(eval_loss), Some(bpb));
+                log.record(&m)?;
+                log.note(&format!("sample: {}", self.sample()));
+            } else {
+                log.record(&m)?;
+            }
+            if self.state.step % self.cfg.checkpoint.every == 0 && !done {
+                self.save_checkpoint()?;
+            }
+        }
+        let checkpoint = self.save_checkpoint()?;
+        log.finish();
+        Ok(RunSummary {
+            outcome: Outcome::Finished {
+                step: self.state.step,
+                checkpoint,
+            },
+            final_eval_loss: last_eval.0,
+            final_eval_bpb: last_eval.1,
+            sample: Some(self.sample()),
+            out_dir,
+        })
+    }
+}
+
+fn warmup_of(cfg: &RunConfig) -> u64 {
+    use crate::schedule::Schedule::*;
+    match cfg.train.schedule {
+        Cosine { warmup_steps, .. }
+        | Wsd { warmup_steps, .. }
+        | Infinite { warmup_steps, .. }
+        | Constant { warmup_steps } => warmup_steps,
+    }
+}
+
+/// UTF-8 bytes per target token over the eval set, for bits per byte.
+fn bytes_per_token(dataset: &Dataset, eval_set: &[Batch]) -> f64 {
+    let mut bytes = 0usize;
+    let mut tokens = 0usize;
+    for batch in eval_set {
+        let ids: Vec<u32> = batch.targets.iter().map(|&t| t as u32).collect();
+        // Separators stand for document boundaries, not text: count the text's bytes only.
+        bytes += dataset
+            .tokenizer
+            .decode_text(&ids)
+            .map(|s| s.len())
+            .unwrap_or(0);
+        tokens += ids.len();
+    }
+    if tokens == 0 {
+        1.0
+    } else {
+        bytes as f64 / tokens as f64
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        why: format!("not valid: {e}"),
+    })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_vec_pretty(value).expect("serializes");
+    std::fs::write(path, text).map_err(Error::io(format!("writing {}", path.display())))
+}
+
+/// Loads the model of a checkpoint directory (for `forge-node sample`).
+pub fn load_checkpoint_model(dir: &Path, device: Device) -> Result<(VarStore, Model, TrainState)> {
+    crate::checkpoint::verify(dir)?;
+    let state: TrainState = read_json(&dir.join("state.json"))?;
+    let mut vs = VarStore::new(device);
+    let model = Model::new(&vs.root(), &state.model)?;
+    weights::load(&mut vs, &state.model, &dir.join("model.safetensors"))?;
+    Ok((vs, model, state))
+}
