@@ -79,6 +79,39 @@ pub enum Error {
         our_software: String,
         their_software: String,
     },
+
+    #[error("invalid compression setting: {reason}")]
+    InvalidCompression { reason: String },
+
+    #[error(
+        "value {value} at index {index} is not finite; refusing to encode a poisoned update (the local training diverged: lower the learning rate or check the data)"
+    )]
+    NonFinite { index: usize, value: f32 },
+
+    #[error(
+        "value {value} at index {index} is too large for {codec}: it would overflow to infinity"
+    )]
+    OutOfRange {
+        index: usize,
+        value: f32,
+        codec: &'static str,
+    },
+
+    #[error("{len} values do not fit one encoded tensor (at most {max}); encode it in chunks")]
+    TooManyValues { len: usize, max: usize },
+
+    #[error(
+        "encoded tensor uses {found} but this node expects {expected}; every node must run with the same [diloco] compression"
+    )]
+    CodecMismatch { expected: String, found: String },
+
+    #[error(
+        "encoded tensor holds {found} values but {expected} were expected; sender and receiver disagree on the chunk layout"
+    )]
+    ValueCountMismatch { expected: usize, found: u64 },
+
+    #[error("encoded tensor is corrupt: {reason}; the sending peer is misbehaving")]
+    CorruptTensor { reason: String },
 }
 
 /// Result alias used across `forge-protocol`.

@@ -1,5 +1,6 @@
 //! Forge wire protocol: the messages nodes and the coordinator exchange, the headers of the
-//! peer-to-peer sync stream, and the single codec that frames and serializes them. No I/O.
+//! peer-to-peer sync stream, the single codec that frames and serializes them, and the
+//! quantisers that compress outer gradients. No I/O.
 
 /// Framing, size limits, bincode and zstd: the only module that serializes anything.
 pub mod codec;
@@ -7,6 +8,8 @@ pub mod codec;
 pub mod error;
 /// Control messages between node and coordinator, and the version handshake.
 pub mod messages;
+/// Outer-gradient codecs (fp32, bf16, block int8/int4, optional zstd) and error feedback.
+pub mod quant;
 /// The opening exchange of a control connection (cluster token) and the status report.
 pub mod session;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.

@@ -769,11 +769,16 @@ mod tests {
         use crate::sync::{MAX_SYNC_CHUNK_BYTES, SyncChunkHeader, SyncCodec, SyncPhase};
         let header = SyncChunkHeader {
             round: RoundId(4),
-            sender: MemberId(1),
+            group: 7,
+            sender: 1,
             stage: 0,
             phase: SyncPhase::ReduceScatter,
             chunk_index: 2,
             chunks: 8,
+            offset: 0,
+            values: 1 << 18,
+            total_len: 1 << 21,
+            weight: 512.0,
             codec: SyncCodec::Int8Blocks { block: 256 },
             payload_len: 1 << 20,
             zstd: true,

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Channel};
 use crate::error::{Error, Result};
-use crate::messages::{MemberId, RoundId};
+use crate::messages::RoundId;
+use crate::quant::Codec;
 
 /// Protocol id of the sync stream, in the libp2p style.
 pub const SYNC_PROTOCOL: &str = "/forge/sync/1";
@@ -17,7 +18,8 @@ pub const SYNC_PROTOCOL: &str = "/forge/sync/1";
 /// Largest chunk payload a receiver accepts.
 pub const MAX_SYNC_CHUNK_BYTES: u32 = 64 << 20;
 
-/// How a chunk's pseudo_grad values are encoded.
+/// How a chunk's pseudo_grad values are encoded: the wire id of a [`Codec`]
+/// ([`Compression::sync_codec`](crate::quant::Compression::sync_codec)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncCodec {
     F32,
@@ -26,28 +28,47 @@ pub enum SyncCodec {
     Int8Blocks {
         block: u32,
     },
-    /// Blocks of `block` 4-bit E3M0 values with one f32 scale each.
-    E3m0Blocks {
+    /// Blocks of `block` symmetric absmax int4 values with one f32 scale each.
+    Int4Blocks {
         block: u32,
     },
 }
 
-/// Which half of the reduce-scatter + all-gather all-reduce a chunk belongs to.
+/// Which half of the reduce-scatter + all-gather all-reduce a chunk belongs to, or an abort.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncPhase {
     ReduceScatter,
     AllGather,
+    /// The sender gave up on this all-reduce: `chunk_index` is the member it blames and the
+    /// payload is the reason in UTF-8, so the others fail at once instead of at their timeout.
+    Abort,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Precedes every chunk on a sync stream. A chunk holds `values` consecutive elements of the
+/// flattened pseudo_grad, starting at `offset`, all inside the range owned by member
+/// `chunk_index` (the all-reduce splits the vector into `chunks` ranges, one per member).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncChunkHeader {
     pub round: RoundId,
-    pub sender: MemberId,
+    /// Digest of the ordered member list of this all-reduce, so that streams of an earlier
+    /// attempt at the same round (with other members) are never mixed into a retry.
+    pub group: u64,
+    /// The sender's position in that member list; the transport authenticates who it is.
+    pub sender: u32,
     /// Pipeline stage whose parameters the chunk covers (0 for whole-model replicas).
     pub stage: u32,
     pub phase: SyncPhase,
     pub chunk_index: u32,
     pub chunks: u32,
+    /// First element of the chunk in the flattened pseudo_grad.
+    pub offset: u64,
+    /// Elements the payload decodes to.
+    pub values: u32,
+    /// Elements in the whole flattened pseudo_grad; every member must agree.
+    pub total_len: u64,
+    /// Reduce-scatter: the sender's weight (tokens processed). All-gather: the total weight the
+    /// owner divided the sum by.
+    pub weight: f64,
     pub codec: SyncCodec,
     /// Raw bytes that follow the header frame.
     pub payload_len: u32,
@@ -73,11 +94,37 @@ impl SyncChunkHeader {
                 ),
             });
         }
-        if let SyncCodec::Int8Blocks { block: 0 } | SyncCodec::E3m0Blocks { block: 0 } = self.codec
-        {
+        if self.sender >= self.chunks {
             return Err(Error::InvalidSyncHeader {
-                reason: "block size 0".to_string(),
+                reason: format!(
+                    "sender {} is not below the member count {}",
+                    self.sender, self.chunks
+                ),
             });
+        }
+        let end = self.offset.checked_add(u64::from(self.values));
+        if end.is_none_or(|end| end > self.total_len) {
+            return Err(Error::InvalidSyncHeader {
+                reason: format!(
+                    "values {}..+{} run past the vector length {}",
+                    self.offset, self.values, self.total_len
+                ),
+            });
+        }
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return Err(Error::InvalidSyncHeader {
+                reason: format!("weight {} is not a positive finite number", self.weight),
+            });
+        }
+        let blocks = match self.codec {
+            SyncCodec::F32 | SyncCodec::Bf16 => None,
+            SyncCodec::Int8Blocks { block } => Some(Codec::Int8 { block_size: block }),
+            SyncCodec::Int4Blocks { block } => Some(Codec::Int4 { block_size: block }),
+        };
+        if let Some(codec) = blocks {
+            codec.validate().map_err(|err| Error::InvalidSyncHeader {
+                reason: err.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -91,5 +138,67 @@ impl SyncChunkHeader {
         let header: SyncChunkHeader = codec::decode(Channel::Sync, frame)?;
         header.check()?;
         Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> SyncChunkHeader {
+        SyncChunkHeader {
+            round: RoundId(3),
+            group: 0xfeed,
+            sender: 1,
+            stage: 0,
+            phase: SyncPhase::AllGather,
+            chunk_index: 2,
+            chunks: 3,
+            offset: 10,
+            values: 5,
+            total_len: 15,
+            weight: 1024.0,
+            codec: SyncCodec::Bf16,
+            payload_len: 10,
+            zstd: false,
+        }
+    }
+
+    #[test]
+    fn valid_header_round_trips() {
+        let frame = header().to_frame().unwrap();
+        assert_eq!(SyncChunkHeader::from_frame(&frame).unwrap(), header());
+    }
+
+    #[test]
+    fn values_past_the_vector_end_are_refused() {
+        let past_end = SyncChunkHeader {
+            values: 6,
+            ..header()
+        };
+        let err = past_end.check().unwrap_err();
+        assert!(
+            err.to_string().contains("past the vector length 15"),
+            "{err}"
+        );
+        let overflow = SyncChunkHeader {
+            offset: u64::MAX,
+            ..header()
+        };
+        assert!(overflow.check().is_err());
+    }
+
+    #[test]
+    fn sender_outside_the_group_and_bad_weights_are_refused() {
+        let sender = SyncChunkHeader {
+            sender: 3,
+            ..header()
+        };
+        assert!(sender.check().is_err());
+        for weight in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let bad = SyncChunkHeader { weight, ..header() };
+            let err = bad.check().unwrap_err();
+            assert!(err.to_string().contains("weight"), "{err}");
+        }
     }
 }

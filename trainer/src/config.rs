@@ -2,6 +2,7 @@
 //! validated once at start.
 
 use crate::data::DataConfig;
+use crate::diloco::DilocoConfig;
 use crate::error::{Error, Result};
 use crate::models::{ModelConfig, ModelSpec, Precision};
 use crate::optim::AdamWConfig;
@@ -10,8 +11,9 @@ use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// A run config file: `[model]`, `[data]`, `[train]`, `[eval]`, `[checkpoint]`, and the
-/// optional `[coordinator]` table, which the coordinator reads and validates itself.
+/// A run config file: `[model]`, `[data]`, `[train]`, `[eval]`, `[checkpoint]`, the optional
+/// `[diloco]` table for training across machines, and the optional `[coordinator]` table, which
+/// the coordinator reads and validates itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -20,6 +22,9 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub eval: EvalConfig,
     pub checkpoint: CheckpointConfig,
+    /// Training across machines (`forge-node join`); a single-node run ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diloco: Option<DilocoConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<toml::Table>,
 }
@@ -164,6 +169,9 @@ impl RunConfig {
         t.schedule.validate(self.total_steps())?;
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("[eval] every and [checkpoint] every must be at least 1".into());
+        }
+        if let Some(diloco) = &self.diloco {
+            diloco.validate()?;
         }
         Ok(())
     }

@@ -46,6 +46,27 @@ pub enum Outcome {
     Interrupted { step: u64, checkpoint: PathBuf },
 }
 
+/// What an inner loop did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InnerSummary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub loss_sum: f64,
+    pub last_loss: f64,
+    pub last_grad_norm: f64,
+    pub seconds: f64,
+}
+
+impl InnerSummary {
+    pub fn mean_loss(&self) -> f64 {
+        if self.steps == 0 {
+            f64::NAN
+        } else {
+            self.loss_sum / self.steps as f64
+        }
+    }
+}
+
 /// Summary a caller can print.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -187,6 +208,57 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.state.step
+    }
+
+    /// Reads data shard `index` of `count` (the replica's share of the corpus), from its start.
+    pub fn set_data_shard(&mut self, index: usize, count: usize) -> Result<()> {
+        let t = &self.cfg.train;
+        self.batches = Batches::new(
+            self.dataset.train.tokens().clone(),
+            t.seq_len as usize,
+            t.micro_batch,
+            t.seed,
+            index,
+            count,
+        )?;
+        self.state.data_position = self.batches.position();
+        Ok(())
+    }
+
+    /// Up to `steps` optimizer steps, fewer if `budget` runs out or `stop` is set (a DiLoCo
+    /// round's inner loop: slow nodes do fewer steps rather than make the others wait).
+    pub fn inner_steps(
+        &mut self,
+        steps: u64,
+        budget: Option<std::time::Duration>,
+        stop: &AtomicBool,
+    ) -> Result<InnerSummary> {
+        let started = Instant::now();
+        let mut summary = InnerSummary::default();
+        let elapsed_before = self.state.elapsed_s;
+        while summary.steps < steps && !stop.load(Ordering::Relaxed) {
+            if budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0 {
+                break;
+            }
+            let (loss, grad_norm, _lr) = self.train_step()?;
+            self.guard(loss)?;
+            summary.steps += 1;
+            summary.tokens += self.cfg.tokens_per_step();
+            summary.loss_sum += loss;
+            summary.last_loss = loss;
+            summary.last_grad_norm = grad_norm;
+        }
+        self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn model(&self) -> &Model {

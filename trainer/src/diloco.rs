@@ -1,0 +1,380 @@
+//! DiLoCo outer optimizer: the global parameters and their Nesterov momentum in fp32 on the
+//! CPU, the pseudo-gradient `theta_global - theta_local`, and hashes that let every replica
+//! prove it holds the same global state.
+//!
+//! An outer step is two-phase: [`OuterOptimizer::propose`] computes the new global state from
+//! the averaged pseudo-gradient without touching anything, the node reports the proposal's
+//! hash, and only when the coordinator commits the round does [`OuterOptimizer::commit`] make
+//! it the global state and copy it into the model. An abandoned round drops the proposal; the
+//! local parameters keep their progress, which the next round's pseudo-gradient then carries.
+
+use crate::error::{Error, Result};
+use forge_protocol::quant::Compression;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+/// `[diloco]` in a run config: how replicas on different machines train together.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DilocoConfig {
+    /// Inner steps per round (H): 30–100 from scratch, about 500 from a pretrained start.
+    pub inner_steps: u64,
+    /// A node stops its inner loop early after this many seconds, so a slow node does fewer
+    /// steps instead of holding the others up (0: no budget).
+    pub round_seconds: f64,
+    /// Outer learning rate: 0.7 at H=500, about 0.4–0.8 for H=30–100 (DiLoCo).
+    pub outer_lr: f64,
+    /// Momentum of the outer SGD.
+    pub outer_momentum: f64,
+    /// Nesterov momentum (the DiLoCo default) or plain heavy-ball.
+    pub nesterov: bool,
+    /// How pseudo-gradients travel: `{ codec = "int8", block_size = 256, zstd = 3 }`; codecs
+    /// fp32, bf16, int8, int4; lossy ones use error feedback.
+    pub compression: Compression,
+    /// Validation loss every this many rounds.
+    pub eval_every_rounds: u64,
+}
+
+impl Default for DilocoConfig {
+    fn default() -> Self {
+        DilocoConfig {
+            inner_steps: 50,
+            round_seconds: 0.0,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            nesterov: true,
+            compression: Compression {
+                codec: forge_protocol::quant::Codec::Int8 { block_size: 256 },
+                zstd: Some(3),
+            },
+            eval_every_rounds: 5,
+        }
+    }
+}
+
+impl DilocoConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidTrainConfig(format!("[diloco] {why}")));
+        if self.inner_steps == 0 {
+            return bad("inner_steps must be at least 1".into());
+        }
+        if !(self.outer_lr > 0.0 && self.outer_lr.is_finite()) {
+            return bad(format!("outer_lr must be positive, got {}", self.outer_lr));
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return bad(format!(
+                "outer_momentum must be in [0, 1), got {}",
+                self.outer_momentum
+            ));
+        }
+        if !(self.round_seconds >= 0.0 && self.round_seconds.is_finite()) {
+            return bad(format!(
+                "round_seconds must be 0 or positive, got {}",
+                self.round_seconds
+            ));
+        }
+        if self.eval_every_rounds == 0 {
+            return bad("eval_every_rounds must be at least 1".into());
+        }
+        self.compression
+            .validate()
+            .map_err(|e| Error::InvalidTrainConfig(format!("[diloco] compression: {e}")))
+    }
+}
+
+/// SHA-256 of a tensor's fp32 little-endian bytes.
+pub type TensorDigest = [u8; 32];
+
+/// A computed but not yet committed outer step.
+#[derive(Debug)]
+pub struct Proposal {
+    global: Vec<Tensor>,
+    momentum: Vec<Tensor>,
+    /// Hash of the proposed global parameters (over the per-tensor digests, in name order).
+    pub params_hash: TensorDigest,
+    pub tensor_hashes: Vec<(String, TensorDigest)>,
+}
+
+/// The global state one replica holds.
+#[derive(Debug)]
+pub struct OuterOptimizer {
+    cfg: DilocoConfig,
+    names: Vec<String>,
+    global: Vec<Tensor>,
+    momentum: Vec<Tensor>,
+    numel: usize,
+}
+
+/// Trainable variables of `vs` sorted by name: the order every replica flattens in.
+fn named_params(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// A CPU fp32 view of `t`: shares storage when `t` already is one (read-only uses).
+fn cpu_f32(t: &Tensor) -> Tensor {
+    t.detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+}
+
+/// A CPU fp32 copy of `t` that never shares storage with it (the global state must not move
+/// when the model trains).
+fn owned_f32(t: &Tensor) -> Tensor {
+    cpu_f32(t).copy()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.reshape([-1])).expect("fp32 CPU tensor")
+}
+
+/// Digest of one fp32 tensor's bytes.
+pub fn tensor_digest(t: &Tensor) -> TensorDigest {
+    let mut h = Sha256::new();
+    for v in to_vec(&cpu_f32(t)) {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+fn hashes(names: &[String], tensors: &[Tensor]) -> (TensorDigest, Vec<(String, TensorDigest)>) {
+    let per: Vec<(String, TensorDigest)> = names
+        .iter()
+        .zip(tensors)
+        .map(|(n, t)| (n.clone(), tensor_digest(t)))
+        .collect();
+    let mut all = Sha256::new();
+    for (_, d) in &per {
+        all.update(d);
+    }
+    (all.finalize().into(), per)
+}
+
+impl OuterOptimizer {
+    /// Starts from the model's current parameters as the global state, momentum zero.
+    pub fn new(vs: &VarStore, cfg: DilocoConfig) -> Result<Self> {
+        cfg.validate()?;
+        let named = named_params(vs);
+        let global: Vec<Tensor> = named.iter().map(|(_, t)| owned_f32(t)).collect();
+        let momentum = global.iter().map(Tensor::zeros_like).collect();
+        let numel = global.iter().map(|t| t.numel()).sum();
+        Ok(OuterOptimizer {
+            cfg,
+            names: named.into_iter().map(|(n, _)| n).collect(),
+            global,
+            momentum,
+            numel,
+        })
+    }
+
+    /// Elements in a flattened pseudo-gradient.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// `theta_global - theta_local`, flattened in name order, fp32.
+    pub fn pseudo_gradient(&self, vs: &VarStore) -> Vec<f32> {
+        let named = named_params(vs);
+        let mut out = Vec::with_capacity(self.numel);
+        tch::no_grad(|| {
+            for ((_, local), global) in named.iter().zip(&self.global) {
+                out.extend(to_vec(&(global - cpu_f32(local))));
+            }
+        });
+        out
+    }
+
+    /// The outer step for an averaged pseudo-gradient, not yet applied.
+    pub fn propose(&self, average: &[f32]) -> Result<Proposal> {
+        if average.len() != self.numel {
+            return Err(Error::InvalidTrainConfig(format!(
+                "averaged pseudo-gradient has {} values, the model {}",
+                average.len(),
+                self.numel
+            )));
+        }
+        let DilocoConfig {
+            outer_lr,
+            outer_momentum,
+            nesterov,
+            ..
+        } = self.cfg;
+        let mut offset = 0;
+        let mut global = Vec::with_capacity(self.global.len());
+        let mut momentum = Vec::with_capacity(self.global.len());
+        tch::no_grad(|| {
+            for (g, m) in self.global.iter().zip(&self.momentum) {
+                let n = g.numel();
+                let delta =
+                    Tensor::from_slice(&average[offset..offset + n]).view(g.size().as_slice());
+                offset += n;
+                // SGD with momentum as torch.optim.SGD: buf = mu·buf + d; step = d + mu·buf.
+                let buf = m * outer_momentum + &delta;
+                let step = if nesterov {
+                    &delta + &buf * outer_momentum
+                } else {
+                    buf.shallow_clone()
+                };
+                global.push(g - step * outer_lr);
+                momentum.push(buf);
+            }
+        });
+        let (params_hash, tensor_hashes) = hashes(&self.names, &global);
+        Ok(Proposal {
+            global,
+            momentum,
+            params_hash,
+            tensor_hashes,
+        })
+    }
+
+    /// Makes `proposal` the global state and copies it into the model's parameters.
+    pub fn commit(&mut self, proposal: Proposal, vs: &VarStore) {
+        self.global = proposal.global;
+        self.momentum = proposal.momentum;
+        self.load_into(vs);
+    }
+
+    /// Copies the global parameters into the model (after a commit, or to undo local steps).
+    pub fn load_into(&self, vs: &VarStore) {
+        tch::no_grad(|| {
+            for ((_, mut local), global) in named_params(vs).into_iter().zip(&self.global) {
+                local.copy_(&global.to_device(local.device()).to_kind(local.kind()));
+            }
+        });
+    }
+
+    /// Hash of the current global parameters and per-tensor digests.
+    pub fn global_hash(&self) -> (TensorDigest, Vec<(String, TensorDigest)>) {
+        hashes(&self.names, &self.global)
+    }
+
+    /// Global parameters and momentum as named tensors, for checkpoints and state transfer.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.names.len());
+        for ((n, g), m) in self.names.iter().zip(&self.global).zip(&self.momentum) {
+            out.push((format!("global.{n}"), g.shallow_clone()));
+            out.push((format!("momentum.{n}"), m.shallow_clone()));
+        }
+        out
+    }
+
+    /// Restores state written by [`OuterOptimizer::state_tensors`].
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let mut global = Vec::with_capacity(self.names.len());
+        let mut momentum = Vec::with_capacity(self.names.len());
+        for (n, like) in self.names.iter().zip(&self.global) {
+            for (prefix, out) in [("global", &mut global), ("momentum", &mut momentum)] {
+                let key = format!("{prefix}.{n}");
+                match tensors.get(&key) {
+                    Some(t) if t.size() == like.size() => out.push(owned_f32(t)),
+                    _ => {
+                        return Err(Error::Checkpoint {
+                            path: "outer state".into(),
+                            why: format!("no tensor {key} of shape {:?}", like.size()),
+                        });
+                    }
+                }
+            }
+        }
+        self.global = global;
+        self.momentum = momentum;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn;
+
+    fn store(values: &[f32]) -> (VarStore, Tensor) {
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs
+            .root()
+            .var("w", &[values.len() as i64], nn::Init::Const(0.0));
+        tch::no_grad(|| w.shallow_clone().copy_(&Tensor::from_slice(values)));
+        (vs, w)
+    }
+
+    #[test]
+    fn pseudo_gradient_and_nesterov_step_match_torch_sgd() {
+        let (vs, w) = store(&[1.0, 2.0]);
+        let cfg = DilocoConfig {
+            outer_lr: 0.5,
+            outer_momentum: 0.9,
+            nesterov: true,
+            ..DilocoConfig::default()
+        };
+        let mut outer = OuterOptimizer::new(&vs, cfg).unwrap();
+        // Local training moved w to [0.8, 2.4]: delta = global - local = [0.2, -0.4].
+        tch::no_grad(|| w.shallow_clone().copy_(&Tensor::from_slice(&[0.8f32, 2.4])));
+        let delta = outer.pseudo_gradient(&vs);
+        assert!(
+            (delta[0] - 0.2).abs() < 1e-6 && (delta[1] + 0.4).abs() < 1e-6,
+            "{delta:?}"
+        );
+        // Step 1: buf = d; step = d + 0.9 d = 1.9 d; global = [1, 2] - 0.5 * 1.9 * d.
+        let p = outer.propose(&delta).unwrap();
+        outer.commit(p, &vs);
+        let got = Vec::<f32>::try_from(&w).unwrap();
+        assert!((got[0] - (1.0 - 0.5 * 1.9 * 0.2)).abs() < 1e-6, "{got:?}");
+        assert!((got[1] - (2.0 + 0.5 * 1.9 * 0.4)).abs() < 1e-6, "{got:?}");
+        // Step 2 with the same delta: buf = 0.9 d + d = 1.9 d; step = d + 0.9·1.9 d = 2.71 d.
+        let before = Vec::<f32>::try_from(&w).unwrap();
+        let p = outer.propose(&delta).unwrap();
+        outer.commit(p, &vs);
+        let after = Vec::<f32>::try_from(&w).unwrap();
+        assert!((before[0] - after[0] - 0.5 * 2.71 * 0.2).abs() < 1e-5);
+    }
+
+    #[test]
+    fn proposals_hash_deterministically_and_are_not_applied_until_committed() {
+        let (vs, w) = store(&[1.0, 2.0, 3.0]);
+        let outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let a = outer.propose(&[0.1, 0.2, 0.3]).unwrap();
+        let b = outer.propose(&[0.1, 0.2, 0.3]).unwrap();
+        let c = outer.propose(&[0.1, 0.2, 0.30001]).unwrap();
+        assert_eq!(a.params_hash, b.params_hash);
+        assert_ne!(a.params_hash, c.params_hash);
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
+        assert_ne!(outer.global_hash().0, a.params_hash);
+        assert!(
+            outer
+                .propose(&[0.1])
+                .unwrap_err()
+                .to_string()
+                .contains("1 values")
+        );
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (vs, _w) = store(&[1.0, 2.0]);
+        let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let p = outer.propose(&[0.5, -0.5]).unwrap();
+        outer.commit(p, &vs);
+        let saved: HashMap<String, Tensor> = outer
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect();
+        let mut fresh = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        fresh.load_state_tensors(&saved).unwrap();
+        assert_eq!(fresh.global_hash(), outer.global_hash());
+        let next_a = outer.propose(&[0.1, 0.1]).unwrap();
+        let next_b = fresh.propose(&[0.1, 0.1]).unwrap();
+        assert_eq!(
+            next_a.params_hash, next_b.params_hash,
+            "momentum restored too"
+        );
+    }
+}
