@@ -1,6 +1,9 @@
 //! `forge-node`: the program each machine runs. Subcommands that exist here work; others are
 //! added as they are built.
 
+mod join;
+mod p2p;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use forge_trainer::bench::{TrainStepBench, TrainStepResult};
@@ -30,6 +33,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Join a run: train a replica with the other nodes of a coordinator (DiLoCo).
+    Join(JoinArgs),
     /// Train on this machine alone, from a run config (resumes from its newest checkpoint).
     Train(TrainArgs),
     /// Generate text from a checkpoint.
@@ -49,6 +54,31 @@ enum Command {
 enum ModelCommand {
     /// Parameter count and training FLOPs per token of a preset or a run config's [model].
     Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// The coordinator's address (host:port), as `forge-coordinator serve` printed it.
+    coordinator: String,
+    /// The cluster token `forge-coordinator serve` printed (or FORGE_TOKEN).
+    #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// cpu, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Node identity, token caches and the run directory.
+    #[arg(long, default_value = "forge-node")]
+    workdir: PathBuf,
+    /// Relative corpus paths in the run config are taken from here.
+    #[arg(long, default_value = ".")]
+    data_root: PathBuf,
+    /// Address for connections from peers (an unspecified IP advertises the one facing the
+    /// coordinator).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: std::net::SocketAddr,
+    /// Cap on this node's sync upload, in Mbit/s.
+    #[arg(long)]
+    max_upload_mbps: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +217,15 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Join(args) => join::run(join::JoinOptions {
+            coordinator: args.coordinator,
+            token: args.token,
+            device: args.device,
+            workdir: args.workdir,
+            data_root: args.data_root,
+            listen: args.listen,
+            max_upload_mbps: args.max_upload_mbps,
+        }),
         Command::Train(args) => train(&args),
         Command::Sample(args) => sample(&args),
         Command::Data(DataCommand::Stats { config }) => data_stats(&config),

@@ -51,17 +51,34 @@ impl ErrorFeedback {
                 found: x.len() as u64,
             });
         }
+        self.compress_at(0, x)
+    }
+
+    /// Like [`compress`](ErrorFeedback::compress) for the values `offset..offset + x.len()` of
+    /// the buffer: an all-reduce sends a vector in chunks, each with its own slice of residual.
+    pub fn compress_at(&mut self, offset: usize, x: &[f32]) -> Result<Vec<u8>> {
+        let end = offset
+            .checked_add(x.len())
+            .filter(|&end| end <= self.residual.len());
+        let Some(end) = end else {
+            return Err(Error::ValueCountMismatch {
+                expected: self.residual.len().saturating_sub(offset),
+                found: x.len() as u64,
+            });
+        };
         if self.compression.codec.is_lossless() {
             // The residual is always zero: send x itself, with no decode round trip.
             return encode(x, &self.compression);
         }
-        for ((y, &xi), &e) in self.scratch.iter_mut().zip(x).zip(&self.residual) {
+        let scratch = &mut self.scratch[offset..end];
+        let residual = &mut self.residual[offset..end];
+        for ((y, &xi), &e) in scratch.iter_mut().zip(x).zip(residual.iter()) {
             *y = xi + e;
         }
-        let bytes = encode(&self.scratch, &self.compression)?;
+        let bytes = encode(scratch, &self.compression)?;
         // Decode into the residual, then turn it into y - decoded in place.
-        decode_into(&bytes, &mut self.residual, &self.compression)?;
-        for (e, &y) in self.residual.iter_mut().zip(&self.scratch) {
+        decode_into(&bytes, residual, &self.compression)?;
+        for (e, &y) in residual.iter_mut().zip(scratch.iter()) {
             *e = y - *e;
         }
         Ok(bytes)

@@ -606,6 +606,33 @@ fn error_feedback_residual_is_what_the_receiver_missed() {
     }
 }
 
+/// Chunks of one buffer compressed with `compress_at` keep the same residuals as one
+/// independent feedback state per chunk, round after round.
+#[test]
+fn error_feedback_by_chunk_matches_independent_states() {
+    let compression = Compression::new(Codec::Int4 { block_size: 64 }, None).unwrap();
+    let ranges = [0..300, 300..650, 650..700];
+    let mut whole = ErrorFeedback::new(compression, 700).unwrap();
+    let mut parts: Vec<ErrorFeedback> = ranges
+        .iter()
+        .map(|r| ErrorFeedback::new(compression, r.len()).unwrap())
+        .collect();
+    for round in 0..5 {
+        let x = pseudo_grad(700, 20 + round);
+        for (range, part) in ranges.iter().zip(&mut parts) {
+            let a = whole.compress_at(range.start, &x[range.clone()]).unwrap();
+            let b = part.compress(&x[range.clone()]).unwrap();
+            assert_eq!(a, b, "round {round} range {range:?}");
+            assert_eq!(&whole.residual()[range.clone()], part.residual());
+        }
+    }
+    assert!(whole.compress_at(690, &[0.0; 20]).is_err(), "past the end");
+    assert!(
+        whole.compress_at(usize::MAX, &[0.0; 2]).is_err(),
+        "overflowing offset"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

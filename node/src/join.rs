@@ -1,0 +1,569 @@
+//! `forge-node join`: a node of a DiLoCo run. It joins the coordinator (which hands out the run
+//! config, the replica, the data shard and the round schedule), trains its replica for H inner
+//! steps per round, all-reduces the weighted pseudo-gradient with the round's other members
+//! over libp2p/QUIC, reports the hash of the resulting global state, and applies the outer step
+//! only when the coordinator commits the round.
+
+use crate::p2p::{self, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, all_reduce_timeout};
+use anyhow::{Context, Result, bail};
+use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
+use forge_protocol::messages::{
+    Capabilities, CoordinatorMessage, Device as WireDevice, DeviceKind, Digest, MemberId,
+    OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, TensorHash,
+};
+use forge_protocol::quant::{self, Compression, ErrorFeedback};
+use forge_protocol::sync::SyncCodec;
+use forge_trainer::bench::TrainStepBench;
+use forge_trainer::config::RunConfig;
+use forge_trainer::device::parse_device;
+use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
+use forge_trainer::models::{ModelConfig, Precision};
+use forge_trainer::train::Trainer;
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What `forge-node join` was told on its command line.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinOptions {
+    pub(crate) coordinator: String,
+    pub(crate) token: String,
+    pub(crate) device: String,
+    pub(crate) workdir: PathBuf,
+    /// Relative corpus paths in the run config are taken from here.
+    pub(crate) data_root: PathBuf,
+    /// Address for peer connections; an unspecified IP advertises the one facing the coordinator.
+    pub(crate) listen: SocketAddr,
+    pub(crate) max_upload_mbps: Option<f64>,
+}
+
+/// One line of `rounds.jsonl` in the node's run directory.
+#[derive(Debug, Clone, Serialize)]
+struct RoundLog {
+    round: u64,
+    inner_steps: u64,
+    step: u64,
+    tokens: u64,
+    loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_bpb: Option<f64>,
+    members: usize,
+    outcome: String,
+    bytes_sent: u64,
+    bytes_received: u64,
+    /// Bytes an fp32 all-reduce of the same parameters would send (2(K-1)/K × 4 × params).
+    fp32_bytes: u64,
+    sync_s: f64,
+    inner_s: f64,
+}
+
+/// The node's codec: the run's compression, with error feedback over the whole flattened
+/// pseudo-gradient (chunks are ranges of it).
+struct QuantCodec {
+    compression: Compression,
+    feedback: ErrorFeedback,
+}
+
+impl ChunkCodec for QuantCodec {
+    fn encode_contribution(&mut self, offset: usize, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
+        self.feedback.compress_at(offset, x)
+    }
+
+    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
+        quant::encode(x, &self.compression)
+    }
+
+    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
+        quant::decode(bytes, len, &self.compression)
+    }
+
+    fn id(&self) -> (SyncCodec, bool) {
+        self.compression.sync_codec()
+    }
+}
+
+/// The local IP a packet to `target` would leave from (no packet is sent).
+fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    format!("{ip}/udp/{}/quic-v1", addr.port())
+        .parse()
+        .expect("valid multiaddr")
+}
+
+/// Devices and a measured speed: tokens/s of a short train step of the `tiny` reference model
+/// on the chosen device (the run's own model is not known before joining).
+fn capabilities(
+    device_spec: &str,
+    peer_id: &PeerId,
+    addr: &Multiaddr,
+    upload: u64,
+) -> Result<Capabilities> {
+    let device = parse_device(device_spec)?;
+    let memory = |key: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    };
+    let devices = match device {
+        tch::Device::Cuda(i) => vec![WireDevice {
+            kind: DeviceKind::Cuda,
+            name: forge_trainer::flops::cuda_device_name(i).unwrap_or_else(|| format!("cuda:{i}")),
+            memory_bytes: 0,
+        }],
+        _ => vec![WireDevice {
+            kind: DeviceKind::Cpu,
+            name: "cpu".into(),
+            memory_bytes: memory("MemTotal:"),
+        }],
+    };
+    let bench = TrainStepBench {
+        model: ModelConfig::preset("tiny", None)?,
+        batch: 4,
+        seq_len: 64,
+        device,
+        precision: if device == tch::Device::Cpu {
+            Precision::Fp32
+        } else {
+            Precision::Bf16
+        },
+        warmup: 1,
+        steps: 2,
+        threads: None,
+        peak_tflops: None,
+        seed: 0,
+    };
+    let speed = bench.run().context("measuring this node's speed")?;
+    Ok(Capabilities {
+        devices,
+        tokens_per_s: speed.tokens_per_s,
+        upload_bytes_per_s: upload,
+        download_bytes_per_s: upload,
+        peer_id: peer_id.to_string(),
+        listen_addrs: vec![addr.to_string()],
+    })
+}
+
+/// The run config the coordinator handed out, adapted to this machine: run directory and
+/// caches under the workdir, corpus paths under the data root, this node's device.
+fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConfig)> {
+    let mut cfg = RunConfig::parse(text, Path::new("<run config from the coordinator>"))?;
+    let Some(diloco) = cfg.diloco else {
+        bail!(
+            "the coordinator's run config has no [diloco] section; add one (see configs/diloco-tiny-cpu.toml)"
+        );
+    };
+    let rebase = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            opts.data_root.join(p)
+        }
+    };
+    cfg.data.train = cfg.data.train.iter().map(rebase).collect();
+    cfg.data.val = cfg.data.val.iter().map(rebase).collect();
+    if let forge_trainer::data::TokenizerConfig::Path(p) = &cfg.data.tokenizer {
+        cfg.data.tokenizer = forge_trainer::data::TokenizerConfig::Path(rebase(p));
+    }
+    cfg.data.cache_dir = opts.workdir.join("cache");
+    cfg.train.out_dir = opts.workdir.join("run");
+    cfg.train.device = opts.device.clone();
+    // The global state lives with the group; a restarted node gets it from its peers
+    // (state transfer), not from its own old local checkpoint.
+    cfg.checkpoint.resume = false;
+    Ok((cfg, diloco))
+}
+
+fn digest_hex(d: &[u8; 32]) -> String {
+    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn peers_of(participants: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+    participants
+        .iter()
+        .map(|p| {
+            let id: PeerId = p.peer_id.parse().with_context(|| {
+                format!(
+                    "member {} sent an invalid peer id {:?}",
+                    p.member.0, p.peer_id
+                )
+            })?;
+            let addrs = p
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            Ok((id, addrs))
+        })
+        .collect()
+}
+
+/// A round this node has reported and is waiting to hear the outcome of.
+struct Pending {
+    round: RoundId,
+    proposal: Option<Proposal>,
+    log: RoundLog,
+}
+
+/// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
+pub(crate) fn run(opts: JoinOptions) -> Result<()> {
+    std::fs::create_dir_all(&opts.workdir)
+        .with_context(|| format!("creating the workdir {}", opts.workdir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(node(opts))
+}
+
+async fn node(opts: JoinOptions) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let coordinator: SocketAddr = tokio::net::lookup_host(&opts.coordinator)
+        .await
+        .with_context(|| format!("resolving the coordinator address {}", opts.coordinator))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", opts.coordinator))?;
+
+    // Peer-to-peer layer first: its peer id and address go into the join.
+    let keypair = p2p::load_or_create_keypair(&opts.workdir)?;
+    let mut net_cfg = PeerNetConfig::new(keypair);
+    net_cfg.max_upload_bytes_per_s = opts.max_upload_mbps.map(|_| upload_bytes_per_s(&opts));
+    let (net, event_loop) = p2p::new(net_cfg)?;
+    tokio::spawn(event_loop.run());
+    let listen_ip = if opts.listen.ip().is_unspecified() {
+        local_ip_towards(coordinator)?
+    } else {
+        opts.listen.ip()
+    };
+    let bound = net.start_listening(quic_multiaddr(opts.listen)).await?;
+    // Advertise the address peers can reach: the bound port on the IP facing the coordinator.
+    let port = bound
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap_or(opts.listen.port());
+    let advertised = quic_multiaddr(SocketAddr::new(listen_ip, port));
+    let upload = upload_bytes_per_s(&opts);
+    let caps = tokio::task::block_in_place(|| {
+        capabilities(&opts.device, &net.peer_id(), &advertised, upload)
+    })?;
+    tracing::info!(
+        "peer {} at {advertised}; {:.0} tokens/s on the reference model",
+        net.peer_id(),
+        caps.tokens_per_s
+    );
+
+    let (client, accepted, mut notes) =
+        CoordinatorClient::connect(coordinator, &opts.token, caps, ClientOptions::default())
+            .await
+            .with_context(|| format!("joining the coordinator at {coordinator}"))?;
+    println!("joined {coordinator} as member {}", accepted.member.0);
+    let (cfg, diloco) = local_config(&accepted.run_config, &opts)?;
+    let total_steps = cfg.total_steps();
+    let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
+    if let Some(a) = &accepted.assignment {
+        trainer.set_data_shard(a.data_shard.index as usize, a.data_shard.count as usize)?;
+    }
+    let mut outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
+    let mut codec = QuantCodec {
+        compression: diloco.compression,
+        feedback: ErrorFeedback::new(diloco.compression, outer.numel())?,
+    };
+    let rounds_path = trainer.config().train.out_dir.join("rounds.jsonl");
+    let mut rounds_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&rounds_path)
+        .with_context(|| format!("opening {}", rounds_path.display()))?;
+    let bandwidth = upload as f64;
+    let mut pending: Option<Pending> = None;
+    let mut rounds_done = 0u64;
+
+    let outcome = loop {
+        if stop.load(Ordering::Relaxed) {
+            break "stopped by signal".to_string();
+        }
+        if trainer.step() >= total_steps && pending.is_none() {
+            break format!("finished the budget of {total_steps} inner steps");
+        }
+        let note = tokio::select! {
+            note = notes.recv() => note,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let Some(note) = note else {
+            break "the coordinator connection closed".to_string();
+        };
+        match note {
+            Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
+                let p = play_round(
+                    &open,
+                    &mut trainer,
+                    &mut outer,
+                    &mut codec,
+                    &net,
+                    &diloco,
+                    &stop,
+                    bandwidth,
+                )
+                .await?;
+                client.report(p.report).await?;
+                pending = Some(p.pending);
+            }
+            Notification::Message(CoordinatorMessage::RoundClosed(closed)) => {
+                if let Some(p) = pending.take_if(|p| p.round == closed.round) {
+                    rounds_done += 1;
+                    let log = finish_round(
+                        client.member(),
+                        p,
+                        &closed,
+                        &mut trainer,
+                        &mut outer,
+                        &diloco,
+                        rounds_done,
+                    )?;
+                    writeln!(rounds_log, "{}", serde_json::to_string(&log)?)?;
+                    print_round(&log);
+                }
+            }
+            Notification::Message(CoordinatorMessage::Assigned(a)) => {
+                if let Some(a) = a.assignment {
+                    trainer
+                        .set_data_shard(a.data_shard.index as usize, a.data_shard.count as usize)?;
+                }
+            }
+            Notification::Message(CoordinatorMessage::MemberDead(dead)) => {
+                println!("member {} is gone: {}", dead.member.0, dead.reason);
+            }
+            Notification::Message(other) => tracing::debug!("coordinator: {other:?}"),
+            Notification::Disconnected { reason } => {
+                println!("coordinator connection lost ({reason}); reconnecting")
+            }
+            Notification::Rejoined { kept_member, .. } => {
+                println!("reconnected to the coordinator (same member: {kept_member})");
+            }
+            Notification::Stopped { reason } => {
+                bail!("the coordinator refused this node: {reason}")
+            }
+        }
+    };
+    println!("leaving: {outcome}");
+    client.leave(&outcome).await.ok();
+    let (loss, bpb) = tokio::task::block_in_place(|| trainer.evaluate());
+    println!(
+        "final validation loss {loss:.4} ({bpb:.4} bits per byte) after {} inner steps",
+        trainer.step()
+    );
+    println!(
+        "sample: {}",
+        tokio::task::block_in_place(|| trainer.sample())
+    );
+    Ok(())
+}
+
+fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {
+    // Without a cap, assume gigabit Ethernet for timeouts and the coordinator's planning.
+    opts.max_upload_mbps
+        .map_or(125_000_000, |m| (m * 1e6 / 8.0) as u64)
+}
+
+struct Played {
+    report: RoundReport,
+    pending: Pending,
+}
+
+/// Inner steps, then the all-reduce and the proposed outer step.
+// The round's whole context; bundling it in a struct would only rename the parameters.
+#[allow(clippy::too_many_arguments)]
+async fn play_round(
+    open: &RoundOpened,
+    trainer: &mut Trainer,
+    outer: &mut OuterOptimizer,
+    codec: &mut QuantCodec,
+    net: &PeerNet,
+    diloco: &DilocoConfig,
+    stop: &AtomicBool,
+    bandwidth: f64,
+) -> Result<Played> {
+    let members = peers_of(&open.participants)?;
+    net.set_members(members.clone()).await?;
+    let budget =
+        (diloco.round_seconds > 0.0).then(|| Duration::from_secs_f64(diloco.round_seconds));
+    let left = trainer
+        .config()
+        .total_steps()
+        .saturating_sub(trainer.step());
+    let inner = tokio::task::block_in_place(|| {
+        trainer.inner_steps(diloco.inner_steps.min(left), budget, stop)
+    })?;
+
+    let mut data = outer.pseudo_gradient(trainer.var_store());
+    let weight = inner.tokens.max(1) as f64;
+    for v in &mut data {
+        *v *= weight as f32;
+    }
+    let k = members.len();
+    let encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
+    let request = AllReduceRequest {
+        round: open.round.0,
+        members: members.iter().map(|(id, _)| *id).collect(),
+        data,
+        weight,
+        timeout: all_reduce_timeout(encoded_bytes, k, bandwidth),
+    };
+    let sync_started = Instant::now();
+    let result = net.all_reduce(request, codec).await;
+    let sync_s = sync_started.elapsed().as_secs_f64();
+    let fp32_bytes = (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * outer.numel() as f64) as u64;
+    let mut log = RoundLog {
+        round: open.round.0,
+        inner_steps: inner.steps,
+        step: trainer.step(),
+        tokens: inner.tokens,
+        loss: inner.mean_loss(),
+        eval_loss: None,
+        eval_bpb: None,
+        members: k,
+        outcome: String::new(),
+        bytes_sent: 0,
+        bytes_received: 0,
+        fp32_bytes,
+        sync_s,
+        inner_s: inner.seconds,
+    };
+    let (outer_step, proposal) = match result {
+        Ok(out) => {
+            log.bytes_sent = out.bytes_sent;
+            log.bytes_received = out.bytes_received;
+            let proposal = outer.propose(&out.average)?;
+            let step = OuterStep::Ok {
+                params_hash: Digest(proposal.params_hash),
+                tensor_hashes: proposal
+                    .tensor_hashes
+                    .iter()
+                    .map(|(name, d)| TensorHash {
+                        name: name.clone(),
+                        digest: Digest(*d),
+                    })
+                    .collect(),
+            };
+            (step, Some(proposal))
+        }
+        Err(e) => {
+            println!("round {}: all-reduce failed: {e}", open.round.0);
+            (
+                OuterStep::Failed {
+                    reason: e.to_string(),
+                },
+                None,
+            )
+        }
+    };
+    Ok(Played {
+        report: RoundReport {
+            round: open.round,
+            tokens_processed: inner.tokens,
+            outer_step,
+        },
+        pending: Pending {
+            round: open.round,
+            proposal,
+            log,
+        },
+    })
+}
+
+/// Applies or drops the round's outer step as the coordinator decided.
+fn finish_round(
+    me: MemberId,
+    pending: Pending,
+    closed: &RoundClosed,
+    trainer: &mut Trainer,
+    outer: &mut OuterOptimizer,
+    diloco: &DilocoConfig,
+    rounds_done: u64,
+) -> Result<RoundLog> {
+    let mut log = pending.log;
+    match (&closed.outcome, pending.proposal) {
+        (RoundOutcome::Committed { version, .. }, Some(proposal)) => {
+            let hash = proposal.params_hash;
+            if closed.included.contains(&me) {
+                outer.commit(proposal, trainer.var_store());
+                log.outcome = format!("committed v{version} {}", digest_hex(&hash));
+            } else {
+                // Our hash lost the vote: our global state is no longer the group's.
+                bail!(
+                    "round {} committed a global state this node does not hold (its hash {} \
+                     disagreed); restart the node to rejoin the run",
+                    closed.round.0,
+                    digest_hex(&hash)
+                );
+            }
+        }
+        (RoundOutcome::Committed { version, .. }, None) => {
+            // The others committed without us: take nothing we cannot verify. The next round's
+            // pseudo-gradient still carries this node's progress against its old global state.
+            log.outcome = format!("committed v{version} without this node");
+        }
+        (RoundOutcome::Abandoned { reason }, _) => {
+            log.outcome = format!("abandoned: {reason}");
+        }
+    }
+    if rounds_done % diloco.eval_every_rounds == 0
+        || trainer.step() >= trainer.config().total_steps()
+    {
+        let (loss, bpb) = tokio::task::block_in_place(|| trainer.evaluate());
+        log.eval_loss = Some(loss);
+        log.eval_bpb = Some(bpb);
+    }
+    Ok(log)
+}
+
+fn print_round(log: &RoundLog) {
+    let eval = log
+        .eval_loss
+        .map(|l| format!(" val {l:.4} ({:.3} bpb)", log.eval_bpb.unwrap_or(f64::NAN)))
+        .unwrap_or_default();
+    println!(
+        "round {:>4} | {} members | steps {:>5} | loss {:.4}{eval} | sent {:.2} MB ({:.1}% of fp32) | sync {:.2}s | {}",
+        log.round,
+        log.members,
+        log.step,
+        log.loss,
+        log.bytes_sent as f64 / 1e6,
+        100.0 * log.bytes_sent as f64 / log.fp32_bytes.max(1) as f64,
+        log.sync_s,
+        log.outcome
+    );
+}

@@ -1,0 +1,1049 @@
+//! The all-reduce of a round's outer gradients: reduce-scatter, then all-gather, directly between
+//! all members, ending with bit-identical weighted averages on every member.
+//!
+//! The flattened vector is split into one range per member. Member `i` sends its contribution to
+//! range `c` to the owner `c` (reduce-scatter). The owner sums the contributions in member order
+//! (never arrival order) in f64, divides by the total weight, encodes the result once, sends
+//! those bytes to every member (all-gather), and keeps the decoding of the same bytes for itself.
+//! Every member therefore decodes identical bytes for every range: the results are bit-identical
+//! even with lossy codecs. Each member uploads `2(K-1)/K` of the payload, the ring bound, with
+//! one hop of latency instead of `K-1`.
+//!
+//! Ranges move in wire chunks of at most `chunk_values` values (see [`super::wire`]); a stream
+//! per (sender, receiver, phase) carries them in offset order, and QUIC flow control holds
+//! senders back while a receiver is busy, so memory stays bounded by one owned range.
+
+// `AllReduceError` carries peer ids (80 bytes each) by value so callers can match on them; it
+// is built at most once per all-reduce, so its size costs nothing measurable.
+#![allow(clippy::result_large_err)]
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forge_protocol::RoundId;
+use forge_protocol::sync::{MAX_SYNC_CHUNK_BYTES, SyncChunkHeader, SyncCodec, SyncPhase};
+use futures::AsyncWriteExt;
+use futures::future::{join_all, try_join_all};
+use libp2p::{PeerId, Stream};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::error::{AllReduceError, RejectReason};
+use super::inbox::Incoming;
+use super::net::{PeerEvent, PeerNet};
+use super::wire::{self, OpenError, ReadError};
+
+type Result<T> = std::result::Result<T, AllReduceError>;
+
+/// A contribution whose norm per unit of weight exceeds this multiple of the median is rejected.
+const OUTLIER_RATIO: f64 = 10.0;
+/// The median means little with fewer contributors, so the outlier check needs at least this many.
+const OUTLIER_MIN_MEMBERS: usize = 3;
+
+/// [`all_reduce_timeout`]: multiple of the ring bound, and the fixed margin for connection setup
+/// and the codec's CPU time.
+const TIMEOUT_FACTOR: f64 = 4.0;
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+
+/// How long a failed member spends telling the others, and how long a receiver waits for the
+/// reason; an abort's reason is cut to this many bytes.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_ABORT_REASON: usize = 1024;
+/// How long a member whose peer broke a stream waits for that peer's abort.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// How long a member that lost its connection has to come back before the all-reduce fails.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+
+/// How the outer gradient is encoded on the wire. Implemented by the node's compression (fp32,
+/// bf16, int8, int4, optionally zstd); every member of an all-reduce must use the same codec.
+pub(crate) trait ChunkCodec: Send {
+    /// Encodes this member's contribution to the values starting at element `offset`. Lossy
+    /// codecs keep their error feedback here, keyed by `offset` (the same ranges every round).
+    fn encode_contribution(&mut self, offset: usize, x: &[f32]) -> forge_protocol::Result<Vec<u8>>;
+
+    /// Encodes an owner's reduced values. No error feedback: every member decodes these bytes.
+    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>>;
+
+    /// Decodes `len` values. Must be deterministic: members compare results bit for bit.
+    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>>;
+
+    /// The codec as the chunk header names it, and whether zstd follows it.
+    fn id(&self) -> (SyncCodec, bool);
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AllReduceRequest {
+    pub(crate) round: u64,
+    /// The round's members, in the same order on every member (the coordinator's order).
+    pub(crate) members: Vec<PeerId>,
+    /// This member's contribution, already multiplied by its weight.
+    pub(crate) data: Vec<f32>,
+    /// This member's weight, e.g. tokens processed; positive.
+    pub(crate) weight: f64,
+    /// The whole all-reduce fails after this long (see [`all_reduce_timeout`]).
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AllReduceOutput {
+    /// `sum(data_i) / sum(weight_i)`, bit-identical on every member.
+    pub(crate) average: Vec<f32>,
+    pub(crate) total_weight: f64,
+    /// Sync traffic of this member, headers included.
+    pub(crate) bytes_sent: u64,
+    pub(crate) bytes_received: u64,
+    pub(crate) elapsed: Duration,
+}
+
+/// A timeout for an all-reduce of `payload_bytes` (encoded) among `members` over links of
+/// `bandwidth_bytes_per_s`: a few times the ring bound `2(K-1)/K × payload / bandwidth`, plus a
+/// fixed margin for connection setup and encoding.
+pub(crate) fn all_reduce_timeout(
+    payload_bytes: u64,
+    members: usize,
+    bandwidth_bytes_per_s: f64,
+) -> Duration {
+    if members <= 1 {
+        return TIMEOUT_MARGIN;
+    }
+    let k = members as f64;
+    let ring_bound_s = 2.0 * (k - 1.0) / k * payload_bytes as f64 / bandwidth_bytes_per_s.max(1.0);
+    Duration::from_secs_f64((TIMEOUT_FACTOR * ring_bound_s).min(86_400.0)) + TIMEOUT_MARGIN
+}
+
+/// Which elements each member owns, and how the owned ranges are cut into wire chunks. Every
+/// member derives the same layout from the vector length, the member count and `chunk_values`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub(crate) len: usize,
+    pub(crate) members: usize,
+    pub(crate) chunk_values: usize,
+}
+
+impl Layout {
+    /// The range member `owner` reduces: sizes differ by at most one, larger ones first.
+    pub(crate) fn owned(&self, owner: usize) -> Range<usize> {
+        let base = self.len / self.members;
+        let extra = self.len % self.members;
+        let start = owner * base + owner.min(extra);
+        start..start + base + usize::from(owner < extra)
+    }
+
+    /// The wire chunks of `owner`'s range, in offset order; at least one, possibly empty, so
+    /// every owner still learns every member's weight when the vector is shorter than K.
+    pub(crate) fn chunks(&self, owner: usize) -> Vec<Range<usize>> {
+        let owned = self.owned(owner);
+        if owned.is_empty() {
+            return vec![owned];
+        }
+        (owned.start..owned.end)
+            .step_by(self.chunk_values)
+            .map(|start| start..(start + self.chunk_values).min(owned.end))
+            .collect()
+    }
+}
+
+impl PeerNet {
+    /// Averages `request.data` with the other members' (see the module docs). On error nothing
+    /// is averaged: the caller keeps its parameters and reports the named peer.
+    pub(crate) async fn all_reduce(
+        &self,
+        request: AllReduceRequest,
+        codec: &mut dyn ChunkCodec,
+    ) -> Result<AllReduceOutput> {
+        let started = Instant::now();
+        let me = check_request(&request, self.local_peer_id)?;
+        let layout = Layout {
+            len: request.data.len(),
+            members: request.members.len(),
+            chunk_values: self.chunk_values,
+        };
+        if layout.members == 1 {
+            return Ok(AllReduceOutput {
+                average: divide(&widen(&request.data), request.weight),
+                total_weight: request.weight,
+                bytes_sent: 0,
+                bytes_received: 0,
+                elapsed: started.elapsed(),
+            });
+        }
+        let group = group_digest(&request.members);
+        // Every stream one all-reduce expects, plus an abort from each member.
+        let capacity = 3 * layout.members;
+        let (arrivals, _finished_on_drop) = self.inbox.open_round((request.round, group), capacity);
+        let peer_events = self.peer_events.subscribe();
+        let codec_id = codec.id();
+        let round = Round {
+            net: self,
+            round: request.round,
+            group,
+            members: &request.members,
+            me,
+            layout,
+            data: &request.data,
+            weight: request.weight,
+            codec: Mutex::new(codec),
+            codec_id,
+            progress: Mutex::new(Progress::new(layout.members)),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            abort_sent: AtomicBool::new(false),
+        };
+        let (average, total_weight) = round.run(arrivals, peer_events, request.timeout).await?;
+        Ok(AllReduceOutput {
+            average,
+            total_weight,
+            bytes_sent: round.sent.load(Ordering::Relaxed),
+            bytes_received: round.received.load(Ordering::Relaxed),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// Returns this node's position in the member list.
+fn check_request(request: &AllReduceRequest, local: PeerId) -> Result<usize> {
+    let invalid = |reason: String| Err(AllReduceError::InvalidRequest(reason));
+    if !(request.weight.is_finite() && request.weight > 0.0) {
+        return invalid(format!(
+            "weight {} must be positive and finite",
+            request.weight
+        ));
+    }
+    for (i, peer) in request.members.iter().enumerate() {
+        if request.members[..i].contains(peer) {
+            return invalid(format!("{peer} is listed twice among the members"));
+        }
+    }
+    if request.members.len() > u32::MAX as usize {
+        return invalid(format!("{} members", request.members.len()));
+    }
+    match request.members.iter().position(|peer| *peer == local) {
+        Some(me) => Ok(me),
+        None => invalid(format!(
+            "this node ({local}) is not among the round's members"
+        )),
+    }
+}
+
+/// Identifies the member list (and its order) in chunk headers.
+fn group_digest(members: &[PeerId]) -> u64 {
+    let mut hash = Sha256::new();
+    for peer in members {
+        let bytes = peer.to_bytes();
+        hash.update((bytes.len() as u32).to_le_bytes());
+        hash.update(bytes);
+    }
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&x| f64::from(x)).collect()
+}
+
+fn divide(sum: &[f64], weight: f64) -> Vec<f32> {
+    sum.iter().map(|&s| (s / weight) as f32).collect()
+}
+
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    values.iter().position(|x| !x.is_finite())
+}
+
+/// The state of one all-reduce on this member. Everything runs inside the caller's task, so
+/// cancelling or timing out drops every stream at once and leaves no task behind.
+struct Round<'a> {
+    net: &'a PeerNet,
+    round: u64,
+    group: u64,
+    members: &'a [PeerId],
+    me: usize,
+    layout: Layout,
+    data: &'a [f32],
+    weight: f64,
+    /// Locked only around the synchronous encode/decode calls, never across an await.
+    codec: Mutex<&'a mut dyn ChunkCodec>,
+    codec_id: (SyncCodec, bool),
+    progress: Mutex<Progress>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    abort_sent: AtomicBool,
+}
+
+/// What the all-reduce is waiting for, to name the peer to blame when it times out.
+#[derive(Debug)]
+struct Progress {
+    /// The member whose contribution the reduction is reading now.
+    reducing_waits_on: Option<usize>,
+    contribution_read: Vec<bool>,
+    gathered: Vec<bool>,
+    contribution_sent: Vec<bool>,
+    result_sent: Vec<bool>,
+    /// Last reason a stream to the member could not be opened.
+    open_error: Vec<Option<String>>,
+}
+
+impl Progress {
+    fn done_with(&self, m: usize) -> bool {
+        self.contribution_read[m]
+            && self.gathered[m]
+            && self.contribution_sent[m]
+            && self.result_sent[m]
+    }
+
+    fn new(members: usize) -> Progress {
+        Progress {
+            reducing_waits_on: None,
+            contribution_read: vec![false; members],
+            gathered: vec![false; members],
+            contribution_sent: vec![false; members],
+            result_sent: vec![false; members],
+            open_error: vec![None; members],
+        }
+    }
+}
+
+/// What the next header on a stream must say.
+struct Expect {
+    phase: SyncPhase,
+    owner: usize,
+    range: Range<usize>,
+}
+
+/// A stream whose first header was read by the inbox.
+struct Reader {
+    first: Option<SyncChunkHeader>,
+    stream: Stream,
+}
+
+/// The owner's reduced range: the bytes every member receives, and their decoding.
+struct Reduced {
+    encoded: Vec<(Range<usize>, Vec<u8>)>,
+    decoded: Vec<f32>,
+    total_weight: f64,
+}
+
+type Slot = oneshot::Receiver<Incoming>;
+
+impl<'a> Round<'a> {
+    /// The all-reduce, its dispatcher, the watch on members' connections and the deadline.
+    /// Whatever fails first is told to the other members before this member's streams close,
+    /// so they learn the reason (and whom to blame) instead of seeing a broken stream.
+    async fn run(
+        &self,
+        arrivals: mpsc::Receiver<Incoming>,
+        peer_events: broadcast::Receiver<PeerEvent>,
+        timeout: Duration,
+    ) -> Result<(Vec<f32>, f64)> {
+        let k = self.layout.members;
+        let (mut contribution_senders, mut contribution_slots) = (Vec::new(), Vec::new());
+        let (mut result_senders, mut result_slots) = (Vec::new(), Vec::new());
+        for m in 0..k {
+            let (sender, slot) = oneshot::channel();
+            contribution_senders.push((m != self.me).then_some(sender));
+            contribution_slots.push((m != self.me).then_some(slot));
+            let (sender, slot) = oneshot::channel();
+            result_senders.push((m != self.me).then_some(sender));
+            result_slots.push((m != self.me).then_some(slot));
+        }
+        let contribute = self.or_abort(try_join_all(
+            self.others().map(|j| self.send_contribution(j)),
+        ));
+        let reduce = self.or_abort(async {
+            let reduced = self.reduce(contribution_slots).await?;
+            try_join_all(self.others().map(|j| self.send_result(j, &reduced))).await?;
+            Ok(reduced)
+        });
+        let gather = self.or_abort(try_join_all(
+            result_slots
+                .into_iter()
+                .enumerate()
+                .filter_map(|(j, slot)| slot.map(|slot| self.gather(j, slot))),
+        ));
+        let core = async {
+            let (_, reduced, gathered) = tokio::try_join!(contribute, reduce, gather)?;
+            self.assemble(reduced, gathered)
+        };
+        tokio::pin!(core);
+        let failure = tokio::select! {
+            result = &mut core => match result {
+                Ok(average) => return Ok(average),
+                Err(err) => err,
+            },
+            err = self.dispatch(arrivals, contribution_senders, result_senders) => err,
+            err = self.watch_connections(peer_events) => err,
+            () = tokio::time::sleep(timeout) => self.timed_out(timeout),
+        };
+        // `core` is still alive here unless it finished, so its streams are still open.
+        self.send_aborts(&failure).await;
+        Err(failure)
+    }
+
+    /// Tells the others why `work` failed before its error ends the all-reduce.
+    async fn or_abort<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let err = match work.await {
+            Ok(value) => return Ok(value),
+            Err(err) => err,
+        };
+        if matches!(err, AllReduceError::PeerFailed { .. }) {
+            // The peer that broke the stream may have given up on someone else and be telling us
+            // whom: its abort ends the all-reduce through the dispatcher during this wait.
+            tokio::time::sleep(ABORT_GRACE).await;
+        }
+        self.send_aborts(&err).await;
+        Err(err)
+    }
+
+    fn assemble(
+        &self,
+        reduced: Reduced,
+        gathered: Vec<(usize, Vec<f32>, f64)>,
+    ) -> Result<(Vec<f32>, f64)> {
+        let mut average = vec![0.0f32; self.layout.len];
+        average[self.layout.owned(self.me)].copy_from_slice(&reduced.decoded);
+        for (j, values, weight) in gathered {
+            if weight.to_bits() != reduced.total_weight.to_bits() {
+                return Err(self.reject(
+                    j,
+                    RejectReason::Header(format!(
+                        "it divided by a total weight of {weight}, this member by {}",
+                        reduced.total_weight
+                    )),
+                ));
+            }
+            average[self.layout.owned(j)].copy_from_slice(&values);
+        }
+        Ok((average, reduced.total_weight))
+    }
+
+    fn others(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.layout.members).filter(move |&m| m != self.me)
+    }
+
+    /// Hands each incoming stream to the part of the all-reduce that reads it, and turns a
+    /// member's abort or a protocol violation into this all-reduce's error. Never returns
+    /// otherwise: it keeps listening for aborts until the all-reduce ends.
+    async fn dispatch(
+        &self,
+        mut arrivals: mpsc::Receiver<Incoming>,
+        mut contributions: Vec<Option<oneshot::Sender<Incoming>>>,
+        mut results: Vec<Option<oneshot::Sender<Incoming>>>,
+    ) -> AllReduceError {
+        loop {
+            let Some(mut incoming) = arrivals.recv().await else {
+                return AllReduceError::Stopped;
+            };
+            let Some(m) = self.members.iter().position(|peer| *peer == incoming.peer) else {
+                // Allowed on the network but not in this round: its stream is dropped.
+                tracing::debug!(peer = %incoming.peer, round = self.round, "stream from a non-member");
+                continue;
+            };
+            let header = incoming.header;
+            let bad = |reason: String| self.reject(m, RejectReason::Header(reason));
+            if header.sender as usize != m || header.chunks as usize != self.layout.members {
+                return bad(format!(
+                    "it claims to be member {} of {}, but is member {m} of {}",
+                    header.sender, header.chunks, self.layout.members
+                ));
+            }
+            let (slot, owner) = match header.phase {
+                SyncPhase::ReduceScatter => (&mut contributions[m], self.me),
+                SyncPhase::AllGather => (&mut results[m], m),
+                SyncPhase::Abort => return self.aborted(m, &mut incoming).await,
+            };
+            if header.chunk_index as usize != owner {
+                return bad(format!(
+                    "its {:?} stream carries range {} instead of {owner}",
+                    header.phase, header.chunk_index
+                ));
+            }
+            self.received
+                .fetch_add(incoming.header_bytes, Ordering::Relaxed);
+            match slot.take() {
+                Some(sender) => {
+                    let _ = sender.send(incoming);
+                }
+                None => return bad(format!("it opened a second {:?} stream", header.phase)),
+            }
+        }
+    }
+
+    /// Reads the reason of member `m`'s abort.
+    async fn aborted(&self, m: usize, incoming: &mut Incoming) -> AllReduceError {
+        let header = incoming.header;
+        let reason = if header.payload_len as usize > MAX_ABORT_REASON {
+            format!("(a {}-byte reason, not read)", header.payload_len)
+        } else {
+            let read = tokio::time::timeout(
+                ABORT_TIMEOUT,
+                wire::read_payload(&mut incoming.stream, &header),
+            );
+            match read.await {
+                Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                _ => "(reason lost)".to_string(),
+            }
+        };
+        let blamed = self
+            .members
+            .get(header.chunk_index as usize)
+            .copied()
+            .unwrap_or(incoming.peer);
+        AllReduceError::Aborted {
+            round: self.round,
+            by: self.members[m],
+            blamed,
+            reason,
+        }
+    }
+
+    /// Fails the all-reduce when a member it still needs loses its last connection and does
+    /// not get one back within [`DISCONNECT_GRACE`] (a dial that raced the member's allowlist
+    /// update is refused once and then succeeds).
+    async fn watch_connections(
+        &self,
+        mut events: broadcast::Receiver<PeerEvent>,
+    ) -> AllReduceError {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                // Missed events only delay detection to the timeout.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return AllReduceError::Stopped,
+            };
+            let PeerEvent::Disconnected(peer) = event else {
+                continue;
+            };
+            let Some(m) = self.members.iter().position(|p| *p == peer) else {
+                continue;
+            };
+            if m == self.me || self.progress().done_with(m) {
+                continue;
+            }
+            let reconnected = tokio::time::timeout(DISCONNECT_GRACE, async {
+                loop {
+                    match events.recv().await {
+                        Ok(PeerEvent::Connected(p)) if p == peer => return true,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return false,
+                    }
+                }
+            });
+            if !matches!(reconnected.await, Ok(true)) {
+                return self.peer_failed(m, "it disconnected".to_string());
+            }
+        }
+    }
+
+    /// Tells the other members (once, bounded by [`ABORT_TIMEOUT`]) that this all-reduce failed
+    /// and whom this member blames, so they fail now rather than at their timeout.
+    async fn send_aborts(&self, err: &AllReduceError) {
+        if self.abort_sent.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let blamed = match err {
+            AllReduceError::Rejected { peer, .. }
+            | AllReduceError::PeerFailed { peer, .. }
+            | AllReduceError::Timeout { peer, .. } => self.members.iter().position(|p| p == peer),
+            AllReduceError::Codec { .. } => Some(self.me),
+            // Another member's abort is not repeated; the rest never reached the network.
+            AllReduceError::Aborted { .. }
+            | AllReduceError::InvalidRequest(_)
+            | AllReduceError::Stopped => None,
+        };
+        let Some(blamed) = blamed else {
+            return;
+        };
+        // A member that is gone or stalled would only hold the task until its bound.
+        let skip_blamed = !matches!(err, AllReduceError::Rejected { .. });
+        let recipients: Vec<PeerId> = self
+            .others()
+            .filter(|&j| !(skip_blamed && j == blamed))
+            .map(|j| self.members[j])
+            .collect();
+        let mut reason = err.to_string();
+        if reason.len() > MAX_ABORT_REASON {
+            let mut end = MAX_ABORT_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        let header = SyncChunkHeader {
+            round: RoundId(self.round),
+            group: self.group,
+            sender: self.me as u32,
+            stage: 0,
+            phase: SyncPhase::Abort,
+            chunk_index: blamed as u32,
+            chunks: self.layout.members as u32,
+            offset: 0,
+            values: 0,
+            total_len: self.layout.len as u64,
+            weight: 1.0,
+            codec: self.codec_id.0,
+            payload_len: reason.len() as u32,
+            zstd: self.codec_id.1,
+        };
+        let reason = reason.as_bytes();
+        let sends = recipients.into_iter().map(|peer| {
+            let mut control = self.net.control.clone();
+            async move {
+                let opened = wire::open_and_send_first(
+                    &mut control,
+                    peer,
+                    &header,
+                    reason,
+                    self.net.limiter.as_deref(),
+                    |_| {},
+                );
+                if let Ok((mut stream, _)) = opened.await {
+                    let _ = stream.close().await;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(ABORT_TIMEOUT, join_all(sends)).await;
+    }
+
+    /// Reduce-scatter, sending side: this member's contribution to `j`'s range.
+    async fn send_contribution(&self, j: usize) -> Result<()> {
+        let mut stream = None;
+        for range in self.layout.chunks(j) {
+            let payload = self
+                .lock_codec()
+                .encode_contribution(range.start, &self.data[range.clone()])
+                .map_err(|err| self.codec_error(err))?;
+            let header = self.header(SyncPhase::ReduceScatter, j, &range, self.weight, &payload)?;
+            self.send_chunk(j, &mut stream, &header, &payload).await?;
+        }
+        self.close(j, stream).await?;
+        self.progress().contribution_sent[j] = true;
+        Ok(())
+    }
+
+    /// All-gather, sending side: this member's reduced range, the same bytes to everyone.
+    async fn send_result(&self, j: usize, reduced: &Reduced) -> Result<()> {
+        let mut stream = None;
+        for (range, payload) in &reduced.encoded {
+            let header = self.header(
+                SyncPhase::AllGather,
+                self.me,
+                range,
+                reduced.total_weight,
+                payload,
+            )?;
+            self.send_chunk(j, &mut stream, &header, payload).await?;
+        }
+        self.close(j, stream).await?;
+        self.progress().result_sent[j] = true;
+        Ok(())
+    }
+
+    /// Reduce-scatter, owning side: reads every member's contribution chunk by chunk in member
+    /// order, validates, sums in f64, divides, and encodes the result once.
+    async fn reduce(&self, mut slots: Vec<Option<Slot>>) -> Result<Reduced> {
+        let k = self.layout.members;
+        let owned = self.layout.owned(self.me);
+        let mut readers: Vec<Option<Reader>> = (0..k).map(|_| None).collect();
+        let mut sum = vec![0.0f64; owned.len()];
+        let mut sum_of_squares = vec![0.0f64; k];
+        // NaN until a member's first header says its weight (headers carry positive weights).
+        let mut weights = vec![f64::NAN; k];
+        weights[self.me] = self.weight;
+        let chunks = self.layout.chunks(self.me);
+        for range in &chunks {
+            let local = range.start - owned.start..range.end - owned.start;
+            for m in 0..k {
+                let values: Cow<'_, [f32]> = if m == self.me {
+                    Cow::Borrowed(&self.data[range.clone()])
+                } else {
+                    self.progress().reducing_waits_on = Some(m);
+                    let reader = match &mut readers[m] {
+                        Some(reader) => reader,
+                        empty => empty.insert(self.accept(slots[m].take()).await?),
+                    };
+                    let expect = Expect {
+                        phase: SyncPhase::ReduceScatter,
+                        owner: self.me,
+                        range: range.clone(),
+                    };
+                    let (header, payload) = self.next_chunk(m, reader, &expect).await?;
+                    if weights[m].is_nan() {
+                        weights[m] = header.weight;
+                    } else if weights[m].to_bits() != header.weight.to_bits() {
+                        return Err(self.reject(
+                            m,
+                            RejectReason::Header(format!(
+                                "its weight changed from {} to {} within the round",
+                                weights[m], header.weight
+                            )),
+                        ));
+                    }
+                    Cow::Owned(self.decode(m, &payload, range.len())?)
+                };
+                if let Some(i) = first_non_finite(&values) {
+                    return Err(self.reject(
+                        m,
+                        RejectReason::NonFinite {
+                            index: (range.start + i) as u64,
+                            value: values[i],
+                        },
+                    ));
+                }
+                for (acc, &x) in sum[local.clone()].iter_mut().zip(values.iter()) {
+                    *acc += f64::from(x);
+                }
+                sum_of_squares[m] += values
+                    .iter()
+                    .map(|&x| f64::from(x) * f64::from(x))
+                    .sum::<f64>();
+            }
+        }
+        {
+            let mut progress = self.progress();
+            progress.reducing_waits_on = None;
+            progress.contribution_read.fill(true);
+        }
+        self.check_outliers(&sum_of_squares, &weights)?;
+
+        // Summed in member order, like the values: every owner gets the same total.
+        let total_weight: f64 = weights.iter().sum();
+        let average = divide(&sum, total_weight);
+        let mut encoded = Vec::with_capacity(chunks.len());
+        let mut decoded = Vec::with_capacity(owned.len());
+        let codec = self.lock_codec();
+        for range in chunks {
+            let local = &average[range.start - owned.start..range.end - owned.start];
+            let bytes = codec
+                .encode_result(local)
+                .map_err(|err| self.codec_error(err))?;
+            let ours = codec
+                .decode(&bytes, range.len())
+                .map_err(|err| self.codec_error(err))?;
+            if ours.len() != range.len() {
+                return Err(self.codec_error(format!(
+                    "decoded {} values, encoded {}",
+                    ours.len(),
+                    range.len()
+                )));
+            }
+            decoded.extend_from_slice(&ours);
+            encoded.push((range, bytes));
+        }
+        Ok(Reduced {
+            encoded,
+            decoded,
+            total_weight,
+        })
+    }
+
+    /// All-gather, receiving side: `j`'s reduced range.
+    async fn gather(&self, j: usize, slot: Slot) -> Result<(usize, Vec<f32>, f64)> {
+        let mut reader = self.accept(Some(slot)).await?;
+        let owned = self.layout.owned(j);
+        let mut values = Vec::with_capacity(owned.len());
+        let mut weight = f64::NAN;
+        for range in self.layout.chunks(j) {
+            let expect = Expect {
+                phase: SyncPhase::AllGather,
+                owner: j,
+                range: range.clone(),
+            };
+            let (header, payload) = self.next_chunk(j, &mut reader, &expect).await?;
+            weight = header.weight;
+            let decoded = self.decode(j, &payload, range.len())?;
+            if let Some(i) = first_non_finite(&decoded) {
+                return Err(self.reject(
+                    j,
+                    RejectReason::NonFinite {
+                        index: (range.start + i) as u64,
+                        value: decoded[i],
+                    },
+                ));
+            }
+            values.extend_from_slice(&decoded);
+        }
+        self.progress().gathered[j] = true;
+        Ok((j, values, weight))
+    }
+
+    /// Waits for the stream the dispatcher hands over (the slot is only ever taken once).
+    async fn accept(&self, slot: Option<Slot>) -> Result<Reader> {
+        let slot = slot.ok_or(AllReduceError::Stopped)?;
+        let incoming = slot.await.map_err(|_| AllReduceError::Stopped)?;
+        Ok(Reader {
+            first: Some(incoming.header),
+            stream: incoming.stream,
+        })
+    }
+
+    /// Reads and checks the next chunk header, then its payload.
+    async fn next_chunk(
+        &self,
+        m: usize,
+        reader: &mut Reader,
+        expect: &Expect,
+    ) -> Result<(SyncChunkHeader, Vec<u8>)> {
+        let header = match reader.first.take() {
+            Some(header) => header,
+            None => {
+                let (header, bytes) =
+                    wire::read_header(&mut reader.stream)
+                        .await
+                        .map_err(|err| match err {
+                            ReadError::Io(err) => self.peer_failed(m, format!("receiving: {err}")),
+                            ReadError::Protocol(err) => {
+                                self.reject(m, RejectReason::Header(err.to_string()))
+                            }
+                        })?;
+                self.received.fetch_add(bytes, Ordering::Relaxed);
+                header
+            }
+        };
+        self.check_header(m, &header, expect)?;
+        let payload = wire::read_payload(&mut reader.stream, &header)
+            .await
+            .map_err(|err| self.peer_failed(m, format!("receiving: {err}")))?;
+        self.received
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        Ok((header, payload))
+    }
+
+    fn check_header(&self, m: usize, header: &SyncChunkHeader, expect: &Expect) -> Result<()> {
+        let reject = |reason| Err(self.reject(m, reason));
+        if header.round.0 != self.round {
+            return reject(RejectReason::WrongRound {
+                expected: self.round,
+                found: header.round.0,
+            });
+        }
+        if header.total_len != self.layout.len as u64 {
+            return reject(RejectReason::WrongLength {
+                expected: self.layout.len as u64,
+                found: header.total_len,
+            });
+        }
+        let codec = (header.codec, header.zstd);
+        if codec != self.codec_id {
+            return reject(RejectReason::WrongCodec {
+                expected: format!("{:?} (zstd {})", self.codec_id.0, self.codec_id.1),
+                found: format!("{:?} (zstd {})", codec.0, codec.1),
+            });
+        }
+        let fits = header.group == self.group
+            && header.sender as usize == m
+            && header.stage == 0
+            && header.phase == expect.phase
+            && header.chunks as usize == self.layout.members
+            && header.chunk_index as usize == expect.owner
+            && header.offset == expect.range.start as u64
+            && header.values as usize == expect.range.len();
+        if !fits {
+            return reject(RejectReason::Header(format!(
+                "expected {:?} values {:?} of range {}, got {header:?}",
+                expect.phase, expect.range, expect.owner
+            )));
+        }
+        Ok(())
+    }
+
+    fn decode(&self, m: usize, payload: &[u8], len: usize) -> Result<Vec<f32>> {
+        let values = self
+            .lock_codec()
+            .decode(payload, len)
+            .map_err(|err| self.reject(m, RejectReason::Decode(err.to_string())))?;
+        if values.len() != len {
+            return Err(self.reject(
+                m,
+                RejectReason::Decode(format!("{} values instead of {len}", values.len())),
+            ));
+        }
+        Ok(values)
+    }
+
+    /// Rejects the first member (in member order) whose norm per unit of weight over this
+    /// owner's range is far above the median of all members'.
+    fn check_outliers(&self, sum_of_squares: &[f64], weights: &[f64]) -> Result<()> {
+        if sum_of_squares.len() < OUTLIER_MIN_MEMBERS {
+            return Ok(());
+        }
+        let norms: Vec<f64> = sum_of_squares
+            .iter()
+            .zip(weights)
+            .map(|(ss, w)| ss.sqrt() / w)
+            .collect();
+        let mut sorted = norms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted.len() / 2;
+        let median = if sorted.len() % 2 == 1 {
+            sorted[mid]
+        } else {
+            (sorted[mid - 1] + sorted[mid]) / 2.0
+        };
+        // With most contributions exactly zero there is no scale to compare against.
+        if median <= 0.0 {
+            return Ok(());
+        }
+        match norms.iter().position(|&norm| norm > OUTLIER_RATIO * median) {
+            Some(m) => Err(self.reject(
+                m,
+                RejectReason::Outlier {
+                    norm: norms[m],
+                    median,
+                    ratio: OUTLIER_RATIO,
+                },
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn header(
+        &self,
+        phase: SyncPhase,
+        owner: usize,
+        range: &Range<usize>,
+        weight: f64,
+        payload: &[u8],
+    ) -> Result<SyncChunkHeader> {
+        if payload.len() > MAX_SYNC_CHUNK_BYTES as usize {
+            return Err(self.codec_error(format!(
+                "an encoded chunk of {} bytes exceeds the {MAX_SYNC_CHUNK_BYTES}-byte limit; lower chunk_values",
+                payload.len()
+            )));
+        }
+        Ok(SyncChunkHeader {
+            round: RoundId(self.round),
+            group: self.group,
+            sender: self.me as u32,
+            stage: 0,
+            phase,
+            chunk_index: owner as u32,
+            chunks: self.layout.members as u32,
+            offset: range.start as u64,
+            values: range.len() as u32,
+            total_len: self.layout.len as u64,
+            weight,
+            codec: self.codec_id.0,
+            payload_len: payload.len() as u32,
+            zstd: self.codec_id.1,
+        })
+    }
+
+    /// Sends one chunk to `j`, opening the stream with the first one.
+    async fn send_chunk(
+        &self,
+        j: usize,
+        stream: &mut Option<Stream>,
+        header: &SyncChunkHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let limiter = self.net.limiter.as_deref();
+        let bytes = match stream {
+            Some(stream) => wire::write_chunk(stream, header, payload, limiter)
+                .await
+                .map_err(|err| self.peer_failed(j, format!("sending: {err}")))?,
+            None => {
+                let mut control = self.net.control.clone();
+                let peer = self.members[j];
+                let on_retry = |err: String| {
+                    tracing::debug!(%peer, round = self.round, %err, "retrying a sync stream");
+                    self.progress().open_error[j] = Some(err);
+                };
+                let (opened, bytes) = wire::open_and_send_first(
+                    &mut control,
+                    peer,
+                    header,
+                    payload,
+                    limiter,
+                    on_retry,
+                )
+                .await
+                .map_err(|err| match err {
+                    OpenError::Refused => self.peer_failed(
+                        j,
+                        "it refused the stream: it has finished or abandoned this round"
+                            .to_string(),
+                    ),
+                    OpenError::Broken(err) => self.peer_failed(j, format!("sending: {err}")),
+                    OpenError::Encode(err) => self.codec_error(err),
+                })?;
+                *stream = Some(opened);
+                bytes
+            }
+        };
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn close(&self, j: usize, stream: Option<Stream>) -> Result<()> {
+        if let Some(mut stream) = stream {
+            stream
+                .close()
+                .await
+                .map_err(|err| self.peer_failed(j, format!("closing the stream: {err}")))?;
+        }
+        Ok(())
+    }
+
+    fn timed_out(&self, waited: Duration) -> AllReduceError {
+        let progress = self.progress();
+        let others: Vec<usize> = self.others().collect();
+        let (m, detail) = if let Some(m) = progress.reducing_waits_on {
+            (m, "its contribution did not arrive")
+        } else if let Some(&m) = others.iter().find(|&&m| !progress.gathered[m]) {
+            (m, "its reduced range did not arrive")
+        } else if let Some(&m) = others
+            .iter()
+            .find(|&&m| !progress.contribution_sent[m] || !progress.result_sent[m])
+        {
+            (m, "it did not take what this member sent")
+        } else {
+            (others[0], "the all-reduce did not finish")
+        };
+        let detail = match &progress.open_error[m] {
+            Some(err) => format!("{detail}; last connection error: {err}"),
+            None => detail.to_string(),
+        };
+        AllReduceError::Timeout {
+            round: self.round,
+            peer: self.members[m],
+            waited,
+            detail,
+        }
+    }
+
+    fn reject(&self, m: usize, reason: RejectReason) -> AllReduceError {
+        AllReduceError::Rejected {
+            round: self.round,
+            peer: self.members[m],
+            reason,
+        }
+    }
+
+    fn peer_failed(&self, m: usize, reason: String) -> AllReduceError {
+        AllReduceError::PeerFailed {
+            round: self.round,
+            peer: self.members[m],
+            reason,
+        }
+    }
+
+    fn codec_error(&self, err: impl std::fmt::Display) -> AllReduceError {
+        AllReduceError::Codec {
+            round: self.round,
+            reason: err.to_string(),
+        }
+    }
+
+    fn lock_codec(&self) -> MutexGuard<'_, &'a mut dyn ChunkCodec> {
+        self.codec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,163 @@
+//! All-reduce speed, reported against the ring bound: among real nodes (each runs
+//! [`bench_all_reduce`] with the same arguments, e.g. in network namespaces), or among peers in
+//! this process on 127.0.0.1 ([`bench_local`]). Also the plain fp32 codec these use.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use forge_protocol::sync::SyncCodec;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+
+use super::all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
+use super::error::AllReduceError;
+use super::net::{self, PeerNet, PeerNetConfig};
+
+/// fp32 little-endian, lossless: the reference codec and the baseline of the bytes benchmark.
+#[derive(Debug, Default)]
+pub(crate) struct Fp32Codec;
+
+impl ChunkCodec for Fp32Codec {
+    fn encode_contribution(
+        &mut self,
+        _offset: usize,
+        x: &[f32],
+    ) -> forge_protocol::Result<Vec<u8>> {
+        self.encode_result(x)
+    }
+
+    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
+        Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
+        if bytes.len() != 4 * len {
+            return Err(forge_protocol::Error::LengthMismatch {
+                declared: 4 * len as u64,
+                actual: bytes.len() as u64,
+            });
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    fn id(&self) -> (SyncCodec, bool) {
+        (SyncCodec::F32, false)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct BenchReport {
+    pub(crate) peers: usize,
+    /// fp32 bytes of the vector averaged.
+    pub(crate) payload_bytes: u64,
+    /// Wall time of each round on this node.
+    pub(crate) rounds: Vec<Duration>,
+    /// What this node sent in the last round.
+    pub(crate) bytes_sent: u64,
+}
+
+impl BenchReport {
+    pub(crate) fn median(&self) -> Duration {
+        let mut sorted = self.rounds.clone();
+        sorted.sort();
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// The ring bound `2(K-1)/K × payload / bandwidth`: no all-reduce can move its bytes faster.
+    pub(crate) fn ring_bound(&self, bandwidth_bytes_per_s: f64) -> Duration {
+        let k = self.peers as f64;
+        Duration::from_secs_f64(
+            2.0 * (k - 1.0) / k * self.payload_bytes as f64 / bandwidth_bytes_per_s,
+        )
+    }
+
+    /// Median round time over the ring bound; 1.0 is perfect, the target is at most 1.2.
+    pub(crate) fn ring_bound_ratio(&self, bandwidth_bytes_per_s: f64) -> f64 {
+        self.median().as_secs_f64() / self.ring_bound(bandwidth_bytes_per_s).as_secs_f64()
+    }
+
+    /// Payload averaged per second of median round time.
+    pub(crate) fn payload_bytes_per_s(&self) -> f64 {
+        self.payload_bytes as f64 / self.median().as_secs_f64()
+    }
+}
+
+/// Runs `rounds` fp32 all-reduces of `values` values among `members`, numbered from
+/// `first_round`. Every member calls this with the same arguments at about the same time.
+pub(crate) async fn bench_all_reduce(
+    net: &PeerNet,
+    members: Vec<PeerId>,
+    values: usize,
+    first_round: u64,
+    rounds: u64,
+    bandwidth_bytes_per_s: f64,
+) -> Result<BenchReport, AllReduceError> {
+    let payload_bytes = 4 * values as u64;
+    let timeout = all_reduce_timeout(payload_bytes, members.len(), bandwidth_bytes_per_s);
+    let data: Vec<f32> = (0..values).map(|i| (i as f32 * 0.618).sin()).collect();
+    let mut report = BenchReport {
+        peers: members.len(),
+        payload_bytes,
+        rounds: Vec::new(),
+        bytes_sent: 0,
+    };
+    for round in first_round..first_round + rounds {
+        let request = AllReduceRequest {
+            round,
+            members: members.clone(),
+            data: data.clone(),
+            weight: 1.0,
+            timeout,
+        };
+        let output = net.all_reduce(request, &mut Fp32Codec).await?;
+        report.rounds.push(output.elapsed);
+        report.bytes_sent = output.bytes_sent;
+    }
+    Ok(report)
+}
+
+/// Starts `peers` nodes in this process, listening on 127.0.0.1, each allowing all the others;
+/// returns them with their addresses.
+pub(crate) async fn local_cluster(
+    peers: usize,
+    configure: impl Fn(PeerNetConfig) -> PeerNetConfig,
+) -> anyhow::Result<Vec<(PeerNet, Multiaddr)>> {
+    let mut nets = Vec::with_capacity(peers);
+    let mut members: Vec<(PeerId, Vec<Multiaddr>)> = Vec::with_capacity(peers);
+    for _ in 0..peers {
+        let config = configure(PeerNetConfig::new(Keypair::generate_ed25519()));
+        let (net, event_loop) = net::new(config)?;
+        tokio::spawn(event_loop.run());
+        let addr = net
+            .start_listening("/ip4/127.0.0.1/udp/0/quic-v1".parse()?)
+            .await
+            .context("listening on 127.0.0.1")?;
+        members.push((net.peer_id(), vec![addr.clone()]));
+        nets.push((net, addr));
+    }
+    for (net, _) in &nets {
+        net.set_members(members.clone()).await?;
+    }
+    Ok(nets)
+}
+
+/// The all-reduce among `peers` in-process peers on 127.0.0.1 (loopback, so this measures the
+/// stack's CPU cost, not a network).
+pub(crate) async fn bench_local(
+    peers: usize,
+    values: usize,
+    rounds: u64,
+) -> anyhow::Result<BenchReport> {
+    let nets = local_cluster(peers, |config| config).await?;
+    let members: Vec<PeerId> = nets.iter().map(|(net, _)| net.peer_id()).collect();
+    // Loopback is fast; this only sizes the timeout.
+    let bandwidth = 100e6;
+    let runs = nets
+        .iter()
+        .map(|(net, _)| bench_all_reduce(net, members.clone(), values, 1, rounds, bandwidth));
+    let mut reports = futures::future::try_join_all(runs).await?;
+    Ok(reports.swap_remove(0))
+}

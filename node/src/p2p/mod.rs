@@ -1,0 +1,34 @@
+//! The node's peer-to-peer layer: its ed25519 identity, a libp2p swarm over QUIC that only
+//! admits the run's members, and the all-reduce of outer gradients over `/forge/sync/1` streams.
+//!
+//! ```text
+//! let keypair = p2p::load_or_create_keypair(&workdir)?;
+//! let (net, event_loop) = p2p::new(PeerNetConfig::new(keypair))?;
+//! tokio::spawn(event_loop.run());
+//! let addr = net.start_listening("/ip4/0.0.0.0/udp/0/quic-v1".parse()?).await?;
+//! // register net.peer_id() and addr with the coordinator, then per round:
+//! net.set_members(members_with_addrs).await?;
+//! let out = net.all_reduce(AllReduceRequest { .. }, &mut codec).await?;
+//! ```
+
+// Until `forge-node join` drives it, only the tests use this layer.
+#![allow(dead_code, unused_imports)]
+
+mod all_reduce;
+mod bench;
+mod error;
+mod identity;
+mod inbox;
+mod net;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub(crate) use all_reduce::{
+    AllReduceOutput, AllReduceRequest, ChunkCodec, Layout, all_reduce_timeout,
+};
+pub(crate) use bench::{BenchReport, bench_all_reduce, bench_local};
+pub(crate) use error::{AllReduceError, Error, RejectReason};
+pub(crate) use identity::{KEY_FILE, load_or_create_keypair};
+pub(crate) use net::{DEFAULT_CHUNK_VALUES, EventLoop, PeerNet, PeerNetConfig, new};

@@ -1,0 +1,241 @@
+//! DiLoCo across real processes on 127.0.0.1: a coordinator and four nodes train together;
+//! one node is SIGKILLed mid-run, the other three finish and their loss keeps falling.
+
+use forge_integration_tests::binary;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(420);
+
+fn shared_data() -> PathBuf {
+    std::env::var_os("FORGE_DATA_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
+        PathBuf::from,
+    )
+}
+
+/// configs/diloco-tiny-cpu.toml, shrunk: 8 x 32-token sequences per step, 5 inner steps per
+/// round, 60 steps in all, a 2 s heartbeat timeout, four data shards.
+fn write_config(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut text = std::fs::read_to_string(root.join("configs/diloco-tiny-cpu.toml")).unwrap();
+    let data = shared_data().join("tinystories");
+    for (from, to) in [
+        (
+            "\"../shared/data/tinystories/train-sample.txt\"",
+            format!("{:?}", data.join("train-sample.txt")),
+        ),
+        (
+            "\"../shared/data/tinystories/valid-sample.txt\"",
+            format!("{:?}", data.join("valid-sample.txt")),
+        ),
+        ("max_steps = 300", "max_steps = 60".into()),
+        ("seq_len = 128", "seq_len = 32".into()),
+        ("batch_size = 16", "batch_size = 8".into()),
+        ("micro_batch = 16", "micro_batch = 8".into()),
+        ("warmup_steps = 30", "warmup_steps = 2".into()),
+        ("batches = 0", "batches = 2".into()),
+        ("inner_steps = 25", "inner_steps = 5".into()),
+        ("eval_every_rounds = 4", "eval_every_rounds = 100".into()),
+        (
+            "heartbeat_interval_ms = 500",
+            "heartbeat_interval_ms = 250".into(),
+        ),
+        (
+            "heartbeat_timeout_ms = 5000",
+            "heartbeat_timeout_ms = 2000".into(),
+        ),
+        ("data_shards = 2", "data_shards = 4".into()),
+    ] {
+        assert!(
+            text.contains(from),
+            "diloco-tiny-cpu.toml no longer has {from}"
+        );
+        text = text.replacen(from, &to, 1);
+    }
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A child process whose stdout lines arrive on a channel; killed when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(bin: &str, args: &[&str], log: &Path) -> Proc {
+        let mut child = Command::new(binary(bin))
+            .args(args)
+            .env_remove("LD_LIBRARY_PATH")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str, deadline: Instant) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} in time; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit and returns its code and every stdout line.
+    fn finish(mut self, deadline: Instant) -> (Option<i32>, Vec<String>) {
+        loop {
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return (status.code(), std::mem::take(&mut self.seen));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; output:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (round, members, loss, outcome) from a node's per-round line.
+fn parse_round(line: &str) -> Option<(u64, usize, f64, String)> {
+    let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+    let round = fields.first()?.strip_prefix("round")?.trim().parse().ok()?;
+    let members = fields.get(1)?.split_whitespace().next()?.parse().ok()?;
+    let loss = fields.get(3)?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((round, members, loss, fields.last()?.to_string()))
+}
+
+#[test]
+fn a_killed_node_does_not_stop_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path());
+    let deadline = Instant::now() + LIMIT;
+    let mut coordinator = Proc::start(
+        "forge-coordinator",
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            tmp.path().join("coord").to_str().unwrap(),
+        ],
+        &tmp.path().join("coord.log"),
+    );
+    let join = coordinator.wait_for("forge-node join ", deadline);
+    let mut words = join.split_whitespace().skip(2);
+    let (addr, token) = (
+        words.next().unwrap().to_string(),
+        words.nth(1).unwrap().to_string(),
+    );
+
+    let mut nodes: Vec<Proc> = (0..4)
+        .map(|i| {
+            let workdir = tmp.path().join(format!("node{i}"));
+            Proc::start(
+                "forge-node",
+                &[
+                    "join",
+                    &addr,
+                    "--token",
+                    &token,
+                    "--workdir",
+                    workdir.to_str().unwrap(),
+                    "--listen",
+                    "127.0.0.1:0",
+                ],
+                &tmp.path().join(format!("node{i}.log")),
+            )
+        })
+        .collect();
+    // Two committed rounds with all four, then the last node dies without a word.
+    for node in &mut nodes {
+        let line = node.wait_for("round    2 |", deadline);
+        assert!(
+            line.contains("4 members") && line.contains("committed"),
+            "{line}"
+        );
+    }
+    let victim = nodes.pop().unwrap();
+    drop(victim); // SIGKILL
+
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        assert!(
+            log.contains("finished the budget of 60 inner steps"),
+            "node {i}:\n{log}"
+        );
+        let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+        let before: Vec<_> = rounds.iter().filter(|r| r.0 <= 2).collect();
+        let after: Vec<_> = rounds
+            .iter()
+            .filter(|r| r.1 == 3 && r.3.starts_with("committed"))
+            .collect();
+        assert!(
+            !after.is_empty(),
+            "node {i}: no round committed by the three survivors:\n{log}"
+        );
+        let loss_at_kill = before.last().unwrap().2;
+        let final_loss = after.last().unwrap().2;
+        println!(
+            "node {i}: loss {loss_at_kill:.4} at the kill, {final_loss:.4} at the end, {} rounds by three",
+            after.len()
+        );
+        assert!(
+            final_loss < loss_at_kill,
+            "node {i}: loss did not keep falling:\n{log}"
+        );
+    }
+}
