@@ -55,6 +55,9 @@ struct RoundLog {
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_bpb: Option<f64>,
     members: usize,
+    /// Tokens all members processed this round (the all-reduce's total weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_tokens: Option<f64>,
     outcome: String,
     bytes_sent: u64,
     bytes_received: u64,
@@ -455,6 +458,7 @@ async fn play_round(
         eval_loss: None,
         eval_bpb: None,
         members: k,
+        group_tokens: None,
         outcome: String::new(),
         bytes_sent: 0,
         bytes_received: 0,
@@ -466,6 +470,7 @@ async fn play_round(
         Ok(out) => {
             log.bytes_sent = out.bytes_sent;
             log.bytes_received = out.bytes_received;
+            log.group_tokens = Some(out.total_weight);
             let proposal = outer.propose(&out.average)?;
             let step = OuterStep::Ok {
                 params_hash: Digest(proposal.params_hash),
@@ -481,10 +486,14 @@ async fn play_round(
             (step, Some(proposal))
         }
         Err(e) => {
+            // The coordinator learns whom this node blames (a dead, slow or poisoning peer).
+            let blamed = e
+                .peer()
+                .map_or_else(|| "none".to_string(), |p| p.to_string());
             println!("round {}: all-reduce failed: {e}", open.round.0);
             (
                 OuterStep::Failed {
-                    reason: e.to_string(),
+                    reason: format!("{e} [blamed peer: {blamed}]"),
                 },
                 None,
             )

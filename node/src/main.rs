@@ -126,6 +126,17 @@ enum DataCommand {
 enum BenchCommand {
     /// Forward + backward + grad clip + AdamW on a random batch: tokens/s, step time, MFU.
     TrainStep(TrainStepArgs),
+    /// fp32 all-reduces among PEERS nodes in this process over QUIC on 127.0.0.1 (loopback:
+    /// this measures the stack's CPU cost, not a network).
+    AllReduce {
+        #[arg(long, default_value_t = 2)]
+        peers: usize,
+        /// Parameters averaged (fp32): 15191712 is the 15m preset, 124439808 gpt2-124m.
+        #[arg(long, default_value_t = 15_191_712)]
+        values: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+    },
 }
 
 /// Which model: a preset (with an optional family) or the [model] section of a run config.
@@ -231,6 +242,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats { config }) => data_stats(&config),
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
+        Command::Bench(BenchCommand::AllReduce {
+            peers,
+            values,
+            rounds,
+        }) => bench_all_reduce(peers, values, rounds),
     }
 }
 
@@ -373,6 +389,39 @@ fn bench_train_step(args: &TrainStepArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         print_result(&result);
+    }
+    Ok(())
+}
+
+fn bench_all_reduce(peers: usize, values: usize, rounds: u64) -> Result<()> {
+    anyhow::ensure!(
+        peers >= 2 && values > 0 && rounds > 0,
+        "need --peers >= 2, --values > 0, --rounds > 0"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(p2p::bench_local(peers, values, rounds))?;
+    let times: Vec<String> = report
+        .rounds
+        .iter()
+        .map(|d| format!("{:.3}", d.as_secs_f64()))
+        .collect();
+    println!(
+        "all-reduce of {:.1} MB fp32 among {peers} peers on 127.0.0.1: median {:.3} s ({:.0} MB/s of payload), \
+         {:.1} MB sent per peer; rounds [{}] s",
+        report.payload_bytes as f64 / 1e6,
+        report.median().as_secs_f64(),
+        report.payload_bytes_per_s() / 1e6,
+        report.bytes_sent as f64 / 1e6,
+        times.join(", ")
+    );
+    for gbit in [1.0, 10.0] {
+        println!(
+            "  the ring bound at {gbit} Gbit/s would be {:.3} s (median / bound = {:.2})",
+            report.ring_bound(gbit * 1e9 / 8.0).as_secs_f64(),
+            report.ring_bound_ratio(gbit * 1e9 / 8.0)
+        );
     }
     Ok(())
 }

@@ -11,9 +11,6 @@
 //! let out = net.all_reduce(AllReduceRequest { .. }, &mut codec).await?;
 //! ```
 
-// Until `forge-node join` drives it, only the tests use this layer.
-#![allow(dead_code, unused_imports)]
-
 mod all_reduce;
 mod bench;
 mod error;
@@ -25,10 +22,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use all_reduce::{
-    AllReduceOutput, AllReduceRequest, ChunkCodec, Layout, all_reduce_timeout,
-};
-pub(crate) use bench::{BenchReport, bench_all_reduce, bench_local};
-pub(crate) use error::{AllReduceError, Error, RejectReason};
-pub(crate) use identity::{KEY_FILE, load_or_create_keypair};
-pub(crate) use net::{DEFAULT_CHUNK_VALUES, EventLoop, PeerNet, PeerNetConfig, new};
+pub(crate) use all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
+pub(crate) use bench::bench_local;
+pub(crate) use identity::load_or_create_keypair;
+pub(crate) use net::{PeerNet, PeerNetConfig, new};

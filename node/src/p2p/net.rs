@@ -163,7 +163,8 @@ impl PeerNet {
         response.await.map_err(|_| Error::Stopped)
     }
 
-    /// Peers with at least one open connection.
+    /// Peers with at least one open connection (tests check the allowlist with it).
+    #[cfg(test)]
     pub(crate) async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         let (reply, response) = oneshot::channel();
         self.send(Command::ConnectedPeers { reply }).await?;
@@ -188,9 +189,8 @@ enum Command {
         members: Vec<(PeerId, Vec<Multiaddr>)>,
         reply: oneshot::Sender<()>,
     },
-    ConnectedPeers {
-        reply: oneshot::Sender<Vec<PeerId>>,
-    },
+    #[cfg(test)]
+    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
 }
 
 #[derive(NetworkBehaviour)]
@@ -314,6 +314,7 @@ impl EventLoop {
                 self.set_members(members);
                 let _ = reply.send(());
             }
+            #[cfg(test)]
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
