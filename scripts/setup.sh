@@ -23,7 +23,8 @@ say() { echo "setup: $*" >&2; }
 torch_version() { "$FORGE_VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
 
 # 1. Python virtualenv with torch.
-installed="$(test -x "$FORGE_VENV/bin/python" && torch_version)"
+# (`|| true`: with no virtualenv yet the test fails, and under `set -e` that would end the script.)
+installed="$(test -x "$FORGE_VENV/bin/python" && torch_version || true)"
 if [[ "${installed%%+*}" == "$FORGE_TORCH_VERSION" ]]; then
   say "torch $installed already in $FORGE_VENV"
 else
