@@ -9,6 +9,7 @@
 //! local parameters keep their progress, which the next round's pseudo-gradient then carries.
 
 use crate::error::{Error, Result};
+use crate::models::trainable_by_name;
 use forge_protocol::quant::Compression;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -107,17 +108,6 @@ pub struct OuterOptimizer {
     numel: usize,
 }
 
-/// Trainable variables of `vs` sorted by name: the order every replica flattens in.
-fn named_params(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
-}
-
 /// A CPU fp32 view of `t`: shares storage when `t` already is one (read-only uses).
 fn cpu_f32(t: &Tensor) -> Tensor {
     t.detach()
@@ -162,7 +152,7 @@ impl OuterOptimizer {
     /// Starts from the model's current parameters as the global state, momentum zero.
     pub fn new(vs: &VarStore, cfg: DilocoConfig) -> Result<Self> {
         cfg.validate()?;
-        let named = named_params(vs);
+        let named = trainable_by_name(vs);
         let global: Vec<Tensor> = named.iter().map(|(_, t)| owned_f32(t)).collect();
         let momentum = global.iter().map(Tensor::zeros_like).collect();
         let numel = global.iter().map(|t| t.numel()).sum();
@@ -182,7 +172,7 @@ impl OuterOptimizer {
 
     /// `theta_global - theta_local`, flattened in name order, fp32.
     pub fn pseudo_gradient(&self, vs: &VarStore) -> Vec<f32> {
-        let named = named_params(vs);
+        let named = trainable_by_name(vs);
         let mut out = Vec::with_capacity(self.numel);
         tch::no_grad(|| {
             for ((_, local), global) in named.iter().zip(&self.global) {
@@ -246,7 +236,7 @@ impl OuterOptimizer {
     /// Copies the global parameters into the model (after a commit, or to undo local steps).
     pub fn load_into(&self, vs: &VarStore) {
         tch::no_grad(|| {
-            for ((_, mut local), global) in named_params(vs).into_iter().zip(&self.global) {
+            for ((_, mut local), global) in trainable_by_name(vs).into_iter().zip(&self.global) {
                 local.copy_(&global.to_device(local.device()).to_kind(local.kind()));
             }
         });

@@ -7,6 +7,7 @@
 //! reducers one ordered list to average.
 
 use crate::error::{Error, Result};
+use crate::models::trainable_by_name;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -54,13 +55,7 @@ impl AdamW {
     /// Matrices (2-D and up: linear weights and embeddings) get weight decay; vectors (norm
     /// gains, biases) do not.
     pub fn new(vs: &VarStore, cfg: AdamWConfig) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named
+        let params = trainable_by_name(vs)
             .into_iter()
             .map(|(name, param)| ParamState {
                 decay: param.dim() >= 2,

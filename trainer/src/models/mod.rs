@@ -330,6 +330,18 @@ pub(crate) fn to_compute(x: &Tensor, kind: Kind) -> Tensor {
     }
 }
 
+/// Trainable variables of `vs` sorted by name: the one order that optimizer state, outer
+/// gradients and every replica's flattened vectors use.
+pub fn trainable_by_name(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 /// Rows of an embedding table: `table` (V, d), `ids` (...) → (..., d).
 pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Tensor {
     Tensor::embedding(table, ids, -1, false, false)
