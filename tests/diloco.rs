@@ -18,7 +18,8 @@ fn shared_data() -> PathBuf {
 }
 
 /// configs/diloco-tiny-cpu.toml, shrunk: 8 x 32-token sequences per step, 5 inner steps per
-/// round, 60 steps in all, a 2 s heartbeat timeout, four data shards.
+/// round, 60 steps in all, a 2 s heartbeat timeout, four data shards, and a first round that
+/// waits for all four nodes.
 fn write_config(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut text = std::fs::read_to_string(root.join("configs/diloco-tiny-cpu.toml")).unwrap();
@@ -49,6 +50,7 @@ fn write_config(dir: &Path) -> PathBuf {
             "heartbeat_timeout_ms = 2000".into(),
         ),
         ("data_shards = 2", "data_shards = 4".into()),
+        ("start_replicas = 2", "start_replicas = 4".into()),
     ] {
         assert!(
             text.contains(from),

@@ -66,6 +66,11 @@ pub struct CoordinatorConfig {
     pub model: Option<ModelProfile>,
     /// Fewest fully agreeing replicas a round needs to commit (and to open).
     pub min_replicas: u32,
+    /// Replicas the first round waits for (0: `min_replicas`). Every replica must start from
+    /// the same global state, and a node that joins after a round has committed cannot fetch
+    /// it yet, so a run starts only when all its first replicas are there.
+    #[serde(default)]
+    pub start_replicas: u32,
     /// Number of fixed data shards; each replica reads a different one.
     pub data_shards: u32,
     pub heartbeat_interval_ms: u64,
@@ -81,6 +86,12 @@ impl CoordinatorConfig {
         let bad = |reason: String| Err(Error::InvalidConfig { reason });
         if self.min_replicas == 0 {
             return bad("min_replicas must be at least 1".to_string());
+        }
+        if self.data_shards < self.start_replicas {
+            return bad(format!(
+                "data_shards ({}) must be at least start_replicas ({}): every replica reads its own shard",
+                self.data_shards, self.start_replicas
+            ));
         }
         if self.data_shards < self.min_replicas {
             return bad(format!(
@@ -853,7 +864,11 @@ impl Coordinator {
     }
 
     fn try_open_round(&mut self, out: &mut Vec<Output>) {
-        if (self.replicas.len() as u32) < self.config.min_replicas {
+        let needed = match self.last_round {
+            None => self.config.min_replicas.max(self.config.start_replicas),
+            Some(_) => self.config.min_replicas,
+        };
+        if (self.replicas.len() as u32) < needed {
             return;
         }
         let participants: BTreeMap<MemberId, Assignment> = self

@@ -17,6 +17,7 @@ struct CoordinatorSection {
     heartbeat_timeout_ms: Option<u64>,
     round_deadline_ms: Option<u64>,
     min_replicas: Option<u32>,
+    start_replicas: Option<u32>,
     data_shards: Option<u32>,
     checkpoint_every_rounds: Option<u64>,
 }
@@ -64,6 +65,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
             .as_ref()
             .and_then(|s| s.min_replicas)
             .unwrap_or(DEFAULT_MIN_REPLICAS),
+        start_replicas: section.as_ref().and_then(|s| s.start_replicas).unwrap_or(0),
         data_shards: section
             .as_ref()
             .and_then(|s| s.data_shards)

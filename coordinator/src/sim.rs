@@ -118,6 +118,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         run_config: "[model]\npreset = \"tiny\"\n".to_string(),
         model: None,
         min_replicas,
+        start_replicas: 0,
         data_shards: 16,
         heartbeat_interval_ms: 500,
         heartbeat_timeout_ms: 2_000,
@@ -750,6 +751,36 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The first round waits for start_replicas; later rounds need only min_replicas.
+    #[test]
+    fn the_first_round_waits_for_start_replicas() {
+        let opened = |outputs: &[Output]| {
+            outputs.iter().any(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        message: CoordinatorMessage::RoundOpened(_),
+                        ..
+                    }
+                )
+            })
+        };
+        let mut cfg = config(2);
+        cfg.start_replicas = 3;
+        let mut driver = Driver::new(cfg);
+        let (_, a) = driver.join(1, 1 << 40);
+        let (_, b) = driver.join(2, 1 << 40);
+        assert!(!opened(&a) && !opened(&b), "two of three: no round yet");
+        let (_, c) = driver.join(3, 1 << 40);
+        assert!(opened(&c), "the third replica opens the first round");
+        let mut bad = config(2);
+        bad.start_replicas = 17;
+        assert!(
+            Coordinator::new(bad).is_err(),
+            "more start replicas than data shards"
+        );
     }
 
     #[test]
