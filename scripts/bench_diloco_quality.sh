@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# DiLoCo quality against the fully synchronous equivalent, measured in the same run:
+#   1. one node trains configs/tiny-cpu.toml with NODES x the batch for STEPS steps;
+#   2. a coordinator and NODES nodes train configs/diloco-tiny-cpu.toml for STEPS inner steps
+#      each (the same total tokens) with the given codec, H and outer lr.
+# Prints both final validation losses (whole validation sample) and their ratio.
+#
+#   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
+#                                   [--outer-lr 0.7] [--momentum 0.9] [--skip-baseline]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$FORGE_ROOT"
+
+nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 baseline=1
+while (($#)); do
+  case "$1" in
+    --nodes) nodes=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --codec) codec=$2; shift 2 ;;
+    --inner) inner=$2; shift 2 ;;
+    --outer-lr) outer_lr=$2; shift 2 ;;
+    --momentum) momentum=$2; shift 2 ;;
+    --skip-baseline) baseline=0; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$codec" in
+  fp32|bf16) compression="{ codec = \"$codec\" }" ;;
+  int8|int4) compression="{ codec = \"$codec\", block_size = 256, zstd = 3 }" ;;
+  *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8 or int4" >&2; exit 2 ;;
+esac
+[[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
+bin=${FORGE_BIN:-target/release}
+work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes
+rm -rf "$work"; mkdir -p "$work"
+warmup=$(( steps / 5 ))
+
+if ((baseline)); then
+  sed -e "s#out_dir = \"runs/tiny-cpu\"#out_dir = \"$work/sync\"#" \
+      -e "s/^batch_size = 16/batch_size = $((16 * nodes))/" \
+      -e "s/^max_steps = 500/max_steps = $steps/" \
+      -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
+      -e "s/^every = 100$/every = 100000/" \
+      configs/tiny-cpu.toml > "$work/sync.toml"
+  echo "== one node, batch $((16 * nodes)) x 128, $steps steps" >&2
+  RUST_LOG=warn "$bin/forge-node" train --config "$work/sync.toml" --no-resume > "$work/sync.out" 2> "$work/sync.log"
+  sync_loss=$(sed -n 's/^validation loss \([0-9.]*\).*/\1/p' "$work/sync.out")
+fi
+
+sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
+    -e "s/^max_steps = 300/max_steps = $steps/" \
+    -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
+    -e "s/^inner_steps = 25/inner_steps = $inner/" \
+    -e "s/^outer_lr = 0.5/outer_lr = $outer_lr/" \
+    -e "s/^outer_momentum = 0.9/outer_momentum = $momentum/" \
+    -e "s#^compression = .*#compression = $compression#" \
+    -e "s/^eval_every_rounds = 4/eval_every_rounds = 100000/" \
+    -e "s/^min_replicas = 2/min_replicas = $nodes/" \
+    -e "s/^start_replicas = 2/start_replicas = $nodes/" \
+    -e "s/^data_shards = 2/data_shards = $nodes/" \
+    configs/diloco-tiny-cpu.toml > "$work/diloco.toml"
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+"$bin/forge-coordinator" serve --config "$work/diloco.toml" --listen 127.0.0.1:0 --state-dir "$work/coord" \
+  > "$work/coord.out" 2> "$work/coord.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q "forge-node join " "$work/coord.out" 2>/dev/null && break; sleep 0.1; done
+read -r _ _ addr _ token <<< "$(grep "forge-node join " "$work/coord.out")"
+echo "== $nodes nodes, $codec, H=$inner, outer lr $outer_lr, $steps inner steps each" >&2
+node_pids=()
+for i in $(seq "$nodes"); do
+  RUST_LOG=warn "$bin/forge-node" join "$addr" --token "$token" --workdir "$work/node$i" \
+    --listen 127.0.0.1:0 > "$work/node$i.out" 2> "$work/node$i.log" &
+  node_pids+=($!); pids+=($!)
+done
+for p in "${node_pids[@]}"; do wait "$p"; done
+diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.out")
+sent=$(python3 -c "
+import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
+print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum: val loss $diloco_loss; $sent"
+if ((baseline)); then
+  echo "synchronous (1 node, ${nodes}x batch): val loss $sync_loss"
+  python3 -c "print(f'diloco / synchronous: {$diloco_loss / $sync_loss:.4f} ({100*($diloco_loss / $sync_loss - 1):+.2f}%)')"
+fi
