@@ -506,16 +506,7 @@ impl Coordinator {
         if self.round.is_none() {
             self.replan(Some(id), out);
         }
-        let assignment = self.members[&id].assignment;
-        let accepted = JoinAccepted {
-            member: id,
-            assignment,
-            run_config: self.config.run_config.clone(),
-            sync_peers: self.sync_peers(id),
-            global: self.global.clone(),
-            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
-            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
-        };
+        let accepted = self.join_accepted(id);
         send(out, from, CoordinatorMessage::JoinAccepted(accepted));
         out.push(Output::Event(Event::Joined {
             member: id,
@@ -556,15 +547,7 @@ impl Coordinator {
             self.membership_changed = true;
         }
         self.conns.entry(from).or_default().member = Some(id);
-        let accepted = JoinAccepted {
-            member: id,
-            assignment: self.members[&id].assignment,
-            run_config: self.config.run_config.clone(),
-            sync_peers: self.sync_peers(id),
-            global: self.global.clone(),
-            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
-            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
-        };
+        let accepted = self.join_accepted(id);
         send(out, from, CoordinatorMessage::JoinAccepted(accepted));
         // The RoundOpened sent before the drop may be lost; a participant that has not
         // reported gets it again (nodes ignore a round they already know).
@@ -860,6 +843,20 @@ impl Coordinator {
                 sync_peers: self.sync_peers(id),
             });
             self.send_to_member(id, message, out);
+        }
+    }
+
+    /// The reply to a join or a rejoin: the run config, the member's assignment and peers, the
+    /// global state and the heartbeat settings.
+    fn join_accepted(&self, id: MemberId) -> JoinAccepted {
+        JoinAccepted {
+            member: id,
+            assignment: self.members[&id].assignment,
+            run_config: self.config.run_config.clone(),
+            sync_peers: self.sync_peers(id),
+            global: self.global.clone(),
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
         }
     }
 
