@@ -385,6 +385,8 @@ enum Ended {
     Broken(String),
     /// The coordinator no longer knows this member: join again as a new one.
     Forgotten(String),
+    /// The coordinator removed this member for bad contributions: stop, do not rejoin.
+    Expelled(String),
     Stop,
 }
 
@@ -466,6 +468,10 @@ impl EventLoop {
                 Ended::Forgotten(reason) => {
                     self.tell(Notification::Disconnected { reason });
                     None
+                }
+                Ended::Expelled(reason) => {
+                    self.tell(Notification::Stopped { reason });
+                    return;
                 }
             };
             match self.reconnect(rejoin).await {
@@ -563,6 +569,14 @@ impl EventLoop {
                 self.node
                     .unacknowledged_shards
                     .retain(|shard| shard.round > committed.round);
+            }
+            CoordinatorMessage::MemberDead(dead) if dead.member == me && dead.expelled => {
+                return Some(Ended::Expelled(format!(
+                    "the coordinator removed this node ({me}) from the run: {}; check this node's \
+                     data, precision and hardware (its outer gradients were rejected) before \
+                     joining again",
+                    dead.reason
+                )));
             }
             CoordinatorMessage::MemberDead(dead) if dead.member == me => {
                 return Some(Ended::Forgotten(format!(

@@ -171,6 +171,13 @@ pub enum Event {
         member: MemberId,
         silent_ms: u64,
     },
+    /// A member removed because another participant rejected its contribution to a round.
+    Rejected {
+        member: MemberId,
+        by: MemberId,
+        round: RoundId,
+        reason: String,
+    },
     PlanChanged {
         replicas: usize,
         standby: Vec<MemberId>,
@@ -458,7 +465,7 @@ impl Coordinator {
                         round.participants.remove(&id);
                     }
                 }
-                self.remove_member(id, format!("left: {}", leave.reason), out);
+                self.remove_member(id, format!("left: {}", leave.reason), false, out);
                 out.push(Output::Event(Event::Left {
                     member: id,
                     reason: leave.reason,
@@ -487,7 +494,7 @@ impl Coordinator {
             .map(|(id, _)| *id)
             .collect();
         for old in previous {
-            self.remove_member(old, "rejoined as a new member".to_string(), out);
+            self.remove_member(old, "rejoined as a new member".to_string(), false, out);
         }
         let id = MemberId(self.next_member);
         self.next_member += 1;
@@ -670,15 +677,28 @@ impl Coordinator {
         out.push(Output::Event(Event::CheckpointCommitted { round }));
     }
 
-    fn remove_member(&mut self, id: MemberId, reason: String, out: &mut Vec<Output>) {
+    /// Forgets member `id` and tells the others why; an `expelled` member (bad contributions)
+    /// is told as well, so that it stops instead of joining again.
+    fn remove_member(
+        &mut self,
+        id: MemberId,
+        reason: String,
+        expelled: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let message = CoordinatorMessage::MemberDead(MemberDead {
+            member: id,
+            reason,
+            expelled,
+        });
+        if expelled {
+            self.send_to_member(id, message.clone(), out);
+        }
         if self.members.remove(&id).is_none() {
             return;
         }
         self.membership_changed = true;
-        self.broadcast(
-            CoordinatorMessage::MemberDead(MemberDead { member: id, reason }),
-            out,
-        );
+        self.broadcast(message, out);
     }
 
     /// Everything that follows from the passage of time or a change: deaths, round close,
@@ -692,7 +712,7 @@ impl Coordinator {
             .map(|(id, member)| (*id, self.now.0 - member.last_heard.0))
             .collect();
         for (id, silent_ms) in silent {
-            self.remove_member(id, format!("no message for {silent_ms} ms"), out);
+            self.remove_member(id, format!("no message for {silent_ms} ms"), false, out);
             out.push(Output::Event(Event::Dead {
                 member: id,
                 silent_ms,
@@ -973,6 +993,70 @@ impl Coordinator {
             included,
             excluded,
         }));
+        self.remove_rejected(&round, out);
+    }
+
+    /// Removes the members whose contributions to `round` another participant rejected (NaN or
+    /// Inf, wrong shape or version, an outlier norm): one node sending bad updates would
+    /// otherwise make every round fail. The member rejected by the most others goes first, then
+    /// its own rejections stop counting, and so on; when two members are rejected by equally
+    /// many (two nodes rejecting each other), neither is removed and a warning says so.
+    fn remove_rejected(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
+        // accused -> accuser -> the accuser's reason
+        let mut accusations: BTreeMap<MemberId, BTreeMap<MemberId, String>> = BTreeMap::new();
+        for (by, report) in &round.reports {
+            if let OuterStep::Failed {
+                reason,
+                rejected: Some(member),
+            } = &report.outer_step
+                && member != by
+                && round.participants.contains_key(member)
+            {
+                accusations
+                    .entry(*member)
+                    .or_default()
+                    .insert(*by, reason.clone());
+            }
+        }
+        loop {
+            let Some(votes) = accusations.values().map(BTreeMap::len).max() else {
+                return;
+            };
+            let most: Vec<MemberId> = accusations
+                .iter()
+                .filter(|(_, accusers)| accusers.len() == votes)
+                .map(|(member, _)| *member)
+                .collect();
+            if let [member] = most[..] {
+                let accusers = accusations.remove(&member).expect("listed above");
+                let (by, reason) = accusers.into_iter().next().expect("at least one accuser");
+                let why = format!(
+                    "member {by} rejected its contribution to {}: {reason}",
+                    round.id
+                );
+                self.remove_member(member, why.clone(), true, out);
+                out.push(Output::Event(Event::Rejected {
+                    member,
+                    by,
+                    round: round.id,
+                    reason: why,
+                }));
+                for accusers in accusations.values_mut() {
+                    accusers.remove(&member);
+                }
+                accusations.retain(|_, accusers| !accusers.is_empty());
+            } else {
+                let names: Vec<String> = most.iter().map(ToString::to_string).collect();
+                out.push(Output::Event(Event::Warning {
+                    message: format!(
+                        "{}: members {} had their contributions rejected by equally many others; none of them is removed",
+                        round.id,
+                        names.join(", ")
+                    ),
+                }));
+                return;
+            }
+        }
     }
 
     fn request_checkpoint(

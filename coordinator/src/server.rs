@@ -506,6 +506,9 @@ impl EventLoop {
             Event::Dead { member, silent_ms } => {
                 warn!(%member, "declared dead after {silent_ms} ms of silence");
             }
+            Event::Rejected { member, reason, .. } => {
+                warn!(%member, "removed from the run: {reason}");
+            }
             Event::PlanChanged { replicas, standby } => {
                 info!(replicas, standby = standby.len(), "plan changed");
             }

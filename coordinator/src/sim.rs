@@ -356,7 +356,7 @@ impl Sim {
                 record.dead.insert(member, self.now);
                 record.gone.insert(member, self.now);
             }
-            Event::Left { member, .. } => {
+            Event::Left { member, .. } | Event::Rejected { member, .. } => {
                 record.gone.insert(member, self.now);
             }
             Event::RoundOpened {
@@ -937,6 +937,80 @@ mod tests {
         let outputs = driver.report(2, round3, honest_digest(round3));
         assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
         assert_eq!(driver.coordinator.global().version, 2);
+    }
+
+    #[test]
+    fn member_whose_contribution_was_rejected_is_expelled_not_its_accuser() {
+        let mut driver = Driver::new(config(2));
+        let members: Vec<MemberId> = (1..=3).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        let round1 = RoundId(1);
+        driver.report(1, round1, honest_digest(round1));
+        let outputs = driver.report(2, round1, honest_digest(round1));
+        let (round2, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(participants, members);
+        let failed = |rejected: Option<MemberId>| {
+            NodeMessage::RoundReport(RoundReport {
+                round: round2,
+                tokens_processed: 1_000,
+                outer_step: OuterStep::Failed {
+                    reason: "contribution has NaN".to_string(),
+                    rejected,
+                },
+            })
+        };
+        // Member 3 sent NaN; members 1 and 2 rejected it, and member 3 blames member 1 back.
+        driver.send(1, failed(Some(members[2])));
+        driver.send(2, failed(Some(members[2])));
+        let outputs = driver.send(3, failed(Some(members[0])));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(false));
+        let expelled: Vec<MemberId> = events(&outputs)
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Rejected { member, .. } => Some(*member),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(expelled, vec![members[2]], "only the rejected member goes");
+        let told = messages_to(&outputs, 3).into_iter().any(|m| {
+            matches!(m, CoordinatorMessage::MemberDead(d) if d.member == members[2] && d.expelled)
+        });
+        assert!(told, "the expelled member is told, so it stops");
+        let others_told = messages_to(&outputs, 2).into_iter().any(|m| {
+            matches!(m, CoordinatorMessage::MemberDead(d) if d.member == members[2] && d.expelled && d.reason.contains("NaN"))
+        });
+        assert!(others_told, "the others learn who was removed and why");
+        let (round3, participants) = opened(&outputs).expect("round 3 opened");
+        assert_eq!(participants, members[..2].to_vec());
+        driver.report(1, round3, honest_digest(round3));
+        let outputs = driver.report(2, round3, honest_digest(round3));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+    }
+
+    #[test]
+    fn two_members_rejecting_each_other_are_both_kept_with_a_warning() {
+        let mut driver = Driver::new(config(2));
+        let members: Vec<MemberId> = (1..=2).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        let failed = |rejected: MemberId| {
+            NodeMessage::RoundReport(RoundReport {
+                round: RoundId(1),
+                tokens_processed: 1_000,
+                outer_step: OuterStep::Failed {
+                    reason: "outlier norm".to_string(),
+                    rejected: Some(rejected),
+                },
+            })
+        };
+        driver.send(1, failed(members[1]));
+        let outputs = driver.send(2, failed(members[0]));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(false));
+        let events = events(&outputs);
+        assert!(!events.iter().any(|e| matches!(e, Event::Rejected { .. })));
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Warning { message } if message.contains("equally many"))
+            )
+        );
+        assert_eq!(opened(&outputs).map(|o| o.1), Some(members));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::codec::{self, Channel};
 use crate::error::{Error, Result};
 
 /// Version of the message set below; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -260,6 +260,10 @@ pub enum OuterStep {
     },
     Failed {
         reason: String,
+        /// The member whose contribution this node rejected (NaN/Inf, wrong shape or version,
+        /// a norm far outside the others'), if that is why the round failed. The coordinator
+        /// removes that member from the run.
+        rejected: Option<MemberId>,
     },
 }
 
@@ -310,6 +314,9 @@ pub struct RoundClosed {
 pub struct MemberDead {
     pub member: MemberId,
     pub reason: String,
+    /// Removed for bad contributions rather than silence or leaving: the member is told too,
+    /// and must not rejoin as it is.
+    pub expelled: bool,
 }
 
 /// A node reports that its checkpoint shard of `round` is on disk (fsynced).
@@ -460,7 +467,12 @@ mod tests {
                 params_hash,
                 tensor_hashes
             }),
-            ".{0,40}".prop_map(|reason| OuterStep::Failed { reason }),
+            (".{0,40}", proptest::option::of(any::<u64>())).prop_map(|(reason, rejected)| {
+                OuterStep::Failed {
+                    reason,
+                    rejected: rejected.map(MemberId),
+                }
+            }),
         ]
     }
 
@@ -611,10 +623,11 @@ mod tests {
                     })
                 }),
             closed,
-            (any::<u64>(), ".{0,30}").prop_map(|(member, reason)| {
+            (any::<u64>(), ".{0,30}", any::<bool>()).prop_map(|(member, reason, expelled)| {
                 CoordinatorMessage::MemberDead(MemberDead {
                     member: MemberId(member),
                     reason,
+                    expelled,
                 })
             }),
             (any::<u64>(), any::<u32>()).prop_map(|(round, shards)| {
