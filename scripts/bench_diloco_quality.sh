@@ -6,12 +6,13 @@
 # Prints both final validation losses (whole validation sample) and their ratio.
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
-#                                   [--outer-lr 0.7] [--momentum 0.9] [--skip-baseline]
+#                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--skip-baseline]
+# --lr sets the peak inner learning rate of both runs (default: the configs' 3e-3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 baseline=1
+nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 baseline=1
 while (($#)); do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
@@ -20,8 +21,9 @@ while (($#)); do
     --inner) inner=$2; shift 2 ;;
     --outer-lr) outer_lr=$2; shift 2 ;;
     --momentum) momentum=$2; shift 2 ;;
+    --lr) lr=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,7 +34,7 @@ case "$codec" in
 esac
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}
-work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes
+work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps
 rm -rf "$work"; mkdir -p "$work"
 warmup=$(( steps / 5 ))
 
@@ -40,16 +42,18 @@ if ((baseline)); then
   sed -e "s#out_dir = \"runs/tiny-cpu\"#out_dir = \"$work/sync\"#" \
       -e "s/^batch_size = 16/batch_size = $((16 * nodes))/" \
       -e "s/^max_steps = 500/max_steps = $steps/" \
+      -e "s/^lr = 3e-3/lr = $lr/" \
       -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
       -e "s/^every = 100$/every = 100000/" \
       configs/tiny-cpu.toml > "$work/sync.toml"
-  echo "== one node, batch $((16 * nodes)) x 128, $steps steps" >&2
+  echo "== one node, batch $((16 * nodes)) x 128, $steps steps, lr $lr" >&2
   RUST_LOG=warn "$bin/forge-node" train --config "$work/sync.toml" --no-resume > "$work/sync.out" 2> "$work/sync.log"
   sync_loss=$(sed -n 's/^validation loss \([0-9.]*\).*/\1/p' "$work/sync.out")
 fi
 
 sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^max_steps = 300/max_steps = $steps/" \
+    -e "s/^lr = 3e-3/lr = $lr/" \
     -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
     -e "s/^inner_steps = 25/inner_steps = $inner/" \
     -e "s/^outer_lr = 0.5/outer_lr = $outer_lr/" \
@@ -79,8 +83,8 @@ diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.
 sent=$(python3 -c "
 import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
-echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum: val loss $diloco_loss; $sent"
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr: val loss $diloco_loss; $sent"
 if ((baseline)); then
-  echo "synchronous (1 node, ${nodes}x batch): val loss $sync_loss"
+  echo "synchronous (1 node, ${nodes}x batch, lr $lr): val loss $sync_loss"
   python3 -c "print(f'diloco / synchronous: {$diloco_loss / $sync_loss:.4f} ({100*($diloco_loss / $sync_loss - 1):+.2f}%)')"
 fi

@@ -2,7 +2,8 @@
 //! [`bench_all_reduce`] with the same arguments, e.g. in network namespaces), or among peers in
 //! this process on 127.0.0.1 ([`bench_local`]). Also the plain fp32 codec these use.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use forge_protocol::sync::SyncCodec;
@@ -86,17 +87,17 @@ impl BenchReport {
 }
 
 /// Runs `rounds` fp32 all-reduces of `values` values among `members`, numbered from
-/// `first_round`. Every member calls this with the same arguments at about the same time.
+/// `first_round`, each given `timeout`. Every member calls this with the same arguments at about
+/// the same time.
 pub(crate) async fn bench_all_reduce(
     net: &PeerNet,
     members: Vec<PeerId>,
     values: usize,
     first_round: u64,
     rounds: u64,
-    bandwidth_bytes_per_s: f64,
+    timeout: Duration,
 ) -> Result<BenchReport, AllReduceError> {
     let payload_bytes = 4 * values as u64;
-    let timeout = all_reduce_timeout(payload_bytes, members.len(), bandwidth_bytes_per_s);
     let data: Vec<f32> = (0..values).map(|i| (i as f32 * 0.618).sin()).collect();
     let mut report = BenchReport {
         peers: members.len(),
@@ -153,11 +154,107 @@ pub(crate) async fn bench_local(
 ) -> anyhow::Result<BenchReport> {
     let nets = local_cluster(peers, |config| config).await?;
     let members: Vec<PeerId> = nets.iter().map(|(net, _)| net.peer_id()).collect();
-    // Loopback is fast; this only sizes the timeout.
-    let bandwidth = 100e6;
+    // Loopback is fast; 100 MB/s only sizes the timeout.
+    let timeout = all_reduce_timeout(4 * values as u64, peers, 100e6);
     let runs = nets
         .iter()
-        .map(|(net, _)| bench_all_reduce(net, members.clone(), values, 1, rounds, bandwidth));
+        .map(|(net, _)| bench_all_reduce(net, members.clone(), values, 1, rounds, timeout));
     let mut reports = futures::future::try_join_all(runs).await?;
     Ok(reports.swap_remove(0))
+}
+
+/// The identity of benchmark member `rank`, derived from the rank so that every process knows
+/// every member's peer id without exchanging them. Benchmarks only: a node's identity is random
+/// and kept in its workdir.
+fn bench_keypair(rank: usize) -> Keypair {
+    let mut secret = [0u8; 32];
+    secret[..8].copy_from_slice(&(rank as u64 + 1).to_le_bytes());
+    secret[8..].copy_from_slice(b"forge all-reduce bench  ");
+    Keypair::ed25519_from_bytes(secret).expect("an ed25519 secret is any 32 bytes")
+}
+
+fn quic_addr(addr: SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => libp2p::multiaddr::Protocol::Ip4(ip),
+        std::net::IpAddr::V6(ip) => libp2p::multiaddr::Protocol::Ip6(ip),
+    };
+    Multiaddr::empty()
+        .with(ip)
+        .with(libp2p::multiaddr::Protocol::Udp(addr.port()))
+        .with(libp2p::multiaddr::Protocol::QuicV1)
+}
+
+/// How long the members of a benchmark have to start and connect to each other.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// One member of an all-reduce benchmark among processes (for example one per network
+/// namespace): member `rank` of `addrs` listens on `addrs[rank]`, waits until it is connected to
+/// every other member, then runs one warm-up round (not reported) and `rounds` measured rounds.
+/// The timeout of a round is four times a node's (derived from `bandwidth_bytes_per_s`): a
+/// benchmark measures slow rounds rather than failing them.
+pub(crate) async fn bench_member(
+    rank: usize,
+    addrs: &[SocketAddr],
+    values: usize,
+    rounds: u64,
+    bandwidth_bytes_per_s: f64,
+) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        rank < addrs.len(),
+        "--rank {rank} is not an index into the {} --addrs",
+        addrs.len()
+    );
+    let (net, event_loop) = net::new(PeerNetConfig::new(bench_keypair(rank)))?;
+    tokio::spawn(event_loop.run());
+    net.start_listening(quic_addr(addrs[rank]))
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is it an address of this host?)",
+                addrs[rank]
+            )
+        })?;
+    let members: Vec<(PeerId, Vec<Multiaddr>)> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            (
+                bench_keypair(i).public().to_peer_id(),
+                vec![quic_addr(*addr)],
+            )
+        })
+        .collect();
+    let ids: Vec<PeerId> = members.iter().map(|(id, _)| *id).collect();
+    let started = Instant::now();
+    loop {
+        net.set_members(members.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let connected = net.connected_peers().await?;
+        let missing: Vec<String> = addrs
+            .iter()
+            .zip(&ids)
+            .enumerate()
+            .filter(|(i, (_, id))| *i != rank && !connected.contains(id))
+            .map(|(_, (addr, _))| addr.to_string())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < CONNECT_DEADLINE,
+            "member {rank} could not connect to {} within {:?}: start every member with the same \
+             --addrs, each with its own --rank",
+            missing.join(", "),
+            CONNECT_DEADLINE
+        );
+    }
+    let payload_bytes = 4 * values as u64;
+    let timeout = 4 * all_reduce_timeout(payload_bytes, addrs.len(), bandwidth_bytes_per_s);
+    let mut report = bench_all_reduce(&net, ids.clone(), values, 1, rounds + 1, timeout).await?;
+    report.rounds.remove(0);
+    // A last small round is a barrier: no member leaves while another still reads from it.
+    let barrier = all_reduce_timeout(4 * addrs.len() as u64, addrs.len(), bandwidth_bytes_per_s);
+    bench_all_reduce(&net, ids, addrs.len(), rounds + 2, 1, timeout.max(barrier)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(report)
 }

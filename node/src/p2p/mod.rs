@@ -23,6 +23,7 @@ mod wire;
 mod tests;
 
 pub(crate) use all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
-pub(crate) use bench::bench_local;
+pub(crate) use bench::{bench_local, bench_member};
+pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
 pub(crate) use net::{PeerNet, PeerNetConfig, new};

@@ -163,8 +163,8 @@ impl PeerNet {
         response.await.map_err(|_| Error::Stopped)
     }
 
-    /// Peers with at least one open connection (tests check the allowlist with it).
-    #[cfg(test)]
+    /// Peers with at least one open connection (tests check the allowlist with it; the
+    /// benchmark waits for its members with it).
     pub(crate) async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         let (reply, response) = oneshot::channel();
         self.send(Command::ConnectedPeers { reply }).await?;
@@ -189,8 +189,9 @@ enum Command {
         members: Vec<(PeerId, Vec<Multiaddr>)>,
         reply: oneshot::Sender<()>,
     },
-    #[cfg(test)]
-    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 #[derive(NetworkBehaviour)]
@@ -314,7 +315,6 @@ impl EventLoop {
                 self.set_members(members);
                 let _ = reply.send(());
             }
-            #[cfg(test)]
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }

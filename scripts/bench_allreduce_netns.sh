@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# All-reduce speed over a shaped LAN: K processes, each in its own Linux network namespace,
+# joined by veth pairs to a bridge (in a namespace of its own), every link shaped to the given
+# rate in both directions with `tc qdisc ... tbf`. Each process is one member of
+# `forge-node bench all-reduce` (fp32, QUIC); the script prints the slowest member's median round
+# time divided by the ring bound 2(K-1)/K x payload / bandwidth (1.0 is perfect).
+#
+#   sudo scripts/bench_allreduce_netns.sh [--peers "2 4 8"] [--models "15m gpt2-124m"]
+#                                         [--rate-mbit 1000] [--rounds 3]
+#
+# Needs root (ip netns, tc). Uses 10.231.0.0/24 inside namespaces named forge-ar-*; touches
+# nothing outside them and removes them on exit.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$FORGE_ROOT"
+
+peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3
+while (($#)); do
+  case "$1" in
+    --peers) peers_list=$2; shift 2 ;;
+    --models) models=$2; shift 2 ;;
+    --rate-mbit) rate=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "bench_allreduce_netns.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ $(id -u) != 0 ]]; then
+  echo "bench_allreduce_netns.sh: needs root for ip netns and tc (run it with sudo)" >&2
+  exit 1
+fi
+for tool in ip tc; do
+  command -v "$tool" > /dev/null || { echo "bench_allreduce_netns.sh: '$tool' not found (install iproute2)" >&2; exit 1; }
+done
+[[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
+bin=${FORGE_BIN:-target/release}/forge-node
+work=runs/bench-allreduce-netns
+mkdir -p "$work"
+
+sw=forge-ar-sw
+max_peers=0
+for k in $peers_list; do ((k > max_peers)) && max_peers=$k; done
+cleanup() {
+  for ((i = 0; i < max_peers; i++)); do ip netns del "forge-ar-$i" 2> /dev/null || true; done
+  ip netns del "$sw" 2> /dev/null || true
+}
+trap cleanup EXIT
+cleanup
+
+# tbf: the bucket holds ~2 ms at the rate, the queue ~20 ms (a switch port's buffer).
+shape() { # netns dev
+  ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "${rate}mbit" \
+    burst $((rate * 1000 / 8 * 2))b latency 20ms
+}
+ip netns add "$sw"
+ip -n "$sw" link set lo up
+ip -n "$sw" link add br0 type bridge
+ip -n "$sw" link set br0 up
+for ((i = 0; i < max_peers; i++)); do
+  ns=forge-ar-$i
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+  ip -n "$ns" link add eth0 type veth peer name "fgar${i}b" netns "$sw"
+  ip -n "$ns" addr add "10.231.0.$((i + 1))/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$sw" link set "fgar${i}b" master br0
+  ip -n "$sw" link set "fgar${i}b" up
+  shape "$ns" eth0          # what the member uploads
+  shape "$sw" "fgar${i}b"   # what it downloads
+done
+
+values_of() {
+  case "$1" in
+    15m) echo 15191712 ;;
+    gpt2-124m) echo 124439808 ;;
+    4m) echo 4718592 ;;
+    *) echo "bench_allreduce_netns.sh: model must be 4m, 15m or gpt2-124m" >&2; exit 2 ;;
+  esac
+}
+
+printf '%-10s %5s %12s %10s %12s %8s\n' model peers "payload MB" "median s" "ring bound s" ratio
+for model in $models; do
+  values=$(values_of "$model")
+  for k in $peers_list; do
+    addrs=$(for ((i = 0; i < k; i++)); do printf '10.231.0.%d:7700,' $((i + 1)); done)
+    addrs=${addrs%,}
+    pids=()
+    for ((i = 0; i < k; i++)); do
+      RUST_LOG=warn ip netns exec "forge-ar-$i" "$bin" bench all-reduce --addrs "$addrs" --rank "$i" \
+        --values "$values" --rounds "$rounds" --bandwidth-mbps "$rate" --json \
+        > "$work/$model-k$k-r$i.json" 2> "$work/$model-k$k-r$i.log" &
+      pids+=($!)
+    done
+    failed=0
+    for p in "${pids[@]}"; do wait "$p" || failed=1; done
+    if ((failed)); then
+      echo "$model $k peers: a member failed; see $work/$model-k$k-r*.log:" >&2
+      tail -n 3 "$work/$model-k$k"-r*.log >&2
+      exit 1
+    fi
+    python3 - "$work" "$model" "$k" << 'EOF'
+import json, sys
+work, model, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rs = [json.load(open(f"{work}/{model}-k{k}-r{i}.json")) for i in range(k)]
+slowest = max(rs, key=lambda r: r["median_s"])
+print(f"{model:<10} {k:5d} {slowest['payload_bytes'] / 1e6:12.1f} {slowest['median_s']:10.3f} "
+      f"{slowest['ring_bound_s']:12.3f} {slowest['ratio']:8.2f}")
+EOF
+  done
+done
