@@ -57,6 +57,13 @@ else
   say "torch $installed installed"
 fi
 
+# NCCL (the `nccl` build feature) is loaded at run time as libnccl.so; the torch wheel ships only
+# libnccl.so.2. A link in torch's lib folder (on the binaries' RUNPATH) lets it be found.
+site=$("$FORGE_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [[ -e "$site/nvidia/nccl/lib/libnccl.so.2" && ! -e "$site/torch/lib/libnccl.so" ]]; then
+  ln -s ../../nvidia/nccl/lib/libnccl.so.2 "$site/torch/lib/libnccl.so"
+fi
+
 [[ "$profile" == none ]] && exit 0
 
 # 2. Build. cargo skips what is up to date.

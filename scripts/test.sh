@@ -8,5 +8,7 @@ cd "$FORGE_ROOT"
 scripts/setup.sh --dev
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The NCCL reducer builds here too (NCCL and CUDA are loaded at run time, not linked).
+cargo clippy -p forge-trainer --features nccl --all-targets -- -D warnings
 # Integration tests start the binaries built by setup.sh --dev (target/debug).
 cargo test --workspace

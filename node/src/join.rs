@@ -4,7 +4,9 @@
 //! over libp2p/QUIC, reports the hash of the resulting global state, and applies the outer step
 //! only when the coordinator commits the round.
 
-use crate::p2p::{self, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, all_reduce_timeout};
+use crate::p2p::{
+    self, AllReduceError, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, all_reduce_timeout,
+};
 use anyhow::{Context, Result, bail};
 use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
@@ -340,7 +342,26 @@ async fn node(opts: JoinOptions) -> Result<()> {
                     &stop,
                     bandwidth,
                 )
-                .await?;
+                .await;
+                let p = match p {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Training itself failed (a data-parallel worker crashed or hangs, the
+                        // loss diverged): fail this round and leave, telling the coordinator why.
+                        let reason = format!("{e:#}");
+                        let failed = RoundReport {
+                            round: open.round,
+                            tokens_processed: 0,
+                            outer_step: OuterStep::Failed {
+                                reason: reason.clone(),
+                                rejected: None,
+                            },
+                        };
+                        client.report(failed).await.ok();
+                        client.leave(&format!("node failed: {reason}")).await.ok();
+                        return Err(e);
+                    }
+                };
                 client.report(p.report).await?;
                 pending = Some(p.pending);
             }
@@ -377,7 +398,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
                 println!("reconnected to the coordinator (same member: {kept_member})");
             }
             Notification::Stopped { reason } => {
-                bail!("the coordinator refused this node: {reason}")
+                bail!("the coordinator stopped this node: {reason}")
             }
         }
     };
@@ -486,14 +507,26 @@ async fn play_round(
             (step, Some(proposal))
         }
         Err(e) => {
-            // The coordinator learns whom this node blames (a dead, slow or poisoning peer).
+            // The coordinator learns whom this node blames (a dead, slow or poisoning peer), and
+            // removes a member whose contribution this node rejected.
             let blamed = e
                 .peer()
                 .map_or_else(|| "none".to_string(), |p| p.to_string());
+            let rejected = match &e {
+                AllReduceError::Rejected { peer, .. } => {
+                    let peer = peer.to_string();
+                    open.participants
+                        .iter()
+                        .find(|p| p.peer_id == peer)
+                        .map(|p| p.member)
+                }
+                _ => None,
+            };
             println!("round {}: all-reduce failed: {e}", open.round.0);
             (
                 OuterStep::Failed {
                     reason: format!("{e} [blamed peer: {blamed}]"),
+                    rejected,
                 },
                 None,
             )
@@ -529,6 +562,8 @@ fn finish_round(
             let hash = proposal.params_hash;
             if closed.included.contains(&me) {
                 outer.commit(proposal, trainer.var_store());
+                // The outer step happened once, on worker 0: every local worker takes it.
+                trainer.broadcast_params()?;
                 log.outcome = format!("committed v{version} {}", digest_hex(&hash));
             } else {
                 // Our hash lost the vote: our global state is no longer the group's.

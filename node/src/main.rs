@@ -126,17 +126,36 @@ enum DataCommand {
 enum BenchCommand {
     /// Forward + backward + grad clip + AdamW on a random batch: tokens/s, step time, MFU.
     TrainStep(TrainStepArgs),
-    /// fp32 all-reduces among PEERS nodes in this process over QUIC on 127.0.0.1 (loopback:
-    /// this measures the stack's CPU cost, not a network).
-    AllReduce {
-        #[arg(long, default_value_t = 2)]
-        peers: usize,
-        /// Parameters averaged (fp32): 15191712 is the 15m preset, 124439808 gpt2-124m.
-        #[arg(long, default_value_t = 15_191_712)]
-        values: usize,
-        #[arg(long, default_value_t = 5)]
-        rounds: u64,
-    },
+    /// fp32 all-reduces over QUIC, timed against the ring bound. Without --addrs: among PEERS
+    /// nodes in this process on 127.0.0.1 (loopback: this measures the stack's CPU cost, not a
+    /// network). With --addrs: this process is member --rank of a benchmark among processes
+    /// (one per machine or network namespace; scripts/bench_allreduce_netns.sh runs them).
+    AllReduce(AllReduceArgs),
+}
+
+#[derive(Debug, Args)]
+struct AllReduceArgs {
+    /// In-process peers (ignored with --addrs).
+    #[arg(long, default_value_t = 2)]
+    peers: usize,
+    /// Parameters averaged (fp32): 15191712 is the 15m preset, 124439808 gpt2-124m.
+    #[arg(long, default_value_t = 15_191_712)]
+    values: usize,
+    /// Measured rounds (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Every member's IP:PORT, in rank order, the same list for every member.
+    #[arg(long, value_delimiter = ',')]
+    addrs: Vec<std::net::SocketAddr>,
+    /// This member's index into --addrs.
+    #[arg(long, requires = "addrs")]
+    rank: Option<usize>,
+    /// Link bandwidth the ring bound is computed for, in Mbit/s (with --addrs).
+    #[arg(long, default_value_t = 1000.0)]
+    bandwidth_mbps: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which model: a preset (with an optional family) or the [model] section of a run config.
@@ -242,11 +261,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats { config }) => data_stats(&config),
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
-        Command::Bench(BenchCommand::AllReduce {
-            peers,
-            values,
-            rounds,
-        }) => bench_all_reduce(peers, values, rounds),
+        Command::Bench(BenchCommand::AllReduce(args)) => bench_all_reduce(&args),
     }
 }
 
@@ -282,6 +297,17 @@ fn train(args: &TrainArgs) -> Result<()> {
     }
     if let Some(text) = &summary.sample {
         println!("sample: {text}");
+    }
+    if trainer.workers() > 1 {
+        let timing = trainer.timing();
+        println!(
+            "data parallelism: {} workers; gradient exchange {:.2} s of {:.2} s in {} steps ({:.1}% of step time)",
+            trainer.workers(),
+            timing.comm_s,
+            timing.step_s,
+            timing.steps,
+            100.0 * timing.comm_fraction()
+        );
     }
     println!(
         "metrics: {}",
@@ -393,34 +419,79 @@ fn bench_train_step(args: &TrainStepArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_all_reduce(peers: usize, values: usize, rounds: u64) -> Result<()> {
+fn bench_all_reduce(args: &AllReduceArgs) -> Result<()> {
     anyhow::ensure!(
-        peers >= 2 && values > 0 && rounds > 0,
-        "need --peers >= 2, --values > 0, --rounds > 0"
+        args.values > 0 && args.rounds > 0,
+        "need --values > 0 and --rounds > 0"
+    );
+    anyhow::ensure!(
+        args.bandwidth_mbps > 0.0,
+        "--bandwidth-mbps must be positive"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(p2p::bench_local(peers, values, rounds))?;
-    let times: Vec<String> = report
-        .rounds
-        .iter()
-        .map(|d| format!("{:.3}", d.as_secs_f64()))
-        .collect();
+    let (report, place) = if args.addrs.is_empty() {
+        anyhow::ensure!(args.peers >= 2, "need --peers >= 2");
+        let report = runtime.block_on(p2p::bench_local(args.peers, args.values, args.rounds))?;
+        (report, "on 127.0.0.1".to_string())
+    } else {
+        anyhow::ensure!(
+            args.addrs.len() >= 2,
+            "--addrs needs at least two members (IP:PORT,IP:PORT,...)"
+        );
+        let rank = args
+            .rank
+            .context("--addrs needs --rank: this member's index into the list")?;
+        let report = runtime.block_on(p2p::bench_member(
+            rank,
+            &args.addrs,
+            args.values,
+            args.rounds,
+            args.bandwidth_mbps * 1e6 / 8.0,
+        ))?;
+        (report, format!("as member {rank} of {:?}", args.addrs))
+    };
+    let bandwidth = args.bandwidth_mbps * 1e6 / 8.0;
+    let times: Vec<f64> = report.rounds.iter().map(|d| d.as_secs_f64()).collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "peers": report.peers,
+                "rank": args.rank,
+                "payload_bytes": report.payload_bytes,
+                "bytes_sent": report.bytes_sent,
+                "rounds_s": times,
+                "median_s": report.median().as_secs_f64(),
+                "bandwidth_mbps": args.bandwidth_mbps,
+                "ring_bound_s": report.ring_bound(bandwidth).as_secs_f64(),
+                "ratio": report.ring_bound_ratio(bandwidth),
+            })
+        );
+        return Ok(());
+    }
+    let times: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "all-reduce of {:.1} MB fp32 among {peers} peers on 127.0.0.1: median {:.3} s ({:.0} MB/s of payload), \
+        "all-reduce of {:.1} MB fp32 among {} peers {place}: median {:.3} s ({:.0} MB/s of payload), \
          {:.1} MB sent per peer; rounds [{}] s",
         report.payload_bytes as f64 / 1e6,
+        report.peers,
         report.median().as_secs_f64(),
         report.payload_bytes_per_s() / 1e6,
         report.bytes_sent as f64 / 1e6,
         times.join(", ")
     );
-    for gbit in [1.0, 10.0] {
+    let mut links = vec![args.bandwidth_mbps];
+    if args.addrs.is_empty() {
+        links = vec![1000.0, 10_000.0];
+    }
+    for mbps in links {
+        let bandwidth = mbps * 1e6 / 8.0;
         println!(
-            "  the ring bound at {gbit} Gbit/s would be {:.3} s (median / bound = {:.2})",
-            report.ring_bound(gbit * 1e9 / 8.0).as_secs_f64(),
-            report.ring_bound_ratio(gbit * 1e9 / 8.0)
+            "  the ring bound at {mbps} Mbit/s is {:.3} s (median / bound = {:.2})",
+            report.ring_bound(bandwidth).as_secs_f64(),
+            report.ring_bound_ratio(bandwidth)
         );
     }
     Ok(())

@@ -6,6 +6,7 @@ use crate::diloco::DilocoConfig;
 use crate::error::{Error, Result};
 use crate::models::{ModelConfig, ModelSpec, Precision};
 use crate::optim::AdamWConfig;
+use crate::parallel::ParallelConfig;
 use crate::sample::SampleConfig;
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,9 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Stop when the loss exceeds this multiple of its moving average (after 2 × warmup).
     pub divergence_factor: f64,
+    /// Data parallelism over this node's devices (several GPUs, or CPU workers).
+    #[serde(default)]
+    pub parallel: ParallelConfig,
 }
 
 /// `[eval]`: validation loss and a sample story.
@@ -143,7 +147,11 @@ impl RunConfig {
                 t.seq_len
             ));
         }
-        if t.micro_batch == 0 || t.batch_size == 0 || t.batch_size % t.micro_batch != 0 {
+        let per_device_batches = !t.parallel.micro_batch.is_empty();
+        if t.micro_batch == 0
+            || t.batch_size == 0
+            || (!per_device_batches && t.batch_size % t.micro_batch != 0)
+        {
             return bad(format!(
                 "batch_size {} must be a positive multiple of micro_batch {}",
                 t.batch_size, t.micro_batch

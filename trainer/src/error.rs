@@ -46,6 +46,9 @@ pub enum Error {
     #[error("invalid [train] settings: {0}")]
     InvalidTrainConfig(String),
 
+    #[error("{0}")]
+    Parallel(String),
+
     #[error("invalid benchmark settings: {0}")]
     InvalidBench(String),
 

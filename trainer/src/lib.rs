@@ -12,6 +12,7 @@ pub mod flops;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod parallel;
 pub mod sample;
 pub mod schedule;
 pub mod train;

@@ -6,12 +6,14 @@
 use crate::checkpoint::CheckpointDir;
 use crate::config::RunConfig;
 use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches};
-use crate::device::{device_name, parse_device};
+use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
-use crate::optim::{AdamW, accumulate, clip_grad_norm};
+use crate::optim::AdamW;
+use crate::parallel::worker::{Command, Exchange, Reply, Worker, WorkerThread};
+use crate::parallel::{BucketReducer, Fault, LocalReducer};
 use crate::sample::generate;
 use crate::schedule::scaled_peak_lr;
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,9 @@ pub struct TrainState {
     /// The run config as TOML, so a checkpoint says how it was made.
     pub run_config: String,
     pub forge_version: String,
+    /// Data positions of data-parallel workers 1.. (worker 0's is `data_position`).
+    #[serde(default)]
+    pub worker_positions: Vec<DataPosition>,
 }
 
 /// How a run ended (errors are returned as `Err`).
@@ -77,15 +82,41 @@ pub struct RunSummary {
     pub out_dir: PathBuf,
 }
 
+/// Where the time of this process's optimizer steps went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTiming {
+    pub steps: u64,
+    pub step_s: f64,
+    /// Worker 0's time in the gradient exchange among data-parallel workers (0 with one).
+    pub comm_s: f64,
+}
+
+impl StepTiming {
+    /// The gradient exchange's share of step time.
+    pub fn comm_fraction(&self) -> f64 {
+        if self.step_s > 0.0 {
+            self.comm_s / self.step_s
+        } else {
+            0.0
+        }
+    }
+}
+
 /// A run being trained.
 pub struct Trainer {
     cfg: RunConfig,
     device: Device,
     dataset: Dataset,
-    vs: VarStore,
-    model: Model,
-    opt: AdamW,
-    batches: Batches,
+    /// Data-parallel worker 0: the model that is evaluated, sampled and checkpointed.
+    primary: Worker,
+    /// Workers 1.., each on its own thread.
+    others: Vec<WorkerThread>,
+    exchange: Option<Exchange>,
+    timing: StepTiming,
+    /// Why data parallelism broke down, if it did: no step can be taken after that.
+    failed: Option<String>,
+    /// A fault for a worker's next step (see [`Trainer::inject_fault`]).
+    fault: Option<(usize, Fault)>,
     eval_set: Vec<Batch>,
     eval_bytes_per_token: f64,
     ckpts: CheckpointDir,
@@ -108,7 +139,25 @@ impl Trainer {
     /// checkpoint in the run directory when `[checkpoint] resume` is on.
     pub fn new(cfg: RunConfig) -> Result<Self> {
         let t = &cfg.train;
-        let device = parse_device(&t.device)?;
+        let mut devices = parse_devices(&t.device)?;
+        if t.parallel.cpu_workers == 0 {
+            return Err(Error::InvalidTrainConfig(
+                "[train.parallel] cpu_workers must be at least 1".into(),
+            ));
+        }
+        if t.parallel.cpu_workers > 1 {
+            if devices != [Device::Cpu] {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "[train.parallel] cpu_workers = {} needs device = \"cpu\", not \"{}\"",
+                    t.parallel.cpu_workers, t.device
+                )));
+            }
+            devices = vec![Device::Cpu; t.parallel.cpu_workers];
+        }
+        let worker_batches =
+            t.parallel
+                .worker_batches(devices.len(), t.batch_size, t.micro_batch)?;
+        let device = devices[0];
         let precision = t.precision.unwrap_or(match device {
             Device::Cpu => Precision::Fp32,
             _ => Precision::Bf16,
@@ -141,24 +190,54 @@ impl Trainer {
         }
         model_cfg.validate()?;
 
-        let vs = VarStore::new(device);
-        let mut model = {
-            // libtorch's generator is process-wide: hold it from seeding to the last draw, so
-            // another thread cannot make this run's initialisation differ.
-            let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            tch::manual_seed(t.seed as i64);
-            Model::new(&vs.root(), &model_cfg)?
+        let mut workers = Vec::with_capacity(devices.len());
+        for (rank, (dev, batch)) in devices.iter().zip(&worker_batches).enumerate() {
+            let vs = VarStore::new(*dev);
+            let mut model = {
+                // libtorch's generator is process-wide: hold it from seeding to the last draw,
+                // so another thread cannot make this run's initialisation differ.
+                let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+                tch::manual_seed(t.seed as i64);
+                Model::new(&vs.root(), &model_cfg)?
+            };
+            model.set_precision(precision);
+            let opt = AdamW::new(&vs, t.adamw);
+            let batches = Batches::new(
+                dataset.train.tokens().clone(),
+                t.seq_len as usize,
+                batch.micro_batch,
+                t.seed,
+                rank,
+                devices.len(),
+            )?;
+            workers.push(Worker {
+                rank,
+                device: *dev,
+                vs,
+                model,
+                opt,
+                batches,
+                batch: *batch,
+                share: batch.sequences() as f64 / t.batch_size as f64,
+            });
+        }
+        let exchange = if workers.len() > 1 {
+            Some(Exchange {
+                reducer: gradient_reducer(&devices, t.parallel.timeout())?,
+                bucket_bytes: t.parallel.bucket_bytes(),
+                dtype: t.parallel.grad_dtype,
+            })
+        } else {
+            None
         };
-        model.set_precision(precision);
-        let opt = AdamW::new(&vs, t.adamw);
-        let batches = Batches::new(
-            dataset.train.tokens().clone(),
-            t.seq_len as usize,
-            t.micro_batch,
-            t.seed,
-            0,
-            1,
-        )?;
+        let mut workers = workers.into_iter();
+        let primary = workers.next().expect("at least one device");
+        let others = match &exchange {
+            Some(exchange) => workers
+                .map(|w| WorkerThread::spawn(w, exchange.clone()))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         let max_windows = (cfg.eval.batches > 0).then(|| cfg.eval.batches * t.micro_batch);
         let eval_set: Vec<Batch> = EvalBatches::new(
             dataset.val.tokens().clone(),
@@ -178,21 +257,24 @@ impl Trainer {
         let state = TrainState {
             step: 0,
             tokens: 0,
-            data_position: batches.position(),
+            data_position: primary.batches.position(),
             loss_ema: None,
             elapsed_s: 0.0,
             model: model_cfg,
             run_config: toml::to_string(&cfg).expect("config serializes"),
             forge_version: env!("CARGO_PKG_VERSION").to_string(),
+            worker_positions: Vec::new(),
         };
         let mut trainer = Trainer {
             cfg,
             device,
             dataset,
-            vs,
-            model,
-            opt,
-            batches,
+            primary,
+            others,
+            exchange,
+            timing: StepTiming::default(),
+            failed: None,
+            fault: None,
             eval_set,
             eval_bytes_per_token,
             ckpts,
@@ -200,6 +282,10 @@ impl Trainer {
             peak_lr,
             peak_tflops,
         };
+        // Worker 0's parameters everywhere (initialisation on a GPU differs from the CPU's).
+        trainer.broadcast_params()?;
+        trainer.broadcast_optimizer()?;
+        trainer.collect_positions(None)?;
         if trainer.cfg.checkpoint.resume {
             trainer.resume_latest()?;
         }
@@ -211,17 +297,91 @@ impl Trainer {
     }
 
     /// Reads data shard `index` of `count` (the replica's share of the corpus), from its start.
+    /// Each data-parallel worker reads its own part of that shard.
     pub fn set_data_shard(&mut self, index: usize, count: usize) -> Result<()> {
-        let t = &self.cfg.train;
-        self.batches = Batches::new(
-            self.dataset.train.tokens().clone(),
-            t.seq_len as usize,
-            t.micro_batch,
-            t.seed,
-            index,
-            count,
-        )?;
-        self.state.data_position = self.batches.position();
+        let workers = 1 + self.others.len();
+        self.primary
+            .batches
+            .reshard(index * workers, count * workers)?;
+        self.state.data_position = self.primary.batches.position();
+        let timeout = self.cfg.train.parallel.timeout();
+        for other in &self.others {
+            other.send(Command::SetShard {
+                index: index * workers + other.rank,
+                count: count * workers,
+            })?;
+        }
+        self.collect_positions(Some((timeout, "a data reshard")))
+    }
+
+    /// Makes data-parallel worker `rank` (1..) fail in the next step, for fault-tolerance tests
+    /// and chaos runs.
+    pub fn inject_fault(&mut self, rank: usize, fault: Fault) -> Result<()> {
+        if rank == 0 || rank > self.others.len() {
+            return Err(Error::Parallel(format!(
+                "no data-parallel worker {rank} to inject a fault into (workers 1..={})",
+                self.others.len()
+            )));
+        }
+        self.fault = Some((rank, fault));
+        Ok(())
+    }
+
+    /// Data-parallel workers on this node (1 without data parallelism).
+    pub fn workers(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Time spent in optimizer steps since this trainer started, and the gradient exchange's
+    /// part of it.
+    pub fn timing(&self) -> StepTiming {
+        self.timing
+    }
+
+    /// Copies worker 0's parameters to every other worker: at the start, and after anything
+    /// that changes them outside a step (a DiLoCo outer step, a resume).
+    pub fn broadcast_params(&mut self) -> Result<()> {
+        for other in &self.others {
+            other.send(Command::LoadParams(self.primary.params_for(other.device)))?;
+        }
+        self.collect_positions(Some((
+            self.cfg.train.parallel.timeout(),
+            "a parameter broadcast",
+        )))
+    }
+
+    fn broadcast_optimizer(&mut self) -> Result<()> {
+        for other in &self.others {
+            other.send(Command::LoadOptimizer(
+                self.primary.optimizer_for(other.device),
+            ))?;
+        }
+        self.collect_positions(Some((
+            self.cfg.train.parallel.timeout(),
+            "an optimizer broadcast",
+        )))
+    }
+
+    /// Waits for every other worker's answer to the command just sent (with `wait`) and records
+    /// their data positions.
+    fn collect_positions(&mut self, wait: Option<(std::time::Duration, &str)>) -> Result<()> {
+        let Some((timeout, what)) = wait else {
+            return Ok(());
+        };
+        let mut positions = Vec::with_capacity(self.others.len());
+        let mut first_error = None;
+        for other in &self.others {
+            match other.wait(timeout, what) {
+                Ok(Reply::Done(p)) | Ok(Reply::Stepped(_, p)) => positions.push(p),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.state.worker_positions = positions;
         Ok(())
     }
 
@@ -262,11 +422,12 @@ impl Trainer {
     }
 
     pub fn model(&self) -> &Model {
-        &self.model
+        &self.primary.model
     }
 
+    /// Worker 0's parameters. After changing them, call [`Trainer::broadcast_params`].
     pub fn var_store(&self) -> &VarStore {
-        &self.vs
+        &self.primary.vs
     }
 
     fn resume_latest(&mut self) -> Result<()> {
@@ -280,17 +441,37 @@ impl Trainer {
                 why: "it was written for a different model; use another out_dir or set [checkpoint] resume = false".into(),
             });
         }
-        weights::load(&mut self.vs, &state.model, &dir.join("model.safetensors"))?;
+        weights::load(
+            &mut self.primary.vs,
+            &state.model,
+            &dir.join("model.safetensors"),
+        )?;
         let opt_path = dir.join("optimizer.safetensors");
         let opt_state: HashMap<String, Tensor> = Tensor::read_safetensors(&opt_path)
             .map_err(Error::torch(format!("reading {}", opt_path.display())))?
             .into_iter()
             .collect();
-        self.opt.load_state_tensors(&opt_state)?;
-        self.batches.seek(state.data_position)?;
+        self.primary.opt.load_state_tensors(&opt_state)?;
+        self.primary.batches.seek(state.data_position)?;
+        self.broadcast_params()?;
+        self.broadcast_optimizer()?;
+        if state.worker_positions.len() == self.others.len() {
+            for (other, position) in self.others.iter().zip(&state.worker_positions) {
+                other.send(Command::Seek(*position))?;
+            }
+            self.collect_positions(Some((self.cfg.train.parallel.timeout(), "a data seek")))?;
+        } else {
+            tracing::warn!(
+                "the checkpoint was written by {} data-parallel workers, this run has {}: \
+                 workers 1.. start their data shards from the beginning",
+                state.worker_positions.len() + 1,
+                self.others.len() + 1
+            );
+        }
         tracing::info!("resumed from {} (step {step})", dir.display());
         self.state = TrainState {
             run_config: self.state.run_config.clone(),
+            worker_positions: self.state.worker_positions.clone(),
             ..state
         };
         Ok(())
@@ -306,9 +487,10 @@ impl Trainer {
                      the previous checkpoint is intact"
                 ),
             };
-            weights::save(&self.vs, &dir.join("model.safetensors"))
+            weights::save(&self.primary.vs, &dir.join("model.safetensors"))
                 .map_err(|e| failed("model.safetensors", &e))?;
             let opt: Vec<(String, Tensor)> = self
+                .primary
                 .opt
                 .state_tensors()
                 .into_iter()
@@ -331,8 +513,8 @@ impl Trainer {
         let mut total = 0.0;
         let mut count = 0usize;
         for batch in &self.eval_set {
-            let (ids, tgt) = self.to_tensors(batch);
-            let loss = cross_entropy(&self.model.forward(&ids), &tgt);
+            let (ids, tgt) = self.primary.to_tensors(batch);
+            let loss = cross_entropy(&self.primary.model.forward(&ids), &tgt);
             total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
             count += batch.targets.len();
         }
@@ -352,7 +534,7 @@ impl Trainer {
             .unwrap_or_default();
         let eot = Some(self.dataset.tokenizer.eot_id());
         let new = generate(
-            &self.model,
+            &self.primary.model,
             &prompt,
             &self.cfg.eval.sample,
             eot,
@@ -365,45 +547,80 @@ impl Trainer {
         )
     }
 
-    /// A batch as (inputs, targets) tensors of shape (rows, seq_len) on the device.
-    fn to_tensors(&self, batch: &Batch) -> (Tensor, Tensor) {
-        let shape = [batch.rows as i64, batch.seq_len as i64];
-        (
-            Tensor::from_slice(&batch.inputs)
-                .view(shape)
-                .to_device(self.device),
-            Tensor::from_slice(&batch.targets)
-                .view(shape)
-                .to_device(self.device),
-        )
-    }
-
-    /// One optimizer step (with gradient accumulation); returns (loss, grad_norm, lr).
+    /// One optimizer step (with gradient accumulation, and the gradient exchange among
+    /// data-parallel workers); returns (loss, grad_norm, lr).
     pub fn train_step(&mut self) -> Result<(f64, f64, f64)> {
-        let t = &self.cfg.train;
-        let accum = t.batch_size / t.micro_batch;
-        let mut grads: Vec<Tensor> = Vec::new();
-        let mut loss_sum = 0.0;
-        for _ in 0..accum {
-            let batch = self.batches.next_batch();
-            let (ids, tgt) = self.to_tensors(&batch);
-            let loss = cross_entropy(&self.model.forward(&ids), &tgt) / accum as f64;
-            let micro = self.opt.gradients(&loss);
-            if grads.is_empty() {
-                grads = micro;
-            } else {
-                accumulate(&mut grads, micro);
-            }
-            loss_sum += f64::try_from(&loss).map_err(Error::torch("reading the loss"))?;
+        if let Some(reason) = &self.failed {
+            return Err(Error::Parallel(format!(
+                "data parallelism on this node stopped earlier: {reason}"
+            )));
         }
-        let grad_norm = clip_grad_norm(&grads, t.grad_clip);
+        let started = Instant::now();
+        let t = &self.cfg.train;
         let total = self.cfg.total_steps();
         let lr = self.peak_lr * t.schedule.factor(self.state.step, total);
-        self.opt.step(lr, &grads);
+        let grad_clip = t.grad_clip;
+        let timeout = t.parallel.timeout();
+        let fault = self.fault.take();
+        for other in &self.others {
+            other.send(Command::Step {
+                lr,
+                grad_clip,
+                fault: fault.filter(|(rank, _)| *rank == other.rank).map(|f| f.1),
+            })?;
+        }
+        let mine = self.primary.step(lr, grad_clip, self.exchange.as_ref());
+        if let (Err(e), Some(exchange)) = (&mine, &self.exchange) {
+            exchange
+                .reducer
+                .abort(format!("data-parallel worker 0 failed: {e}"));
+        }
+        // After a failure the reducer has told every worker; their answers come at once.
+        let wait = if mine.is_ok() {
+            2 * timeout
+        } else {
+            timeout.min(std::time::Duration::from_secs(5))
+        };
+        let mut loss = 0.0;
+        let mut positions = Vec::with_capacity(self.others.len());
+        let mut other_error = None;
+        for other in &self.others {
+            match other.wait(wait, "its part of the step") {
+                Ok(Reply::Stepped(out, position)) => {
+                    loss += out.weighted_loss;
+                    positions.push(position);
+                }
+                Ok(Reply::Done(_)) => {
+                    other_error.get_or_insert(Error::Parallel(format!(
+                        "data-parallel worker {} answered a step out of turn",
+                        other.rank
+                    )));
+                }
+                Err(e) => {
+                    other_error.get_or_insert(e);
+                }
+            }
+        }
+        let out = mine.and_then(|out| other_error.map_or(Ok(out), Err));
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // The workers are out of step now (one may still be running): no more steps.
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        loss += out.weighted_loss;
         self.state.step += 1;
         self.state.tokens += self.cfg.tokens_per_step();
-        self.state.data_position = self.batches.position();
-        Ok((loss_sum, grad_norm, lr))
+        self.state.data_position = self.primary.batches.position();
+        if !self.others.is_empty() {
+            self.state.worker_positions = positions;
+        }
+        self.timing.steps += 1;
+        self.timing.step_s += started.elapsed().as_secs_f64();
+        self.timing.comm_s += out.comm.as_secs_f64();
+        Ok((loss, out.grad_norm, lr))
     }
 
     /// Checks a loss against the moving average; an error explains the stop.
@@ -447,10 +664,15 @@ impl Trainer {
             self.cfg.train.log_every,
         )?;
         log.note(&format!(
-            "training {} {:.2}M params on {} for {total} steps ({} tokens/step), run dir {}",
+            "training {} {:.2}M params on {}{} for {total} steps ({} tokens/step), run dir {}",
             self.state.model.family,
             self.state.model.param_count() as f64 / 1e6,
             device_name(self.device),
+            if self.others.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} more data-parallel workers", self.others.len())
+            },
             self.cfg.tokens_per_step(),
             out_dir.display()
         ));
@@ -573,6 +795,31 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_vec_pretty(value).expect("serializes");
     std::fs::write(path, text).map_err(Error::io(format!("writing {}", path.display())))
+}
+
+/// The gradient exchange among the workers on `devices`: NCCL when every device is a GPU and the
+/// `nccl` feature is built, else the in-process reducer (which also works across GPUs, through
+/// copies).
+fn gradient_reducer(
+    devices: &[Device],
+    timeout: std::time::Duration,
+) -> Result<Arc<dyn BucketReducer>> {
+    #[cfg(feature = "nccl")]
+    {
+        let gpus: Vec<usize> = devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Cuda(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        if gpus.len() == devices.len() {
+            let reducer = crate::parallel::NcclReducer::new(&gpus, timeout)?;
+            tracing::info!("data parallelism over {gpus:?} with NCCL");
+            return Ok(Arc::new(reducer));
+        }
+    }
+    Ok(Arc::new(LocalReducer::new(devices.len(), timeout)))
 }
 
 /// Loads the model of a checkpoint directory (for `forge-node sample`).

@@ -119,6 +119,19 @@ impl Batches {
         (self.n_windows - self.shard).div_ceil(self.n_shards)
     }
 
+    /// The same stream over shard `shard` of `n_shards`, from its start.
+    pub fn reshard(&mut self, shard: usize, n_shards: usize) -> Result<()> {
+        *self = Batches::new(
+            self.tokens.clone(),
+            self.seq_len,
+            self.batch_size,
+            self.seed,
+            shard,
+            n_shards,
+        )?;
+        Ok(())
+    }
+
     pub fn position(&self) -> DataPosition {
         self.position
     }
