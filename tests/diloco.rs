@@ -1,5 +1,6 @@
 //! DiLoCo across real processes on 127.0.0.1: a coordinator and four nodes train together;
-//! one node is SIGKILLed mid-run, the other three finish and their loss keeps falling.
+//! one node is SIGKILLed mid-run, the other three finish and their loss keeps falling. And a
+//! node that joins a run in progress fetches the global state from its peers and contributes.
 
 use forge_integration_tests::binary;
 use std::io::{BufRead, BufReader};
@@ -19,8 +20,8 @@ fn shared_data() -> PathBuf {
 
 /// configs/diloco-tiny-cpu.toml, shrunk: 8 x 32-token sequences per step, 5 inner steps per
 /// round, 60 steps in all, a 2 s heartbeat timeout, four data shards, and a first round that
-/// waits for all four nodes.
-fn write_config(dir: &Path) -> PathBuf {
+/// waits for `start` nodes.
+fn write_config(dir: &Path, start: usize) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut text = std::fs::read_to_string(root.join("configs/diloco-tiny-cpu.toml")).unwrap();
     let data = shared_data().join("tinystories");
@@ -50,7 +51,7 @@ fn write_config(dir: &Path) -> PathBuf {
             "heartbeat_timeout_ms = 2000".into(),
         ),
         ("data_shards = 2", "data_shards = 4".into()),
-        ("start_replicas = 2", "start_replicas = 4".into()),
+        ("start_replicas = 2", format!("start_replicas = {start}")),
     ] {
         assert!(
             text.contains(from),
@@ -147,6 +148,48 @@ impl Drop for Proc {
     }
 }
 
+/// Starts a coordinator; returns it with the address and token nodes join with.
+fn start_coordinator(dir: &Path, config: &Path, deadline: Instant) -> (Proc, String, String) {
+    let mut coordinator = Proc::start(
+        "forge-coordinator",
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            dir.join("coord").to_str().unwrap(),
+        ],
+        &dir.join("coord.log"),
+    );
+    let join = coordinator.wait_for("forge-node join ", deadline);
+    let mut words = join.split_whitespace().skip(2);
+    let (addr, token) = (
+        words.next().unwrap().to_string(),
+        words.nth(1).unwrap().to_string(),
+    );
+    (coordinator, addr, token)
+}
+
+fn start_node(dir: &Path, i: usize, addr: &str, token: &str) -> Proc {
+    let workdir = dir.join(format!("node{i}"));
+    Proc::start(
+        "forge-node",
+        &[
+            "join",
+            addr,
+            "--token",
+            token,
+            "--workdir",
+            workdir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &dir.join(format!("node{i}.log")),
+    )
+}
+
 /// (round, members, loss, outcome) from a node's per-round line.
 fn parse_round(line: &str) -> Option<(u64, usize, f64, String)> {
     let fields: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -159,46 +202,11 @@ fn parse_round(line: &str) -> Option<(u64, usize, f64, String)> {
 #[test]
 fn a_killed_node_does_not_stop_the_others() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = write_config(tmp.path());
+    let config = write_config(tmp.path(), 4);
     let deadline = Instant::now() + LIMIT;
-    let mut coordinator = Proc::start(
-        "forge-coordinator",
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            tmp.path().join("coord").to_str().unwrap(),
-        ],
-        &tmp.path().join("coord.log"),
-    );
-    let join = coordinator.wait_for("forge-node join ", deadline);
-    let mut words = join.split_whitespace().skip(2);
-    let (addr, token) = (
-        words.next().unwrap().to_string(),
-        words.nth(1).unwrap().to_string(),
-    );
-
+    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..4)
-        .map(|i| {
-            let workdir = tmp.path().join(format!("node{i}"));
-            Proc::start(
-                "forge-node",
-                &[
-                    "join",
-                    &addr,
-                    "--token",
-                    &token,
-                    "--workdir",
-                    workdir.to_str().unwrap(),
-                    "--listen",
-                    "127.0.0.1:0",
-                ],
-                &tmp.path().join(format!("node{i}.log")),
-            )
-        })
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
         .collect();
     // Two committed rounds with all four, then the last node dies without a word.
     for node in &mut nodes {
@@ -240,4 +248,57 @@ fn a_killed_node_does_not_stop_the_others() {
             "node {i}: loss did not keep falling:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3);
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    let mut nodes: Vec<Proc> = (0..3)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    for node in &mut nodes {
+        let line = node.wait_for("round    2 |", deadline);
+        assert!(line.contains("committed"), "{line}");
+    }
+    // A fourth node joins the run in progress.
+    let mut joiner = start_node(tmp.path(), 3, &addr, &token);
+    let fetched = joiner.wait_for("fetched global state v", deadline);
+    let first = joiner.wait_for("first contribution", deadline);
+    println!("joiner: {fetched}\njoiner: {first}");
+    nodes.push(joiner);
+    let mut outcomes: Vec<Vec<(u64, String)>> = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        outcomes.push(
+            lines
+                .iter()
+                .filter_map(|l| parse_round(l))
+                .filter(|r| r.1 == 4 && r.3.starts_with("committed v"))
+                .map(|r| (r.0, r.3))
+                .collect(),
+        );
+    }
+    // The joiner's commits, with four members, carry the same state hash as the others'.
+    let joined = &outcomes[3];
+    assert!(
+        !joined.is_empty(),
+        "the joiner never committed a round with four members: {outcomes:?}"
+    );
+    for (round, outcome) in joined {
+        let theirs = outcomes[0].iter().find(|(r, _)| r == round);
+        assert_eq!(
+            theirs.map(|(_, o)| o),
+            Some(outcome),
+            "round {round}: the joiner and node 0 disagree"
+        );
+    }
+    println!(
+        "the joiner committed {} rounds with the others",
+        joined.len()
+    );
 }

@@ -570,6 +570,7 @@ impl Coordinator {
                         .collect(),
                     deadline_ms: remaining,
                     global_version: self.global.version,
+                    tensor_hashes: self.global.tensor_hashes.clone(),
                 });
                 send(out, from, message);
             }
@@ -834,6 +835,11 @@ impl Coordinator {
         }
         self.replicas = replicas;
 
+        let peers_before: BTreeMap<MemberId, Vec<MemberId>> = self
+            .members
+            .keys()
+            .map(|id| (*id, self.sync_peer_ids(*id)))
+            .collect();
         let mut changed = Vec::new();
         for (id, member) in &mut self.members {
             let next = assignments.get(id).copied();
@@ -854,7 +860,16 @@ impl Coordinator {
                 standby,
             }));
         }
-        for id in changed {
+        // Members whose sync peers changed (a replica came or went) hear it too: they admit a
+        // new replica's nodes, which fetch the global state from them.
+        let mut notify: BTreeSet<MemberId> = changed.iter().copied().collect();
+        notify.extend(
+            peers_before
+                .into_iter()
+                .filter(|(id, before)| *before != self.sync_peer_ids(*id))
+                .map(|(id, _)| id),
+        );
+        for id in notify {
             if Some(id) == joiner {
                 continue;
             }
@@ -904,6 +919,7 @@ impl Coordinator {
             participants: peers,
             deadline_ms: self.config.round_deadline_ms,
             global_version: self.global.version,
+            tensor_hashes: self.global.tensor_hashes.clone(),
         });
         for member in participants.keys() {
             self.send_to_member(*member, message.clone(), out);
@@ -1093,6 +1109,10 @@ impl Coordinator {
             shards: writers.len() as u32,
             writers,
         })
+    }
+
+    fn sync_peer_ids(&self, id: MemberId) -> Vec<MemberId> {
+        self.sync_peers(id).iter().map(|peer| peer.member).collect()
     }
 
     /// Members of other replicas holding the same layers: the ones `id` all-reduces with.

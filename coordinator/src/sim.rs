@@ -196,13 +196,18 @@ impl Sim {
         self.crashed_at.insert(node, self.now);
     }
 
+    /// The node says goodbye and stops. Its transport retransmits until acknowledged, so the
+    /// simulation sends a few copies: the lossy network may drop some, and duplicates are
+    /// harmless.
     pub(crate) fn leave(&mut self, node: usize) {
-        self.send_to_coordinator(
-            node,
-            NodeMessage::Leave(Leave {
-                reason: "operator stopped it".to_string(),
-            }),
-        );
+        for _ in 0..4 {
+            self.send_to_coordinator(
+                node,
+                NodeMessage::Leave(Leave {
+                    reason: "operator stopped it".to_string(),
+                }),
+            );
+        }
         self.nodes[node].alive = false;
     }
 
@@ -984,6 +989,34 @@ mod tests {
         driver.report(1, round3, honest_digest(round3));
         let outputs = driver.report(2, round3, honest_digest(round3));
         assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+    }
+
+    #[test]
+    fn members_hear_of_a_new_replica_so_they_can_serve_it_the_state() {
+        let mut driver = Driver::new(config(2));
+        let (m1, _) = driver.join(1, 24 << 30);
+        driver.join(2, 24 << 30);
+        // Round 1 runs; the third member waits on standby until it closes.
+        let (m3, _) = driver.join(3, 24 << 30);
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        let told = messages_to(&outputs, 1).into_iter().any(|m| {
+            matches!(m, CoordinatorMessage::Assigned(a) if a.sync_peers.iter().any(|p| p.member == m3))
+        });
+        assert!(
+            told,
+            "member {m1} was not told of the new replica's node {m3}"
+        );
+        let opened = messages_to(&outputs, 3).into_iter().find_map(|m| match m {
+            CoordinatorMessage::RoundOpened(open) => Some(open.clone()),
+            _ => None,
+        });
+        let opened = opened.expect("the new member takes part in round 2");
+        assert_eq!(opened.global_version, 1);
+        assert!(
+            !opened.tensor_hashes.is_empty(),
+            "the round names the hashes a joiner checks its fetched state against"
+        );
     }
 
     #[test]

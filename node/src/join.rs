@@ -5,7 +5,8 @@
 //! only when the coordinator commits the round.
 
 use crate::p2p::{
-    self, AllReduceError, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, all_reduce_timeout,
+    self, AllReduceError, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, StateSnapshot,
+    all_reduce_timeout,
 };
 use anyhow::{Context, Result, bail};
 use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
@@ -23,12 +24,14 @@ use forge_trainer::models::{ModelConfig, Precision};
 use forge_trainer::train::Trainer;
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tch::Tensor;
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
@@ -67,6 +70,10 @@ struct RoundLog {
     fp32_bytes: u64,
     sync_s: f64,
     inner_s: f64,
+    /// Seconds spent fetching the global state from peers before this round (joiners, and
+    /// nodes that missed a commit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_fetch_s: Option<f64>,
 }
 
 /// The node's codec: the run's compression, with error feedback over the whole flattened
@@ -315,6 +322,19 @@ async fn node(opts: JoinOptions) -> Result<()> {
     let bandwidth = upload as f64;
     let mut pending: Option<Pending> = None;
     let mut rounds_done = 0u64;
+    let joined_at = Instant::now();
+    let mut contributed = false;
+    // Peers of the other replicas (they may fetch the global state from this node) and of the
+    // current round.
+    let mut sync_peers: Vec<Peer> = accepted.sync_peers.clone();
+    let mut participants: Vec<Peer> = Vec::new();
+    let mut shard = accepted
+        .assignment
+        .map(|a| (a.data_shard.index, a.data_shard.count));
+    // The global version this node's outer state holds. Version 0, the run's initial state, is
+    // the same on every node (same seed); later ones come from a commit or from peers. None: this
+    // node missed a commit and must fetch the state before it can contribute again.
+    let mut held: Option<u64> = Some(0);
 
     let outcome = loop {
         if stop.load(Ordering::Relaxed) {
@@ -332,6 +352,48 @@ async fn node(opts: JoinOptions) -> Result<()> {
         };
         match note {
             Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
+                participants = open.participants.clone();
+                net.set_members(allowlist(&participants, &sync_peers)?)
+                    .await?;
+                let mut state_fetch_s = None;
+                if held != Some(open.global_version) {
+                    match fetch_global_state(
+                        &open,
+                        client.member(),
+                        &net,
+                        &mut trainer,
+                        &mut outer,
+                        bandwidth,
+                    )
+                    .await
+                    {
+                        Ok(seconds) => {
+                            held = Some(open.global_version);
+                            state_fetch_s = Some(seconds);
+                            publish_state(&net, &outer, &trainer, open.global_version)?;
+                        }
+                        Err(e) => {
+                            // Without the group's state this node cannot contribute; the round
+                            // fails for it (and, through the all-reduce, for the others) rather
+                            // than mixing states. The next round tries again.
+                            let reason = format!(
+                                "could not fetch global state v{}: {e:#}",
+                                open.global_version
+                            );
+                            println!("round {}: {reason}", open.round.0);
+                            let failed = RoundReport {
+                                round: open.round,
+                                tokens_processed: 0,
+                                outer_step: OuterStep::Failed {
+                                    reason,
+                                    rejected: None,
+                                },
+                            };
+                            client.report(failed).await?;
+                            continue;
+                        }
+                    }
+                }
                 let p = play_round(
                     &open,
                     &mut trainer,
@@ -362,6 +424,16 @@ async fn node(opts: JoinOptions) -> Result<()> {
                         return Err(e);
                     }
                 };
+                let mut p = p;
+                p.pending.log.state_fetch_s = state_fetch_s;
+                if !contributed && matches!(p.report.outer_step, OuterStep::Ok { .. }) {
+                    contributed = true;
+                    println!(
+                        "first contribution (round {}) {:.1} s after joining",
+                        open.round.0,
+                        joined_at.elapsed().as_secs_f64()
+                    );
+                }
                 client.report(p.report).await?;
                 pending = Some(p.pending);
             }
@@ -376,16 +448,28 @@ async fn node(opts: JoinOptions) -> Result<()> {
                         &mut outer,
                         &diloco,
                         rounds_done,
+                        &mut held,
                     )?;
+                    if let (Some(version), RoundOutcome::Committed { .. }) = (held, &closed.outcome)
+                    {
+                        publish_state(&net, &outer, &trainer, version)?;
+                    }
                     writeln!(rounds_log, "{}", serde_json::to_string(&log)?)?;
                     print_round(&log);
                 }
             }
             Notification::Message(CoordinatorMessage::Assigned(a)) => {
                 if let Some(a) = a.assignment {
-                    trainer
-                        .set_data_shard(a.data_shard.index as usize, a.data_shard.count as usize)?;
+                    let next = (a.data_shard.index, a.data_shard.count);
+                    if shard != Some(next) {
+                        trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
+                        shard = Some(next);
+                    }
                 }
+                // Admit new replicas' nodes now: they fetch the global state from their peers.
+                sync_peers = a.sync_peers;
+                net.set_members(allowlist(&participants, &sync_peers)?)
+                    .await?;
             }
             Notification::Message(CoordinatorMessage::MemberDead(dead)) => {
                 println!("member {} is gone: {}", dead.member.0, dead.reason);
@@ -416,6 +500,143 @@ async fn node(opts: JoinOptions) -> Result<()> {
     Ok(())
 }
 
+/// Who may connect to this node: the round's participants and the other replicas' nodes.
+fn allowlist(participants: &[Peer], sync_peers: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+    let mut peers: Vec<Peer> = participants.to_vec();
+    for peer in sync_peers {
+        if !peers.iter().any(|p| p.member == peer.member) {
+            peers.push(peer.clone());
+        }
+    }
+    peers_of(&peers)
+}
+
+/// Serves this node's committed global state (`version`) to peers that join or fell behind.
+fn publish_state(
+    net: &PeerNet,
+    outer: &OuterOptimizer,
+    trainer: &Trainer,
+    version: u64,
+) -> Result<()> {
+    let tensors = outer
+        .state_tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = Vec::<f32>::try_from(t.reshape([-1]))
+                .with_context(|| format!("reading outer state tensor {name}"))?;
+            Ok((name, Arc::new(values)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    net.publish_state(Some(Arc::new(StateSnapshot {
+        version,
+        round: 0,
+        step: trainer.step(),
+        tokens: trainer.tokens(),
+        tensors,
+    })));
+    Ok(())
+}
+
+/// Fetches global state `open.global_version` (parameters and outer momentum, checked against
+/// the coordinator's hashes) from the round's other participants and takes it, with the run's
+/// schedule position. Returns the seconds it took.
+async fn fetch_global_state(
+    open: &RoundOpened,
+    me: MemberId,
+    net: &PeerNet,
+    trainer: &mut Trainer,
+    outer: &mut OuterOptimizer,
+    bandwidth: f64,
+) -> Result<f64> {
+    let started = Instant::now();
+    let peers: Vec<PeerId> = peers_of(&open.participants)?
+        .into_iter()
+        .zip(&open.participants)
+        .filter(|(_, p)| p.member != me)
+        .map(|((id, _), _)| id)
+        .collect();
+    // The coordinator's hashes name parameters plainly and momentum as `momentum.<name>`; the
+    // served state names them `global.<name>` and `momentum.<name>`. Its `params_hash of …`
+    // entries cover whole stages, not tensors.
+    let expected: BTreeMap<String, [u8; 32]> = open
+        .tensor_hashes
+        .iter()
+        .filter(|t| !t.name.starts_with("params_hash of "))
+        .map(|t| {
+            let name = if t.name.starts_with("momentum.") {
+                t.name.clone()
+            } else {
+                format!("global.{}", t.name)
+            };
+            (name, t.digest.0)
+        })
+        .collect();
+    if expected.is_empty() || peers.is_empty() {
+        bail!(
+            "round {} starts from global state v{} but there is {} to check it against or fetch \
+             it from",
+            open.round.0,
+            open.global_version,
+            if peers.is_empty() {
+                "no peer"
+            } else {
+                "no hash"
+            }
+        );
+    }
+    let state_bytes = 8 * outer.numel() as u64;
+    let timeout = all_reduce_timeout(state_bytes, 2, bandwidth);
+    // Peers publish a version when they process its commit, which can be a moment after this
+    // node hears of the round: retry for a while before giving up.
+    let give_up = Instant::now() + timeout;
+    let (snapshot, stats) = loop {
+        match net
+            .fetch_state(&peers, open.global_version, &expected, timeout)
+            .await
+        {
+            Ok(fetched) => break fetched,
+            Err(e) if Instant::now() < give_up => {
+                tracing::info!(
+                    "fetching global state v{}: {e}; retrying",
+                    open.global_version
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let shapes: HashMap<String, Vec<i64>> = outer.state_shapes().into_iter().collect();
+    let mut tensors = HashMap::with_capacity(snapshot.tensors.len());
+    for (name, values) in &snapshot.tensors {
+        let shape = shapes
+            .get(name)
+            .with_context(|| format!("peers served a tensor {name} this model does not have"))?;
+        tensors.insert(
+            name.clone(),
+            Tensor::from_slice(values).reshape(shape.as_slice()),
+        );
+    }
+    tokio::task::block_in_place(|| -> Result<()> {
+        outer.load_state_tensors(&tensors)?;
+        outer.load_into(trainer.var_store());
+        trainer.broadcast_params()?;
+        Ok(())
+    })?;
+    trainer.set_progress(snapshot.step, snapshot.tokens);
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "round {}: fetched global state v{} ({:.1} MB from {} peers, {} chunks fetched again) in \
+         {seconds:.2} s; continuing at inner step {}",
+        open.round.0,
+        open.global_version,
+        stats.bytes as f64 / 1e6,
+        stats.per_peer_bytes.iter().filter(|(_, b)| *b > 0).count(),
+        stats.refetched_chunks,
+        snapshot.step
+    );
+    Ok(seconds)
+}
+
 fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {
     // Without a cap, assume gigabit Ethernet for timeouts and the coordinator's planning.
     opts.max_upload_mbps
@@ -441,7 +662,6 @@ async fn play_round(
     bandwidth: f64,
 ) -> Result<Played> {
     let members = peers_of(&open.participants)?;
-    net.set_members(members.clone()).await?;
     let budget =
         (diloco.round_seconds > 0.0).then(|| Duration::from_secs_f64(diloco.round_seconds));
     let left = trainer
@@ -486,6 +706,7 @@ async fn play_round(
         fp32_bytes,
         sync_s,
         inner_s: inner.seconds,
+        state_fetch_s: None,
     };
     let (outer_step, proposal) = match result {
         Ok(out) => {
@@ -546,7 +767,9 @@ async fn play_round(
     })
 }
 
-/// Applies or drops the round's outer step as the coordinator decided.
+/// Applies or drops the round's outer step as the coordinator decided; `held` becomes the
+/// global version this node now holds (None: it must fetch the committed state).
+#[allow(clippy::too_many_arguments)]
 fn finish_round(
     me: MemberId,
     pending: Pending,
@@ -555,6 +778,7 @@ fn finish_round(
     outer: &mut OuterOptimizer,
     diloco: &DilocoConfig,
     rounds_done: u64,
+    held: &mut Option<u64>,
 ) -> Result<RoundLog> {
     let mut log = pending.log;
     match (&closed.outcome, pending.proposal) {
@@ -564,20 +788,22 @@ fn finish_round(
                 outer.commit(proposal, trainer.var_store());
                 // The outer step happened once, on worker 0: every local worker takes it.
                 trainer.broadcast_params()?;
+                *held = Some(*version);
                 log.outcome = format!("committed v{version} {}", digest_hex(&hash));
             } else {
-                // Our hash lost the vote: our global state is no longer the group's.
-                bail!(
-                    "round {} committed a global state this node does not hold (its hash {} \
-                     disagreed); restart the node to rejoin the run",
-                    closed.round.0,
+                // Our hash lost the vote: our global state is no longer the group's. Take
+                // nothing; the next round starts by fetching the committed state from peers.
+                *held = None;
+                log.outcome = format!(
+                    "committed v{version} without this node (its hash {} disagreed); fetching \
+                     the committed state next round",
                     digest_hex(&hash)
                 );
             }
         }
         (RoundOutcome::Committed { version, .. }, None) => {
-            // The others committed without us: take nothing we cannot verify. The next round's
-            // pseudo-gradient still carries this node's progress against its old global state.
+            // The others committed without us: fetch their state before contributing again.
+            *held = None;
             log.outcome = format!("committed v{version} without this node");
         }
         (RoundOutcome::Abandoned { reason }, _) => {

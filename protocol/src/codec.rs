@@ -40,6 +40,8 @@ const SYNC_MAX_PAYLOAD: u32 = 64 << 10;
 const SYNC_MAX_DECODED: usize = 64 << 10;
 const SNAPSHOT_MAX_PAYLOAD: u32 = 256 << 20;
 const SNAPSHOT_MAX_DECODED: usize = 1 << 30;
+const STATE_MAX_PAYLOAD: u32 = 4 << 20;
+const STATE_MAX_DECODED: usize = 16 << 20;
 
 /// What a frame carries; each channel has its own magic and size limits, so a frame sent on the
 /// wrong stream is rejected at the header.
@@ -51,6 +53,9 @@ pub enum Channel {
     Sync,
     /// Stored blobs such as the coordinator's state snapshot.
     Snapshot,
+    /// Requests and answers of the peer-to-peer state transfer to joining nodes (tensor bytes
+    /// follow a chunk answer's frame raw).
+    State,
 }
 
 impl Channel {
@@ -60,6 +65,7 @@ impl Channel {
             Channel::Control => *b"FGCT",
             Channel::Sync => *b"FGSY",
             Channel::Snapshot => *b"FGSN",
+            Channel::State => *b"FGST",
         }
     }
 
@@ -69,6 +75,7 @@ impl Channel {
             Channel::Control => CONTROL_MAX_PAYLOAD,
             Channel::Sync => SYNC_MAX_PAYLOAD,
             Channel::Snapshot => SNAPSHOT_MAX_PAYLOAD,
+            Channel::State => STATE_MAX_PAYLOAD,
         }
     }
 
@@ -78,6 +85,7 @@ impl Channel {
             Channel::Control => CONTROL_MAX_DECODED,
             Channel::Sync => SYNC_MAX_DECODED,
             Channel::Snapshot => SNAPSHOT_MAX_DECODED,
+            Channel::State => STATE_MAX_DECODED,
         }
     }
 
@@ -86,6 +94,7 @@ impl Channel {
             Channel::Control => "control",
             Channel::Sync => "sync",
             Channel::Snapshot => "snapshot",
+            Channel::State => "state",
         }
     }
 }
@@ -256,6 +265,7 @@ pub fn decode_payload<T: DeserializeOwned>(header: &FrameHeader, payload: &[u8])
         Channel::Control => from_bincode::<T, CONTROL_MAX_DECODED>(raw),
         Channel::Sync => from_bincode::<T, SYNC_MAX_DECODED>(raw),
         Channel::Snapshot => from_bincode::<T, SNAPSHOT_MAX_DECODED>(raw),
+        Channel::State => from_bincode::<T, STATE_MAX_DECODED>(raw),
     }
 }
 

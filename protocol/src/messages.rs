@@ -248,6 +248,9 @@ pub struct RoundOpened {
     pub deadline_ms: u64,
     /// The global state version the round starts from.
     pub global_version: u64,
+    /// That version's committed tensor hashes: a node that holds another version (it joined
+    /// mid-run, or missed a commit) fetches this one from its peers and checks it against them.
+    pub tensor_hashes: Vec<TensorHash>,
 }
 
 /// How a node's outer step went.
@@ -612,16 +615,20 @@ mod tests {
                 any::<u64>(),
                 prop::collection::vec(peer(), 0..5),
                 any::<u64>(),
-                any::<u64>()
+                any::<u64>(),
+                tensor_hashes()
             )
-                .prop_map(|(round, participants, deadline_ms, global_version)| {
-                    CoordinatorMessage::RoundOpened(RoundOpened {
-                        round: RoundId(round),
-                        participants,
-                        deadline_ms,
-                        global_version,
-                    })
-                }),
+                .prop_map(
+                    |(round, participants, deadline_ms, global_version, tensor_hashes)| {
+                        CoordinatorMessage::RoundOpened(RoundOpened {
+                            round: RoundId(round),
+                            participants,
+                            deadline_ms,
+                            global_version,
+                            tensor_hashes,
+                        })
+                    }
+                ),
             closed,
             (any::<u64>(), ".{0,30}", any::<bool>()).prop_map(|(member, reason, expelled)| {
                 CoordinatorMessage::MemberDead(MemberDead {

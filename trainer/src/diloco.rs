@@ -95,6 +95,9 @@ pub struct Proposal {
     momentum: Vec<Tensor>,
     /// Hash of the proposed global parameters (over the per-tensor digests, in name order).
     pub params_hash: TensorDigest,
+    /// Digests of every global parameter (by name) and of the outer momentum
+    /// (`momentum.<name>`): what the coordinator commits and a joiner checks fetched state
+    /// against.
     pub tensor_hashes: Vec<(String, TensorDigest)>,
 }
 
@@ -217,7 +220,10 @@ impl OuterOptimizer {
                 momentum.push(buf);
             }
         });
-        let (params_hash, tensor_hashes) = hashes(&self.names, &global);
+        let (params_hash, mut tensor_hashes) = hashes(&self.names, &global);
+        let momentum_names: Vec<String> =
+            self.names.iter().map(|n| format!("momentum.{n}")).collect();
+        tensor_hashes.extend(hashes(&momentum_names, &momentum).1);
         Ok(Proposal {
             global,
             momentum,
@@ -253,6 +259,16 @@ impl OuterOptimizer {
         for ((n, g), m) in self.names.iter().zip(&self.global).zip(&self.momentum) {
             out.push((format!("global.{n}"), g.shallow_clone()));
             out.push((format!("momentum.{n}"), m.shallow_clone()));
+        }
+        out
+    }
+
+    /// Names and shapes of [`OuterOptimizer::state_tensors`], in that order.
+    pub fn state_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let mut out = Vec::with_capacity(2 * self.names.len());
+        for (n, g) in self.names.iter().zip(&self.global) {
+            out.push((format!("global.{n}"), g.size()));
+            out.push((format!("momentum.{n}"), g.size()));
         }
         out
     }

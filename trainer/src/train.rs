@@ -296,6 +296,11 @@ impl Trainer {
         self.state.step
     }
 
+    /// Training tokens consumed so far (by the whole run, for a node that joined one).
+    pub fn tokens(&self) -> u64 {
+        self.state.tokens
+    }
+
     /// Reads data shard `index` of `count` (the replica's share of the corpus), from its start.
     /// Each data-parallel worker reads its own part of that shard.
     pub fn set_data_shard(&mut self, index: usize, count: usize) -> Result<()> {
@@ -312,6 +317,13 @@ impl Trainer {
             })?;
         }
         self.collect_positions(Some((timeout, "a data reshard")))
+    }
+
+    /// Moves the schedule to `step` (and the token count to `tokens`): a node that joins a run
+    /// in progress takes the run's position along with its global state.
+    pub fn set_progress(&mut self, step: u64, tokens: u64) {
+        self.state.step = step;
+        self.state.tokens = tokens;
     }
 
     /// Makes data-parallel worker `rank` (1..) fail in the next step, for fault-tolerance tests

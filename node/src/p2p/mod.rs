@@ -1,5 +1,6 @@
 //! The node's peer-to-peer layer: its ed25519 identity, a libp2p swarm over QUIC that only
-//! admits the run's members, and the all-reduce of outer gradients over `/forge/sync/1` streams.
+//! admits the run's members, the all-reduce of outer gradients over `/forge/sync/1` streams, and
+//! the verified transfer of the DiLoCo state to nodes that join mid-run over `/forge/state/1`.
 //!
 //! ```text
 //! let keypair = p2p::load_or_create_keypair(&workdir)?;
@@ -9,6 +10,10 @@
 //! // register net.peer_id() and addr with the coordinator, then per round:
 //! net.set_members(members_with_addrs).await?;
 //! let out = net.all_reduce(AllReduceRequest { .. }, &mut codec).await?;
+//! // after each committed round, serve the new state to joiners:
+//! net.publish_state(Some(Arc::new(StateSnapshot { version, .. })));
+//! // a joiner, with the coordinator's GlobalState.tensor_hashes as `expected`:
+//! let (state, stats) = net.fetch_state(&peers, version, &expected, timeout).await?;
 //! ```
 
 mod all_reduce;
@@ -17,8 +22,11 @@ mod error;
 mod identity;
 mod inbox;
 mod net;
+mod state;
 mod wire;
 
+#[cfg(test)]
+mod state_tests;
 #[cfg(test)]
 mod tests;
 
@@ -27,3 +35,4 @@ pub(crate) use bench::{bench_local, bench_member};
 pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
 pub(crate) use net::{PeerNet, PeerNetConfig, new};
+pub(crate) use state::StateSnapshot;

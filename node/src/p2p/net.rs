@@ -19,10 +19,11 @@ use libp2p::swarm::{
     dummy,
 };
 use libp2p::{Multiaddr, PeerId, Swarm};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::error::{Error, Result};
 use super::inbox::Inbox;
+use super::state::{STATE, StateServer};
 use super::wire::{SYNC, UploadLimiter};
 
 /// Values per chunk on the wire by default: 4 MiB of fp32, large enough to amortise headers and
@@ -81,6 +82,8 @@ pub(crate) struct PeerNet {
     pub(super) chunk_values: usize,
     /// So an all-reduce fails at once when a member leaves.
     pub(super) peer_events: broadcast::Sender<PeerEvent>,
+    /// The state this node serves to joiners over `/forge/state/1`.
+    pub(super) state: Arc<StateServer>,
 }
 
 impl std::fmt::Debug for PeerNet {
@@ -116,19 +119,26 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
     let incoming = control
         .accept(SYNC)
         .map_err(|err| Error::Config(format!("cannot accept {SYNC}: {err}")))?;
+    let state_incoming = control
+        .accept(STATE)
+        .map_err(|err| Error::Config(format!("cannot accept {STATE}: {err}")))?;
     let inbox = Arc::new(Inbox::default());
     let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE);
     let (peer_events, _) = broadcast::channel(PEER_EVENT_QUEUE);
+    let limiter = config
+        .max_upload_bytes_per_s
+        .map(|cap| Arc::new(UploadLimiter::new(cap)));
+    let (state, serving) = StateServer::new(limiter.clone());
+    let state = Arc::new(state);
     let net = PeerNet {
         local_peer_id,
         commands,
         control,
         inbox: Arc::clone(&inbox),
-        limiter: config
-            .max_upload_bytes_per_s
-            .map(|cap| Arc::new(UploadLimiter::new(cap))),
+        limiter,
         chunk_values: config.chunk_values,
         peer_events: peer_events.clone(),
+        state: Arc::clone(&state),
     };
     let event_loop = EventLoop {
         swarm,
@@ -136,6 +146,9 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
         commands: command_receiver,
         incoming,
         inbox,
+        state_incoming,
+        state,
+        _serving: serving,
         pending_listens: HashMap::new(),
     };
     Ok((net, event_loop))
@@ -210,6 +223,10 @@ pub(crate) struct EventLoop {
     commands: mpsc::Receiver<Command>,
     incoming: libp2p_stream::IncomingStreams,
     inbox: Arc<Inbox>,
+    state_incoming: libp2p_stream::IncomingStreams,
+    state: Arc<StateServer>,
+    /// Dropped with the event loop, which ends the streams being served.
+    _serving: watch::Sender<()>,
     peer_events: broadcast::Sender<PeerEvent>,
     pending_listens: HashMap<ListenerId, oneshot::Sender<Result<Multiaddr>>>,
 }
@@ -236,6 +253,8 @@ impl EventLoop {
                     // for it, or libp2p drops the streams behind it.
                     tokio::spawn(Arc::clone(&self.inbox).handshake(peer, stream));
                 }
+                // Served in a task per stream, for the same reason.
+                Some((peer, stream)) = self.state_incoming.next() => self.state.accept(peer, stream),
             }
         }
     }

@@ -149,7 +149,8 @@ async fn try_open(
     }
 }
 
-async fn write_paced(
+/// Writes `bytes`, in slices paced by the node's upload cap when there is one.
+pub(crate) async fn write_paced(
     stream: &mut Stream,
     bytes: &[u8],
     limiter: Option<&UploadLimiter>,

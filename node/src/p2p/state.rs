@@ -1,0 +1,1476 @@
+//! State transfer to nodes that join mid-run, over `/forge/state/1` streams.
+//!
+//! Every member publishes its committed DiLoCo state ([`StateSnapshot`]: global parameters and
+//! outer momentum as named f32 tensors, plus a few counters) with [`PeerNet::publish_state`]. A
+//! joiner fetches one version of it from several members at once with [`PeerNet::fetch_state`]
+//! and checks every tensor against the coordinator's SHA-256 digests before it uses anything.
+//!
+//! # Wire format
+//!
+//! The fetcher opens one stream per serving peer and keeps it for all its requests to that peer;
+//! it may send the next request before the previous answer has arrived, and the server answers
+//! in order, one request at a time. Requests and answers are [`Channel::State`] frames (16-byte
+//! header + bincode; both lengths are checked against the channel's limits before the payload is
+//! read or allocated):
+//!
+//! - [`Request::Manifest`] `{ version }` is answered with [`Response::Manifest`] (version,
+//!   round, step, tokens, and each tensor's name and length in values, in the server's order),
+//!   or with [`Response::OtherVersion`] `{ held }` when the server holds another version (or
+//!   none).
+//! - [`Request::Chunk`] `{ version, tensor, offset, values }`, at most [`CHUNK_VALUES`] values
+//!   (4 MiB) of the tensor at that index of the manifest, is answered with [`Response::Chunk`]
+//!   echoing the request and followed by exactly `4 * values` raw bytes, the values as f32
+//!   little-endian; or with `OtherVersion` (the server has published another version since), or
+//!   with [`Response::Refused`] for a request outside the manifest.
+//!
+//! # Fetching
+//!
+//! A worker task per peer asks for the manifest, then pulls chunk requests from the fetch's
+//! dispatcher. The dispatcher picks the manifest most peers serve (waiting for a majority, or
+//! for every answer), hands chunks to idle peers (two in flight per peer), and hashes each
+//! tensor on the blocking pool once all its chunks are in. A peer whose request fails (broken
+//! stream, timeout, another version, malformed answer) or that disconnects is dropped and its
+//! chunks go to the others. A tensor whose digest differs is fetched again, from then on all
+//! from one peer at a time, so that a peer whose whole copy is wrong is identified and skipped.
+//! The fetch fails only when no peer is left that could supply some tensor.
+
+// `StateError` carries peer ids by value so callers can match on them; it is built at most once
+// per fetch.
+#![allow(clippy::result_large_err)]
+// Until the join path fetches state and the round loop publishes it, only tests use this.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forge_protocol::codec::{self, Channel, HEADER_LEN};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::net::{PeerEvent, PeerNet};
+use super::wire::{UploadLimiter, write_paced};
+
+/// The state-transfer stream protocol as libp2p names it.
+pub(crate) const STATE: StreamProtocol = StreamProtocol::new("/forge/state/1");
+
+/// Most values one chunk request may ask for: 4 MiB of f32.
+pub(crate) const CHUNK_VALUES: usize = 1 << 20;
+
+/// Chunk requests in flight per peer, so the next answer is under way while one is handled.
+const PIPELINE: usize = 2;
+
+/// Incoming state streams served at once; more are dropped (their fetcher tries other peers).
+const MAX_SERVED_STREAMS: usize = 64;
+
+/// How long a served stream may sit without a request, and how long one answer may take.
+const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const SERVE_ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Values converted to or from bytes at a time, so no chunk is held twice in memory.
+const IO_SLICE_VALUES: usize = 16 << 10;
+
+/// Largest state a manifest may describe (4 TiB of f32); a bigger one is a broken peer.
+const MAX_STATE_VALUES: u64 = 1 << 40;
+
+/// Names listed at most in a message about missing or unexpected tensors.
+const MAX_LISTED: usize = 5;
+
+/// A node's committed DiLoCo state, served to joiners. Tensors in a fixed order (the serving
+/// node's order, e.g. "global.<param>" then "momentum.<param>"), f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StateSnapshot {
+    /// Global state version (the coordinator's `GlobalState.version`).
+    pub(crate) version: u64,
+    /// The round that produced it.
+    pub(crate) round: u64,
+    /// The run's schedule position (inner steps).
+    pub(crate) step: u64,
+    pub(crate) tokens: u64,
+    pub(crate) tensors: Vec<(String, Arc<Vec<f32>>)>,
+}
+
+impl StateSnapshot {
+    /// Each tensor's [`tensor_digest`], the map [`PeerNet::fetch_state`] checks against.
+    #[cfg(test)]
+    pub(crate) fn digests(&self) -> BTreeMap<String, [u8; 32]> {
+        self.tensors
+            .iter()
+            .map(|(name, values)| (name.clone(), tensor_digest(values)))
+            .collect()
+    }
+
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            version: self.version,
+            round: self.round,
+            step: self.step,
+            tokens: self.tokens,
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(name, values)| (name.clone(), values.len() as u64))
+                .collect(),
+        }
+    }
+}
+
+/// SHA-256 of the values as f32 little-endian bytes, as the coordinator's tensor hashes are made.
+pub(crate) fn tensor_digest(values: &[f32]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash_values(&mut hash, values);
+    hash.finalize().into()
+}
+
+fn hash_values(hash: &mut Sha256, values: &[f32]) {
+    let mut bytes = Vec::with_capacity(4 * IO_SLICE_VALUES.min(values.len()));
+    for slice in values.chunks(IO_SLICE_VALUES) {
+        le_bytes(slice, &mut bytes);
+        hash.update(&bytes);
+    }
+}
+
+fn le_bytes(values: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    for value in values {
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// What a fetch cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct FetchStats {
+    /// Bytes received, frame headers included.
+    pub(crate) bytes: u64,
+    pub(crate) elapsed: Duration,
+    /// Bytes received from each peer asked, in the order they were given.
+    pub(crate) per_peer_bytes: Vec<(PeerId, u64)>,
+    /// Chunks requested again: the peer that had them failed, or their tensor's digest differed.
+    pub(crate) refetched_chunks: u64,
+}
+
+/// A fetch that failed; each variant lists what every peer asked did or said.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StateError {
+    #[error(
+        "cannot fetch state version {version}: no peers to fetch it from (this node does not count); fetch from the members the coordinator lists"
+    )]
+    NoPeers { version: u64 },
+
+    #[error(
+        "no peer serves state version {version}: {}; the run has moved on or the peers have not committed it yet: ask the coordinator for the current version and fetch that",
+        describe(.peers)
+    )]
+    VersionUnavailable {
+        version: u64,
+        /// The version each peer that answered holds (`None`: it publishes no state).
+        held: Vec<(PeerId, Option<u64>)>,
+        peers: Vec<(PeerId, String)>,
+    },
+
+    #[error(
+        "no peer served a usable manifest of state version {version}: {}; check that these peers are up, reachable and run the same Forge release, then fetch again",
+        describe(.peers)
+    )]
+    NoManifest {
+        version: u64,
+        peers: Vec<(PeerId, String)>,
+    },
+
+    #[error(
+        "no peer can supply a good copy of tensor `{tensor}` of state version {version}: {}; fetch again from other members, and report the peers whose copies differ to the coordinator",
+        describe(.peers)
+    )]
+    TensorUnavailable {
+        version: u64,
+        tensor: String,
+        peers: Vec<(PeerId, String)>,
+    },
+}
+
+fn describe(peers: &[(PeerId, String)]) -> String {
+    peers
+        .iter()
+        .map(|(peer, what)| format!("peer {peer} {what}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn held_phrase(held: Option<u64>) -> String {
+    match held {
+        Some(version) => format!("holds version {version}"),
+        None => "publishes no state".to_string(),
+    }
+}
+
+/// What a fetcher asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Request {
+    Manifest {
+        version: u64,
+    },
+    Chunk {
+        version: u64,
+        /// Index into the manifest's tensors.
+        tensor: u32,
+        /// First value, within the tensor.
+        offset: u64,
+        values: u32,
+    },
+}
+
+/// What a state is made of, without the values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    pub(crate) version: u64,
+    pub(crate) round: u64,
+    pub(crate) step: u64,
+    pub(crate) tokens: u64,
+    /// Name and length in values of each tensor, in the server's order.
+    pub(crate) tensors: Vec<(String, u64)>,
+}
+
+/// A server's answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Response {
+    Manifest(Manifest),
+    /// The server holds another version (`None`: it publishes no state).
+    OtherVersion {
+        held: Option<u64>,
+    },
+    /// Echoes the request; exactly `4 * values` raw bytes follow the frame.
+    Chunk {
+        version: u64,
+        tensor: u32,
+        offset: u64,
+        values: u32,
+    },
+    /// The request does not fit the manifest.
+    Refused {
+        reason: String,
+    },
+}
+
+impl Response {
+    fn kind(&self) -> &'static str {
+        match self {
+            Response::Manifest(_) => "a manifest",
+            Response::OtherVersion { .. } => "another version",
+            Response::Chunk { .. } => "a chunk",
+            Response::Refused { .. } => "a refusal",
+        }
+    }
+}
+
+/// A frame that could not be read.
+#[derive(Debug)]
+enum FrameError {
+    /// The stream ended cleanly before the frame started.
+    Closed,
+    Io(io::Error),
+    Protocol(forge_protocol::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::Closed => f.write_str("the stream was closed"),
+            FrameError::Io(err) => write!(f, "{err}"),
+            FrameError::Protocol(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+/// Reads one frame; returns the message and the bytes it occupied.
+async fn read_frame<T: DeserializeOwned>(
+    reader: &mut (impl AsyncRead + Unpin),
+) -> Result<(T, u64), FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let first = reader.read(&mut header).await.map_err(FrameError::Io)?;
+    if first == 0 {
+        return Err(FrameError::Closed);
+    }
+    reader
+        .read_exact(&mut header[first..])
+        .await
+        .map_err(FrameError::Io)?;
+    // Checked against the state channel's limits before the payload is allocated.
+    let frame = codec::parse_header(Channel::State, &header).map_err(FrameError::Protocol)?;
+    let mut payload = vec![0u8; frame.payload_len as usize];
+    reader
+        .read_exact(&mut payload)
+        .await
+        .map_err(FrameError::Io)?;
+    let message = codec::decode_payload(&frame, &payload).map_err(FrameError::Protocol)?;
+    Ok((message, frame.frame_len() as u64))
+}
+
+fn encode<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
+    codec::encode(Channel::State, message).map_err(|err| io::Error::other(err.to_string()))
+}
+
+async fn write_frame<T: Serialize>(
+    writer: &mut (impl AsyncWrite + Unpin),
+    message: &T,
+) -> io::Result<()> {
+    writer.write_all(&encode(message)?).await?;
+    writer.flush().await
+}
+
+/// Reads `len` f32 little-endian values, a slice at a time.
+async fn read_values(reader: &mut (impl AsyncRead + Unpin), len: usize) -> io::Result<Vec<f32>> {
+    let mut values = Vec::with_capacity(len);
+    let mut bytes = vec![0u8; 4 * IO_SLICE_VALUES.min(len)];
+    while values.len() < len {
+        let take = (len - values.len()).min(IO_SLICE_VALUES);
+        let slice = &mut bytes[..4 * take];
+        reader.read_exact(slice).await?;
+        values.extend(
+            slice
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    Ok(values)
+}
+
+/// The serving side: the published snapshot and the tasks that serve it.
+#[derive(Debug)]
+pub(crate) struct StateServer {
+    published: Mutex<Option<Arc<StateSnapshot>>>,
+    /// The node's upload cap, shared with the all-reduce.
+    limiter: Option<Arc<UploadLimiter>>,
+    streams: Arc<Semaphore>,
+    /// Closed when the event loop stops, which ends every stream being served: a served stream
+    /// would otherwise keep its QUIC connection open after the node has shut down.
+    running: watch::Receiver<()>,
+}
+
+impl StateServer {
+    /// The server, and the guard the event loop holds: dropping it stops all serving.
+    pub(crate) fn new(limiter: Option<Arc<UploadLimiter>>) -> (StateServer, watch::Sender<()>) {
+        let (guard, running) = watch::channel(());
+        let server = StateServer {
+            published: Mutex::new(None),
+            limiter,
+            streams: Arc::new(Semaphore::new(MAX_SERVED_STREAMS)),
+            running,
+        };
+        (server, guard)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<StateSnapshot>>> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn current(&self) -> Option<Arc<StateSnapshot>> {
+        self.lock().clone()
+    }
+
+    /// Serves a new incoming stream in its own task, so the swarm loop never waits for it. Only
+    /// members reach this: the allowlist refuses connections from anyone else.
+    pub(crate) fn accept(self: &Arc<Self>, peer: PeerId, stream: Stream) {
+        match Arc::clone(&self.streams).try_acquire_owned() {
+            Ok(permit) => {
+                let mut running = self.running.clone();
+                let serve = Arc::clone(self).serve(peer, stream, permit);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve => {}
+                        // Only fails: the sender never sends.
+                        _ = running.changed() => {}
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "serving {MAX_SERVED_STREAMS} state streams; dropping one");
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, peer: PeerId, mut stream: Stream, _slot: OwnedSemaphorePermit) {
+        loop {
+            let read = tokio::time::timeout(SERVE_IDLE_TIMEOUT, read_frame::<Request>(&mut stream));
+            let request = match read.await {
+                Ok(Ok((request, _))) => request,
+                Ok(Err(FrameError::Closed)) => return,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, %err, "dropping a state stream with an unreadable request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "closing an idle state stream");
+                    return;
+                }
+            };
+            let answered =
+                tokio::time::timeout(SERVE_ANSWER_TIMEOUT, self.answer(&mut stream, request));
+            match answered.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, %err, "state stream broke while answering");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "state stream too slow; dropping it");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, stream: &mut Stream, request: Request) -> io::Result<()> {
+        let snapshot = self.current();
+        let held = snapshot.as_ref().map(|snapshot| snapshot.version);
+        let (version, tensor, offset, values) = match request {
+            Request::Manifest { version } => {
+                let response = match &snapshot {
+                    Some(snapshot) if snapshot.version == version => {
+                        Response::Manifest(snapshot.manifest())
+                    }
+                    _ => Response::OtherVersion { held },
+                };
+                return write_frame(stream, &response).await;
+            }
+            Request::Chunk {
+                version,
+                tensor,
+                offset,
+                values,
+            } => (version, tensor, offset, values),
+        };
+        let Some(snapshot) = snapshot.filter(|snapshot| snapshot.version == version) else {
+            return write_frame(stream, &Response::OtherVersion { held }).await;
+        };
+        let slice = match chunk_of(&snapshot, tensor, offset, values) {
+            Ok(slice) => slice,
+            Err(reason) => return write_frame(stream, &Response::Refused { reason }).await,
+        };
+        let limiter = self.limiter.as_deref();
+        let header = Response::Chunk {
+            version,
+            tensor,
+            offset,
+            values,
+        };
+        write_paced(stream, &encode(&header)?, limiter).await?;
+        let mut bytes = Vec::with_capacity(4 * IO_SLICE_VALUES.min(slice.len()));
+        for part in slice.chunks(IO_SLICE_VALUES) {
+            le_bytes(part, &mut bytes);
+            write_paced(stream, &bytes, limiter).await?;
+        }
+        stream.flush().await
+    }
+}
+
+/// The values a chunk request asks for, if it fits the snapshot.
+fn chunk_of(
+    snapshot: &StateSnapshot,
+    tensor: u32,
+    offset: u64,
+    values: u32,
+) -> Result<&[f32], String> {
+    let Some((name, data)) = snapshot.tensors.get(tensor as usize) else {
+        return Err(format!(
+            "there is no tensor {tensor}, the state has {}",
+            snapshot.tensors.len()
+        ));
+    };
+    if values as usize > CHUNK_VALUES {
+        return Err(format!(
+            "{values} values is more than the {CHUNK_VALUES} a chunk may hold"
+        ));
+    }
+    let len = data.len() as u64;
+    match offset.checked_add(u64::from(values)) {
+        Some(end) if end <= len => Ok(&data[offset as usize..end as usize]),
+        _ => Err(format!(
+            "values {offset}..+{values} are outside `{name}`, which has {len}"
+        )),
+    }
+}
+
+impl PeerNet {
+    /// Serves `snapshot` to members that ask, replacing the previous one (None: serve nothing).
+    /// Streams already being served answer their next request from the new one.
+    pub(crate) fn publish_state(&self, snapshot: Option<Arc<StateSnapshot>>) {
+        *self.state.lock() = snapshot;
+    }
+
+    /// Fetches state `version` from `peers`, spreading chunks over them (several at once), and
+    /// checks every tensor against `expected` (tensor name -> SHA-256 of its values as f32
+    /// little-endian bytes, see [`tensor_digest`]). The served manifest must list exactly the
+    /// names in `expected`. A chunk that fails (peer gone, timeout, wrong version) or a tensor
+    /// whose digest differs is fetched again from another peer; the fetch fails only when no
+    /// peer can supply a good copy, naming the peers and the tensor.
+    ///
+    /// `timeout` bounds each exchange with one peer (opening the stream and getting the
+    /// manifest, or one chunk); a peer that exceeds it is dropped from the fetch. The whole
+    /// fetch ends when every tensor is verified or cannot be: there is no overall deadline, so
+    /// wrap the call in one if needed (dropping the future stops everything).
+    pub(crate) async fn fetch_state(
+        &self,
+        peers: &[PeerId],
+        version: u64,
+        expected: &BTreeMap<String, [u8; 32]>,
+        timeout: Duration,
+    ) -> Result<(StateSnapshot, FetchStats), StateError> {
+        let started = Instant::now();
+        let mut asked: Vec<PeerId> = Vec::with_capacity(peers.len());
+        for peer in peers {
+            if *peer != self.local_peer_id && !asked.contains(peer) {
+                asked.push(*peer);
+            }
+        }
+        if asked.is_empty() {
+            return Err(StateError::NoPeers { version });
+        }
+        let mut peer_events = self.peer_events.subscribe();
+        let (events_sender, mut events) = mpsc::unbounded_channel();
+        // Dropped on return, which aborts every worker still running.
+        let mut workers = JoinSet::new();
+        let mut slots = Vec::with_capacity(asked.len());
+        for (index, peer) in asked.iter().enumerate() {
+            let (jobs_sender, jobs) = mpsc::channel(PIPELINE);
+            let worker = Worker {
+                control: self.control.clone(),
+                peer: *peer,
+                index,
+                version,
+                timeout,
+                events: events_sender.clone(),
+            };
+            workers.spawn(worker.run(jobs));
+            slots.push(PeerSlot {
+                id: *peer,
+                status: Status::Asking,
+                jobs: Some(jobs_sender),
+                in_flight: Vec::new(),
+                bytes: 0,
+            });
+        }
+        let mut fetch = Fetch {
+            version,
+            expected,
+            peers: slots,
+            manifest: None,
+            tensors: Vec::new(),
+            pending: VecDeque::new(),
+            verifying: 0,
+            events: events_sender,
+            refetched: 0,
+        };
+        loop {
+            if let Some(snapshot) = fetch.finished() {
+                let stats = FetchStats {
+                    bytes: fetch.peers.iter().map(|slot| slot.bytes).sum(),
+                    elapsed: started.elapsed(),
+                    per_peer_bytes: fetch
+                        .peers
+                        .iter()
+                        .map(|slot| (slot.id, slot.bytes))
+                        .collect(),
+                    refetched_chunks: fetch.refetched,
+                };
+                return Ok((snapshot, stats));
+            }
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => fetch.handle(event),
+                    None => unreachable!("the fetch holds a sender of its own events"),
+                },
+                event = peer_events.recv() => {
+                    if let Ok(PeerEvent::Disconnected(peer)) = event {
+                        fetch.disconnected(peer);
+                    }
+                }
+            }
+            fetch.progress()?;
+        }
+    }
+}
+
+/// One chunk request, as the dispatcher hands it to a peer's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Job {
+    tensor: usize,
+    /// Chunk index within the tensor.
+    chunk: usize,
+    offset: u64,
+    values: u32,
+    /// The tensor's attempt the chunk belongs to; answers to earlier attempts are ignored.
+    attempt: u32,
+}
+
+#[derive(Debug)]
+enum ManifestOutcome {
+    Served(Manifest),
+    Held(Option<u64>),
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum Event {
+    Manifest {
+        peer: usize,
+        outcome: ManifestOutcome,
+        bytes: u64,
+    },
+    Chunk {
+        peer: usize,
+        job: Job,
+        values: Vec<f32>,
+        bytes: u64,
+    },
+    PeerFailed {
+        peer: usize,
+        reason: String,
+    },
+    /// A tensor's hash is done; `values` is the whole tensor when its digest matched.
+    Verified {
+        tensor: usize,
+        attempt: u32,
+        values: Option<Vec<f32>>,
+    },
+}
+
+/// Talks to one peer for the fetch: the manifest, then the chunks the dispatcher hands it.
+struct Worker {
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    index: usize,
+    version: u64,
+    timeout: Duration,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Worker {
+    async fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let Some(stream) = self.manifest().await else {
+            return;
+        };
+        if let Some(reason) = self.chunks(stream, jobs).await {
+            let _ = self.events.send(Event::PeerFailed {
+                peer: self.index,
+                reason,
+            });
+        }
+    }
+
+    /// Asks for the manifest and reports the answer; returns the stream if it was served.
+    async fn manifest(&mut self) -> Option<Stream> {
+        let (peer, version) = (self.peer, self.version);
+        let control = &mut self.control;
+        let asked = tokio::time::timeout(self.timeout, async move {
+            let mut stream = control
+                .open_stream(peer, STATE)
+                .await
+                .map_err(|err| format!("cannot be reached: {err}"))?;
+            write_frame(&mut stream, &Request::Manifest { version })
+                .await
+                .map_err(|err| format!("broke off the manifest request: {err}"))?;
+            let (response, bytes) = read_frame::<Response>(&mut stream)
+                .await
+                .map_err(|err| format!("sent no manifest: {err}"))?;
+            Ok::<_, String>((stream, response, bytes))
+        });
+        let (outcome, bytes, stream) = match asked.await {
+            Err(_) => (
+                ManifestOutcome::Failed(format!("sent no manifest within {:?}", self.timeout)),
+                0,
+                None,
+            ),
+            Ok(Err(reason)) => (ManifestOutcome::Failed(reason), 0, None),
+            Ok(Ok((stream, Response::Manifest(manifest), bytes))) => {
+                (ManifestOutcome::Served(manifest), bytes, Some(stream))
+            }
+            Ok(Ok((_, Response::OtherVersion { held }, bytes))) => {
+                (ManifestOutcome::Held(held), bytes, None)
+            }
+            Ok(Ok((_, other, bytes))) => (
+                ManifestOutcome::Failed(format!(
+                    "answered the manifest request with {}",
+                    other.kind()
+                )),
+                bytes,
+                None,
+            ),
+        };
+        let _ = self.events.send(Event::Manifest {
+            peer: self.index,
+            outcome,
+            bytes,
+        });
+        stream
+    }
+
+    /// Sends chunk requests as they come and reads the answers in order, on the same stream.
+    /// Returns why the peer failed, or `None` when the dispatcher has no more work for it.
+    async fn chunks(&self, stream: Stream, mut jobs: mpsc::Receiver<Job>) -> Option<String> {
+        let (mut reader, mut writer) = stream.split();
+        let (sent_sender, mut sent) = mpsc::channel::<Job>(PIPELINE);
+        let send = async {
+            while let Some(job) = jobs.recv().await {
+                let request = Request::Chunk {
+                    version: self.version,
+                    tensor: job.tensor as u32,
+                    offset: job.offset,
+                    values: job.values,
+                };
+                if let Err(err) = write_frame(&mut writer, &request).await {
+                    return Some(format!("broke off the transfer: {err}"));
+                }
+                if sent_sender.send(job).await.is_err() {
+                    return None;
+                }
+            }
+            None
+        };
+        let receive = async {
+            while let Some(job) = sent.recv().await {
+                let read = tokio::time::timeout(self.timeout, self.read_chunk(&mut reader, &job));
+                match read.await {
+                    Ok(Ok((values, bytes))) => {
+                        let event = Event::Chunk {
+                            peer: self.index,
+                            job,
+                            values,
+                            bytes,
+                        };
+                        if self.events.send(event).is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(Err(reason)) => return Some(reason),
+                    Err(_) => {
+                        return Some(format!("sent no chunk within {:?}", self.timeout));
+                    }
+                }
+            }
+            None
+        };
+        tokio::select! {
+            reason = send => reason,
+            reason = receive => reason,
+        }
+    }
+
+    async fn read_chunk(
+        &self,
+        reader: &mut (impl AsyncRead + Unpin),
+        job: &Job,
+    ) -> Result<(Vec<f32>, u64), String> {
+        let (response, header_bytes) = read_frame::<Response>(reader)
+            .await
+            .map_err(|err| format!("broke off the transfer: {err}"))?;
+        let asked = Response::Chunk {
+            version: self.version,
+            tensor: job.tensor as u32,
+            offset: job.offset,
+            values: job.values,
+        };
+        match response {
+            response if response == asked => {}
+            Response::OtherVersion { held } => {
+                return Err(format!("now {}", held_phrase(held)));
+            }
+            Response::Refused { reason } => {
+                return Err(format!("refused a chunk request: {reason}"));
+            }
+            other => {
+                return Err(format!(
+                    "answered a chunk request with {} that was not asked for",
+                    other.kind()
+                ));
+            }
+        }
+        let values = read_values(reader, job.values as usize)
+            .await
+            .map_err(|err| format!("broke off a chunk: {err}"))?;
+        Ok((values, header_bytes + 4 * u64::from(job.values)))
+    }
+}
+
+#[derive(Debug)]
+enum Status {
+    /// Its manifest has not arrived yet.
+    Asking,
+    /// Served a usable manifest before the fetch settled on one.
+    Answered(Manifest),
+    /// Serves the manifest the fetch settled on: chunks go to it.
+    Source,
+    /// Holds another version.
+    Held(Option<u64>),
+    /// Out of the fetch, for this reason.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct PeerSlot {
+    id: PeerId,
+    status: Status,
+    /// Dropped when the peer is out, which stops its worker.
+    jobs: Option<mpsc::Sender<Job>>,
+    in_flight: Vec<Job>,
+    bytes: u64,
+}
+
+impl PeerSlot {
+    /// Whether the peer may still serve chunks (now, or once its manifest arrives).
+    fn may_serve(&self) -> bool {
+        matches!(self.status, Status::Asking | Status::Source)
+    }
+
+    /// Drops the peer; returns its chunks in flight.
+    fn fail(&mut self, reason: String) -> Vec<Job> {
+        self.status = Status::Failed(reason);
+        self.jobs = None;
+        std::mem::take(&mut self.in_flight)
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Fetching,
+    Verifying,
+    Done(Vec<f32>),
+}
+
+#[derive(Debug)]
+struct TensorState {
+    name: String,
+    len: u64,
+    digest: [u8; 32],
+    attempt: u32,
+    phase: Phase,
+    /// Per chunk: its values and the peer that sent them, this attempt.
+    received: Vec<Option<(Vec<f32>, usize)>>,
+    received_count: usize,
+    /// After a digest mismatch, every chunk of an attempt comes from one peer (`pin`, chosen
+    /// by the first chunk handed out), so a peer whose copy is wrong can be named.
+    pinned: bool,
+    pin: Option<usize>,
+    /// Peers whose whole copy of this tensor failed the digest.
+    condemned: HashSet<usize>,
+}
+
+impl TensorState {
+    fn chunks(&self) -> usize {
+        self.received.len()
+    }
+
+    fn job(&self, tensor: usize, chunk: usize) -> Job {
+        let offset = (chunk * CHUNK_VALUES) as u64;
+        let values = (self.len - offset).min(CHUNK_VALUES as u64) as u32;
+        Job {
+            tensor,
+            chunk,
+            offset,
+            values,
+            attempt: self.attempt,
+        }
+    }
+
+    fn eligible(&self, peer: usize) -> bool {
+        matches!(self.phase, Phase::Fetching)
+            && !self.condemned.contains(&peer)
+            && (!self.pinned || self.pin.is_none_or(|pin| pin == peer))
+    }
+}
+
+/// The dispatcher's state: which peer serves what, and what has arrived.
+struct Fetch<'a> {
+    version: u64,
+    expected: &'a BTreeMap<String, [u8; 32]>,
+    peers: Vec<PeerSlot>,
+    /// The manifest the fetch settled on.
+    manifest: Option<Manifest>,
+    tensors: Vec<TensorState>,
+    /// Chunks waiting for a peer: (tensor, chunk within it).
+    pending: VecDeque<(usize, usize)>,
+    verifying: usize,
+    events: mpsc::UnboundedSender<Event>,
+    refetched: u64,
+}
+
+impl Fetch<'_> {
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Manifest {
+                peer,
+                outcome,
+                bytes,
+            } => {
+                self.peers[peer].bytes += bytes;
+                self.manifest_arrived(peer, outcome);
+            }
+            Event::Chunk {
+                peer,
+                job,
+                values,
+                bytes,
+            } => {
+                let slot = &mut self.peers[peer];
+                slot.bytes += bytes;
+                let Some(at) = slot.in_flight.iter().position(|j| *j == job) else {
+                    // The peer was dropped and its chunks handed to others meanwhile.
+                    return;
+                };
+                slot.in_flight.swap_remove(at);
+                let tensor = &mut self.tensors[job.tensor];
+                if tensor.attempt != job.attempt || !matches!(tensor.phase, Phase::Fetching) {
+                    return;
+                }
+                let slot = &mut tensor.received[job.chunk];
+                if slot.is_none() {
+                    *slot = Some((values, peer));
+                    tensor.received_count += 1;
+                    if tensor.received_count == tensor.chunks() {
+                        self.verify(job.tensor);
+                    }
+                }
+            }
+            Event::PeerFailed { peer, reason } => self.fail_peer(peer, reason),
+            Event::Verified {
+                tensor,
+                attempt,
+                values,
+            } => {
+                self.verifying -= 1;
+                let state = &mut self.tensors[tensor];
+                debug_assert_eq!(state.attempt, attempt);
+                match values {
+                    Some(values) => state.phase = Phase::Done(values),
+                    None => self.mismatch(tensor),
+                }
+            }
+        }
+    }
+
+    fn manifest_arrived(&mut self, peer: usize, outcome: ManifestOutcome) {
+        let slot = &mut self.peers[peer];
+        if !matches!(slot.status, Status::Asking) {
+            // Dropped meanwhile (it disconnected).
+            return;
+        }
+        let manifest = match outcome {
+            ManifestOutcome::Served(manifest) if manifest.version != self.version => {
+                slot.fail(String::new());
+                slot.status = Status::Held(Some(manifest.version));
+                return;
+            }
+            ManifestOutcome::Served(manifest) => manifest,
+            ManifestOutcome::Held(held) => {
+                slot.fail(String::new());
+                slot.status = Status::Held(held);
+                return;
+            }
+            ManifestOutcome::Failed(reason) => {
+                slot.fail(reason);
+                return;
+            }
+        };
+        if let Err(reason) = check_manifest(&manifest, self.expected) {
+            slot.fail(reason);
+            return;
+        }
+        match &self.manifest {
+            None => slot.status = Status::Answered(manifest),
+            Some(chosen) if *chosen == manifest => slot.status = Status::Source,
+            Some(chosen) => {
+                let reason = differs(&manifest, chosen);
+                slot.fail(reason);
+            }
+        }
+    }
+
+    /// The peer's connection closed: its stream is gone with it.
+    fn disconnected(&mut self, peer: PeerId) {
+        let index = self.peers.iter().position(|slot| slot.id == peer);
+        if let Some(index) = index {
+            if matches!(
+                self.peers[index].status,
+                Status::Asking | Status::Answered(_) | Status::Source
+            ) {
+                self.fail_peer(index, "disconnected".to_string());
+            }
+        }
+    }
+
+    fn fail_peer(&mut self, peer: usize, reason: String) {
+        if matches!(self.peers[peer].status, Status::Failed(_) | Status::Held(_)) {
+            return;
+        }
+        tracing::debug!(peer = %self.peers[peer].id, %reason, "dropping a peer from the state fetch");
+        let in_flight = self.peers[peer].fail(reason);
+        // Tensors being fetched from this peer alone start over with another one.
+        for tensor in 0..self.tensors.len() {
+            let state = &self.tensors[tensor];
+            if state.pinned && state.pin == Some(peer) && matches!(state.phase, Phase::Fetching) {
+                self.restart(tensor);
+            }
+        }
+        for job in in_flight.into_iter().rev() {
+            let state = &self.tensors[job.tensor];
+            if state.attempt == job.attempt && matches!(state.phase, Phase::Fetching) {
+                self.pending.push_front((job.tensor, job.chunk));
+                self.refetched += 1;
+            }
+        }
+    }
+
+    /// Settles on a manifest once a majority of the peers serve it, or once every peer has
+    /// answered (then on the one most serve); fails when none is usable.
+    fn settle(&mut self) -> Result<(), StateError> {
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        let mut votes: Vec<(&Manifest, usize)> = Vec::new();
+        for slot in &self.peers {
+            if let Status::Answered(manifest) = &slot.status {
+                match votes.iter_mut().find(|(m, _)| *m == manifest) {
+                    Some((_, count)) => *count += 1,
+                    None => votes.push((manifest, 1)),
+                }
+            }
+        }
+        let asking = self
+            .peers
+            .iter()
+            .any(|slot| matches!(slot.status, Status::Asking));
+        let mut best: Option<(&Manifest, usize)> = None;
+        for (manifest, count) in votes {
+            if best.is_none_or(|(_, most)| count > most) {
+                best = Some((manifest, count));
+            }
+        }
+        match best {
+            Some((manifest, count)) if 2 * count > self.peers.len() || !asking => {
+                let manifest = manifest.clone();
+                self.start(manifest);
+                Ok(())
+            }
+            None if !asking => Err(self.no_manifest()),
+            _ => Ok(()),
+        }
+    }
+
+    fn no_manifest(&self) -> StateError {
+        let held: Vec<(PeerId, Option<u64>)> = self
+            .peers
+            .iter()
+            .filter_map(|slot| match slot.status {
+                Status::Held(held) => Some((slot.id, held)),
+                _ => None,
+            })
+            .collect();
+        let peers = self.reasons(None);
+        if held.is_empty() {
+            StateError::NoManifest {
+                version: self.version,
+                peers,
+            }
+        } else {
+            StateError::VersionUnavailable {
+                version: self.version,
+                held,
+                peers,
+            }
+        }
+    }
+
+    /// Plans the chunks of `manifest` and makes the peers that serve it sources.
+    fn start(&mut self, manifest: Manifest) {
+        for slot in &mut self.peers {
+            if let Status::Answered(served) = &slot.status {
+                if *served == manifest {
+                    slot.status = Status::Source;
+                } else {
+                    let reason = differs(served, &manifest);
+                    slot.fail(reason);
+                }
+            }
+        }
+        for (index, (name, len)) in manifest.tensors.iter().enumerate() {
+            let chunks = len.div_ceil(CHUNK_VALUES as u64) as usize;
+            let digest = self.expected[name];
+            let mut state = TensorState {
+                name: name.clone(),
+                len: *len,
+                digest,
+                attempt: 0,
+                phase: Phase::Fetching,
+                received: (0..chunks).map(|_| None).collect(),
+                received_count: 0,
+                pinned: false,
+                pin: None,
+                condemned: HashSet::new(),
+            };
+            if chunks == 0 {
+                if tensor_digest(&[]) == digest {
+                    state.phase = Phase::Done(Vec::new());
+                } else {
+                    // Every peer serving this manifest has it empty, and empty is wrong.
+                    state.condemned = (0..self.peers.len()).collect();
+                }
+            }
+            self.pending.extend((0..chunks).map(|chunk| (index, chunk)));
+            self.tensors.push(state);
+        }
+        self.manifest = Some(manifest);
+    }
+
+    /// Hashes a tensor whose chunks are all in, on the blocking pool.
+    fn verify(&mut self, tensor: usize) {
+        let state = &mut self.tensors[tensor];
+        state.phase = Phase::Verifying;
+        let parts: Vec<Vec<f32>> = state
+            .received
+            .iter_mut()
+            .map(|slot| slot.as_mut().map(|(values, _)| std::mem::take(values)))
+            .collect::<Option<_>>()
+            .expect("every chunk has arrived");
+        let (digest, attempt, len) = (state.digest, state.attempt, state.len as usize);
+        let events = self.events.clone();
+        self.verifying += 1;
+        tokio::task::spawn_blocking(move || {
+            let mut hash = Sha256::new();
+            for part in &parts {
+                hash_values(&mut hash, part);
+            }
+            let matches = <[u8; 32]>::from(hash.finalize()) == digest;
+            let values = matches.then(|| join(parts, len));
+            let _ = events.send(Event::Verified {
+                tensor,
+                attempt,
+                values,
+            });
+        });
+    }
+
+    /// A tensor's digest differed: fetch it again, all from one peer at a time.
+    fn mismatch(&mut self, tensor: usize) {
+        let state = &mut self.tensors[tensor];
+        let sources: BTreeSet<usize> = state
+            .received
+            .iter()
+            .filter_map(|slot| slot.as_ref().map(|(_, peer)| *peer))
+            .collect();
+        let names: Vec<String> = sources
+            .iter()
+            .map(|&peer| self.peers[peer].id.to_string())
+            .collect();
+        tracing::warn!(
+            tensor = %state.name,
+            peers = %names.join(", "),
+            "a fetched tensor does not match the coordinator's digest; fetching it again"
+        );
+        if let [only] = sources.iter().copied().collect::<Vec<_>>()[..] {
+            state.condemned.insert(only);
+        }
+        state.pinned = true;
+        self.restart(tensor);
+    }
+
+    /// Starts a tensor over: a new attempt, every chunk pending again.
+    fn restart(&mut self, tensor: usize) {
+        let state = &mut self.tensors[tensor];
+        let already = self.pending.iter().filter(|(t, _)| *t == tensor).count();
+        self.pending.retain(|(t, _)| *t != tensor);
+        state.attempt += 1;
+        state.phase = Phase::Fetching;
+        state.pin = None;
+        state.received_count = 0;
+        for slot in &mut state.received {
+            *slot = None;
+        }
+        let chunks = state.chunks();
+        self.refetched += (chunks - already) as u64;
+        self.pending
+            .extend((0..chunks).map(|chunk| (tensor, chunk)));
+    }
+
+    /// Settles on a manifest, hands chunks to idle peers, and fails when some tensor can no
+    /// longer be fetched.
+    fn progress(&mut self) -> Result<(), StateError> {
+        self.settle()?;
+        if self.manifest.is_none() {
+            return Ok(());
+        }
+        self.assign();
+        for (index, tensor) in self.tensors.iter().enumerate() {
+            if matches!(tensor.phase, Phase::Fetching)
+                && !self
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .any(|(peer, slot)| slot.may_serve() && tensor.eligible(peer))
+            {
+                return Err(self.tensor_unavailable(index));
+            }
+        }
+        let busy = self.verifying > 0
+            || self
+                .peers
+                .iter()
+                .any(|slot| !slot.in_flight.is_empty() || matches!(slot.status, Status::Asking));
+        let unfinished = self
+            .tensors
+            .iter()
+            .position(|tensor| !matches!(tensor.phase, Phase::Done(_)));
+        match unfinished {
+            // Cannot happen with the checks above; fail rather than wait forever.
+            Some(index) if !busy => Err(self.tensor_unavailable(index)),
+            _ => Ok(()),
+        }
+    }
+
+    fn assign(&mut self) {
+        for peer in 0..self.peers.len() {
+            while matches!(self.peers[peer].status, Status::Source)
+                && self.peers[peer].in_flight.len() < PIPELINE
+            {
+                let tensors = &self.tensors;
+                let Some(at) = self
+                    .pending
+                    .iter()
+                    .position(|&(tensor, _)| tensors[tensor].eligible(peer))
+                else {
+                    break;
+                };
+                let (tensor, chunk) = self.pending.remove(at).expect("found above");
+                let state = &mut self.tensors[tensor];
+                if state.pinned && state.pin.is_none() {
+                    state.pin = Some(peer);
+                }
+                let job = state.job(tensor, chunk);
+                let slot = &mut self.peers[peer];
+                match slot.jobs.as_ref().map(|jobs| jobs.try_send(job)) {
+                    Some(Ok(())) => slot.in_flight.push(job),
+                    _ => {
+                        self.pending.push_front((tensor, chunk));
+                        self.fail_peer(peer, "stopped answering".to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn tensor_unavailable(&self, tensor: usize) -> StateError {
+        StateError::TensorUnavailable {
+            version: self.version,
+            tensor: self.tensors[tensor].name.clone(),
+            peers: self.reasons(Some(tensor)),
+        }
+    }
+
+    /// What each peer did, for an error.
+    fn reasons(&self, tensor: Option<usize>) -> Vec<(PeerId, String)> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                let condemned =
+                    tensor.is_some_and(|tensor| self.tensors[tensor].condemned.contains(&index));
+                let what = match &slot.status {
+                    _ if condemned => {
+                        "served a copy whose SHA-256 differs from the coordinator's".to_string()
+                    }
+                    Status::Held(held) => held_phrase(*held),
+                    Status::Failed(reason) => reason.clone(),
+                    Status::Asking => "has not answered".to_string(),
+                    Status::Answered(_) | Status::Source => "was not asked for it".to_string(),
+                };
+                (slot.id, what)
+            })
+            .collect()
+    }
+
+    /// The fetched state, once every tensor is verified.
+    fn finished(&mut self) -> Option<StateSnapshot> {
+        let manifest = self.manifest.as_ref()?;
+        if !self
+            .tensors
+            .iter()
+            .all(|tensor| matches!(tensor.phase, Phase::Done(_)))
+        {
+            return None;
+        }
+        let tensors = self
+            .tensors
+            .iter_mut()
+            .map(|tensor| {
+                let values = match std::mem::replace(&mut tensor.phase, Phase::Verifying) {
+                    Phase::Done(values) => values,
+                    _ => unreachable!("checked above"),
+                };
+                (tensor.name.clone(), Arc::new(values))
+            })
+            .collect();
+        Some(StateSnapshot {
+            version: manifest.version,
+            round: manifest.round,
+            step: manifest.step,
+            tokens: manifest.tokens,
+            tensors,
+        })
+    }
+}
+
+fn join(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
+    let mut values = Vec::with_capacity(len);
+    for part in parts {
+        values.extend_from_slice(&part);
+    }
+    values
+}
+
+/// Whether a manifest lists exactly the tensors the coordinator has hashes for.
+fn check_manifest(
+    manifest: &Manifest,
+    expected: &BTreeMap<String, [u8; 32]>,
+) -> Result<(), String> {
+    let mut names = HashSet::with_capacity(manifest.tensors.len());
+    let mut total = 0u64;
+    for (name, len) in &manifest.tensors {
+        if !names.insert(name.as_str()) {
+            return Err(format!("lists tensor `{name}` twice"));
+        }
+        total = total.saturating_add(*len);
+    }
+    if total > MAX_STATE_VALUES {
+        return Err(format!(
+            "describes {total} values, more than the {MAX_STATE_VALUES} a state may hold"
+        ));
+    }
+    let missing: Vec<&str> = expected
+        .keys()
+        .map(String::as_str)
+        .filter(|name| !names.contains(name))
+        .collect();
+    let extra: Vec<&str> = manifest
+        .tensors
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| !expected.contains_key(*name))
+        .collect();
+    if missing.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("lacks {}", listed(&missing)));
+    }
+    if !extra.is_empty() {
+        parts.push(format!(
+            "has {} the coordinator did not hash",
+            listed(&extra)
+        ));
+    }
+    Err(format!(
+        "serves other tensors than the coordinator's hashes list: it {}",
+        parts.join(" and ")
+    ))
+}
+
+fn listed(names: &[&str]) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(MAX_LISTED)
+        .map(|name| format!("`{name}`"))
+        .collect();
+    if names.len() > MAX_LISTED {
+        out.push(format!("{} more", names.len() - MAX_LISTED));
+    }
+    out.join(", ")
+}
+
+/// Why a peer's manifest is not the one the fetch settled on.
+fn differs(served: &Manifest, chosen: &Manifest) -> String {
+    let what = if (served.round, served.step, served.tokens)
+        != (chosen.round, chosen.step, chosen.tokens)
+    {
+        format!(
+            "round {}, step {}, tokens {} where most peers serve round {}, step {}, tokens {}",
+            served.round, served.step, served.tokens, chosen.round, chosen.step, chosen.tokens
+        )
+    } else {
+        "tensors in another order or of other lengths than most peers".to_string()
+    };
+    format!("serves a different manifest of this version: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_round_trip_on_the_state_channel() {
+        let request = Request::Chunk {
+            version: 7,
+            tensor: 3,
+            offset: 1 << 20,
+            values: 12,
+        };
+        let frame = encode(&request).unwrap();
+        assert_eq!(&frame[..4], b"FGST");
+        assert_eq!(
+            codec::decode::<Request>(Channel::State, &frame).unwrap(),
+            request
+        );
+        // A sync frame is refused at the magic.
+        assert!(codec::decode::<Request>(Channel::Sync, &frame).is_err());
+    }
+
+    #[test]
+    fn the_digest_is_sha256_of_little_endian_f32() {
+        let values: Vec<f32> = (0..40_000).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let direct: [u8; 32] = Sha256::digest(&bytes).into();
+        assert_eq!(tensor_digest(&values), direct);
+    }
+
+    #[test]
+    fn chunk_requests_outside_the_snapshot_are_refused() {
+        let snapshot = StateSnapshot {
+            version: 1,
+            round: 1,
+            step: 10,
+            tokens: 100,
+            tensors: vec![("a".to_string(), Arc::new(vec![1.0; 10]))],
+        };
+        assert_eq!(chunk_of(&snapshot, 0, 2, 8).unwrap().len(), 8);
+        assert!(chunk_of(&snapshot, 0, 3, 8).is_err());
+        assert!(chunk_of(&snapshot, 0, u64::MAX, 2).is_err());
+        assert!(chunk_of(&snapshot, 1, 0, 1).is_err());
+    }
+
+    #[test]
+    fn a_manifest_must_list_exactly_the_expected_names() {
+        let expected: BTreeMap<String, [u8; 32]> =
+            [("a".to_string(), [0; 32]), ("b".to_string(), [0; 32])].into();
+        let manifest = |names: &[&str]| Manifest {
+            version: 1,
+            round: 1,
+            step: 0,
+            tokens: 0,
+            tensors: names.iter().map(|n| (n.to_string(), 4)).collect(),
+        };
+        assert!(check_manifest(&manifest(&["b", "a"]), &expected).is_ok());
+        let err = check_manifest(&manifest(&["a"]), &expected).unwrap_err();
+        assert!(err.contains("lacks `b`"), "{err}");
+        let err = check_manifest(&manifest(&["a", "b", "c"]), &expected).unwrap_err();
+        assert!(err.contains("has `c`"), "{err}");
+        let err = check_manifest(&manifest(&["a", "a", "b"]), &expected).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+}
