@@ -4,9 +4,12 @@
 # rate in both directions with `tc qdisc ... tbf`. Each process is one member of
 # `forge-node bench all-reduce` (fp32, QUIC); the script prints the slowest member's median round
 # time divided by the ring bound 2(K-1)/K x payload / bandwidth (1.0 is perfect).
+# With --what state: member 0 is a joiner fetching the global state (parameters + momentum,
+# fp32) from the K-1 others (`forge-node bench state-transfer`), timed against the state's
+# bytes over its link.
 #
 #   sudo scripts/bench_allreduce_netns.sh [--peers "2 4 8"] [--models "15m gpt2-124m"]
-#                                         [--rate-mbit 1000] [--rounds 3]
+#                                         [--rate-mbit 1000] [--rounds 3] [--what allreduce|state]
 #
 # Needs root (ip netns, tc). Uses 10.231.0.0/24 inside namespaces named forge-ar-*; touches
 # nothing outside them and removes them on exit.
@@ -14,17 +17,23 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3
+peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3 what=allreduce
 while (($#)); do
   case "$1" in
     --peers) peers_list=$2; shift 2 ;;
     --models) models=$2; shift 2 ;;
     --rate-mbit) rate=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --what) what=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "bench_allreduce_netns.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$what" in
+  allreduce) subcommand=all-reduce; bound="ring bound s" ;;
+  state) subcommand=state-transfer; bound="link bound s" ;;
+  *) echo "bench_allreduce_netns.sh: --what must be allreduce or state" >&2; exit 2 ;;
+esac
 if [[ $(id -u) != 0 ]]; then
   echo "bench_allreduce_netns.sh: needs root for ip netns and tc (run it with sudo)" >&2
   exit 1
@@ -78,7 +87,7 @@ values_of() {
   esac
 }
 
-printf '%-10s %5s %12s %10s %12s %8s\n' model peers "payload MB" "median s" "ring bound s" ratio
+printf '%-10s %5s %12s %10s %12s %8s\n' model peers "payload MB" "median s" "$bound" ratio
 for model in $models; do
   values=$(values_of "$model")
   for k in $peers_list; do
@@ -86,25 +95,28 @@ for model in $models; do
     addrs=${addrs%,}
     pids=()
     for ((i = 0; i < k; i++)); do
-      RUST_LOG=warn ip netns exec "forge-ar-$i" "$bin" bench all-reduce --addrs "$addrs" --rank "$i" \
+      RUST_LOG=warn ip netns exec "forge-ar-$i" "$bin" bench "$subcommand" --addrs "$addrs" --rank "$i" \
         --values "$values" --rounds "$rounds" --bandwidth-mbps "$rate" --json \
-        > "$work/$model-k$k-r$i.json" 2> "$work/$model-k$k-r$i.log" &
+        > "$work/$what-$model-k$k-r$i.json" 2> "$work/$what-$model-k$k-r$i.log" &
       pids+=($!)
     done
     failed=0
     for p in "${pids[@]}"; do wait "$p" || failed=1; done
     if ((failed)); then
-      echo "$model $k peers: a member failed; see $work/$model-k$k-r*.log:" >&2
-      tail -n 3 "$work/$model-k$k"-r*.log >&2
+      echo "$model $k peers: a member failed; see $work/$what-$model-k$k-r*.log:" >&2
+      tail -n 3 "$work/$what-$model-k$k"-r*.log >&2
       exit 1
     fi
-    python3 - "$work" "$model" "$k" << 'EOF'
-import json, sys
-work, model, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rs = [json.load(open(f"{work}/{model}-k{k}-r{i}.json")) for i in range(k)]
+    python3 - "$work" "$what" "$model" "$k" << 'EOF'
+import json, os, sys
+work, what, model, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+paths = [f"{work}/{what}-{model}-k{k}-r{i}.json" for i in range(k)]
+rs = [json.load(open(p)) for p in paths if os.path.getsize(p) > 0]
 slowest = max(rs, key=lambda r: r["median_s"])
-print(f"{model:<10} {k:5d} {slowest['payload_bytes'] / 1e6:12.1f} {slowest['median_s']:10.3f} "
-      f"{slowest['ring_bound_s']:12.3f} {slowest['ratio']:8.2f}")
+size = slowest.get("payload_bytes", slowest.get("state_bytes"))
+bound = slowest.get("ring_bound_s", slowest.get("link_bound_s"))
+print(f"{model:<10} {k:5d} {size / 1e6:12.1f} {slowest['median_s']:10.3f} "
+      f"{bound:12.3f} {slowest['ratio']:8.2f}")
 EOF
   done
 done

@@ -131,6 +131,32 @@ enum BenchCommand {
     /// network). With --addrs: this process is member --rank of a benchmark among processes
     /// (one per machine or network namespace; scripts/bench_allreduce_netns.sh runs them).
     AllReduce(AllReduceArgs),
+    /// A joiner's state fetch: member 0 of --addrs fetches the global state (parameters and
+    /// momentum, fp32) of a --values-parameter model from all the others, timed against the
+    /// state's bytes over its link (scripts/bench_allreduce_netns.sh --what state runs it).
+    StateTransfer(StateTransferArgs),
+}
+
+#[derive(Debug, Args)]
+struct StateTransferArgs {
+    /// Parameters of the model whose state is fetched (15191712: 15m, 124439808: gpt2-124m).
+    #[arg(long, default_value_t = 15_191_712)]
+    values: usize,
+    /// Measured fetches (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    rounds: u64,
+    /// Every member's IP:PORT in rank order; member 0 fetches, the others serve.
+    #[arg(long, value_delimiter = ',', required = true)]
+    addrs: Vec<std::net::SocketAddr>,
+    /// This member's index into --addrs.
+    #[arg(long)]
+    rank: usize,
+    /// The joiner's link bandwidth, Mbit/s, for the bound.
+    #[arg(long, default_value_t = 1000.0)]
+    bandwidth_mbps: f64,
+    /// Print one JSON object instead of text (member 0).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
         Command::Bench(BenchCommand::AllReduce(args)) => bench_all_reduce(&args),
+        Command::Bench(BenchCommand::StateTransfer(args)) => bench_state_transfer(&args),
     }
 }
 
@@ -492,6 +519,52 @@ fn bench_all_reduce(args: &AllReduceArgs) -> Result<()> {
             "  the ring bound at {mbps} Mbit/s is {:.3} s (median / bound = {:.2})",
             report.ring_bound(bandwidth).as_secs_f64(),
             report.ring_bound_ratio(bandwidth)
+        );
+    }
+    Ok(())
+}
+
+fn bench_state_transfer(args: &StateTransferArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.addrs.len() >= 2 && args.values > 0 && args.rounds > 0 && args.bandwidth_mbps > 0.0,
+        "need at least two --addrs, and positive --values, --rounds and --bandwidth-mbps"
+    );
+    let bandwidth = args.bandwidth_mbps * 1e6 / 8.0;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(p2p::bench_state_member(
+        args.rank,
+        &args.addrs,
+        args.values,
+        args.rounds,
+        bandwidth,
+    ))?;
+    let Some(report) = report else {
+        return Ok(());
+    };
+    let median = report.median().as_secs_f64();
+    let bound = report.link_bound(bandwidth).as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "servers": report.servers,
+                "state_bytes": report.state_bytes,
+                "fetches_s": report.fetches.iter().map(std::time::Duration::as_secs_f64).collect::<Vec<_>>(),
+                "median_s": median,
+                "link_bound_s": bound,
+                "ratio": median / bound,
+            })
+        );
+    } else {
+        println!(
+            "fetched {:.1} MB of state from {} peers: median {median:.3} s; the link bound at {} \
+             Mbit/s is {bound:.3} s (median / bound = {:.2})",
+            report.state_bytes as f64 / 1e6,
+            report.servers,
+            args.bandwidth_mbps,
+            median / bound
         );
     }
     Ok(())

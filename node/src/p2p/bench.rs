@@ -2,7 +2,9 @@
 //! [`bench_all_reduce`] with the same arguments, e.g. in network namespaces), or among peers in
 //! this process on 127.0.0.1 ([`bench_local`]). Also the plain fp32 codec these use.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -13,6 +15,7 @@ use libp2p::{Multiaddr, PeerId};
 use super::all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
 use super::error::AllReduceError;
 use super::net::{self, PeerNet, PeerNetConfig};
+use super::state::{StateSnapshot, tensor_digest};
 
 /// fp32 little-endian, lossless: the reference codec and the baseline of the bytes benchmark.
 #[derive(Debug, Default)]
@@ -199,6 +202,24 @@ pub(crate) async fn bench_member(
     rounds: u64,
     bandwidth_bytes_per_s: f64,
 ) -> anyhow::Result<BenchReport> {
+    let (net, ids) = connect_members(rank, addrs).await?;
+    let payload_bytes = 4 * values as u64;
+    let timeout = 4 * all_reduce_timeout(payload_bytes, addrs.len(), bandwidth_bytes_per_s);
+    let mut report = bench_all_reduce(&net, ids.clone(), values, 1, rounds + 1, timeout).await?;
+    report.rounds.remove(0);
+    // A last small round is a barrier: no member leaves while another still reads from it.
+    let barrier = all_reduce_timeout(4 * addrs.len() as u64, addrs.len(), bandwidth_bytes_per_s);
+    bench_all_reduce(&net, ids, addrs.len(), rounds + 2, 1, timeout.max(barrier)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(report)
+}
+
+/// Starts benchmark member `rank` on `addrs[rank]` and waits until it is connected to every
+/// other member; returns its handle and every member's peer id, in rank order.
+async fn connect_members(
+    rank: usize,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<(PeerNet, Vec<PeerId>)> {
     anyhow::ensure!(
         rank < addrs.len(),
         "--rank {rank} is not an index into the {} --addrs",
@@ -248,13 +269,103 @@ pub(crate) async fn bench_member(
             CONNECT_DEADLINE
         );
     }
-    let payload_bytes = 4 * values as u64;
-    let timeout = 4 * all_reduce_timeout(payload_bytes, addrs.len(), bandwidth_bytes_per_s);
-    let mut report = bench_all_reduce(&net, ids.clone(), values, 1, rounds + 1, timeout).await?;
-    report.rounds.remove(0);
-    // A last small round is a barrier: no member leaves while another still reads from it.
+    Ok((net, ids))
+}
+
+/// What a state-transfer benchmark measured on the fetching member.
+#[derive(Debug, Clone)]
+pub(crate) struct StateBenchReport {
+    pub(crate) servers: usize,
+    /// Bytes of state (global parameters and momentum, fp32).
+    pub(crate) state_bytes: u64,
+    pub(crate) fetches: Vec<Duration>,
+}
+
+impl StateBenchReport {
+    pub(crate) fn median(&self) -> Duration {
+        let mut sorted = self.fetches.clone();
+        sorted.sort();
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// The state's bytes over the joiner's link: no fetch can be faster.
+    pub(crate) fn link_bound(&self, bandwidth_bytes_per_s: f64) -> Duration {
+        Duration::from_secs_f64(self.state_bytes as f64 / bandwidth_bytes_per_s)
+    }
+}
+
+/// The state of a model with `values` parameters as a joiner fetches it: 8 parameter tensors
+/// and their momentum, fp32.
+fn bench_state(values: usize) -> StateSnapshot {
+    let parts = 8;
+    let mut tensors = Vec::with_capacity(2 * parts);
+    for kind in ["global", "momentum"] {
+        for part in 0..parts {
+            let n = values / parts + usize::from(part < values % parts);
+            let data: Vec<f32> = (0..n).map(|i| ((i + part) as f32 * 0.618).sin()).collect();
+            tensors.push((format!("{kind}.w{part}"), Arc::new(data)));
+        }
+    }
+    StateSnapshot {
+        version: 1,
+        round: 1,
+        step: 0,
+        tokens: 0,
+        tensors,
+    }
+}
+
+/// One member of a state-transfer benchmark: member 0 joins and fetches the state of a
+/// `values`-parameter model from all the others (one warm-up fetch, then `rounds` measured);
+/// the others serve it.
+pub(crate) async fn bench_state_member(
+    rank: usize,
+    addrs: &[SocketAddr],
+    values: usize,
+    rounds: u64,
+    bandwidth_bytes_per_s: f64,
+) -> anyhow::Result<Option<StateBenchReport>> {
+    let state = Arc::new(bench_state(values));
+    let (net, ids) = connect_members(rank, addrs).await?;
     let barrier = all_reduce_timeout(4 * addrs.len() as u64, addrs.len(), bandwidth_bytes_per_s);
-    bench_all_reduce(&net, ids, addrs.len(), rounds + 2, 1, timeout.max(barrier)).await?;
+    let state_bytes = 8 * values as u64;
+    let timeout = 4 * all_reduce_timeout(state_bytes, 2, bandwidth_bytes_per_s);
+    if rank > 0 {
+        net.publish_state(Some(Arc::clone(&state)));
+    }
+    // Every server publishes before the joiner asks.
+    bench_all_reduce(&net, ids.clone(), addrs.len(), 1, 1, barrier).await?;
+    let report = if rank == 0 {
+        let expected: BTreeMap<String, [u8; 32]> = state
+            .tensors
+            .iter()
+            .map(|(name, v)| (name.clone(), tensor_digest(v)))
+            .collect();
+        let mut fetches = Vec::new();
+        for _ in 0..=rounds {
+            let started = Instant::now();
+            net.fetch_state(&ids[1..], 1, &expected, timeout).await?;
+            fetches.push(started.elapsed());
+        }
+        fetches.remove(0);
+        Some(StateBenchReport {
+            servers: addrs.len() - 1,
+            state_bytes,
+            fetches,
+        })
+    } else {
+        None
+    };
+    // Everyone stays until the fetcher is done.
+    bench_all_reduce(
+        &net,
+        ids,
+        addrs.len(),
+        2,
+        1,
+        timeout.max(barrier) * (rounds as u32 + 1),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(report)
 }
