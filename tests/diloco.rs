@@ -302,3 +302,72 @@ fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
         joined.len()
     );
 }
+
+#[test]
+fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "checkpoint_every_rounds = 0",
+            "checkpoint_every_rounds = 2",
+            1,
+        )
+        .replacen("min_replicas = 2", "min_replicas = 2", 1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    // Run until a checkpoint of round 4 is written, then lose the whole cluster at once.
+    let mut loss_before = f64::INFINITY;
+    for node in &mut nodes {
+        let line = node.wait_for("round    4 |", deadline);
+        assert!(line.contains("committed"), "{line}");
+        loss_before = loss_before.min(parse_round(&line).unwrap().2);
+    }
+    let written = nodes.iter_mut().position(|n| {
+        n.seen
+            .iter()
+            .any(|l| l.contains("checkpoint shard 0 written"))
+    });
+    assert!(written.is_some(), "no node wrote the round 4 checkpoint");
+    drop(nodes); // SIGKILL both
+    // The coordinator declares them dead (2 s) and rolls the run back to the checkpoint.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    let mut resumed = 0;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let line = node.wait_for("global state v", deadline);
+        println!("node {i} after the restart: {line}");
+        resumed += usize::from(line.starts_with("resumed global state"));
+    }
+    assert!(resumed >= 1, "no node resumed from its checkpoint shard");
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+        let first = rounds.first().expect("rounds after the restart");
+        let last = rounds.last().unwrap();
+        println!(
+            "node {i}: loss {loss_before:.4} before the crash, {:.4} in the first round after, {:.4} at the end",
+            first.2, last.2
+        );
+        // From the checkpoint, not from scratch (about 7.6 at the start of the run).
+        assert!(
+            first.2 < loss_before + 0.5,
+            "node {i} restarted from scratch:\n{log}"
+        );
+        assert!(
+            last.2 < first.2,
+            "node {i}: loss did not fall after the restart:\n{log}"
+        );
+    }
+}

@@ -233,6 +233,8 @@ struct OpenRound {
 struct PendingCheckpoint {
     writers: Vec<ShardWriter>,
     durable: BTreeSet<u32>,
+    /// The global state the checkpoint holds.
+    version: u64,
     tensor_hashes: BTreeMap<String, Digest>,
 }
 
@@ -259,6 +261,9 @@ pub struct Coordinator {
     global: GlobalState,
     checkpoints: BTreeMap<RoundId, PendingCheckpoint>,
     last_checkpoint: Option<RoundId>,
+    /// The global state of the last committed checkpoint: where the run continues when every
+    /// member is gone (a whole-cluster restart), since no node holds anything newer.
+    checkpoint_state: Option<GlobalState>,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -281,6 +286,7 @@ impl Coordinator {
             global: GlobalState::default(),
             checkpoints: BTreeMap::new(),
             last_checkpoint: None,
+            checkpoint_state: None,
             conns: BTreeMap::new(),
         })
     }
@@ -668,6 +674,18 @@ impl Coordinator {
         }
         let round = durable.round;
         let shards = pending.writers.len() as u32;
+        self.checkpoint_state = Some(GlobalState {
+            version: pending.version,
+            round: Some(round),
+            tensor_hashes: pending
+                .tensor_hashes
+                .iter()
+                .map(|(name, digest)| TensorHash {
+                    name: name.clone(),
+                    digest: *digest,
+                })
+                .collect(),
+        });
         // An older checkpoint still pending is superseded by this one.
         self.checkpoints
             .retain(|pending_round, _| *pending_round > round);
@@ -700,6 +718,34 @@ impl Coordinator {
         }
         self.membership_changed = true;
         self.broadcast(message, out);
+        if self.members.is_empty() {
+            self.roll_back_to_checkpoint(out);
+        }
+    }
+
+    /// Every member is gone, so no node holds the global state past the last committed
+    /// checkpoint: the run continues from that checkpoint (or from the start without one), and
+    /// returning nodes load it from their checkpoint shards or fetch it from those that did.
+    fn roll_back_to_checkpoint(&mut self, out: &mut Vec<Output>) {
+        let target = self.checkpoint_state.clone().unwrap_or_default();
+        if target.version == self.global.version {
+            return;
+        }
+        let message = match &target.round {
+            Some(round) => format!(
+                "every member is gone: the run continues from the checkpoint of {round} \
+                 (global version {}), not version {}",
+                target.version, self.global.version
+            ),
+            None => format!(
+                "every member is gone and no checkpoint was committed: the run restarts from \
+                 its initial state, not global version {}",
+                self.global.version
+            ),
+        };
+        out.push(Output::Event(Event::Warning { message }));
+        self.global = target;
+        self.checkpoints.clear();
     }
 
     /// Everything that follows from the passage of time or a change: deaths, round close,
@@ -1102,6 +1148,7 @@ impl Coordinator {
             PendingCheckpoint {
                 writers: writers.clone(),
                 durable: BTreeSet::new(),
+                version: self.global.version,
                 tensor_hashes: verdict.tensors.clone(),
             },
         );

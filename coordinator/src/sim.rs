@@ -1020,6 +1020,68 @@ mod tests {
     }
 
     #[test]
+    fn when_every_member_is_gone_the_run_continues_from_the_last_checkpoint() {
+        let mut cfg = config(2);
+        cfg.checkpoint_every_rounds = 1;
+        let mut driver = Driver::new(cfg);
+        let (m1, _) = driver.join(1, 24 << 30);
+        driver.join(2, 24 << 30);
+        // Round 1 commits and its checkpoint becomes durable; round 2 commits, its checkpoint
+        // never does.
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        let request = messages_to(&outputs, 1)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::RoundClosed(c) => c.checkpoint.clone(),
+                _ => None,
+            })
+            .expect("checkpoint requested");
+        let writer = request.writers[0];
+        let conn = if writer.member == m1 { 1 } else { 2 };
+        let outputs = driver.send(
+            conn,
+            NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
+                round: RoundId(1),
+                shard: writer.shard,
+                tensor_hashes: vec![TensorHash {
+                    name: "w".to_string(),
+                    digest: honest_digest(RoundId(1)),
+                }],
+            }),
+        );
+        assert!(
+            events(&outputs)
+                .iter()
+                .any(|e| matches!(e, Event::CheckpointCommitted { .. }))
+        );
+        let checkpointed = driver.coordinator.global().clone();
+        driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        driver.report(2, RoundId(2), honest_digest(RoundId(2)));
+        assert_eq!(driver.coordinator.global().version, 2);
+        // Both nodes die: nobody holds version 2 any more.
+        let mut outputs = Vec::new();
+        while driver.now < 10_000 {
+            outputs.extend(driver.advance(500));
+        }
+        assert_eq!(driver.coordinator.global(), &checkpointed);
+        assert!(events(&outputs).iter().any(|e| matches!(
+            e,
+            Event::Warning { message } if message.contains("continues from the checkpoint of round 1")
+        )));
+        // A returning node is told to start from the checkpoint's state.
+        let (_, outputs) = driver.join(3, 24 << 30);
+        let accepted = messages_to(&outputs, 3)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::JoinAccepted(a) => Some(a.global.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(accepted, checkpointed);
+    }
+
+    #[test]
     fn two_members_rejecting_each_other_are_both_kept_with_a_warning() {
         let mut driver = Driver::new(config(2));
         let members: Vec<MemberId> = (1..=2).map(|conn| driver.join(conn, 24 << 30).0).collect();

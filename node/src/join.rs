@@ -11,12 +11,14 @@ use crate::p2p::{
 use anyhow::{Context, Result, bail};
 use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    Capabilities, CoordinatorMessage, Device as WireDevice, DeviceKind, Digest, MemberId,
-    OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, TensorHash,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device as WireDevice, DeviceKind,
+    Digest, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome,
+    RoundReport, TensorHash,
 };
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
 use forge_protocol::sync::SyncCodec;
 use forge_trainer::bench::TrainStepBench;
+use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::config::RunConfig;
 use forge_trainer::device::parse_device;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
@@ -207,8 +209,9 @@ fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConf
     cfg.data.cache_dir = opts.workdir.join("cache");
     cfg.train.out_dir = opts.workdir.join("run");
     cfg.train.device = opts.device.clone();
-    // The global state lives with the group; a restarted node gets it from its peers
-    // (state transfer), not from its own old local checkpoint.
+    // The global state lives with the group: a restarted node takes it from its peers (state
+    // transfer), or from its own checkpoint shard only when that holds the version the
+    // coordinator names (see resume_checkpoint), never from whatever it saved last.
     cfg.checkpoint.resume = false;
     Ok((cfg, diloco))
 }
@@ -335,6 +338,34 @@ async fn node(opts: JoinOptions) -> Result<()> {
     // the same on every node (same seed); later ones come from a commit or from peers. None: this
     // node missed a commit and must fetch the state before it can contribute again.
     let mut held: Option<u64> = Some(0);
+    // Checkpoint shards this node writes when the coordinator asks, and resumes from after a
+    // whole-cluster restart.
+    let diloco_ckpts = CheckpointDir::new(
+        trainer.config().train.out_dir.join("diloco-checkpoints"),
+        trainer.config().checkpoint.keep,
+    );
+    if accepted.global.version > 0 {
+        match tokio::task::block_in_place(|| {
+            resume_checkpoint(&diloco_ckpts, &accepted.global, &mut trainer, &mut outer)
+        }) {
+            Ok(Some(dir)) => {
+                held = Some(accepted.global.version);
+                // Nodes that lost their state fetch it from this one.
+                publish_state(&net, &outer, &trainer, accepted.global.version)?;
+                println!(
+                    "resumed global state v{} from {} (inner step {})",
+                    accepted.global.version,
+                    dir.display(),
+                    trainer.step()
+                );
+            }
+            Ok(None) => held = None,
+            Err(e) => {
+                println!("not resuming from the local checkpoint: {e:#}; fetching from peers");
+                held = None;
+            }
+        }
+    }
 
     let outcome = loop {
         if stop.load(Ordering::Relaxed) {
@@ -450,9 +481,52 @@ async fn node(opts: JoinOptions) -> Result<()> {
                         rounds_done,
                         &mut held,
                     )?;
-                    if let (Some(version), RoundOutcome::Committed { .. }) = (held, &closed.outcome)
+                    if let (
+                        Some(version),
+                        RoundOutcome::Committed {
+                            version: committed,
+                            tensor_hashes,
+                        },
+                    ) = (held, &closed.outcome)
+                        && version == *committed
                     {
                         publish_state(&net, &outer, &trainer, version)?;
+                        let me = client.member();
+                        if let Some(writer) = closed
+                            .checkpoint
+                            .as_ref()
+                            .and_then(|c| c.writers.iter().find(|w| w.member == me))
+                        {
+                            let durable = OuterCheckpoint {
+                                version,
+                                round: closed.round.0,
+                                tensor_hashes: tensor_hashes.clone(),
+                            };
+                            match tokio::task::block_in_place(|| {
+                                write_checkpoint(&diloco_ckpts, &trainer, &outer, &durable)
+                            }) {
+                                Ok(dir) => {
+                                    println!(
+                                        "round {}: checkpoint shard {} written to {}",
+                                        closed.round.0,
+                                        writer.shard,
+                                        dir.display()
+                                    );
+                                    client
+                                        .shard_durable(CheckpointShardDurable {
+                                            round: closed.round,
+                                            shard: writer.shard,
+                                            tensor_hashes: tensor_hashes.clone(),
+                                        })
+                                        .await?;
+                                }
+                                // The coordinator keeps the previous committed checkpoint.
+                                Err(e) => println!(
+                                    "round {}: checkpoint shard {} not written: {e:#}",
+                                    closed.round.0, writer.shard
+                                ),
+                            }
+                        }
                     }
                     writeln!(rounds_log, "{}", serde_json::to_string(&log)?)?;
                     print_round(&log);
@@ -498,6 +572,94 @@ async fn node(opts: JoinOptions) -> Result<()> {
         tokio::task::block_in_place(|| trainer.sample())
     );
     Ok(())
+}
+
+/// What a DiLoCo checkpoint shard holds besides the trainer's files: the global state's version,
+/// round and committed hashes.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct OuterCheckpoint {
+    version: u64,
+    round: u64,
+    tensor_hashes: Vec<TensorHash>,
+}
+
+const OUTER_STATE: &str = "outer.safetensors";
+const OUTER_META: &str = "outer.json";
+
+/// Writes this node's checkpoint shard (the whole model: global parameters, outer momentum,
+/// the inner optimizer, data positions, step) atomically.
+fn write_checkpoint(
+    ckpts: &CheckpointDir,
+    trainer: &Trainer,
+    outer: &OuterOptimizer,
+    meta: &OuterCheckpoint,
+) -> Result<PathBuf> {
+    let dir = trainer.save_checkpoint_with(ckpts, trainer.step(), |dir| {
+        let state = outer.state_tensors();
+        Tensor::write_safetensors(&state, dir.join(OUTER_STATE)).map_err(|e| {
+            forge_trainer::Error::Checkpoint {
+                path: dir.join(OUTER_STATE),
+                why: format!("writing the outer state failed: {e}"),
+            }
+        })?;
+        let text = serde_json::to_vec_pretty(meta).expect("serializes");
+        std::fs::write(dir.join(OUTER_META), text).map_err(|e| forge_trainer::Error::Checkpoint {
+            path: dir.join(OUTER_META),
+            why: format!("writing failed: {e}"),
+        })
+    })?;
+    Ok(dir)
+}
+
+/// Loads the newest local checkpoint shard if it holds `global` (same version, every tensor's
+/// digest equal to the committed hash); `None` when there is none or it holds another version.
+fn resume_checkpoint(
+    ckpts: &CheckpointDir,
+    global: &forge_protocol::messages::GlobalState,
+    trainer: &mut Trainer,
+    outer: &mut OuterOptimizer,
+) -> Result<Option<PathBuf>> {
+    let Some((_, dir)) = ckpts.latest_valid() else {
+        return Ok(None);
+    };
+    let meta: OuterCheckpoint = serde_json::from_slice(
+        &std::fs::read(dir.join(OUTER_META)).with_context(|| format!("reading {OUTER_META}"))?,
+    )
+    .with_context(|| format!("parsing {}", dir.join(OUTER_META).display()))?;
+    if meta.version != global.version {
+        println!(
+            "the local checkpoint {} holds global version {}, the run is at {}",
+            dir.display(),
+            meta.version,
+            global.version
+        );
+        return Ok(None);
+    }
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join(OUTER_STATE))
+        .with_context(|| format!("reading {}", dir.join(OUTER_STATE).display()))?
+        .into_iter()
+        .collect();
+    let committed: HashMap<&str, &Digest> = global
+        .tensor_hashes
+        .iter()
+        .map(|t| (t.name.as_str(), &t.digest))
+        .collect();
+    for (name, tensor) in &tensors {
+        let plain = name.strip_prefix("global.").unwrap_or(name);
+        let digest = forge_trainer::diloco::tensor_digest(tensor);
+        if committed.get(plain).map(|d| d.0) != Some(digest) {
+            bail!(
+                "{} has {name} with digest {}, not the committed one",
+                dir.display(),
+                digest_hex(&digest)
+            );
+        }
+    }
+    outer.load_state_tensors(&tensors)?;
+    trainer.resume_from(&dir)?;
+    outer.load_into(trainer.var_store());
+    trainer.broadcast_params()?;
+    Ok(Some(dir))
 }
 
 /// Who may connect to this node: the round's participants and the other replicas' nodes.

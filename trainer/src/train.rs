@@ -443,9 +443,16 @@ impl Trainer {
     }
 
     fn resume_latest(&mut self) -> Result<()> {
-        let Some((step, dir)) = self.ckpts.latest_valid() else {
+        let Some((_, dir)) = self.ckpts.latest_valid() else {
             return Ok(());
         };
+        self.resume_from(&dir)
+    }
+
+    /// Continues from checkpoint `dir` (written by [`Trainer::save_checkpoint`] or
+    /// [`Trainer::save_checkpoint_with`]): model, optimizer, data positions, step.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let dir = dir.to_path_buf();
         let state: TrainState = read_json(&dir.join("state.json"))?;
         if state.model != self.state.model {
             return Err(Error::Checkpoint {
@@ -480,7 +487,7 @@ impl Trainer {
                 self.others.len() + 1
             );
         }
-        tracing::info!("resumed from {} (step {step})", dir.display());
+        tracing::info!("resumed from {} (step {})", dir.display(), state.step);
         self.state = TrainState {
             run_config: self.state.run_config.clone(),
             worker_positions: self.state.worker_positions.clone(),
@@ -491,7 +498,19 @@ impl Trainer {
 
     /// Writes a checkpoint of the current step.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        self.ckpts.save(self.state.step, |dir| {
+        self.save_checkpoint_with(&self.ckpts, self.state.step, |_| Ok(()))
+    }
+
+    /// Writes a checkpoint into `ckpts` under `key` (atomically, like every checkpoint), with
+    /// whatever `extra` adds to the directory first (a DiLoCo node's outer state).
+    pub fn save_checkpoint_with(
+        &self,
+        ckpts: &CheckpointDir,
+        key: u64,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        ckpts.save(key, |dir| {
+            extra(dir)?;
             let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
                 path: dir.to_path_buf(),
                 why: format!(
