@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Chaos run: a coordinator and N DiLoCo nodes on 127.0.0.1 train while faults are injected.
+
+For --duration seconds, at seeded random moments, it SIGKILLs a node and starts it again
+(same workdir), SIGSTOPs a node long enough for it to be declared dead and SIGCONTs it, and
+restarts the coordinator once (same address and state dir). Then it lets the nodes finish their
+budget and checks:
+  - rounds keep completing after every fault;
+  - every round's committed state hash is the same on every node that committed it;
+  - every checkpoint shard on disk loads and its tensors match the committed hashes it records;
+  - the final validation loss is within --tolerance of a fault-free run of the same config.
+It prints the faults, rounds committed and abandoned, and each fault's recovery time (from the
+fault to the next round committed with the affected node, or by anyone after a coordinator
+restart).
+
+  scripts/chaos.py [--nodes 4] [--duration 90] [--seed 1] [--steps 150] [--small]
+                   [--tolerance 0.03] [--no-reference]
+
+--small shrinks the model input (32-token sequences, 8 per step, H=5) for a CI-sized run.
+Exit status 0 when every check passes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUND = re.compile(r"^round\s+(\d+) \| (\d+) members \|.*\| (committed v\d+ \S+|committed without this node.*|abandoned.*)$")
+
+
+def log(msg):
+    print(f"chaos: {msg}", flush=True)
+
+
+class Proc:
+    """A child process whose stdout lines are kept with the time they arrived."""
+
+    def __init__(self, name, args, out_path, env):
+        self.name = name
+        self.lines = []  # (time, line)
+        self.out = open(out_path, "a")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.out, env=env, text=True, cwd=ROOT)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append((time.monotonic(), line))
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def wait_for(self, needle, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for _, line in list(self.lines):
+                if needle in line:
+                    return line
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                for _, line in list(self.lines):
+                    if needle in line:
+                        return line
+                break
+            time.sleep(0.05)
+        raise SystemExit(f"chaos: {self.name}: no line with {needle!r}; see {self.out.name}")
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.alive():
+            self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait()
+            self.thread.join(timeout=5)
+
+
+def write_config(work, nodes, steps, small):
+    text = (ROOT / "configs/diloco-tiny-cpu.toml").read_text()
+    edits = [
+        ('out_dir = "runs/diloco-tiny-cpu"', f'out_dir = "{work}/unused"'),
+        ("max_steps = 300", f"max_steps = {steps}"),
+        ("warmup_steps = 30", f"warmup_steps = {max(2, steps // 10)}"),
+        ("eval_every_rounds = 4", "eval_every_rounds = 100000"),
+        ("heartbeat_interval_ms = 500", "heartbeat_interval_ms = 250"),
+        ("heartbeat_timeout_ms = 5000", "heartbeat_timeout_ms = 2000"),
+        ("start_replicas = 2", f"start_replicas = {nodes}"),
+        ("data_shards = 2", f"data_shards = {nodes}"),
+        ("checkpoint_every_rounds = 0", "checkpoint_every_rounds = 2"),
+        ("round_deadline_ms = 600000", "round_deadline_ms = 60000"),
+    ]
+    if small:
+        edits += [
+            ("seq_len = 128", "seq_len = 32"),
+            ("batch_size = 16", "batch_size = 8"),
+            ("micro_batch = 16", "micro_batch = 8"),
+            ("inner_steps = 25", "inner_steps = 5"),
+            ("batches = 0", "batches = 4"),
+        ]
+    else:
+        edits += [("inner_steps = 25", "inner_steps = 10")]
+    for old, new in edits:
+        if old not in text:
+            raise SystemExit(f"chaos: configs/diloco-tiny-cpu.toml no longer has {old!r}")
+        text = text.replace(old, new, 1)
+    path = work / "run.toml"
+    path.write_text(text)
+    return path
+
+
+class Cluster:
+    def __init__(self, work, config, nodes, bin_dir):
+        self.work, self.config, self.bin = work, config, bin_dir
+        self.env = dict(os.environ, RUST_LOG="warn")
+        self.env.pop("LD_LIBRARY_PATH", None)
+        self.coordinator = None
+        self.addr = self.token = None
+        self.nodes = [None] * nodes
+        self.history = [[] for _ in range(nodes)]  # every Proc a node slot has had
+
+    def start_coordinator(self):
+        listen = self.addr or "127.0.0.1:0"
+        self.coordinator = Proc(
+            "coordinator",
+            [str(self.bin / "forge-coordinator"), "serve", "--config", str(self.config),
+             "--listen", listen, "--state-dir", str(self.work / "coord")],
+            self.work / "coord.out", self.env)
+        line = self.coordinator.wait_for("forge-node join ", 60)
+        words = line.split()
+        self.addr, self.token = words[2], words[4]
+
+    def start_node(self, i):
+        proc = Proc(
+            f"node{i}",
+            [str(self.bin / "forge-node"), "join", self.addr, "--token", self.token,
+             "--workdir", str(self.work / f"node{i}"), "--listen", "127.0.0.1:0"],
+            self.work / f"node{i}.out", self.env)
+        self.nodes[i] = proc
+        self.history[i].append(proc)
+
+    def stop_all(self):
+        for proc in self.nodes + [self.coordinator]:
+            if proc is not None:
+                if proc.alive():
+                    proc.kill(signal.SIGCONT)
+                proc.kill()
+
+
+def rounds_of(procs):
+    """(time, round, members, outcome) of every per-round line of these processes."""
+    out = []
+    for proc in procs:
+        for t, line in proc.lines:
+            m = ROUND.match(line)
+            if m:
+                out.append((t, int(m.group(1)), int(m.group(2)), m.group(3)))
+    return out
+
+
+def progress(procs):
+    """The furthest inner step any of these nodes has reported."""
+    steps = [0]
+    for proc in procs:
+        for _, line in list(proc.lines):
+            m = re.match(r"^round\s+\d+ \|.*\| steps\s+(\d+) \|", line)
+            if m:
+                steps.append(int(m.group(1)))
+    return max(steps)
+
+
+def final_losses(procs):
+    losses = []
+    for proc in procs:
+        for _, line in proc.lines:
+            m = re.match(r"^final validation loss ([0-9.]+)", line)
+            if m:
+                losses.append(float(m.group(1)))
+    return losses
+
+
+def read_safetensors(path):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] != "F32":
+            raise SystemExit(f"chaos: {path}: {name} is {meta['dtype']}, expected F32")
+        start, end = meta["data_offsets"]
+        out[name] = body[start:end]
+    return out
+
+
+def check_checkpoints(work, nodes):
+    """Every checkpoint shard: its outer tensors hash to the committed hashes it records."""
+    checked, bad = 0, []
+    for i in range(nodes):
+        root = work / f"node{i}" / "run" / "diloco-checkpoints"
+        if not root.is_dir():
+            continue
+        for ckpt in sorted(root.glob("step-*")):
+            meta = json.loads((ckpt / "outer.json").read_text())
+            committed = {}
+            for t in meta["tensor_hashes"]:
+                digest = t["digest"]
+                committed[t["name"]] = bytes(digest) if isinstance(digest, list) else bytes.fromhex(digest)
+            tensors = read_safetensors(ckpt / "outer.safetensors")
+            for name, raw in tensors.items():
+                plain = name[len("global."):] if name.startswith("global.") else name
+                if committed.get(plain) != hashlib.sha256(raw).digest():
+                    bad.append(f"{ckpt}: {name}")
+            checked += 1
+    return checked, bad
+
+
+def run_reference(args, work, bin_dir):
+    ref = work / "reference"
+    shutil.rmtree(ref, ignore_errors=True)
+    ref.mkdir(parents=True)
+    config = write_config(ref, args.nodes, args.steps, args.small)
+    cluster = Cluster(ref, config, args.nodes, bin_dir)
+    cluster.start_coordinator()
+    for i in range(args.nodes):
+        cluster.start_node(i)
+    deadline = time.monotonic() + args.finish_timeout
+    for proc in cluster.nodes:
+        while proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    cluster.stop_all()
+    losses = final_losses(cluster.nodes)
+    if not losses:
+        raise SystemExit(f"chaos: the fault-free reference run produced no final loss; see {ref}")
+    return sorted(losses)[len(losses) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--duration", type=float, default=90)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--tolerance", type=float, default=0.03)
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--finish-timeout", type=float, default=600)
+    p.add_argument("--work", default="runs/chaos")
+    args = p.parse_args()
+    if args.nodes < 3:
+        raise SystemExit("chaos: --nodes must be at least 3 (two must stay up while a third is hit)")
+    bin_dir = Path(os.environ.get("FORGE_BIN", ROOT / "target/release"))
+    if not (bin_dir / "forge-node").exists():
+        raise SystemExit(f"chaos: {bin_dir}/forge-node not found; run scripts/setup.sh or set FORGE_BIN")
+    work = (ROOT / args.work).resolve()
+    shutil.rmtree(work / "faulty", ignore_errors=True)
+    (work / "faulty").mkdir(parents=True)
+    rng = random.Random(args.seed)
+
+    reference = None if args.no_reference else run_reference(args, work, bin_dir)
+    if reference is not None:
+        log(f"fault-free reference: final validation loss {reference:.4f}")
+
+    faulty = work / "faulty"
+    config = write_config(faulty, args.nodes, args.steps, args.small)
+    cluster = Cluster(faulty, config, args.nodes, bin_dir)
+    cluster.start_coordinator()
+    for i in range(args.nodes):
+        cluster.start_node(i)
+    for proc in cluster.nodes:
+        proc.wait_for("round    1 |", 120)
+
+    faults = []  # (kind, node or None, time)
+    coordinator_at = rng.randrange(0, 3)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < args.duration:
+            time.sleep(rng.uniform(3, 8))
+            if not all(p.alive() for p in cluster.nodes) or progress(cluster.nodes) > 0.75 * args.steps:
+                break  # the run is ending: a node hit now would find nobody left to rejoin
+            kind = rng.choice(["kill", "stop"])
+            if len(faults) == coordinator_at:
+                kind = "coordinator"  # once per run, early, so the nodes live through it
+            if kind == "coordinator":
+                log("restarting the coordinator")
+                cluster.coordinator.kill()
+                t = time.monotonic()
+                cluster.start_coordinator()
+                faults.append(("coordinator restart", None, t))
+            elif kind == "kill":
+                i = rng.randrange(args.nodes)
+                log(f"SIGKILL node {i}, then start it again")
+                cluster.nodes[i].kill()
+                t = time.monotonic()
+                time.sleep(rng.uniform(0.5, 3))
+                cluster.start_node(i)
+                faults.append(("kill + restart", i, t))
+            else:
+                i = rng.randrange(args.nodes)
+                pause = rng.uniform(3, 5)
+                log(f"SIGSTOP node {i} for {pause:.1f} s")
+                t = time.monotonic()
+                cluster.nodes[i].kill(signal.SIGSTOP)
+                time.sleep(pause)
+                cluster.nodes[i].kill(signal.SIGCONT)
+                faults.append(("stop / continue", i, t))
+        log(f"faults over after {time.monotonic() - started:.0f} s; letting the nodes finish")
+        deadline = time.monotonic() + args.finish_timeout
+        for proc in cluster.nodes:
+            while proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        stuck = [p.name for p in cluster.nodes if p.alive()]
+    finally:
+        cluster.stop_all()
+
+    all_procs = [p for h in cluster.history for p in h]
+    rounds = rounds_of(all_procs)
+    committed = {}
+    mismatched = []
+    for _, rnd, _, outcome in rounds:
+        if outcome.startswith("committed v"):
+            h = outcome.split()[2]
+            if committed.setdefault(rnd, h) != h:
+                mismatched.append(rnd)
+    abandoned = {rnd for _, rnd, _, o in rounds if o.startswith("abandoned")}
+    failures = []
+    if stuck:
+        failures.append(f"still running at the end: {', '.join(stuck)}")
+    if mismatched:
+        failures.append(f"rounds committed with different state hashes on different nodes: {sorted(set(mismatched))}")
+
+    print()
+    print(f"faults injected: {len(faults)}")
+    for kind, node, t in faults:
+        procs = all_procs if node is None else cluster.history[node]
+        later = [rt for rt, _, _, o in rounds_of(procs) if rt > t and o.startswith("committed v")]
+        others = {r for rt, r, _, o in rounds if rt > t and o.startswith("committed v")}
+        who = f"node {node}" if node is not None else "coordinator"
+        if later:
+            print(f"  {kind:<20} {who:<12} recovered in {min(later) - t:6.1f} s")
+        elif len(others) < 2:
+            print(f"  {kind:<20} {who:<12} the run ended before it could rejoin")
+        else:
+            print(f"  {kind:<20} {who:<12} did NOT recover ({len(others)} rounds committed without it)")
+            failures.append(f"no round committed with {who} after its {kind}")
+    print(f"rounds committed: {len(committed)}, abandoned: {len(abandoned - set(committed))}")
+    checked, bad = check_checkpoints(faulty, args.nodes)
+    print(f"checkpoint shards checked against their committed hashes: {checked}, bad: {len(bad)}")
+    if checked == 0:
+        failures.append("no checkpoint shard was written")
+    failures += [f"checkpoint does not match its hashes: {b}" for b in bad]
+    losses = final_losses(cluster.nodes)
+    if losses:
+        final = sorted(losses)[len(losses) // 2]
+        line = f"final validation loss (median of {len(losses)} nodes): {final:.4f}"
+        if reference is not None:
+            ratio = final / reference
+            line += f"; fault-free {reference:.4f}; ratio {ratio:.4f}"
+            if ratio > 1 + args.tolerance:
+                failures.append(f"final loss {final:.4f} is more than {100 * args.tolerance:.0f}% above the fault-free {reference:.4f}")
+        print(line)
+    else:
+        failures.append("no node reported a final validation loss")
+    if failures:
+        print("\nFAILED:\n  " + "\n  ".join(failures))
+        print(f"logs: {faulty}")
+        sys.exit(1)
+    print("\nall checks passed")
+
+
+if __name__ == "__main__":
+    main()
