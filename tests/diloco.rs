@@ -73,10 +73,15 @@ struct Proc {
 
 impl Proc {
     fn start(bin: &str, args: &[&str], log: &Path) -> Proc {
+        Proc::start_with(bin, args, log, &[])
+    }
+
+    fn start_with(bin: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(binary(bin))
             .args(args)
             .env_remove("LD_LIBRARY_PATH")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -370,4 +375,83 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
             "node {i}: loss did not fall after the restart:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    // Two CPU workers per node, each with half of the 8 sequences; a 2 s collective timeout.
+    let text = text
+        .replacen("micro_batch = 8", "micro_batch = 4", 1)
+        .replacen(
+            "[train.schedule]",
+            "[train.parallel]\ncpu_workers = 2\ntimeout_s = 2\n\n[train.schedule]",
+            1,
+        );
+    std::fs::write(&config, text).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let mut coordinator = Proc::start_with(
+        "forge-coordinator",
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            tmp.path().join("coord").to_str().unwrap(),
+        ],
+        &tmp.path().join("coord.log"),
+        &[("RUST_LOG", "info")],
+    );
+    let join = coordinator.wait_for("forge-node join ", deadline);
+    let words: Vec<&str> = join.split_whitespace().collect();
+    let (addr, token) = (words[2], words[4]);
+    let _healthy = start_node(tmp.path(), 0, addr, token);
+    let workdir = tmp.path().join("node1");
+    let faulty = Proc::start_with(
+        "forge-node",
+        &[
+            "join",
+            addr,
+            "--token",
+            token,
+            "--workdir",
+            workdir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &tmp.path().join("node1.log"),
+        &[("FORGE_TEST_WORKER_FAULT", "hang@10")],
+    );
+    let started = Instant::now();
+    let (code, lines) = faulty.finish(deadline);
+    let log = lines.join("\n");
+    let stderr = std::fs::read_to_string(tmp.path().join("node1.log")).unwrap();
+    println!(
+        "the faulty node exited with {code:?} after {:?}:\n{log}\n{stderr}",
+        started.elapsed()
+    );
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        stderr.contains("data-parallel worker 1 did not reach the gradient all-reduce"),
+        "{stderr}"
+    );
+    // The coordinator heard why the node left.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut coordinator_log = String::new();
+    while Instant::now() < until {
+        coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+        if coordinator_log.contains("left: node failed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        coordinator_log.contains("left: node failed")
+            && coordinator_log.contains("did not reach the gradient all-reduce"),
+        "{coordinator_log}"
+    );
 }

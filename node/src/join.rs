@@ -338,6 +338,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
     // the same on every node (same seed); later ones come from a commit or from peers. None: this
     // node missed a commit and must fetch the state before it can contribute again.
     let mut held: Option<u64> = Some(0);
+    let mut injected_fault = test_fault()?;
     // Checkpoint shards this node writes when the coordinator asks, and resumes from after a
     // whole-cluster restart.
     let diloco_ckpts = CheckpointDir::new(
@@ -424,6 +425,12 @@ async fn node(opts: JoinOptions) -> Result<()> {
                             continue;
                         }
                     }
+                }
+                if let Some((rank, fault)) = injected_fault
+                    .take_if(|(_, _, at)| trainer.step() >= *at)
+                    .map(|(rank, fault, _)| (rank, fault))
+                {
+                    trainer.inject_fault(rank, fault)?;
                 }
                 let p = play_round(
                     &open,
@@ -572,6 +579,27 @@ async fn node(opts: JoinOptions) -> Result<()> {
         tokio::task::block_in_place(|| trainer.sample())
     );
     Ok(())
+}
+
+/// A fault to inject into a data-parallel worker once the node reaches an inner step, for
+/// fault-tolerance tests and chaos runs: `FORGE_TEST_WORKER_FAULT=panic@STEP` or `hang@STEP`
+/// (worker 1; the hang lasts an hour).
+fn test_fault() -> Result<Option<(usize, forge_trainer::parallel::Fault, u64)>> {
+    let Ok(spec) = std::env::var("FORGE_TEST_WORKER_FAULT") else {
+        return Ok(None);
+    };
+    let (kind, step) = spec
+        .split_once('@')
+        .with_context(|| format!("FORGE_TEST_WORKER_FAULT={spec}: use panic@STEP or hang@STEP"))?;
+    let step: u64 = step
+        .parse()
+        .with_context(|| format!("FORGE_TEST_WORKER_FAULT={spec}: STEP must be a number"))?;
+    let fault = match kind {
+        "panic" => forge_trainer::parallel::Fault::Panic,
+        "hang" => forge_trainer::parallel::Fault::Hang(Duration::from_secs(3600)),
+        _ => bail!("FORGE_TEST_WORKER_FAULT={spec}: the fault is panic or hang"),
+    };
+    Ok(Some((1, fault, step)))
 }
 
 /// What a DiLoCo checkpoint shard holds besides the trainer's files: the global state's version,
