@@ -178,8 +178,12 @@ fn start_coordinator(dir: &Path, config: &Path, deadline: Instant) -> (Proc, Str
 }
 
 fn start_node(dir: &Path, i: usize, addr: &str, token: &str) -> Proc {
+    start_node_with(dir, i, addr, token, &[])
+}
+
+fn start_node_with(dir: &Path, i: usize, addr: &str, token: &str, env: &[(&str, &str)]) -> Proc {
     let workdir = dir.join(format!("node{i}"));
-    Proc::start(
+    Proc::start_with(
         "forge-node",
         &[
             "join",
@@ -192,6 +196,7 @@ fn start_node(dir: &Path, i: usize, addr: &str, token: &str) -> Proc {
             "127.0.0.1:0",
         ],
         &dir.join(format!("node{i}.log")),
+        env,
     )
 }
 
@@ -319,8 +324,7 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
             "checkpoint_every_rounds = 0",
             "checkpoint_every_rounds = 2",
             1,
-        )
-        .replacen("min_replicas = 2", "min_replicas = 2", 1),
+        ),
     )
     .unwrap();
     let deadline = Instant::now() + LIMIT;
@@ -410,20 +414,11 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
     let words: Vec<&str> = join.split_whitespace().collect();
     let (addr, token) = (words[2], words[4]);
     let _healthy = start_node(tmp.path(), 0, addr, token);
-    let workdir = tmp.path().join("node1");
-    let faulty = Proc::start_with(
-        "forge-node",
-        &[
-            "join",
-            addr,
-            "--token",
-            token,
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &tmp.path().join("node1.log"),
+    let faulty = start_node_with(
+        tmp.path(),
+        1,
+        addr,
+        token,
         &[("FORGE_TEST_WORKER_FAULT", "hang@10")],
     );
     let started = Instant::now();

@@ -1,7 +1,6 @@
 //! End-to-end tests of the state transfer (`/forge/state/1`): nodes in this process on 127.0.0.1.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -9,33 +8,15 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
-use super::bench::local_cluster;
 use super::net::{self, PeerNet, PeerNetConfig};
 use super::state::{CHUNK_VALUES, StateError, StateSnapshot, tensor_digest};
-
-/// No test waits longer than this for anything.
-const BOUND: Duration = Duration::from_secs(30);
+use super::tests::{bounded, cluster};
 
 /// Per-exchange timeout of the fetches.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// More than a manifest of the test states takes: a peer that sent more served chunks.
 const MANIFEST_BYTES: u64 = 1000;
-
-async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
-}
-
-async fn cluster(peers: usize, configure: impl Fn(PeerNetConfig) -> PeerNetConfig) -> Vec<PeerNet> {
-    bounded("starting the cluster", local_cluster(peers, configure))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(net, _)| net)
-        .collect()
-}
 
 /// A state whose large tensors span several chunks (the last one partial), plus small and
 /// empty ones, in the "global." then "momentum." order a node uses.
@@ -310,9 +291,12 @@ async fn a_peer_dropped_mid_fetch_is_replaced_by_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_off_the_allowlist_cannot_fetch() {
-    let started = bounded("starting the cluster", local_cluster(1, |c| c))
-        .await
-        .unwrap();
+    let started = bounded(
+        "starting the cluster",
+        super::bench::local_cluster(1, |c| c),
+    )
+    .await
+    .unwrap();
     let (member, member_addr) = &started[0];
     member.publish_state(Some(Arc::new(snapshot(1))));
     let (outsider, event_loop) = net::new(PeerNetConfig::new(Keypair::generate_ed25519())).unwrap();

@@ -98,13 +98,16 @@ impl ChunkCodec for SignalOnEncode {
     }
 }
 
-async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+pub(super) async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(BOUND, future)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
 }
 
-async fn cluster(peers: usize, configure: impl Fn(PeerNetConfig) -> PeerNetConfig) -> Vec<PeerNet> {
+pub(super) async fn cluster(
+    peers: usize,
+    configure: impl Fn(PeerNetConfig) -> PeerNetConfig,
+) -> Vec<PeerNet> {
     bounded("starting the cluster", local_cluster(peers, configure))
         .await
         .unwrap()
