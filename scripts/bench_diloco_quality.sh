@@ -6,13 +6,14 @@
 # Prints both final validation losses (whole validation sample) and their ratio.
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
-#                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--skip-baseline]
+#                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--sync-warmup 0]
+#                                   [--skip-baseline]
 # --lr sets the peak inner learning rate of both runs (default: the configs' 3e-3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 baseline=1
+nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 baseline=1
 while (($#)); do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
@@ -22,8 +23,9 @@ while (($#)); do
     --outer-lr) outer_lr=$2; shift 2 ;;
     --momentum) momentum=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
+    --sync-warmup) warm=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -34,7 +36,7 @@ case "$codec" in
 esac
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}
-work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps
+work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm
 rm -rf "$work"; mkdir -p "$work"
 warmup=$(( steps / 5 ))
 
@@ -60,6 +62,7 @@ sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^outer_momentum = 0.9/outer_momentum = $momentum/" \
     -e "s#^compression = .*#compression = $compression#" \
     -e "s/^eval_every_rounds = 4/eval_every_rounds = 100000/" \
+    -e "s/^sync_warmup_steps = 0/sync_warmup_steps = $warm/" \
     -e "s/^min_replicas = 2/min_replicas = $nodes/" \
     -e "s/^start_replicas = 2/start_replicas = $nodes/" \
     -e "s/^data_shards = 2/data_shards = $nodes/" \
@@ -83,7 +86,7 @@ diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.
 sent=$(python3 -c "
 import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
-echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr: val loss $diloco_loss; $sent"
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr sync_warmup=$warm: val loss $diloco_loss; $sent"
 if ((baseline)); then
   echo "synchronous (1 node, ${nodes}x batch, lr $lr): val loss $sync_loss"
   python3 -c "print(f'diloco / synchronous: {$diloco_loss / $sync_loss:.4f} ({100*($diloco_loss / $sync_loss - 1):+.2f}%)')"

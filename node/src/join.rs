@@ -859,7 +859,7 @@ async fn play_round(
         .total_steps()
         .saturating_sub(trainer.step());
     let inner = tokio::task::block_in_place(|| {
-        trainer.inner_steps(diloco.inner_steps.min(left), budget, stop)
+        trainer.inner_steps(diloco.round_steps(trainer.step()).min(left), budget, stop)
     })?;
 
     let mut data = outer.pseudo_gradient(trainer.var_store());

@@ -36,6 +36,11 @@ pub struct DilocoConfig {
     pub compression: Compression,
     /// Validation loss every this many rounds.
     pub eval_every_rounds: u64,
+    /// The run's first this many inner steps go in rounds of one step (synchronous data
+    /// parallelism through the outer step), then rounds of `inner_steps`: replicas drift apart
+    /// most early in training, when a round costs little against the progress it protects.
+    #[serde(default)]
+    pub sync_warmup_steps: u64,
 }
 
 impl Default for DilocoConfig {
@@ -51,11 +56,21 @@ impl Default for DilocoConfig {
                 zstd: Some(3),
             },
             eval_every_rounds: 5,
+            sync_warmup_steps: 0,
         }
     }
 }
 
 impl DilocoConfig {
+    /// Inner steps of the round that starts at the run's inner step `step`.
+    pub fn round_steps(&self, step: u64) -> u64 {
+        if step < self.sync_warmup_steps {
+            1
+        } else {
+            self.inner_steps
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::InvalidTrainConfig(format!("[diloco] {why}")));
         if self.inner_steps == 0 {
@@ -309,6 +324,18 @@ mod tests {
             .var("w", &[values.len() as i64], nn::Init::Const(0.0));
         tch::no_grad(|| w.shallow_clone().copy_(&Tensor::from_slice(values)));
         (vs, w)
+    }
+
+    #[test]
+    fn sync_warmup_rounds_are_one_step_long() {
+        let cfg = DilocoConfig {
+            inner_steps: 10,
+            sync_warmup_steps: 3,
+            ..DilocoConfig::default()
+        };
+        let steps: Vec<u64> = (0..5).map(|s| cfg.round_steps(s)).collect();
+        assert_eq!(steps, vec![1, 1, 1, 10, 10]);
+        assert_eq!(DilocoConfig::default().round_steps(0), 50);
     }
 
     #[test]

@@ -37,7 +37,6 @@
 // `StateError` carries peer ids by value so callers can match on them; it is built at most once
 // per fetch.
 #![allow(clippy::result_large_err)]
-// Until the join path fetches state and the round loop publishes it, only tests use this.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
