@@ -116,16 +116,6 @@ fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) => format!("/ip4/{ip}"),
-        IpAddr::V6(ip) => format!("/ip6/{ip}"),
-    };
-    format!("{ip}/udp/{}/quic-v1", addr.port())
-        .parse()
-        .expect("valid multiaddr")
-}
-
 /// Devices and a measured speed: tokens/s of a short train step of the `tiny` reference model
 /// on the chosen device (the run's own model is not known before joining).
 fn capabilities(
@@ -280,7 +270,9 @@ async fn node(opts: JoinOptions) -> Result<()> {
     } else {
         opts.listen.ip()
     };
-    let bound = net.start_listening(quic_multiaddr(opts.listen)).await?;
+    let bound = net
+        .start_listening(p2p::quic_multiaddr(opts.listen))
+        .await?;
     // Advertise the address peers can reach: the bound port on the IP facing the coordinator.
     let port = bound
         .iter()
@@ -289,7 +281,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
             _ => None,
         })
         .unwrap_or(opts.listen.port());
-    let advertised = quic_multiaddr(SocketAddr::new(listen_ip, port));
+    let advertised = p2p::quic_multiaddr(SocketAddr::new(listen_ip, port));
     let upload = upload_bytes_per_s(&opts);
     let caps = tokio::task::block_in_place(|| {
         capabilities(&opts.device, &net.peer_id(), &advertised, upload)
@@ -352,7 +344,13 @@ async fn node(opts: JoinOptions) -> Result<()> {
             Ok(Some(dir)) => {
                 held = Some(accepted.global.version);
                 // Nodes that lost their state fetch it from this one.
-                publish_state(&net, &outer, &trainer, accepted.global.version)?;
+                publish_state(
+                    &net,
+                    &outer,
+                    &trainer,
+                    accepted.global.version,
+                    accepted.global.round.map_or(0, |r| r.0),
+                )?;
                 println!(
                     "resumed global state v{} from {} (inner step {})",
                     accepted.global.version,
@@ -399,10 +397,10 @@ async fn node(opts: JoinOptions) -> Result<()> {
                     )
                     .await
                     {
-                        Ok(seconds) => {
+                        Ok((seconds, round)) => {
                             held = Some(open.global_version);
                             state_fetch_s = Some(seconds);
-                            publish_state(&net, &outer, &trainer, open.global_version)?;
+                            publish_state(&net, &outer, &trainer, open.global_version, round)?;
                         }
                         Err(e) => {
                             // Without the group's state this node cannot contribute; the round
@@ -497,7 +495,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
                     ) = (held, &closed.outcome)
                         && version == *committed
                     {
-                        publish_state(&net, &outer, &trainer, version)?;
+                        publish_state(&net, &outer, &trainer, version, closed.round.0)?;
                         let me = client.member();
                         if let Some(writer) = closed
                             .checkpoint
@@ -707,6 +705,7 @@ fn publish_state(
     outer: &OuterOptimizer,
     trainer: &Trainer,
     version: u64,
+    round: u64,
 ) -> Result<()> {
     let tensors = outer
         .state_tensors()
@@ -719,7 +718,7 @@ fn publish_state(
         .collect::<Result<Vec<_>>>()?;
     net.publish_state(Some(Arc::new(StateSnapshot {
         version,
-        round: 0,
+        round,
         step: trainer.step(),
         tokens: trainer.tokens(),
         tensors,
@@ -729,7 +728,7 @@ fn publish_state(
 
 /// Fetches global state `open.global_version` (parameters and outer momentum, checked against
 /// the coordinator's hashes) from the round's other participants and takes it, with the run's
-/// schedule position. Returns the seconds it took.
+/// schedule position. Returns the seconds it took and the round that made that state.
 async fn fetch_global_state(
     open: &RoundOpened,
     me: MemberId,
@@ -737,7 +736,7 @@ async fn fetch_global_state(
     trainer: &mut Trainer,
     outer: &mut OuterOptimizer,
     bandwidth: f64,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let started = Instant::now();
     let peers: Vec<PeerId> = peers_of(&open.participants)?
         .into_iter()
@@ -824,7 +823,7 @@ async fn fetch_global_state(
         stats.refetched_chunks,
         snapshot.step
     );
-    Ok(seconds)
+    Ok((seconds, snapshot.round))
 }
 
 fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {

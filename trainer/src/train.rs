@@ -285,7 +285,6 @@ impl Trainer {
         // Worker 0's parameters everywhere (initialisation on a GPU differs from the CPU's).
         trainer.broadcast_params()?;
         trainer.broadcast_optimizer()?;
-        trainer.collect_positions(None)?;
         if trainer.cfg.checkpoint.resume {
             trainer.resume_latest()?;
         }
@@ -316,7 +315,7 @@ impl Trainer {
                 count: count * workers,
             })?;
         }
-        self.collect_positions(Some((timeout, "a data reshard")))
+        self.collect_positions(timeout, "a data reshard")
     }
 
     /// Moves the schedule to `step` (and the token count to `tokens`): a node that joins a run
@@ -356,10 +355,7 @@ impl Trainer {
         for other in &self.others {
             other.send(Command::LoadParams(self.primary.params_for(other.device)))?;
         }
-        self.collect_positions(Some((
-            self.cfg.train.parallel.timeout(),
-            "a parameter broadcast",
-        )))
+        self.collect_positions(self.cfg.train.parallel.timeout(), "a parameter broadcast")
     }
 
     fn broadcast_optimizer(&mut self) -> Result<()> {
@@ -368,18 +364,12 @@ impl Trainer {
                 self.primary.optimizer_for(other.device),
             ))?;
         }
-        self.collect_positions(Some((
-            self.cfg.train.parallel.timeout(),
-            "an optimizer broadcast",
-        )))
+        self.collect_positions(self.cfg.train.parallel.timeout(), "an optimizer broadcast")
     }
 
     /// Waits for every other worker's answer to the command just sent (with `wait`) and records
     /// their data positions.
-    fn collect_positions(&mut self, wait: Option<(std::time::Duration, &str)>) -> Result<()> {
-        let Some((timeout, what)) = wait else {
-            return Ok(());
-        };
+    fn collect_positions(&mut self, timeout: std::time::Duration, what: &str) -> Result<()> {
         let mut positions = Vec::with_capacity(self.others.len());
         let mut first_error = None;
         for other in &self.others {
@@ -478,7 +468,7 @@ impl Trainer {
             for (other, position) in self.others.iter().zip(&state.worker_positions) {
                 other.send(Command::Seek(*position))?;
             }
-            self.collect_positions(Some((self.cfg.train.parallel.timeout(), "a data seek")))?;
+            self.collect_positions(self.cfg.train.parallel.timeout(), "a data seek")?;
         } else {
             tracing::warn!(
                 "the checkpoint was written by {} data-parallel workers, this run has {}: \

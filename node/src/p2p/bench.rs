@@ -176,17 +176,6 @@ fn bench_keypair(rank: usize) -> Keypair {
     Keypair::ed25519_from_bytes(secret).expect("an ed25519 secret is any 32 bytes")
 }
 
-fn quic_addr(addr: SocketAddr) -> Multiaddr {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(ip) => libp2p::multiaddr::Protocol::Ip4(ip),
-        std::net::IpAddr::V6(ip) => libp2p::multiaddr::Protocol::Ip6(ip),
-    };
-    Multiaddr::empty()
-        .with(ip)
-        .with(libp2p::multiaddr::Protocol::Udp(addr.port()))
-        .with(libp2p::multiaddr::Protocol::QuicV1)
-}
-
 /// How long the members of a benchmark have to start and connect to each other.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -227,7 +216,7 @@ async fn connect_members(
     );
     let (net, event_loop) = net::new(PeerNetConfig::new(bench_keypair(rank)))?;
     tokio::spawn(event_loop.run());
-    net.start_listening(quic_addr(addrs[rank]))
+    net.start_listening(super::net::quic_multiaddr(addrs[rank]))
         .await
         .with_context(|| {
             format!(
@@ -241,7 +230,7 @@ async fn connect_members(
         .map(|(i, addr)| {
             (
                 bench_keypair(i).public().to_peer_id(),
-                vec![quic_addr(*addr)],
+                vec![super::net::quic_multiaddr(*addr)],
             )
         })
         .collect();

@@ -34,5 +34,5 @@ pub(crate) use all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
 pub(crate) use bench::{bench_local, bench_member, bench_state_member};
 pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
-pub(crate) use net::{PeerNet, PeerNetConfig, new};
+pub(crate) use net::{PeerNet, PeerNetConfig, new, quic_multiaddr};
 pub(crate) use state::StateSnapshot;

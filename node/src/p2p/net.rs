@@ -154,6 +154,18 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
     Ok((net, event_loop))
 }
 
+/// The QUIC multiaddr of an IP:port (`/ip4/…/udp/…/quic-v1`).
+pub(crate) fn quic_multiaddr(addr: std::net::SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => libp2p::multiaddr::Protocol::Ip4(ip),
+        std::net::IpAddr::V6(ip) => libp2p::multiaddr::Protocol::Ip6(ip),
+    };
+    Multiaddr::empty()
+        .with(ip)
+        .with(libp2p::multiaddr::Protocol::Udp(addr.port()))
+        .with(libp2p::multiaddr::Protocol::QuicV1)
+}
+
 impl PeerNet {
     /// The libp2p peer id this node registers with the coordinator.
     pub(crate) fn peer_id(&self) -> PeerId {
