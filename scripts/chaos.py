@@ -284,16 +284,18 @@ def main():
         proc.wait_for("round    1 |", 120)
 
     faults = []  # (kind, node or None, time)
-    coordinator_at = rng.randrange(0, 3)
     started = time.monotonic()
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(rng.uniform(3, 8))
-            if not all(p.alive() for p in cluster.nodes) or progress(cluster.nodes) > 0.75 * args.steps:
+            # The coordinator restart comes first, unconditionally: the run is young, every node
+            # lives through it, and a short or fast run cannot end before it happens.
+            if not faults:
+                kind = "coordinator"
+            elif not all(p.alive() for p in cluster.nodes) or progress(cluster.nodes) > 0.75 * args.steps:
                 break  # the run is ending: a node hit now would find nobody left to rejoin
-            kind = rng.choice(["kill", "stop"])
-            if len(faults) == coordinator_at:
-                kind = "coordinator"  # once per run, early, so the nodes live through it
+            else:
+                kind = rng.choice(["kill", "stop"])
             if kind == "coordinator":
                 log("restarting the coordinator")
                 cluster.coordinator.kill()
