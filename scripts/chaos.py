@@ -13,8 +13,16 @@ It prints the faults, rounds committed and abandoned, and each fault's recovery 
 fault to the next round committed with the affected node, or by anyone after a coordinator
 restart).
 
+With --netns (root), every process runs in its own Linux network namespace. Each node has two
+links, one to a control bridge (the coordinator's side) and one to a peer bridge (the other
+nodes), and partitions become faults too: a node's peer link taken down (cut off from the others
+but not from the coordinator), its control link taken down (cut off from the coordinator but not
+from the others), or both, for longer than the heartbeat timeout. At least one partition of each
+of the first two kinds happens in every run. Then the checks above also show that no round was
+closed by both sides of a partition: every committed round has one state hash everywhere.
+
   scripts/chaos.py [--nodes 4] [--duration 90] [--seed 1] [--steps 150] [--small]
-                   [--tolerance 0.03] [--no-reference]
+                   [--tolerance 0.03] [--no-reference] [--netns]
 
 --small shrinks the model input (32-token sequences, 8 per step, H=5) for a CI-sized run.
 Exit status 0 when every check passes.
@@ -36,6 +44,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# --netns: namespaces forge-chaos-*, links on 10.77.1.0/24 (control) and 10.77.2.0/24 (peers).
+NS_PREFIX = "forge-chaos-"
+COORD_IP = "10.77.1.1"
+COORD_PORT = 7701
 ROUND = re.compile(r"^round\s+(\d+) \| (\d+) members \|.*\| (committed v\d+ \S+|committed without this node.*|abandoned.*)$")
 
 
@@ -46,7 +58,10 @@ def log(msg):
 class Proc:
     """A child process whose stdout lines are kept with the time they arrived."""
 
+    started = []  # every Proc, so none outlives the script however it ends
+
     def __init__(self, name, args, out_path, env):
+        Proc.started.append(self)
         self.name = name
         self.lines = []  # (time, line)
         self.out = open(out_path, "a")
@@ -121,8 +136,8 @@ def write_config(work, nodes, steps, small):
 
 
 class Cluster:
-    def __init__(self, work, config, nodes, bin_dir):
-        self.work, self.config, self.bin = work, config, bin_dir
+    def __init__(self, work, config, nodes, bin_dir, net=None):
+        self.work, self.config, self.bin, self.net = work, config, bin_dir, net
         self.env = dict(os.environ, RUST_LOG="warn")
         self.env.pop("LD_LIBRARY_PATH", None)
         self.coordinator = None
@@ -130,22 +145,29 @@ class Cluster:
         self.nodes = [None] * nodes
         self.history = [[] for _ in range(nodes)]  # every Proc a node slot has had
 
+    def _in(self, ns, argv):
+        return argv if self.net is None else ["ip", "netns", "exec", ns] + argv
+
     def start_coordinator(self):
-        listen = self.addr or "127.0.0.1:0"
+        default = "127.0.0.1:0" if self.net is None else f"{COORD_IP}:{COORD_PORT}"
+        listen = self.addr or default
         self.coordinator = Proc(
             "coordinator",
-            [str(self.bin / "forge-coordinator"), "serve", "--config", str(self.config),
-             "--listen", listen, "--state-dir", str(self.work / "coord")],
+            self._in(NS_PREFIX + "coord",
+                     [str(self.bin / "forge-coordinator"), "serve", "--config", str(self.config),
+                      "--listen", listen, "--state-dir", str(self.work / "coord")]),
             self.work / "coord.out", self.env)
         line = self.coordinator.wait_for("forge-node join ", 60)
         words = line.split()
         self.addr, self.token = words[2], words[4]
 
     def start_node(self, i):
+        listen = "127.0.0.1:0" if self.net is None else f"{self.net.peer_ip(i)}:0"
         proc = Proc(
             f"node{i}",
-            [str(self.bin / "forge-node"), "join", self.addr, "--token", self.token,
-             "--workdir", str(self.work / f"node{i}"), "--listen", "127.0.0.1:0"],
+            self._in(self.net.node_ns(i) if self.net else "",
+                     [str(self.bin / "forge-node"), "join", self.addr, "--token", self.token,
+                      "--workdir", str(self.work / f"node{i}"), "--listen", listen]),
             self.work / f"node{i}.out", self.env)
         self.nodes[i] = proc
         self.history[i].append(proc)
@@ -156,6 +178,60 @@ class Cluster:
                 if proc.alive():
                     proc.kill(signal.SIGCONT)
                 proc.kill()
+
+
+def sh(*argv):
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+class Netns:
+    """A coordinator namespace and one per node, wired through two bridges in a hub namespace:
+    the control bridge (nodes <-> coordinator) and the peer bridge (nodes <-> nodes). A partition
+    takes a node's hub-side link down, as if its cable were pulled at the switch."""
+
+    def __init__(self, nodes):
+        self.count = nodes
+        self.hub = NS_PREFIX + "hub"
+        self.cleanup()
+        sh("ip", "netns", "add", self.hub)
+        sh("ip", "-n", self.hub, "link", "set", "lo", "up")
+        for br in ("brc", "brp"):
+            sh("ip", "-n", self.hub, "link", "add", br, "type", "bridge")
+            sh("ip", "-n", self.hub, "link", "set", br, "up")
+        self._attach(NS_PREFIX + "coord", "ctl", "fcc", "brc", f"{COORD_IP}/24")
+        for i in range(nodes):
+            self._attach(self.node_ns(i), "ctl", f"fc{i}", "brc", f"10.77.1.{10 + i}/24")
+            self._attach(self.node_ns(i), "p2p", f"fp{i}", "brp", f"{self.peer_ip(i)}/24")
+
+    def _attach(self, ns, dev, hub_dev, bridge, addr):
+        if subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.find(ns) < 0:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", hub_dev, "netns", self.hub)
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.hub, "link", "set", hub_dev, "master", bridge)
+        sh("ip", "-n", self.hub, "link", "set", hub_dev, "up")
+
+    @staticmethod
+    def node_ns(i):
+        return f"{NS_PREFIX}n{i}"
+
+    @staticmethod
+    def peer_ip(i):
+        return f"10.77.2.{10 + i}"
+
+    def link(self, i, which, up):
+        """which: "peers" or "coordinator"."""
+        dev = f"fp{i}" if which == "peers" else f"fc{i}"
+        sh("ip", "-n", self.hub, "link", "set", dev, "up" if up else "down")
+
+    def cleanup(self):
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for line in listed.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(NS_PREFIX):
+                subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
 
 
 def rounds_of(procs):
@@ -228,12 +304,12 @@ def check_checkpoints(work, nodes):
     return checked, bad
 
 
-def run_reference(args, work, bin_dir):
+def run_reference(args, work, bin_dir, net):
     ref = work / "reference"
     shutil.rmtree(ref, ignore_errors=True)
     ref.mkdir(parents=True)
     config = write_config(ref, args.nodes, args.steps, args.small)
-    cluster = Cluster(ref, config, args.nodes, bin_dir)
+    cluster = Cluster(ref, config, args.nodes, bin_dir, net)
     cluster.start_coordinator()
     for i in range(args.nodes):
         cluster.start_node(i)
@@ -259,6 +335,7 @@ def main():
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--finish-timeout", type=float, default=600)
     p.add_argument("--work", default="runs/chaos")
+    p.add_argument("--netns", action="store_true", help="network namespaces and partitions (root)")
     args = p.parse_args()
     if args.nodes < 3:
         raise SystemExit("chaos: --nodes must be at least 3 (two must stay up while a third is hit)")
@@ -269,14 +346,30 @@ def main():
     shutil.rmtree(work / "faulty", ignore_errors=True)
     (work / "faulty").mkdir(parents=True)
     rng = random.Random(args.seed)
+    net = None
+    if args.netns:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            raise SystemExit("chaos: --netns needs root and iproute2 (ip netns, veth, bridges)")
+        net = Netns(args.nodes)
+    try:
+        run(args, work, bin_dir, rng, net)
+    finally:
+        for proc in Proc.started:
+            if proc.alive():
+                proc.kill(signal.SIGCONT)
+                proc.kill()
+        if net is not None:
+            net.cleanup()
 
-    reference = None if args.no_reference else run_reference(args, work, bin_dir)
+
+def run(args, work, bin_dir, rng, net):
+    reference = None if args.no_reference else run_reference(args, work, bin_dir, net)
     if reference is not None:
         log(f"fault-free reference: final validation loss {reference:.4f}")
 
     faulty = work / "faulty"
     config = write_config(faulty, args.nodes, args.steps, args.small)
-    cluster = Cluster(faulty, config, args.nodes, bin_dir)
+    cluster = Cluster(faulty, config, args.nodes, bin_dir, net)
     cluster.start_coordinator()
     for i in range(args.nodes):
         cluster.start_node(i)
@@ -294,6 +387,10 @@ def main():
                 kind = "coordinator"
             elif not all(p.alive() for p in cluster.nodes) or progress(cluster.nodes) > 0.75 * args.steps:
                 break  # the run is ending: a node hit now would find nobody left to rejoin
+            elif net is not None and len(faults) <= 2:
+                kind = ["cut from peers", "cut from coordinator"][len(faults) - 1]
+            elif net is not None:
+                kind = rng.choice(["kill", "stop", "cut from peers", "cut from coordinator", "cut off"])
             else:
                 kind = rng.choice(["kill", "stop"])
             if kind == "coordinator":
@@ -310,6 +407,23 @@ def main():
                 time.sleep(rng.uniform(0.5, 3))
                 cluster.start_node(i)
                 faults.append(("kill + restart", i, t))
+            elif kind.startswith("cut"):
+                i = rng.randrange(args.nodes)
+                links = {"cut from peers": ["peers"], "cut from coordinator": ["coordinator"],
+                         "cut off": ["peers", "coordinator"]}[kind]
+                # Cut from the peers longer than an all-reduce's timeout (so a round fails and
+                # the coordinator benches the node), from the coordinator longer than the
+                # heartbeat timeout (so it is declared dead while its peers still reach it).
+                length = {"cut from peers": rng.uniform(13, 17), "cut from coordinator": rng.uniform(4, 8),
+                          "cut off": rng.uniform(6, 10)}[kind]
+                log(f"partition: node {i} {kind} for {length:.1f} s")
+                for which in links:
+                    net.link(i, which, up=False)
+                time.sleep(length)
+                for which in links:
+                    net.link(i, which, up=True)
+                # Recovery counts from the moment the link is back.
+                faults.append((kind, i, time.monotonic()))
             else:
                 i = rng.randrange(args.nodes)
                 pause = rng.uniform(3, 5)
@@ -352,7 +466,8 @@ def main():
         others = {r for rt, r, _, o in rounds if rt > t and o.startswith("committed v")}
         who = f"node {node}" if node is not None else "coordinator"
         if later:
-            print(f"  {kind:<20} {who:<12} recovered in {min(later) - t:6.1f} s")
+            since = " after the link came back" if kind.startswith("cut") else ""
+            print(f"  {kind:<20} {who:<12} recovered in {min(later) - t:6.1f} s{since}")
         elif len(others) < 2:
             print(f"  {kind:<20} {who:<12} the run ended before it could rejoin")
         else:

@@ -450,3 +450,68 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
         "{coordinator_log}"
     );
 }
+
+/// SIGTERM mid-run: the node stops its inner steps, finishes the round it is in (the all-reduce
+/// and its report), tells the coordinator it leaves and exits 0; no round is abandoned for it
+/// and the other two train on.
+#[test]
+fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3);
+    let deadline = Instant::now() + LIMIT;
+    let mut coordinator = Proc::start_with(
+        "forge-coordinator",
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            tmp.path().join("coord").to_str().unwrap(),
+        ],
+        &tmp.path().join("coord.log"),
+        &[("RUST_LOG", "info")],
+    );
+    let join = coordinator.wait_for("forge-node join ", deadline);
+    let words: Vec<&str> = join.split_whitespace().collect();
+    let (addr, token) = (words[2], words[4]);
+    let mut nodes: Vec<Proc> = (0..3)
+        .map(|i| start_node(tmp.path(), i, addr, token))
+        .collect();
+    for node in &mut nodes {
+        node.wait_for("round    2 |", deadline);
+    }
+    let leaving = nodes.pop().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &leaving.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, lines) = leaving.finish(deadline);
+    let log = lines.join("\n");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("leaving: stopped by signal"), "{log}");
+    assert!(log.contains("final validation loss"), "{log}");
+
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+        let abandoned: Vec<_> = rounds
+            .iter()
+            .filter(|r| !r.3.starts_with("committed"))
+            .collect();
+        assert!(abandoned.is_empty(), "node {i}: {abandoned:?}\n{log}");
+        assert!(
+            rounds.iter().any(|r| r.1 == 2),
+            "node {i}: no round by the two that stayed:\n{log}"
+        );
+    }
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(
+        coordinator_log.contains("left: stopped by signal"),
+        "{coordinator_log}"
+    );
+}

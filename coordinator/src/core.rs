@@ -178,6 +178,14 @@ pub enum Event {
         round: RoundId,
         reason: String,
     },
+    /// A member most other participants of `round` could not reach sits out the rounds up to
+    /// and including `until` (on standby), then is assigned again.
+    Benched {
+        member: MemberId,
+        round: RoundId,
+        until: RoundId,
+        reason: String,
+    },
     PlanChanged {
         replicas: usize,
         standby: Vec<MemberId>,
@@ -212,7 +220,42 @@ struct Member {
     capabilities: Capabilities,
     last_heard: Millis,
     assignment: Option<Assignment>,
+    /// Set once most of a round's other participants could not reach this member.
+    bench: Option<Bench>,
 }
+
+/// A member that most of a round's participants could not reach (cut off from its peers but not
+/// from the coordinator) would fail every round it is in; it sits out a number of rounds that
+/// doubles with each benching until it is part of a committed round again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Bench {
+    /// Left out of every round up to and including this one.
+    until: RoundId,
+    /// Still on standby for it (cleared, with a re-plan, once `until` has passed).
+    active: bool,
+    /// Benchings since this member was last part of a committed round.
+    strikes: u32,
+}
+
+impl Member {
+    fn benched(&self) -> bool {
+        self.bench.as_ref().is_some_and(|b| b.active)
+    }
+}
+
+/// How a member leaves the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// It sent `Leave`.
+    Left,
+    /// Silent past the heartbeat timeout, or replaced by its own rejoin.
+    Gone,
+    /// Its contributions were rejected; it must not come back as it is.
+    Expelled,
+}
+
+/// At most this many rounds on the bench at a time.
+const MAX_BENCH_ROUNDS: u64 = 16;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Replica {
@@ -267,7 +310,16 @@ pub struct Coordinator {
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
+    /// After a restart nobody counts as silent before this moment (plus the heartbeat timeout):
+    /// nodes first notice the old coordinator is gone, then reconnect with backoff.
+    #[serde(skip)]
+    grace_until: Millis,
 }
+
+/// How long after a restart the coordinator waits, beyond the heartbeat timeout, for its members
+/// to reconnect before declaring them dead. A node notices a vanished coordinator after its
+/// connection's idle timeout (the heartbeat timeout) and retries with a backoff from 0.2 s.
+pub(crate) const RESTART_GRACE_MS: u64 = 10_000;
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Result<Coordinator> {
@@ -288,6 +340,7 @@ impl Coordinator {
             last_checkpoint: None,
             checkpoint_state: None,
             conns: BTreeMap::new(),
+            grace_until: Millis(0),
         })
     }
 
@@ -331,6 +384,7 @@ impl Coordinator {
             codec::decode(Channel::Snapshot, bytes).map_err(Error::Snapshot)?;
         coordinator.config.validate()?;
         coordinator.now = now;
+        coordinator.grace_until = now.plus(RESTART_GRACE_MS);
         for member in coordinator.members.values_mut() {
             member.last_heard = now;
             member.conn = None;
@@ -471,7 +525,7 @@ impl Coordinator {
                         round.participants.remove(&id);
                     }
                 }
-                self.remove_member(id, format!("left: {}", leave.reason), false, out);
+                self.remove_member(id, format!("left: {}", leave.reason), Removal::Left, out);
                 out.push(Output::Event(Event::Left {
                     member: id,
                     reason: leave.reason,
@@ -499,8 +553,17 @@ impl Coordinator {
             .filter(|(_, member)| member.capabilities.peer_id == capabilities.peer_id)
             .map(|(id, _)| *id)
             .collect();
+        // A bench outlives a restart: the node is as unreachable as before.
+        let bench = previous
+            .iter()
+            .find_map(|old| self.members[old].bench.clone());
         for old in previous {
-            self.remove_member(old, "rejoined as a new member".to_string(), false, out);
+            self.remove_member(
+                old,
+                "rejoined as a new member".to_string(),
+                Removal::Gone,
+                out,
+            );
         }
         let id = MemberId(self.next_member);
         self.next_member += 1;
@@ -512,6 +575,7 @@ impl Coordinator {
                 capabilities,
                 last_heard: self.now,
                 assignment: None,
+                bench,
             },
         );
         self.conns.entry(from).or_default().member = Some(id);
@@ -696,19 +760,15 @@ impl Coordinator {
         out.push(Output::Event(Event::CheckpointCommitted { round }));
     }
 
-    /// Forgets member `id` and tells the others why; an `expelled` member (bad contributions)
+    /// Forgets member `id` and tells the others why; an expelled member (bad contributions)
     /// is told as well, so that it stops instead of joining again.
-    fn remove_member(
-        &mut self,
-        id: MemberId,
-        reason: String,
-        expelled: bool,
-        out: &mut Vec<Output>,
-    ) {
+    fn remove_member(&mut self, id: MemberId, reason: String, how: Removal, out: &mut Vec<Output>) {
+        let expelled = how == Removal::Expelled;
         let message = CoordinatorMessage::MemberDead(MemberDead {
             member: id,
             reason,
             expelled,
+            left: how == Removal::Left,
         });
         if expelled {
             self.send_to_member(id, message.clone(), out);
@@ -755,11 +815,16 @@ impl Coordinator {
         let silent: Vec<(MemberId, u64)> = self
             .members
             .iter()
-            .filter(|(_, member)| self.now >= member.last_heard.plus(timeout))
+            .filter(|(_, member)| self.now >= member.last_heard.max(self.grace_until).plus(timeout))
             .map(|(id, member)| (*id, self.now.0 - member.last_heard.0))
             .collect();
         for (id, silent_ms) in silent {
-            self.remove_member(id, format!("no message for {silent_ms} ms"), false, out);
+            self.remove_member(
+                id,
+                format!("no message for {silent_ms} ms"),
+                Removal::Gone,
+                out,
+            );
             out.push(Output::Event(Event::Dead {
                 member: id,
                 silent_ms,
@@ -769,10 +834,25 @@ impl Coordinator {
             self.try_close_round(out);
         }
         if self.round.is_none() {
+            self.end_benches();
             if self.membership_changed {
                 self.replan(None, out);
             }
             self.try_open_round(out);
+        }
+    }
+
+    /// Members whose bench has run out are planned into the next round again.
+    fn end_benches(&mut self) {
+        let next = self.last_round.map_or(RoundId(1), RoundId::next);
+        for member in self.members.values_mut() {
+            if let Some(bench) = &mut member.bench
+                && bench.active
+                && bench.until < next
+            {
+                bench.active = false;
+                self.membership_changed = true;
+            }
         }
     }
 
@@ -783,12 +863,17 @@ impl Coordinator {
         let groups: Vec<Vec<(MemberId, Option<StageAssignment>)>> = match &self.config.model {
             None => {
                 self.plan = None;
-                self.members.keys().map(|id| vec![(*id, None)]).collect()
+                self.members
+                    .iter()
+                    .filter(|(_, member)| !member.benched())
+                    .map(|(id, _)| vec![(*id, None)])
+                    .collect()
             }
             Some(profile) => {
                 let nodes: Vec<_> = self
                     .members
                     .iter()
+                    .filter(|(_, member)| !member.benched())
                     .map(|(id, member)| node_from_capabilities(id.0, &member.capabilities, profile))
                     .collect();
                 let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes);
@@ -1049,6 +1134,12 @@ impl Coordinator {
             .filter(|id| !included.contains(id))
             .copied()
             .collect();
+        // Part of a committed round: reachable again, so a later benching starts over.
+        for id in &included {
+            if let Some(member) = self.members.get_mut(id) {
+                member.bench = None;
+            }
+        }
         out.push(Output::Event(Event::RoundClosed {
             round: round.id,
             committed: quorum,
@@ -1056,68 +1147,92 @@ impl Coordinator {
             excluded,
         }));
         self.remove_rejected(&round, out);
+        self.bench_unreachable(&round, out);
     }
 
     /// Removes the members whose contributions to `round` another participant rejected (NaN or
     /// Inf, wrong shape or version, an outlier norm): one node sending bad updates would
-    /// otherwise make every round fail. The member rejected by the most others goes first, then
-    /// its own rejections stop counting, and so on; when two members are rejected by equally
-    /// many (two nodes rejecting each other), neither is removed and a warning says so.
+    /// otherwise make every round fail. See [`single_out`] for the order and ties.
     fn remove_rejected(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
-        // accused -> accuser -> the accuser's reason
-        let mut accusations: BTreeMap<MemberId, BTreeMap<MemberId, String>> = BTreeMap::new();
-        for (by, report) in &round.reports {
-            if let OuterStep::Failed {
+        let accusations = accusations(round, |step| match step {
+            OuterStep::Failed {
                 reason,
                 rejected: Some(member),
-            } = &report.outer_step
-                && member != by
-                && round.participants.contains_key(member)
-            {
-                accusations
-                    .entry(*member)
-                    .or_default()
-                    .insert(*by, reason.clone());
-            }
+                ..
+            } => Some((*member, reason)),
+            _ => None,
+        });
+        let (culprits, tied) = single_out(accusations, 1);
+        for (member, by, reason) in culprits {
+            let why = format!(
+                "member {by} rejected its contribution to {}: {reason}",
+                round.id
+            );
+            self.remove_member(member, why.clone(), Removal::Expelled, out);
+            out.push(Output::Event(Event::Rejected {
+                member,
+                by,
+                round: round.id,
+                reason: why,
+            }));
         }
-        loop {
-            let Some(votes) = accusations.values().map(BTreeMap::len).max() else {
-                return;
+        if !tied.is_empty() {
+            out.push(Output::Event(Event::Warning {
+                message: format!(
+                    "{}: members {} had their contributions rejected by equally many others; none of them is removed",
+                    round.id,
+                    join_ids(&tied)
+                ),
+            }));
+        }
+    }
+
+    /// Benches the members that a strict majority of the round's other participants could not
+    /// reach (timed out on, lost the connection to, or heard an abort blaming): a node cut off
+    /// from its peers but still talking to the coordinator would otherwise be in, and fail,
+    /// every round. It sits out 1, 2, 4, ... rounds (at most [`MAX_BENCH_ROUNDS`]), then is
+    /// planned in again and fetches the global state; once it is part of a committed round its
+    /// count starts over. Members blamed by equally many others (two nodes that cannot reach
+    /// each other) are all kept, with a warning: nobody can tell which side is cut off.
+    fn bench_unreachable(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
+        let accusations = accusations(round, |step| match step {
+            OuterStep::Failed {
+                reason,
+                unreachable: Some(member),
+                ..
+            } => Some((*member, reason)),
+            _ => None,
+        });
+        let others = round.participants.len().saturating_sub(1);
+        let (culprits, tied) = single_out(accusations, others / 2 + 1);
+        for (id, by, reason) in culprits {
+            let Some(member) = self.members.get_mut(&id) else {
+                continue; // already gone (dead, left or expelled)
             };
-            let most: Vec<MemberId> = accusations
-                .iter()
-                .filter(|(_, accusers)| accusers.len() == votes)
-                .map(|(member, _)| *member)
-                .collect();
-            if let [member] = most[..] {
-                let accusers = accusations.remove(&member).expect("listed above");
-                let (by, reason) = accusers.into_iter().next().expect("at least one accuser");
-                let why = format!(
-                    "member {by} rejected its contribution to {}: {reason}",
-                    round.id
-                );
-                self.remove_member(member, why.clone(), true, out);
-                out.push(Output::Event(Event::Rejected {
-                    member,
-                    by,
-                    round: round.id,
-                    reason: why,
-                }));
-                for accusers in accusations.values_mut() {
-                    accusers.remove(&member);
-                }
-                accusations.retain(|_, accusers| !accusers.is_empty());
-            } else {
-                let names: Vec<String> = most.iter().map(ToString::to_string).collect();
-                out.push(Output::Event(Event::Warning {
-                    message: format!(
-                        "{}: members {} had their contributions rejected by equally many others; none of them is removed",
-                        round.id,
-                        names.join(", ")
-                    ),
-                }));
-                return;
-            }
+            let strikes = member.bench.as_ref().map_or(0, |b| b.strikes) + 1;
+            let rounds = (1u64 << (strikes - 1).min(16)).min(MAX_BENCH_ROUNDS);
+            let until = RoundId(round.id.0 + rounds);
+            member.bench = Some(Bench {
+                until,
+                active: true,
+                strikes,
+            });
+            self.membership_changed = true;
+            out.push(Output::Event(Event::Benched {
+                member: id,
+                round: round.id,
+                until,
+                reason: format!("member {by} could not reach it in {}: {reason}", round.id),
+            }));
+        }
+        if !tied.is_empty() {
+            out.push(Output::Event(Event::Warning {
+                message: format!(
+                    "{}: members {} could not reach each other (blamed by equally many); none of them is benched",
+                    round.id,
+                    join_ids(&tied)
+                ),
+            }));
         }
     }
 
@@ -1240,6 +1355,67 @@ impl Verdict {
 
 /// Votes per tensor (real tensors, plus each layer range's `params_hash` as a pseudo-tensor)
 /// and finds who agrees with every winner.
+/// Who in `round` accuses whom, as `pick` reads the reports: accused -> accuser -> reason. Only
+/// accusations of another participant count.
+fn accusations<'a>(
+    round: &'a OpenRound,
+    pick: impl Fn(&'a OuterStep) -> Option<(MemberId, &'a String)>,
+) -> BTreeMap<MemberId, BTreeMap<MemberId, String>> {
+    let mut accusations: BTreeMap<MemberId, BTreeMap<MemberId, String>> = BTreeMap::new();
+    for (by, report) in &round.reports {
+        if let Some((member, reason)) = pick(&report.outer_step)
+            && member != *by
+            && round.participants.contains_key(&member)
+        {
+            accusations
+                .entry(member)
+                .or_default()
+                .insert(*by, reason.clone());
+        }
+    }
+    accusations
+}
+
+/// The members to act on, as (member, one accuser, its reason): repeatedly the one accused by
+/// the most others, if that is at least `min_votes`, after which its own accusations stop
+/// counting. Stops at a tie for the most and returns the tied members too.
+fn single_out(
+    mut accusations: BTreeMap<MemberId, BTreeMap<MemberId, String>>,
+    min_votes: usize,
+) -> (Vec<(MemberId, MemberId, String)>, Vec<MemberId>) {
+    let mut culprits = Vec::new();
+    loop {
+        let Some(votes) = accusations.values().map(BTreeMap::len).max() else {
+            return (culprits, Vec::new());
+        };
+        if votes < min_votes.max(1) {
+            return (culprits, Vec::new());
+        }
+        let most: Vec<MemberId> = accusations
+            .iter()
+            .filter(|(_, accusers)| accusers.len() == votes)
+            .map(|(member, _)| *member)
+            .collect();
+        let [member] = most[..] else {
+            return (culprits, most);
+        };
+        let accusers = accusations.remove(&member).expect("listed above");
+        let (by, reason) = accusers.into_iter().next().expect("at least one accuser");
+        culprits.push((member, by, reason));
+        for accusers in accusations.values_mut() {
+            accusers.remove(&member);
+        }
+        accusations.retain(|_, accusers| !accusers.is_empty());
+    }
+}
+
+fn join_ids(ids: &[MemberId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn judge(round: &OpenRound) -> Verdict {
     let mut votes: BTreeMap<String, BTreeMap<Digest, usize>> = BTreeMap::new();
     let mut claims: BTreeMap<MemberId, Vec<(String, Digest)>> = BTreeMap::new();

@@ -509,6 +509,14 @@ impl EventLoop {
             Event::Rejected { member, reason, .. } => {
                 warn!(%member, "removed from the run: {reason}");
             }
+            Event::Benched {
+                member,
+                until,
+                reason,
+                ..
+            } => {
+                warn!(%member, "on standby up to and including {until}: {reason}");
+            }
             Event::PlanChanged { replicas, standby } => {
                 info!(replicas, standby = standby.len(), "plan changed");
             }

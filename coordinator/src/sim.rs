@@ -465,6 +465,7 @@ impl Sim {
             Event::Refused { .. }
             | Event::Resumed { .. }
             | Event::PlanChanged { .. }
+            | Event::Benched { .. }
             | Event::Warning { .. } => {}
         }
     }
@@ -716,6 +717,7 @@ mod tests {
     use forge_protocol::{ErrorCode, PROTOCOL_VERSION};
 
     use super::*;
+    use crate::core::RESTART_GRACE_MS;
     use crate::planner::ModelProfile;
     use crate::profile::Architecture;
 
@@ -960,6 +962,7 @@ mod tests {
                 outer_step: OuterStep::Failed {
                     reason: "contribution has NaN".to_string(),
                     rejected,
+                    unreachable: None,
                 },
             })
         };
@@ -1081,6 +1084,106 @@ mod tests {
         assert_eq!(accepted, checkpointed);
     }
 
+    fn unreachable(round: RoundId, member: MemberId) -> NodeMessage {
+        NodeMessage::RoundReport(RoundReport {
+            round,
+            tokens_processed: 1_000,
+            outer_step: OuterStep::Failed {
+                reason: "timed out".to_string(),
+                rejected: None,
+                unreachable: Some(member),
+            },
+        })
+    }
+
+    fn benched(outputs: &[Output]) -> Vec<(MemberId, RoundId)> {
+        events(outputs)
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Benched { member, until, .. } => Some((*member, *until)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A node cut off from its peers but not from the coordinator: everyone else times out on
+    /// it. It sits out 1 round, then 2 (it is still cut off), and once a round with it commits,
+    /// its next benching starts from 1 again.
+    #[test]
+    fn member_the_others_cannot_reach_sits_out_rounds_that_double() {
+        let mut driver = Driver::new(config(2));
+        let members: Vec<MemberId> = (1..=4).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        let (round, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(participants, members);
+        // Member 4 is cut off: 1-3 blame it, it blames member 1.
+        let cut_off = |driver: &mut Driver, round: RoundId| {
+            for conn in 1..=3 {
+                driver.send(conn, unreachable(round, members[3]));
+            }
+            driver.send(4, unreachable(round, members[0]))
+        };
+        let outputs = cut_off(&mut driver, round);
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(false));
+        assert_eq!(benched(&outputs), vec![(members[3], RoundId(3))]);
+        assert!(
+            messages_to(&outputs, 4)
+                .into_iter()
+                .any(|m| matches!(m, CoordinatorMessage::Assigned(a) if a.assignment.is_none())),
+            "the benched member is told it is on standby"
+        );
+        let (round, participants) = opened(&outputs).expect("round 3 opened");
+        assert_eq!((round, participants), (RoundId(3), members[..3].to_vec()));
+        for conn in 1..=2 {
+            driver.report(conn, round, honest_digest(round));
+        }
+        let outputs = driver.report(3, round, honest_digest(round));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        let (round, participants) = opened(&outputs).expect("round 4 opened");
+        assert_eq!(participants, members, "back after one round");
+        // Still cut off: two rounds on the bench this time.
+        let mut outputs = cut_off(&mut driver, round);
+        assert_eq!(benched(&outputs), vec![(members[3], RoundId(6))]);
+        for expected in [RoundId(5), RoundId(6)] {
+            let (round, participants) = opened(&outputs).expect("next round opened");
+            assert_eq!((round, participants), (expected, members[..3].to_vec()));
+            for conn in 1..=2 {
+                driver.report(conn, round, honest_digest(round));
+            }
+            outputs = driver.report(3, round, honest_digest(round));
+            assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        }
+        // Reachable again: round 7 commits with it, which wipes its strikes.
+        let (round, participants) = opened(&outputs).expect("round 7 opened");
+        assert_eq!((round, participants), (RoundId(7), members.clone()));
+        for conn in 1..=3 {
+            driver.report(conn, round, honest_digest(round));
+        }
+        let outputs = driver.report(4, round, honest_digest(round));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        let (round, _) = opened(&outputs).expect("round 8 opened");
+        let outputs = cut_off(&mut driver, round);
+        assert_eq!(benched(&outputs), vec![(members[3], RoundId(9))]);
+    }
+
+    /// Two members that cannot reach each other blame each other equally: nobody can tell which
+    /// side is cut off, so neither is benched.
+    #[test]
+    fn two_members_that_cannot_reach_each_other_are_not_benched() {
+        let mut driver = Driver::new(config(2));
+        let members: Vec<MemberId> = (1..=2).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        driver.send(1, unreachable(RoundId(1), members[1]));
+        let outputs = driver.send(2, unreachable(RoundId(1), members[0]));
+        assert_eq!(closed(&outputs).map(|c| c.1), Some(false));
+        assert!(benched(&outputs).is_empty());
+        assert!(events(&outputs).iter().any(
+            |e| matches!(e, Event::Warning { message } if message.contains("could not reach each other"))
+        ));
+        let (_, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(participants, members);
+    }
+
     #[test]
     fn two_members_rejecting_each_other_are_both_kept_with_a_warning() {
         let mut driver = Driver::new(config(2));
@@ -1092,6 +1195,7 @@ mod tests {
                 outer_step: OuterStep::Failed {
                     reason: "outlier norm".to_string(),
                     rejected: Some(rejected),
+                    unreachable: None,
                 },
             })
         };
@@ -1402,9 +1506,17 @@ mod tests {
         assert_eq!(restored.global(), driver.coordinator.global());
         assert_eq!(restored.last_round(), Some(RoundId(3)));
         assert_eq!(restored.members().count(), 2);
-        // Nobody reconnects: after a full timeout on the new clock both are dead and the open
-        // round is abandoned; round ids still only increase.
+        // Members get the restart grace on top of the heartbeat timeout to notice the restart
+        // and reconnect.
         let outputs = restored.tick(Millis(5 + 2_000));
+        assert!(
+            !events(&outputs)
+                .iter()
+                .any(|e| matches!(e, Event::Dead { .. }))
+        );
+        // Nobody reconnects: after the grace and a full timeout on the new clock both are dead
+        // and the open round is abandoned; round ids still only increase.
+        let outputs = restored.tick(Millis(5 + RESTART_GRACE_MS + 2_000));
         assert_eq!(
             events(&outputs)
                 .iter()

@@ -5,8 +5,8 @@
 //! only when the coordinator commits the round.
 
 use crate::p2p::{
-    self, AllReduceError, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig, StateSnapshot,
-    all_reduce_timeout,
+    self, AllReduceError, AllReduceOutput, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig,
+    StateSnapshot, all_reduce_timeout,
 };
 use anyhow::{Context, Result, bail};
 use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
@@ -26,7 +26,7 @@ use forge_trainer::models::{ModelConfig, Precision};
 use forge_trainer::train::Trainer;
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tch::Tensor;
+use tokio::sync::mpsc;
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
@@ -330,6 +331,10 @@ async fn node(opts: JoinOptions) -> Result<()> {
     // the same on every node (same seed); later ones come from a commit or from peers. None: this
     // node missed a commit and must fetch the state before it can contribute again.
     let mut held: Option<u64> = Some(0);
+    // Coordinator notifications that arrived while a round was being played, in order.
+    let mut backlog: VecDeque<Notification> = VecDeque::new();
+    // The last round this node played: a round is played once, however often it is announced.
+    let mut last_opened: Option<RoundId> = None;
     let mut injected_fault = test_fault()?;
     // Checkpoint shards this node writes when the coordinator asks, and resumes from after a
     // whole-cluster restart.
@@ -373,15 +378,34 @@ async fn node(opts: JoinOptions) -> Result<()> {
         if trainer.step() >= total_steps && pending.is_none() {
             break format!("finished the budget of {total_steps} inner steps");
         }
-        let note = tokio::select! {
-            note = notes.recv() => note,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        let note = match backlog.pop_front() {
+            Some(note) => Some(note),
+            None => tokio::select! {
+                note = notes.recv() => note,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            },
         };
         let Some(note) = note else {
             break "the coordinator connection closed".to_string();
         };
         match note {
             Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
+                if last_opened.is_some_and(|last| open.round <= last) {
+                    // Sent again after a reconnect (or a coordinator restart) before our report
+                    // arrived: this node played that round and its report is being resent.
+                    tracing::debug!("{} opened again; already played", open.round);
+                    continue;
+                }
+                last_opened = Some(open.round);
+                if let Some(stale) = pending.take() {
+                    // Its RoundClosed never reached this node (cut off from the coordinator):
+                    // the outer step is dropped; the version check below fetches whatever the
+                    // others committed.
+                    println!(
+                        "round {}: no outcome heard; its outer step is dropped",
+                        stale.round.0
+                    );
+                }
                 participants = open.participants.clone();
                 net.set_members(allowlist(&participants, &sync_peers)?)
                     .await?;
@@ -417,6 +441,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
                                 outer_step: OuterStep::Failed {
                                     reason,
                                     rejected: None,
+                                    unreachable: None,
                                 },
                             };
                             client.report(failed).await?;
@@ -439,6 +464,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
                     &diloco,
                     &stop,
                     bandwidth,
+                    (&mut notes, &mut backlog),
                 )
                 .await;
                 let p = match p {
@@ -453,6 +479,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
                             outer_step: OuterStep::Failed {
                                 reason: reason.clone(),
                                 rejected: None,
+                                unreachable: None,
                             },
                         };
                         client.report(failed).await.ok();
@@ -538,12 +565,20 @@ async fn node(opts: JoinOptions) -> Result<()> {
                 }
             }
             Notification::Message(CoordinatorMessage::Assigned(a)) => {
-                if let Some(a) = a.assignment {
-                    let next = (a.data_shard.index, a.data_shard.count);
-                    if shard != Some(next) {
-                        trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
-                        shard = Some(next);
+                match a.assignment {
+                    Some(a) => {
+                        let next = (a.data_shard.index, a.data_shard.count);
+                        if shard != Some(next) {
+                            trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
+                            shard = Some(next);
+                        }
                     }
+                    None if shard.is_some() => {
+                        // Benched (most peers could not reach this node) or no data shard free.
+                        println!("on standby: the coordinator left this node out of its plan");
+                        shard = None;
+                    }
+                    None => {}
                 }
                 // Admit new replicas' nodes now: they fetch the global state from their peers.
                 sync_peers = a.sync_peers;
@@ -557,8 +592,31 @@ async fn node(opts: JoinOptions) -> Result<()> {
             Notification::Disconnected { reason } => {
                 println!("coordinator connection lost ({reason}); reconnecting")
             }
-            Notification::Rejoined { kept_member, .. } => {
+            Notification::Rejoined {
+                kept_member,
+                accepted,
+            } => {
                 println!("reconnected to the coordinator (same member: {kept_member})");
+                if !kept_member {
+                    // A fresh joiner: the outcome of a round it reported to its old self never
+                    // comes, and its assignment and peers are the new ones.
+                    if let Some(stale) = pending.take() {
+                        println!(
+                            "round {}: outcome lost with the old membership; its outer step is dropped",
+                            stale.round.0
+                        );
+                    }
+                    if let Some(a) = accepted.assignment {
+                        let next = (a.data_shard.index, a.data_shard.count);
+                        if shard != Some(next) {
+                            trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
+                            shard = Some(next);
+                        }
+                    }
+                    sync_peers = accepted.sync_peers;
+                    net.set_members(allowlist(&participants, &sync_peers)?)
+                        .await?;
+                }
             }
             Notification::Stopped { reason } => {
                 bail!("the coordinator stopped this node: {reason}")
@@ -849,6 +907,10 @@ async fn play_round(
     diloco: &DilocoConfig,
     stop: &AtomicBool,
     bandwidth: f64,
+    (notes, backlog): (
+        &mut mpsc::UnboundedReceiver<Notification>,
+        &mut VecDeque<Notification>,
+    ),
 ) -> Result<Played> {
     let members = peers_of(&open.participants)?;
     let budget =
@@ -876,7 +938,7 @@ async fn play_round(
         timeout: all_reduce_timeout(encoded_bytes, k, bandwidth),
     };
     let sync_started = Instant::now();
-    let result = net.all_reduce(request, codec).await;
+    let result = all_reduce_unless_a_member_dies(net, request, codec, open, notes, backlog).await;
     let sync_s = sync_started.elapsed().as_secs_f64();
     let fp32_bytes = (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * outer.numel() as f64) as u64;
     let mut log = RoundLog {
@@ -922,21 +984,26 @@ async fn play_round(
             let blamed = e
                 .peer()
                 .map_or_else(|| "none".to_string(), |p| p.to_string());
-            let rejected = match &e {
-                AllReduceError::Rejected { peer, .. } => {
-                    let peer = peer.to_string();
-                    open.participants
-                        .iter()
-                        .find(|p| p.peer_id == peer)
-                        .map(|p| p.member)
-                }
-                _ => None,
+            let member_of = |peer: &PeerId| {
+                let peer = peer.to_string();
+                open.participants
+                    .iter()
+                    .find(|p| p.peer_id == peer)
+                    .map(|p| p.member)
+            };
+            let (rejected, unreachable) = match &e {
+                AllReduceError::Rejected { peer, .. } => (member_of(peer), None),
+                AllReduceError::Timeout { peer, .. }
+                | AllReduceError::PeerFailed { peer, .. }
+                | AllReduceError::Aborted { blamed: peer, .. } => (None, member_of(peer)),
+                _ => (None, None),
             };
             println!("round {}: all-reduce failed: {e}", open.round.0);
             (
                 OuterStep::Failed {
                     reason: format!("{e} [blamed peer: {blamed}]"),
                     rejected,
+                    unreachable,
                 },
                 None,
             )
@@ -954,6 +1021,57 @@ async fn play_round(
             log,
         },
     })
+}
+
+/// The round's all-reduce, given up as soon as the coordinator says one of its participants is
+/// dead (now, or while this node was training): waiting for the all-reduce's own timeout would
+/// only delay the round's close. Other notifications go to `backlog` for the node's loop.
+async fn all_reduce_unless_a_member_dies(
+    net: &PeerNet,
+    request: AllReduceRequest,
+    codec: &mut QuantCodec,
+    open: &RoundOpened,
+    notes: &mut mpsc::UnboundedReceiver<Notification>,
+    backlog: &mut VecDeque<Notification>,
+) -> Result<AllReduceOutput, AllReduceError> {
+    let dead_participant = |note: &Notification| match note {
+        Notification::Message(CoordinatorMessage::MemberDead(dead)) if !dead.left => open
+            .participants
+            .iter()
+            .find(|p| p.member == dead.member)
+            .map(|p| (p.peer_id.clone(), dead.reason.clone())),
+        _ => None,
+    };
+    let died = |peer: String, reason: String| match peer.parse() {
+        Ok(peer) => AllReduceError::PeerFailed {
+            round: open.round.0,
+            peer,
+            reason: format!("the coordinator declared it gone: {reason}"),
+        },
+        Err(_) => {
+            AllReduceError::InvalidRequest(format!("participant peer id {peer} does not parse"))
+        }
+    };
+    while let Ok(note) = notes.try_recv() {
+        backlog.push_back(note);
+    }
+    if let Some((peer, reason)) = backlog.iter().find_map(dead_participant) {
+        return Err(died(peer, reason));
+    }
+    let all_reduce = net.all_reduce(request, codec);
+    tokio::pin!(all_reduce);
+    loop {
+        tokio::select! {
+            result = &mut all_reduce => return result,
+            Some(note) = notes.recv() => {
+                let dead = dead_participant(&note);
+                backlog.push_back(note);
+                if let Some((peer, reason)) = dead {
+                    return Err(died(peer, reason));
+                }
+            }
+        }
+    }
 }
 
 /// Applies or drops the round's outer step as the coordinator decided; `held` becomes the

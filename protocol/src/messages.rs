@@ -19,7 +19,7 @@ use crate::codec::{self, Channel};
 use crate::error::{Error, Result};
 
 /// Version of the message set below; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -267,6 +267,11 @@ pub enum OuterStep {
         /// a norm far outside the others'), if that is why the round failed. The coordinator
         /// removes that member from the run.
         rejected: Option<MemberId>,
+        /// The member this node could not exchange its round with (it timed out, its
+        /// connection failed, or another member aborted the all-reduce blaming it). A member
+        /// that most of the others cannot reach sits out rounds for a while (the coordinator
+        /// benches it), so a node cut off from its peers does not fail every round.
+        unreachable: Option<MemberId>,
     },
 }
 
@@ -320,6 +325,10 @@ pub struct MemberDead {
     /// Removed for bad contributions rather than silence or leaving: the member is told too,
     /// and must not rejoin as it is.
     pub expelled: bool,
+    /// It sent `Leave` itself: it reported (or abandoned) its round first, so its peers have no
+    /// reason to give up on a round it is in. Otherwise it died or was replaced, and peers stop
+    /// waiting for it at once.
+    pub left: bool,
 }
 
 /// A node reports that its checkpoint shard of `round` is on disk (fsynced).
@@ -470,12 +479,16 @@ mod tests {
                 params_hash,
                 tensor_hashes
             }),
-            (".{0,40}", proptest::option::of(any::<u64>())).prop_map(|(reason, rejected)| {
-                OuterStep::Failed {
+            (
+                ".{0,40}",
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(reason, rejected, unreachable)| OuterStep::Failed {
                     reason,
                     rejected: rejected.map(MemberId),
-                }
-            }),
+                    unreachable: unreachable.map(MemberId),
+                }),
         ]
     }
 
@@ -630,13 +643,16 @@ mod tests {
                     }
                 ),
             closed,
-            (any::<u64>(), ".{0,30}", any::<bool>()).prop_map(|(member, reason, expelled)| {
-                CoordinatorMessage::MemberDead(MemberDead {
-                    member: MemberId(member),
-                    reason,
-                    expelled,
-                })
-            }),
+            (any::<u64>(), ".{0,30}", any::<bool>(), any::<bool>()).prop_map(
+                |(member, reason, expelled, left)| {
+                    CoordinatorMessage::MemberDead(MemberDead {
+                        member: MemberId(member),
+                        reason,
+                        expelled,
+                        left,
+                    })
+                }
+            ),
             (any::<u64>(), any::<u32>()).prop_map(|(round, shards)| {
                 CoordinatorMessage::CheckpointCommitted(CheckpointCommitted {
                     round: RoundId(round),

@@ -289,7 +289,7 @@ impl EventLoop {
                 if let Some(reply) = self.pending_listens.remove(&listener_id) {
                     let reason = match reason {
                         Ok(()) => "listener closed".to_string(),
-                        Err(err) => err.to_string(),
+                        Err(err) => error_chain(&err),
                     };
                     let _ = reply.send(Err(Error::Listen {
                         addr: format!("listener {listener_id:?}"),
@@ -338,7 +338,7 @@ impl EventLoop {
                 Err(err) => {
                     let _ = reply.send(Err(Error::Listen {
                         addr: addr.to_string(),
-                        reason: err.to_string(),
+                        reason: error_chain(&err),
                     }));
                 }
             },
@@ -454,5 +454,22 @@ impl NetworkBehaviour for AddressBook {
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         Poll::Pending
+    }
+}
+
+/// An error with its sources, `a: b: c`; some transport errors print nothing themselves and keep
+/// the cause (an address that is not on this machine) in a source.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.retain(|part| !part.is_empty());
+    if parts.is_empty() {
+        format!("{err:?}")
+    } else {
+        parts.join(": ")
     }
 }
