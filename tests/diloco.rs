@@ -452,8 +452,8 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
 }
 
 /// SIGTERM mid-run: the node stops its inner steps, finishes the round it is in (the all-reduce
-/// and its report), tells the coordinator it leaves and exits 0; no round is abandoned for it
-/// and the other two train on.
+/// and its report), tells the coordinator it leaves and exits 0; nobody waits out a timeout for
+/// it and the other two train on.
 #[test]
 fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -499,14 +499,23 @@ fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
         let log = lines.join("\n");
         assert_eq!(code, Some(0), "node {i}:\n{log}");
         let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
-        let abandoned: Vec<_> = rounds
+        // Nobody waited out an all-reduce timeout (10 s) for the node that left: it finished
+        // its round, or (when the round was announced as it left) the others were told at once.
+        let waited: Vec<&String> = lines
             .iter()
-            .filter(|r| !r.3.starts_with("committed"))
+            .filter(|l| {
+                l.split('|')
+                    .find_map(|f| f.trim().strip_prefix("sync "))
+                    .and_then(|t| t.trim_end_matches('s').parse::<f64>().ok())
+                    .is_some_and(|s| s >= 5.0)
+            })
             .collect();
-        assert!(abandoned.is_empty(), "node {i}: {abandoned:?}\n{log}");
+        assert!(waited.is_empty(), "node {i}: {waited:?}\n{log}");
         assert!(
-            rounds.iter().any(|r| r.1 == 2),
-            "node {i}: no round by the two that stayed:\n{log}"
+            rounds
+                .iter()
+                .any(|r| r.1 == 2 && r.3.starts_with("committed")),
+            "node {i}: no round committed by the two that stayed:\n{log}"
         );
     }
     let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();

@@ -246,9 +246,10 @@ impl Member {
 /// How a member leaves the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Removal {
-    /// It sent `Leave`.
+    /// It sent `Leave` and owes no report to an open round.
     Left,
-    /// Silent past the heartbeat timeout, or replaced by its own rejoin.
+    /// Silent past the heartbeat timeout, replaced by its own rejoin, or left in the middle of
+    /// a round it is in: its peers stop waiting for it.
     Gone,
     /// Its contributions were rejected; it must not come back as it is.
     Expelled,
@@ -520,12 +521,16 @@ impl Coordinator {
             NodeMessage::Leave(leave) => {
                 // A graceful leave is no sign of a partition, so the round's quorum stops
                 // counting the member (unless it already reported).
+                // A member that leaves in the middle of a round it has not reported will not
+                // contribute: its peers are told to stop waiting for it, like for a death.
+                let mut how = Removal::Left;
                 if let Some(round) = &mut self.round {
-                    if !round.reports.contains_key(&id) {
-                        round.participants.remove(&id);
+                    if !round.reports.contains_key(&id) && round.participants.remove(&id).is_some()
+                    {
+                        how = Removal::Gone;
                     }
                 }
-                self.remove_member(id, format!("left: {}", leave.reason), Removal::Left, out);
+                self.remove_member(id, format!("left: {}", leave.reason), how, out);
                 out.push(Output::Event(Event::Left {
                     member: id,
                     reason: leave.reason,

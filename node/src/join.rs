@@ -373,7 +373,19 @@ async fn node(opts: JoinOptions) -> Result<()> {
 
     let outcome = loop {
         if stop.load(Ordering::Relaxed) {
-            break "stopped by signal".to_string();
+            // Finish a round that was already announced to this node before leaving (its inner
+            // steps stop at once; what it trained since the last round is still contributed), so
+            // its peers do not wait for it.
+            while let Ok(note) = notes.try_recv() {
+                backlog.push_back(note);
+            }
+            let announced = backlog.iter().any(|note| {
+                matches!(note, Notification::Message(CoordinatorMessage::RoundOpened(open))
+                    if last_opened.is_none_or(|last| open.round > last))
+            });
+            if !announced || trainer.step() >= total_steps {
+                break "stopped by signal".to_string();
+            }
         }
         if trainer.step() >= total_steps && pending.is_none() {
             break format!("finished the budget of {total_steps} inner steps");

@@ -325,9 +325,9 @@ pub struct MemberDead {
     /// Removed for bad contributions rather than silence or leaving: the member is told too,
     /// and must not rejoin as it is.
     pub expelled: bool,
-    /// It sent `Leave` itself: it reported (or abandoned) its round first, so its peers have no
-    /// reason to give up on a round it is in. Otherwise it died or was replaced, and peers stop
-    /// waiting for it at once.
+    /// It sent `Leave` itself and owes no report to the open round (it reported, or was not in
+    /// it), so its peers have no reason to give up on that round. Otherwise it died, was
+    /// replaced, or left mid-round, and peers stop waiting for it at once.
     pub left: bool,
 }
 
