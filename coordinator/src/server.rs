@@ -583,11 +583,19 @@ impl EventLoop {
                 return;
             }
         };
-        if outbox.try_send(Outbound::Frame(frame)).is_err() {
-            // The loop never waits for one connection: a node this far behind is dropped and
-            // reconnects.
-            warn!(%addr, "dropping a connection that is {OUTBOX_FRAMES} messages behind");
-            self.conns.remove(&to);
+        match outbox.try_send(Outbound::Frame(frame)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The loop never waits for one connection: a node this far behind is dropped
+                // and reconnects.
+                warn!(%addr, "dropping a connection that is {OUTBOX_FRAMES} messages behind");
+                self.conns.remove(&to);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // Its writer has ended; the disconnect is on its way to the core.
+                debug!(%addr, "not sending to a connection that has closed");
+                self.conns.remove(&to);
+            }
         }
     }
 
