@@ -1456,6 +1456,33 @@ mod tests {
     }
 
     #[test]
+    fn a_member_leaving_after_its_report_is_announced_as_left() {
+        let mut driver = Driver::new(config(1));
+        driver.join(1, 24 << 30);
+        let (leaver, _) = driver.join(2, 24 << 30);
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(2, RoundId(2), honest_digest(RoundId(2)));
+        let outputs = driver.send(
+            2,
+            NodeMessage::Leave(Leave {
+                reason: "stopped by signal".to_string(),
+            }),
+        );
+        assert!(
+            messages_to(&outputs, 1).iter().any(
+                |m| matches!(m, CoordinatorMessage::MemberDead(d) if d.member == leaver && d.left)
+            ),
+            "its peers need not give up on round 2, which it reported"
+        );
+        let outputs = driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        assert_eq!(
+            closed(&outputs).map(|c| (c.0, c.1, c.2)),
+            Some((RoundId(2), true, vec![MemberId(1), leaver]))
+        );
+    }
+
+    #[test]
     fn graceful_leave_removes_the_member_at_once() {
         let mut driver = Driver::new(config(1));
         driver.join(1, 24 << 30);
@@ -1472,11 +1499,11 @@ mod tests {
             member: leaver,
             reason: "done".to_string()
         }));
-        assert!(
-            messages_to(&outputs, 1)
-                .iter()
-                .any(|m| matches!(m, CoordinatorMessage::MemberDead(d) if d.member == leaver))
-        );
+        // It left in the middle of round 2 without reporting: its peers must stop waiting for
+        // it, so it is announced like a death (left = false).
+        assert!(messages_to(&outputs, 1).iter().any(
+            |m| matches!(m, CoordinatorMessage::MemberDead(d) if d.member == leaver && !d.left)
+        ));
         // Round 2 no longer waits for the member that left.
         assert_eq!(
             closed(&outputs).map(|c| (c.0, c.1)),
