@@ -10,8 +10,7 @@
 //! Network namespaces need root; elsewhere the test says so and passes without running (the
 //! 127.0.0.1 chaos test in chaos.rs still runs).
 
-use forge_integration_tests::binary;
-use std::path::Path;
+use forge_integration_tests::chaos;
 use std::process::Command;
 
 fn can_make_namespaces() -> bool {
@@ -31,12 +30,9 @@ fn chaos_with_partitions_in_network_namespaces() {
         println!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin_dir = binary("forge-node").parent().unwrap().to_path_buf();
     let work = tempfile::tempdir().unwrap();
-    let output = Command::new("python3")
-        .arg(root.join("scripts/chaos.py"))
-        .args([
+    let stdout = chaos(
+        &[
             "--netns",
             "--small",
             "--nodes",
@@ -49,20 +45,9 @@ fn chaos_with_partitions_in_network_namespaces() {
             "7",
             "--finish-timeout",
             "300",
-            "--work",
-        ])
-        .arg(work.path())
-        .env("FORGE_BIN", &bin_dir)
-        .output()
-        .expect("python3 runs scripts/chaos.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "chaos run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        work.path(),
     );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
     for fault in [
         "coordinator restart",
         "cut from peers",

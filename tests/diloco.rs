@@ -72,10 +72,6 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(bin: &str, args: &[&str], log: &Path) -> Proc {
-        Proc::start_with(bin, args, log, &[])
-    }
-
     fn start_with(bin: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(binary(bin))
             .args(args)
@@ -155,7 +151,18 @@ impl Drop for Proc {
 
 /// Starts a coordinator; returns it with the address and token nodes join with.
 fn start_coordinator(dir: &Path, config: &Path, deadline: Instant) -> (Proc, String, String) {
-    let mut coordinator = Proc::start(
+    start_coordinator_with(dir, config, deadline, &[])
+}
+
+/// [`start_coordinator`] with extra environment (`RUST_LOG=info` to read its events in
+/// `coord.log`).
+fn start_coordinator_with(
+    dir: &Path,
+    config: &Path,
+    deadline: Instant,
+    env: &[(&str, &str)],
+) -> (Proc, String, String) {
+    let mut coordinator = Proc::start_with(
         "forge-coordinator",
         &[
             "serve",
@@ -167,6 +174,7 @@ fn start_coordinator(dir: &Path, config: &Path, deadline: Instant) -> (Proc, Str
             dir.join("coord").to_str().unwrap(),
         ],
         &dir.join("coord.log"),
+        env,
     );
     let join = coordinator.wait_for("forge-node join ", deadline);
     let mut words = join.split_whitespace().skip(2);
@@ -396,23 +404,9 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
         );
     std::fs::write(&config, text).unwrap();
     let deadline = Instant::now() + LIMIT;
-    let mut coordinator = Proc::start_with(
-        "forge-coordinator",
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            tmp.path().join("coord").to_str().unwrap(),
-        ],
-        &tmp.path().join("coord.log"),
-        &[("RUST_LOG", "info")],
-    );
-    let join = coordinator.wait_for("forge-node join ", deadline);
-    let words: Vec<&str> = join.split_whitespace().collect();
-    let (addr, token) = (words[2], words[4]);
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
+    let (addr, token) = (addr.as_str(), token.as_str());
     let _healthy = start_node(tmp.path(), 0, addr, token);
     let faulty = start_node_with(
         tmp.path(),
@@ -459,23 +453,9 @@ fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 3);
     let deadline = Instant::now() + LIMIT;
-    let mut coordinator = Proc::start_with(
-        "forge-coordinator",
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            tmp.path().join("coord").to_str().unwrap(),
-        ],
-        &tmp.path().join("coord.log"),
-        &[("RUST_LOG", "info")],
-    );
-    let join = coordinator.wait_for("forge-node join ", deadline);
-    let words: Vec<&str> = join.split_whitespace().collect();
-    let (addr, token) = (words[2], words[4]);
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
+    let (addr, token) = (addr.as_str(), token.as_str());
     let mut nodes: Vec<Proc> = (0..3)
         .map(|i| start_node(tmp.path(), i, addr, token))
         .collect();

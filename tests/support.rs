@@ -74,3 +74,27 @@ pub fn run(bin: &str, args: &[&str], limit: Duration) -> Run {
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
+
+/// Runs `scripts/chaos.py` with `args` against the binaries under test, in the work directory
+/// `work`, and returns its stdout after checking that it passed every check.
+pub fn chaos(args: &[&str], work: &std::path::Path) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = binary("forge-node").parent().unwrap().to_path_buf();
+    let output = Command::new("python3")
+        .arg(root.join("scripts/chaos.py"))
+        .args(args)
+        .arg("--work")
+        .arg(work)
+        .env("FORGE_BIN", &bin_dir)
+        .output()
+        .expect("python3 runs scripts/chaos.py");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "chaos run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    stdout
+}
