@@ -190,11 +190,10 @@ class Netns:
     takes a node's hub-side link down, as if its cable were pulled at the switch."""
 
     def __init__(self, nodes):
-        self.count = nodes
+        self.made = set()
         self.hub = NS_PREFIX + "hub"
         self.cleanup()
-        sh("ip", "netns", "add", self.hub)
-        sh("ip", "-n", self.hub, "link", "set", "lo", "up")
+        self._add(self.hub)
         for br in ("brc", "brp"):
             sh("ip", "-n", self.hub, "link", "add", br, "type", "bridge")
             sh("ip", "-n", self.hub, "link", "set", br, "up")
@@ -203,10 +202,14 @@ class Netns:
             self._attach(self.node_ns(i), "ctl", f"fc{i}", "brc", f"10.77.1.{10 + i}/24")
             self._attach(self.node_ns(i), "p2p", f"fp{i}", "brp", f"{self.peer_ip(i)}/24")
 
+    def _add(self, ns):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.made.add(ns)
+
     def _attach(self, ns, dev, hub_dev, bridge, addr):
-        if subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.find(ns) < 0:
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        if ns not in self.made:
+            self._add(ns)
         sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", hub_dev, "netns", self.hub)
         sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
         sh("ip", "-n", ns, "link", "set", dev, "up")

@@ -1159,15 +1159,7 @@ impl Coordinator {
     /// Inf, wrong shape or version, an outlier norm): one node sending bad updates would
     /// otherwise make every round fail. See [`single_out`] for the order and ties.
     fn remove_rejected(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
-        let accusations = accusations(round, |step| match step {
-            OuterStep::Failed {
-                reason,
-                rejected: Some(member),
-                ..
-            } => Some((*member, reason)),
-            _ => None,
-        });
-        let (culprits, tied) = single_out(accusations, 1);
+        let (culprits, tied) = single_out(accusations(round, Blame::Rejected), 1);
         for (member, by, reason) in culprits {
             let why = format!(
                 "member {by} rejected its contribution to {}: {reason}",
@@ -1200,16 +1192,8 @@ impl Coordinator {
     /// count starts over. Members blamed by equally many others (two nodes that cannot reach
     /// each other) are all kept, with a warning: nobody can tell which side is cut off.
     fn bench_unreachable(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
-        let accusations = accusations(round, |step| match step {
-            OuterStep::Failed {
-                reason,
-                unreachable: Some(member),
-                ..
-            } => Some((*member, reason)),
-            _ => None,
-        });
         let others = round.participants.len().saturating_sub(1);
-        let (culprits, tied) = single_out(accusations, others / 2 + 1);
+        let (culprits, tied) = single_out(accusations(round, Blame::Unreachable), others / 2 + 1);
         for (id, by, reason) in culprits {
             let Some(member) = self.members.get_mut(&id) else {
                 continue; // already gone (dead, left or expelled)
@@ -1360,15 +1344,33 @@ impl Verdict {
 
 /// Votes per tensor (real tensors, plus each layer range's `params_hash` as a pseudo-tensor)
 /// and finds who agrees with every winner.
-/// Who in `round` accuses whom, as `pick` reads the reports: accused -> accuser -> reason. Only
-/// accusations of another participant count.
-fn accusations<'a>(
-    round: &'a OpenRound,
-    pick: impl Fn(&'a OuterStep) -> Option<(MemberId, &'a String)>,
-) -> BTreeMap<MemberId, BTreeMap<MemberId, String>> {
+/// What a failed report blames another member for.
+#[derive(Clone, Copy)]
+enum Blame {
+    /// Its contribution was refused (`OuterStep::Failed.rejected`).
+    Rejected,
+    /// It could not be reached (`OuterStep::Failed.unreachable`).
+    Unreachable,
+}
+
+/// Who in `round` blames whom for `blame`: accused -> accuser -> reason. Only accusations of
+/// another participant count.
+fn accusations(round: &OpenRound, blame: Blame) -> BTreeMap<MemberId, BTreeMap<MemberId, String>> {
     let mut accusations: BTreeMap<MemberId, BTreeMap<MemberId, String>> = BTreeMap::new();
     for (by, report) in &round.reports {
-        if let Some((member, reason)) = pick(&report.outer_step)
+        let OuterStep::Failed {
+            reason,
+            rejected,
+            unreachable,
+        } = &report.outer_step
+        else {
+            continue;
+        };
+        let accused = match blame {
+            Blame::Rejected => rejected,
+            Blame::Unreachable => unreachable,
+        };
+        if let Some(member) = *accused
             && member != *by
             && round.participants.contains_key(&member)
         {

@@ -11,8 +11,8 @@ use crate::p2p::{
 use anyhow::{Context, Result, bail};
 use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device as WireDevice, DeviceKind,
-    Digest, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome,
+    Assignment, Capabilities, CheckpointShardDurable, CoordinatorMessage, Device as WireDevice,
+    DeviceKind, Digest, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome,
     RoundReport, TensorHash,
 };
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
@@ -301,8 +301,9 @@ async fn node(opts: JoinOptions) -> Result<()> {
     let (cfg, diloco) = local_config(&accepted.run_config, &opts)?;
     let total_steps = cfg.total_steps();
     let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
+    let mut shard = None;
     if let Some(a) = &accepted.assignment {
-        trainer.set_data_shard(a.data_shard.index as usize, a.data_shard.count as usize)?;
+        follow_shard(&mut trainer, &mut shard, a)?;
     }
     let mut outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
     let mut codec = QuantCodec {
@@ -324,9 +325,6 @@ async fn node(opts: JoinOptions) -> Result<()> {
     // current round.
     let mut sync_peers: Vec<Peer> = accepted.sync_peers.clone();
     let mut participants: Vec<Peer> = Vec::new();
-    let mut shard = accepted
-        .assignment
-        .map(|a| (a.data_shard.index, a.data_shard.count));
     // The global version this node's outer state holds. Version 0, the run's initial state, is
     // the same on every node (same seed); later ones come from a commit or from peers. None: this
     // node missed a commit and must fetch the state before it can contribute again.
@@ -381,7 +379,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
             }
             let announced = backlog.iter().any(|note| {
                 matches!(note, Notification::Message(CoordinatorMessage::RoundOpened(open))
-                    if last_opened.is_none_or(|last| open.round > last))
+                    if unplayed(last_opened, open.round))
             });
             if !announced || trainer.step() >= total_steps {
                 break "stopped by signal".to_string();
@@ -402,7 +400,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
         };
         match note {
             Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
-                if last_opened.is_some_and(|last| open.round <= last) {
+                if !unplayed(last_opened, open.round) {
                     // Sent again after a reconnect (or a coordinator restart) before our report
                     // arrived: this node played that round and its report is being resent.
                     tracing::debug!("{} opened again; already played", open.round);
@@ -578,13 +576,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
             }
             Notification::Message(CoordinatorMessage::Assigned(a)) => {
                 match a.assignment {
-                    Some(a) => {
-                        let next = (a.data_shard.index, a.data_shard.count);
-                        if shard != Some(next) {
-                            trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
-                            shard = Some(next);
-                        }
-                    }
+                    Some(a) => follow_shard(&mut trainer, &mut shard, &a)?,
                     None if shard.is_some() => {
                         // Benched (most peers could not reach this node) or no data shard free.
                         println!("on standby: the coordinator left this node out of its plan");
@@ -618,12 +610,8 @@ async fn node(opts: JoinOptions) -> Result<()> {
                             stale.round.0
                         );
                     }
-                    if let Some(a) = accepted.assignment {
-                        let next = (a.data_shard.index, a.data_shard.count);
-                        if shard != Some(next) {
-                            trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
-                            shard = Some(next);
-                        }
+                    if let Some(a) = &accepted.assignment {
+                        follow_shard(&mut trainer, &mut shard, a)?;
                     }
                     sync_peers = accepted.sync_peers;
                     net.set_members(allowlist(&participants, &sync_peers)?)
@@ -647,6 +635,27 @@ async fn node(opts: JoinOptions) -> Result<()> {
         tokio::task::block_in_place(|| trainer.sample())
     );
     Ok(())
+}
+
+/// Points the trainer at the data shard of `assignment` if it is not the one it reads
+/// (`shard`: index and count).
+fn follow_shard(
+    trainer: &mut Trainer,
+    shard: &mut Option<(u32, u32)>,
+    assignment: &Assignment,
+) -> Result<()> {
+    let next = (assignment.data_shard.index, assignment.data_shard.count);
+    if *shard != Some(next) {
+        trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
+        *shard = Some(next);
+    }
+    Ok(())
+}
+
+/// Whether `round` comes after the last round this node played: a round is played once, however
+/// often it is announced (again after a reconnect or a coordinator restart).
+fn unplayed(last_opened: Option<RoundId>, round: RoundId) -> bool {
+    last_opened.is_none_or(|last| round > last)
 }
 
 /// A fault to inject into a data-parallel worker once the node reaches an inner step, for
