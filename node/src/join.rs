@@ -95,8 +95,8 @@ impl ChunkCodec for QuantCodec {
         quant::encode(x, &self.compression)
     }
 
-    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
-        quant::decode(bytes, len, &self.compression)
+    fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
+        quant::decode_into(bytes, out, &self.compression)
     }
 
     fn id(&self) -> (SyncCodec, bool) {

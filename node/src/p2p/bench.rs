@@ -31,20 +31,24 @@ impl ChunkCodec for Fp32Codec {
     }
 
     fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect())
+        let mut bytes = Vec::with_capacity(4 * x.len());
+        for v in x {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        Ok(bytes)
     }
 
-    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
-        if bytes.len() != 4 * len {
+    fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
+        if bytes.len() != 4 * out.len() {
             return Err(forge_protocol::Error::LengthMismatch {
-                declared: 4 * len as u64,
+                declared: 4 * out.len() as u64,
                 actual: bytes.len() as u64,
             });
         }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
     }
 
     fn id(&self) -> (SyncCodec, bool) {

@@ -54,17 +54,17 @@ impl ChunkCodec for Bf16Truncate {
         Ok(x.iter().flat_map(|&v| bf16_bits(v)).collect())
     }
 
-    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
-        if bytes.len() != 2 * len {
+    fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
+        if bytes.len() != 2 * out.len() {
             return Err(forge_protocol::Error::LengthMismatch {
-                declared: 2 * len as u64,
+                declared: 2 * out.len() as u64,
                 actual: bytes.len() as u64,
             });
         }
-        Ok(bytes
-            .chunks_exact(2)
-            .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
-            .collect())
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *v = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        }
+        Ok(())
     }
 
     fn id(&self) -> (SyncCodec, bool) {
@@ -89,8 +89,8 @@ impl ChunkCodec for SignalOnEncode {
         Fp32Codec.encode_result(x)
     }
 
-    fn decode(&self, bytes: &[u8], len: usize) -> forge_protocol::Result<Vec<f32>> {
-        Fp32Codec.decode(bytes, len)
+    fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
+        Fp32Codec.decode_into(bytes, out)
     }
 
     fn id(&self) -> (SyncCodec, bool) {

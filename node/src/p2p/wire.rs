@@ -25,7 +25,8 @@ pub(crate) const ACCEPTED: u8 = 1;
 /// The receiver's answer to a stream's first header: that round is over on its side.
 pub(crate) const REFUSED: u8 = 0;
 
-/// Writes are cut into slices this large so the upload cap paces them smoothly.
+/// Writes are cut into slices this large so the upload cap paces them smoothly (and see
+/// [`write_paced`]).
 const WRITE_SLICE: usize = 64 << 10;
 
 /// How long a failed stream open waits before the next try, at first and at most.
@@ -55,15 +56,17 @@ pub(crate) async fn read_header(stream: &mut Stream) -> Result<(SyncChunkHeader,
     Ok((header, frame.len() as u64))
 }
 
-/// Reads the payload announced by a checked header (so at most [`MAX_SYNC_CHUNK_BYTES`]).
+/// Reads the payload announced by a checked header (so at most [`MAX_SYNC_CHUNK_BYTES`]) into
+/// `buf`, replacing its contents; `buf` keeps its capacity from one chunk to the next.
 pub(crate) async fn read_payload(
     stream: &mut Stream,
     header: &SyncChunkHeader,
-) -> io::Result<Vec<u8>> {
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
     debug_assert!(header.payload_len <= MAX_SYNC_CHUNK_BYTES);
-    let mut payload = vec![0u8; header.payload_len as usize];
-    stream.read_exact(&mut payload).await?;
-    Ok(payload)
+    buf.clear();
+    buf.resize(header.payload_len as usize, 0);
+    stream.read_exact(buf).await
 }
 
 /// Writes a header frame and its payload; returns the bytes written.
@@ -149,22 +152,21 @@ async fn try_open(
     }
 }
 
-/// Writes `bytes`, in slices paced by the node's upload cap when there is one.
+/// Writes `bytes` in slices of [`WRITE_SLICE`], each paced by the node's upload cap when there
+/// is one. Slicing also when there is no cap keeps the QUIC stack's copy of each write small, so
+/// the allocator reuses its buffers instead of mapping (and faulting in) fresh pages per chunk.
 pub(crate) async fn write_paced(
     stream: &mut Stream,
     bytes: &[u8],
     limiter: Option<&UploadLimiter>,
 ) -> io::Result<()> {
-    match limiter {
-        None => stream.write_all(bytes).await,
-        Some(limiter) => {
-            for slice in bytes.chunks(WRITE_SLICE) {
-                limiter.acquire(slice.len()).await;
-                stream.write_all(slice).await?;
-            }
-            Ok(())
+    for slice in bytes.chunks(WRITE_SLICE) {
+        if let Some(limiter) = limiter {
+            limiter.acquire(slice.len()).await;
         }
+        stream.write_all(slice).await?;
     }
+    Ok(())
 }
 
 /// Token bucket shared by every sync stream of a node, so `max_upload_bytes_per_s` caps the
