@@ -691,6 +691,15 @@ impl Driver {
             }),
         )
     }
+
+    pub(crate) fn leave(&mut self, conn: u64, reason: &str) -> Vec<Output> {
+        self.send(
+            conn,
+            NodeMessage::Leave(Leave {
+                reason: reason.to_string(),
+            }),
+        )
+    }
 }
 
 pub(crate) fn events(outputs: &[Output]) -> Vec<&Event> {
@@ -1463,12 +1472,7 @@ mod tests {
         driver.report(1, RoundId(1), honest_digest(RoundId(1)));
         driver.report(2, RoundId(1), honest_digest(RoundId(1)));
         driver.report(2, RoundId(2), honest_digest(RoundId(2)));
-        let outputs = driver.send(
-            2,
-            NodeMessage::Leave(Leave {
-                reason: "stopped by signal".to_string(),
-            }),
-        );
+        let outputs = driver.leave(2, "stopped by signal");
         assert!(
             messages_to(&outputs, 1).iter().any(
                 |m| matches!(m, CoordinatorMessage::MemberDead(d) if d.member == leaver && d.left)
@@ -1489,12 +1493,7 @@ mod tests {
         let (leaver, _) = driver.join(2, 24 << 30);
         driver.report(1, RoundId(1), honest_digest(RoundId(1)));
         driver.report(1, RoundId(2), honest_digest(RoundId(2)));
-        let outputs = driver.send(
-            2,
-            NodeMessage::Leave(Leave {
-                reason: "done".to_string(),
-            }),
-        );
+        let outputs = driver.leave(2, "done");
         assert!(events(&outputs).contains(&&Event::Left {
             member: leaver,
             reason: "done".to_string()

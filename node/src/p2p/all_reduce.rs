@@ -675,6 +675,7 @@ impl<'a> Round<'a> {
         let mut weights = vec![f64::NAN; k];
         weights[self.me] = self.weight;
         let mut encoded = Vec::with_capacity(chunks.len());
+        let mut total_weight = f64::NAN;
         for range in chunks {
             let n = range.len();
             let sum = &mut sum[..n];
@@ -719,7 +720,7 @@ impl<'a> Round<'a> {
             }
             // Every member's first header has been read: the weights are all known. Summed in
             // member order, like the values, so every owner gets the same total.
-            let total_weight: f64 = weights.iter().sum();
+            total_weight = weights.iter().sum();
             let mean = &mut mean[..n];
             for (avg, &s) in mean.iter_mut().zip(sum.iter()) {
                 *avg = (s / total_weight) as f32;
@@ -744,7 +745,7 @@ impl<'a> Round<'a> {
         self.check_outliers(&sum_of_squares, &weights)?;
         Ok(Reduced {
             encoded,
-            total_weight: weights.iter().sum(),
+            total_weight,
         })
     }
 
