@@ -7,14 +7,21 @@
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
 #                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--sync-warmup 0]
-#                                   [--skip-baseline]
-# --lr sets the peak inner learning rate of both runs (default: the configs' 3e-3).
+#                                   [--seed 1234 | --seeds "1234 1 2 3"]
+#                                   [--skip-baseline | --skip-diloco]
+# --lr sets the peak inner learning rate of both runs (default: the configs' 3e-3); --seed sets
+# the seed of both runs (initialisation and data order; default: the configs' 1234). --seeds
+# repeats both runs once per seed and then prints the means, the ratio of the means and the
+# spread of the per-seed ratios: single runs of this size differ by 1-2% from seed to seed.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+self=$(realpath "${BASH_SOURCE[0]}")
+source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 baseline=1
+nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
+args=()  # everything but --seeds, for the per-seed runs
 while (($#)); do
+  [[ "$1" == --seeds ]] || args+=("$1" "${2:-}")
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
@@ -24,8 +31,11 @@ while (($#)); do
     --momentum) momentum=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
     --sync-warmup) warm=$2; shift 2 ;;
-    --skip-baseline) baseline=0; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --seed) seed=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    --skip-baseline) baseline=0; unset 'args[-1]'; shift ;;
+    --skip-diloco) diloco=0; unset 'args[-1]'; shift ;;
+    -h|--help) sed -n '2,15p' "$self"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,7 +46,34 @@ case "$codec" in
 esac
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}
+if [[ -n "$seeds" ]]; then
+  ((baseline && diloco)) || { echo "bench_diloco_quality.sh: --seeds compares both runs; drop --skip-*" >&2; exit 2; }
+  log=$(mktemp); trap 'rm -f "$log"' EXIT
+  for s in $seeds; do "$self" "${args[@]}" --seed "$s" | tee -a "$log"; done
+  python3 - "$log" <<'PY'
+import re, statistics, sys
+text = open(sys.argv[1]).read()
+dil = {s: float(v) for s, v in re.findall(r"^diloco .* seed=(\S+): val loss ([0-9.]+)", text, re.M)}
+syn = {s: float(v) for s, v in re.findall(r"^synchronous .* seed (\S+)\): val loss ([0-9.]+)", text, re.M)}
+seeds = [s for s in dil if s in syn]
+ratios = [100 * (dil[s] / syn[s] - 1) for s in seeds]
+n, mean = len(seeds), statistics.mean(ratios)
+print(f"over {n} seeds ({' '.join(seeds)}): diloco mean {statistics.mean(dil[s] for s in seeds):.4f}, "
+      f"synchronous mean {statistics.mean(syn[s] for s in seeds):.4f}: diloco / synchronous "
+      f"{statistics.mean(dil[s] for s in seeds) / statistics.mean(syn[s] for s in seeds):.4f}")
+print("per-seed diloco / synchronous: " + ", ".join(f"{r:+.2f}%" for r in ratios) + f"; mean {mean:+.2f}%")
+if n > 1:
+    # Student's t, two-sided 95%, for n - 1 degrees of freedom.
+    t = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}.get(n - 1, 2.23)
+    half = t * statistics.stdev(ratios) / n ** 0.5
+    print(f"95% interval of the mean ratio: {mean - half:+.2f}% .. {mean + half:+.2f}%")
+PY
+  exit 0
+fi
+((baseline || diloco)) || { echo "bench_diloco_quality.sh: --skip-baseline and --skip-diloco leave nothing to run" >&2; exit 2; }
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm
+((diloco)) || work=runs/quality/sync-n$nodes-ilr$lr-s$steps
+[[ "$seed" == 1234 ]] || work=$work-seed$seed
 rm -rf "$work"; mkdir -p "$work"
 warmup=$(( steps / 5 ))
 
@@ -45,17 +82,21 @@ if ((baseline)); then
       -e "s/^batch_size = 16/batch_size = $((16 * nodes))/" \
       -e "s/^max_steps = 500/max_steps = $steps/" \
       -e "s/^lr = 3e-3/lr = $lr/" \
+      -e "s/^seed = 1234/seed = $seed/" \
       -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
       -e "s/^every = 100$/every = 100000/" \
       configs/tiny-cpu.toml > "$work/sync.toml"
   echo "== one node, batch $((16 * nodes)) x 128, $steps steps, lr $lr" >&2
   RUST_LOG=warn "$bin/forge-node" train --config "$work/sync.toml" --no-resume > "$work/sync.out" 2> "$work/sync.log"
   sync_loss=$(sed -n 's/^validation loss \([0-9.]*\).*/\1/p' "$work/sync.out")
+  sync_line="synchronous (1 node, ${nodes}x batch, lr $lr, seed $seed): val loss $sync_loss"
+  ((diloco)) || { echo "$sync_line"; exit 0; }
 fi
 
 sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^max_steps = 300/max_steps = $steps/" \
     -e "s/^lr = 3e-3/lr = $lr/" \
+    -e "s/^seed = 1234/seed = $seed/" \
     -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
     -e "s/^inner_steps = 25/inner_steps = $inner/" \
     -e "s/^outer_lr = 0.5/outer_lr = $outer_lr/" \
@@ -86,8 +127,8 @@ diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.
 sent=$(python3 -c "
 import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
-echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr sync_warmup=$warm: val loss $diloco_loss; $sent"
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr sync_warmup=$warm seed=$seed: val loss $diloco_loss; $sent"
 if ((baseline)); then
-  echo "synchronous (1 node, ${nodes}x batch, lr $lr): val loss $sync_loss"
+  echo "$sync_line"
   python3 -c "print(f'diloco / synchronous: {$diloco_loss / $sync_loss:.4f} ({100*($diloco_loss / $sync_loss - 1):+.2f}%)')"
 fi
