@@ -19,9 +19,8 @@ source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
 nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
-args=()  # everything but --seeds, for the per-seed runs
+args=("$@")
 while (($#)); do
-  [[ "$1" == --seeds ]] || args+=("$1" "${2:-}")
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
@@ -33,8 +32,8 @@ while (($#)); do
     --sync-warmup) warm=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
-    --skip-baseline) baseline=0; unset 'args[-1]'; shift ;;
-    --skip-diloco) diloco=0; unset 'args[-1]'; shift ;;
+    --skip-baseline) baseline=0; shift ;;
+    --skip-diloco) diloco=0; shift ;;
     -h|--help) sed -n '2,15p' "$self"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -49,7 +48,8 @@ bin=${FORGE_BIN:-target/release}
 if [[ -n "$seeds" ]]; then
   ((baseline && diloco)) || { echo "bench_diloco_quality.sh: --seeds compares both runs; drop --skip-*" >&2; exit 2; }
   log=$(mktemp); trap 'rm -f "$log"' EXIT
-  for s in $seeds; do "$self" "${args[@]}" --seed "$s" | tee -a "$log"; done
+  # The trailing --seeds "" makes each run a single-seed one; FORGE_BIN skips the setup there.
+  for s in $seeds; do FORGE_BIN=$bin "$self" "${args[@]}" --seed "$s" --seeds "" | tee -a "$log"; done
   python3 - "$log" <<'PY'
 import re, statistics, sys
 text = open(sys.argv[1]).read()
@@ -58,9 +58,9 @@ syn = {s: float(v) for s, v in re.findall(r"^synchronous .* seed (\S+)\): val lo
 seeds = [s for s in dil if s in syn]
 ratios = [100 * (dil[s] / syn[s] - 1) for s in seeds]
 n, mean = len(seeds), statistics.mean(ratios)
-print(f"over {n} seeds ({' '.join(seeds)}): diloco mean {statistics.mean(dil[s] for s in seeds):.4f}, "
-      f"synchronous mean {statistics.mean(syn[s] for s in seeds):.4f}: diloco / synchronous "
-      f"{statistics.mean(dil[s] for s in seeds) / statistics.mean(syn[s] for s in seeds):.4f}")
+dil_mean, syn_mean = statistics.mean(dil[s] for s in seeds), statistics.mean(syn[s] for s in seeds)
+print(f"over {n} seeds ({' '.join(seeds)}): diloco mean {dil_mean:.4f}, synchronous mean "
+      f"{syn_mean:.4f}: diloco / synchronous {dil_mean / syn_mean:.4f}")
 print("per-seed diloco / synchronous: " + ", ".join(f"{r:+.2f}%" for r in ratios) + f"; mean {mean:+.2f}%")
 if n > 1:
     # Student's t, two-sided 95%, for n - 1 degrees of freedom.
