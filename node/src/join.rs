@@ -87,12 +87,17 @@ struct QuantCodec {
 }
 
 impl ChunkCodec for QuantCodec {
-    fn encode_contribution(&mut self, offset: usize, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        self.feedback.compress_at(offset, x)
+    fn encode_contribution(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<()> {
+        self.feedback.compress_at(offset, x, out)
     }
 
-    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        quant::encode(x, &self.compression)
+    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        quant::encode_into(x, &self.compression, out)
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -986,6 +991,7 @@ async fn play_round(
             log.bytes_received = out.bytes_received;
             log.group_tokens = Some(out.total_weight);
             let proposal = outer.propose(&out.average)?;
+            net.recycle_average(out.average);
             let step = OuterStep::Ok {
                 params_hash: Digest(proposal.params_hash),
                 tensor_hashes: proposal

@@ -26,16 +26,18 @@ impl ChunkCodec for Fp32Codec {
         &mut self,
         _offset: usize,
         x: &[f32],
-    ) -> forge_protocol::Result<Vec<u8>> {
-        self.encode_result(x)
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<()> {
+        self.encode_result(x, out)
     }
 
-    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        let mut bytes = Vec::with_capacity(4 * x.len());
+    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        out.clear();
+        out.reserve(4 * x.len());
         for v in x {
-            bytes.extend_from_slice(&v.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
         }
-        Ok(bytes)
+        Ok(())
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -123,6 +125,8 @@ pub(crate) async fn bench_all_reduce(
         let output = net.all_reduce(request, &mut Fp32Codec).await?;
         report.rounds.push(output.elapsed);
         report.bytes_sent = output.bytes_sent;
+        // As a node's rounds do.
+        net.recycle_average(output.average);
     }
     Ok(report)
 }

@@ -21,6 +21,7 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::all_reduce::Scratch;
 use super::error::{Error, Result};
 use super::inbox::Inbox;
 use super::state::{STATE, StateServer};
@@ -84,6 +85,8 @@ pub(crate) struct PeerNet {
     pub(super) peer_events: broadcast::Sender<PeerEvent>,
     /// The state this node serves to joiners over `/forge/state/1`.
     pub(super) state: Arc<StateServer>,
+    /// Buffers one all-reduce leaves for the next.
+    pub(super) scratch: Arc<std::sync::Mutex<Scratch>>,
 }
 
 impl std::fmt::Debug for PeerNet {
@@ -139,6 +142,7 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
         chunk_values: config.chunk_values,
         peer_events: peer_events.clone(),
         state: Arc::clone(&state),
+        scratch: Arc::default(),
     };
     let event_loop = EventLoop {
         swarm,

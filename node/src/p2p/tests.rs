@@ -37,21 +37,28 @@ fn bf16_bits(x: f32) -> [u8; 2] {
 }
 
 impl ChunkCodec for Bf16Truncate {
-    fn encode_contribution(&mut self, offset: usize, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
+    fn encode_contribution(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<()> {
         let residual = self.residual.entry(offset).or_default();
         residual.resize(x.len(), 0.0);
-        let mut out = Vec::with_capacity(2 * x.len());
+        out.clear();
         for (r, &v) in residual.iter_mut().zip(x) {
             let wanted = v + *r;
             let bits = bf16_bits(wanted);
             out.extend_from_slice(&bits);
             *r = wanted - f32::from_bits(u32::from(u16::from_le_bytes(bits)) << 16);
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        Ok(x.iter().flat_map(|&v| bf16_bits(v)).collect())
+    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        out.clear();
+        out.extend(x.iter().flat_map(|&v| bf16_bits(v)));
+        Ok(())
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -78,15 +85,20 @@ struct SignalOnEncode {
 }
 
 impl ChunkCodec for SignalOnEncode {
-    fn encode_contribution(&mut self, offset: usize, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
+    fn encode_contribution(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<()> {
         if let Some(started) = self.started.take() {
             let _ = started.send(());
         }
-        Fp32Codec.encode_contribution(offset, x)
+        Fp32Codec.encode_contribution(offset, x, out)
     }
 
-    fn encode_result(&self, x: &[f32]) -> forge_protocol::Result<Vec<u8>> {
-        Fp32Codec.encode_result(x)
+    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        Fp32Codec.encode_result(x, out)
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -284,6 +296,9 @@ async fn two_three_and_four_peers_agree_bit_for_bit_on_the_exact_average() {
                 if len > 0 {
                     assert!(output.bytes_sent > 0 && output.bytes_received > 0);
                 }
+                // As a node does: the next round writes into this vector, longer or shorter
+                // than it needs, and into the scratch buffers this round left behind.
+                nets[i].recycle_average(output.average);
             }
         }
         for net in &nets {

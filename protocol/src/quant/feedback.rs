@@ -1,7 +1,7 @@
 //! Error feedback: what a lossy codec dropped from one round's outer gradient is added to the
 //! next round's, so over many rounds the receivers see the sum the sender meant.
 
-use super::{Compression, decode_into, encode};
+use super::{Compression, decode_into, encode_into};
 use crate::error::{Error, Result};
 
 /// The residual `e` of one buffer (for example one all-reduce chunk a node sends every round).
@@ -51,12 +51,15 @@ impl ErrorFeedback {
                 found: x.len() as u64,
             });
         }
-        self.compress_at(0, x)
+        let mut bytes = Vec::new();
+        self.compress_at(0, x, &mut bytes)?;
+        Ok(bytes)
     }
 
     /// Like [`compress`](ErrorFeedback::compress) for the values `offset..offset + x.len()` of
     /// the buffer: an all-reduce sends a vector in chunks, each with its own slice of residual.
-    pub fn compress_at(&mut self, offset: usize, x: &[f32]) -> Result<Vec<u8>> {
+    /// The bytes replace what `out` held (a buffer kept between calls spares the allocation).
+    pub fn compress_at(&mut self, offset: usize, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         let end = offset
             .checked_add(x.len())
             .filter(|&end| end <= self.residual.len());
@@ -68,19 +71,19 @@ impl ErrorFeedback {
         };
         if self.compression.codec.is_lossless() {
             // The residual is always zero: send x itself, with no decode round trip.
-            return encode(x, &self.compression);
+            return encode_into(x, &self.compression, out);
         }
         let scratch = &mut self.scratch[offset..end];
         let residual = &mut self.residual[offset..end];
         for ((y, &xi), &e) in scratch.iter_mut().zip(x).zip(residual.iter()) {
             *y = xi + e;
         }
-        let bytes = encode(scratch, &self.compression)?;
+        encode_into(scratch, &self.compression, out)?;
         // Decode into the residual, then turn it into y - decoded in place.
-        decode_into(&bytes, residual, &self.compression)?;
+        decode_into(out, residual, &self.compression)?;
         for (e, &y) in residual.iter_mut().zip(scratch.iter()) {
             *e = y - *e;
         }
-        Ok(bytes)
+        Ok(())
     }
 }

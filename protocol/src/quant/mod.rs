@@ -316,6 +316,15 @@ pub fn check_finite(values: &[f32]) -> Result<()> {
 /// Fails if a value is NaN or infinite, if bf16 would round a value to infinity (|x| above about
 /// 3.39e38), or if there are more than `u32::MAX` values.
 pub fn encode(values: &[f32], compression: &Compression) -> Result<Vec<u8>> {
+    let mut blob = Vec::new();
+    encode_into(values, compression, &mut blob)?;
+    Ok(blob)
+}
+
+/// [`encode`] into `blob`, replacing what it held: a buffer kept from one call to the next
+/// spares the page faults of a fresh allocation of the blob's size. On error `blob` holds
+/// nothing useful.
+pub fn encode_into(values: &[f32], compression: &Compression, blob: &mut Vec<u8>) -> Result<()> {
     compression.validate()?;
     let count = u32::try_from(values.len()).map_err(|_| Error::TooManyValues {
         len: values.len(),
@@ -323,7 +332,8 @@ pub fn encode(values: &[f32], compression: &Compression) -> Result<Vec<u8>> {
     })?;
     let codec = compression.codec;
     let body_len = codec.body_len(values.len());
-    let mut blob = vec![0u8; BLOB_HEADER_LEN + body_len];
+    blob.clear();
+    blob.resize(BLOB_HEADER_LEN + body_len, 0);
     blob[0..4].copy_from_slice(&BLOB_MAGIC);
     blob[4..6].copy_from_slice(&BLOB_VERSION.to_le_bytes());
     blob[6] = codec.id();
@@ -337,7 +347,7 @@ pub fn encode(values: &[f32], compression: &Compression) -> Result<Vec<u8>> {
         blob.extend_from_slice(&packed);
         blob[7] = FLAG_ZSTD;
     }
-    Ok(blob)
+    Ok(())
 }
 
 /// Decodes a blob that must hold `expected_len` values encoded with `compression`.

@@ -617,18 +617,25 @@ fn error_feedback_by_chunk_matches_independent_states() {
         .iter()
         .map(|r| ErrorFeedback::new(compression, r.len()).unwrap())
         .collect();
+    let mut a = vec![0xAB; 4096];
     for round in 0..5 {
         let x = pseudo_grad(700, 20 + round);
         for (range, part) in ranges.iter().zip(&mut parts) {
-            let a = whole.compress_at(range.start, &x[range.clone()]).unwrap();
+            // A reused buffer, as the all-reduce passes: its old bytes must not leak through.
+            whole
+                .compress_at(range.start, &x[range.clone()], &mut a)
+                .unwrap();
             let b = part.compress(&x[range.clone()]).unwrap();
             assert_eq!(a, b, "round {round} range {range:?}");
             assert_eq!(&whole.residual()[range.clone()], part.residual());
         }
     }
-    assert!(whole.compress_at(690, &[0.0; 20]).is_err(), "past the end");
     assert!(
-        whole.compress_at(usize::MAX, &[0.0; 2]).is_err(),
+        whole.compress_at(690, &[0.0; 20], &mut a).is_err(),
+        "past the end"
+    );
+    assert!(
+        whole.compress_at(usize::MAX, &[0.0; 2], &mut a).is_err(),
         "overflowing offset"
     );
 }
@@ -763,5 +770,18 @@ fn quant_report_on_a_pseudo_gradient() {
             error <= max_error,
             "{compression}: relative L2 error {error}"
         );
+    }
+}
+
+/// `encode_into` a buffer that held a longer, different blob gives exactly `encode`'s bytes, for
+/// every codec, with and without zstd.
+#[test]
+fn encode_into_a_used_buffer_matches_encode() {
+    let x = pseudo_grad(700, 31);
+    let mut blob = vec![0x5A; 10_000];
+    for compression in all_compressions() {
+        encode_into(&x, &compression, &mut blob).unwrap();
+        assert_eq!(blob, encode(&x, &compression).unwrap(), "{compression:?}");
+        assert!(encode_into(&[f32::NAN], &compression, &mut blob).is_err());
     }
 }
