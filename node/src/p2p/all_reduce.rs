@@ -21,7 +21,7 @@
 //! for the next round, as is the averaged vector when the caller hands it back
 //! ([`PeerNet::recycle_average`]). Fresh allocations of the payload's size cost a page fault per
 //! 4 KiB page every round: without them an fp32 all-reduce of the `15m` preset between two
-//! loopback peers takes 39% less CPU (docs/benchmarks/diloco-tiny-cpu.md).
+//! loopback peers takes a quarter to a third less CPU (docs/benchmarks/diloco-tiny-cpu.md).
 
 // `AllReduceError` carries peer ids (80 bytes each) by value so callers can match on them; it
 // is built at most once per all-reduce, so its size costs nothing measurable.
