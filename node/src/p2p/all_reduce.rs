@@ -199,8 +199,6 @@ impl PeerNet {
         let (arrivals, _finished_on_drop) = self.inbox.open_round((request.round, group), capacity);
         let peer_events = self.peer_events.subscribe();
         let codec_id = codec.id();
-        // A concurrent all-reduce (none in a node's rounds) would find it empty and allocate.
-        let scratch = std::mem::take(&mut *self.scratch());
         let round = Round {
             net: self,
             round: request.round,
@@ -213,17 +211,11 @@ impl PeerNet {
             codec: Mutex::new(codec),
             codec_id,
             progress: Mutex::new(Progress::new(layout.members)),
-            scratch: Mutex::new(scratch),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             abort_sent: AtomicBool::new(false),
         };
-        let result = round.run(arrivals, peer_events, request.timeout).await;
-        *self.scratch() = round
-            .scratch
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        let (average, total_weight) = result?;
+        let (average, total_weight) = round.run(arrivals, peer_events, request.timeout).await?;
         Ok(AllReduceOutput {
             average,
             total_weight,
@@ -333,8 +325,6 @@ struct Round<'a> {
     codec: Mutex<&'a mut dyn ChunkCodec>,
     codec_id: (SyncCodec, bool),
     progress: Mutex<Progress>,
-    /// Taken from the node for the round and given back after it.
-    scratch: Mutex<Scratch>,
     sent: AtomicU64,
     received: AtomicU64,
     abort_sent: AtomicBool,
@@ -424,8 +414,7 @@ impl<'a> Round<'a> {
         let core = async {
             // Every value is overwritten: each range is decoded into by its owner or a gather.
             let mut average = std::mem::take(&mut self.scratch().average);
-            average.truncate(self.layout.len);
-            average = at_least(average, self.layout.len);
+            average.resize(self.layout.len, 0.0);
             let mut parts = self.split_by_owner(&mut average);
             let mine = parts[self.me].take().ok_or(AllReduceError::Stopped)?;
             let contribute = self.or_abort(try_join_all(
@@ -1189,8 +1178,10 @@ impl<'a> Round<'a> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The node's buffers. Taken out while in use, so a concurrent all-reduce (none in a node's
+    /// rounds) finds them missing and allocates its own.
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
-        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+        self.net.scratch()
     }
 
     /// A byte buffer from the scratch (any length; users overwrite it).
