@@ -185,6 +185,21 @@ fn start_coordinator_with(
     (coordinator, addr, token)
 }
 
+/// Polls the log file at `path` until a line satisfies `matches`; returns the whole log then,
+/// or `None` at `deadline`.
+fn wait_for_log(path: &Path, deadline: Instant, matches: impl Fn(&str) -> bool) -> Option<String> {
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.lines().any(&matches) {
+            return Some(log);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn start_node(dir: &Path, i: usize, addr: &str, token: &str) -> Proc {
     start_node_with(dir, i, addr, token, &[])
 }
@@ -336,11 +351,12 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
     )
     .unwrap();
     let deadline = Instant::now() + LIMIT;
-    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
     let mut nodes: Vec<Proc> = (0..2)
         .map(|i| start_node(tmp.path(), i, &addr, &token))
         .collect();
-    // Run until a checkpoint of round 4 is written, then lose the whole cluster at once.
+    // Run until a checkpoint of round 4 is committed, then lose the whole cluster at once.
     let mut loss_before = f64::INFINITY;
     for node in &mut nodes {
         let line = node.wait_for("round    4 |", deadline);
@@ -353,6 +369,15 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
             .any(|l| l.contains("checkpoint shard 0 written"))
     });
     assert!(written.is_some(), "no node wrote the round 4 checkpoint");
+    // The writer tells the coordinator after printing that line: wait for the commit, or the
+    // cluster would be lost between the write and the commit (and rightly not resume from it).
+    let coordinator_log = wait_for_log(&tmp.path().join("coord.log"), deadline, |line| {
+        line.contains("checkpoint committed") && line.contains("round 4")
+    });
+    assert!(
+        coordinator_log.is_some(),
+        "the coordinator never committed the round 4 checkpoint"
+    );
     drop(nodes); // SIGKILL both
     // The coordinator declares them dead (2 s) and rolls the run back to the checkpoint.
     std::thread::sleep(Duration::from_secs(4));
@@ -430,14 +455,10 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
     );
     // The coordinator heard why the node left.
     let until = Instant::now() + Duration::from_secs(10);
-    let mut coordinator_log = String::new();
-    while Instant::now() < until {
-        coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
-        if coordinator_log.contains("left: node failed") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let coordinator_log = wait_for_log(&tmp.path().join("coord.log"), until, |line| {
+        line.contains("left: node failed")
+    })
+    .unwrap_or_else(|| std::fs::read_to_string(tmp.path().join("coord.log")).unwrap());
     assert!(
         coordinator_log.contains("left: node failed")
             && coordinator_log.contains("did not reach the gradient all-reduce"),
