@@ -3,13 +3,16 @@
 # joined by veth pairs to a bridge (in a namespace of its own), every link shaped to the given
 # rate in both directions with `tc qdisc ... tbf`. Each process is one member of
 # `forge-node bench all-reduce` (fp32, QUIC); the script prints the slowest member's median round
-# time divided by the ring bound 2(K-1)/K x payload / bandwidth (1.0 is perfect).
+# time divided by the ring bound 2(K-1)/K x payload / bandwidth (1.0 is perfect). With --pace,
+# every member caps its upload at the link's rate (`--max-upload-mbps`, as a node does when it
+# is told its uplink's rate); the bound stays the same.
 # With --what state: member 0 is a joiner fetching the global state (parameters + momentum,
 # fp32) from the K-1 others (`forge-node bench state-transfer`), timed against the state's
 # bytes over its link.
 #
 #   sudo scripts/bench_allreduce_netns.sh [--peers "2 4 8"] [--models "15m gpt2-124m"]
 #                                         [--rate-mbit 1000] [--rounds 3] [--what allreduce|state]
+#                                         [--pace]
 #
 # Needs root (ip netns, tc). Uses 10.231.0.0/24 inside namespaces named forge-ar-*; touches
 # nothing outside them and removes them on exit.
@@ -17,7 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3 what=allreduce
+peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3 what=allreduce pace=0
 while (($#)); do
   case "$1" in
     --peers) peers_list=$2; shift 2 ;;
@@ -25,12 +28,15 @@ while (($#)); do
     --rate-mbit) rate=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --what) what=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --pace) pace=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "bench_allreduce_netns.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+cap=()
 case "$what" in
-  allreduce) subcommand=all-reduce; bound="ring bound s" ;;
+  allreduce) subcommand=all-reduce; bound="ring bound s"
+    if ((pace)); then cap=(--max-upload-mbps "$rate"); fi ;;
   state) subcommand=state-transfer; bound="link bound s" ;;
   *) echo "bench_allreduce_netns.sh: --what must be allreduce or state" >&2; exit 2 ;;
 esac
@@ -87,6 +93,13 @@ values_of() {
   esac
 }
 
+if ((pace)); then
+  if [[ $what == allreduce ]]; then
+    echo "every member caps its upload at $rate Mbit/s on the link (--max-upload-mbps)"
+  else
+    echo "bench_allreduce_netns.sh: --pace applies to --what allreduce only; the state fetch runs unpaced" >&2
+  fi
+fi
 printf '%-10s %5s %12s %10s %12s %8s\n' model peers "payload MB" "median s" "$bound" ratio
 for model in $models; do
   values=$(values_of "$model")
@@ -96,7 +109,7 @@ for model in $models; do
     pids=()
     for ((i = 0; i < k; i++)); do
       RUST_LOG=warn ip netns exec "forge-ar-$i" "$bin" bench "$subcommand" --addrs "$addrs" --rank "$i" \
-        --values "$values" --rounds "$rounds" --bandwidth-mbps "$rate" --json \
+        --values "$values" --rounds "$rounds" --bandwidth-mbps "$rate" "${cap[@]}" --json \
         > "$work/$what-$model-k$k-r$i.json" 2> "$work/$what-$model-k$k-r$i.log" &
       pids+=($!)
     done

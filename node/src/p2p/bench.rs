@@ -191,15 +191,17 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(120);
 /// namespace): member `rank` of `addrs` listens on `addrs[rank]`, waits until it is connected to
 /// every other member, then runs one warm-up round (not reported) and `rounds` measured rounds.
 /// The timeout of a round is four times a node's (derived from `bandwidth_bytes_per_s`): a
-/// benchmark measures slow rounds rather than failing them.
+/// benchmark measures slow rounds rather than failing them. `max_upload_bytes_per_s` caps the
+/// member's upload as a node's `--max-upload-mbps` does.
 pub(crate) async fn bench_member(
     rank: usize,
     addrs: &[SocketAddr],
     values: usize,
     rounds: u64,
     bandwidth_bytes_per_s: f64,
+    max_upload_bytes_per_s: Option<u64>,
 ) -> anyhow::Result<BenchReport> {
-    let (net, ids) = connect_members(rank, addrs).await?;
+    let (net, ids) = connect_members(rank, addrs, max_upload_bytes_per_s).await?;
     let payload_bytes = 4 * values as u64;
     let timeout = 4 * all_reduce_timeout(payload_bytes, addrs.len(), bandwidth_bytes_per_s);
     let mut report = bench_all_reduce(&net, ids.clone(), values, 1, rounds + 1, timeout).await?;
@@ -216,13 +218,18 @@ pub(crate) async fn bench_member(
 async fn connect_members(
     rank: usize,
     addrs: &[SocketAddr],
+    max_upload_bytes_per_s: Option<u64>,
 ) -> anyhow::Result<(PeerNet, Vec<PeerId>)> {
     anyhow::ensure!(
         rank < addrs.len(),
         "--rank {rank} is not an index into the {} --addrs",
         addrs.len()
     );
-    let (net, event_loop) = net::new(PeerNetConfig::new(bench_keypair(rank)))?;
+    let config = PeerNetConfig {
+        max_upload_bytes_per_s,
+        ..PeerNetConfig::new(bench_keypair(rank))
+    };
+    let (net, event_loop) = net::new(config)?;
     tokio::spawn(event_loop.run());
     net.start_listening(super::net::quic_multiaddr(addrs[rank]))
         .await
@@ -323,7 +330,7 @@ pub(crate) async fn bench_state_member(
     bandwidth_bytes_per_s: f64,
 ) -> anyhow::Result<Option<StateBenchReport>> {
     let state = Arc::new(bench_state(values));
-    let (net, ids) = connect_members(rank, addrs).await?;
+    let (net, ids) = connect_members(rank, addrs, None).await?;
     let barrier = all_reduce_timeout(4 * addrs.len() as u64, addrs.len(), bandwidth_bytes_per_s);
     let state_bytes = 8 * values as u64;
     let timeout = 4 * all_reduce_timeout(state_bytes, 2, bandwidth_bytes_per_s);

@@ -55,7 +55,9 @@ pub(crate) enum PeerEvent {
 pub(crate) struct PeerNetConfig {
     /// The node's identity (see [`super::load_or_create_keypair`]).
     pub(crate) keypair: Keypair,
-    /// Cap on the node's total sync upload, so it does not flood a home LAN; `None` is no cap.
+    /// Cap on the node's total sync upload as the link sees it (framing and acknowledgements
+    /// included), so it does not flood a home LAN; `None` is no cap. Set to the uplink's rate, it
+    /// also paces the node just below the point where a switch port's queue fills and drops.
     pub(crate) max_upload_bytes_per_s: Option<u64>,
     /// Values per chunk on the wire; every member of a run must use the same value.
     pub(crate) chunk_values: usize,
@@ -130,7 +132,7 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
     let (peer_events, _) = broadcast::channel(PEER_EVENT_QUEUE);
     let limiter = config
         .max_upload_bytes_per_s
-        .map(|cap| Arc::new(UploadLimiter::new(cap)));
+        .map(|cap| Arc::new(UploadLimiter::for_link(cap)));
     let (state, serving) = StateServer::new(limiter.clone());
     let state = Arc::new(state);
     let net = PeerNet {

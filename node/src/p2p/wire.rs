@@ -188,7 +188,22 @@ struct Bucket {
     at: Instant,
 }
 
+/// Bytes on the link per byte of stream payload a member uploads during an all-reduce: QUIC
+/// packet and frame headers, the AEAD tag, UDP, IP and Ethernet headers, and the acknowledgements
+/// a member sends for what it downloads at the same time. Measured with `tc -s qdisc` on the
+/// members' shaped uplinks (scripts/bench_allreduce_netns.sh, 15m payload): 256.1 MB on the link
+/// for 243.0 MB of payload with 2 peers (1.054), 390 MB for 364.6 MB with 4 peers (1.070).
+pub(crate) const LINK_BYTES_PER_PAYLOAD_BYTE: f64 = 1.06;
+
 impl UploadLimiter {
+    /// Paces stream payload so that what reaches the link, framing and acknowledgements
+    /// included, stays at `link_bytes_per_s` (see [`LINK_BYTES_PER_PAYLOAD_BYTE`]). A node capped
+    /// at its uplink's rate then keeps that link busy without building a queue in front of it.
+    pub(crate) fn for_link(link_bytes_per_s: u64) -> UploadLimiter {
+        UploadLimiter::new((link_bytes_per_s as f64 / LINK_BYTES_PER_PAYLOAD_BYTE) as u64)
+    }
+
+    /// Paces stream payload to `bytes_per_s`.
     pub(crate) fn new(bytes_per_s: u64) -> UploadLimiter {
         let bytes_per_s = bytes_per_s.max(1) as f64;
         // 10 ms of traffic, but at least one slice, so a fast cap is not spent in tiny sleeps.
@@ -226,20 +241,32 @@ impl UploadLimiter {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn limiter_paces_to_the_cap() {
-        let limiter = UploadLimiter::new(8_000_000);
+    /// Takes 64 slices (4 MiB) from `limiter` and checks that they took as long as `bytes_per_s`
+    /// of payload allows, less the initial burst of one slice.
+    async fn assert_paces_payload_at(limiter: UploadLimiter, bytes_per_s: f64) {
         let start = Instant::now();
         for _ in 0..64 {
             limiter.acquire(WRITE_SLICE).await;
         }
         let elapsed = start.elapsed().as_secs_f64();
-        // 4 MiB at 8 MB/s is 0.524 s, less the initial burst of one slice (8 ms).
-        let expected = (64.0 - 1.0) * WRITE_SLICE as f64 / 8e6;
+        let expected = (64.0 - 1.0) * WRITE_SLICE as f64 / bytes_per_s;
         assert!(
             (elapsed - expected).abs() < 0.01,
             "took {elapsed:.3} s, expected {expected:.3} s"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_paces_to_the_cap() {
+        // 4 MiB at 8 MB/s: 0.516 s after the free slice.
+        assert_paces_payload_at(UploadLimiter::new(8_000_000), 8e6).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_cap_leaves_room_for_framing() {
+        // 8 MB/s on the link is 8 / 1.06 MB/s of payload: 0.547 s, not 0.516 s.
+        let payload_per_s = 8e6 / LINK_BYTES_PER_PAYLOAD_BYTE;
+        assert_paces_payload_at(UploadLimiter::for_link(8_000_000), payload_per_s).await;
     }
 
     #[tokio::test(start_paused = true)]
