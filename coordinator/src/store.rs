@@ -85,7 +85,15 @@ impl Store {
     pub(crate) fn open(state_dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(state_dir).map_err(|cause| Error::StateDir {
             path: state_dir.to_path_buf(),
-            cause,
+            cause: if cause.kind() == std::io::ErrorKind::AlreadyExists {
+                // What create_dir_all reports when a file is in the way.
+                std::io::Error::new(
+                    cause.kind(),
+                    "it exists and is not a directory; pass a directory, or a path that does not exist yet",
+                )
+            } else {
+                cause
+            },
         })?;
         let path = state_dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(|err| Error::store(&path, err))?;
@@ -278,5 +286,15 @@ mod tests {
         let _first = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("another forge-coordinator"), "{err}");
+    }
+
+    #[test]
+    fn a_file_where_the_state_dir_should_be_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let err = Store::open(&file).unwrap_err().to_string();
+        assert!(err.contains("exists and is not a directory"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
     }
 }

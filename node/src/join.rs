@@ -245,8 +245,18 @@ struct Pending {
 
 /// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
 pub(crate) fn run(opts: JoinOptions) -> Result<()> {
-    std::fs::create_dir_all(&opts.workdir)
-        .with_context(|| format!("creating the workdir {}", opts.workdir.display()))?;
+    if let Err(err) = std::fs::create_dir_all(&opts.workdir) {
+        // AlreadyExists is what create_dir_all reports when a file is in the way.
+        let why = if err.kind() == std::io::ErrorKind::AlreadyExists {
+            "it exists and is not a directory; pass --workdir a directory, or a path that does not exist yet".to_string()
+        } else {
+            err.to_string()
+        };
+        anyhow::bail!(
+            "cannot create the workdir {}: {why}",
+            opts.workdir.display()
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
