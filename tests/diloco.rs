@@ -186,15 +186,19 @@ fn start_coordinator_with(
 }
 
 /// Polls the log file at `path` until a line satisfies `matches`; returns the whole log then,
-/// or `None` at `deadline`.
-fn wait_for_log(path: &Path, deadline: Instant, matches: impl Fn(&str) -> bool) -> Option<String> {
+/// or as last read at `deadline` as the error.
+fn wait_for_log(
+    path: &Path,
+    deadline: Instant,
+    matches: impl Fn(&str) -> bool,
+) -> Result<String, String> {
     loop {
         let log = std::fs::read_to_string(path).unwrap_or_default();
         if log.lines().any(&matches) {
-            return Some(log);
+            return Ok(log);
         }
         if Instant::now() >= deadline {
-            return None;
+            return Err(log);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -375,7 +379,7 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
         line.contains("checkpoint committed") && line.contains("round 4")
     });
     assert!(
-        coordinator_log.is_some(),
+        coordinator_log.is_ok(),
         "the coordinator never committed the round 4 checkpoint"
     );
     drop(nodes); // SIGKILL both
@@ -458,7 +462,7 @@ fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
     let coordinator_log = wait_for_log(&tmp.path().join("coord.log"), until, |line| {
         line.contains("left: node failed")
     })
-    .unwrap_or_else(|| std::fs::read_to_string(tmp.path().join("coord.log")).unwrap());
+    .unwrap_or_else(|log| log);
     assert!(
         coordinator_log.contains("left: node failed")
             && coordinator_log.contains("did not reach the gradient all-reduce"),
