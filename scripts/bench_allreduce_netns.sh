@@ -5,7 +5,11 @@
 # `forge-node bench all-reduce` (fp32, QUIC); the script prints the slowest member's median round
 # time divided by the ring bound 2(K-1)/K x payload / bandwidth (1.0 is perfect). With --pace,
 # every member caps its upload at the link's rate (`--max-upload-mbps`, as a node does when it
-# is told its uplink's rate); the bound stays the same.
+# is told its uplink's rate); the bound stays the same. "cores at bound" adds up the members'
+# CPU per round (user + system of their processes) over the bound: the cores all of them would
+# keep busy at the bound; "CPU floor" divides that by this machine's cores, the ratio below which
+# no round can go here whatever the protocol does (members on machines of their own each need
+# their share only).
 # With --what state: member 0 is a joiner fetching the global state (parameters + momentum,
 # fp32) from the K-1 others (`forge-node bench state-transfer`), timed against the state's
 # bytes over its link.
@@ -29,7 +33,7 @@ while (($#)); do
     --rounds) rounds=$2; shift 2 ;;
     --what) what=$2; shift 2 ;;
     --pace) pace=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "bench_allreduce_netns.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -100,7 +104,9 @@ if ((pace)); then
     echo "bench_allreduce_netns.sh: --pace applies to --what allreduce only; the state fetch runs unpaced" >&2
   fi
 fi
-printf '%-10s %5s %12s %10s %12s %8s\n' model peers "payload MB" "median s" "$bound" ratio
+echo "this machine has $(nproc) cores"
+printf '%-10s %5s %12s %10s %12s %8s %15s %10s\n' model peers "payload MB" "median s" "$bound" \
+  ratio "cores at bound" "CPU floor"
 for model in $models; do
   values=$(values_of "$model")
   for k in $peers_list; do
@@ -120,16 +126,20 @@ for model in $models; do
       tail -n 3 "$work/$what-$model-k$k"-r*.log >&2
       exit 1
     fi
-    python3 - "$work" "$what" "$model" "$k" << 'EOF'
+    python3 - "$work" "$what" "$model" "$k" "$(nproc)" << 'EOF'
 import json, os, sys
-work, what, model, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+work, what, model, k, ncores = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 paths = [f"{work}/{what}-{model}-k{k}-r{i}.json" for i in range(k)]
 rs = [json.load(open(p)) for p in paths if os.path.getsize(p) > 0]
 slowest = max(rs, key=lambda r: r["median_s"])
 size = slowest.get("payload_bytes", slowest.get("state_bytes"))
 bound = slowest.get("ring_bound_s", slowest.get("link_bound_s"))
+cores, floor = "-", "-"
+if all("cores_at_bound" in r for r in rs):
+    total = sum(r["cores_at_bound"] for r in rs)
+    cores, floor = f"{total:.2f}", f"{total / ncores:.2f}"
 print(f"{model:<10} {k:5d} {size / 1e6:12.1f} {slowest['median_s']:10.3f} "
-      f"{bound:12.3f} {slowest['ratio']:8.2f}")
+      f"{bound:12.3f} {slowest['ratio']:8.2f} {cores:>15} {floor:>10}")
 EOF
   done
 done

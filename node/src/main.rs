@@ -513,6 +513,8 @@ fn bench_all_reduce(args: &AllReduceArgs) -> Result<()> {
                 "max_upload_mbps": args.max_upload_mbps,
                 "ring_bound_s": report.ring_bound(bandwidth).as_secs_f64(),
                 "ratio": report.ring_bound_ratio(bandwidth),
+                "cpu_per_round_s": report.cpu_per_round().as_secs_f64(),
+                "cores_at_bound": report.cores_at_bound(bandwidth),
             })
         );
         return Ok(());
@@ -532,12 +534,23 @@ fn bench_all_reduce(args: &AllReduceArgs) -> Result<()> {
     if args.addrs.is_empty() {
         links = vec![1000.0, 10_000.0];
     }
+    let whose = if args.addrs.is_empty() {
+        format!("all {} peers'", report.peers)
+    } else {
+        "this member's".to_string()
+    };
+    println!(
+        "  CPU per round: {:.3} s ({whose}, user + system)",
+        report.cpu_per_round().as_secs_f64()
+    );
     for mbps in links {
         let bandwidth = mbps * 1e6 / 8.0;
         println!(
-            "  the ring bound at {mbps} Mbit/s is {:.3} s (median / bound = {:.2})",
+            "  the ring bound at {mbps} Mbit/s is {:.3} s (median / bound = {:.2}); rounds that \
+             fast would keep {:.2} cores busy",
             report.ring_bound(bandwidth).as_secs_f64(),
-            report.ring_bound_ratio(bandwidth)
+            report.ring_bound_ratio(bandwidth),
+            report.cores_at_bound(bandwidth)
         );
     }
     Ok(())

@@ -67,13 +67,42 @@ pub(crate) struct BenchReport {
     pub(crate) rounds: Vec<Duration>,
     /// What this node sent in the last round.
     pub(crate) bytes_sent: u64,
+    /// CPU time (user + system, all threads) this process used during each round: one member's
+    /// in a benchmark among processes, all the peers' in [`bench_local`].
+    pub(crate) cpu: Vec<Duration>,
+}
+
+/// The middle of `times` (the upper one of an even count); zero for none.
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+/// CPU time this process has used so far, all its threads, user and system.
+fn process_cpu_time() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    // The process CPU clock exists on every Linux; zero would only make the report read 0.
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 impl BenchReport {
     pub(crate) fn median(&self) -> Duration {
-        let mut sorted = self.rounds.clone();
-        sorted.sort();
-        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+        median(&self.rounds)
+    }
+
+    /// CPU time per round, the median over the measured rounds.
+    pub(crate) fn cpu_per_round(&self) -> Duration {
+        median(&self.cpu)
+    }
+
+    /// Cores this process would keep busy if every round took the ring bound: its CPU per round
+    /// over the bound. Members that share a machine need the sum of theirs; past the machine's
+    /// cores, the bound cannot be reached there whatever the protocol does.
+    pub(crate) fn cores_at_bound(&self, bandwidth_bytes_per_s: f64) -> f64 {
+        self.cpu_per_round().as_secs_f64() / self.ring_bound(bandwidth_bytes_per_s).as_secs_f64()
     }
 
     /// The ring bound `2(K-1)/K × payload / bandwidth`: no all-reduce can move its bytes faster.
@@ -113,6 +142,7 @@ pub(crate) async fn bench_all_reduce(
         payload_bytes,
         rounds: Vec::new(),
         bytes_sent: 0,
+        cpu: Vec::new(),
     };
     for round in first_round..first_round + rounds {
         let request = AllReduceRequest {
@@ -122,7 +152,11 @@ pub(crate) async fn bench_all_reduce(
             weight: 1.0,
             timeout,
         };
+        let cpu_before = process_cpu_time();
         let output = net.all_reduce(request, &mut Fp32Codec).await?;
+        report
+            .cpu
+            .push(process_cpu_time().saturating_sub(cpu_before));
         report.rounds.push(output.elapsed);
         report.bytes_sent = output.bytes_sent;
         // As a node's rounds do.
@@ -206,6 +240,7 @@ pub(crate) async fn bench_member(
     let timeout = 4 * all_reduce_timeout(payload_bytes, addrs.len(), bandwidth_bytes_per_s);
     let mut report = bench_all_reduce(&net, ids.clone(), values, 1, rounds + 1, timeout).await?;
     report.rounds.remove(0);
+    report.cpu.remove(0);
     // A last small round is a barrier: no member leaves while another still reads from it.
     let barrier = all_reduce_timeout(4 * addrs.len() as u64, addrs.len(), bandwidth_bytes_per_s);
     bench_all_reduce(&net, ids, addrs.len(), rounds + 2, 1, timeout.max(barrier)).await?;
@@ -287,9 +322,7 @@ pub(crate) struct StateBenchReport {
 
 impl StateBenchReport {
     pub(crate) fn median(&self) -> Duration {
-        let mut sorted = self.fetches.clone();
-        sorted.sort();
-        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+        median(&self.fetches)
     }
 
     /// The state's bytes over the joiner's link: no fetch can be faster.

@@ -611,3 +611,21 @@ async fn bench_two_local_peers_64_mb() {
         report.rounds
     );
 }
+
+/// The benchmark's CPU accounting: one reading per round, a positive time (an all-reduce of
+/// 1 MB over QUIC costs CPU), and the cores at the bound as CPU per round over the bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_reports_the_cpu_of_its_rounds() {
+    let report = bounded("the benchmark", super::bench::bench_local(2, 1 << 18, 3))
+        .await
+        .unwrap();
+    assert_eq!(report.cpu.len(), 3, "{:?}", report.cpu);
+    let cpu = report.cpu_per_round();
+    assert!(cpu > Duration::ZERO, "{:?}", report.cpu);
+    let bandwidth = 125e6;
+    let expected = cpu.as_secs_f64() / report.ring_bound(bandwidth).as_secs_f64();
+    assert!((report.cores_at_bound(bandwidth) - expected).abs() < 1e-9);
+    let mut sorted = report.cpu.clone();
+    sorted.sort();
+    assert_eq!(cpu, sorted[1], "the median of three readings");
+}
