@@ -115,7 +115,7 @@ impl Proc {
 
     /// Waits for a stdout line containing `needle`; returns it.
     fn wait_for(&mut self, needle: &str, deadline: Instant) -> String {
-        self.wait_until(&format!("a line with {needle:?}"), deadline, |l| {
+        self.wait_until(&format!("line with {needle:?}"), deadline, |l| {
             l.contains(needle)
         })
     }
@@ -124,7 +124,7 @@ impl Proc {
     /// Not a fixed round: under load a round can be abandoned as a whole (rightly), and a node
     /// the coordinator then leaves out of the next plan skips that round.
     fn wait_for_commit(&mut self, members: usize, deadline: Instant) -> String {
-        let what = format!("a round committed with {members} members");
+        let what = format!("round committed with {members} members");
         self.wait_until(&what, deadline, |l| {
             parse_round(l).is_some_and(|r| r.1 == members && r.3.starts_with("committed"))
         })
