@@ -48,7 +48,7 @@ else
       || die "pip is missing in $FORGE_VENV; install python3-pip (or python3-venv with ensurepip) and delete $FORGE_VENV"
   fi
   say "installing torch==$FORGE_TORCH_VERSION into $FORGE_VENV (about 5 GB)"
-  "$FORGE_VENV/bin/python" -m pip install --disable-pip-version-check -q \
+  "$FORGE_VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q \
       "torch==$FORGE_TORCH_VERSION" numpy \
     || die "pip could not install torch==$FORGE_TORCH_VERSION (see the pip output above)"
   installed="$(torch_version)"
