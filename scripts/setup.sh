@@ -70,11 +70,19 @@ fi
 command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and re-run"
 flags=(--workspace --bins)
 [[ "$profile" == release ]] && flags+=(--release)
+dir=target/$([[ "$profile" == release ]] && echo release || echo debug)
+# A first build (and, for --dev, the test build after it) takes about 1.6 GiB; a full disk part
+# way through shows up as a compiler crash, so say it plainly before starting.
+if [[ ! -e "$dir/forge-node" ]]; then
+  mkdir -p target
+  free_kb=$(df -Pk target | awk 'NR==2 {print $4}')
+  (( free_kb >= 2 * 1024 * 1024 )) \
+    || die "only $((free_kb / 1024)) MiB free under $FORGE_ROOT/target; a first build needs about 2 GiB. Free some space and run this again"
+fi
 say "building ($profile)"
 cargo build "${flags[@]}"
 
 # 3. The binaries must start without LD_LIBRARY_PATH (rpath to the virtualenv's libtorch).
-dir=target/$([[ "$profile" == release ]] && echo release || echo debug)
 env -u LD_LIBRARY_PATH "$dir/forge-node" --version >/dev/null \
   || die "$dir/forge-node does not start; see the loader error above"
 say "ready: $dir/forge-node, $dir/forge-coordinator"
