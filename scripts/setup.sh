@@ -19,6 +19,12 @@ esac
 
 die() { echo "setup: $*" >&2; exit 1; }
 say() { echo "setup: $*" >&2; }
+# Free KiB on the disk that holds path $1, or would hold it (its nearest existing ancestor).
+free_kb() {
+  local p="$1"
+  while [[ ! -e "$p" ]]; do p="$(dirname "$p")"; done
+  df -Pk "$p" | awk 'NR==2 {print $4}'
+}
 
 torch_version() { "$FORGE_VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
 
@@ -35,10 +41,9 @@ else
   if [[ -n "$installed" ]]; then
     say "the virtualenv has torch $installed, but tch 0.24 needs exactly $FORGE_TORCH_VERSION; installing $FORGE_TORCH_VERSION over it"
   else
-    free_kb=$(df -Pk "$FORGE_ROOT" | awk 'NR==2 {print $4}')
-    need_kb=$((8 * 1024 * 1024))
-    (( free_kb >= need_kb )) \
-      || die "only $((free_kb / 1024 / 1024)) GiB free under $FORGE_ROOT; torch $FORGE_TORCH_VERSION with its CUDA libraries needs about 8 GiB. Free some space, or set FORGE_VENV to a folder on a bigger disk"
+    free=$(free_kb "$FORGE_VENV")
+    (( free >= 8 * 1024 * 1024 )) \
+      || die "only $((free / 1024)) MiB free for $FORGE_VENV; installing torch $FORGE_TORCH_VERSION with its CUDA libraries needs about 8 GiB (4.7 GiB installed, its wheels while installing). Free some space, or set FORGE_VENV to a folder on a bigger disk"
     if [[ ! -x "$FORGE_VENV/bin/python" ]]; then
       say "creating virtualenv $FORGE_VENV"
       python3 -m venv "$FORGE_VENV" \
@@ -75,9 +80,9 @@ dir=target/$([[ "$profile" == release ]] && echo release || echo debug)
 # way through shows up as a compiler crash, so say it plainly before starting.
 if [[ ! -e "$dir/forge-node" ]]; then
   mkdir -p target
-  free_kb=$(df -Pk target | awk 'NR==2 {print $4}')
-  (( free_kb >= 2 * 1024 * 1024 )) \
-    || die "only $((free_kb / 1024)) MiB free under $FORGE_ROOT/target; a first build needs about 2 GiB. Free some space and run this again"
+  free=$(free_kb target)
+  (( free >= 2 * 1024 * 1024 )) \
+    || die "only $((free / 1024)) MiB free under $FORGE_ROOT/target; a first build needs about 2 GiB. Free some space and run this again"
 fi
 say "building ($profile)"
 cargo build "${flags[@]}"
