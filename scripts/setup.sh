@@ -79,7 +79,6 @@ dir=target/$([[ "$profile" == release ]] && echo release || echo debug)
 # A first build (and, for --dev, the test build after it) takes about 1.6 GiB; a full disk part
 # way through shows up as a compiler crash, so say it plainly before starting.
 if [[ ! -e "$dir/forge-node" ]]; then
-  mkdir -p target
   free=$(free_kb target)
   (( free >= 2 * 1024 * 1024 )) \
     || die "only $((free / 1024)) MiB free under $FORGE_ROOT/target; a first build needs about 2 GiB. Free some space and run this again"
