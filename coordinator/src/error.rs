@@ -1,5 +1,5 @@
 //! Errors of the coordinator library: invalid configs, profiles and node files, the state
-//! database, TLS and the control connection.
+//! database, the server's TLS and endpoint, and (wrapped) the shared client crate's errors.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,33 +72,9 @@ pub enum Error {
         cause: std::io::Error,
     },
 
-    #[error(
-        "cluster token {token:?} is malformed ({reason}); pass the token `forge-coordinator serve` printed, SECRET.FINGERPRINT"
-    )]
-    BadToken { token: String, reason: String },
-
-    #[error(
-        "cannot connect to the coordinator at {addr}: {reason}; check that `forge-coordinator serve` runs there, that UDP port {port} is reachable, and that the token is from that coordinator",
-        port = addr.port()
-    )]
-    Connect { addr: SocketAddr, reason: String },
-
-    #[error("the coordinator at {addr} refused this client: {message}")]
-    Refused { addr: SocketAddr, message: String },
-
-    #[error("control stream broke: {reason}")]
-    Stream { reason: String },
-
-    #[error("control message: {0}")]
-    Protocol(forge_protocol::Error),
-
-    #[error("expected {expected} from the coordinator, got {got}")]
-    UnexpectedMessage { expected: &'static str, got: String },
-
-    #[error(
-        "the coordinator client has stopped ({reason}); connect again with CoordinatorClient::connect"
-    )]
-    ClientStopped { reason: String },
+    /// Token, transport settings and control frames, shared with the client.
+    #[error(transparent)]
+    Client(#[from] forge_coordinator_client::Error),
 }
 
 impl Error {

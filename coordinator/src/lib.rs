@@ -1,9 +1,10 @@
 //! Forge coordinator: the membership and round state machine, the pipeline stage planner and
-//! the model profiles it plans with, and the network shell (server, client, state database)
-//! that drives the state machine over QUIC.
+//! the model profiles it plans with, and the network shell (server, state database) that drives
+//! the state machine over QUIC. The node's side of the connection is the
+//! `forge-coordinator-client` crate, re-exported here as [`client`].
 
-/// The node's side of the control connection: join, heartbeats, reports, reconnects.
-pub mod client;
+/// The node's side of the control connection (the `forge-coordinator-client` crate).
+pub use forge_coordinator_client as client;
 /// The coordinator state machine: membership, assignment, rounds, checkpoints. No I/O.
 pub mod core;
 /// Errors and the crate's `Result`.
@@ -20,19 +21,18 @@ pub mod run_config;
 pub mod server;
 /// Durable state in redb: identity, snapshot, round history.
 mod store;
-/// Self-signed certificate, cluster token, certificate pinning.
-pub mod tls;
-/// Length-prefixed control frames on QUIC streams.
-mod wire;
+/// Self-signed certificate, server endpoint, token secret check.
+mod tls;
 
 #[cfg(test)]
 mod sim;
 
-pub use crate::client::{ClientOptions, CoordinatorClient, Notification, fetch_status};
 pub use crate::core::{
     ConnId, Coordinator, CoordinatorConfig, Event, Input, MemberView, Millis, Output,
 };
 pub use crate::error::{Error, Result};
 pub use crate::planner::{ModelProfile, NodeProfile, Plan, plan, rebalance};
 pub use crate::server::{Server, ServerStats, Startup};
-pub use crate::tls::ClusterToken;
+pub use forge_coordinator_client::{
+    ClientOptions, ClusterToken, CoordinatorClient, Notification, fetch_status,
+};

@@ -14,6 +14,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use forge_coordinator_client::ClusterToken;
+use forge_coordinator_client::wire::{read_frame, write_frame};
 use forge_protocol::session::{
     MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord,
     StageStatus, Status,
@@ -26,8 +28,7 @@ use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, 
 use crate::error::{Error, Result};
 use crate::latency::Histogram;
 use crate::store::{Changes, RoundHistory, Store};
-use crate::tls::{self, ClusterToken, Identity};
-use crate::wire::{read_frame, write_frame};
+use crate::tls::{self, Identity};
 
 /// A client has this long to open its control stream and send [`Open`].
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -9,7 +9,7 @@ use crate::p2p::{
     StateSnapshot, all_reduce_timeout,
 };
 use anyhow::{Context, Result, bail};
-use forge_coordinator::client::{ClientOptions, CoordinatorClient, Notification};
+use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
     Assignment, Capabilities, CheckpointShardDurable, CoordinatorMessage, Device as WireDevice,
     DeviceKind, Digest, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome,

@@ -1,4 +1,5 @@
-//! Reading and writing length-prefixed control frames on a QUIC stream.
+//! Reading and writing length-prefixed control frames on a QUIC stream, for both ends of a
+//! control connection.
 //!
 //! A control connection uses one bidirectional stream for its whole life rather than one stream
 //! per message: control messages must arrive in order (Hello before Join, a report before a
@@ -17,7 +18,7 @@ fn broke(err: impl std::fmt::Display) -> Error {
 
 /// Reads one whole frame; `None` when the peer finished the stream cleanly between frames. The
 /// header's size limits are checked before the payload is read.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>> {
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>> {
     let mut frame = vec![0u8; HEADER_LEN];
     match recv.read_exact(&mut frame).await {
         Ok(()) => {}
@@ -32,6 +33,7 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Ve
     Ok(Some(frame))
 }
 
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<()> {
+/// Writes one whole frame (header and payload, as the codec made it).
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<()> {
     send.write_all(frame).await.map_err(broke)
 }
