@@ -809,8 +809,8 @@ mod tests {
             sender: 1,
             stage: 0,
             phase: SyncPhase::ReduceScatter,
-            chunk_index: 2,
-            chunks: 8,
+            owner: 2,
+            members: 8,
             offset: 0,
             values: 1 << 18,
             total_len: 1 << 21,
@@ -827,10 +827,7 @@ mod tests {
         };
         let err = SyncChunkHeader::from_frame(&huge.to_frame().unwrap()).unwrap_err();
         assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
-        let bad_index = SyncChunkHeader {
-            chunk_index: 8,
-            ..header
-        };
-        assert!(SyncChunkHeader::from_frame(&bad_index.to_frame().unwrap()).is_err());
+        let bad_owner = SyncChunkHeader { owner: 8, ..header };
+        assert!(SyncChunkHeader::from_frame(&bad_owner.to_frame().unwrap()).is_err());
     }
 }

@@ -39,14 +39,14 @@ pub enum SyncCodec {
 pub enum SyncPhase {
     ReduceScatter,
     AllGather,
-    /// The sender gave up on this all-reduce: `chunk_index` is the member it blames and the
+    /// The sender gave up on this all-reduce: `owner` is the member it blames and the
     /// payload is the reason in UTF-8, so the others fail at once instead of at their timeout.
     Abort,
 }
 
 /// Precedes every chunk on a sync stream. A chunk holds `values` consecutive elements of the
-/// flattened pseudo_grad, starting at `offset`, all inside the range owned by member
-/// `chunk_index` (the all-reduce splits the vector into `chunks` ranges, one per member).
+/// flattened pseudo_grad, starting at `offset`, all inside the range owned by member `owner`
+/// (the all-reduce splits the vector into `members` ranges, one per member).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncChunkHeader {
     pub round: RoundId,
@@ -58,8 +58,12 @@ pub struct SyncChunkHeader {
     /// Pipeline stage whose parameters the chunk covers (0 for whole-model replicas).
     pub stage: u32,
     pub phase: SyncPhase,
-    pub chunk_index: u32,
-    pub chunks: u32,
+    /// The member that reduces the range this chunk lies in: the receiver in the reduce-scatter,
+    /// the sender in the all-gather, the blamed member in an abort. Below `members`.
+    pub owner: u32,
+    /// Members in this all-reduce (the length of the ordered member list `group` digests),
+    /// which is also the number of owned ranges the vector is split into.
+    pub members: u32,
     /// First element of the chunk in the flattened pseudo_grad.
     pub offset: u64,
     /// Elements the payload decodes to.
@@ -86,19 +90,19 @@ impl SyncChunkHeader {
                 max: MAX_SYNC_CHUNK_BYTES.into(),
             });
         }
-        if self.chunk_index >= self.chunks {
+        if self.owner >= self.members {
             return Err(Error::InvalidSyncHeader {
                 reason: format!(
-                    "chunk index {} is not below the chunk count {}",
-                    self.chunk_index, self.chunks
+                    "owner {} is not below the member count {}",
+                    self.owner, self.members
                 ),
             });
         }
-        if self.sender >= self.chunks {
+        if self.sender >= self.members {
             return Err(Error::InvalidSyncHeader {
                 reason: format!(
                     "sender {} is not below the member count {}",
-                    self.sender, self.chunks
+                    self.sender, self.members
                 ),
             });
         }
@@ -152,8 +156,8 @@ mod tests {
             sender: 1,
             stage: 0,
             phase: SyncPhase::AllGather,
-            chunk_index: 2,
-            chunks: 3,
+            owner: 2,
+            members: 3,
             offset: 10,
             values: 5,
             total_len: 15,

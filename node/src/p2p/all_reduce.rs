@@ -533,10 +533,10 @@ impl<'a> Round<'a> {
             };
             let header = incoming.header;
             let bad = |reason: String| self.reject(m, RejectReason::Header(reason));
-            if header.sender as usize != m || header.chunks as usize != self.layout.members {
+            if header.sender as usize != m || header.members as usize != self.layout.members {
                 return bad(format!(
                     "it claims to be member {} of {}, but is member {m} of {}",
-                    header.sender, header.chunks, self.layout.members
+                    header.sender, header.members, self.layout.members
                 ));
             }
             let (slot, owner) = match header.phase {
@@ -544,10 +544,10 @@ impl<'a> Round<'a> {
                 SyncPhase::AllGather => (&mut results[m], m),
                 SyncPhase::Abort => return self.aborted(m, &mut incoming).await,
             };
-            if header.chunk_index as usize != owner {
+            if header.owner as usize != owner {
                 return bad(format!(
                     "its {:?} stream carries range {} instead of {owner}",
-                    header.phase, header.chunk_index
+                    header.phase, header.owner
                 ));
             }
             self.received
@@ -579,7 +579,7 @@ impl<'a> Round<'a> {
         };
         let blamed = self
             .members
-            .get(header.chunk_index as usize)
+            .get(header.owner as usize)
             .copied()
             .unwrap_or(incoming.peer);
         AllReduceError::Aborted {
@@ -668,8 +668,8 @@ impl<'a> Round<'a> {
             sender: self.me as u32,
             stage: 0,
             phase: SyncPhase::Abort,
-            chunk_index: blamed as u32,
-            chunks: self.layout.members as u32,
+            owner: blamed as u32,
+            members: self.layout.members as u32,
             offset: 0,
             values: 0,
             total_len: self.layout.len as u64,
@@ -977,8 +977,8 @@ impl<'a> Round<'a> {
             && header.sender as usize == m
             && header.stage == 0
             && header.phase == expect.phase
-            && header.chunks as usize == self.layout.members
-            && header.chunk_index as usize == expect.owner
+            && header.members as usize == self.layout.members
+            && header.owner as usize == expect.owner
             && header.offset == expect.range.start as u64
             && header.values as usize == expect.range.len();
         if !fits {
@@ -1052,8 +1052,8 @@ impl<'a> Round<'a> {
             sender: self.me as u32,
             stage: 0,
             phase,
-            chunk_index: owner as u32,
-            chunks: self.layout.members as u32,
+            owner: owner as u32,
+            members: self.layout.members as u32,
             offset: range.start as u64,
             values: range.len() as u32,
             total_len: self.layout.len as u64,
