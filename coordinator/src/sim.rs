@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use forge_protocol::rng::SplitMix64;
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
     ErrorCode, Heartbeat, Hello, Join, Leave, MemberId, NodeMessage, OuterStep, ReplicaId, RoundId,
@@ -12,24 +13,16 @@ use forge_protocol::{
 
 use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
 
-/// splitmix64: tiny, seedable and the same on every platform.
-struct Rng(u64);
+/// The simulation's dice: splitmix64, tiny, seedable and the same on every platform.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+        self.0.next_f64() <= p
     }
 
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        lo + self.0.next_u64() % (hi - lo + 1)
     }
 }
 
@@ -150,7 +143,7 @@ impl Sim {
             coordinator: Coordinator::new(config).unwrap(),
             nodes: Vec::new(),
             network,
-            rng: Rng(seed),
+            rng: Rng(SplitMix64::new(seed)),
             queue: BTreeMap::new(),
             seq: 0,
             partitioned: BTreeSet::new(),

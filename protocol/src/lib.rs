@@ -10,6 +10,8 @@ pub mod error;
 pub mod messages;
 /// Outer-gradient codecs (fp32, bf16, block int8/int4, optional zstd) and error feedback.
 pub mod quant;
+/// SplitMix64, the seeded generator whose outputs must never change.
+pub mod rng;
 /// The opening exchange of a control connection (cluster token) and the status report.
 pub mod session;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.

@@ -5,6 +5,7 @@ use std::time::Instant;
 use proptest::prelude::*;
 
 use super::*;
+use crate::rng::SplitMix64;
 
 const INT8: Codec = Codec::Int8 { block_size: 256 };
 const INT4: Codec = Codec::Int4 { block_size: 256 };
@@ -33,36 +34,20 @@ fn all_compressions() -> Vec<Compression> {
         .collect()
 }
 
-/// SplitMix64, so the tests need no RNG crate and every run sees the same numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Box–Muller.
-    fn normal(&mut self, std: f64) -> f32 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-    }
+/// Normal samples by Box–Muller on SplitMix64, so the tests need no RNG crate and every run sees
+/// the same numbers.
+fn normal(rng: &mut SplitMix64, std: f64) -> f32 {
+    let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+    let u2 = rng.next_f64();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
 }
 
 /// What a pseudo_grad looks like: normal with std 1e-3, one value in ~10,000 ten times larger.
 fn pseudo_grad(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..len)
         .map(|_| {
-            let v = rng.normal(1e-3);
+            let v = normal(&mut rng, 1e-3);
             if rng.next_u64() % 10_000 == 0 {
                 v * 10.0
             } else {
