@@ -1,20 +1,36 @@
-//! forge-trainer: everything that touches tensors. Models (one file per family), the inner
-//! optimizer, devices, and the train-step benchmark.
+//! forge-trainer: everything that touches tensors. The models, the data they read, the inner
+//! and outer optimizers, data parallelism inside a node, checkpoints, and the training loop that
+//! `forge-node` runs alone or between DiLoCo outer steps.
 
+/// Train-step benchmark (forward, backward, clip, AdamW), compared with PyTorch in one run.
 pub mod bench;
+/// Checkpoint directories: written atomically with a manifest last, verified, rotated.
 pub mod checkpoint;
+/// Run configs: complete TOML files from `configs/`, unknown keys refused, validated once.
 pub mod config;
+/// Corpus files to tokenizer, memory-mapped token cache, shuffled shards and eval windows.
 pub mod data;
+/// `--device` strings (`cpu`, `cuda`, `cuda:N`, lists) parsed and checked.
 pub mod device;
+/// DiLoCo outer state: fp32 global parameters, Nesterov momentum, pseudo-gradients, hashes.
 pub mod diloco;
+/// Errors and the crate's `Result`.
 mod error;
+/// Peak throughput of known accelerators, for model FLOPs utilisation.
 pub mod flops;
+/// Run metrics: `metrics.jsonl` lines and the progress a person watching sees.
 pub mod metrics;
+/// The model zoo: one file per family, presets, Hugging Face parameter names.
 pub mod models;
+/// Inner optimizer: AdamW with explicit state and global-norm gradient clipping.
 pub mod optim;
+/// Data parallelism inside a node: one worker per device, gradients summed every step.
 pub mod parallel;
+/// Seeded text generation: temperature and top-k sampling.
 pub mod sample;
+/// Learning-rate schedules: warmup + cosine, WSD, InfiniteLR, batch-size scaling.
 pub mod schedule;
+/// The training loop: accumulation, eval, samples, checkpoints with exact resume, Ctrl-C.
 pub mod train;
 
 pub use error::{Error, Result};
