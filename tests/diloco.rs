@@ -232,9 +232,19 @@ fn wait_for_log(
     deadline: Instant,
     matches: impl Fn(&str) -> bool,
 ) -> Result<String, String> {
+    wait_for_log_lines(path, deadline, 1, matches)
+}
+
+/// [`wait_for_log`] until `count` lines satisfy `matches`.
+fn wait_for_log_lines(
+    path: &Path,
+    deadline: Instant,
+    count: usize,
+    matches: impl Fn(&str) -> bool,
+) -> Result<String, String> {
     loop {
         let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.lines().any(&matches) {
+        if log.lines().filter(|line| matches(line)).count() >= count {
             return Ok(log);
         }
         if Instant::now() >= deadline {
@@ -420,8 +430,15 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
         "the coordinator never committed the round 4 checkpoint"
     );
     drop(nodes); // SIGKILL both
-    // The coordinator declares them dead (2 s) and rolls the run back to the checkpoint.
-    std::thread::sleep(Duration::from_secs(4));
+    // The coordinator declares them dead (2 s of silence) and, with no member left, rolls the
+    // run back to the checkpoint: only then do the nodes come back.
+    let dead = wait_for_log_lines(&tmp.path().join("coord.log"), deadline, 2, |line| {
+        line.contains("declared dead after")
+    });
+    assert!(
+        dead.is_ok(),
+        "the coordinator did not declare both nodes dead"
+    );
     let mut nodes: Vec<Proc> = (0..2)
         .map(|i| start_node(tmp.path(), i, &addr, &token))
         .collect();
