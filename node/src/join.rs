@@ -3,17 +3,23 @@
 //! steps per round, all-reduces the weighted pseudo-gradient with the round's other members
 //! over libp2p/QUIC, reports the hash of the resulting global state, and applies the outer step
 //! only when the coordinator commits the round.
+//!
+//! This file is the shell: connections, the event loop, the jobs (state fetch, inner steps,
+//! all-reduce, evaluation, checkpoint shards) and printing. What to do when is decided by the
+//! node's round state machine in [`crate::round`], which does no I/O.
 
 use crate::p2p::{
-    self, AllReduceError, AllReduceOutput, AllReduceRequest, ChunkCodec, PeerNet, PeerNetConfig,
-    StateSnapshot, all_reduce_timeout,
+    self, AllReduceError, ChunkCodec, PeerNet, PeerNetConfig, StateSnapshot, all_reduce_timeout,
 };
-use anyhow::{Context, Result, bail};
+use crate::round::{
+    Action, Exit, Fetched, Input, ReduceFailure, Reduced, RoundLog, Rounds, RoundsConfig, Trained,
+    digest_hex, failed_report,
+};
+use anyhow::{Context, Result, anyhow, bail};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    Assignment, Capabilities, CheckpointShardDurable, CoordinatorMessage, Device as WireDevice,
-    DeviceKind, Digest, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome,
-    RoundReport, TensorHash,
+    Capabilities, Device as WireDevice, DeviceKind, Digest, GlobalState, JoinAccepted, MemberId,
+    Peer, RoundId, RoundOpened, TensorHash,
 };
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
 use forge_protocol::sync::SyncCodec;
@@ -23,10 +29,12 @@ use forge_trainer::config::RunConfig;
 use forge_trainer::device::parse_device;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::models::{ModelConfig, Precision};
+use forge_trainer::parallel::Fault;
 use forge_trainer::train::Trainer;
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -34,7 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tch::Tensor;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
@@ -50,33 +58,524 @@ pub(crate) struct JoinOptions {
     pub(crate) max_upload_mbps: Option<f64>,
 }
 
-/// One line of `rounds.jsonl` in the node's run directory.
-#[derive(Debug, Clone, Serialize)]
-struct RoundLog {
-    round: u64,
-    inner_steps: u64,
-    step: u64,
-    tokens: u64,
-    loss: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_loss: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_bpb: Option<f64>,
-    members: usize,
-    /// Tokens all members processed this round (the all-reduce's total weight).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    group_tokens: Option<f64>,
-    outcome: String,
-    bytes_sent: u64,
-    bytes_received: u64,
-    /// Bytes an fp32 all-reduce of the same parameters would send (2(K-1)/K × 4 × params).
-    fp32_bytes: u64,
-    sync_s: f64,
-    inner_s: f64,
-    /// Seconds spent fetching the global state from peers before this round (joiners, and
-    /// nodes that missed a commit).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state_fetch_s: Option<f64>,
+/// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
+pub(crate) fn run(opts: JoinOptions) -> Result<()> {
+    if let Err(err) = std::fs::create_dir_all(&opts.workdir) {
+        // AlreadyExists is what create_dir_all reports when a file is in the way.
+        let why = if err.kind() == std::io::ErrorKind::AlreadyExists {
+            "it exists and is not a directory; pass --workdir a directory, or a path that does not exist yet".to_string()
+        } else {
+            err.to_string()
+        };
+        anyhow::bail!(
+            "cannot create the workdir {}: {why}",
+            opts.workdir.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(node(opts))
+}
+
+async fn node(opts: JoinOptions) -> Result<()> {
+    let (stop, shutdown) = shutdown_signal()?;
+    let coordinator: SocketAddr = tokio::net::lookup_host(&opts.coordinator)
+        .await
+        .with_context(|| format!("resolving the coordinator address {}", opts.coordinator))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", opts.coordinator))?;
+    // Peer-to-peer layer first: its peer id and address go into the join.
+    let (net, advertised) = start_peer_net(&opts, coordinator).await?;
+    let upload = upload_bytes_per_s(&opts);
+    let caps = tokio::task::block_in_place(|| {
+        capabilities(&opts.device, &net.peer_id(), &advertised, upload)
+    })?;
+    tracing::info!(
+        "peer {} at {advertised}; {:.0} tokens/s on the reference model",
+        net.peer_id(),
+        caps.tokens_per_s
+    );
+    let (client, accepted, notes) =
+        CoordinatorClient::connect(coordinator, &opts.token, caps, ClientOptions::default())
+            .await
+            .with_context(|| format!("joining the coordinator at {coordinator}"))?;
+    println!("joined {coordinator} as member {}", accepted.member.0);
+    let (shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+    shell.run(queue, notes, shutdown).await
+}
+
+/// SIGINT/SIGTERM as a flag the inner steps check between steps, and as a channel the event
+/// loop waits on.
+fn shutdown_signal() -> Result<(Arc<AtomicBool>, watch::Receiver<bool>)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = watch::channel(false);
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let flag = Arc::clone(&stop);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        flag.store(true, Ordering::Relaxed);
+        tx.send_replace(true);
+    });
+    Ok((stop, rx))
+}
+
+/// Starts the swarm and listens; returns it with the address peers can reach: the bound port on
+/// the IP facing the coordinator (unless `--listen` names an IP).
+async fn start_peer_net(
+    opts: &JoinOptions,
+    coordinator: SocketAddr,
+) -> Result<(PeerNet, Multiaddr)> {
+    let keypair = p2p::load_or_create_keypair(&opts.workdir)?;
+    let mut net_cfg = PeerNetConfig::new(keypair);
+    net_cfg.max_upload_bytes_per_s = opts.max_upload_mbps.map(|_| upload_bytes_per_s(opts));
+    let (net, event_loop) = p2p::new(net_cfg)?;
+    tokio::spawn(event_loop.run());
+    let listen_ip = if opts.listen.ip().is_unspecified() {
+        local_ip_towards(coordinator)?
+    } else {
+        opts.listen.ip()
+    };
+    let bound = net
+        .start_listening(p2p::quic_multiaddr(opts.listen))
+        .await?;
+    let port = bound
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap_or(opts.listen.port());
+    Ok((net, p2p::quic_multiaddr(SocketAddr::new(listen_ip, port))))
+}
+
+/// What the node's jobs work on, and the round state machine that says which job comes next.
+struct Shell {
+    rounds: Rounds<Proposal>,
+    trainer: Trainer,
+    outer: OuterOptimizer,
+    codec: QuantCodec,
+    diloco: DilocoConfig,
+    net: PeerNet,
+    client: CoordinatorClient,
+    /// `rounds.jsonl` in the run directory.
+    rounds_log: File,
+    /// Checkpoint shards this node writes when the coordinator asks, and resumes from after a
+    /// whole-cluster restart.
+    checkpoints: CheckpointDir,
+    /// This node's upload rate in bytes/s, for timeouts.
+    bandwidth: f64,
+    stop: Arc<AtomicBool>,
+    fault: Option<(usize, Fault, u64)>,
+}
+
+impl Shell {
+    /// Builds the trainer and the outer optimizer from the coordinator's run config, follows
+    /// the assignment and resumes from the local checkpoint shard if it holds the run's global
+    /// state. Returns the actions to carry out first.
+    fn start(
+        opts: &JoinOptions,
+        accepted: &JoinAccepted,
+        net: PeerNet,
+        client: CoordinatorClient,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(Shell, VecDeque<Action<Proposal>>)> {
+        let (cfg, diloco) = local_config(&accepted.run_config, opts)?;
+        let total_steps = cfg.total_steps();
+        let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
+        let outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
+        let codec = QuantCodec {
+            compression: diloco.compression,
+            feedback: ErrorFeedback::new(diloco.compression, outer.numel())?,
+        };
+        let out_dir = trainer.config().train.out_dir.clone();
+        let rounds_path = out_dir.join("rounds.jsonl");
+        let rounds_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&rounds_path)
+            .with_context(|| format!("opening {}", rounds_path.display()))?;
+        let config = RoundsConfig {
+            total_steps,
+            eval_every_rounds: diloco.eval_every_rounds,
+            numel: outer.numel() as u64,
+        };
+        let (rounds, first) = Rounds::new(config, accepted, Instant::now());
+        let checkpoints = CheckpointDir::new(
+            out_dir.join("diloco-checkpoints"),
+            trainer.config().checkpoint.keep,
+        );
+        let mut shell = Shell {
+            rounds,
+            codec,
+            diloco,
+            net,
+            client,
+            rounds_log,
+            checkpoints,
+            bandwidth: upload_bytes_per_s(opts) as f64,
+            stop,
+            fault: test_fault()?,
+            outer,
+            trainer: {
+                // The assignment's data shard is set before a resume restores its position.
+                for action in &first {
+                    if let Action::FollowShard { index, count } = action {
+                        trainer.set_data_shard(*index as usize, *count as usize)?;
+                    }
+                }
+                trainer
+            },
+        };
+        let held = shell.resume(&accepted.global)?;
+        let resumed = Input::Resumed {
+            held,
+            step: shell.trainer.step(),
+        };
+        let queue = shell.rounds.handle(Instant::now(), resumed).into();
+        Ok((shell, queue))
+    }
+
+    /// The global version this node holds at start: 0 for a new run; the run's version when the
+    /// newest local checkpoint shard holds it (then served to peers that lost theirs); None when
+    /// the node must fetch it from its peers.
+    fn resume(&mut self, global: &GlobalState) -> Result<Option<u64>> {
+        if global.version == 0 {
+            return Ok(Some(0));
+        }
+        let resumed = tokio::task::block_in_place(|| {
+            resume_checkpoint(
+                &self.checkpoints,
+                global,
+                &mut self.trainer,
+                &mut self.outer,
+            )
+        });
+        match resumed {
+            Ok(Some(dir)) => {
+                let round = global.round.map_or(0, |r| r.0);
+                publish_state(&self.net, &self.outer, &self.trainer, global.version, round)?;
+                println!(
+                    "resumed global state v{} from {} (inner step {})",
+                    global.version,
+                    dir.display(),
+                    self.trainer.step()
+                );
+                Ok(Some(global.version))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                println!("not resuming from the local checkpoint: {e:#}; fetching from peers");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The event loop: carries out the state machine's actions, feeding each job's result back,
+    /// and waits for the coordinator or a signal when there is nothing to do.
+    async fn run(
+        mut self,
+        mut queue: VecDeque<Action<Proposal>>,
+        mut notes: mpsc::UnboundedReceiver<Notification>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut stop_seen = false;
+        loop {
+            while let Some(action) = queue.pop_front() {
+                if let Action::Exit(exit) = action {
+                    return self.exit(exit).await;
+                }
+                if let Some(input) = self.carry_out(action, &mut notes, &mut queue).await? {
+                    queue.extend(self.rounds.handle(Instant::now(), input));
+                }
+            }
+            let input = tokio::select! {
+                note = notes.recv() => note.map_or(Input::CoordinatorGone, Input::Note),
+                _ = shutdown.changed(), if !stop_seen => {
+                    stop_seen = true;
+                    // A round announced just before the signal is still finished.
+                    while let Ok(note) = notes.try_recv() {
+                        queue.extend(self.rounds.handle(Instant::now(), Input::Note(note)));
+                    }
+                    Input::StopRequested
+                }
+            };
+            queue.extend(self.rounds.handle(Instant::now(), input));
+        }
+    }
+
+    /// Carries out one action; a job's result comes back as the next input.
+    async fn carry_out(
+        &mut self,
+        action: Action<Proposal>,
+        notes: &mut mpsc::UnboundedReceiver<Notification>,
+        queue: &mut VecDeque<Action<Proposal>>,
+    ) -> Result<Option<Input<Proposal>>> {
+        match action {
+            Action::Say(line) => println!("{line}"),
+            Action::SetMembers(peers) => self.net.set_members(peers_of(&peers)?).await?,
+            Action::FollowShard { index, count } => self
+                .trainer
+                .set_data_shard(index as usize, count as usize)?,
+            Action::FetchState(open) => return Ok(Some(self.fetch(&open).await)),
+            Action::Train(_) => {
+                let trained = self.train()?;
+                // What the coordinator said while this node trained (a participant declared
+                // gone) decides whether the all-reduce starts at all.
+                while let Ok(note) = notes.try_recv() {
+                    queue.extend(self.rounds.handle(Instant::now(), Input::Note(note)));
+                }
+                return Ok(Some(trained));
+            }
+            Action::AllReduce {
+                round,
+                participants,
+                tokens,
+            } => {
+                let input = self.all_reduce(round, &participants, tokens, notes, queue);
+                return Ok(Some(input.await?));
+            }
+            Action::AbortAllReduce {
+                round,
+                peer,
+                reason,
+            } => {
+                let failure = failure_of(&declared_gone(round, &peer, &reason), 0.0);
+                return Ok(Some(Input::Reduced(Err(failure))));
+            }
+            Action::Report(report) => self.client.report(report).await?,
+            Action::ApplyOuterStep(proposal) => {
+                self.outer.commit(proposal, self.trainer.var_store());
+                // The outer step happened once, on worker 0: every local worker takes it.
+                self.trainer.broadcast_params()?;
+            }
+            Action::Evaluate => {
+                let (loss, bpb) = tokio::task::block_in_place(|| self.trainer.evaluate());
+                return Ok(Some(Input::Evaluated { loss, bpb }));
+            }
+            Action::PublishState { version, round } => {
+                publish_state(&self.net, &self.outer, &self.trainer, version, round)?
+            }
+            Action::WriteCheckpoint {
+                round,
+                version,
+                tensor_hashes,
+                ..
+            } => {
+                let meta = OuterCheckpoint {
+                    version,
+                    round: round.0,
+                    tensor_hashes,
+                };
+                let written = tokio::task::block_in_place(|| {
+                    write_checkpoint(&self.checkpoints, &self.trainer, &self.outer, &meta)
+                });
+                let written = written
+                    .map(|dir| dir.display().to_string())
+                    .map_err(|e| format!("{e:#}"));
+                return Ok(Some(Input::CheckpointWritten(written)));
+            }
+            Action::ShardDurable(durable) => self.client.shard_durable(durable).await?,
+            Action::Record(log) => self.record(&log)?,
+            Action::Exit(_) => unreachable!("the event loop takes exits"),
+        }
+        Ok(None)
+    }
+
+    /// Fetches the round's global state from its other participants.
+    async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
+        let me = self.rounds.member();
+        let fetched = fetch_global_state(
+            open,
+            me,
+            &self.net,
+            &mut self.trainer,
+            &mut self.outer,
+            self.bandwidth,
+        )
+        .await;
+        Input::StateFetched(match fetched {
+            Ok((seconds, round)) => Ok(Fetched {
+                step: self.trainer.step(),
+                made_by_round: round,
+                seconds,
+            }),
+            Err(e) => Err(format!("{e:#}")),
+        })
+    }
+
+    /// The round's inner steps: H of them, fewer at the end of the budget or when the round's
+    /// time budget runs out, none once stopped.
+    fn train(&mut self) -> Result<Input<Proposal>> {
+        if let Some((rank, fault)) = self
+            .fault
+            .take_if(|(_, _, at)| self.trainer.step() >= *at)
+            .map(|(rank, fault, _)| (rank, fault))
+        {
+            self.trainer.inject_fault(rank, fault)?;
+        }
+        let budget = (self.diloco.round_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(self.diloco.round_seconds));
+        let left = self
+            .trainer
+            .config()
+            .total_steps()
+            .saturating_sub(self.trainer.step());
+        let steps = self.diloco.round_steps(self.trainer.step()).min(left);
+        let inner =
+            tokio::task::block_in_place(|| self.trainer.inner_steps(steps, budget, &self.stop));
+        Ok(Input::Trained(
+            inner
+                .map(|inner| Trained {
+                    steps: inner.steps,
+                    tokens: inner.tokens,
+                    mean_loss: inner.mean_loss(),
+                    seconds: inner.seconds,
+                    step: self.trainer.step(),
+                })
+                .map_err(|e| format!("{e:#}")),
+        ))
+    }
+
+    /// All-reduces the pseudo-gradient weighted by this node's tokens and proposes the outer
+    /// step. Notes that arrive meanwhile go to the state machine; one that declares a
+    /// participant gone gives the all-reduce up.
+    async fn all_reduce(
+        &mut self,
+        round: RoundId,
+        participants: &[Peer],
+        tokens: u64,
+        notes: &mut mpsc::UnboundedReceiver<Notification>,
+        queue: &mut VecDeque<Action<Proposal>>,
+    ) -> Result<Input<Proposal>> {
+        let members = peers_of(participants)?;
+        let mut data = self.outer.pseudo_gradient(self.trainer.var_store());
+        let weight = tokens.max(1) as f64;
+        for v in &mut data {
+            *v *= weight as f32;
+        }
+        let encoded_bytes = self.codec.compression.codec.body_len(data.len()) as u64;
+        let request = p2p::AllReduceRequest {
+            round: round.0,
+            members: members.iter().map(|(id, _)| *id).collect(),
+            data,
+            weight,
+            timeout: all_reduce_timeout(encoded_bytes, members.len(), self.bandwidth),
+        };
+        let started = Instant::now();
+        let result = {
+            let all_reduce = self.net.all_reduce(request, &mut self.codec);
+            tokio::pin!(all_reduce);
+            loop {
+                tokio::select! {
+                    result = &mut all_reduce => break result,
+                    Some(note) = notes.recv() => {
+                        let mut abort = None;
+                        for action in self.rounds.handle(Instant::now(), Input::Note(note)) {
+                            match action {
+                                Action::AbortAllReduce { peer, reason, .. } => {
+                                    abort = Some(declared_gone(round, &peer, &reason));
+                                }
+                                other => queue.push_back(other),
+                            }
+                        }
+                        if let Some(e) = abort {
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        };
+        let sync_s = started.elapsed().as_secs_f64();
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return Ok(Input::Reduced(Err(failure_of(&e, sync_s)))),
+        };
+        let proposal = self.outer.propose(&out.average)?;
+        self.net.recycle_average(out.average);
+        Ok(Input::Reduced(Ok(Reduced {
+            params_hash: proposal.params_hash,
+            tensor_hashes: proposal
+                .tensor_hashes
+                .iter()
+                .map(|(name, d)| TensorHash {
+                    name: name.clone(),
+                    digest: Digest(*d),
+                })
+                .collect(),
+            proposal,
+            bytes_sent: out.bytes_sent,
+            bytes_received: out.bytes_received,
+            total_weight: out.total_weight,
+            sync_s,
+        })))
+    }
+
+    /// Appends the round to `rounds.jsonl` and prints it.
+    fn record(&mut self, log: &RoundLog) -> Result<()> {
+        writeln!(self.rounds_log, "{}", serde_json::to_string(log)?)?;
+        println!("{}", log.line());
+        Ok(())
+    }
+
+    async fn exit(self, exit: Exit) -> Result<()> {
+        match exit {
+            Exit::Leave(reason) => {
+                println!("leaving: {reason}");
+                self.client.leave(&reason).await.ok();
+                let (loss, bpb) = tokio::task::block_in_place(|| self.trainer.evaluate());
+                println!(
+                    "final validation loss {loss:.4} ({bpb:.4} bits per byte) after {} inner steps",
+                    self.trainer.step()
+                );
+                println!(
+                    "sample: {}",
+                    tokio::task::block_in_place(|| self.trainer.sample())
+                );
+                Ok(())
+            }
+            Exit::Failed { round, reason } => {
+                let failed = failed_report(round, reason.clone(), None, None);
+                self.client.report(failed).await.ok();
+                self.client
+                    .leave(&format!("node failed: {reason}"))
+                    .await
+                    .ok();
+                Err(anyhow!(reason))
+            }
+            Exit::Stopped(reason) => Err(anyhow!(reason)),
+        }
+    }
+}
+
+/// The error of an all-reduce given up because the coordinator declared a participant gone.
+fn declared_gone(round: RoundId, peer: &str, reason: &str) -> AllReduceError {
+    match peer.parse() {
+        Ok(peer) => AllReduceError::PeerFailed {
+            round: round.0,
+            peer,
+            reason: format!("the coordinator declared it gone: {reason}"),
+        },
+        Err(_) => {
+            AllReduceError::InvalidRequest(format!("participant peer id {peer} does not parse"))
+        }
+    }
+}
+
+/// A failed all-reduce as the state machine sees it: why, and whom it blames.
+fn failure_of(e: &AllReduceError, sync_s: f64) -> ReduceFailure {
+    ReduceFailure {
+        reason: e.to_string(),
+        peer: e.peer().map(|p| p.to_string()),
+        rejected: matches!(e, AllReduceError::Rejected { .. }),
+        sync_s,
+    }
 }
 
 /// The node's codec: the run's compression, with error feedback over the whole flattened
@@ -212,10 +711,6 @@ fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConf
     Ok((cfg, diloco))
 }
 
-fn digest_hex(d: &[u8; 32]) -> String {
-    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
-}
-
 fn peers_of(participants: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
     participants
         .iter()
@@ -236,441 +731,10 @@ fn peers_of(participants: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
         .collect()
 }
 
-/// A round this node has reported and is waiting to hear the outcome of.
-struct Pending {
-    round: RoundId,
-    proposal: Option<Proposal>,
-    log: RoundLog,
-}
-
-/// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
-pub(crate) fn run(opts: JoinOptions) -> Result<()> {
-    if let Err(err) = std::fs::create_dir_all(&opts.workdir) {
-        // AlreadyExists is what create_dir_all reports when a file is in the way.
-        let why = if err.kind() == std::io::ErrorKind::AlreadyExists {
-            "it exists and is not a directory; pass --workdir a directory, or a path that does not exist yet".to_string()
-        } else {
-            err.to_string()
-        };
-        anyhow::bail!(
-            "cannot create the workdir {}: {why}",
-            opts.workdir.display()
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(node(opts))
-}
-
-async fn node(opts: JoinOptions) -> Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
-    }
-    let coordinator: SocketAddr = tokio::net::lookup_host(&opts.coordinator)
-        .await
-        .with_context(|| format!("resolving the coordinator address {}", opts.coordinator))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", opts.coordinator))?;
-
-    // Peer-to-peer layer first: its peer id and address go into the join.
-    let keypair = p2p::load_or_create_keypair(&opts.workdir)?;
-    let mut net_cfg = PeerNetConfig::new(keypair);
-    net_cfg.max_upload_bytes_per_s = opts.max_upload_mbps.map(|_| upload_bytes_per_s(&opts));
-    let (net, event_loop) = p2p::new(net_cfg)?;
-    tokio::spawn(event_loop.run());
-    let listen_ip = if opts.listen.ip().is_unspecified() {
-        local_ip_towards(coordinator)?
-    } else {
-        opts.listen.ip()
-    };
-    let bound = net
-        .start_listening(p2p::quic_multiaddr(opts.listen))
-        .await?;
-    // Advertise the address peers can reach: the bound port on the IP facing the coordinator.
-    let port = bound
-        .iter()
-        .find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
-            _ => None,
-        })
-        .unwrap_or(opts.listen.port());
-    let advertised = p2p::quic_multiaddr(SocketAddr::new(listen_ip, port));
-    let upload = upload_bytes_per_s(&opts);
-    let caps = tokio::task::block_in_place(|| {
-        capabilities(&opts.device, &net.peer_id(), &advertised, upload)
-    })?;
-    tracing::info!(
-        "peer {} at {advertised}; {:.0} tokens/s on the reference model",
-        net.peer_id(),
-        caps.tokens_per_s
-    );
-
-    let (client, accepted, mut notes) =
-        CoordinatorClient::connect(coordinator, &opts.token, caps, ClientOptions::default())
-            .await
-            .with_context(|| format!("joining the coordinator at {coordinator}"))?;
-    println!("joined {coordinator} as member {}", accepted.member.0);
-    let (cfg, diloco) = local_config(&accepted.run_config, &opts)?;
-    let total_steps = cfg.total_steps();
-    let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
-    let mut shard = None;
-    if let Some(a) = &accepted.assignment {
-        follow_shard(&mut trainer, &mut shard, a)?;
-    }
-    let mut outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
-    let mut codec = QuantCodec {
-        compression: diloco.compression,
-        feedback: ErrorFeedback::new(diloco.compression, outer.numel())?,
-    };
-    let rounds_path = trainer.config().train.out_dir.join("rounds.jsonl");
-    let mut rounds_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&rounds_path)
-        .with_context(|| format!("opening {}", rounds_path.display()))?;
-    let bandwidth = upload as f64;
-    let mut pending: Option<Pending> = None;
-    let mut rounds_done = 0u64;
-    let joined_at = Instant::now();
-    let mut contributed = false;
-    // Peers of the other replicas (they may fetch the global state from this node) and of the
-    // current round.
-    let mut sync_peers: Vec<Peer> = accepted.sync_peers.clone();
-    let mut participants: Vec<Peer> = Vec::new();
-    // The global version this node's outer state holds. Version 0, the run's initial state, is
-    // the same on every node (same seed); later ones come from a commit or from peers. None: this
-    // node missed a commit and must fetch the state before it can contribute again.
-    let mut held: Option<u64> = Some(0);
-    // Coordinator notifications that arrived while a round was being played, in order.
-    let mut backlog: VecDeque<Notification> = VecDeque::new();
-    // The last round this node played: a round is played once, however often it is announced.
-    let mut last_opened: Option<RoundId> = None;
-    let mut injected_fault = test_fault()?;
-    // Checkpoint shards this node writes when the coordinator asks, and resumes from after a
-    // whole-cluster restart.
-    let diloco_ckpts = CheckpointDir::new(
-        trainer.config().train.out_dir.join("diloco-checkpoints"),
-        trainer.config().checkpoint.keep,
-    );
-    if accepted.global.version > 0 {
-        match tokio::task::block_in_place(|| {
-            resume_checkpoint(&diloco_ckpts, &accepted.global, &mut trainer, &mut outer)
-        }) {
-            Ok(Some(dir)) => {
-                held = Some(accepted.global.version);
-                // Nodes that lost their state fetch it from this one.
-                publish_state(
-                    &net,
-                    &outer,
-                    &trainer,
-                    accepted.global.version,
-                    accepted.global.round.map_or(0, |r| r.0),
-                )?;
-                println!(
-                    "resumed global state v{} from {} (inner step {})",
-                    accepted.global.version,
-                    dir.display(),
-                    trainer.step()
-                );
-            }
-            Ok(None) => held = None,
-            Err(e) => {
-                println!("not resuming from the local checkpoint: {e:#}; fetching from peers");
-                held = None;
-            }
-        }
-    }
-
-    let outcome = loop {
-        if stop.load(Ordering::Relaxed) {
-            // Finish a round that was already announced to this node before leaving (its inner
-            // steps stop at once; what it trained since the last round is still contributed), so
-            // its peers do not wait for it.
-            while let Ok(note) = notes.try_recv() {
-                backlog.push_back(note);
-            }
-            let announced = backlog.iter().any(|note| {
-                matches!(note, Notification::Message(CoordinatorMessage::RoundOpened(open))
-                    if unplayed(last_opened, open.round))
-            });
-            if !announced || trainer.step() >= total_steps {
-                break "stopped by signal".to_string();
-            }
-        }
-        if trainer.step() >= total_steps && pending.is_none() {
-            break format!("finished the budget of {total_steps} inner steps");
-        }
-        let note = match backlog.pop_front() {
-            Some(note) => Some(note),
-            None => tokio::select! {
-                note = notes.recv() => note,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-            },
-        };
-        let Some(note) = note else {
-            break "the coordinator connection closed".to_string();
-        };
-        match note {
-            Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
-                if !unplayed(last_opened, open.round) {
-                    // Sent again after a reconnect (or a coordinator restart) before our report
-                    // arrived: this node played that round and its report is being resent.
-                    tracing::debug!("{} opened again; already played", open.round);
-                    continue;
-                }
-                last_opened = Some(open.round);
-                if let Some(stale) = pending.take() {
-                    // Its RoundClosed never reached this node (cut off from the coordinator):
-                    // the outer step is dropped; the version check below fetches whatever the
-                    // others committed.
-                    println!(
-                        "round {}: no outcome heard; its outer step is dropped",
-                        stale.round.0
-                    );
-                }
-                participants = open.participants.clone();
-                net.set_members(allowlist(&participants, &sync_peers)?)
-                    .await?;
-                let mut state_fetch_s = None;
-                if held != Some(open.global_version) {
-                    match fetch_global_state(
-                        &open,
-                        client.member(),
-                        &net,
-                        &mut trainer,
-                        &mut outer,
-                        bandwidth,
-                    )
-                    .await
-                    {
-                        Ok((seconds, round)) => {
-                            held = Some(open.global_version);
-                            state_fetch_s = Some(seconds);
-                            publish_state(&net, &outer, &trainer, open.global_version, round)?;
-                        }
-                        Err(e) => {
-                            // Without the group's state this node cannot contribute; the round
-                            // fails for it (and, through the all-reduce, for the others) rather
-                            // than mixing states. The next round tries again.
-                            let reason = format!(
-                                "could not fetch global state v{}: {e:#}",
-                                open.global_version
-                            );
-                            println!("round {}: {reason}", open.round.0);
-                            let failed = RoundReport {
-                                round: open.round,
-                                tokens_processed: 0,
-                                outer_step: OuterStep::Failed {
-                                    reason,
-                                    rejected: None,
-                                    unreachable: None,
-                                },
-                            };
-                            client.report(failed).await?;
-                            continue;
-                        }
-                    }
-                }
-                if let Some((rank, fault)) = injected_fault
-                    .take_if(|(_, _, at)| trainer.step() >= *at)
-                    .map(|(rank, fault, _)| (rank, fault))
-                {
-                    trainer.inject_fault(rank, fault)?;
-                }
-                let p = play_round(
-                    &open,
-                    &mut trainer,
-                    &mut outer,
-                    &mut codec,
-                    &net,
-                    &diloco,
-                    &stop,
-                    bandwidth,
-                    (&mut notes, &mut backlog),
-                )
-                .await;
-                let p = match p {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // Training itself failed (a data-parallel worker crashed or hangs, the
-                        // loss diverged): fail this round and leave, telling the coordinator why.
-                        let reason = format!("{e:#}");
-                        let failed = RoundReport {
-                            round: open.round,
-                            tokens_processed: 0,
-                            outer_step: OuterStep::Failed {
-                                reason: reason.clone(),
-                                rejected: None,
-                                unreachable: None,
-                            },
-                        };
-                        client.report(failed).await.ok();
-                        client.leave(&format!("node failed: {reason}")).await.ok();
-                        return Err(e);
-                    }
-                };
-                let mut p = p;
-                p.pending.log.state_fetch_s = state_fetch_s;
-                if !contributed && matches!(p.report.outer_step, OuterStep::Ok { .. }) {
-                    contributed = true;
-                    println!(
-                        "first contribution (round {}) {:.1} s after joining",
-                        open.round.0,
-                        joined_at.elapsed().as_secs_f64()
-                    );
-                }
-                client.report(p.report).await?;
-                pending = Some(p.pending);
-            }
-            Notification::Message(CoordinatorMessage::RoundClosed(closed)) => {
-                if let Some(p) = pending.take_if(|p| p.round == closed.round) {
-                    rounds_done += 1;
-                    let log = finish_round(
-                        client.member(),
-                        p,
-                        &closed,
-                        &mut trainer,
-                        &mut outer,
-                        &diloco,
-                        rounds_done,
-                        &mut held,
-                    )?;
-                    if let (
-                        Some(version),
-                        RoundOutcome::Committed {
-                            version: committed,
-                            tensor_hashes,
-                        },
-                    ) = (held, &closed.outcome)
-                        && version == *committed
-                    {
-                        publish_state(&net, &outer, &trainer, version, closed.round.0)?;
-                        let me = client.member();
-                        if let Some(writer) = closed
-                            .checkpoint
-                            .as_ref()
-                            .and_then(|c| c.writers.iter().find(|w| w.member == me))
-                        {
-                            let durable = OuterCheckpoint {
-                                version,
-                                round: closed.round.0,
-                                tensor_hashes: tensor_hashes.clone(),
-                            };
-                            match tokio::task::block_in_place(|| {
-                                write_checkpoint(&diloco_ckpts, &trainer, &outer, &durable)
-                            }) {
-                                Ok(dir) => {
-                                    println!(
-                                        "round {}: checkpoint shard {} written to {}",
-                                        closed.round.0,
-                                        writer.shard,
-                                        dir.display()
-                                    );
-                                    client
-                                        .shard_durable(CheckpointShardDurable {
-                                            round: closed.round,
-                                            shard: writer.shard,
-                                            tensor_hashes: tensor_hashes.clone(),
-                                        })
-                                        .await?;
-                                }
-                                // The coordinator keeps the previous committed checkpoint.
-                                Err(e) => println!(
-                                    "round {}: checkpoint shard {} not written: {e:#}",
-                                    closed.round.0, writer.shard
-                                ),
-                            }
-                        }
-                    }
-                    writeln!(rounds_log, "{}", serde_json::to_string(&log)?)?;
-                    print_round(&log);
-                }
-            }
-            Notification::Message(CoordinatorMessage::Assigned(a)) => {
-                match a.assignment {
-                    Some(a) => follow_shard(&mut trainer, &mut shard, &a)?,
-                    None if shard.is_some() => {
-                        // Benched (most peers could not reach this node) or no data shard free.
-                        println!("on standby: the coordinator left this node out of its plan");
-                        shard = None;
-                    }
-                    None => {}
-                }
-                // Admit new replicas' nodes now: they fetch the global state from their peers.
-                sync_peers = a.sync_peers;
-                net.set_members(allowlist(&participants, &sync_peers)?)
-                    .await?;
-            }
-            Notification::Message(CoordinatorMessage::MemberDead(dead)) => {
-                println!("member {} is gone: {}", dead.member.0, dead.reason);
-            }
-            Notification::Message(other) => tracing::debug!("coordinator: {other:?}"),
-            Notification::Disconnected { reason } => {
-                println!("coordinator connection lost ({reason}); reconnecting")
-            }
-            Notification::Rejoined {
-                kept_member,
-                accepted,
-            } => {
-                println!("reconnected to the coordinator (same member: {kept_member})");
-                if !kept_member {
-                    // A fresh joiner: the outcome of a round it reported to its old self never
-                    // comes, and its assignment and peers are the new ones.
-                    if let Some(stale) = pending.take() {
-                        println!(
-                            "round {}: outcome lost with the old membership; its outer step is dropped",
-                            stale.round.0
-                        );
-                    }
-                    if let Some(a) = &accepted.assignment {
-                        follow_shard(&mut trainer, &mut shard, a)?;
-                    }
-                    sync_peers = accepted.sync_peers;
-                    net.set_members(allowlist(&participants, &sync_peers)?)
-                        .await?;
-                }
-            }
-            Notification::Stopped { reason } => {
-                bail!("the coordinator stopped this node: {reason}")
-            }
-        }
-    };
-    println!("leaving: {outcome}");
-    client.leave(&outcome).await.ok();
-    let (loss, bpb) = tokio::task::block_in_place(|| trainer.evaluate());
-    println!(
-        "final validation loss {loss:.4} ({bpb:.4} bits per byte) after {} inner steps",
-        trainer.step()
-    );
-    println!(
-        "sample: {}",
-        tokio::task::block_in_place(|| trainer.sample())
-    );
-    Ok(())
-}
-
-/// Points the trainer at the data shard of `assignment` if it is not the one it reads
-/// (`shard`: index and count).
-fn follow_shard(
-    trainer: &mut Trainer,
-    shard: &mut Option<(u32, u32)>,
-    assignment: &Assignment,
-) -> Result<()> {
-    let next = (assignment.data_shard.index, assignment.data_shard.count);
-    if *shard != Some(next) {
-        trainer.set_data_shard(next.0 as usize, next.1 as usize)?;
-        *shard = Some(next);
-    }
-    Ok(())
-}
-
-/// Whether `round` comes after the last round this node played: a round is played once, however
-/// often it is announced (again after a reconnect or a coordinator restart).
-fn unplayed(last_opened: Option<RoundId>, round: RoundId) -> bool {
-    last_opened.is_none_or(|last| round > last)
+fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {
+    // Without a cap, assume gigabit Ethernet for timeouts and the coordinator's planning.
+    opts.max_upload_mbps
+        .map_or(125_000_000, |m| (m * 1e6 / 8.0) as u64)
 }
 
 /// A fault to inject into a data-parallel worker once the node reaches an inner step, for
@@ -780,17 +844,6 @@ fn resume_checkpoint(
     outer.load_into(trainer.var_store());
     trainer.broadcast_params()?;
     Ok(Some(dir))
-}
-
-/// Who may connect to this node: the round's participants and the other replicas' nodes.
-fn allowlist(participants: &[Peer], sync_peers: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
-    let mut peers: Vec<Peer> = participants.to_vec();
-    for peer in sync_peers {
-        if !peers.iter().any(|p| p.member == peer.member) {
-            peers.push(peer.clone());
-        }
-    }
-    peers_of(&peers)
 }
 
 /// Serves this node's committed global state (`version`) to peers that join or fell behind.
@@ -918,266 +971,4 @@ async fn fetch_global_state(
         snapshot.step
     );
     Ok((seconds, snapshot.round))
-}
-
-fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {
-    // Without a cap, assume gigabit Ethernet for timeouts and the coordinator's planning.
-    opts.max_upload_mbps
-        .map_or(125_000_000, |m| (m * 1e6 / 8.0) as u64)
-}
-
-struct Played {
-    report: RoundReport,
-    pending: Pending,
-}
-
-/// Inner steps, then the all-reduce and the proposed outer step.
-// The round's whole context; bundling it in a struct would only rename the parameters.
-#[allow(clippy::too_many_arguments)]
-async fn play_round(
-    open: &RoundOpened,
-    trainer: &mut Trainer,
-    outer: &mut OuterOptimizer,
-    codec: &mut QuantCodec,
-    net: &PeerNet,
-    diloco: &DilocoConfig,
-    stop: &AtomicBool,
-    bandwidth: f64,
-    (notes, backlog): (
-        &mut mpsc::UnboundedReceiver<Notification>,
-        &mut VecDeque<Notification>,
-    ),
-) -> Result<Played> {
-    let members = peers_of(&open.participants)?;
-    let budget =
-        (diloco.round_seconds > 0.0).then(|| Duration::from_secs_f64(diloco.round_seconds));
-    let left = trainer
-        .config()
-        .total_steps()
-        .saturating_sub(trainer.step());
-    let inner = tokio::task::block_in_place(|| {
-        trainer.inner_steps(diloco.round_steps(trainer.step()).min(left), budget, stop)
-    })?;
-
-    let mut data = outer.pseudo_gradient(trainer.var_store());
-    let weight = inner.tokens.max(1) as f64;
-    for v in &mut data {
-        *v *= weight as f32;
-    }
-    let k = members.len();
-    let encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
-    let request = AllReduceRequest {
-        round: open.round.0,
-        members: members.iter().map(|(id, _)| *id).collect(),
-        data,
-        weight,
-        timeout: all_reduce_timeout(encoded_bytes, k, bandwidth),
-    };
-    let sync_started = Instant::now();
-    let result = all_reduce_unless_a_member_dies(net, request, codec, open, notes, backlog).await;
-    let sync_s = sync_started.elapsed().as_secs_f64();
-    let fp32_bytes = (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * outer.numel() as f64) as u64;
-    let mut log = RoundLog {
-        round: open.round.0,
-        inner_steps: inner.steps,
-        step: trainer.step(),
-        tokens: inner.tokens,
-        loss: inner.mean_loss(),
-        eval_loss: None,
-        eval_bpb: None,
-        members: k,
-        group_tokens: None,
-        outcome: String::new(),
-        bytes_sent: 0,
-        bytes_received: 0,
-        fp32_bytes,
-        sync_s,
-        inner_s: inner.seconds,
-        state_fetch_s: None,
-    };
-    let (outer_step, proposal) = match result {
-        Ok(out) => {
-            log.bytes_sent = out.bytes_sent;
-            log.bytes_received = out.bytes_received;
-            log.group_tokens = Some(out.total_weight);
-            let proposal = outer.propose(&out.average)?;
-            net.recycle_average(out.average);
-            let step = OuterStep::Ok {
-                params_hash: Digest(proposal.params_hash),
-                tensor_hashes: proposal
-                    .tensor_hashes
-                    .iter()
-                    .map(|(name, d)| TensorHash {
-                        name: name.clone(),
-                        digest: Digest(*d),
-                    })
-                    .collect(),
-            };
-            (step, Some(proposal))
-        }
-        Err(e) => {
-            // The coordinator learns whom this node blames (a dead, slow or poisoning peer), and
-            // removes a member whose contribution this node rejected.
-            let blamed = e
-                .peer()
-                .map_or_else(|| "none".to_string(), |p| p.to_string());
-            let member_of = |peer: &PeerId| {
-                let peer = peer.to_string();
-                open.participants
-                    .iter()
-                    .find(|p| p.peer_id == peer)
-                    .map(|p| p.member)
-            };
-            let (rejected, unreachable) = match &e {
-                AllReduceError::Rejected { peer, .. } => (member_of(peer), None),
-                AllReduceError::Timeout { peer, .. }
-                | AllReduceError::PeerFailed { peer, .. }
-                | AllReduceError::Aborted { blamed: peer, .. } => (None, member_of(peer)),
-                _ => (None, None),
-            };
-            println!("round {}: all-reduce failed: {e}", open.round.0);
-            (
-                OuterStep::Failed {
-                    reason: format!("{e} [blamed peer: {blamed}]"),
-                    rejected,
-                    unreachable,
-                },
-                None,
-            )
-        }
-    };
-    Ok(Played {
-        report: RoundReport {
-            round: open.round,
-            tokens_processed: inner.tokens,
-            outer_step,
-        },
-        pending: Pending {
-            round: open.round,
-            proposal,
-            log,
-        },
-    })
-}
-
-/// The round's all-reduce, given up as soon as the coordinator says one of its participants is
-/// dead (now, or while this node was training): waiting for the all-reduce's own timeout would
-/// only delay the round's close. Other notifications go to `backlog` for the node's loop.
-async fn all_reduce_unless_a_member_dies(
-    net: &PeerNet,
-    request: AllReduceRequest,
-    codec: &mut QuantCodec,
-    open: &RoundOpened,
-    notes: &mut mpsc::UnboundedReceiver<Notification>,
-    backlog: &mut VecDeque<Notification>,
-) -> Result<AllReduceOutput, AllReduceError> {
-    let dead_participant = |note: &Notification| match note {
-        Notification::Message(CoordinatorMessage::MemberDead(dead)) if !dead.left => open
-            .participants
-            .iter()
-            .find(|p| p.member == dead.member)
-            .map(|p| (p.peer_id.clone(), dead.reason.clone())),
-        _ => None,
-    };
-    let died = |peer: String, reason: String| match peer.parse() {
-        Ok(peer) => AllReduceError::PeerFailed {
-            round: open.round.0,
-            peer,
-            reason: format!("the coordinator declared it gone: {reason}"),
-        },
-        Err(_) => {
-            AllReduceError::InvalidRequest(format!("participant peer id {peer} does not parse"))
-        }
-    };
-    while let Ok(note) = notes.try_recv() {
-        backlog.push_back(note);
-    }
-    if let Some((peer, reason)) = backlog.iter().find_map(dead_participant) {
-        return Err(died(peer, reason));
-    }
-    let all_reduce = net.all_reduce(request, codec);
-    tokio::pin!(all_reduce);
-    loop {
-        tokio::select! {
-            result = &mut all_reduce => return result,
-            Some(note) = notes.recv() => {
-                let dead = dead_participant(&note);
-                backlog.push_back(note);
-                if let Some((peer, reason)) = dead {
-                    return Err(died(peer, reason));
-                }
-            }
-        }
-    }
-}
-
-/// Applies or drops the round's outer step as the coordinator decided; `held` becomes the
-/// global version this node now holds (None: it must fetch the committed state).
-#[allow(clippy::too_many_arguments)]
-fn finish_round(
-    me: MemberId,
-    pending: Pending,
-    closed: &RoundClosed,
-    trainer: &mut Trainer,
-    outer: &mut OuterOptimizer,
-    diloco: &DilocoConfig,
-    rounds_done: u64,
-    held: &mut Option<u64>,
-) -> Result<RoundLog> {
-    let mut log = pending.log;
-    match (&closed.outcome, pending.proposal) {
-        (RoundOutcome::Committed { version, .. }, Some(proposal)) => {
-            let hash = proposal.params_hash;
-            if closed.included.contains(&me) {
-                outer.commit(proposal, trainer.var_store());
-                // The outer step happened once, on worker 0: every local worker takes it.
-                trainer.broadcast_params()?;
-                *held = Some(*version);
-                log.outcome = format!("committed v{version} {}", digest_hex(&hash));
-            } else {
-                // Our hash lost the vote: our global state is no longer the group's. Take
-                // nothing; the next round starts by fetching the committed state from peers.
-                *held = None;
-                log.outcome = format!(
-                    "committed v{version} without this node (its hash {} disagreed); fetching \
-                     the committed state next round",
-                    digest_hex(&hash)
-                );
-            }
-        }
-        (RoundOutcome::Committed { version, .. }, None) => {
-            // The others committed without us: fetch their state before contributing again.
-            *held = None;
-            log.outcome = format!("committed v{version} without this node");
-        }
-        (RoundOutcome::Abandoned { reason }, _) => {
-            log.outcome = format!("abandoned: {reason}");
-        }
-    }
-    if rounds_done % diloco.eval_every_rounds == 0
-        || trainer.step() >= trainer.config().total_steps()
-    {
-        let (loss, bpb) = tokio::task::block_in_place(|| trainer.evaluate());
-        log.eval_loss = Some(loss);
-        log.eval_bpb = Some(bpb);
-    }
-    Ok(log)
-}
-
-fn print_round(log: &RoundLog) {
-    let eval = log
-        .eval_loss
-        .map(|l| format!(" val {l:.4} ({:.3} bpb)", log.eval_bpb.unwrap_or(f64::NAN)))
-        .unwrap_or_default();
-    println!(
-        "round {:>4} | {} members | steps {:>5} | loss {:.4}{eval} | sent {:.2} MB ({:.1}% of fp32) | sync {:.2}s | {}",
-        log.round,
-        log.members,
-        log.step,
-        log.loss,
-        log.bytes_sent as f64 / 1e6,
-        100.0 * log.bytes_sent as f64 / log.fp32_bytes.max(1) as f64,
-        log.sync_s,
-        log.outcome
-    );
 }

@@ -3,6 +3,7 @@
 
 mod join;
 mod p2p;
+mod round;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

@@ -1,0 +1,883 @@
+//! One node's view of the DiLoCo rounds, with no I/O: the node's half of the protocol whose other
+//! half is the coordinator's core, built the same way. The shell (`join.rs`) feeds [`Rounds`]
+//! what happened — a coordinator notification, a finished job (state fetch, inner steps,
+//! all-reduce, evaluation, checkpoint write), a stop request — with the time, and carries out
+//! the [`Action`]s it returns, feeding each job's result back as an [`Input`].
+//!
+//! One job runs at a time. What the coordinator says meanwhile waits in a backlog and is taken
+//! in order once the node is idle, except a participant's death during the round, which gives
+//! up the all-reduce at once (its own timeout would only delay the round's close).
+//!
+//! `P` is the outer step a successful all-reduce proposes (the trainer's `Proposal` in the node,
+//! a plain value in tests): held until the coordinator commits the round, then applied or
+//! dropped.
+
+use forge_coordinator_client::Notification;
+use forge_protocol::messages::{
+    Assignment, CheckpointShardDurable, CoordinatorMessage, Digest, JoinAccepted, MemberDead,
+    MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
+    TensorHash,
+};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// One line of `rounds.jsonl` in the node's run directory, and of its round printout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct RoundLog {
+    pub(crate) round: u64,
+    pub(crate) inner_steps: u64,
+    pub(crate) step: u64,
+    pub(crate) tokens: u64,
+    pub(crate) loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) eval_bpb: Option<f64>,
+    pub(crate) members: usize,
+    /// Tokens all members processed this round (the all-reduce's total weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) group_tokens: Option<f64>,
+    pub(crate) outcome: String,
+    pub(crate) bytes_sent: u64,
+    pub(crate) bytes_received: u64,
+    /// Bytes an fp32 all-reduce of the same parameters would send (2(K-1)/K × 4 × params).
+    pub(crate) fp32_bytes: u64,
+    pub(crate) sync_s: f64,
+    pub(crate) inner_s: f64,
+    /// Seconds spent fetching the global state from peers before this round (joiners, and
+    /// nodes that missed a commit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) state_fetch_s: Option<f64>,
+}
+
+impl RoundLog {
+    /// The round's printout line.
+    pub(crate) fn line(&self) -> String {
+        let eval = self
+            .eval_loss
+            .map(|l| format!(" val {l:.4} ({:.3} bpb)", self.eval_bpb.unwrap_or(f64::NAN)))
+            .unwrap_or_default();
+        format!(
+            "round {:>4} | {} members | steps {:>5} | loss {:.4}{eval} | sent {:.2} MB ({:.1}% of fp32) | sync {:.2}s | {}",
+            self.round,
+            self.members,
+            self.step,
+            self.loss,
+            self.bytes_sent as f64 / 1e6,
+            100.0 * self.bytes_sent as f64 / self.fp32_bytes.max(1) as f64,
+            self.sync_s,
+            self.outcome
+        )
+    }
+}
+
+/// What the run fixes for the whole of a node's life.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoundsConfig {
+    /// The run's budget in inner steps.
+    pub(crate) total_steps: u64,
+    /// Evaluate after every this many finished rounds (and after the last one).
+    pub(crate) eval_every_rounds: u64,
+    /// Values in the model (the pseudo-gradient's length), for the fp32-equivalent byte count.
+    pub(crate) numel: u64,
+}
+
+/// What happened, fed to [`Rounds::handle`].
+#[derive(Debug)]
+pub(crate) enum Input<P> {
+    /// Fed once, before anything else: the global version the node's outer state holds (None:
+    /// it must fetch the state before it contributes) and its inner step. Version 0, the run's
+    /// initial state, is the same on every node; a later one comes from its checkpoint shard.
+    Resumed { held: Option<u64>, step: u64 },
+    /// A notification of the coordinator client.
+    Note(Notification),
+    /// The coordinator client's channel closed: it has stopped for good.
+    CoordinatorGone,
+    /// SIGINT or SIGTERM: finish a round already announced, then leave.
+    StopRequested,
+    /// The answer to [`Action::FetchState`]: the error chain as text on failure.
+    StateFetched(Result<Fetched, String>),
+    /// The answer to [`Action::Train`].
+    Trained(Result<Trained, String>),
+    /// The answer to [`Action::AllReduce`] and [`Action::AbortAllReduce`].
+    Reduced(Result<Reduced<P>, ReduceFailure>),
+    /// The answer to [`Action::Evaluate`]: validation loss and bits per byte.
+    Evaluated { loss: f64, bpb: f64 },
+    /// The answer to [`Action::WriteCheckpoint`]: where the shard went, or why it did not.
+    CheckpointWritten(Result<String, String>),
+}
+
+/// Global state fetched from peers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Fetched {
+    /// The run's inner step the state belongs to; training continues from it.
+    pub(crate) step: u64,
+    /// The round that made the state.
+    pub(crate) made_by_round: u64,
+    pub(crate) seconds: f64,
+}
+
+/// A round's inner steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Trained {
+    pub(crate) steps: u64,
+    pub(crate) tokens: u64,
+    pub(crate) mean_loss: f64,
+    pub(crate) seconds: f64,
+    /// The node's inner step after them.
+    pub(crate) step: u64,
+}
+
+/// A finished all-reduce and the outer step it proposes.
+#[derive(Debug)]
+pub(crate) struct Reduced<P> {
+    pub(crate) proposal: P,
+    pub(crate) params_hash: [u8; 32],
+    pub(crate) tensor_hashes: Vec<TensorHash>,
+    pub(crate) bytes_sent: u64,
+    pub(crate) bytes_received: u64,
+    pub(crate) total_weight: f64,
+    pub(crate) sync_s: f64,
+}
+
+/// A failed all-reduce, and the peer it blames.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReduceFailure {
+    pub(crate) reason: String,
+    /// The peer id this node blames, if any.
+    pub(crate) peer: Option<String>,
+    /// Whether that peer's contribution was rejected (bad data) rather than missing.
+    pub(crate) rejected: bool,
+    pub(crate) sync_s: f64,
+}
+
+/// How a node ends.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Exit {
+    /// Leave the run telling the coordinator why (budget spent, stopped, the coordinator gone);
+    /// then a final evaluation and a sample.
+    Leave(String),
+    /// Training itself failed: report the round failed, leave telling why, and exit with that
+    /// error.
+    Failed { round: RoundId, reason: String },
+    /// The coordinator stopped this node (refused on reconnect, or gave up): exit with an error.
+    Stopped(String),
+}
+
+/// What the shell must do, in order.
+#[derive(Debug)]
+pub(crate) enum Action<P> {
+    /// Print a line for the user.
+    Say(String),
+    /// Accept peer connections from these members only (the round's participants and the other
+    /// replicas' nodes, which may fetch the global state from this node).
+    SetMembers(Vec<Peer>),
+    /// Read data shard `index` of `count` from its start.
+    FollowShard { index: u32, count: u32 },
+    /// Fetch the round's global state from its other participants, check it against the
+    /// round's hashes and take it; answer with [`Input::StateFetched`].
+    FetchState(RoundOpened),
+    /// Run the round's inner steps; answer with [`Input::Trained`].
+    Train(RoundId),
+    /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
+    /// step; answer with [`Input::Reduced`].
+    AllReduce {
+        round: RoundId,
+        participants: Vec<Peer>,
+        /// The node's tokens this round: the contribution's weight.
+        tokens: u64,
+    },
+    /// Give up the round's all-reduce (running or about to start): the coordinator declared
+    /// this participant gone. Answer with [`Input::Reduced`].
+    AbortAllReduce {
+        round: RoundId,
+        peer: String,
+        reason: String,
+    },
+    /// Tell the coordinator how the round went.
+    Report(RoundReport),
+    /// The coordinator committed this node's outer step: take it (every local device too).
+    ApplyOuterStep(P),
+    /// Evaluate on the validation set; answer with [`Input::Evaluated`].
+    Evaluate,
+    /// Serve the global state this node now holds to peers that join or fell behind.
+    PublishState { version: u64, round: u64 },
+    /// Write this node's checkpoint shard of the committed state; answer with
+    /// [`Input::CheckpointWritten`].
+    WriteCheckpoint {
+        round: RoundId,
+        shard: u32,
+        version: u64,
+        tensor_hashes: Vec<TensorHash>,
+    },
+    /// Tell the coordinator a checkpoint shard is on disk.
+    ShardDurable(CheckpointShardDurable),
+    /// Append the round's record to `rounds.jsonl` and print it.
+    Record(RoundLog),
+    /// Stop; nothing follows.
+    Exit(Exit),
+}
+
+/// A round this node has reported and awaits the outcome of.
+#[derive(Debug)]
+struct Pending<P> {
+    round: RoundId,
+    /// The proposed outer step and the hash of the global parameters it makes.
+    proposal: Option<(P, [u8; 32])>,
+    log: RoundLog,
+}
+
+/// A closed round whose evaluation or checkpoint write is under way.
+#[derive(Debug)]
+struct Closing {
+    closed: RoundClosed,
+    log: RoundLog,
+}
+
+/// The job under way; inputs other than its answer wait in the backlog.
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    Fetching(RoundOpened),
+    Training {
+        open: RoundOpened,
+        state_fetch_s: Option<f64>,
+    },
+    Reducing {
+        open: RoundOpened,
+        state_fetch_s: Option<f64>,
+        trained: Trained,
+    },
+    Evaluating(Closing),
+    Checkpointing(Closing),
+    Exited,
+}
+
+/// One node's view of the rounds: what it holds, what it played, what it waits for.
+#[derive(Debug)]
+pub(crate) struct Rounds<P> {
+    config: RoundsConfig,
+    me: MemberId,
+    joined_at: Instant,
+    /// The global version this node's outer state holds. Version 0, the run's initial state, is
+    /// the same on every node (same seed); later ones come from a commit or from peers. None:
+    /// this node missed a commit and must fetch the state before it can contribute again.
+    held: Option<u64>,
+    /// The node's inner step (the trainer's, as last reported by a job).
+    step: u64,
+    /// The last round this node played: a round is played once, however often it is announced.
+    last_opened: Option<RoundId>,
+    pending: Option<Pending<P>>,
+    phase: Phase,
+    /// Coordinator notifications that arrived while a job ran, in order.
+    backlog: VecDeque<Notification>,
+    /// The data shard this node reads (index, count); None on standby.
+    shard: Option<(u32, u32)>,
+    /// Peers of the other replicas (they may fetch the global state from this node).
+    sync_peers: Vec<Peer>,
+    /// The current round's participants.
+    participants: Vec<Peer>,
+    rounds_done: u64,
+    contributed: bool,
+    stopping: bool,
+}
+
+impl<P> Rounds<P> {
+    /// A node that `accepted` admitted. The actions follow its assignment; then the shell
+    /// feeds [`Input::Resumed`] with the state it holds.
+    pub(crate) fn new(
+        config: RoundsConfig,
+        accepted: &JoinAccepted,
+        now: Instant,
+    ) -> (Rounds<P>, Vec<Action<P>>) {
+        let mut rounds = Rounds {
+            config,
+            me: accepted.member,
+            joined_at: now,
+            held: Some(0),
+            step: 0,
+            last_opened: None,
+            pending: None,
+            phase: Phase::Idle,
+            backlog: VecDeque::new(),
+            shard: None,
+            sync_peers: accepted.sync_peers.clone(),
+            participants: Vec::new(),
+            rounds_done: 0,
+            contributed: false,
+            stopping: false,
+        };
+        let mut out = Vec::new();
+        if let Some(a) = &accepted.assignment {
+            rounds.follow_shard(a, &mut out);
+        }
+        (rounds, out)
+    }
+
+    /// Takes one input and returns what to do, in order.
+    pub(crate) fn handle(&mut self, now: Instant, input: Input<P>) -> Vec<Action<P>> {
+        let mut out = Vec::new();
+        if matches!(self.phase, Phase::Exited) {
+            return out;
+        }
+        match input {
+            Input::Note(note) => self.on_note(note, &mut out),
+            Input::Resumed { held, step } => {
+                self.held = held;
+                self.step = step;
+            }
+            Input::CoordinatorGone => self.exit(
+                Exit::Leave("the coordinator connection closed".into()),
+                &mut out,
+            ),
+            Input::StopRequested => self.stopping = true,
+            Input::StateFetched(result) => self.on_fetched(result, &mut out),
+            Input::Trained(result) => self.on_trained(result, &mut out),
+            Input::Reduced(result) => self.on_reduced(now, result, &mut out),
+            Input::Evaluated { loss, bpb } => self.on_evaluated(loss, bpb, &mut out),
+            Input::CheckpointWritten(result) => self.on_checkpoint_written(result, &mut out),
+        }
+        self.drive(&mut out);
+        out
+    }
+
+    /// The member id this node has now (a new one after the coordinator replaced it).
+    pub(crate) fn member(&self) -> MemberId {
+        self.me
+    }
+
+    /// The global version this node holds, if any.
+    #[cfg(test)]
+    fn held(&self) -> Option<u64> {
+        self.held
+    }
+
+    fn busy(&self) -> bool {
+        !matches!(self.phase, Phase::Idle | Phase::Exited)
+    }
+
+    /// While idle: leave when stopping or out of budget, else take the backlog in order.
+    fn drive(&mut self, out: &mut Vec<Action<P>>) {
+        while !self.busy() && !matches!(self.phase, Phase::Exited) {
+            if self.stopping {
+                // Finish a round already announced to this node before leaving (its inner steps
+                // stop at once; what it trained since the last round is still contributed), so
+                // its peers do not wait for it.
+                let last = self.last_opened;
+                let announced = self.backlog.iter().any(|note| {
+                    matches!(note, Notification::Message(CoordinatorMessage::RoundOpened(open))
+                        if unplayed(last, open.round))
+                });
+                if !announced || self.step >= self.config.total_steps {
+                    self.exit(Exit::Leave("stopped by signal".into()), out);
+                    return;
+                }
+            }
+            if self.step >= self.config.total_steps && self.pending.is_none() {
+                let why = format!(
+                    "finished the budget of {} inner steps",
+                    self.config.total_steps
+                );
+                self.exit(Exit::Leave(why), out);
+                return;
+            }
+            let Some(note) = self.backlog.pop_front() else {
+                return;
+            };
+            self.take_note(note, out);
+        }
+    }
+
+    fn exit(&mut self, exit: Exit, out: &mut Vec<Action<P>>) {
+        self.phase = Phase::Exited;
+        out.push(Action::Exit(exit));
+    }
+
+    fn on_note(&mut self, note: Notification, out: &mut Vec<Action<P>>) {
+        // A participant of the round under way died: the all-reduce cannot finish. Checked when
+        // the note arrives; the note itself waits like any other.
+        if let Phase::Reducing { open, .. } = &self.phase
+            && let Some((peer, reason)) = dead_participant(open, &note)
+        {
+            out.push(Action::AbortAllReduce {
+                round: open.round,
+                peer,
+                reason,
+            });
+        }
+        self.backlog.push_back(note);
+    }
+
+    /// Acts on one coordinator notification while idle.
+    fn take_note(&mut self, note: Notification, out: &mut Vec<Action<P>>) {
+        match note {
+            Notification::Message(CoordinatorMessage::RoundOpened(open)) => {
+                self.on_round_opened(open, out)
+            }
+            Notification::Message(CoordinatorMessage::RoundClosed(closed)) => {
+                self.on_round_closed(closed, out)
+            }
+            Notification::Message(CoordinatorMessage::Assigned(a)) => {
+                match &a.assignment {
+                    Some(assignment) => self.follow_shard(assignment, out),
+                    None if self.shard.is_some() => {
+                        // Benched (most peers could not reach this node) or no data shard free.
+                        out.push(Action::Say(
+                            "on standby: the coordinator left this node out of its plan".into(),
+                        ));
+                        self.shard = None;
+                    }
+                    None => {}
+                }
+                // Admit new replicas' nodes now: they fetch the global state from their peers.
+                self.sync_peers = a.sync_peers;
+                out.push(Action::SetMembers(self.allowlist()));
+            }
+            Notification::Message(CoordinatorMessage::MemberDead(dead)) => {
+                out.push(Action::Say(format!(
+                    "member {} is gone: {}",
+                    dead.member.0, dead.reason
+                )));
+            }
+            Notification::Message(_) => {}
+            Notification::Disconnected { reason } => out.push(Action::Say(format!(
+                "coordinator connection lost ({reason}); reconnecting"
+            ))),
+            Notification::Rejoined {
+                kept_member,
+                accepted,
+            } => self.on_rejoined(kept_member, accepted, out),
+            Notification::Stopped { reason } => self.exit(
+                Exit::Stopped(format!("the coordinator stopped this node: {reason}")),
+                out,
+            ),
+        }
+    }
+
+    fn on_rejoined(&mut self, kept_member: bool, accepted: JoinAccepted, out: &mut Vec<Action<P>>) {
+        out.push(Action::Say(format!(
+            "reconnected to the coordinator (same member: {kept_member})"
+        )));
+        if kept_member {
+            return;
+        }
+        // A fresh joiner: the outcome of a round it reported to its old self never comes, and
+        // its assignment and peers are the new ones.
+        self.me = accepted.member;
+        if let Some(stale) = self.pending.take() {
+            out.push(Action::Say(format!(
+                "round {}: outcome lost with the old membership; its outer step is dropped",
+                stale.round.0
+            )));
+        }
+        if let Some(a) = &accepted.assignment {
+            self.follow_shard(a, out);
+        }
+        self.sync_peers = accepted.sync_peers;
+        out.push(Action::SetMembers(self.allowlist()));
+    }
+
+    fn on_round_opened(&mut self, open: RoundOpened, out: &mut Vec<Action<P>>) {
+        if !unplayed(self.last_opened, open.round) {
+            // Sent again after a reconnect (or a coordinator restart) before our report arrived:
+            // this node played that round and its report is being resent.
+            return;
+        }
+        self.last_opened = Some(open.round);
+        if let Some(stale) = self.pending.take() {
+            // Its RoundClosed never reached this node (cut off from the coordinator): the outer
+            // step is dropped; the version check below fetches whatever the others committed.
+            out.push(Action::Say(format!(
+                "round {}: no outcome heard; its outer step is dropped",
+                stale.round.0
+            )));
+        }
+        self.participants = open.participants.clone();
+        out.push(Action::SetMembers(self.allowlist()));
+        if self.held != Some(open.global_version) {
+            out.push(Action::FetchState(open.clone()));
+            self.phase = Phase::Fetching(open);
+        } else {
+            out.push(Action::Train(open.round));
+            self.phase = Phase::Training {
+                open,
+                state_fetch_s: None,
+            };
+        }
+    }
+
+    fn on_fetched(&mut self, result: Result<Fetched, String>, out: &mut Vec<Action<P>>) {
+        let Phase::Fetching(open) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        match result {
+            Ok(fetched) => {
+                self.held = Some(open.global_version);
+                self.step = fetched.step;
+                out.push(Action::PublishState {
+                    version: open.global_version,
+                    round: fetched.made_by_round,
+                });
+                out.push(Action::Train(open.round));
+                self.phase = Phase::Training {
+                    open,
+                    state_fetch_s: Some(fetched.seconds),
+                };
+            }
+            Err(e) => {
+                // Without the group's state this node cannot contribute; the round fails for it
+                // (and, through the all-reduce, for the others) rather than mixing states. The
+                // next round tries again.
+                let reason = format!("could not fetch global state v{}: {e}", open.global_version);
+                out.push(Action::Say(format!("round {}: {reason}", open.round.0)));
+                out.push(Action::Report(failed_report(
+                    open.round, reason, None, None,
+                )));
+            }
+        }
+    }
+
+    fn on_trained(&mut self, result: Result<Trained, String>, out: &mut Vec<Action<P>>) {
+        let Phase::Training {
+            open,
+            state_fetch_s,
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return;
+        };
+        let trained = match result {
+            Ok(trained) => trained,
+            Err(reason) => {
+                // Training itself failed (a data-parallel worker crashed or hangs, the loss
+                // diverged): fail this round and leave, telling the coordinator why.
+                self.exit(
+                    Exit::Failed {
+                        round: open.round,
+                        reason,
+                    },
+                    out,
+                );
+                return;
+            }
+        };
+        self.step = trained.step;
+        // A participant the coordinator declared gone while this node trained: no all-reduce.
+        let dead = self
+            .backlog
+            .iter()
+            .find_map(|note| dead_participant(&open, note));
+        out.push(match dead {
+            Some((peer, reason)) => Action::AbortAllReduce {
+                round: open.round,
+                peer,
+                reason,
+            },
+            None => Action::AllReduce {
+                round: open.round,
+                participants: open.participants.clone(),
+                tokens: trained.tokens,
+            },
+        });
+        self.phase = Phase::Reducing {
+            open,
+            state_fetch_s,
+            trained,
+        };
+    }
+
+    fn on_reduced(
+        &mut self,
+        now: Instant,
+        result: Result<Reduced<P>, ReduceFailure>,
+        out: &mut Vec<Action<P>>,
+    ) {
+        let Phase::Reducing {
+            open,
+            state_fetch_s,
+            trained,
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return;
+        };
+        let k = open.participants.len();
+        let fp32_bytes =
+            (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * self.config.numel as f64) as u64;
+        let mut log = RoundLog {
+            round: open.round.0,
+            inner_steps: trained.steps,
+            step: trained.step,
+            tokens: trained.tokens,
+            loss: trained.mean_loss,
+            eval_loss: None,
+            eval_bpb: None,
+            members: k,
+            group_tokens: None,
+            outcome: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            fp32_bytes,
+            sync_s: 0.0,
+            inner_s: trained.seconds,
+            state_fetch_s,
+        };
+        let (outer_step, proposal) = match result {
+            Ok(reduced) => {
+                log.bytes_sent = reduced.bytes_sent;
+                log.bytes_received = reduced.bytes_received;
+                log.group_tokens = Some(reduced.total_weight);
+                log.sync_s = reduced.sync_s;
+                let step = OuterStep::Ok {
+                    params_hash: Digest(reduced.params_hash),
+                    tensor_hashes: reduced.tensor_hashes,
+                };
+                (step, Some((reduced.proposal, reduced.params_hash)))
+            }
+            Err(failure) => {
+                log.sync_s = failure.sync_s;
+                // The coordinator learns whom this node blames (a dead, slow or poisoning
+                // peer), and removes a member whose contribution this node rejected.
+                let member = failure.peer.as_deref().and_then(|peer| {
+                    open.participants
+                        .iter()
+                        .find(|p| p.peer_id == peer)
+                        .map(|p| p.member)
+                });
+                let (rejected, unreachable) = if failure.rejected {
+                    (member, None)
+                } else {
+                    (None, member)
+                };
+                out.push(Action::Say(format!(
+                    "round {}: all-reduce failed: {}",
+                    open.round.0, failure.reason
+                )));
+                let reason = format!(
+                    "{} [blamed peer: {}]",
+                    failure.reason,
+                    failure.peer.as_deref().unwrap_or("none")
+                );
+                (
+                    OuterStep::Failed {
+                        reason,
+                        rejected,
+                        unreachable,
+                    },
+                    None,
+                )
+            }
+        };
+        if !self.contributed && proposal.is_some() {
+            self.contributed = true;
+            out.push(Action::Say(format!(
+                "first contribution (round {}) {:.1} s after joining",
+                open.round.0,
+                now.saturating_duration_since(self.joined_at).as_secs_f64()
+            )));
+        }
+        out.push(Action::Report(RoundReport {
+            round: open.round,
+            tokens_processed: trained.tokens,
+            outer_step,
+        }));
+        self.pending = Some(Pending {
+            round: open.round,
+            proposal,
+            log,
+        });
+    }
+
+    fn on_round_closed(&mut self, closed: RoundClosed, out: &mut Vec<Action<P>>) {
+        let Some(pending) = self.pending.take_if(|p| p.round == closed.round) else {
+            return;
+        };
+        self.rounds_done += 1;
+        let mut log = pending.log;
+        match (&closed.outcome, pending.proposal) {
+            (RoundOutcome::Committed { version, .. }, Some((proposal, hash))) => {
+                let hash = digest_hex(&hash);
+                if closed.included.contains(&self.me) {
+                    out.push(Action::ApplyOuterStep(proposal));
+                    self.held = Some(*version);
+                    log.outcome = format!("committed v{version} {hash}");
+                } else {
+                    // Our hash lost the vote: our global state is no longer the group's. Take
+                    // nothing; the next round starts by fetching the committed state from peers.
+                    self.held = None;
+                    log.outcome = format!(
+                        "committed v{version} without this node (its hash {hash} disagreed); \
+                         fetching the committed state next round"
+                    );
+                }
+            }
+            (RoundOutcome::Committed { version, .. }, None) => {
+                // The others committed without us: fetch their state before contributing again.
+                self.held = None;
+                log.outcome = format!("committed v{version} without this node");
+            }
+            (RoundOutcome::Abandoned { reason }, _) => {
+                log.outcome = format!("abandoned: {reason}");
+            }
+        }
+        let closing = Closing { closed, log };
+        if self.rounds_done % self.config.eval_every_rounds.max(1) == 0
+            || self.step >= self.config.total_steps
+        {
+            out.push(Action::Evaluate);
+            self.phase = Phase::Evaluating(closing);
+        } else {
+            self.after_evaluation(closing, out);
+        }
+    }
+
+    fn on_evaluated(&mut self, loss: f64, bpb: f64, out: &mut Vec<Action<P>>) {
+        let Phase::Evaluating(mut closing) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        closing.log.eval_loss = Some(loss);
+        closing.log.eval_bpb = Some(bpb);
+        self.after_evaluation(closing, out);
+    }
+
+    /// A closed round: serve the committed state this node holds, write its checkpoint shard if
+    /// the coordinator asked this node to, and record the round.
+    fn after_evaluation(&mut self, closing: Closing, out: &mut Vec<Action<P>>) {
+        let RoundOutcome::Committed {
+            version,
+            tensor_hashes,
+        } = &closing.closed.outcome
+        else {
+            out.push(Action::Record(closing.log));
+            return;
+        };
+        if self.held != Some(*version) {
+            out.push(Action::Record(closing.log));
+            return;
+        }
+        out.push(Action::PublishState {
+            version: *version,
+            round: closing.closed.round.0,
+        });
+        let writer = closing
+            .closed
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.writers.iter().find(|w| w.member == self.me));
+        match writer {
+            Some(writer) => {
+                out.push(Action::WriteCheckpoint {
+                    round: closing.closed.round,
+                    shard: writer.shard,
+                    version: *version,
+                    tensor_hashes: tensor_hashes.clone(),
+                });
+                self.phase = Phase::Checkpointing(closing);
+            }
+            None => out.push(Action::Record(closing.log)),
+        }
+    }
+
+    fn on_checkpoint_written(&mut self, result: Result<String, String>, out: &mut Vec<Action<P>>) {
+        let Phase::Checkpointing(closing) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        let closed = &closing.closed;
+        let shard = closed
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.writers.iter().find(|w| w.member == self.me))
+            .map_or(0, |w| w.shard);
+        match result {
+            Ok(path) => {
+                out.push(Action::Say(format!(
+                    "round {}: checkpoint shard {shard} written to {path}",
+                    closed.round.0
+                )));
+                if let RoundOutcome::Committed { tensor_hashes, .. } = &closed.outcome {
+                    out.push(Action::ShardDurable(CheckpointShardDurable {
+                        round: closed.round,
+                        shard,
+                        tensor_hashes: tensor_hashes.clone(),
+                    }));
+                }
+            }
+            // The coordinator keeps the previous committed checkpoint.
+            Err(e) => out.push(Action::Say(format!(
+                "round {}: checkpoint shard {shard} not written: {e}",
+                closed.round.0
+            ))),
+        }
+        out.push(Action::Record(closing.log));
+    }
+
+    fn follow_shard(&mut self, assignment: &Assignment, out: &mut Vec<Action<P>>) {
+        let next = (assignment.data_shard.index, assignment.data_shard.count);
+        if self.shard != Some(next) {
+            out.push(Action::FollowShard {
+                index: next.0,
+                count: next.1,
+            });
+            self.shard = Some(next);
+        }
+    }
+
+    /// Who may connect to this node: the round's participants and the other replicas' nodes.
+    fn allowlist(&self) -> Vec<Peer> {
+        let mut peers = self.participants.clone();
+        for peer in &self.sync_peers {
+            if !peers.iter().any(|p| p.member == peer.member) {
+                peers.push(peer.clone());
+            }
+        }
+        peers
+    }
+}
+
+/// The participant of `open` that `note` declares dead (not one that left cleanly), as its peer
+/// id and the coordinator's reason.
+fn dead_participant(open: &RoundOpened, note: &Notification) -> Option<(String, String)> {
+    match note {
+        Notification::Message(CoordinatorMessage::MemberDead(MemberDead {
+            member,
+            reason,
+            left: false,
+            ..
+        })) => open
+            .participants
+            .iter()
+            .find(|p| p.member == *member)
+            .map(|p| (p.peer_id.clone(), reason.clone())),
+        _ => None,
+    }
+}
+
+pub(crate) fn failed_report(
+    round: RoundId,
+    reason: String,
+    rejected: Option<MemberId>,
+    unreachable: Option<MemberId>,
+) -> RoundReport {
+    RoundReport {
+        round,
+        tokens_processed: 0,
+        outer_step: OuterStep::Failed {
+            reason,
+            rejected,
+            unreachable,
+        },
+    }
+}
+
+/// Whether `round` comes after the last round this node played: a round is played once, however
+/// often it is announced (again after a reconnect or a coordinator restart).
+fn unplayed(last_opened: Option<RoundId>, round: RoundId) -> bool {
+    last_opened.is_none_or(|last| round > last)
+}
+
+/// The first six bytes of a digest in hex, as round lines print hashes.
+pub(crate) fn digest_hex(d: &[u8; 32]) -> String {
+    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,732 @@
+//! The node's round state machine driven through the situations the integration tests cover
+//! with real processes: a round end to end, a late joiner, a failed fetch, an abandoned round, a
+//! coordinator restart that announces the open round again, standby, SIGTERM mid-round, a member
+//! dead during the all-reduce, checkpoint shards, a replaced member, the budget's end.
+
+use super::*;
+use forge_protocol::messages::{
+    Assigned, CheckpointRequest, DataShard, GlobalState, ReplicaId, ShardWriter,
+};
+use std::time::Duration;
+
+/// The outer step stands in as the round it was proposed in.
+type Node = Rounds<u64>;
+
+const ME: MemberId = MemberId(1);
+
+fn config() -> RoundsConfig {
+    RoundsConfig {
+        total_steps: 100,
+        eval_every_rounds: 2,
+        numel: 1000,
+    }
+}
+
+fn assignment(shard: u32, count: u32) -> Assignment {
+    Assignment {
+        replica: ReplicaId(u64::from(shard)),
+        data_shard: DataShard {
+            index: shard,
+            count,
+        },
+        stage: None,
+    }
+}
+
+fn peer(member: u64) -> Peer {
+    Peer {
+        member: MemberId(member),
+        assignment: assignment(member as u32 - 1, 3),
+        peer_id: format!("peer-{member}"),
+        listen_addrs: vec![],
+    }
+}
+
+fn accepted(member: MemberId, shard: Option<u32>) -> JoinAccepted {
+    JoinAccepted {
+        member,
+        assignment: shard.map(|s| assignment(s, 3)),
+        run_config: String::new(),
+        sync_peers: vec![peer(2), peer(3)],
+        global: GlobalState::default(),
+        heartbeat_interval_ms: 500,
+        heartbeat_timeout_ms: 2000,
+    }
+}
+
+fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
+    Notification::Message(CoordinatorMessage::RoundOpened(RoundOpened {
+        round: RoundId(round),
+        participants: members.iter().map(|&m| peer(m)).collect(),
+        deadline_ms: 60_000,
+        global_version: version,
+        tensor_hashes: vec![],
+    }))
+}
+
+fn closed(
+    round: u64,
+    outcome: RoundOutcome,
+    included: &[u64],
+    writer: Option<u64>,
+) -> Notification {
+    Notification::Message(CoordinatorMessage::RoundClosed(RoundClosed {
+        round: RoundId(round),
+        outcome,
+        included: included.iter().map(|&m| MemberId(m)).collect(),
+        checkpoint: writer.map(|member| CheckpointRequest {
+            shards: 1,
+            writers: vec![ShardWriter {
+                shard: 0,
+                member: MemberId(member),
+            }],
+        }),
+    }))
+}
+
+fn committed(version: u64) -> RoundOutcome {
+    RoundOutcome::Committed {
+        version,
+        tensor_hashes: vec![],
+    }
+}
+
+fn dead(member: u64, left: bool) -> Notification {
+    Notification::Message(CoordinatorMessage::MemberDead(MemberDead {
+        member: MemberId(member),
+        reason: "no heartbeat for 2000 ms".into(),
+        expelled: false,
+        left,
+    }))
+}
+
+fn trained(step: u64) -> Input<u64> {
+    Input::Trained(Ok(Trained {
+        steps: 25,
+        tokens: 25 * 2048,
+        mean_loss: 3.5,
+        seconds: 2.0,
+        step,
+    }))
+}
+
+fn reduced(round: u64) -> Input<u64> {
+    Input::Reduced(Ok(Reduced {
+        proposal: round,
+        params_hash: [round as u8; 32],
+        tensor_hashes: vec![],
+        bytes_sent: 1000,
+        bytes_received: 1000,
+        total_weight: 3.0 * 25.0 * 2048.0,
+        sync_s: 0.5,
+    }))
+}
+
+/// Short names of actions, so a test reads as the sequence the shell carries out.
+fn names(actions: &[Action<u64>]) -> Vec<String> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::Say(line) => format!("say {line}"),
+            Action::SetMembers(peers) => format!(
+                "members {:?}",
+                peers.iter().map(|p| p.member.0).collect::<Vec<_>>()
+            ),
+            Action::FollowShard { index, count } => format!("shard {index}/{count}"),
+            Action::FetchState(open) => format!("fetch v{}", open.global_version),
+            Action::Train(round) => format!("train {}", round.0),
+            Action::AllReduce { round, .. } => format!("all-reduce {}", round.0),
+            Action::AbortAllReduce { peer, .. } => format!("abort {peer}"),
+            Action::Report(report) => match &report.outer_step {
+                OuterStep::Ok { .. } => format!("report {} ok", report.round.0),
+                OuterStep::Failed { .. } => format!("report {} failed", report.round.0),
+            },
+            Action::ApplyOuterStep(round) => format!("apply {round}"),
+            Action::Evaluate => "evaluate".into(),
+            Action::PublishState { version, round } => format!("publish v{version} r{round}"),
+            Action::WriteCheckpoint { round, shard, .. } => {
+                format!("checkpoint {} shard {shard}", round.0)
+            }
+            Action::ShardDurable(d) => format!("durable {} shard {}", d.round.0, d.shard),
+            Action::Record(log) => format!("record {}: {}", log.round, log.outcome),
+            Action::Exit(exit) => format!("exit {exit:?}"),
+        })
+        .collect()
+}
+
+/// A node that holds version 0, reads shard 0 and is idle.
+fn node(t0: Instant) -> Node {
+    let (mut node, actions) = Node::new(config(), &accepted(ME, Some(0)), t0);
+    assert_eq!(names(&actions), ["shard 0/3"]);
+    let resumed = Input::Resumed {
+        held: Some(0),
+        step: 0,
+    };
+    assert!(node.handle(t0, resumed).is_empty());
+    node
+}
+
+fn note(node: &mut Node, now: Instant, n: Notification) -> Vec<String> {
+    names(&node.handle(now, Input::Note(n)))
+}
+
+fn input(node: &mut Node, now: Instant, i: Input<u64>) -> Vec<String> {
+    names(&node.handle(now, i))
+}
+
+/// Plays round `round` from `version` among members 1..=3 up to its report.
+fn play(node: &mut Node, now: Instant, round: u64, version: u64, step: u64) {
+    let actions = note(node, now, opened(round, version, &[1, 2, 3]));
+    assert_eq!(actions.last().unwrap(), &format!("train {round}"));
+    assert_eq!(
+        input(node, now, trained(step)),
+        [format!("all-reduce {round}")]
+    );
+    let actions = input(node, now, reduced(round));
+    assert_eq!(actions.last().unwrap(), &format!("report {round} ok"));
+}
+
+#[test]
+fn a_round_end_to_end() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    assert_eq!(
+        note(&mut n, t0, opened(1, 0, &[1, 2, 3])),
+        ["members [1, 2, 3]", "train 1"]
+    );
+    assert_eq!(input(&mut n, t0, trained(25)), ["all-reduce 1"]);
+    let later = t0 + Duration::from_millis(3500);
+    assert_eq!(
+        input(&mut n, later, reduced(1)),
+        [
+            "say first contribution (round 1) 3.5 s after joining",
+            "report 1 ok"
+        ]
+    );
+    let actions = n.handle(t0, Input::Note(closed(1, committed(1), &[1, 2, 3], None)));
+    assert_eq!(
+        names(&actions),
+        [
+            "apply 1",
+            "publish v1 r1",
+            "record 1: committed v1 010101010101"
+        ]
+    );
+    let Action::Record(log) = &actions[2] else {
+        unreachable!()
+    };
+    assert_eq!((log.members, log.step, log.inner_steps), (3, 25, 25));
+    assert_eq!(log.fp32_bytes, 5333, "2(K-1)/K x 4 x 1000");
+    assert_eq!(
+        (log.sync_s, log.bytes_sent, log.eval_loss),
+        (0.5, 1000, None)
+    );
+    assert_eq!(n.held(), Some(1));
+
+    // The second round is evaluated (every 2 rounds), and the first contribution is not
+    // announced again.
+    play(&mut n, t0, 2, 1, 50);
+    assert_eq!(
+        note(&mut n, t0, closed(2, committed(2), &[1, 2, 3], None)),
+        ["apply 2", "evaluate"]
+    );
+    let actions = n.handle(
+        t0,
+        Input::Evaluated {
+            loss: 3.25,
+            bpb: 1.5,
+        },
+    );
+    assert_eq!(
+        names(&actions),
+        ["publish v2 r2", "record 2: committed v2 020202020202"]
+    );
+    let Action::Record(log) = &actions[1] else {
+        unreachable!()
+    };
+    assert_eq!((log.eval_loss, log.eval_bpb), (Some(3.25), Some(1.5)));
+    assert!(
+        log.line().contains("val 3.2500 (1.500 bpb)"),
+        "{}",
+        log.line()
+    );
+}
+
+#[test]
+fn a_late_joiner_fetches_the_state_first_and_retries_a_failed_fetch() {
+    let t0 = Instant::now();
+    // Joined while the run is at version 7, with nothing local to resume from.
+    let (mut n, _) = Node::new(config(), &accepted(ME, Some(0)), t0);
+    let resumed = Input::Resumed {
+        held: None,
+        step: 0,
+    };
+    assert!(n.handle(t0, resumed).is_empty());
+    assert_eq!(
+        note(&mut n, t0, opened(8, 7, &[1, 2, 3])),
+        ["members [1, 2, 3]", "fetch v7"]
+    );
+    assert_eq!(
+        input(
+            &mut n,
+            t0,
+            Input::StateFetched(Err("no peer answered".into()))
+        ),
+        [
+            "say round 8: could not fetch global state v7: no peer answered",
+            "report 8 failed"
+        ]
+    );
+    assert_eq!(n.held(), None);
+    // The next round tries again, and continues at the step the state belongs to.
+    assert_eq!(
+        note(&mut n, t0, opened(9, 7, &[1, 2, 3])),
+        ["members [1, 2, 3]", "fetch v7"]
+    );
+    let fetched = Fetched {
+        step: 50,
+        made_by_round: 7,
+        seconds: 0.25,
+    };
+    assert_eq!(
+        input(&mut n, t0, Input::StateFetched(Ok(fetched))),
+        ["publish v7 r7", "train 9"]
+    );
+    assert_eq!(n.held(), Some(7));
+    assert_eq!(input(&mut n, t0, trained(75)), ["all-reduce 9"]);
+    input(&mut n, t0, reduced(9));
+    let actions = n.handle(t0, Input::Note(closed(9, committed(8), &[1, 2, 3], None)));
+    let Some(Action::Record(log)) = actions.last() else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!(log.state_fetch_s, Some(0.25));
+}
+
+#[test]
+fn an_abandoned_round_keeps_the_held_version() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    let abandoned = RoundOutcome::Abandoned {
+        reason: "no quorum".into(),
+    };
+    assert_eq!(
+        note(&mut n, t0, closed(1, abandoned, &[], None)),
+        ["record 1: abandoned: no quorum"]
+    );
+    assert_eq!(n.held(), Some(0));
+    // The next round starts from version 0 again: no fetch.
+    assert_eq!(
+        note(&mut n, t0, opened(2, 0, &[1, 2, 3])),
+        ["members [1, 2, 3]", "train 2"]
+    );
+}
+
+#[test]
+fn a_round_announced_again_after_a_coordinator_restart_is_not_played_twice() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 4, 0, 25);
+    assert_eq!(
+        note(
+            &mut n,
+            t0,
+            Notification::Disconnected {
+                reason: "timed out".into()
+            }
+        ),
+        ["say coordinator connection lost (timed out); reconnecting"]
+    );
+    assert_eq!(
+        note(
+            &mut n,
+            t0,
+            Notification::Rejoined {
+                accepted: accepted(ME, Some(0)),
+                kept_member: true
+            }
+        ),
+        ["say reconnected to the coordinator (same member: true)"]
+    );
+    assert!(note(&mut n, t0, opened(4, 0, &[1, 2, 3])).is_empty());
+    // The report was resent by the client; the outcome still applies.
+    assert_eq!(
+        note(&mut n, t0, closed(4, committed(1), &[1, 2, 3], None)),
+        [
+            "apply 4",
+            "publish v1 r4",
+            "record 4: committed v1 040404040404"
+        ]
+    );
+}
+
+#[test]
+fn a_missed_outcome_drops_the_outer_step_and_fetches_what_the_others_committed() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    assert_eq!(
+        note(&mut n, t0, opened(2, 1, &[1, 2, 3])),
+        [
+            "say round 1: no outcome heard; its outer step is dropped",
+            "members [1, 2, 3]",
+            "fetch v1"
+        ]
+    );
+}
+
+#[test]
+fn outvoted_or_left_out_nodes_fetch_the_committed_state_next_round() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    assert_eq!(
+        note(&mut n, t0, closed(1, committed(1), &[2, 3], None)),
+        [
+            "record 1: committed v1 without this node (its hash 010101010101 disagreed); \
+             fetching the committed state next round"
+        ]
+    );
+    assert_eq!(n.held(), None);
+    assert_eq!(note(&mut n, t0, opened(2, 1, &[1, 2, 3]))[1], "fetch v1");
+}
+
+#[test]
+fn standby_and_back() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    let benched = Notification::Message(CoordinatorMessage::Assigned(Assigned {
+        assignment: None,
+        sync_peers: vec![peer(2)],
+    }));
+    assert_eq!(
+        note(&mut n, t0, benched.clone()),
+        [
+            "say on standby: the coordinator left this node out of its plan",
+            "members [2]"
+        ]
+    );
+    // Said once.
+    assert_eq!(note(&mut n, t0, benched), ["members [2]"]);
+    let back = Notification::Message(CoordinatorMessage::Assigned(Assigned {
+        assignment: Some(assignment(2, 3)),
+        sync_peers: vec![peer(2), peer(3)],
+    }));
+    assert_eq!(note(&mut n, t0, back), ["shard 2/3", "members [2, 3]"]);
+}
+
+#[test]
+fn sigterm_mid_round_finishes_the_round_then_leaves() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    // Stopped while training: the inner steps stop (the shell's flag); the round is still
+    // contributed so the peers do not wait for this node.
+    assert!(input(&mut n, t0, Input::StopRequested).is_empty());
+    assert_eq!(input(&mut n, t0, trained(10)), ["all-reduce 1"]);
+    assert_eq!(
+        input(&mut n, t0, reduced(1)),
+        [
+            "say first contribution (round 1) 0.0 s after joining",
+            "report 1 ok",
+            "exit Leave(\"stopped by signal\")"
+        ]
+    );
+    // Nothing after the exit.
+    assert!(note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None)).is_empty());
+}
+
+#[test]
+fn sigterm_while_idle_leaves_at_once_unless_a_round_was_announced() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    assert_eq!(
+        input(&mut n, t0, Input::StopRequested),
+        ["exit Leave(\"stopped by signal\")"]
+    );
+
+    // A round announced while the node was busy with the previous one is played first.
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    input(&mut n, t0, trained(25));
+    assert!(note(&mut n, t0, opened(2, 0, &[1, 2, 3])).is_empty());
+    assert!(input(&mut n, t0, Input::StopRequested).is_empty());
+    assert_eq!(
+        input(&mut n, t0, reduced(1)),
+        [
+            "say first contribution (round 1) 0.0 s after joining",
+            "report 1 ok",
+            "say round 1: no outcome heard; its outer step is dropped",
+            "members [1, 2, 3]",
+            "train 2"
+        ]
+    );
+    input(&mut n, t0, trained(26));
+    let actions = input(&mut n, t0, reduced(2));
+    assert_eq!(actions.last().unwrap(), "exit Leave(\"stopped by signal\")");
+}
+
+#[test]
+fn a_participant_dead_during_the_all_reduce_aborts_it() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    input(&mut n, t0, trained(25));
+    // Member 4 is not in the round, and member 2 left cleanly: no reason to give up.
+    assert!(note(&mut n, t0, dead(4, false)).is_empty());
+    assert!(note(&mut n, t0, dead(2, true)).is_empty());
+    let actions = n.handle(t0, Input::Note(dead(3, false)));
+    assert_eq!(names(&actions), ["abort peer-3"]);
+    let failure = ReduceFailure {
+        reason: "peer peer-3 failed: the coordinator declared it gone".into(),
+        peer: Some("peer-3".into()),
+        rejected: false,
+        sync_s: 0.1,
+    };
+    let actions = n.handle(t0, Input::Reduced(Err(failure)));
+    assert_eq!(
+        names(&actions),
+        [
+            "say round 1: all-reduce failed: peer peer-3 failed: the coordinator declared it gone",
+            "report 1 failed",
+            // The notes that waited, in order.
+            "say member 4 is gone: no heartbeat for 2000 ms",
+            "say member 2 is gone: no heartbeat for 2000 ms",
+            "say member 3 is gone: no heartbeat for 2000 ms"
+        ]
+    );
+    let Action::Report(RoundReport {
+        outer_step:
+            OuterStep::Failed {
+                reason,
+                rejected,
+                unreachable,
+            },
+        ..
+    }) = &actions[1]
+    else {
+        unreachable!()
+    };
+    assert!(reason.ends_with("[blamed peer: peer-3]"), "{reason}");
+    assert_eq!((*rejected, *unreachable), (None, Some(MemberId(3))));
+    // The round closes without this node; it fetches next time.
+    assert_eq!(
+        note(&mut n, t0, closed(1, committed(1), &[1, 2], None)),
+        ["record 1: committed v1 without this node"]
+    );
+    assert_eq!(n.held(), None);
+}
+
+#[test]
+fn a_participant_dead_while_training_skips_the_all_reduce() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    assert!(note(&mut n, t0, dead(2, false)).is_empty());
+    assert_eq!(input(&mut n, t0, trained(25)), ["abort peer-2"]);
+}
+
+#[test]
+fn a_rejected_contribution_names_the_member() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    input(&mut n, t0, trained(25));
+    let failure = ReduceFailure {
+        reason: "rejected".into(),
+        peer: Some("peer-2".into()),
+        rejected: true,
+        sync_s: 0.1,
+    };
+    let actions = n.handle(t0, Input::Reduced(Err(failure)));
+    let Some(Action::Report(RoundReport {
+        outer_step:
+            OuterStep::Failed {
+                rejected,
+                unreachable,
+                ..
+            },
+        ..
+    })) = actions.last()
+    else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!((*rejected, *unreachable), (Some(MemberId(2)), None));
+}
+
+#[test]
+fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    assert_eq!(
+        note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], Some(1))),
+        ["apply 1", "publish v1 r1", "checkpoint 1 shard 0"]
+    );
+    assert_eq!(
+        input(
+            &mut n,
+            t0,
+            Input::CheckpointWritten(Ok("ckpt/step-25".into()))
+        ),
+        [
+            "say round 1: checkpoint shard 0 written to ckpt/step-25",
+            "durable 1 shard 0",
+            "record 1: committed v1 010101010101"
+        ]
+    );
+    // A failed write is said and the round recorded; nothing is reported durable.
+    play(&mut n, t0, 2, 1, 50);
+    let actions = note(&mut n, t0, closed(2, committed(2), &[1, 2, 3], Some(1)));
+    assert_eq!(actions, ["apply 2", "evaluate"]);
+    let actions = input(
+        &mut n,
+        t0,
+        Input::Evaluated {
+            loss: 3.0,
+            bpb: 1.0,
+        },
+    );
+    assert_eq!(actions, ["publish v2 r2", "checkpoint 2 shard 0"]);
+    assert_eq!(
+        input(
+            &mut n,
+            t0,
+            Input::CheckpointWritten(Err("disk full".into()))
+        ),
+        [
+            "say round 2: checkpoint shard 0 not written: disk full",
+            "record 2: committed v2 020202020202"
+        ]
+    );
+    // Another member's shard is not this node's to write.
+    play(&mut n, t0, 3, 2, 75);
+    assert_eq!(
+        note(&mut n, t0, closed(3, committed(3), &[1, 2, 3], Some(2))),
+        [
+            "apply 3",
+            "publish v3 r3",
+            "record 3: committed v3 030303030303"
+        ]
+    );
+}
+
+#[test]
+fn a_replaced_member_drops_its_pending_round_and_takes_the_new_assignment() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    let rejoined = Notification::Rejoined {
+        accepted: accepted(MemberId(9), Some(1)),
+        kept_member: false,
+    };
+    assert_eq!(
+        note(&mut n, t0, rejoined),
+        [
+            "say reconnected to the coordinator (same member: false)",
+            "say round 1: outcome lost with the old membership; its outer step is dropped",
+            "shard 1/3",
+            "members [1, 2, 3]"
+        ]
+    );
+    assert_eq!(n.member(), MemberId(9));
+    // Its old round's outcome is no longer its own.
+    assert!(note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None)).is_empty());
+}
+
+#[test]
+fn notes_during_a_job_wait_and_are_taken_in_order() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    input(&mut n, t0, trained(25));
+    let moved = Notification::Message(CoordinatorMessage::Assigned(Assigned {
+        assignment: Some(assignment(1, 2)),
+        sync_peers: vec![peer(2)],
+    }));
+    assert!(note(&mut n, t0, moved).is_empty());
+    assert!(note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None)).is_empty());
+    assert_eq!(
+        input(&mut n, t0, reduced(1)),
+        [
+            "say first contribution (round 1) 0.0 s after joining",
+            "report 1 ok",
+            "shard 1/2",
+            "members [1, 2, 3]",
+            "apply 1",
+            "publish v1 r1",
+            "record 1: committed v1 010101010101"
+        ]
+    );
+}
+
+#[test]
+fn a_failed_training_reports_the_round_and_exits_with_the_error() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    let reason = "worker 1 did not reach the gradient exchange within 5 s".to_string();
+    let actions = n.handle(t0, Input::Trained(Err(reason.clone())));
+    let [Action::Exit(Exit::Failed { round, reason: why })] = actions.as_slice() else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!((*round, why), (RoundId(1), &reason));
+}
+
+#[test]
+fn the_budget_ends_the_node_once_its_last_round_is_closed() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 100);
+    // Last round: evaluated whatever the interval, then the node leaves.
+    assert_eq!(
+        note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None)),
+        ["apply 1", "evaluate"]
+    );
+    assert_eq!(
+        input(
+            &mut n,
+            t0,
+            Input::Evaluated {
+                loss: 3.0,
+                bpb: 1.0
+            }
+        ),
+        [
+            "publish v1 r1",
+            "record 1: committed v1 010101010101",
+            "exit Leave(\"finished the budget of 100 inner steps\")"
+        ]
+    );
+    // A node resumed at the end of its budget leaves before any round.
+    let (mut n, _) = Node::new(config(), &accepted(ME, Some(0)), t0);
+    let resumed = Input::Resumed {
+        held: Some(4),
+        step: 100,
+    };
+    assert_eq!(
+        names(&n.handle(t0, resumed)),
+        ["exit Leave(\"finished the budget of 100 inner steps\")"]
+    );
+}
+
+#[test]
+fn the_coordinator_gone_or_stopping_the_node_ends_it() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    assert_eq!(
+        input(&mut n, t0, Input::CoordinatorGone),
+        ["exit Leave(\"the coordinator connection closed\")"]
+    );
+    let mut n = node(t0);
+    assert_eq!(
+        note(
+            &mut n,
+            t0,
+            Notification::Stopped {
+                reason: "token refused".into()
+            }
+        ),
+        ["exit Stopped(\"the coordinator stopped this node: token refused\")"]
+    );
+}
