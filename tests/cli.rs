@@ -38,6 +38,12 @@ fn model_info_reports_params_and_flops() {
     // GPT-2 small: 124,439,808 parameters with the tied head.
     assert_eq!(params, 124_439_808);
     assert!(v["train_flops_per_token"].as_f64().unwrap() > 6.0 * 85e6);
+    // The coordinator's planner preset, counted analytically (never allocated).
+    let r = node(&["model", "info", "--preset", "llama-1b", "--json"]);
+    assert!(r.success(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["params"].as_i64().unwrap(), 1_235_814_400);
+    assert_eq!(v["config"]["n_kv_head"].as_i64().unwrap(), 8);
     let r = node(&["model", "info", "--config", "../configs/tiny-cpu.toml"]);
     assert!(r.success(), "{}", r.stderr);
     assert!(r.stdout.contains("family          llama"), "{}", r.stdout);

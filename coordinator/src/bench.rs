@@ -150,12 +150,14 @@ fn heartbeats(members: usize, seconds: u64, per_socket: usize) -> anyhow::Result
     let state_dir: PathBuf =
         std::env::temp_dir().join(format!("forge-bench-heartbeats-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir)?;
-    // Rounds never open (min_replicas above the member count), so only heartbeats are measured.
+    // Rounds never open (min_replicas above the member count), so only heartbeats are measured;
+    // the other tables are a complete run config because `serve` validates every table.
     let shards = members + 1;
     std::fs::write(
         state_dir.join("run.toml"),
         format!(
-            "[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 10000\nmin_replicas = {shards}\ndata_shards = {shards}\ncheckpoint_every_rounds = 0\n"
+            "{}\n[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 10000\nmin_replicas = {shards}\ndata_shards = {shards}\ncheckpoint_every_rounds = 0\n",
+            include_str!("../../configs/tiny-cpu.toml")
         ),
     )?;
     let result = measure(&state_dir, members, seconds, per_socket);

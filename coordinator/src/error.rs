@@ -34,6 +34,10 @@ pub enum Error {
         cause: toml::de::Error,
     },
 
+    /// A run config the shared schema refuses (it names the file and the key).
+    #[error(transparent)]
+    InvalidRunConfig(forge_protocol::ConfigError),
+
     #[error("[coordinator] table of {path}: {reason}")]
     RunConfig { path: PathBuf, reason: String },
 

@@ -15,7 +15,7 @@ pub mod latency;
 pub mod planner;
 /// Model profiles (presets, TOML) and node profiles (TOML, join capabilities).
 pub mod profile;
-/// The `[coordinator]` table of a run config.
+/// The run config as the coordinator reads it: validated whole, its `[coordinator]` table applied.
 pub mod run_config;
 /// The QUIC server: connection tasks and the event loop that owns the core and the database.
 pub mod server;

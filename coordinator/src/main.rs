@@ -24,7 +24,8 @@ struct Cli {
 enum Command {
     /// Run the coordinator: QUIC on --listen, state (token, members, rounds) in --state-dir.
     Serve {
-        /// The run config handed to every node; only its [coordinator] table is read here.
+        /// The run config handed to every node: checked whole at start (unknown keys and bad
+        /// values are refused); its [coordinator] table configures the coordinator.
         #[arg(long)]
         config: PathBuf,
         /// Address to listen on (UDP), e.g. 0.0.0.0:7400; port 0 picks a free port.

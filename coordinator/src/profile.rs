@@ -1,6 +1,8 @@
 //! Model profiles for the planner (built-in presets computed from architecture numbers, or a
 //! TOML file) and node profiles (from a TOML nodes file or from a joining node's capabilities).
 //!
+//! The presets, the parameter counts and the bytes per parameter are the shared model
+//! vocabulary of `forge_protocol::model`, so the planner and the trainer agree on every model.
 //! Memory accounting assumes mixed-precision training as the trainer does it: fp32 weights and
 //! gradients (8 bytes per parameter), AdamW moments in fp32 (8 bytes per parameter), bf16
 //! activations saved for backward with flash attention (no sequence² term), fp32 logits for the
@@ -9,6 +11,10 @@
 
 use std::path::Path;
 
+use forge_protocol::model::{
+    ACTIVATION_BYTES, ADAMW_BYTES, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, Family, LOGIT_BYTES,
+    ModelConfig, PRESETS, Preset, WEIGHT_AND_GRAD_BYTES,
+};
 use forge_protocol::{Capabilities, DeviceKind};
 use serde::{Deserialize, Serialize};
 
@@ -19,26 +25,10 @@ use crate::planner::{LayerProfile, ModelProfile, NodeProfile};
 /// fragmentation and temporaries the profile does not count.
 pub const USABLE_MEMORY_FRACTION: f64 = 0.9;
 
-/// Preset names accepted by `--model`, in size order.
-pub const PRESETS: &[&str] = &["tiny", "4m", "15m", "gpt2-124m", "llama-1b"];
-
-const WEIGHT_AND_GRAD_BYTES: u64 = 8;
-const ADAMW_BYTES: u64 = 8;
-const ACTIVATION_BYTES: u64 = 2;
-const LOGIT_BYTES: u64 = 4;
 const GIB: f64 = (1u64 << 30) as f64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// LayerNorm with biases, GELU MLP, learned positions, tied head.
-    Gpt2,
-    /// RMSNorm, SwiGLU MLP, RoPE, optional grouped-query attention.
-    Llama,
-}
-
-/// Architecture numbers a profile is computed from; field names follow the trainer's model
-/// config.
+/// Architecture numbers a profile is computed from, and the batch shape it is planned at; field
+/// names follow the shared [`ModelConfig`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Architecture {
@@ -57,40 +47,50 @@ pub struct Architecture {
 }
 
 impl Architecture {
-    /// A built-in preset; the first four match the trainer's presets.
+    /// A built-in preset, planned at its maximum sequence length and its default micro-batch.
     pub fn preset(name: &str) -> Result<Architecture> {
-        let llama =
-            |vocab_size, n_layer, n_head, d_model, d_ff, seq_len, micro_batch| Architecture {
-                family: Family::Llama,
-                vocab_size,
-                n_layer,
-                n_head,
-                n_kv_head: n_head,
-                d_model,
-                d_ff,
-                seq_len,
-                micro_batch,
-                tie_embeddings: true,
-            };
-        Ok(match name {
-            "tiny" => llama(2048, 4, 4, 128, 384, 256, 8),
-            "4m" => llama(2048, 4, 4, 256, 1024, 512, 8),
-            "15m" => llama(32_000, 6, 6, 288, 768, 256, 16),
-            "gpt2-124m" => Architecture {
-                family: Family::Gpt2,
-                ..llama(50_257, 12, 12, 768, 3072, 1024, 8)
-            },
-            // Llama 3.2 1B: 16 layers, d=2048, 32 heads with 8 kv heads, ffn 8192, 128k vocab.
-            "llama-1b" => Architecture {
-                n_kv_head: 8,
-                ..llama(128_256, 16, 32, 2048, 8192, 2048, 1)
-            },
-            other => {
-                return Err(Error::UnknownPreset {
-                    name: other.to_string(),
-                    known: PRESETS.join(", "),
-                });
-            }
+        let preset = Preset::named(name).map_err(|_| Error::UnknownPreset {
+            name: name.to_string(),
+            known: PRESETS.join(", "),
+        })?;
+        let cfg = &preset.config;
+        let count = |value: i64| value as u64;
+        Ok(Architecture {
+            family: cfg.family,
+            vocab_size: count(cfg.vocab_size),
+            n_layer: count(cfg.n_layer),
+            n_head: count(cfg.n_head),
+            n_kv_head: count(cfg.n_kv_head),
+            d_model: count(cfg.d_model),
+            d_ff: count(cfg.d_ff),
+            seq_len: count(cfg.max_seq_len),
+            micro_batch: preset.plan_micro_batch,
+            tie_embeddings: cfg.tie_embeddings,
+        })
+    }
+
+    /// The shared model description these numbers stand for, so every parameter count comes
+    /// from one place; `seq_len` sizes gpt2's position table. Norm epsilon and RoPE base change
+    /// no count, so the common defaults stand in for them.
+    fn model_config(&self, name: &str) -> Result<ModelConfig> {
+        let field = |field: &str, value: u64| {
+            i64::try_from(value).map_err(|_| Error::InvalidProfile {
+                name: name.to_string(),
+                reason: format!("{field} {value} is too large"),
+            })
+        };
+        Ok(ModelConfig {
+            family: self.family,
+            vocab_size: field("vocab_size", self.vocab_size)?,
+            n_layer: field("n_layer", self.n_layer)?,
+            n_head: field("n_head", self.n_head)?,
+            n_kv_head: field("n_kv_head", self.n_kv_head)?,
+            d_model: field("d_model", self.d_model)?,
+            d_ff: field("d_ff", self.d_ff)?,
+            max_seq_len: field("seq_len", self.seq_len)?,
+            norm_eps: DEFAULT_NORM_EPS,
+            rope_theta: DEFAULT_ROPE_THETA,
+            tie_embeddings: self.tie_embeddings,
         })
     }
 
@@ -127,18 +127,16 @@ impl Architecture {
     /// The planner's view: an embedding layer, `n_layer` blocks, and the final norm + head.
     pub fn profile(&self, name: &str) -> Result<ModelProfile> {
         self.validate(name)?;
+        let cfg = self.model_config(name)?;
+        let params = |count: i64| count as u64;
         let d = self.d_model;
         let tokens = self.micro_batch * self.seq_len;
         let kv = self.n_kv_head * (d / self.n_head);
         let boundary = tokens * d * ACTIVATION_BYTES;
         let state = |params: u64| (params * WEIGHT_AND_GRAD_BYTES, params * ADAMW_BYTES);
 
-        let positions = match self.family {
-            Family::Gpt2 => self.seq_len * d,
-            Family::Llama => 0,
-        };
-        let embedding = self.vocab_size * d;
-        let (param_bytes, optimizer_bytes) = state(embedding + positions);
+        let embedding = params(cfg.embedding_params());
+        let (param_bytes, optimizer_bytes) = state(embedding + params(cfg.position_params()));
         let mut layers = vec![LayerProfile {
             name: "embed".to_string(),
             param_bytes,
@@ -150,17 +148,11 @@ impl Architecture {
             tied_bytes: 0,
         }];
 
-        let (matmul, norms_and_biases, hidden) = match self.family {
-            Family::Gpt2 => (
-                d * 3 * d + d * d + 2 * d * self.d_ff,
-                4 * d + 3 * d + d + self.d_ff + d,
-                2 * self.d_ff,
-            ),
-            Family::Llama => (
-                2 * d * d + 2 * d * kv + 3 * d * self.d_ff,
-                2 * d,
-                3 * self.d_ff,
-            ),
+        let matmul = params(cfg.block_matmul_params());
+        let norms_and_biases = params(cfg.block_params()) - matmul;
+        let hidden = match self.family {
+            Family::Gpt2 => 2 * self.d_ff,
+            Family::Llama => 3 * self.d_ff,
         };
         // Saved per token: both norm inputs and outputs, q, k, v, attention output, MLP hidden.
         let saved_per_token = 6 * d + 2 * kv + hidden;
@@ -179,12 +171,8 @@ impl Architecture {
             });
         }
 
-        let final_norm = match self.family {
-            Family::Gpt2 => 2 * d,
-            Family::Llama => d,
-        };
-        let own_head = if self.tie_embeddings { 0 } else { embedding };
-        let (param_bytes, optimizer_bytes) = state(final_norm + own_head);
+        let (param_bytes, optimizer_bytes) =
+            state(params(cfg.final_norm_params()) + params(cfg.head_params()));
         let (tied_weights, tied_adam) = state(embedding);
         layers.push(LayerProfile {
             name: "head".to_string(),
@@ -431,6 +419,33 @@ mod tests {
             let profile = load_model(name, None, None).unwrap();
             assert!(profile.flops_per_token() > 0.0, "{name}");
         }
+    }
+
+    #[test]
+    fn presets_plan_with_the_shared_counts() {
+        for name in PRESETS {
+            let model = ModelConfig::preset(name, None).unwrap();
+            let arch = Architecture::preset(name).unwrap();
+            assert_eq!(arch.seq_len, model.max_seq_len as u64, "{name}");
+            let profile = arch.profile(name).unwrap();
+            assert_eq!(parameters(&profile), model.param_count() as u64, "{name}");
+            let expected = model.train_flops_per_token(model.max_seq_len);
+            let got = profile.flops_per_token();
+            assert!(
+                (got - expected).abs() <= 1e-9 * expected,
+                "{name}: {got} vs {expected}"
+            );
+        }
+        // An untied head gets its own weights in the last layer.
+        let mut arch = Architecture::preset("tiny").unwrap();
+        arch.tie_embeddings = false;
+        let profile = arch.profile("untied").unwrap();
+        let untied = ModelConfig {
+            tie_embeddings: false,
+            ..ModelConfig::preset("tiny", None).unwrap()
+        };
+        assert_eq!(parameters(&profile), untied.param_count() as u64);
+        assert_eq!(profile.layers.last().unwrap().tied_to, None);
     }
 
     #[test]

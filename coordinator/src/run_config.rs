@@ -1,9 +1,11 @@
-//! The coordinator's view of a run config: the whole file is handed to nodes as an opaque TOML
-//! string, and only its `[coordinator]` table is read here (the other tables belong to the
-//! trainer and are not looked at).
+//! The coordinator's view of a run config: the whole file is validated at start with the schema
+//! the nodes use (`forge_protocol::run_config`), so a typo in any table stops `serve` instead of
+//! every node after it joins; the `[coordinator]` table configures the core, and the text itself
+//! is handed to nodes as is.
 
 use std::path::Path;
 
+use forge_protocol::RunConfig;
 use serde::Deserialize;
 
 use crate::core::CoordinatorConfig;
@@ -40,22 +42,21 @@ pub fn load(path: &Path) -> Result<CoordinatorConfig> {
     parse(text, path)
 }
 
-/// Parses run config `text` (read from `path`, named in errors) and validates the result.
+/// Parses run config `text` (read from `path`, named in errors) and validates the result: the
+/// whole file with the shared schema, then the `[coordinator]` table.
 pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
-    let table: toml::Table = toml::from_str(&text).map_err(|cause| Error::Toml {
-        path: path.to_path_buf(),
-        cause,
-    })?;
-    let section =
-        match table.get("coordinator") {
-            None => None,
-            Some(value) => Some(value.clone().try_into::<CoordinatorSection>().map_err(
-                |cause| Error::RunConfig {
+    let run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
+    let section = match run.coordinator {
+        None => None,
+        Some(table) => Some(
+            toml::Value::Table(table)
+                .try_into::<CoordinatorSection>()
+                .map_err(|cause| Error::RunConfig {
                     path: path.to_path_buf(),
                     reason: cause.to_string().trim_end().to_string(),
-                },
-            )?),
-        };
+                })?,
+        ),
+    };
     let get = |pick: fn(&CoordinatorSection) -> Option<u64>, default: u64| {
         section.as_ref().and_then(pick).unwrap_or(default)
     };
@@ -90,10 +91,16 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
 mod tests {
     use super::*;
 
+    /// A complete run config without a `[coordinator]` table, plus `extra` at the end.
+    fn run_config(extra: &str) -> String {
+        let tiny = include_str!("../../configs/tiny-cpu.toml");
+        format!("{tiny}\n{extra}")
+    }
+
     #[test]
-    fn other_tables_are_ignored_and_defaults_apply() {
-        let text = "[model]\npreset = \"tiny\"\nwhatever = 3\n[train]\nsteps = 10\n";
-        let config = parse(text.to_string(), Path::new("run.toml")).unwrap();
+    fn without_a_coordinator_table_the_defaults_apply() {
+        let text = run_config("");
+        let config = parse(text.clone(), Path::new("run.toml")).unwrap();
         assert_eq!(config.run_config, text);
         assert_eq!(config.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
         assert_eq!(config.min_replicas, DEFAULT_MIN_REPLICAS);
@@ -101,8 +108,10 @@ mod tests {
 
     #[test]
     fn coordinator_table_overrides_defaults() {
-        let text = "[coordinator]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 900\nmin_replicas = 2\n";
-        let config = parse(text.to_string(), Path::new("run.toml")).unwrap();
+        let text = run_config(
+            "[coordinator]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 900\nmin_replicas = 2\n",
+        );
+        let config = parse(text, Path::new("run.toml")).unwrap();
         assert_eq!(config.heartbeat_interval_ms, 200);
         assert_eq!(config.heartbeat_timeout_ms, 900);
         assert_eq!(config.min_replicas, 2);
@@ -112,7 +121,7 @@ mod tests {
     #[test]
     fn unknown_key_and_invalid_values_name_the_file_and_the_key() {
         let err = parse(
-            "[coordinator]\nheartbeat_timeout = 3\n".to_string(),
+            run_config("[coordinator]\nheartbeat_timeout = 3\n"),
             Path::new("configs/x.toml"),
         )
         .unwrap_err()
@@ -122,11 +131,49 @@ mod tests {
             "{err}"
         );
         let err = parse(
-            "[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 500\n".to_string(),
+            run_config("[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 500\n"),
             Path::new("configs/x.toml"),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("heartbeat_timeout_ms (500)"), "{err}");
+    }
+
+    #[test]
+    fn the_tables_nodes_read_are_validated_too() {
+        let diloco = include_str!("../../configs/diloco-tiny-cpu.toml");
+        parse(diloco.to_string(), Path::new("configs/x.toml")).unwrap();
+        for (table, typo) in [
+            ("[train]\n", "lr_typo = 1"),
+            ("[data]\n", "shuffle = true"),
+            ("[diloco]\n", "outer_lrate = 0.7"),
+        ] {
+            let key = typo.split(' ').next().unwrap();
+            let text = diloco.replacen(table, &format!("{table}{typo}\n"), 1);
+            let err = parse(text, Path::new("configs/x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("configs/x.toml") && err.contains(&format!("unknown field `{key}`")),
+                "{table}: {err}"
+            );
+        }
+        let err = parse(
+            diloco.replacen("inner_steps = 25", "inner_steps = 0", 1),
+            Path::new("configs/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[diloco] inner_steps must be at least 1"),
+            "{err}"
+        );
+        let err = parse(
+            run_config("").replacen("preset = \"tiny\"", "preset = \"llama-7b\"", 1),
+            Path::new("configs/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown model preset 'llama-7b'"), "{err}");
     }
 }

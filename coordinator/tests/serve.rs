@@ -1,6 +1,7 @@
 //! The real `forge-coordinator` on 127.0.0.1: members join and heartbeat, a SIGKILLed member is
 //! declared dead within the timeout while rounds go on, a SIGKILLed coordinator restarts from
-//! its state directory with members and round history intact, and a wrong token is refused.
+//! its state directory with members and round history intact, a wrong token is refused, and a
+//! run config with a typo in any table stops `serve` before it listens.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,6 +14,8 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_forge-coordinator");
 const HEARTBEAT_TIMEOUT_MS: u64 = 2_000;
+/// A complete run config with no `[coordinator]` table: `serve` validates every table.
+const TINY_RUN: &str = include_str!("../../configs/tiny-cpu.toml");
 
 /// A child process whose stdout lines arrive on a channel; killed when dropped.
 struct Proc {
@@ -172,7 +175,7 @@ fn members_fail_and_the_coordinator_restarts_without_losing_state() -> anyhow::R
     std::fs::write(
         &config,
         format!(
-            "[model]\npreset = \"tiny\"\n\n[coordinator]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\nround_deadline_ms = 4000\nmin_replicas = 2\ndata_shards = 8\ncheckpoint_every_rounds = 2\n"
+            "{TINY_RUN}\n[coordinator]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\nround_deadline_ms = 4000\nmin_replicas = 2\ndata_shards = 8\ncheckpoint_every_rounds = 2\n"
         ),
     )?;
     let state = dir.path().join("state");
@@ -370,5 +373,56 @@ fn members_fail_and_the_coordinator_restarts_without_losing_state() -> anyhow::R
         committed(&resumed),
         test_start.elapsed()
     );
+    Ok(())
+}
+
+#[test]
+fn serve_refuses_a_typo_in_the_train_table_before_it_listens() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("run.toml");
+    assert!(TINY_RUN.contains("[train]\n"));
+    std::fs::write(
+        &config,
+        TINY_RUN.replacen("[train]\n", "[train]\nlr_typo = 1\n", 1),
+    )?;
+    let state = dir.path().join("state");
+    let serve_log = dir.path().join("serve.log");
+    let config = config.to_str().context("path")?;
+    let mut serve = Proc::start(
+        &[
+            "serve",
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().context("path")?,
+        ],
+        &serve_log,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            bail!("serve still runs 30 s after start with `lr_typo` under [train]");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&serve_log)?;
+    assert!(!status.success(), "serve accepted the typo: {stderr}");
+    assert!(
+        stderr.contains("lr_typo") && stderr.contains(config),
+        "the error names neither the key nor the file: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // It stopped before opening its state, so it never listened nor printed the join line.
+    let printed: Vec<String> = serve.lines.iter().collect();
+    assert!(
+        !printed.iter().any(|line| line.contains("forge-node join")),
+        "{printed:?}"
+    );
+    assert!(!state.exists(), "serve opened its state directory");
     Ok(())
 }

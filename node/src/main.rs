@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use forge_trainer::bench::{TrainStepBench, TrainStepResult};
 use forge_trainer::checkpoint::CheckpointDir;
-use forge_trainer::config::RunConfig;
+use forge_trainer::config::{LoadRunConfig, RunConfig};
 use forge_trainer::data::{Dataset, Tokenizer};
 use forge_trainer::device::parse_device;
 use forge_trainer::models::{Family, ModelConfig, PRESETS, Precision};
@@ -205,7 +205,7 @@ struct AllReduceArgs {
 /// Which model: a preset (with an optional family) or the [model] section of a run config.
 #[derive(Debug, Args)]
 struct ModelArgs {
-    /// Model preset: tiny, 4m, 15m, gpt2-124m.
+    /// Model preset: tiny, 4m, 15m, gpt2-124m, llama-1b.
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
     /// Architecture family for the preset: llama or gpt2 (default: llama; gpt2 for gpt2-124m).

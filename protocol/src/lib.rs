@@ -1,6 +1,7 @@
 //! Forge wire protocol: the messages nodes and the coordinator exchange, the headers of the
-//! peer-to-peer sync stream, the single codec that frames and serializes them, and the
-//! quantisers that compress outer gradients. No I/O.
+//! peer-to-peer sync stream, the single codec that frames and serializes them, the quantisers
+//! that compress outer gradients, and the run config and model vocabulary both sides read. No
+//! I/O.
 
 /// Framing, size limits, bincode and zstd: the only module that serializes anything.
 pub mod codec;
@@ -8,10 +9,14 @@ pub mod codec;
 pub mod error;
 /// Control messages between node and coordinator, and the version handshake.
 pub mod messages;
+/// Model families, presets, configs and their analytic parameter, FLOP and memory counts.
+pub mod model;
 /// Outer-gradient codecs (fp32, bf16, block int8/int4, optional zstd) and error feedback.
 pub mod quant;
 /// SplitMix64, the seeded generator whose outputs must never change.
 pub mod rng;
+/// The run config schema (every table, defaults, validation), parsed from text.
+pub mod run_config;
 /// The opening exchange of a control connection (cluster token) and the status report.
 pub mod session;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.
@@ -25,3 +30,4 @@ pub use messages::{
     MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed, RoundId,
     RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash,
 };
+pub use run_config::{ConfigError, RunConfig};

@@ -5,11 +5,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown model preset '{name}'; known presets: {known}")]
-    UnknownPreset { name: String, known: String },
-
-    #[error("invalid model config: {0}")]
-    InvalidModelConfig(String),
+    /// An invalid run config or model description (its schema lives in forge-protocol).
+    #[error(transparent)]
+    RunConfig(#[from] forge_protocol::ConfigError),
 
     #[error("invalid device '{spec}': {why}")]
     InvalidDevice { spec: String, why: String },

@@ -8,31 +8,11 @@
 
 use crate::error::{Error, Result};
 use crate::models::trainable_by_name;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Tensor, nn::VarStore};
 
-/// AdamW hyper-parameters (defaults from the DiLoCo inner optimizer).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
-    }
-}
+pub use forge_protocol::run_config::AdamWConfig;
 
 #[derive(Debug)]
 struct ParamState {

@@ -1,32 +1,9 @@
 //! Text generation from a model: temperature and top-k sampling, seeded.
 
 use crate::models::Model;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// How to sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleConfig {
-    /// New tokens to generate.
-    pub max_new_tokens: usize,
-    /// Softmax temperature; 0 means greedy.
-    pub temperature: f64,
-    /// Sample only among the k most likely tokens; 0 means the whole vocabulary.
-    pub top_k: i64,
-    pub seed: i64,
-}
-
-impl Default for SampleConfig {
-    fn default() -> Self {
-        SampleConfig {
-            max_new_tokens: 120,
-            temperature: 0.8,
-            top_k: 40,
-            seed: 0,
-        }
-    }
-}
+pub use forge_protocol::run_config::SampleConfig;
 
 /// Continues `prompt` (token ids) and returns only the new tokens. Stops early at `stop`
 /// (the end-of-text id), which is not included.

@@ -1,7 +1,7 @@
 //! Single-node training end to end on the shared TinyStories sample: exact resume, skipping a
 //! corrupt checkpoint, and the divergence guard.
 
-use forge_trainer::config::RunConfig;
+use forge_trainer::config::{LoadRunConfig, RunConfig};
 use forge_trainer::train::Trainer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,7 +3,6 @@
 
 use crate::error::{Error, Result};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
@@ -13,39 +12,8 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::tokenizer::END_OF_TEXT;
 
-/// How a corpus file is laid out. In TOML: `format = "text_eot"` etc.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CorpusFormat {
-    /// Decide per file from its extension and first bytes (see [`detect_format`]).
-    #[default]
-    Auto,
-    /// UTF-8 text with `<|endoftext|>` between documents (TinyStoriesV2 files).
-    TextEot,
-    /// UTF-8 text with one or more blank lines between documents.
-    TextBlankLines,
-    /// One JSON value: `{"texts": [...]}`, or an array of strings or of records whose
-    /// `text_field` holds the document (TinyStories_all_data uses `story`).
-    Json,
-    /// One JSON record (or string) per line.
-    Jsonl,
-    /// llm.c token shard: 256 int32 header (magic 20240520, version 1, count), uint16 tokens.
-    LlmcShard,
-}
-
-impl fmt::Display for CorpusFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            CorpusFormat::Auto => "auto",
-            CorpusFormat::TextEot => "text_eot",
-            CorpusFormat::TextBlankLines => "text_blank_lines",
-            CorpusFormat::Json => "json",
-            CorpusFormat::Jsonl => "jsonl",
-            CorpusFormat::LlmcShard => "llmc_shard",
-        };
-        f.write_str(name)
-    }
-}
+/// How a corpus file is laid out; part of the `[data]` schema in forge-protocol.
+pub use forge_protocol::run_config::CorpusFormat;
 
 /// The magic number that opens an llm.c token shard.
 pub(crate) const LLMC_MAGIC: i32 = 20240520;

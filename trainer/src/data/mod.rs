@@ -8,8 +8,9 @@
 //! - `batches`: packed windows, seeded shuffle, replica × worker shards, resumable positions.
 //! - `stats`: corpus statistics and the bigram baseline a model must beat.
 //!
-//! The training loop calls [`Dataset::prepare`] with the run's `[data]` section, then builds a
-//! [`Batches`] over `dataset.train.tokens()` and an [`EvalBatches`] over `dataset.val.tokens()`.
+//! The training loop calls [`Dataset::prepare`] with the run's `[data]` section ([`DataConfig`],
+//! defined with the run config in `forge_protocol::run_config`), then builds a [`Batches`] over
+//! `dataset.train.tokens()` and an [`EvalBatches`] over `dataset.val.tokens()`.
 
 mod batches;
 mod cache;
@@ -20,112 +21,17 @@ mod tokenizer;
 pub use batches::{Batch, Batches, DataPosition, EvalBatches, shard_index};
 pub use cache::{TokenCache, Tokens};
 pub use corpus::{CorpusFormat, Documents, LlmcShard, detect_format, documents, write_llmc_shard};
+pub use forge_protocol::run_config::{DataConfig, TokenizerConfig};
 pub use stats::{BaselineReport, BigramBaseline, CorpusStats, bits_per_byte};
 pub use tokenizer::{END_OF_TEXT, Tokenizer, TokenizerOrigin};
 
 use crate::error::{Error, Result};
-use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-
-/// The `[data]` section of a run config. Relative paths are taken from the working directory.
-///
-/// ```toml
-/// [data]
-/// train = "../shared/data/tinystories/train-sample.txt"   # or a list of files
-/// val = "../shared/data/tinystories/valid-sample.txt"
-/// format = "auto"          # auto | text_eot | text_blank_lines | json | jsonl | llmc_shard
-/// text_field = "text"      # the record field that holds the text in json / jsonl
-/// cache_dir = ".forge-cache/data"
-/// tokenizer = { train = { vocab_size = 2048 } }   # or { path = "tokenizer.json" }
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// Training corpus file(s), read in order into one token stream.
-    #[serde(deserialize_with = "one_or_many")]
-    pub train: Vec<PathBuf>,
-    /// Validation corpus file(s).
-    #[serde(deserialize_with = "one_or_many")]
-    pub val: Vec<PathBuf>,
-    /// Layout of the corpus files; `auto` decides per file.
-    #[serde(default)]
-    pub format: CorpusFormat,
-    /// Layout of the validation files when it differs from `format`.
-    #[serde(default)]
-    pub val_format: Option<CorpusFormat>,
-    /// Record field holding the text, for `json` and `jsonl` records.
-    #[serde(default = "default_text_field")]
-    pub text_field: String,
-    pub tokenizer: TokenizerConfig,
-    /// Where token caches and trained tokenizers are kept.
-    #[serde(default = "default_cache_dir")]
-    pub cache_dir: PathBuf,
-}
-
-/// Which tokenizer a run uses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum TokenizerConfig {
-    /// A Hugging Face `tokenizer.json` (GPT-2's: `../shared/data/gpt2/tokenizer.json`).
-    Path(PathBuf),
-    /// A byte-level BPE trained on the train corpus, saved under `cache_dir` and reused while
-    /// the corpus is unchanged.
-    Train { vocab_size: usize },
-}
-
-fn default_text_field() -> String {
-    "text".to_string()
-}
-
-fn default_cache_dir() -> PathBuf {
-    PathBuf::from(".forge-cache/data")
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<PathBuf>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(PathBuf),
-        Many(Vec<PathBuf>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(p) => vec![p],
-        OneOrMany::Many(v) => v,
-    })
-}
-
-impl DataConfig {
-    /// Checks what can be checked without reading the corpus.
-    pub fn validate(&self) -> Result<()> {
-        if self.train.is_empty() {
-            return Err(Error::Data(
-                "train lists no files; give at least one corpus".into(),
-            ));
-        }
-        if self.val.is_empty() {
-            return Err(Error::Data(
-                "val lists no files; give a validation corpus (it is never trained on)".into(),
-            ));
-        }
-        if let Some(p) = self.val.iter().find(|p| self.train.contains(p)) {
-            return Err(Error::Data(format!(
-                "{} is both a train and a val file; validation must be held out",
-                p.display()
-            )));
-        }
-        if self.text_field.is_empty() {
-            return Err(Error::Data(
-                "text_field is empty; name the field that holds the text".into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// A tokenizer and the train and validation token caches made with it.
 #[derive(Debug, Clone)]
@@ -363,68 +269,6 @@ pub(crate) mod test_data {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(toml_text: &str) -> std::result::Result<DataConfig, String> {
-        toml::from_str(toml_text).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn data_section_parses_from_toml() {
-        let cfg = parse(
-            r#"
-            train = ["a.txt", "b.json"]
-            val = "v.txt"
-            format = "json"
-            val_format = "text_blank_lines"
-            text_field = "story"
-            tokenizer = { train = { vocab_size = 2048 } }
-            "#,
-        )
-        .unwrap();
-        assert_eq!(cfg.train, [PathBuf::from("a.txt"), PathBuf::from("b.json")]);
-        assert_eq!(cfg.val, [PathBuf::from("v.txt")]);
-        assert_eq!(cfg.format, CorpusFormat::Json);
-        assert_eq!(cfg.val_format, Some(CorpusFormat::TextBlankLines));
-        assert_eq!(cfg.tokenizer, TokenizerConfig::Train { vocab_size: 2048 });
-        assert_eq!(cfg.cache_dir, PathBuf::from(".forge-cache/data"));
-        cfg.validate().unwrap();
-
-        let cfg = parse("train = \"t\"\nval = \"v\"\n[tokenizer]\npath = \"tok.json\"\n").unwrap();
-        assert_eq!(cfg.tokenizer, TokenizerConfig::Path("tok.json".into()));
-        assert_eq!(
-            (cfg.format, cfg.text_field.as_str()),
-            (CorpusFormat::Auto, "text")
-        );
-        // Round trip, as a checkpoint stores its config.
-        let text = toml::to_string(&cfg).unwrap();
-        assert_eq!(parse(&text).unwrap(), cfg);
-    }
-
-    #[test]
-    fn bad_data_sections_are_refused() {
-        let base = "val = \"v\"\ntokenizer = { path = \"t\" }\n";
-        let err = parse(&format!("train = \"t\"\nshuffle = true\n{base}")).unwrap_err();
-        assert!(err.contains("unknown field `shuffle`"), "{err}");
-        let err = parse(&format!("train = \"t\"\nformat = \"csv\"\n{base}")).unwrap_err();
-        assert!(err.contains("unknown variant `csv`"), "{err}");
-        let err =
-            parse("train = \"t\"\nval = \"v\"\ntokenizer = { train = { vocab = 9 } }").unwrap_err();
-        assert!(err.contains("vocab"), "{err}");
-        let cfg = parse(&format!("train = []\n{base}")).unwrap();
-        assert!(
-            cfg.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("train lists no files")
-        );
-        let cfg = parse(&format!("train = \"v\"\n{base}")).unwrap();
-        assert!(
-            cfg.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("both a train and a val file")
-        );
-    }
 
     #[test]
     fn atomic_file_leaves_nothing_behind_unless_committed() {

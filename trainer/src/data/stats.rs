@@ -176,7 +176,7 @@ impl Counts {
                         *s -= self.bigram_p(a, b, alpha).ln();
                     }
                 }
-                Ok((sums, unigram))
+                Ok::<_, Error>((sums, unigram))
             })
             .try_reduce(zero, |(mut s1, u1), (s2, u2)| {
                 for (a, b) in s1.iter_mut().zip(s2) {

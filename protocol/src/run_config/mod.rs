@@ -1,0 +1,382 @@
+//! The run config schema: the TOML file a run is described by, one type per table, with unknown
+//! keys refused and every check that needs no tensors, so `forge-coordinator serve` refuses a
+//! bad file at start with the same errors `forge-node train` gives.
+//!
+//! No I/O: callers read the file and hand [`RunConfig::parse`] its text and its path (named in
+//! every error). The coordinator hands the text itself to nodes; the structs here are what both
+//! sides read out of it.
+
+mod data;
+mod diloco;
+mod parallel;
+mod schedule;
+
+pub use data::{CorpusFormat, DataConfig, TokenizerConfig};
+pub use diloco::DilocoConfig;
+pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};
+pub use schedule::Schedule;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, ModelSpec, Precision};
+
+/// A run config or model description that cannot be used: which table or key, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown model preset '{name}'; known presets: {known}")]
+    UnknownPreset { name: String, known: String },
+
+    #[error("invalid model config: {0}")]
+    InvalidModel(String),
+
+    #[error("invalid [train] settings: {0}")]
+    InvalidTrain(String),
+
+    #[error("invalid [data] settings: {0}")]
+    InvalidData(String),
+
+    /// Any of the above, or a TOML error, in a config file.
+    #[error("config file {path}: {why}")]
+    File { path: PathBuf, why: String },
+}
+
+/// A run config file: `[model]`, `[data]`, `[train]`, `[eval]`, `[checkpoint]`, the optional
+/// `[diloco]` table for training across machines, and the optional `[coordinator]` table, which
+/// the coordinator reads and validates itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSpec,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    pub checkpoint: CheckpointConfig,
+    /// Training across machines (`forge-node join`); a single-node run ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diloco: Option<DilocoConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<toml::Table>,
+}
+
+/// `[train]`: the optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run directory: checkpoints, metrics.jsonl, the tokenizer, a copy of the config.
+    pub out_dir: PathBuf,
+    pub seq_len: i64,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    /// Sequences per forward/backward; batch_size / micro_batch steps of gradient accumulation.
+    pub micro_batch: usize,
+    /// Budget in optimizer steps, or
+    pub max_steps: Option<u64>,
+    /// in tokens (rounded up to whole steps). Exactly one of the two.
+    pub max_tokens: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// If set, the peak lr is scaled by √(batch tokens / this).
+    pub lr_reference_batch_tokens: Option<u64>,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// cpu or cuda:N.
+    pub device: String,
+    /// fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU).
+    pub precision: Option<Precision>,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    pub threads: Option<i32>,
+    /// Plain log line every this many steps when not on a terminal.
+    pub log_every: u64,
+    /// Stop when the loss exceeds this multiple of its moving average (after 2 × warmup).
+    pub divergence_factor: f64,
+    /// Data parallelism over this node's devices (several GPUs, or CPU workers).
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// `[train.adamw]`: AdamW hyper-parameters (defaults from the DiLoCo inner optimizer).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// `[eval]`: validation loss and a sample story.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps (and at the end).
+    pub every: u64,
+    /// Validation batches (of micro_batch sequences) in the fixed eval set; 0 = all windows.
+    pub batches: usize,
+    pub prompt: String,
+    pub sample: SampleConfig,
+}
+
+/// `[eval.sample]`: how to sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    /// New tokens to generate.
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: f64,
+    /// Sample only among the k most likely tokens; 0 means the whole vocabulary.
+    pub top_k: i64,
+    pub seed: i64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        SampleConfig {
+            max_new_tokens: 120,
+            temperature: 0.8,
+            top_k: 40,
+            seed: 0,
+        }
+    }
+}
+
+/// `[checkpoint]`: when to save and what to keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps (and at the end, and on Ctrl-C).
+    pub every: u64,
+    /// Committed checkpoints to keep.
+    pub keep: usize,
+    /// Resume from the newest valid checkpoint in out_dir.
+    pub resume: bool,
+}
+
+impl RunConfig {
+    /// Parses and validates the text of a run config read from `path`; errors name the file
+    /// and the offending key.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let fail = |why: String| ConfigError::File {
+            path: path.to_path_buf(),
+            why,
+        };
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
+        cfg.model_config()
+            .map_err(|e| fail(format!("[model]: {e}")))?;
+        cfg.validate().map_err(|e| fail(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn model_config(&self) -> Result<ModelConfig, ConfigError> {
+        self.model.resolve()
+    }
+
+    /// Optimizer steps this run takes.
+    pub fn total_steps(&self) -> u64 {
+        let t = &self.train;
+        match (t.max_steps, t.max_tokens) {
+            (Some(steps), _) => steps,
+            (None, Some(tokens)) => tokens.div_ceil(self.tokens_per_step()),
+            (None, None) => 0,
+        }
+    }
+
+    pub fn tokens_per_step(&self) -> u64 {
+        self.train.batch_size as u64 * self.train.seq_len as u64
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        let bad = |why: String| Err(ConfigError::InvalidTrain(why));
+        if t.seq_len <= 0 {
+            return bad(format!("seq_len must be positive, got {}", t.seq_len));
+        }
+        let max_seq = self.model_config()?.max_seq_len;
+        if t.seq_len > max_seq {
+            return bad(format!(
+                "seq_len {} exceeds the model's max_seq_len {max_seq}; lower seq_len or set [model] max_seq_len",
+                t.seq_len
+            ));
+        }
+        let per_device_batches = !t.parallel.micro_batch.is_empty();
+        if t.micro_batch == 0
+            || t.batch_size == 0
+            || (!per_device_batches && t.batch_size % t.micro_batch != 0)
+        {
+            return bad(format!(
+                "batch_size {} must be a positive multiple of micro_batch {}",
+                t.batch_size, t.micro_batch
+            ));
+        }
+        match (t.max_steps, t.max_tokens) {
+            (Some(_), Some(_)) => return bad("set max_steps or max_tokens, not both".into()),
+            (None, None) => return bad("set a budget: max_steps or max_tokens".into()),
+            _ => {}
+        }
+        if self.total_steps() == 0 {
+            return bad("the budget is zero steps".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(format!("lr must be positive, got {}", t.lr));
+        }
+        if t.divergence_factor <= 1.0 {
+            return bad(format!(
+                "divergence_factor must exceed 1, got {}",
+                t.divergence_factor
+            ));
+        }
+        t.schedule.validate(self.total_steps())?;
+        if self.eval.every == 0 || self.checkpoint.every == 0 {
+            return bad("[eval] every and [checkpoint] every must be at least 1".into());
+        }
+        if let Some(diloco) = &self.diloco {
+            diloco.validate()?;
+        }
+        t.parallel.validate()?;
+        self.data.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        RunConfig::parse(text, Path::new("configs/x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file_and_key() {
+        let base = shipped("tiny-cpu.toml");
+        let msg = parse_err(&base.replace("[model]\n", "[model]\nwidth = 3\n"));
+        assert!(
+            msg.contains("configs/x.toml") && msg.contains("unknown field `width`"),
+            "{msg}"
+        );
+        let err = parse_err(&base.replace("[model]", "[modle]"));
+        assert!(err.contains("unknown field `modle`"), "{err}");
+        let err = parse_err(&base.replace("preset = \"tiny\"", "preset = \"huge\""));
+        assert!(
+            err.contains("[model]: unknown model preset 'huge'"),
+            "{err}"
+        );
+        let err = parse_err(&base.replace("micro_batch = ", "micro_batch = 7 #"));
+        assert!(err.contains("multiple of micro_batch 7"), "{err}");
+    }
+
+    #[test]
+    fn a_typo_in_train_data_or_diloco_is_refused_with_the_key_named() {
+        let base = shipped("diloco-tiny-cpu.toml");
+        RunConfig::parse(&base, Path::new("configs/x.toml")).unwrap();
+        for (table, typo) in [
+            ("[train]\n", "lr_typo = 1"),
+            ("[train.schedule]\n", "warmup = 1"),
+            ("[train.adamw]\n", "beta_1 = 0.9"),
+            ("[data]\n", "shuffle = true"),
+            ("[diloco]\n", "outer_lrate = 0.7"),
+            ("[eval.sample]\n", "topk = 3"),
+            ("[checkpoint]\n", "keep_last = 3"),
+        ] {
+            assert!(base.contains(table), "{table}");
+            let key = typo.split(' ').next().unwrap();
+            let err = parse_err(&base.replacen(table, &format!("{table}{typo}\n"), 1));
+            assert!(
+                err.contains("configs/x.toml") && err.contains(&format!("unknown field `{key}`")),
+                "{table}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_of_every_table_are_refused() {
+        let base = shipped("diloco-tiny-cpu.toml");
+        for (from, to, why) in [
+            (
+                "inner_steps = 25",
+                "inner_steps = 0",
+                "[diloco] inner_steps",
+            ),
+            ("lr = ", "lr = -1 #", "lr must be positive"),
+            (
+                "warmup_steps = 30",
+                "warmup_steps = 3000",
+                "warmup_steps 3000",
+            ),
+            (
+                "[train.schedule]",
+                "[train.parallel]\nbucket_mb = 0\n\n[train.schedule]",
+                "[train.parallel] bucket_mb",
+            ),
+            (
+                "val = \"../shared/data/tinystories/valid-sample.txt\"",
+                "val = \"../shared/data/tinystories/train-sample.txt\"",
+                "both a train and a val file",
+            ),
+        ] {
+            assert!(base.contains(from), "{from}");
+            let err = parse_err(&base.replacen(from, to, 1));
+            assert!(
+                err.contains("configs/x.toml") && err.contains(why),
+                "{from}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_round_trip() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let cfg = RunConfig::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+                // A checkpoint stores the config as TOML and reads it back.
+                let again = toml::to_string(&cfg).unwrap();
+                assert_eq!(RunConfig::parse(&again, &path).unwrap(), cfg);
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "configs in {}", dir.display());
+    }
+
+    #[test]
+    fn budget_in_tokens_rounds_up_to_whole_steps() {
+        let base = shipped("tiny-cpu.toml");
+        let cfg = RunConfig::parse(
+            &base.replace("max_steps = 500", "max_tokens = 81921"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        // 16 sequences of 128 tokens per step.
+        assert_eq!((cfg.tokens_per_step(), cfg.total_steps()), (2048, 41));
+        let err = parse_err(&base.replace("max_steps = 500", "max_steps = 500\nmax_tokens = 9"));
+        assert!(err.contains("not both"), "{err}");
+    }
+}
