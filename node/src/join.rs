@@ -324,7 +324,8 @@ impl Shell {
                 .trainer
                 .set_data_shard(index as usize, count as usize)?,
             Action::FetchState(open) => return Ok(Some(self.fetch(&open).await)),
-            Action::Train(_) => {
+            Action::Train(round) => {
+                tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
                 let trained = self.train()?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
@@ -364,10 +365,11 @@ impl Shell {
             }
             Action::WriteCheckpoint {
                 round,
+                shard,
                 version,
                 tensor_hashes,
-                ..
             } => {
+                tracing::debug!("{round}: writing checkpoint shard {shard} of v{version}");
                 let meta = OuterCheckpoint {
                     version,
                     round: round.0,
