@@ -1,5 +1,6 @@
 //! forge-trainer: everything that touches tensors. Models (one file per family), the inner
-//! optimizer, devices, and the train-step benchmark.
+//! optimizer, devices, DiLoCo's outer optimizer and its checkpointed and served state, and the
+//! train-step benchmark.
 
 pub mod bench;
 pub mod checkpoint;
@@ -12,6 +13,7 @@ pub mod flops;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod outer_state;
 pub mod parallel;
 pub mod sample;
 pub mod schedule;
