@@ -32,9 +32,9 @@ use forge_protocol::codec::{self, Channel};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
-    GlobalState, Hello, JoinAccepted, LayerRange, MemberDead, MemberId, NodeMessage, OuterStep,
-    Peer, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
-    StageAssignment, TensorHash,
+    GlobalState, Hello, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep, Peer,
+    ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
+    StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -279,7 +279,7 @@ struct PendingCheckpoint {
     durable: BTreeSet<u32>,
     /// The global state the checkpoint holds.
     version: u64,
-    tensor_hashes: BTreeMap<String, Digest>,
+    tensor_hashes: BTreeMap<TensorKey, Digest>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -724,7 +724,7 @@ impl Coordinator {
         if let Some(bad) = durable
             .tensor_hashes
             .iter()
-            .find(|hash| pending.tensor_hashes.get(&hash.name) != Some(&hash.digest))
+            .find(|hash| pending.tensor_hashes.get(&hash.key) != Some(&hash.digest))
         {
             reply_error(
                 out,
@@ -732,7 +732,7 @@ impl Coordinator {
                 ErrorCode::CheckpointMismatch,
                 format!(
                     "shard {} of the {} checkpoint has tensor {} with hash {}, which is not that round's committed hash; rewrite the shard from the committed state",
-                    durable.shard, durable.round, bad.name, bad.digest
+                    durable.shard, durable.round, bad.key, bad.digest
                 ),
             );
             return;
@@ -749,8 +749,8 @@ impl Coordinator {
             tensor_hashes: pending
                 .tensor_hashes
                 .iter()
-                .map(|(name, digest)| TensorHash {
-                    name: name.clone(),
+                .map(|(key, digest)| TensorHash {
+                    key: key.clone(),
                     digest: *digest,
                 })
                 .collect(),
@@ -1102,8 +1102,8 @@ impl Coordinator {
                 tensor_hashes: verdict
                     .tensors
                     .iter()
-                    .map(|(name, digest)| TensorHash {
-                        name: name.clone(),
+                    .map(|(key, digest)| TensorHash {
+                        key: key.clone(),
                         digest: *digest,
                     })
                     .collect(),
@@ -1320,8 +1320,8 @@ impl Coordinator {
 
 /// How a round's reports agree.
 struct Verdict {
-    /// Winning digest per tensor name.
-    tensors: BTreeMap<String, Digest>,
+    /// Winning digest per tensor (stage parameter hashes left out).
+    tensors: BTreeMap<TensorKey, Digest>,
     agreeing: Vec<MemberId>,
     disagreeing: Vec<MemberId>,
     disagreeing_tensors: Vec<String>,
@@ -1342,8 +1342,6 @@ impl Verdict {
     }
 }
 
-/// Votes per tensor (real tensors, plus each layer range's `params_hash` as a pseudo-tensor)
-/// and finds who agrees with every winner.
 /// What a failed report blames another member for.
 #[derive(Clone, Copy)]
 enum Blame {
@@ -1423,9 +1421,11 @@ fn join_ids(ids: &[MemberId]) -> String {
         .join(", ")
 }
 
+/// Votes per tensor (real tensors, plus each stage's `params_hash` as a
+/// [`TensorKey::StageParams`]) and finds who agrees with every winner.
 fn judge(round: &OpenRound) -> Verdict {
-    let mut votes: BTreeMap<String, BTreeMap<Digest, usize>> = BTreeMap::new();
-    let mut claims: BTreeMap<MemberId, Vec<(String, Digest)>> = BTreeMap::new();
+    let mut votes: BTreeMap<TensorKey, BTreeMap<Digest, usize>> = BTreeMap::new();
+    let mut claims: BTreeMap<MemberId, Vec<(TensorKey, Digest)>> = BTreeMap::new();
     for (id, report) in &round.reports {
         let OuterStep::Ok {
             params_hash,
@@ -1434,30 +1434,30 @@ fn judge(round: &OpenRound) -> Verdict {
         else {
             continue;
         };
-        let layers = round.participants[id]
-            .stage
-            .map_or("whole model".to_string(), |stage| layer_label(stage.layers));
-        let mut mine = vec![(format!("params_hash of {layers}"), *params_hash)];
-        mine.extend(tensor_hashes.iter().map(|t| (t.name.clone(), t.digest)));
-        for (name, digest) in &mine {
+        let stage = TensorKey::StageParams {
+            layers: round.participants[id].stage.map(|stage| stage.layers),
+        };
+        let mut mine = vec![(stage, *params_hash)];
+        mine.extend(tensor_hashes.iter().map(|t| (t.key.clone(), t.digest)));
+        for (key, digest) in &mine {
             *votes
-                .entry(name.clone())
+                .entry(key.clone())
                 .or_default()
                 .entry(*digest)
                 .or_default() += 1;
         }
         claims.insert(*id, mine);
     }
-    let mut winners: BTreeMap<String, Digest> = BTreeMap::new();
+    let mut winners: BTreeMap<TensorKey, Digest> = BTreeMap::new();
     let mut disagreeing_tensors = Vec::new();
-    for (name, counts) in &votes {
+    for (key, counts) in &votes {
         if counts.len() > 1 {
-            disagreeing_tensors.push(name.clone());
+            disagreeing_tensors.push(key.to_string());
         }
         let top = counts.values().copied().max().unwrap_or(0);
         let mut leaders = counts.iter().filter(|(_, count)| **count == top);
         if let (Some((digest, _)), None) = (leaders.next(), leaders.next()) {
-            winners.insert(name.clone(), *digest);
+            winners.insert(key.clone(), *digest);
         }
     }
     let mut agreeing = Vec::new();
@@ -1465,24 +1465,20 @@ fn judge(round: &OpenRound) -> Verdict {
     for (id, mine) in &claims {
         if mine
             .iter()
-            .all(|(name, digest)| winners.get(name) == Some(digest))
+            .all(|(key, digest)| winners.get(key) == Some(digest))
         {
             agreeing.push(*id);
         } else {
             disagreeing.push(*id);
         }
     }
-    winners.retain(|name, _| !name.starts_with("params_hash of "));
+    winners.retain(|key, _| key.is_tensor());
     Verdict {
         tensors: winners,
         agreeing,
         disagreeing,
         disagreeing_tensors,
     }
-}
-
-fn layer_label(layers: LayerRange) -> String {
-    format!("layers {}..{}", layers.start, layers.end)
 }
 
 fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), String> {

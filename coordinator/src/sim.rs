@@ -8,7 +8,7 @@ use forge_protocol::rng::SplitMix64;
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
     ErrorCode, Heartbeat, Hello, Join, Leave, MemberId, NodeMessage, OuterStep, ReplicaId, RoundId,
-    RoundOutcome, RoundReport, TensorHash,
+    RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 
 use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
@@ -509,7 +509,7 @@ impl Sim {
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
-                        name: "model.embed_tokens.weight".to_string(),
+                        key: TensorKey::Param("model.embed_tokens.weight".to_string()),
                         digest,
                     }],
                 },
@@ -677,7 +677,7 @@ impl Driver {
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
-                        name: "w".to_string(),
+                        key: TensorKey::Param("w".to_string()),
                         digest,
                     }],
                 },
@@ -1050,7 +1050,7 @@ mod tests {
                 round: RoundId(1),
                 shard: writer.shard,
                 tensor_hashes: vec![TensorHash {
-                    name: "w".to_string(),
+                    key: TensorKey::Param("w".to_string()),
                     digest: honest_digest(RoundId(1)),
                 }],
             }),
@@ -1587,7 +1587,7 @@ mod tests {
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
-                        name: name.to_string(),
+                        key: TensorKey::Param(name.to_string()),
                         digest,
                     }],
                 },
@@ -1598,6 +1598,27 @@ mod tests {
         driver.send(1, report(digest_a, "stage0.w"));
         let outputs = driver.send(2, report(digest_b, "stage1.w"));
         assert_eq!(closed(&outputs).map(|c| c.1), Some(true));
+        // The committed state lists both stages' tensors; the stages' parameter hashes were
+        // voted on too, but are no tensors of it.
+        let committed: Vec<TensorKey> = messages_to(&outputs, 1)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::RoundClosed(closed) => match &closed.outcome {
+                    RoundOutcome::Committed { tensor_hashes, .. } => {
+                        Some(tensor_hashes.iter().map(|t| t.key.clone()).collect())
+                    }
+                    RoundOutcome::Abandoned { .. } => None,
+                },
+                _ => None,
+            })
+            .expect("round committed");
+        assert_eq!(
+            committed,
+            [
+                TensorKey::Param("stage0.w".into()),
+                TensorKey::Param("stage1.w".into())
+            ]
+        );
         let request = messages_to(&outputs, 1)
             .into_iter()
             .find_map(|m| match m {
@@ -1611,7 +1632,7 @@ mod tests {
                 round,
                 shard,
                 tensor_hashes: vec![TensorHash {
-                    name: name.to_string(),
+                    key: TensorKey::Param(name.to_string()),
                     digest,
                 }],
             })

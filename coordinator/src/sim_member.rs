@@ -9,7 +9,7 @@ use anyhow::Context;
 use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
-    OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash,
+    OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -120,7 +120,7 @@ async fn follow(
                         outer_step: OuterStep::Ok {
                             params_hash: digest,
                             tensor_hashes: vec![TensorHash {
-                                name: "model.embed_tokens.weight".to_string(),
+                                key: TensorKey::Param("model.embed_tokens.weight".to_string()),
                                 digest,
                             }],
                         },

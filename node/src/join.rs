@@ -13,7 +13,7 @@ use crate::p2p::{
 };
 use crate::round::{
     Action, Exit, Fetched, Input, ReduceFailure, Reduced, RoundLog, Rounds, RoundsConfig, Trained,
-    digest_hex, failed_report,
+    failed_report,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
@@ -29,11 +29,11 @@ use forge_trainer::config::RunConfig;
 use forge_trainer::device::parse_device;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::models::{ModelConfig, Precision};
+use forge_trainer::outer_state::{self, FlatState, OuterCheckpoint, Resumed};
 use forge_trainer::parallel::Fault;
 use forge_trainer::train::Trainer;
 use libp2p::{Multiaddr, PeerId};
-use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -41,7 +41,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tch::Tensor;
 use tokio::sync::{mpsc, watch};
 
 /// What `forge-node join` was told on its command line.
@@ -506,8 +505,8 @@ impl Shell {
             tensor_hashes: proposal
                 .tensor_hashes
                 .iter()
-                .map(|(name, d)| TensorHash {
-                    name: name.clone(),
+                .map(|(key, d)| TensorHash {
+                    key: key.clone(),
                     digest: Digest(*d),
                 })
                 .collect(),
@@ -760,18 +759,6 @@ fn test_fault() -> Result<Option<(usize, forge_trainer::parallel::Fault, u64)>> 
     Ok(Some((1, fault, step)))
 }
 
-/// What a DiLoCo checkpoint shard holds besides the trainer's files: the global state's version,
-/// round and committed hashes.
-#[derive(Debug, Serialize, serde::Deserialize)]
-struct OuterCheckpoint {
-    version: u64,
-    round: u64,
-    tensor_hashes: Vec<TensorHash>,
-}
-
-const OUTER_STATE: &str = "outer.safetensors";
-const OUTER_META: &str = "outer.json";
-
 /// Writes this node's checkpoint shard (the whole model: global parameters, outer momentum,
 /// the inner optimizer, data positions, step) atomically.
 fn write_checkpoint(
@@ -780,21 +767,7 @@ fn write_checkpoint(
     outer: &OuterOptimizer,
     meta: &OuterCheckpoint,
 ) -> Result<PathBuf> {
-    let dir = trainer.save_checkpoint_with(ckpts, trainer.step(), |dir| {
-        let state = outer.state_tensors();
-        Tensor::write_safetensors(&state, dir.join(OUTER_STATE)).map_err(|e| {
-            forge_trainer::Error::Checkpoint {
-                path: dir.join(OUTER_STATE),
-                why: format!("writing the outer state failed: {e}"),
-            }
-        })?;
-        let text = serde_json::to_vec_pretty(meta).expect("serializes");
-        std::fs::write(dir.join(OUTER_META), text).map_err(|e| forge_trainer::Error::Checkpoint {
-            path: dir.join(OUTER_META),
-            why: format!("writing failed: {e}"),
-        })
-    })?;
-    Ok(dir)
+    Ok(outer_state::write(ckpts, trainer, outer, meta)?)
 }
 
 /// Loads the newest local checkpoint shard if it holds `global` (same version, every tensor's
@@ -805,47 +778,18 @@ fn resume_checkpoint(
     trainer: &mut Trainer,
     outer: &mut OuterOptimizer,
 ) -> Result<Option<PathBuf>> {
-    let Some((_, dir)) = ckpts.latest_valid() else {
-        return Ok(None);
-    };
-    let meta: OuterCheckpoint = serde_json::from_slice(
-        &std::fs::read(dir.join(OUTER_META)).with_context(|| format!("reading {OUTER_META}"))?,
-    )
-    .with_context(|| format!("parsing {}", dir.join(OUTER_META).display()))?;
-    if meta.version != global.version {
-        println!(
-            "the local checkpoint {} holds global version {}, the run is at {}",
-            dir.display(),
-            meta.version,
-            global.version
-        );
-        return Ok(None);
-    }
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join(OUTER_STATE))
-        .with_context(|| format!("reading {}", dir.join(OUTER_STATE).display()))?
-        .into_iter()
-        .collect();
-    let committed: HashMap<&str, &Digest> = global
-        .tensor_hashes
-        .iter()
-        .map(|t| (t.name.as_str(), &t.digest))
-        .collect();
-    for (name, tensor) in &tensors {
-        let plain = name.strip_prefix("global.").unwrap_or(name);
-        let digest = forge_trainer::diloco::tensor_digest(tensor);
-        if committed.get(plain).map(|d| d.0) != Some(digest) {
-            bail!(
-                "{} has {name} with digest {}, not the committed one",
+    match outer_state::resume(ckpts, global, trainer, outer)? {
+        Resumed::Shard(dir) => Ok(Some(dir)),
+        Resumed::OtherVersion { dir, version } => {
+            println!(
+                "the local checkpoint {} holds global version {version}, the run is at {}",
                 dir.display(),
-                digest_hex(&digest)
+                global.version
             );
+            Ok(None)
         }
+        Resumed::NoCheckpoint => Ok(None),
     }
-    outer.load_state_tensors(&tensors)?;
-    trainer.resume_from(&dir)?;
-    outer.load_into(trainer.var_store());
-    trainer.broadcast_params()?;
-    Ok(Some(dir))
 }
 
 /// Serves this node's committed global state (`version`) to peers that join or fell behind.
@@ -856,21 +800,13 @@ fn publish_state(
     version: u64,
     round: u64,
 ) -> Result<()> {
-    let tensors = outer
-        .state_tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let values = Vec::<f32>::try_from(t.reshape([-1]))
-                .with_context(|| format!("reading outer state tensor {name}"))?;
-            Ok((name, Arc::new(values)))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let state = outer_state::snapshot(trainer, outer)?;
     net.publish_state(Some(Arc::new(StateSnapshot {
         version,
         round,
-        step: trainer.step(),
-        tokens: trainer.tokens(),
-        tensors,
+        step: state.step,
+        tokens: state.tokens,
+        tensors: state.tensors,
     })));
     Ok(())
 }
@@ -893,22 +829,7 @@ async fn fetch_global_state(
         .filter(|(_, p)| p.member != me)
         .map(|((id, _), _)| id)
         .collect();
-    // The coordinator's hashes name parameters plainly and momentum as `momentum.<name>`; the
-    // served state names them `global.<name>` and `momentum.<name>`. Its `params_hash of …`
-    // entries cover whole stages, not tensors.
-    let expected: BTreeMap<String, [u8; 32]> = open
-        .tensor_hashes
-        .iter()
-        .filter(|t| !t.name.starts_with("params_hash of "))
-        .map(|t| {
-            let name = if t.name.starts_with("momentum.") {
-                t.name.clone()
-            } else {
-                format!("global.{}", t.name)
-            };
-            (name, t.digest.0)
-        })
-        .collect();
+    let expected = outer_state::expected_tensors(&open.tensor_hashes);
     if expected.is_empty() || peers.is_empty() {
         bail!(
             "round {} starts from global state v{} but there is {} to check it against or fetch \
@@ -943,24 +864,12 @@ async fn fetch_global_state(
             Err(e) => return Err(e.into()),
         }
     };
-    let shapes: HashMap<String, Vec<i64>> = outer.state_shapes().into_iter().collect();
-    let mut tensors = HashMap::with_capacity(snapshot.tensors.len());
-    for (name, values) in &snapshot.tensors {
-        let shape = shapes
-            .get(name)
-            .with_context(|| format!("peers served a tensor {name} this model does not have"))?;
-        tensors.insert(
-            name.clone(),
-            Tensor::from_slice(values).reshape(shape.as_slice()),
-        );
-    }
-    tokio::task::block_in_place(|| -> Result<()> {
-        outer.load_state_tensors(&tensors)?;
-        outer.load_into(trainer.var_store());
-        trainer.broadcast_params()?;
-        Ok(())
-    })?;
-    trainer.set_progress(snapshot.step, snapshot.tokens);
+    let state = FlatState {
+        step: snapshot.step,
+        tokens: snapshot.tokens,
+        tensors: snapshot.tensors,
+    };
+    tokio::task::block_in_place(|| outer_state::restore(trainer, outer, &state))?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "round {}: fetched global state v{} ({:.1} MB from {} peers, {} chunks fetched again) in \
@@ -970,7 +879,7 @@ async fn fetch_global_state(
         stats.bytes as f64 / 1e6,
         stats.per_peer_bytes.iter().filter(|(_, b)| *b > 0).count(),
         stats.refetched_chunks,
-        snapshot.step
+        state.step
     );
     Ok((seconds, snapshot.round))
 }

@@ -875,7 +875,7 @@ fn unplayed(last_opened: Option<RoundId>, round: RoundId) -> bool {
 }
 
 /// The first six bytes of a digest in hex, as round lines print hashes.
-pub(crate) fn digest_hex(d: &[u8; 32]) -> String {
+fn digest_hex(d: &[u8; 32]) -> String {
     d.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 

@@ -71,6 +71,11 @@ pub enum Error {
     InvalidSyncHeader { reason: String },
 
     #[error(
+        "invalid state-transfer answer: the serving peer sent {what}; it is misbehaving, fetch from other members"
+    )]
+    InvalidStateAnswer { what: String },
+
+    #[error(
         "incompatible peer: it speaks protocol version {theirs} (forge {their_software}), this process speaks {ours} (forge {our_software}); install the same Forge release on every machine"
     )]
     IncompatibleVersion {

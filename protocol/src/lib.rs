@@ -1,10 +1,12 @@
-//! Forge wire protocol: the messages nodes and the coordinator exchange, the headers of the
-//! peer-to-peer sync stream, the single codec that frames and serializes them, the quantisers
-//! that compress outer gradients, and the run config and model vocabulary both sides read. No
-//! I/O.
+//! Forge wire protocol: the messages nodes and the coordinator exchange, the messages of the
+//! peer-to-peer sync and state-transfer streams, the keys and digest of state tensors, the
+//! single codec that frames and serializes them, the quantisers that compress outer gradients,
+//! and the run config and model vocabulary both sides read. No I/O.
 
 /// Framing, size limits, bincode and zstd: the only module that serializes anything.
 pub mod codec;
+/// The digest of a state tensor (SHA-256 of its f32 values), one definition for every side.
+pub mod digest;
 /// Errors and the crate's `Result`.
 pub mod error;
 /// Control messages between node and coordinator, and the version handshake.
@@ -19,6 +21,8 @@ pub mod rng;
 pub mod run_config;
 /// The opening exchange of a control connection (cluster token) and the status report.
 pub mod session;
+/// Requests and answers of the peer-to-peer state transfer to joining nodes.
+pub mod state;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.
 pub mod sync;
 
@@ -28,6 +32,6 @@ pub use messages::{
     CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
     ErrorReply, GlobalState, Heartbeat, Hello, Join, JoinAccepted, LayerRange, Leave, MemberDead,
     MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed, RoundId,
-    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash,
+    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, Channel};
 use crate::error::{Error, Result};
 
-/// Version of the message set below; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
+/// a [`TensorKey`] instead of a name).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -162,7 +163,7 @@ pub struct DataShard {
 }
 
 /// Half-open range of layer indices `start..end`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LayerRange {
     pub start: u32,
     pub end: u32,
@@ -200,9 +201,52 @@ pub struct Peer {
     pub listen_addrs: Vec<String>,
 }
 
+/// What a hash in the DiLoCo global state is of. Parameter names are the model's parameter
+/// paths (the Hugging Face safetensors keys), as the trainer lists them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TensorKey {
+    /// A global parameter.
+    Param(String),
+    /// The outer optimizer's momentum of the global parameter of that name.
+    Momentum(String),
+    /// Not a tensor: the `params_hash` of a whole stage's global parameters, which the
+    /// coordinator votes on next to the tensors of the stage holding `layers` (`None`: a
+    /// whole-model replica). Never part of a committed state.
+    StageParams { layers: Option<LayerRange> },
+}
+
+impl TensorKey {
+    /// Whether the key names a tensor of the global state (a parameter or its momentum), as
+    /// opposed to a hash over many.
+    pub fn is_tensor(&self) -> bool {
+        matches!(self, TensorKey::Param(_) | TensorKey::Momentum(_))
+    }
+}
+
+impl fmt::Display for TensorKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TensorKey::Param(name) => f.write_str(name),
+            TensorKey::Momentum(name) => write!(f, "momentum.{name}"),
+            TensorKey::StageParams { layers: None } => {
+                f.write_str("parameter hash of the whole model")
+            }
+            TensorKey::StageParams {
+                layers: Some(layers),
+            } => write!(
+                f,
+                "parameter hash of layers {}..{}",
+                layers.start, layers.end
+            ),
+        }
+    }
+}
+
+/// The digest ([`crate::digest::tensor_digest`], or the stage's `params_hash`) of one entry of
+/// the global state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorHash {
-    pub name: String,
+    pub key: TensorKey,
     pub digest: Digest,
 }
 
@@ -423,9 +467,22 @@ mod tests {
         any::<[u8; 32]>().prop_map(Digest)
     }
 
+    fn tensor_key() -> impl Strategy<Value = TensorKey> {
+        prop_oneof![
+            "[a-z_.0-9]{1,24}".prop_map(TensorKey::Param),
+            "[a-z_.0-9]{1,24}".prop_map(TensorKey::Momentum),
+            prop::option::of((0..40u32, 0..40u32)).prop_map(|layers| TensorKey::StageParams {
+                layers: layers.map(|(start, len)| LayerRange {
+                    start,
+                    end: start + len,
+                }),
+            }),
+        ]
+    }
+
     fn tensor_hashes() -> impl Strategy<Value = Vec<TensorHash>> {
         prop::collection::vec(
-            ("[a-z_.0-9]{1,24}", digest()).prop_map(|(name, digest)| TensorHash { name, digest }),
+            (tensor_key(), digest()).prop_map(|(key, digest)| TensorHash { key, digest }),
             0..6,
         )
     }
@@ -709,6 +766,8 @@ mod tests {
             let _ = NodeMessage::from_frame(&bytes);
             let _ = CoordinatorMessage::from_frame(&bytes);
             let _ = crate::sync::SyncChunkHeader::from_frame(&bytes);
+            let _ = crate::state::Request::from_frame(&bytes);
+            let _ = crate::state::Response::from_frame(&bytes);
         }
 
         #[test]
@@ -758,7 +817,7 @@ mod tests {
     fn large_join_accepted_is_compressed_and_round_trips() {
         let hashes = (0..400)
             .map(|i| TensorHash {
-                name: format!("model.layers.{i}.mlp.down_proj.weight"),
+                key: TensorKey::Param(format!("model.layers.{i}.mlp.down_proj.weight")),
                 digest: Digest([i as u8; 32]),
             })
             .collect();

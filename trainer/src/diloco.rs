@@ -10,6 +10,8 @@
 
 use crate::error::{Error, Result};
 use crate::models::trainable_by_name;
+use forge_protocol::digest;
+use forge_protocol::messages::TensorKey;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -17,7 +19,7 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 /// `[diloco]` in a run config; defined with the run config schema in forge-protocol.
 pub use forge_protocol::run_config::DilocoConfig;
 
-/// SHA-256 of a tensor's fp32 little-endian bytes.
+/// SHA-256 of a tensor's fp32 little-endian bytes ([`digest::tensor_digest`]).
 pub type TensorDigest = [u8; 32];
 
 /// A computed but not yet committed outer step.
@@ -27,10 +29,9 @@ pub struct Proposal {
     momentum: Vec<Tensor>,
     /// Hash of the proposed global parameters (over the per-tensor digests, in name order).
     pub params_hash: TensorDigest,
-    /// Digests of every global parameter (by name) and of the outer momentum
-    /// (`momentum.<name>`): what the coordinator commits and a joiner checks fetched state
-    /// against.
-    pub tensor_hashes: Vec<(String, TensorDigest)>,
+    /// Digests of every global parameter, then of its outer momentum: what the coordinator
+    /// commits and a joiner checks fetched state against.
+    pub tensor_hashes: Vec<(TensorKey, TensorDigest)>,
 }
 
 /// The global state one replica holds.
@@ -61,20 +62,20 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.reshape([-1])).expect("fp32 CPU tensor")
 }
 
-/// Digest of one fp32 tensor's bytes.
-pub fn tensor_digest(t: &Tensor) -> TensorDigest {
-    let mut h = Sha256::new();
-    for v in to_vec(&cpu_f32(t)) {
-        h.update(v.to_le_bytes());
-    }
-    h.finalize().into()
+/// [`digest::tensor_digest`] of a tensor's values as fp32.
+pub(crate) fn tensor_digest(t: &Tensor) -> TensorDigest {
+    digest::tensor_digest(&to_vec(&cpu_f32(t)))
 }
 
-fn hashes(names: &[String], tensors: &[Tensor]) -> (TensorDigest, Vec<(String, TensorDigest)>) {
-    let per: Vec<(String, TensorDigest)> = names
-        .iter()
+/// Each tensor's digest under its key, and the hash over those digests in that order (the
+/// `params_hash` when the tensors are the global parameters in name order).
+fn hashes(
+    keys: impl Iterator<Item = TensorKey>,
+    tensors: &[Tensor],
+) -> (TensorDigest, Vec<(TensorKey, TensorDigest)>) {
+    let per: Vec<(TensorKey, TensorDigest)> = keys
         .zip(tensors)
-        .map(|(n, t)| (n.clone(), tensor_digest(t)))
+        .map(|(key, t)| (key, tensor_digest(t)))
         .collect();
     let mut all = Sha256::new();
     for (_, d) in &per {
@@ -152,10 +153,8 @@ impl OuterOptimizer {
                 momentum.push(buf);
             }
         });
-        let (params_hash, mut tensor_hashes) = hashes(&self.names, &global);
-        let momentum_names: Vec<String> =
-            self.names.iter().map(|n| format!("momentum.{n}")).collect();
-        tensor_hashes.extend(hashes(&momentum_names, &momentum).1);
+        let (params_hash, mut tensor_hashes) = hashes(self.param_keys(), &global);
+        tensor_hashes.extend(hashes(self.momentum_keys(), &momentum).1);
         Ok(Proposal {
             global,
             momentum,
@@ -181,37 +180,49 @@ impl OuterOptimizer {
     }
 
     /// Hash of the current global parameters and per-tensor digests.
-    pub fn global_hash(&self) -> (TensorDigest, Vec<(String, TensorDigest)>) {
-        hashes(&self.names, &self.global)
+    pub fn global_hash(&self) -> (TensorDigest, Vec<(TensorKey, TensorDigest)>) {
+        hashes(self.param_keys(), &self.global)
     }
 
-    /// Global parameters and momentum as named tensors, for checkpoints and state transfer.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    fn param_keys(&self) -> impl Iterator<Item = TensorKey> + '_ {
+        self.names.iter().cloned().map(TensorKey::Param)
+    }
+
+    fn momentum_keys(&self) -> impl Iterator<Item = TensorKey> + '_ {
+        self.names.iter().cloned().map(TensorKey::Momentum)
+    }
+
+    /// Global parameters and momentum by key (each parameter, then its momentum), for
+    /// checkpoints and state transfer.
+    pub fn state_tensors(&self) -> Vec<(TensorKey, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.names.len());
         for ((n, g), m) in self.names.iter().zip(&self.global).zip(&self.momentum) {
-            out.push((format!("global.{n}"), g.shallow_clone()));
-            out.push((format!("momentum.{n}"), m.shallow_clone()));
+            out.push((TensorKey::Param(n.clone()), g.shallow_clone()));
+            out.push((TensorKey::Momentum(n.clone()), m.shallow_clone()));
         }
         out
     }
 
-    /// Names and shapes of [`OuterOptimizer::state_tensors`], in that order.
-    pub fn state_shapes(&self) -> Vec<(String, Vec<i64>)> {
+    /// Keys and shapes of [`OuterOptimizer::state_tensors`], in that order.
+    pub fn state_shapes(&self) -> Vec<(TensorKey, Vec<i64>)> {
         let mut out = Vec::with_capacity(2 * self.names.len());
         for (n, g) in self.names.iter().zip(&self.global) {
-            out.push((format!("global.{n}"), g.size()));
-            out.push((format!("momentum.{n}"), g.size()));
+            out.push((TensorKey::Param(n.clone()), g.size()));
+            out.push((TensorKey::Momentum(n.clone()), g.size()));
         }
         out
     }
 
     /// Restores state written by [`OuterOptimizer::state_tensors`].
-    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<TensorKey, Tensor>) -> Result<()> {
         let mut global = Vec::with_capacity(self.names.len());
         let mut momentum = Vec::with_capacity(self.names.len());
         for (n, like) in self.names.iter().zip(&self.global) {
-            for (prefix, out) in [("global", &mut global), ("momentum", &mut momentum)] {
-                let key = format!("{prefix}.{n}");
+            let keys = [
+                (TensorKey::Param(n.clone()), &mut global),
+                (TensorKey::Momentum(n.clone()), &mut momentum),
+            ];
+            for (key, out) in keys {
                 match tensors.get(&key) {
                     Some(t) if t.size() == like.size() => out.push(owned_f32(t)),
                     _ => {
@@ -307,12 +318,50 @@ mod tests {
     }
 
     #[test]
+    fn params_hash_is_sha256_over_the_tensor_digests_in_name_order() {
+        // Computed outside Rust: sha256(sha256(b as f32 LE) ++ sha256(w as f32 LE)). Every
+        // node and the coordinator compare these values, so they must never change.
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3], nn::Init::Const(0.0));
+        let b = vs.root().var("b", &[2], nn::Init::Const(0.0));
+        tch::no_grad(|| {
+            w.shallow_clone()
+                .copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0]));
+            b.shallow_clone()
+                .copy_(&Tensor::from_slice(&[0.5f32, -1.0]));
+        });
+        let outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let (params_hash, per_tensor) = outer.global_hash();
+        assert_eq!(
+            hex::encode(params_hash),
+            "880aa144188c9b8f55256f6af4d1c530651f4e2f1e169d4b55427482569f9a14"
+        );
+        let per_tensor: Vec<(TensorKey, String)> = per_tensor
+            .into_iter()
+            .map(|(key, digest)| (key, hex::encode(digest)))
+            .collect();
+        assert_eq!(
+            per_tensor,
+            [
+                (
+                    TensorKey::Param("b".into()),
+                    "031a5e93e726630d2e7087e4356829de6907683f3a2aba769e5155e7a068d167".into()
+                ),
+                (
+                    TensorKey::Param("w".into()),
+                    "8e628779e6a74ee0b36991c10158f63cafec7d340ad4e075592502c8708524dd".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn state_round_trips() {
         let (vs, _w) = store(&[1.0, 2.0]);
         let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
         let p = outer.propose(&[0.5, -0.5]).unwrap();
         outer.commit(p, &vs);
-        let saved: HashMap<String, Tensor> = outer
+        let saved: HashMap<TensorKey, Tensor> = outer
             .state_tensors()
             .into_iter()
             .map(|(k, t)| (k, t.copy()))

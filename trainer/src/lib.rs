@@ -24,6 +24,8 @@ pub mod metrics;
 pub mod models;
 /// Inner optimizer: AdamW with explicit state and global-norm gradient clipping.
 pub mod optim;
+/// DiLoCo's outer state as checkpointed, served and checked against the committed hashes.
+pub mod outer_state;
 /// Data parallelism inside a node: one worker per device, gradients summed every step.
 pub mod parallel;
 /// Seeded text generation: temperature and top-k sampling.

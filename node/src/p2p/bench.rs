@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use forge_protocol::digest::tensor_digest;
+use forge_protocol::messages::TensorKey;
 use forge_protocol::sync::SyncCodec;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -15,7 +17,7 @@ use libp2p::{Multiaddr, PeerId};
 use super::all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
 use super::error::AllReduceError;
 use super::net::{self, PeerNet, PeerNetConfig};
-use super::state::{StateSnapshot, tensor_digest};
+use super::state::StateSnapshot;
 
 /// fp32 little-endian, lossless: the reference codec and the baseline of the bytes benchmark.
 #[derive(Debug, Default)]
@@ -336,11 +338,11 @@ impl StateBenchReport {
 fn bench_state(values: usize) -> StateSnapshot {
     let parts = 8;
     let mut tensors = Vec::with_capacity(2 * parts);
-    for kind in ["global", "momentum"] {
+    for key in [TensorKey::Param, TensorKey::Momentum] {
         for part in 0..parts {
             let n = values / parts + usize::from(part < values % parts);
             let data: Vec<f32> = (0..n).map(|i| ((i + part) as f32 * 0.618).sin()).collect();
-            tensors.push((format!("{kind}.w{part}"), Arc::new(data)));
+            tensors.push((key(format!("w{part}")), Arc::new(data)));
         }
     }
     StateSnapshot {
@@ -373,10 +375,10 @@ pub(crate) async fn bench_state_member(
     // Every server publishes before the joiner asks.
     bench_all_reduce(&net, ids.clone(), addrs.len(), 1, 1, barrier).await?;
     let report = if rank == 0 {
-        let expected: BTreeMap<String, [u8; 32]> = state
+        let expected: BTreeMap<TensorKey, [u8; 32]> = state
             .tensors
             .iter()
-            .map(|(name, v)| (name.clone(), tensor_digest(v)))
+            .map(|(key, v)| (key.clone(), tensor_digest(v)))
             .collect();
         let mut fetches = Vec::new();
         for _ in 0..=rounds {

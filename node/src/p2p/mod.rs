@@ -12,7 +12,7 @@
 //! let out = net.all_reduce(AllReduceRequest { .. }, &mut codec).await?;
 //! // after each committed round, serve the new state to joiners:
 //! net.publish_state(Some(Arc::new(StateSnapshot { version, .. })));
-//! // a joiner, with the coordinator's GlobalState.tensor_hashes as `expected`:
+//! // a joiner, with outer_state::expected_tensors(&committed_tensor_hashes) as `expected`:
 //! let (state, stats) = net.fetch_state(&peers, version, &expected, timeout).await?;
 //! ```
 

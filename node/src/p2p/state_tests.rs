@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use forge_protocol::messages::TensorKey;
+use forge_protocol::state::CHUNK_VALUES;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
 use super::net::{self, PeerNet, PeerNetConfig};
-use super::state::{CHUNK_VALUES, StateError, StateSnapshot, tensor_digest};
+use super::state::{StateError, StateSnapshot};
 use super::tests::{bounded, cluster};
 
 /// Per-exchange timeout of the fetches.
@@ -19,7 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const MANIFEST_BYTES: u64 = 1000;
 
 /// A state whose large tensors span several chunks (the last one partial), plus small and
-/// empty ones, in the "global." then "momentum." order a node uses.
+/// empty ones, parameters then momenta.
 fn snapshot(version: u64) -> StateSnapshot {
     let big = 2 * CHUNK_VALUES + 12_345;
     let values = |len: usize, seed: f32| -> Arc<Vec<f32>> {
@@ -35,14 +37,22 @@ fn snapshot(version: u64) -> StateSnapshot {
         step: 500 * version,
         tokens: 1_000_000 * version,
         tensors: vec![
-            ("global.embed".to_string(), values(big, 0.1)),
-            ("global.norm".to_string(), values(1000, 0.2)),
-            ("global.empty".to_string(), values(0, 0.0)),
-            ("momentum.embed".to_string(), values(big, 0.3)),
-            ("momentum.norm".to_string(), values(1000, 0.4)),
-            ("momentum.empty".to_string(), values(0, 0.0)),
+            (param("embed"), values(big, 0.1)),
+            (param("norm"), values(1000, 0.2)),
+            (param("empty"), values(0, 0.0)),
+            (momentum("embed"), values(big, 0.3)),
+            (momentum("norm"), values(1000, 0.4)),
+            (momentum("empty"), values(0, 0.0)),
         ],
     }
+}
+
+fn param(name: &str) -> TensorKey {
+    TensorKey::Param(name.to_string())
+}
+
+fn momentum(name: &str) -> TensorKey {
+    TensorKey::Momentum(name.to_string())
 }
 
 /// `good` with one value changed at the start of every chunk of every non-empty tensor, so
@@ -178,7 +188,7 @@ async fn only_corrupted_copies_fail_naming_the_tensor_and_the_peer() {
     println!("{message}");
     match &err {
         StateError::TensorUnavailable { tensor, peers, .. } => {
-            assert_eq!(tensor, "momentum.norm");
+            assert_eq!(*tensor, momentum("norm"));
             assert_eq!(peers.len(), 1);
             assert_eq!(peers[0].0, nets[0].peer_id());
         }
@@ -257,10 +267,7 @@ async fn a_peer_dropped_mid_fetch_is_replaced_by_the_others() {
         round: 9,
         step: 900,
         tokens: 9000,
-        tensors: vec![
-            ("global.w".to_string(), Arc::clone(&values)),
-            ("momentum.w".to_string(), values),
-        ],
+        tensors: vec![(param("w"), Arc::clone(&values)), (momentum("w"), values)],
     });
     for net in &nets[..3] {
         net.publish_state(Some(Arc::clone(&state)));
@@ -329,11 +336,4 @@ async fn fetching_from_nobody_but_itself_is_refused() {
         .await
         .expect_err("no peers");
     assert!(matches!(err, StateError::NoPeers { version: 1 }), "{err}");
-}
-
-#[test]
-fn empty_tensors_hash_like_the_coordinator() {
-    use sha2::{Digest, Sha256};
-    let empty: [u8; 32] = Sha256::digest([]).into();
-    assert_eq!(tensor_digest(&[]), empty);
 }
