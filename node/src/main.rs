@@ -1,8 +1,12 @@
-//! `forge-node`: the program each machine runs. Subcommands that exist here work; others are
-//! added as they are built.
+//! `forge-node`: the program each machine runs: `join` (a node of a DiLoCo run), `train` (one
+//! machine alone), `sample`, `data stats`, `model info` and the benchmarks. This file parses the
+//! command line and runs the single-machine subcommands.
 
+/// `forge-node join`: the shell around the round state machine (connections, event loop, jobs).
 mod join;
+/// Peer-to-peer layer: node identity, the swarm, the all-reduce and the state transfer.
 mod p2p;
+/// One node's view of the DiLoCo rounds as a state machine with no I/O.
 mod round;
 
 use anyhow::{Context, Result};

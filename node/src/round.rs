@@ -600,27 +600,7 @@ impl<P> Rounds<P> {
         else {
             return;
         };
-        let k = open.participants.len();
-        let fp32_bytes =
-            (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * self.config.numel as f64) as u64;
-        let mut log = RoundLog {
-            round: open.round.0,
-            inner_steps: trained.steps,
-            step: trained.step,
-            tokens: trained.tokens,
-            loss: trained.mean_loss,
-            eval_loss: None,
-            eval_bpb: None,
-            members: k,
-            group_tokens: None,
-            outcome: String::new(),
-            bytes_sent: 0,
-            bytes_received: 0,
-            fp32_bytes,
-            sync_s: 0.0,
-            inner_s: trained.seconds,
-            state_fetch_s,
-        };
+        let mut log = self.round_log(&open, &trained, state_fetch_s);
         let (outer_step, proposal) = match result {
             Ok(reduced) => {
                 log.bytes_sent = reduced.bytes_sent;
@@ -635,36 +615,11 @@ impl<P> Rounds<P> {
             }
             Err(failure) => {
                 log.sync_s = failure.sync_s;
-                // The coordinator learns whom this node blames (a dead, slow or poisoning
-                // peer), and removes a member whose contribution this node rejected.
-                let member = failure.peer.as_deref().and_then(|peer| {
-                    open.participants
-                        .iter()
-                        .find(|p| p.peer_id == peer)
-                        .map(|p| p.member)
-                });
-                let (rejected, unreachable) = if failure.rejected {
-                    (member, None)
-                } else {
-                    (None, member)
-                };
                 out.push(Action::Say(format!(
                     "round {}: all-reduce failed: {}",
                     open.round.0, failure.reason
                 )));
-                let reason = format!(
-                    "{} [blamed peer: {}]",
-                    failure.reason,
-                    failure.peer.as_deref().unwrap_or("none")
-                );
-                (
-                    OuterStep::Failed {
-                        reason,
-                        rejected,
-                        unreachable,
-                    },
-                    None,
-                )
+                (failed_step(&open, failure), None)
             }
         };
         if !self.contributed && proposal.is_some() {
@@ -685,6 +640,36 @@ impl<P> Rounds<P> {
             proposal,
             log,
         });
+    }
+
+    /// The round's record as far as this node knows it before the outcome.
+    fn round_log(
+        &self,
+        open: &RoundOpened,
+        trained: &Trained,
+        state_fetch_s: Option<f64>,
+    ) -> RoundLog {
+        let k = open.participants.len();
+        let fp32_bytes =
+            (2.0 * (k as f64 - 1.0) / k as f64 * 4.0 * self.config.numel as f64) as u64;
+        RoundLog {
+            round: open.round.0,
+            inner_steps: trained.steps,
+            step: trained.step,
+            tokens: trained.tokens,
+            loss: trained.mean_loss,
+            eval_loss: None,
+            eval_bpb: None,
+            members: k,
+            group_tokens: None,
+            outcome: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            fp32_bytes,
+            sync_s: 0.0,
+            inner_s: trained.seconds,
+            state_fetch_s,
+        }
     }
 
     fn on_round_closed(&mut self, closed: RoundClosed, out: &mut Vec<Action<P>>) {
@@ -848,6 +833,32 @@ fn dead_participant(open: &RoundOpened, note: &Notification) -> Option<(String, 
             .find(|p| p.member == *member)
             .map(|p| (p.peer_id.clone(), reason.clone())),
         _ => None,
+    }
+}
+
+/// A failed all-reduce as reported: the coordinator learns whom this node blames (a dead, slow
+/// or poisoning peer), and removes a member whose contribution this node rejected.
+fn failed_step(open: &RoundOpened, failure: ReduceFailure) -> OuterStep {
+    let member = failure.peer.as_deref().and_then(|peer| {
+        open.participants
+            .iter()
+            .find(|p| p.peer_id == peer)
+            .map(|p| p.member)
+    });
+    let (rejected, unreachable) = if failure.rejected {
+        (member, None)
+    } else {
+        (None, member)
+    };
+    let reason = format!(
+        "{} [blamed peer: {}]",
+        failure.reason,
+        failure.peer.as_deref().unwrap_or("none")
+    );
+    OuterStep::Failed {
+        reason,
+        rejected,
+        unreachable,
     }
 }
 

@@ -1,0 +1,200 @@
+//! What a node sets up before it trains: the signals that stop it, its peer-to-peer address,
+//! the capabilities it joins with, the run config adapted to this machine, and the fault a test
+//! may inject.
+
+use super::JoinOptions;
+use crate::p2p::{self, PeerNet, PeerNetConfig};
+use anyhow::{Context, Result, bail};
+use forge_protocol::messages::{Capabilities, Device as WireDevice, DeviceKind};
+use forge_trainer::bench::TrainStepBench;
+use forge_trainer::config::RunConfig;
+use forge_trainer::device::parse_device;
+use forge_trainer::diloco::DilocoConfig;
+use forge_trainer::models::{ModelConfig, Precision};
+use forge_trainer::parallel::Fault;
+use libp2p::{Multiaddr, PeerId};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// SIGINT/SIGTERM as a flag the inner steps check between steps, and as a channel the event
+/// loop waits on.
+pub(super) fn shutdown_signal() -> Result<(Arc<AtomicBool>, watch::Receiver<bool>)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = watch::channel(false);
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let flag = Arc::clone(&stop);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        flag.store(true, Ordering::Relaxed);
+        tx.send_replace(true);
+    });
+    Ok((stop, rx))
+}
+
+/// Starts the swarm and listens; returns it with the address peers can reach: the bound port on
+/// the IP facing the coordinator (unless `--listen` names an IP).
+pub(super) async fn start_peer_net(
+    opts: &JoinOptions,
+    coordinator: SocketAddr,
+) -> Result<(PeerNet, Multiaddr)> {
+    let keypair = p2p::load_or_create_keypair(&opts.workdir)?;
+    let mut net_cfg = PeerNetConfig::new(keypair);
+    net_cfg.max_upload_bytes_per_s = opts.max_upload_mbps.map(|_| upload_bytes_per_s(opts));
+    let (net, event_loop) = p2p::new(net_cfg)?;
+    tokio::spawn(event_loop.run());
+    let listen_ip = if opts.listen.ip().is_unspecified() {
+        local_ip_towards(coordinator)?
+    } else {
+        opts.listen.ip()
+    };
+    let bound = net
+        .start_listening(p2p::quic_multiaddr(opts.listen))
+        .await?;
+    let port = bound
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap_or(opts.listen.port());
+    Ok((net, p2p::quic_multiaddr(SocketAddr::new(listen_ip, port))))
+}
+
+/// The local IP a packet to `target` would leave from (no packet is sent).
+fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// Devices and a measured speed: tokens/s of a short train step of the `tiny` reference model
+/// on the chosen device (the run's own model is not known before joining).
+pub(super) fn capabilities(
+    device_spec: &str,
+    peer_id: &PeerId,
+    addr: &Multiaddr,
+    upload: u64,
+) -> Result<Capabilities> {
+    let device = parse_device(device_spec)?;
+    let memory = |key: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
+    };
+    let devices = match device {
+        tch::Device::Cuda(i) => vec![WireDevice {
+            kind: DeviceKind::Cuda,
+            name: forge_trainer::flops::cuda_device_name(i).unwrap_or_else(|| format!("cuda:{i}")),
+            memory_bytes: 0,
+        }],
+        _ => vec![WireDevice {
+            kind: DeviceKind::Cpu,
+            name: "cpu".into(),
+            memory_bytes: memory("MemTotal:"),
+        }],
+    };
+    let bench = TrainStepBench {
+        model: ModelConfig::preset("tiny", None)?,
+        batch: 4,
+        seq_len: 64,
+        device,
+        precision: if device == tch::Device::Cpu {
+            Precision::Fp32
+        } else {
+            Precision::Bf16
+        },
+        warmup: 1,
+        steps: 2,
+        threads: None,
+        peak_tflops: None,
+        seed: 0,
+    };
+    let speed = bench.run().context("measuring this node's speed")?;
+    Ok(Capabilities {
+        devices,
+        tokens_per_s: speed.tokens_per_s,
+        upload_bytes_per_s: upload,
+        download_bytes_per_s: upload,
+        peer_id: peer_id.to_string(),
+        listen_addrs: vec![addr.to_string()],
+    })
+}
+
+/// The run config the coordinator handed out, adapted to this machine: run directory and
+/// caches under the workdir, corpus paths under the data root, this node's device.
+pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConfig)> {
+    let mut cfg = RunConfig::parse(text, Path::new("<run config from the coordinator>"))?;
+    let Some(diloco) = cfg.diloco else {
+        bail!(
+            "the coordinator's run config has no [diloco] section; add one (see configs/diloco-tiny-cpu.toml)"
+        );
+    };
+    let rebase = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            opts.data_root.join(p)
+        }
+    };
+    cfg.data.train = cfg.data.train.iter().map(rebase).collect();
+    cfg.data.val = cfg.data.val.iter().map(rebase).collect();
+    if let forge_trainer::data::TokenizerConfig::Path(p) = &cfg.data.tokenizer {
+        cfg.data.tokenizer = forge_trainer::data::TokenizerConfig::Path(rebase(p));
+    }
+    cfg.data.cache_dir = opts.workdir.join("cache");
+    cfg.train.out_dir = opts.workdir.join("run");
+    cfg.train.device = opts.device.clone();
+    // The global state lives with the group: a restarted node takes it from its peers (state
+    // transfer), or from its own checkpoint shard only when that holds the version the
+    // coordinator names (see resume_checkpoint), never from whatever it saved last.
+    cfg.checkpoint.resume = false;
+    Ok((cfg, diloco))
+}
+
+pub(super) fn upload_bytes_per_s(opts: &JoinOptions) -> u64 {
+    // Without a cap, assume gigabit Ethernet for timeouts and the coordinator's planning.
+    opts.max_upload_mbps
+        .map_or(125_000_000, |m| (m * 1e6 / 8.0) as u64)
+}
+
+/// A fault to inject into a data-parallel worker once the node reaches an inner step, for
+/// fault-tolerance tests and chaos runs: `FORGE_TEST_WORKER_FAULT=panic@STEP` or `hang@STEP`
+/// (worker 1; the hang lasts an hour).
+pub(super) fn test_fault() -> Result<Option<(usize, Fault, u64)>> {
+    let Ok(spec) = std::env::var("FORGE_TEST_WORKER_FAULT") else {
+        return Ok(None);
+    };
+    let (kind, step) = spec
+        .split_once('@')
+        .with_context(|| format!("FORGE_TEST_WORKER_FAULT={spec}: use panic@STEP or hang@STEP"))?;
+    let step: u64 = step
+        .parse()
+        .with_context(|| format!("FORGE_TEST_WORKER_FAULT={spec}: STEP must be a number"))?;
+    let fault = match kind {
+        "panic" => Fault::Panic,
+        "hang" => Fault::Hang(Duration::from_secs(3600)),
+        _ => bail!("FORGE_TEST_WORKER_FAULT={spec}: the fault is panic or hang"),
+    };
+    Ok(Some((1, fault, step)))
+}
