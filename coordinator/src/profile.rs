@@ -94,34 +94,18 @@ impl Architecture {
         })
     }
 
+    /// The shared model checks, and a batch shape to plan at.
     fn validate(&self, name: &str) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::InvalidProfile {
-                name: name.to_string(),
-                reason,
-            })
+        let bad = |reason: String| Error::InvalidProfile {
+            name: name.to_string(),
+            reason,
         };
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_kv_head", self.n_kv_head),
-            ("d_model", self.d_model),
-            ("d_ff", self.d_ff),
-            ("seq_len", self.seq_len),
-            ("micro_batch", self.micro_batch),
-        ] {
-            if value == 0 {
-                return bad(format!("{field} must be positive"));
-            }
+        if self.micro_batch == 0 {
+            return Err(bad("micro_batch must be positive".into()));
         }
-        if self.d_model % self.n_head != 0 || self.n_head % self.n_kv_head != 0 {
-            return bad(format!(
-                "d_model {} must divide by n_head {}, and n_head by n_kv_head {}",
-                self.d_model, self.n_head, self.n_kv_head
-            ));
-        }
-        Ok(())
+        self.model_config(name)?
+            .validate()
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// The planner's view: an embedding layer, `n_layer` blocks, and the final norm + head.
