@@ -28,7 +28,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -121,6 +121,8 @@ struct Shell {
     /// This node's upload rate in bytes/s, for timeouts.
     bandwidth: f64,
     stop: Arc<AtomicBool>,
+    /// Whether the state machine has been told of the signal.
+    stop_told: bool,
     fault: Option<(usize, Fault, u64)>,
 }
 
@@ -155,7 +157,11 @@ impl Shell {
             eval_every_rounds: diloco.eval_every_rounds,
             numel: outer.numel() as u64,
         };
-        let (rounds, first) = Rounds::new(config, accepted, Instant::now());
+        let rounds = Rounds::new(config, accepted, Instant::now());
+        // The assignment's data shard is set before a resume restores its position.
+        if let Some((index, count)) = rounds.shard() {
+            trainer.set_data_shard(index as usize, count as usize)?;
+        }
         let checkpoints = CheckpointDir::new(
             out_dir.join("diloco-checkpoints"),
             trainer.config().checkpoint.keep,
@@ -170,17 +176,10 @@ impl Shell {
             checkpoints,
             bandwidth: upload_bytes_per_s(opts) as f64,
             stop,
+            stop_told: false,
             fault: test_fault()?,
             outer,
-            trainer: {
-                // The assignment's data shard is set before a resume restores its position.
-                for action in &first {
-                    if let Action::FollowShard { index, count } = action {
-                        trainer.set_data_shard(*index as usize, *count as usize)?;
-                    }
-                }
-                trainer
-            },
+            trainer,
         };
         let held = resume(
             &shell.checkpoints,
@@ -193,7 +192,7 @@ impl Shell {
             held,
             step: shell.trainer.step(),
         };
-        let queue = shell.rounds.handle(Instant::now(), resumed).into();
+        let queue = shell.feed(resumed).into();
         Ok((shell, queue))
     }
 
@@ -205,29 +204,56 @@ impl Shell {
         mut notes: mpsc::UnboundedReceiver<Notification>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
-        let mut stop_seen = false;
         loop {
             while let Some(action) = queue.pop_front() {
                 if let Action::Exit(exit) = action {
                     return self.exit(exit).await;
                 }
-                if let Some(input) = self.carry_out(action, &mut notes, &mut queue).await? {
-                    queue.extend(self.rounds.handle(Instant::now(), input));
+                match self.carry_out(action, &mut notes, &mut queue).await {
+                    Ok(Some(input)) => queue.extend(self.feed(input)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // A job failed for this node's own reasons (its trainer, its disk, its
+                        // connection): the round under way fails and the node leaves.
+                        let round = self.rounds.round_in_flight();
+                        self.leave_failed(round, &format!("{e:#}")).await;
+                        return Err(e);
+                    }
                 }
             }
             let input = tokio::select! {
-                note = notes.recv() => note.map_or(Input::CoordinatorGone, Input::Note),
-                _ = shutdown.changed(), if !stop_seen => {
-                    stop_seen = true;
-                    // A round announced just before the signal is still finished.
+                // A signal first, as the state machine would see it between two notes.
+                biased;
+                _ = shutdown.changed(), if !self.stop_told => {
+                    let mut waiting = Vec::new();
                     while let Ok(note) = notes.try_recv() {
-                        queue.extend(self.rounds.handle(Instant::now(), Input::Note(note)));
+                        waiting.push(note);
                     }
-                    Input::StopRequested
+                    Input::StopRequested { waiting }
                 }
+                note = notes.recv() => note.map_or(Input::CoordinatorGone, Input::Note),
             };
-            queue.extend(self.rounds.handle(Instant::now(), input));
+            queue.extend(self.feed(input));
         }
+    }
+
+    /// Hands an input to the state machine. A signal that came while a job ran is told first,
+    /// as soon as that job is done.
+    fn feed(&mut self, input: Input<Proposal>) -> Vec<Action<Proposal>> {
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        if let Input::StopRequested { .. } = input {
+            self.stop_told = true;
+        } else if !self.stop_told && self.stop.load(Ordering::Relaxed) {
+            self.stop_told = true;
+            let stop = Input::StopRequested { waiting: vec![] };
+            actions.extend(self.rounds.handle(now, stop));
+        }
+        if let Input::Note(note) = &input {
+            tracing::debug!("coordinator: {note:?}");
+        }
+        actions.extend(self.rounds.handle(now, input));
+        actions
     }
 
     /// Carries out one action; a job's result comes back as the next input.
@@ -250,7 +276,7 @@ impl Shell {
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
                 while let Ok(note) = notes.try_recv() {
-                    queue.extend(self.rounds.handle(Instant::now(), Input::Note(note)));
+                    queue.extend(self.feed(Input::Note(note)));
                 }
                 return Ok(Some(trained));
             }
@@ -446,6 +472,20 @@ impl Shell {
         Ok(())
     }
 
+    /// Reports `round` failed (if any) and leaves, telling the coordinator why; best effort, as
+    /// the node is going anyway.
+    async fn leave_failed(&self, round: Option<RoundId>, reason: &str) {
+        if let Some(round) = round {
+            let failed = failed_report(round, reason.to_string(), None, None);
+            self.client.report(failed).await.ok();
+        }
+        self.client
+            .clone()
+            .leave(&format!("node failed: {reason}"))
+            .await
+            .ok();
+    }
+
     async fn exit(self, exit: Exit) -> Result<()> {
         match exit {
             Exit::Leave(reason) => {
@@ -463,12 +503,7 @@ impl Shell {
                 Ok(())
             }
             Exit::Failed { round, reason } => {
-                let failed = failed_report(round, reason.clone(), None, None);
-                self.client.report(failed).await.ok();
-                self.client
-                    .leave(&format!("node failed: {reason}"))
-                    .await
-                    .ok();
+                self.leave_failed(Some(round), &reason).await;
                 Err(anyhow!(reason))
             }
             Exit::Stopped(reason) => Err(anyhow!(reason)),

@@ -92,10 +92,13 @@ pub(crate) enum Input<P> {
     Resumed { held: Option<u64>, step: u64 },
     /// A notification of the coordinator client.
     Note(Notification),
-    /// The coordinator client's channel closed: it has stopped for good.
+    /// The coordinator client's channel closed: it has stopped for good. Read only while the
+    /// node is idle (no job's answer is outstanding).
     CoordinatorGone,
-    /// SIGINT or SIGTERM: finish a round already announced, then leave.
-    StopRequested,
+    /// SIGINT or SIGTERM: finish a round already announced, then leave. `waiting` are the
+    /// notifications that had arrived, unread, when the signal came: only an announced round
+    /// among them is still played; the node leaves without acting on the rest.
+    StopRequested { waiting: Vec<Notification> },
     /// The answer to [`Action::FetchState`]: the error chain as text on failure.
     StateFetched(Result<Fetched, String>),
     /// The answer to [`Action::Train`].
@@ -284,13 +287,9 @@ pub(crate) struct Rounds<P> {
 }
 
 impl<P> Rounds<P> {
-    /// A node that `accepted` admitted. The actions follow its assignment; then the shell
-    /// feeds [`Input::Resumed`] with the state it holds.
-    pub(crate) fn new(
-        config: RoundsConfig,
-        accepted: &JoinAccepted,
-        now: Instant,
-    ) -> (Rounds<P>, Vec<Action<P>>) {
+    /// A node that `accepted` admitted; it reads the data shard of its assignment
+    /// ([`Rounds::shard`]). The shell feeds [`Input::Resumed`] next, with the state it holds.
+    pub(crate) fn new(config: RoundsConfig, accepted: &JoinAccepted, now: Instant) -> Rounds<P> {
         let mut rounds = Rounds {
             config,
             me: accepted.member,
@@ -308,11 +307,26 @@ impl<P> Rounds<P> {
             contributed: false,
             stopping: false,
         };
-        let mut out = Vec::new();
         if let Some(a) = &accepted.assignment {
-            rounds.follow_shard(a, &mut out);
+            rounds.shard = Some((a.data_shard.index, a.data_shard.count));
         }
-        (rounds, out)
+        rounds
+    }
+
+    /// The data shard this node reads (index, count); None on standby.
+    pub(crate) fn shard(&self) -> Option<(u32, u32)> {
+        self.shard
+    }
+
+    /// The round whose fetch, inner steps or all-reduce is under way, if any: the round a job
+    /// that fails for this node's own reasons fails.
+    pub(crate) fn round_in_flight(&self) -> Option<RoundId> {
+        match &self.phase {
+            Phase::Fetching(open) | Phase::Training { open, .. } | Phase::Reducing { open, .. } => {
+                Some(open.round)
+            }
+            _ => None,
+        }
     }
 
     /// Takes one input and returns what to do, in order.
@@ -331,7 +345,10 @@ impl<P> Rounds<P> {
                 Exit::Leave("the coordinator connection closed".into()),
                 &mut out,
             ),
-            Input::StopRequested => self.stopping = true,
+            Input::StopRequested { waiting } => {
+                self.backlog.extend(waiting);
+                self.stopping = true;
+            }
             Input::StateFetched(result) => self.on_fetched(result, &mut out),
             Input::Trained(result) => self.on_trained(result, &mut out),
             Input::Reduced(result) => self.on_reduced(now, result, &mut out),

@@ -156,8 +156,8 @@ fn names(actions: &[Action<u64>]) -> Vec<String> {
 
 /// A node that holds version 0, reads shard 0 and is idle.
 fn node(t0: Instant) -> Node {
-    let (mut node, actions) = Node::new(config(), &accepted(ME, Some(0)), t0);
-    assert_eq!(names(&actions), ["shard 0/3"]);
+    let mut node = Node::new(config(), &accepted(ME, Some(0)), t0);
+    assert_eq!(node.shard(), Some((0, 3)));
     let resumed = Input::Resumed {
         held: Some(0),
         step: 0,
@@ -256,7 +256,7 @@ fn a_round_end_to_end() {
 fn a_late_joiner_fetches_the_state_first_and_retries_a_failed_fetch() {
     let t0 = Instant::now();
     // Joined while the run is at version 7, with nothing local to resume from.
-    let (mut n, _) = Node::new(config(), &accepted(ME, Some(0)), t0);
+    let mut n = Node::new(config(), &accepted(ME, Some(0)), t0);
     let resumed = Input::Resumed {
         held: None,
         step: 0,
@@ -422,7 +422,7 @@ fn sigterm_mid_round_finishes_the_round_then_leaves() {
     note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
     // Stopped while training: the inner steps stop (the shell's flag); the round is still
     // contributed so the peers do not wait for this node.
-    assert!(input(&mut n, t0, Input::StopRequested).is_empty());
+    assert!(input(&mut n, t0, stop(vec![])).is_empty());
     assert_eq!(input(&mut n, t0, trained(10)), ["all-reduce 1"]);
     assert_eq!(
         input(&mut n, t0, reduced(1)),
@@ -441,7 +441,7 @@ fn sigterm_while_idle_leaves_at_once_unless_a_round_was_announced() {
     let t0 = Instant::now();
     let mut n = node(t0);
     assert_eq!(
-        input(&mut n, t0, Input::StopRequested),
+        input(&mut n, t0, stop(vec![])),
         ["exit Leave(\"stopped by signal\")"]
     );
 
@@ -450,7 +450,7 @@ fn sigterm_while_idle_leaves_at_once_unless_a_round_was_announced() {
     note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
     input(&mut n, t0, trained(25));
     assert!(note(&mut n, t0, opened(2, 0, &[1, 2, 3])).is_empty());
-    assert!(input(&mut n, t0, Input::StopRequested).is_empty());
+    assert!(input(&mut n, t0, stop(vec![])).is_empty());
     assert_eq!(
         input(&mut n, t0, reduced(1)),
         [
@@ -699,7 +699,7 @@ fn the_budget_ends_the_node_once_its_last_round_is_closed() {
         ]
     );
     // A node resumed at the end of its budget leaves before any round.
-    let (mut n, _) = Node::new(config(), &accepted(ME, Some(0)), t0);
+    let mut n = Node::new(config(), &accepted(ME, Some(0)), t0);
     let resumed = Input::Resumed {
         held: Some(4),
         step: 100,
@@ -729,4 +729,49 @@ fn the_coordinator_gone_or_stopping_the_node_ends_it() {
         ),
         ["exit Stopped(\"the coordinator stopped this node: token refused\")"]
     );
+}
+
+fn stop(waiting: Vec<Notification>) -> Input<u64> {
+    Input::StopRequested { waiting }
+}
+
+#[test]
+fn sigterm_leaves_without_acting_on_what_waited_unless_it_announces_a_round() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    // The outcome of the reported round and a replacement waited, unread: the node leaves at
+    // once without taking the outer step or the new membership.
+    let rejoined = Notification::Rejoined {
+        accepted: accepted(MemberId(9), Some(1)),
+        kept_member: false,
+    };
+    let waiting = vec![closed(1, committed(1), &[1, 2, 3], Some(1)), rejoined];
+    assert_eq!(
+        input(&mut n, t0, stop(waiting)),
+        ["exit Leave(\"stopped by signal\")"]
+    );
+
+    // An announced round among them is played, and what came before it is taken in order.
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    let waiting = vec![
+        closed(1, committed(1), &[1, 2, 3], None),
+        opened(2, 1, &[1, 2, 3]),
+    ];
+    assert_eq!(
+        input(&mut n, t0, stop(waiting)),
+        [
+            "apply 1",
+            "publish v1 r1",
+            "record 1: committed v1 010101010101",
+            "members [1, 2, 3]",
+            "train 2"
+        ]
+    );
+    assert_eq!(n.round_in_flight(), Some(RoundId(2)));
+    input(&mut n, t0, trained(26));
+    let actions = input(&mut n, t0, reduced(2));
+    assert_eq!(actions.last().unwrap(), "exit Leave(\"stopped by signal\")");
+    assert_eq!(n.round_in_flight(), None);
 }
