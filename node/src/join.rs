@@ -8,13 +8,13 @@
 //! all-reduce, evaluation, checkpoint shards) and printing. What to do when is decided by the
 //! node's round state machine in [`crate::round`], which does no I/O.
 
-use crate::p2p::{self, PeerNet, all_reduce_timeout};
+use crate::p2p::PeerNet;
 use crate::round::{
-    Action, Exit, Fetched, Input, Reduced, RoundLog, Rounds, RoundsConfig, Trained, failed_report,
+    Action, Exit, Fetched, Input, RoundLog, Rounds, RoundsConfig, Trained, failed_report,
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
-use forge_protocol::messages::{Digest, JoinAccepted, Peer, RoundId, RoundOpened, TensorHash};
+use forge_protocol::messages::{JoinAccepted, Peer, RoundId, RoundOpened};
 use forge_protocol::quant::ErrorFeedback;
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
@@ -40,7 +40,7 @@ use setup::{
     capabilities, local_config, shutdown_signal, start_peer_net, test_fault, upload_bytes_per_s,
 };
 use state::{fetch_global_state, publish_state, resume};
-use sync::{QuantCodec, declared_gone, failure_of};
+use sync::{QuantCodec, declared_gone, failure_of, reduced, request};
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
@@ -402,20 +402,15 @@ impl Shell {
         notes: &mut mpsc::UnboundedReceiver<Notification>,
         queue: &mut VecDeque<Action<Proposal>>,
     ) -> Result<Input<Proposal>> {
-        let members = peers_of(participants)?;
-        let mut data = self.outer.pseudo_gradient(self.trainer.var_store());
-        let weight = tokens.max(1) as f64;
-        for v in &mut data {
-            *v *= weight as f32;
-        }
-        let encoded_bytes = self.codec.compression.codec.body_len(data.len()) as u64;
-        let request = p2p::AllReduceRequest {
-            round: round.0,
-            members: members.iter().map(|(id, _)| *id).collect(),
+        let data = self.outer.pseudo_gradient(self.trainer.var_store());
+        let request = request(
+            round,
+            participants,
             data,
-            weight,
-            timeout: all_reduce_timeout(encoded_bytes, members.len(), self.bandwidth),
-        };
+            tokens,
+            &self.codec,
+            self.bandwidth,
+        )?;
         let started = Instant::now();
         let result = {
             let all_reduce = self.net.all_reduce(request, &mut self.codec);
@@ -446,23 +441,9 @@ impl Shell {
             Err(e) => return Ok(Input::Reduced(Err(failure_of(&e, sync_s)))),
         };
         let proposal = self.outer.propose(&out.average)?;
+        let reduced = reduced(proposal, &out, sync_s);
         self.net.recycle_average(out.average);
-        Ok(Input::Reduced(Ok(Reduced {
-            params_hash: proposal.params_hash,
-            tensor_hashes: proposal
-                .tensor_hashes
-                .iter()
-                .map(|(key, d)| TensorHash {
-                    key: key.clone(),
-                    digest: Digest(*d),
-                })
-                .collect(),
-            proposal,
-            bytes_sent: out.bytes_sent,
-            bytes_received: out.bytes_received,
-            total_weight: out.total_weight,
-            sync_s,
-        })))
+        Ok(Input::Reduced(Ok(reduced)))
     }
 
     /// Appends the round to `rounds.jsonl` and prints it.

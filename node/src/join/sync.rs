@@ -1,11 +1,17 @@
 //! The node's side of the all-reduce: its codec (the run's compression, with error feedback)
-//! and how a failed all-reduce reads to the round state machine.
+//! the request it makes of its pseudo-gradient, and how a finished or failed all-reduce reads
+//! to the round state machine.
 
-use crate::p2p::{AllReduceError, ChunkCodec};
-use crate::round::ReduceFailure;
-use forge_protocol::messages::RoundId;
+use super::peers_of;
+use crate::p2p::{
+    AllReduceError, AllReduceOutput, AllReduceRequest, ChunkCodec, all_reduce_timeout,
+};
+use crate::round::{ReduceFailure, Reduced};
+use anyhow::Result;
+use forge_protocol::messages::{Digest, Peer, RoundId, TensorHash};
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
 use forge_protocol::sync::SyncCodec;
+use forge_trainer::diloco::Proposal;
 
 /// The error of an all-reduce given up because the coordinator declared a participant gone.
 pub(super) fn declared_gone(round: RoundId, peer: &str, reason: &str) -> AllReduceError {
@@ -58,5 +64,50 @@ impl ChunkCodec for QuantCodec {
 
     fn id(&self) -> (SyncCodec, bool) {
         self.compression.sync_codec()
+    }
+}
+
+/// The all-reduce of `round` among `participants` of this node's pseudo-gradient, weighted by
+/// the tokens it trained on, with a timeout sized for the encoded bytes and this node's link.
+pub(super) fn request(
+    round: RoundId,
+    participants: &[Peer],
+    mut data: Vec<f32>,
+    tokens: u64,
+    codec: &QuantCodec,
+    bandwidth: f64,
+) -> Result<AllReduceRequest> {
+    let members = peers_of(participants)?;
+    let weight = tokens.max(1) as f64;
+    for v in &mut data {
+        *v *= weight as f32;
+    }
+    let encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
+    Ok(AllReduceRequest {
+        round: round.0,
+        members: members.iter().map(|(id, _)| *id).collect(),
+        data,
+        weight,
+        timeout: all_reduce_timeout(encoded_bytes, members.len(), bandwidth),
+    })
+}
+
+/// A finished all-reduce and the outer step it proposes, as the round state machine takes it.
+pub(super) fn reduced(proposal: Proposal, out: &AllReduceOutput, sync_s: f64) -> Reduced<Proposal> {
+    Reduced {
+        params_hash: proposal.params_hash,
+        tensor_hashes: proposal
+            .tensor_hashes
+            .iter()
+            .map(|(key, d)| TensorHash {
+                key: key.clone(),
+                digest: Digest(*d),
+            })
+            .collect(),
+        proposal,
+        bytes_sent: out.bytes_sent,
+        bytes_received: out.bytes_received,
+        total_weight: out.total_weight,
+        sync_s,
     }
 }

@@ -30,7 +30,7 @@ mod state_tests;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use all_reduce::{AllReduceRequest, ChunkCodec, all_reduce_timeout};
+pub(crate) use all_reduce::{AllReduceOutput, AllReduceRequest, ChunkCodec, all_reduce_timeout};
 pub(crate) use bench::{bench_local, bench_member, bench_state_member};
 pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
