@@ -382,7 +382,7 @@ impl Coordinator {
     /// member gets a full heartbeat timeout to reconnect and an open round a full deadline.
     pub fn from_snapshot(bytes: &[u8], now: Millis) -> Result<Coordinator> {
         let mut coordinator: Coordinator =
-            codec::decode(Channel::Snapshot, bytes).map_err(Error::Snapshot)?;
+            codec::decode(Channel::Snapshot, bytes).map_err(Error::SnapshotDecode)?;
         coordinator.config.validate()?;
         coordinator.now = now;
         coordinator.grace_until = now.plus(RESTART_GRACE_MS);

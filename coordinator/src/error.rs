@@ -22,6 +22,11 @@ pub enum Error {
     #[error("coordinator snapshot: {0}")]
     Snapshot(forge_protocol::Error),
 
+    #[error(
+        "the coordinator snapshot in the state directory does not decode ({0}): it is damaged, or another Forge build wrote it (the format follows the protocol version); run the build that wrote it, or start a new run with an empty --state-dir"
+    )]
+    SnapshotDecode(forge_protocol::Error),
+
     #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,

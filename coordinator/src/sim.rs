@@ -1547,7 +1547,11 @@ mod tests {
             closed(&outputs).map(|c| (c.0, c.1)),
             Some((RoundId(3), false))
         );
-        assert!(Coordinator::from_snapshot(&bytes[..bytes.len() - 1], Millis(0)).is_err());
+        let Err(err) = Coordinator::from_snapshot(&bytes[..bytes.len() - 1], Millis(0)) else {
+            panic!("a truncated snapshot was accepted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("empty --state-dir"), "{err}");
     }
 
     fn pipeline_profile() -> (ModelProfile, u64) {
