@@ -253,7 +253,11 @@ enum Phase {
         trained: Trained,
     },
     Evaluating(Closing),
-    Checkpointing(Closing),
+    /// The shard write under way, with the report that tells the coordinator it is durable.
+    Checkpointing {
+        log: RoundLog,
+        durable: CheckpointShardDurable,
+    },
     Exited,
 }
 
@@ -773,43 +777,39 @@ impl<P> Rounds<P> {
                     version: *version,
                     tensor_hashes: tensor_hashes.clone(),
                 });
-                self.phase = Phase::Checkpointing(closing);
+                let durable = CheckpointShardDurable {
+                    round: closing.closed.round,
+                    shard: writer.shard,
+                    tensor_hashes: tensor_hashes.clone(),
+                };
+                self.phase = Phase::Checkpointing {
+                    log: closing.log,
+                    durable,
+                };
             }
             None => out.push(Action::Record(closing.log)),
         }
     }
 
     fn on_checkpoint_written(&mut self, result: Result<String, String>, out: &mut Vec<Action<P>>) {
-        let Phase::Checkpointing(closing) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Checkpointing { log, durable } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
             return;
         };
-        let closed = &closing.closed;
-        let shard = closed
-            .checkpoint
-            .as_ref()
-            .and_then(|c| c.writers.iter().find(|w| w.member == self.me))
-            .map_or(0, |w| w.shard);
+        let (round, shard) = (durable.round.0, durable.shard);
         match result {
             Ok(path) => {
                 out.push(Action::Say(format!(
-                    "round {}: checkpoint shard {shard} written to {path}",
-                    closed.round.0
+                    "round {round}: checkpoint shard {shard} written to {path}"
                 )));
-                if let RoundOutcome::Committed { tensor_hashes, .. } = &closed.outcome {
-                    out.push(Action::ShardDurable(CheckpointShardDurable {
-                        round: closed.round,
-                        shard,
-                        tensor_hashes: tensor_hashes.clone(),
-                    }));
-                }
+                out.push(Action::ShardDurable(durable));
             }
             // The coordinator keeps the previous committed checkpoint.
             Err(e) => out.push(Action::Say(format!(
-                "round {}: checkpoint shard {shard} not written: {e}",
-                closed.round.0
+                "round {round}: checkpoint shard {shard} not written: {e}"
             ))),
         }
-        out.push(Action::Record(closing.log));
+        out.push(Action::Record(log));
     }
 
     fn follow_shard(&mut self, assignment: &Assignment, out: &mut Vec<Action<P>>) {
