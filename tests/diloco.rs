@@ -160,6 +160,15 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM: a node finishes the round it is in, leaves and exits 0.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Waits for the process to exit and returns its code and every stdout line.
     fn finish(mut self, deadline: Instant) -> (Option<i32>, Vec<String>) {
         loop {
@@ -339,6 +348,14 @@ fn a_killed_node_does_not_stop_the_others() {
 fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 3);
+    // A budget the three cannot finish before the joiner is in, however slow the machine: the
+    // test stops every node with SIGTERM once the joiner has committed rounds with them.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("max_steps = 60", "max_steps = 5000", 1),
+    )
+    .unwrap();
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..3)
@@ -352,7 +369,11 @@ fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
     let fetched = joiner.wait_for("fetched global state v", deadline);
     let first = joiner.wait_for("first contribution", deadline);
     println!("joiner: {fetched}\njoiner: {first}");
+    joiner.wait_for_commit(4, deadline);
     nodes.push(joiner);
+    for node in &nodes {
+        node.terminate();
+    }
     let mut outcomes: Vec<Vec<(u64, String)>> = Vec::new();
     for (i, node) in nodes.into_iter().enumerate() {
         let (code, lines) = node.finish(deadline);
@@ -542,11 +563,7 @@ fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
         node.wait_for_commit(3, deadline);
     }
     let leaving = nodes.pop().unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &leaving.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    leaving.terminate();
     let (code, lines) = leaving.finish(deadline);
     let log = lines.join("\n");
     assert_eq!(code, Some(0), "{log}");
