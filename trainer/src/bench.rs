@@ -80,13 +80,17 @@ impl TrainStepBench {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }
-        tch::manual_seed(self.seed);
         let vs = VarStore::new(self.device);
-        let mut model = Model::new(&vs.root(), &self.model)?;
+        let shape = [self.batch, self.seq_len + 1];
+        let (mut model, tokens) = {
+            let _rng = crate::rng();
+            tch::manual_seed(self.seed);
+            let model = Model::new(&vs.root(), &self.model)?;
+            let tokens = Tensor::randint(self.model.vocab_size, shape, (Kind::Int64, self.device));
+            (model, tokens)
+        };
         model.set_precision(self.precision);
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
-        let shape = [self.batch, self.seq_len + 1];
-        let tokens = Tensor::randint(self.model.vocab_size, shape, (Kind::Int64, self.device));
         let ids = tokens.narrow(1, 0, self.seq_len);
         let targets = tokens.narrow(1, 1, self.seq_len);
         let sync = || {

@@ -39,4 +39,10 @@ pub use error::{Error, Result};
 
 /// Guards libtorch's process-wide random generator: whoever seeds it holds this until the
 /// last draw that must be reproducible (model initialisation, seeded sampling).
-pub(crate) static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds libtorch's process-wide random generator (see [`GLOBAL_RNG`]): every draw from it in
+/// this crate, seeded or not, happens under this guard, so none perturbs another's sequence.
+pub(crate) fn rng() -> std::sync::MutexGuard<'static, ()> {
+    GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -23,7 +23,7 @@ pub fn generate(
     }
     let start = tokens.len();
     // Seeded sampling draws from libtorch's process-wide generator; keep other threads out.
-    let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = crate::rng();
     tch::manual_seed(cfg.seed);
     tch::no_grad(|| {
         for _ in 0..cfg.max_new_tokens {
@@ -63,10 +63,13 @@ mod tests {
 
     #[test]
     fn greedy_is_deterministic_and_sampling_is_seeded() {
-        tch::manual_seed(3);
         let cfg = ModelConfig::preset("tiny", None).unwrap();
         let vs = VarStore::new(Device::Cpu);
-        let model = Model::new(&vs.root(), &cfg).unwrap();
+        let model = {
+            let _rng = crate::rng();
+            tch::manual_seed(3);
+            Model::new(&vs.root(), &cfg).unwrap()
+        };
         let greedy = SampleConfig {
             max_new_tokens: 8,
             temperature: 0.0,

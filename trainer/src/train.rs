@@ -192,12 +192,13 @@ impl Trainer {
 
         let mut workers = Vec::with_capacity(devices.len());
         for (rank, (dev, batch)) in devices.iter().zip(&worker_batches).enumerate() {
-            let vs = VarStore::new(*dev);
-            let mut model = {
-                // libtorch's generator is process-wide: hold it from seeding to the last draw,
-                // so another thread cannot make this run's initialisation differ.
-                let _rng = crate::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(t.seed as i64);
+            let mut vs = VarStore::new(*dev);
+            // Worker 0 holds the run's initial parameters (the same on every device and node);
+            // the others get them from it by the broadcast below.
+            let mut model = if rank == 0 {
+                Model::seeded(&mut vs, &model_cfg, t.seed)?
+            } else {
+                let _rng = crate::rng();
                 Model::new(&vs.root(), &model_cfg)?
             };
             model.set_precision(precision);
@@ -282,7 +283,7 @@ impl Trainer {
             peak_lr,
             peak_tflops,
         };
-        // Worker 0's parameters everywhere (initialisation on a GPU differs from the CPU's).
+        // Worker 0's parameters everywhere.
         trainer.broadcast_params()?;
         trainer.broadcast_optimizer()?;
         if trainer.cfg.checkpoint.resume {
@@ -848,7 +849,10 @@ pub fn load_checkpoint_model(dir: &Path, device: Device) -> Result<(VarStore, Mo
     crate::checkpoint::verify(dir)?;
     let state: TrainState = read_json(&dir.join("state.json"))?;
     let mut vs = VarStore::new(device);
-    let model = Model::new(&vs.root(), &state.model)?;
+    let model = {
+        let _rng = crate::rng();
+        Model::new(&vs.root(), &state.model)?
+    };
     weights::load(&mut vs, &state.model, &dir.join("model.safetensors"))?;
     Ok((vs, model, state))
 }

@@ -65,6 +65,26 @@ impl Model {
         })
     }
 
+    /// Builds the model on `vs`'s device with the run's initial parameters: drawn on the CPU from
+    /// `seed` and copied over, so every node and every device (CUDA draws differ from the CPU's,
+    /// and between GPU models) starts from the same bits: version 0 of a DiLoCo run.
+    pub fn seeded(vs: &mut nn::VarStore, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let cpu = nn::VarStore::new(tch::Device::Cpu);
+        let model = {
+            // libtorch's CPU generator is process-wide: hold it for every draw here (the
+            // device's own, overwritten below, too), so no thread makes another's differ.
+            let _rng = crate::rng();
+            let model = Model::new(&vs.root(), cfg)?;
+            tch::manual_seed(seed as i64);
+            Model::new(&cpu.root(), cfg)?;
+            model
+        };
+        vs.copy(&cpu).map_err(crate::error::Error::torch(
+            "copying the initial parameters to the device",
+        ))?;
+        Ok(model)
+    }
+
     pub fn config(&self) -> &ModelConfig {
         match self {
             Model::Gpt2(m) => &m.cfg,
@@ -114,7 +134,10 @@ mod tests {
 
     fn counted(cfg: &ModelConfig) -> i64 {
         let vs = nn::VarStore::new(Device::Cpu);
-        let _model = Model::new(&vs.root(), cfg).unwrap();
+        let _model = {
+            let _rng = crate::rng();
+            Model::new(&vs.root(), cfg).unwrap()
+        };
         vs.trainable_variables()
             .iter()
             .map(|t| t.numel() as i64)
@@ -135,8 +158,40 @@ mod tests {
         assert_eq!(gqa.param_count(), counted(&gqa));
     }
 
+    /// Version 0 of a run must not depend on the machine: the CPU draw is bit-identical
+    /// whatever libtorch's thread count (nodes of one run set different `threads`).
+    #[test]
+    fn seeded_parameters_are_bit_identical_across_thread_counts() {
+        let cfg = ModelConfig::preset("4m", Some(Family::Llama)).unwrap();
+        let draw = |threads: i32| {
+            tch::set_num_threads(threads);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            Model::seeded(&mut vs, &cfg, 1234).unwrap();
+            let mut named = vs.variables().into_iter().collect::<Vec<_>>();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            named
+        };
+        let before = tch::get_num_threads();
+        let one = draw(1);
+        let four = draw(4);
+        tch::set_num_threads(before);
+        assert_eq!(one.len(), four.len());
+        for ((name, a), (_, b)) in one.iter().zip(&four) {
+            assert!(a.equal(b), "{name} differs between 1 and 4 threads");
+        }
+        // And another seed draws other parameters (the comparison above can fail).
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        Model::seeded(&mut vs, &cfg, 1235).unwrap();
+        let other = vs.variables();
+        assert!(
+            !one.iter()
+                .any(|(name, a)| name.contains("embed_tokens") && a.equal(&other[name]))
+        );
+    }
+
     #[test]
     fn forward_shapes_and_initial_loss() {
+        let _rng = crate::rng();
         tch::manual_seed(0);
         for family in [Family::Gpt2, Family::Llama] {
             let cfg = ModelConfig::preset("tiny", Some(family)).unwrap();

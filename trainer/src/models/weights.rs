@@ -134,6 +134,7 @@ mod tests {
     use tch::Device;
 
     fn build(cfg: &ModelConfig) -> (VarStore, Model) {
+        let _rng = crate::rng();
         let vs = VarStore::new(Device::Cpu);
         let model = Model::new(&vs.root(), cfg).unwrap();
         (vs, model)
@@ -150,7 +151,10 @@ mod tests {
             save(&vs_a, &file).unwrap();
             let (mut vs_b, b) = build(&cfg);
             load(&mut vs_b, &cfg, &file).unwrap();
-            let ids = Tensor::randint(cfg.vocab_size, [1, 8], (Kind::Int64, Device::Cpu));
+            let ids = {
+                let _rng = crate::rng();
+                Tensor::randint(cfg.vocab_size, [1, 8], (Kind::Int64, Device::Cpu))
+            };
             let diff = f64::try_from((a.forward(&ids) - b.forward(&ids)).abs().max()).unwrap();
             assert_eq!(diff, 0.0, "{family}");
         }
