@@ -268,22 +268,31 @@ fn start_node(dir: &Path, i: usize, addr: &str, token: &str) -> Proc {
 }
 
 fn start_node_with(dir: &Path, i: usize, addr: &str, token: &str, env: &[(&str, &str)]) -> Proc {
+    start_node_args(dir, i, addr, token, env, &[])
+}
+
+/// A node with `extra` arguments to `forge-node join` (devices, workers, threads).
+fn start_node_args(
+    dir: &Path,
+    i: usize,
+    addr: &str,
+    token: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Proc {
     let workdir = dir.join(format!("node{i}"));
-    Proc::start_with(
-        "forge-node",
-        &[
-            "join",
-            addr,
-            "--token",
-            token,
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &dir.join(format!("node{i}.log")),
-        env,
-    )
+    let mut args = vec![
+        "join",
+        addr,
+        "--token",
+        token,
+        "--workdir",
+        workdir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start_with("forge-node", &args, &dir.join(format!("node{i}.log")), env)
 }
 
 /// (round, members, loss, outcome) from a node's per-round line.
@@ -491,6 +500,63 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
             "node {i}: loss did not fall after the restart:\n{log}"
         );
     }
+}
+
+/// Nodes built differently (two data-parallel CPU workers and one thread against one worker and
+/// two threads) start from the same version 0, announced by the first to the coordinator, and
+/// commit round 1 together with the same hash.
+#[test]
+fn nodes_with_different_workers_and_threads_commit_round_1_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 2);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replacen("micro_batch = 8", "micro_batch = 4", 1)
+        .replacen("max_steps = 60", "max_steps = 10", 1);
+    std::fs::write(&config, text).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
+    let (addr, token) = (addr.as_str(), token.as_str());
+    let shapes: [&[&str]; 2] = [
+        &["--cpu-workers", "2", "--threads", "1"],
+        &["--threads", "2"],
+    ];
+    let nodes: Vec<Proc> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| start_node_args(tmp.path(), i, addr, token, &[], extra))
+        .collect();
+    let mut firsts = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        let first = lines
+            .iter()
+            .find_map(|l| parse_round(l))
+            .unwrap_or_else(|| panic!("node {i} played no round:\n{log}"));
+        assert_eq!(
+            (first.0, first.1),
+            (1, 2),
+            "node {i}: round 1 with both:\n{log}"
+        );
+        assert!(first.3.starts_with("committed v1"), "node {i}:\n{log}");
+        firsts.push(first.3);
+    }
+    assert_eq!(
+        firsts[0], firsts[1],
+        "the two nodes committed different states"
+    );
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(
+        coordinator_log.contains("version 0 is the initial state this member announced"),
+        "{coordinator_log}"
+    );
+    assert!(
+        !coordinator_log.contains("other initial parameters"),
+        "{coordinator_log}"
+    );
 }
 
 #[test]

@@ -32,8 +32,8 @@ use forge_protocol::codec::{self, Channel};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
-    GlobalState, Hello, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep, Peer,
-    ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
+    GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep,
+    Peer, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
     StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
@@ -211,6 +211,10 @@ pub enum Event {
     },
     Warning {
         message: String,
+    },
+    /// The run's version 0 is the one `member` announced.
+    InitialState {
+        member: MemberId,
     },
 }
 
@@ -541,7 +545,29 @@ impl Coordinator {
             NodeMessage::CheckpointShardDurable(durable) => {
                 self.on_shard_durable(from, id, durable, out)
             }
+            NodeMessage::InitialState(initial) => self.on_initial_state(id, initial, out),
             NodeMessage::Hello(_) | NodeMessage::Join(_) => {}
+        }
+    }
+
+    /// A member's version 0. The first announced while the run is at version 0 becomes that
+    /// version's hashes, sent with every round that starts from it, so a node whose own
+    /// initial parameters differ fetches them. Later ones are only compared.
+    fn on_initial_state(&mut self, id: MemberId, initial: InitialState, out: &mut Vec<Output>) {
+        if self.global.version != 0 || initial.tensor_hashes.is_empty() {
+            return;
+        }
+        if self.global.tensor_hashes.is_empty() {
+            self.global.tensor_hashes = initial.tensor_hashes;
+            out.push(Output::Event(Event::InitialState { member: id }));
+        } else if self.global.tensor_hashes != initial.tensor_hashes {
+            out.push(Output::Event(Event::Warning {
+                message: format!(
+                    "{id} drew other initial parameters than the run's version 0 (the same \
+                     seed gives other numbers with another Forge or libtorch build); it fetches \
+                     version 0 from its peers before its first round"
+                ),
+            }));
         }
     }
 

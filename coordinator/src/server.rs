@@ -558,6 +558,9 @@ impl EventLoop {
                 changes.checkpoints.push((*round, unix_ms()));
             }
             Event::Warning { message } => warn!("{message}"),
+            Event::InitialState { member } => {
+                info!(%member, "version 0 is the initial state this member announced")
+            }
         }
     }
 

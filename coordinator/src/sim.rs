@@ -459,7 +459,8 @@ impl Sim {
             | Event::Resumed { .. }
             | Event::PlanChanged { .. }
             | Event::Benched { .. }
-            | Event::Warning { .. } => {}
+            | Event::Warning { .. }
+            | Event::InitialState { .. } => {}
         }
     }
 
@@ -716,7 +717,7 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 }
 
 mod tests {
-    use forge_protocol::{ErrorCode, PROTOCOL_VERSION};
+    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION};
 
     use super::*;
     use crate::core::RESTART_GRACE_MS;
@@ -789,6 +790,67 @@ mod tests {
         assert!(
             Coordinator::new(bad).is_err(),
             "more start replicas than data shards"
+        );
+    }
+
+    /// The first version 0 announced is the run's: rounds from version 0 carry its hashes (a
+    /// node that drew other numbers then fetches it), a different one later is only warned
+    /// about, and nothing is recorded once a round has committed.
+    #[test]
+    fn the_first_announced_version_0_is_the_runs() {
+        let announce = |digest: u8| {
+            NodeMessage::InitialState(InitialState {
+                tensor_hashes: vec![TensorHash {
+                    key: TensorKey::Param("w".to_string()),
+                    digest: Digest([digest; 32]),
+                }],
+            })
+        };
+        let opened_hashes = |outputs: &[Output]| {
+            outputs.iter().find_map(|o| match o {
+                Output::Send {
+                    message: CoordinatorMessage::RoundOpened(open),
+                    ..
+                } => Some(open.tensor_hashes.clone()),
+                _ => None,
+            })
+        };
+        let mut cfg = config(2);
+        cfg.start_replicas = 3;
+        let mut driver = Driver::new(cfg);
+        driver.join(1, 1 << 40);
+        driver.join(2, 1 << 40);
+        let first = driver.send(1, announce(1));
+        assert!(
+            events(&first)
+                .iter()
+                .any(|e| matches!(e, Event::InitialState { .. })),
+            "{first:?}"
+        );
+        let other = driver.send(2, announce(2));
+        assert!(
+            events(&other)
+                .iter()
+                .any(|e| matches!(e, Event::Warning { message } if message.contains("other initial parameters"))),
+            "{other:?}"
+        );
+        assert_eq!(
+            driver.coordinator.global().tensor_hashes[0].digest,
+            Digest([1; 32])
+        );
+        let (_, third) = driver.join(3, 1 << 40);
+        let hashes = opened_hashes(&third).expect("the third replica opens round 1");
+        assert_eq!(hashes, driver.coordinator.global().tensor_hashes);
+        for conn in 1..=3 {
+            driver.report(conn, RoundId(1), Digest([9; 32]));
+        }
+        driver.advance(1);
+        assert_eq!(driver.coordinator.global().version, 1);
+        let late = driver.send(3, announce(3));
+        assert!(events(&late).is_empty(), "{late:?}");
+        assert_eq!(
+            driver.coordinator.global().tensor_hashes[0].digest,
+            Digest([9; 32])
         );
     }
 

@@ -40,14 +40,19 @@ use setup::{
     capabilities, local_config, shutdown_signal, start_peer_net, test_fault, upload_bytes_per_s,
 };
 use state::{fetch_global_state, publish_state, resume};
-use sync::{QuantCodec, declared_gone, failure_of, reduced, request};
+use sync::{QuantCodec, declared_gone, failure_of, reduced, request, wire_hashes};
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
 pub(crate) struct JoinOptions {
     pub(crate) coordinator: String,
     pub(crate) token: String,
+    /// One device or a list; several train the replica together.
     pub(crate) device: String,
+    /// Overrides the run config's `[train.parallel] cpu_workers`.
+    pub(crate) cpu_workers: Option<usize>,
+    /// Overrides the run config's `[train] threads`.
+    pub(crate) threads: Option<usize>,
     pub(crate) workdir: PathBuf,
     /// Relative corpus paths in the run config are taken from here.
     pub(crate) data_root: PathBuf,
@@ -87,9 +92,8 @@ async fn node(opts: JoinOptions) -> Result<()> {
     // Peer-to-peer layer first: its peer id and address go into the join.
     let (net, advertised) = start_peer_net(&opts, coordinator).await?;
     let upload = upload_bytes_per_s(&opts);
-    let caps = tokio::task::block_in_place(|| {
-        capabilities(&opts.device, &net.peer_id(), &advertised, upload)
-    })?;
+    let caps =
+        tokio::task::block_in_place(|| capabilities(&opts, &net.peer_id(), &advertised, upload))?;
     tracing::info!(
         "peer {} at {advertised}; {:.0} tokens/s on the reference model",
         net.peer_id(),
@@ -101,6 +105,11 @@ async fn node(opts: JoinOptions) -> Result<()> {
             .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
     let (shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+    if accepted.global.version == 0 {
+        // The first node to announce its version 0 gives the run its initial parameters.
+        let initial = shell.rounds.initial_hashes().to_vec();
+        shell.client.initial_state(initial).await?;
+    }
     shell.run(queue, notes, shutdown).await
 }
 
@@ -156,6 +165,7 @@ impl Shell {
             total_steps,
             eval_every_rounds: diloco.eval_every_rounds,
             numel: outer.numel() as u64,
+            initial_hashes: wire_hashes(&outer.state_hashes()),
         };
         let rounds = Rounds::new(config, accepted, Instant::now());
         // The assignment's data shard is set before a resume restores its position.

@@ -68,9 +68,19 @@ struct JoinArgs {
     /// The cluster token `forge-coordinator serve` printed (or FORGE_TOKEN).
     #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
     token: String,
-    /// cpu, cuda:N.
+    /// The devices this node trains its replica on: cpu, cuda (every visible GPU), cuda:N, or a
+    /// list (cuda:0,cuda:2). With several, they train the replica together (data parallelism,
+    /// gradients averaged every step) and the node takes part in rounds as one replica.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Data-parallel workers on the CPU (with --device cpu); overrides the run config's
+    /// [train.parallel] cpu_workers.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    cpu_workers: Option<u32>,
+    /// libtorch CPU threads for this node; overrides the run config's [train] threads (nodes
+    /// sharing one machine should split its cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
     /// Node identity, token caches and the run directory.
     #[arg(long, default_value = "forge-node")]
     workdir: PathBuf,
@@ -299,6 +309,8 @@ fn run(cli: Cli) -> Result<()> {
             coordinator: args.coordinator,
             token: args.token,
             device: args.device,
+            cpu_workers: args.cpu_workers.map(|n| n as usize),
+            threads: args.threads.map(|n| n as usize),
             workdir: args.workdir,
             data_root: args.data_root,
             listen: args.listen,

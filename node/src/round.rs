@@ -73,7 +73,7 @@ impl RoundLog {
 }
 
 /// What the run fixes for the whole of a node's life.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct RoundsConfig {
     /// The run's budget in inner steps.
     pub(crate) total_steps: u64,
@@ -81,6 +81,9 @@ pub(crate) struct RoundsConfig {
     pub(crate) eval_every_rounds: u64,
     /// Values in the model (the pseudo-gradient's length), for the fp32-equivalent byte count.
     pub(crate) numel: u64,
+    /// The hashes of this node's version 0 (its initial parameters and zero momentum), as
+    /// [`forge_protocol::InitialState`] announces them.
+    pub(crate) initial_hashes: Vec<TensorHash>,
 }
 
 /// What happened, fed to [`Rounds::handle`].
@@ -293,6 +296,11 @@ pub(crate) struct Rounds<P> {
 impl<P> Rounds<P> {
     /// A node that `accepted` admitted; it reads the data shard of its assignment
     /// ([`Rounds::shard`]). The shell feeds [`Input::Resumed`] next, with the state it holds.
+    /// The hashes of the version 0 this node holds or would start from.
+    pub(crate) fn initial_hashes(&self) -> &[TensorHash] {
+        &self.config.initial_hashes
+    }
+
     pub(crate) fn new(config: RoundsConfig, accepted: &JoinAccepted, now: Instant) -> Rounds<P> {
         let mut rounds = Rounds {
             config,
@@ -516,7 +524,18 @@ impl<P> Rounds<P> {
         }
         self.participants = open.participants.clone();
         out.push(Action::SetMembers(self.allowlist()));
-        if self.held != Some(open.global_version) {
+        let other_start = open.global_version == 0
+            && self.held == Some(0)
+            && !open.tensor_hashes.is_empty()
+            && open.tensor_hashes != self.config.initial_hashes;
+        if other_start {
+            out.push(Action::Say(format!(
+                "round {}: the run's version 0 is not this node's initial parameters (another \
+                 node drew them first, with other numbers); fetching it from the peers",
+                open.round.0
+            )));
+        }
+        if self.held != Some(open.global_version) || other_start {
             out.push(Action::FetchState(open.clone()));
             self.phase = Phase::Fetching(open);
         } else {
@@ -535,6 +554,10 @@ impl<P> Rounds<P> {
         match result {
             Ok(fetched) => {
                 self.held = Some(open.global_version);
+                if open.global_version == 0 {
+                    // Version 0 is now the run's, whatever this node drew.
+                    self.config.initial_hashes = open.tensor_hashes.clone();
+                }
                 self.step = fetched.step;
                 out.push(Action::PublishState {
                     version: open.global_version,

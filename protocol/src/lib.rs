@@ -30,8 +30,9 @@ pub use error::{Error, Result};
 pub use messages::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
-    ErrorReply, GlobalState, Heartbeat, Hello, Join, JoinAccepted, LayerRange, Leave, MemberDead,
-    MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed, RoundId,
-    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
+    ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join, JoinAccepted, LayerRange, Leave,
+    MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed,
+    RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash,
+    TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
 /// a [`TensorKey`] instead of a name).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -319,6 +319,15 @@ pub enum OuterStep {
     },
 }
 
+/// A node's version 0: the hashes of the initial parameters (and zero outer momentum) it drew
+/// from the run's seed, sent once its model is built while the run is at version 0. The first
+/// announcement becomes version 0's committed hashes; a node whose own differ (another libtorch
+/// build draws other numbers) fetches version 0 from its peers like any other version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitialState {
+    pub tensor_hashes: Vec<TensorHash>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundReport {
     pub round: RoundId,
@@ -421,6 +430,7 @@ pub enum NodeMessage {
     Heartbeat(Heartbeat),
     RoundReport(RoundReport),
     CheckpointShardDurable(CheckpointShardDurable),
+    InitialState(InitialState),
 }
 
 /// Everything the coordinator sends to a node.
@@ -608,6 +618,9 @@ mod tests {
                     tensor_hashes: hashes,
                 })
             }),
+            tensor_hashes().prop_map(|tensor_hashes| NodeMessage::InitialState(InitialState {
+                tensor_hashes
+            })),
         ]
     }
 

@@ -75,6 +75,26 @@ fn no_gpu_hint() -> String {
         .to_string()
 }
 
+/// A device's memory in bytes: a GPU's total memory from the CUDA driver (0 when this build has
+/// no `nccl` feature or the driver cannot say), the machine's RAM for the CPU (0 when
+/// `/proc/meminfo` cannot be read).
+pub fn device_memory(device: Device) -> u64 {
+    match device {
+        #[cfg(feature = "nccl")]
+        Device::Cuda(i) => crate::parallel::cuda_total_memory(i).unwrap_or(0),
+        Device::Cpu => std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024),
+        _ => 0,
+    }
+}
+
 /// A short name for logs and benchmark records (`cpu`, `cuda:0`).
 pub fn device_name(device: Device) -> String {
     match device {

@@ -184,6 +184,14 @@ impl OuterOptimizer {
         hashes(self.param_keys(), &self.global)
     }
 
+    /// Digests of every global parameter, then of its outer momentum, as a [`Proposal`] lists
+    /// them: what a version's committed hashes are compared with.
+    pub fn state_hashes(&self) -> Vec<(TensorKey, TensorDigest)> {
+        let mut all = hashes(self.param_keys(), &self.global).1;
+        all.extend(hashes(self.momentum_keys(), &self.momentum).1);
+        all
+    }
+
     fn param_keys(&self) -> impl Iterator<Item = TensorKey> + '_ {
         self.names.iter().cloned().map(TensorKey::Param)
     }

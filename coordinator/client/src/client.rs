@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use forge_protocol::session::{Open, OpenReply, Purpose, Status};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello, Join,
-    JoinAccepted, Leave, MemberId, NodeMessage, RoundId, RoundReport,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello,
+    InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, RoundId, RoundReport,
+    TensorHash,
 };
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -170,6 +171,13 @@ impl CoordinatorClient {
     /// committed.
     pub async fn shard_durable(&self, durable: CheckpointShardDurable) -> Result<()> {
         self.send(NodeMessage::CheckpointShardDurable(durable))
+            .await
+    }
+
+    /// Announces this node's version 0 (see [`InitialState`]); announced again after a
+    /// reconnect.
+    pub async fn initial_state(&self, tensor_hashes: Vec<TensorHash>) -> Result<()> {
+        self.send(NodeMessage::InitialState(InitialState { tensor_hashes }))
             .await
     }
 
@@ -396,6 +404,9 @@ struct NodeState {
     progress: Option<Heartbeat>,
     unacknowledged_report: Option<RoundReport>,
     unacknowledged_shards: Vec<CheckpointShardDurable>,
+    /// Announced again after every reconnect: the coordinator keeps only the first while the
+    /// run is at version 0 and ignores it afterwards.
+    initial_state: Option<InitialState>,
 }
 
 impl NodeState {
@@ -412,6 +423,7 @@ impl NodeState {
             NodeMessage::CheckpointShardDurable(shard) => {
                 self.unacknowledged_shards.push(shard.clone());
             }
+            NodeMessage::InitialState(initial) => self.initial_state = Some(initial.clone()),
             _ => {}
         }
     }
@@ -636,6 +648,12 @@ impl EventLoop {
                         self.node.unacknowledged_shards.clear();
                     }
                     let mut pending: Vec<NodeMessage> = Vec::new();
+                    pending.extend(
+                        self.node
+                            .initial_state
+                            .clone()
+                            .map(NodeMessage::InitialState),
+                    );
                     pending.extend(
                         self.node
                             .unacknowledged_report

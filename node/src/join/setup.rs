@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use forge_protocol::messages::{Capabilities, Device as WireDevice, DeviceKind};
 use forge_trainer::bench::TrainStepBench;
 use forge_trainer::config::RunConfig;
-use forge_trainer::device::parse_device;
+use forge_trainer::device::{device_memory, parse_devices};
 use forge_trainer::diloco::DilocoConfig;
 use forge_trainer::models::{ModelConfig, Precision};
 use forge_trainer::parallel::Fault;
@@ -82,38 +82,34 @@ fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-/// Devices and a measured speed: tokens/s of a short train step of the `tiny` reference model
-/// on the chosen device (the run's own model is not known before joining).
+/// Every device the node trains on, with its memory, and a measured speed: tokens/s of a short
+/// train step of the `tiny` reference model on the first device (the run's own model is not
+/// known before joining), times the number of GPUs (CPU workers share one CPU, so they add
+/// nothing).
 pub(super) fn capabilities(
-    device_spec: &str,
+    opts: &JoinOptions,
     peer_id: &PeerId,
     addr: &Multiaddr,
     upload: u64,
 ) -> Result<Capabilities> {
-    let device = parse_device(device_spec)?;
-    let memory = |key: &str| -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024)
-    };
-    let devices = match device {
-        tch::Device::Cuda(i) => vec![WireDevice {
-            kind: DeviceKind::Cuda,
-            name: forge_trainer::flops::cuda_device_name(i).unwrap_or_else(|| format!("cuda:{i}")),
-            memory_bytes: 0,
-        }],
-        _ => vec![WireDevice {
-            kind: DeviceKind::Cpu,
-            name: "cpu".into(),
-            memory_bytes: memory("MemTotal:"),
-        }],
-    };
+    let devices = node_devices(opts)?;
+    let wire = devices
+        .iter()
+        .map(|&device| match device {
+            tch::Device::Cuda(i) => WireDevice {
+                kind: DeviceKind::Cuda,
+                name: forge_trainer::flops::cuda_device_name(i)
+                    .unwrap_or_else(|| format!("cuda:{i}")),
+                memory_bytes: device_memory(device),
+            },
+            _ => WireDevice {
+                kind: DeviceKind::Cpu,
+                name: "cpu".into(),
+                memory_bytes: device_memory(device),
+            },
+        })
+        .collect();
+    let device = devices[0];
     let bench = TrainStepBench {
         model: ModelConfig::preset("tiny", None)?,
         batch: 4,
@@ -126,14 +122,15 @@ pub(super) fn capabilities(
         },
         warmup: 1,
         steps: 2,
-        threads: None,
+        threads: opts.threads.map(|n| n as i32),
         peak_tflops: None,
         seed: 0,
     };
     let speed = bench.run().context("measuring this node's speed")?;
+    let gpus = devices.iter().filter(|d| d.is_cuda()).count().max(1);
     Ok(Capabilities {
-        devices,
-        tokens_per_s: speed.tokens_per_s,
+        devices: wire,
+        tokens_per_s: speed.tokens_per_s * gpus as f64,
         upload_bytes_per_s: upload,
         download_bytes_per_s: upload,
         peer_id: peer_id.to_string(),
@@ -141,8 +138,23 @@ pub(super) fn capabilities(
     })
 }
 
+/// The devices `--device` names (checked against this machine), one per CPU worker with
+/// `--cpu-workers`.
+fn node_devices(opts: &JoinOptions) -> Result<Vec<tch::Device>> {
+    let devices = parse_devices(&opts.device)?;
+    match opts.cpu_workers {
+        Some(n) if devices != [tch::Device::Cpu] => bail!(
+            "--cpu-workers {n} needs --device cpu, not {}; GPUs train with one worker each",
+            opts.device
+        ),
+        Some(n) => Ok(vec![tch::Device::Cpu; n]),
+        None => Ok(devices),
+    }
+}
+
 /// The run config the coordinator handed out, adapted to this machine: run directory and
-/// caches under the workdir, corpus paths under the data root, this node's device.
+/// caches under the workdir, corpus paths under the data root, this node's devices, workers and
+/// threads.
 pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConfig)> {
     let mut cfg = RunConfig::parse(text, Path::new("<run config from the coordinator>"))?;
     let Some(diloco) = cfg.diloco else {
@@ -165,6 +177,15 @@ pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig,
     cfg.data.cache_dir = opts.workdir.join("cache");
     cfg.train.out_dir = opts.workdir.join("run");
     cfg.train.device = opts.device.clone();
+    // The run config's cpu_workers are for CPU nodes; a GPU node trains one worker per GPU.
+    match opts.cpu_workers {
+        Some(n) => cfg.train.parallel.cpu_workers = n,
+        None if opts.device.trim() != "cpu" => cfg.train.parallel.cpu_workers = 1,
+        None => {}
+    }
+    if let Some(n) = opts.threads {
+        cfg.train.threads = Some(n as i32);
+    }
     // The global state lives with the group: a restarted node takes it from its peers (state
     // transfer), or from its own checkpoint shard only when that holds the version the
     // coordinator names (see resume_checkpoint), never from whatever it saved last.

@@ -8,7 +8,7 @@ use crate::p2p::{
 };
 use crate::round::{ReduceFailure, Reduced};
 use anyhow::Result;
-use forge_protocol::messages::{Digest, Peer, RoundId, TensorHash};
+use forge_protocol::messages::{Digest, Peer, RoundId, TensorHash, TensorKey};
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
 use forge_protocol::sync::SyncCodec;
 use forge_trainer::diloco::Proposal;
@@ -92,18 +92,22 @@ pub(super) fn request(
     })
 }
 
+/// Tensor digests as the protocol carries them.
+pub(super) fn wire_hashes(hashes: &[(TensorKey, [u8; 32])]) -> Vec<TensorHash> {
+    hashes
+        .iter()
+        .map(|(key, d)| TensorHash {
+            key: key.clone(),
+            digest: Digest(*d),
+        })
+        .collect()
+}
+
 /// A finished all-reduce and the outer step it proposes, as the round state machine takes it.
 pub(super) fn reduced(proposal: Proposal, out: &AllReduceOutput, sync_s: f64) -> Reduced<Proposal> {
     Reduced {
         params_hash: proposal.params_hash,
-        tensor_hashes: proposal
-            .tensor_hashes
-            .iter()
-            .map(|(key, d)| TensorHash {
-                key: key.clone(),
-                digest: Digest(*d),
-            })
-            .collect(),
+        tensor_hashes: wire_hashes(&proposal.tensor_hashes),
         proposal,
         bytes_sent: out.bytes_sent,
         bytes_received: out.bytes_received,

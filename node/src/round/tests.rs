@@ -19,7 +19,19 @@ fn config() -> RoundsConfig {
         total_steps: 100,
         eval_every_rounds: 2,
         numel: 1000,
+        initial_hashes: hashes(0),
     }
+}
+
+/// Per-tensor hashes standing for one version 0 (`seed` tells versions drawn differently apart).
+fn hashes(seed: u8) -> Vec<TensorHash> {
+    ["embed", "head"]
+        .iter()
+        .map(|name| TensorHash {
+            key: forge_protocol::messages::TensorKey::Param(name.to_string()),
+            digest: Digest([seed; 32]),
+        })
+        .collect()
 }
 
 fn assignment(shard: u32, count: u32) -> Assignment {
@@ -184,6 +196,54 @@ fn play(node: &mut Node, now: Instant, round: u64, version: u64, step: u64) {
     );
     let actions = input(node, now, reduced(round));
     assert_eq!(actions.last().unwrap(), &format!("report {round} ok"));
+}
+
+/// Version 0 announced by another node with other numbers (another libtorch build): this node
+/// fetches it before training, and trains from it afterwards without fetching again; the same
+/// hashes as its own change nothing.
+#[test]
+fn a_node_whose_version_0_differs_fetches_the_runs() {
+    let t0 = Instant::now();
+    let with = |round: u64, hashes: Vec<TensorHash>| {
+        Notification::Message(CoordinatorMessage::RoundOpened(RoundOpened {
+            round: RoundId(round),
+            participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
+            deadline_ms: 60_000,
+            global_version: 0,
+            tensor_hashes: hashes,
+        }))
+    };
+    let mut same = node(t0);
+    assert_eq!(
+        note(&mut same, t0, with(1, hashes(0))),
+        ["members [1, 2, 3]", "train 1"]
+    );
+
+    let mut n = node(t0);
+    let actions = note(&mut n, t0, with(1, hashes(7)));
+    assert_eq!(actions.len(), 3, "{actions:?}");
+    assert!(
+        actions[1].contains("version 0 is not this node's"),
+        "{actions:?}"
+    );
+    assert_eq!(actions[2], "fetch v0");
+    let fetched = Input::StateFetched(Ok(Fetched {
+        step: 0,
+        made_by_round: 0,
+        seconds: 0.1,
+    }));
+    assert_eq!(input(&mut n, t0, fetched), ["publish v0 r0", "train 1"]);
+    // The round is abandoned; the next one starts from the same version 0, now held.
+    assert_eq!(input(&mut n, t0, trained(25)), ["all-reduce 1"]);
+    input(&mut n, t0, reduced(1));
+    let abandoned = RoundOutcome::Abandoned {
+        reason: "no quorum".into(),
+    };
+    note(&mut n, t0, closed(1, abandoned, &[], None));
+    assert_eq!(
+        note(&mut n, t0, with(2, hashes(7))),
+        ["members [1, 2, 3]", "train 2"]
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ pub(crate) mod worker;
 pub use forge_protocol::run_config::{GradDtype, ParallelConfig, WorkerBatch};
 pub use local::LocalReducer;
 #[cfg(feature = "nccl")]
-pub use nccl::NcclReducer;
+pub use nccl::{NcclReducer, cuda_total_memory};
 pub use worker::Fault;
 
 use crate::error::{Error, Result};

@@ -538,15 +538,31 @@ fn abort_comm(rank: usize, comm: &mut Comm) {
     }
 }
 
+/// Whether cudarc can load a library: `check` is its `is_culib_present`.
+fn present(check: unsafe fn() -> bool) -> bool {
+    // SAFETY: `check` is cudarc's `is_culib_present`, which only dlopen()s (and closes)
+    // candidate names of its library and looks up its symbols; the libraries' initialisers are
+    // safe to run (libtorch_cuda loads the same libraries).
+    catch_unwind(|| unsafe { check() }).unwrap_or(false)
+}
+
+/// Total memory of CUDA device `index` (numbered as libtorch numbers them, after
+/// `CUDA_VISIBLE_DEVICES`), from the driver; `None` when the driver cannot be loaded or does not
+/// know the device.
+pub fn cuda_total_memory(index: usize) -> Option<u64> {
+    if !present(cu::is_culib_present) {
+        return None;
+    }
+    cu_result::init().ok()?;
+    let device = cu_result::device::get(c_int::try_from(index).ok()?).ok()?;
+    // SAFETY: `device` is a handle the driver just returned; the call only reads its attributes.
+    let bytes = unsafe { cu_result::device::total_mem(device) }.ok()?;
+    Some(bytes as u64)
+}
+
 /// cudarc panics when it cannot `dlopen` a library or finds a symbol missing in it; check first
 /// (catching those panics) and say what to install.
 fn check_libraries() -> Result<()> {
-    let present = |check: unsafe fn() -> bool| {
-        // SAFETY: `check` is cudarc's `is_culib_present`, which only dlopen()s (and closes)
-        // candidate names of its library and looks up its symbols; the libraries' initialisers
-        // are safe to run (libtorch_cuda loads the same libraries).
-        catch_unwind(|| unsafe { check() }).unwrap_or(false)
-    };
     if !present(cu::is_culib_present) {
         return Err(parallel(
             "the NCCL reducer could not load the CUDA driver (libcuda.so, libcuda.so.13 or \
