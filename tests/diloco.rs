@@ -327,7 +327,7 @@ fn a_killed_node_does_not_stop_the_others() {
         let log = lines.join("\n");
         assert_eq!(code, Some(0), "node {i}:\n{log}");
         assert!(
-            log.contains("finished the budget of 60 inner steps"),
+            log.contains("the run is finished: its final version 12 is committed"),
             "node {i}:\n{log}"
         );
         let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
@@ -351,6 +351,80 @@ fn a_killed_node_does_not_stop_the_others() {
             "node {i}: loss did not keep falling:\n{log}"
         );
     }
+}
+
+/// The final validation loss line a node printed as it left.
+fn final_loss_line(lines: &[String]) -> Option<String> {
+    lines
+        .iter()
+        .find(|l| l.starts_with("final validation loss"))
+        .map(|l| l.split(" after ").next().unwrap().to_string())
+}
+
+/// The budget is the coordinator's: a node killed mid-run and started again, and the two that
+/// never stopped, all end on the run's final version with the same final validation loss, and
+/// the final state is a committed checkpoint.
+#[test]
+fn a_restarted_node_and_the_others_end_on_one_final_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("max_steps = 60", "max_steps = 40", 1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
+    let mut nodes: Vec<Proc> = (0..3)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    for node in &mut nodes {
+        node.wait_for_commit(3, deadline);
+    }
+    drop(nodes.pop()); // SIGKILL
+    nodes[0].wait_for_commit(2, deadline);
+    // Started again on the same workdir: the same peer, which fetches the state and trains on.
+    let mut restarted = start_node(tmp.path(), 2, &addr, &token);
+    restarted.wait_for("fetched global state v", deadline);
+    nodes.push(restarted);
+    let mut finals = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        assert!(
+            log.contains("the run is finished: its final version 8 is committed"),
+            "node {i}:\n{log}"
+        );
+        let last = lines.iter().filter_map(|l| parse_round(l)).last().unwrap();
+        assert!(last.3.starts_with("committed v8 "), "node {i}:\n{log}");
+        finals.push((last.3, final_loss_line(&lines).expect("a final loss")));
+    }
+    println!("{finals:#?}");
+    assert!(
+        finals.iter().all(|f| f == &finals[0]),
+        "the nodes ended on different models: {finals:#?}"
+    );
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(
+        coordinator_log.contains("committed its final version 8"),
+        "{coordinator_log}"
+    );
+    let final_round = coordinator_log
+        .lines()
+        .find(|l| l.contains("committed its final version 8"))
+        .and_then(|l| l.split("the run is finished: ").nth(1))
+        .and_then(|l| l.split(" committed").next())
+        .unwrap()
+        .to_string();
+    assert!(
+        coordinator_log
+            .lines()
+            .any(|l| l.contains("checkpoint committed") && l.trim_end().ends_with(&final_round)),
+        "no committed checkpoint of the final {final_round}:\n{coordinator_log}"
+    );
 }
 
 #[test]

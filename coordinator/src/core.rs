@@ -79,6 +79,10 @@ pub struct CoordinatorConfig {
     pub round_deadline_ms: u64,
     /// Checkpoint every this many rounds (by round id); 0 never.
     pub checkpoint_every_rounds: u64,
+    /// The run's budget: no round opens once this global version is committed, and the round
+    /// that commits it is checkpointed (0: no budget, rounds go on until stopped).
+    #[serde(default)]
+    pub final_version: u64,
 }
 
 impl CoordinatorConfig {
@@ -215,6 +219,11 @@ pub enum Event {
     /// The run's version 0 is the one `member` announced.
     InitialState {
         member: MemberId,
+    },
+    /// `round` committed the run's final version: no round opens after it.
+    Finished {
+        version: u64,
+        round: RoundId,
     },
 }
 
@@ -1058,6 +1067,9 @@ impl Coordinator {
     }
 
     fn try_open_round(&mut self, out: &mut Vec<Output>) {
+        if self.finished() {
+            return;
+        }
         let needed = match self.last_round {
             None => self.config.min_replicas.max(self.config.start_replicas),
             Some(_) => self.config.min_replicas,
@@ -1159,6 +1171,19 @@ impl Coordinator {
         for member in round.participants.keys() {
             self.send_to_member(*member, message.clone(), out);
         }
+        if quorum && self.finished() {
+            // Members outside the final round (on standby, or joined during it) learn the end
+            // from its close too.
+            let others: Vec<MemberId> = self
+                .members
+                .keys()
+                .filter(|id| !round.participants.contains_key(id))
+                .copied()
+                .collect();
+            for member in others {
+                self.send_to_member(member, message.clone(), out);
+            }
+        }
         let excluded = round
             .participants
             .keys()
@@ -1177,6 +1202,12 @@ impl Coordinator {
             included,
             excluded,
         }));
+        if quorum && self.finished() {
+            out.push(Output::Event(Event::Finished {
+                version: self.global.version,
+                round: round.id,
+            }));
+        }
         self.remove_rejected(&round, out);
         self.bench_unreachable(&round, out);
     }
@@ -1251,6 +1282,11 @@ impl Coordinator {
         }
     }
 
+    /// Whether the run's final version is committed: the run is over.
+    pub fn finished(&self) -> bool {
+        self.config.final_version > 0 && self.global.version >= self.config.final_version
+    }
+
     fn request_checkpoint(
         &mut self,
         round: &OpenRound,
@@ -1258,7 +1294,9 @@ impl Coordinator {
         verdict: &Verdict,
     ) -> Option<CheckpointRequest> {
         let every = self.config.checkpoint_every_rounds;
-        if every == 0 || round.id.0 % every != 0 {
+        let due = every > 0 && round.id.0 % every == 0;
+        // The final state is always checkpointed: it is the run's model.
+        if !due && !self.finished() {
             return None;
         }
         let writer = complete.first()?;

@@ -46,6 +46,7 @@ pub fn load(path: &Path) -> Result<CoordinatorConfig> {
 /// whole file with the shared schema, then the `[coordinator]` table.
 pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     let run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
+    let final_version = run.final_version();
     let section = match run.coordinator {
         None => None,
         Some(table) => Some(
@@ -78,6 +79,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
             |s| s.checkpoint_every_rounds,
             DEFAULT_CHECKPOINT_EVERY_ROUNDS,
         ),
+        final_version,
         run_config: text,
     };
     config.validate().map_err(|err| Error::RunConfig {

@@ -558,6 +558,10 @@ impl EventLoop {
                 changes.checkpoints.push((*round, unix_ms()));
             }
             Event::Warning { message } => warn!("{message}"),
+            Event::Finished { version, round } => info!(
+                "the run is finished: {round} committed its final version {version}; its \
+                 checkpoint is the run's model"
+            ),
             Event::InitialState { member } => {
                 info!(%member, "version 0 is the initial state this member announced")
             }

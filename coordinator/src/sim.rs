@@ -117,6 +117,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         heartbeat_timeout_ms: 2_000,
         round_deadline_ms: 4_000,
         checkpoint_every_rounds: 3,
+        final_version: 0,
     }
 }
 
@@ -460,7 +461,8 @@ impl Sim {
             | Event::PlanChanged { .. }
             | Event::Benched { .. }
             | Event::Warning { .. }
-            | Event::InitialState { .. } => {}
+            | Event::InitialState { .. }
+            | Event::Finished { .. } => {}
         }
     }
 
@@ -851,6 +853,53 @@ mod tests {
         assert_eq!(
             driver.coordinator.global().tensor_hashes[0].digest,
             Digest([9; 32])
+        );
+    }
+
+    /// The budget is the coordinator's: the round that commits the final version is
+    /// checkpointed (with checkpoint_every_rounds = 0 too) and no round opens after it.
+    #[test]
+    fn the_final_version_ends_the_run_with_a_checkpoint() {
+        let mut cfg = config(2);
+        cfg.checkpoint_every_rounds = 0;
+        cfg.final_version = 2;
+        let mut driver = Driver::new(cfg);
+        driver.join(1, 1 << 40);
+        driver.join(2, 1 << 40);
+        let closed = |outputs: &[Output]| {
+            outputs.iter().find_map(|o| match o {
+                Output::Send {
+                    message: CoordinatorMessage::RoundClosed(closed),
+                    ..
+                } => Some(closed.clone()),
+                _ => None,
+            })
+        };
+        let mut last = Vec::new();
+        for round in 1..=2 {
+            assert_eq!(driver.coordinator.open_round(), Some(RoundId(round)));
+            driver.report(1, RoundId(round), Digest([round as u8; 32]));
+            last = driver.report(2, RoundId(round), Digest([round as u8; 32]));
+            let closed = closed(&last).expect("the round closes");
+            assert_eq!(
+                closed.checkpoint.is_some(),
+                round == 2,
+                "round {round}: only the final round is checkpointed"
+            );
+        }
+        assert!(
+            events(&last)
+                .iter()
+                .any(|e| matches!(e, Event::Finished { version: 2, .. })),
+            "{last:?}"
+        );
+        assert!(driver.coordinator.finished());
+        driver.advance(10_000);
+        driver.join(3, 1 << 40);
+        assert_eq!(
+            driver.coordinator.open_round(),
+            None,
+            "no round after the final one"
         );
     }
 

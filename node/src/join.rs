@@ -147,7 +147,7 @@ impl Shell {
         stop: Arc<AtomicBool>,
     ) -> Result<(Shell, VecDeque<Action<Proposal>>)> {
         let (cfg, diloco) = local_config(&accepted.run_config, opts)?;
-        let total_steps = cfg.total_steps();
+        let final_version = cfg.final_version();
         let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
         let outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
         let codec = QuantCodec {
@@ -162,7 +162,7 @@ impl Shell {
             .open(&rounds_path)
             .with_context(|| format!("opening {}", rounds_path.display()))?;
         let config = RoundsConfig {
-            total_steps,
+            final_version,
             eval_every_rounds: diloco.eval_every_rounds,
             numel: outer.numel() as u64,
             initial_hashes: wire_hashes(&outer.state_hashes()),
@@ -380,12 +380,14 @@ impl Shell {
         }
         let budget = (self.diloco.round_seconds > 0.0)
             .then(|| Duration::from_secs_f64(self.diloco.round_seconds));
-        let left = self
-            .trainer
-            .config()
-            .total_steps()
-            .saturating_sub(self.trainer.step());
-        let steps = self.diloco.round_steps(self.trainer.step()).min(left);
+        // The run's last round is shorter when the budget is not a multiple of H; past the
+        // budget (rounds that were abandoned kept their local progress) rounds are full.
+        let step = self.trainer.step();
+        let left = self.trainer.config().total_steps().saturating_sub(step);
+        let steps = match self.diloco.round_steps(step) {
+            full if left == 0 => full,
+            full => full.min(left),
+        };
         let inner =
             tokio::task::block_in_place(|| self.trainer.inner_steps(steps, budget, &self.stop));
         Ok(Input::Trained(

@@ -75,8 +75,9 @@ impl RoundLog {
 /// What the run fixes for the whole of a node's life.
 #[derive(Debug, Clone)]
 pub(crate) struct RoundsConfig {
-    /// The run's budget in inner steps.
-    pub(crate) total_steps: u64,
+    /// The global version the run ends at (its budget, which the coordinator owns); 0: none,
+    /// the run goes on until stopped.
+    pub(crate) final_version: u64,
     /// Evaluate after every this many finished rounds (and after the last one).
     pub(crate) eval_every_rounds: u64,
     /// Values in the model (the pseudo-gradient's length), for the fp32-equivalent byte count.
@@ -291,6 +292,8 @@ pub(crate) struct Rounds<P> {
     rounds_done: u64,
     contributed: bool,
     stopping: bool,
+    /// The newest global version the coordinator committed, as far as this node heard.
+    run_version: u64,
 }
 
 impl<P> Rounds<P> {
@@ -318,6 +321,7 @@ impl<P> Rounds<P> {
             rounds_done: 0,
             contributed: false,
             stopping: false,
+            run_version: accepted.global.version,
         };
         if let Some(a) = &accepted.assignment {
             rounds.shard = Some((a.data_shard.index, a.data_shard.count));
@@ -398,16 +402,21 @@ impl<P> Rounds<P> {
                     matches!(note, Notification::Message(CoordinatorMessage::RoundOpened(open))
                         if unplayed(last, open.round))
                 });
-                if !announced || self.step >= self.config.total_steps {
+                if !announced || self.finished() {
                     self.exit(Exit::Leave("stopped by signal".into()), out);
                     return;
                 }
             }
-            if self.step >= self.config.total_steps && self.pending.is_none() {
-                let why = format!(
-                    "finished the budget of {} inner steps",
-                    self.config.total_steps
-                );
+            if self.finished() && self.pending.is_none() {
+                let version = self.config.final_version;
+                let why = if self.held == Some(version) {
+                    format!("the run is finished: its final version {version} is committed")
+                } else {
+                    format!(
+                        "the run finished at version {version} without this node; its model is \
+                         the run's final checkpoint"
+                    )
+                };
                 self.exit(Exit::Leave(why), out);
                 return;
             }
@@ -416,6 +425,11 @@ impl<P> Rounds<P> {
             };
             self.take_note(note, out);
         }
+    }
+
+    /// Whether the coordinator committed the run's final version.
+    fn finished(&self) -> bool {
+        self.config.final_version > 0 && self.run_version >= self.config.final_version
     }
 
     fn exit(&mut self, exit: Exit, out: &mut Vec<Action<P>>) {
@@ -717,6 +731,10 @@ impl<P> Rounds<P> {
     }
 
     fn on_round_closed(&mut self, closed: RoundClosed, out: &mut Vec<Action<P>>) {
+        if let RoundOutcome::Committed { version, .. } = &closed.outcome {
+            // The final round's close reaches every member, participant or not.
+            self.run_version = self.run_version.max(*version);
+        }
         let Some(pending) = self.pending.take_if(|p| p.round == closed.round) else {
             return;
         };
@@ -749,9 +767,7 @@ impl<P> Rounds<P> {
             }
         }
         let closing = Closing { closed, log };
-        if self.rounds_done % self.config.eval_every_rounds.max(1) == 0
-            || self.step >= self.config.total_steps
-        {
+        if self.rounds_done % self.config.eval_every_rounds.max(1) == 0 || self.finished() {
             out.push(Action::Evaluate);
             self.phase = Phase::Evaluating(closing);
         } else {

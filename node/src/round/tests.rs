@@ -16,7 +16,7 @@ const ME: MemberId = MemberId(1);
 
 fn config() -> RoundsConfig {
     RoundsConfig {
-        total_steps: 100,
+        final_version: 20,
         eval_every_rounds: 2,
         numel: 1000,
         initial_hashes: hashes(0),
@@ -734,39 +734,62 @@ fn a_failed_training_reports_the_round_and_exits_with_the_error() {
 }
 
 #[test]
-fn the_budget_ends_the_node_once_its_last_round_is_closed() {
+fn the_final_version_ends_the_node_once_its_round_is_closed() {
     let t0 = Instant::now();
-    let mut n = node(t0);
-    play(&mut n, t0, 1, 0, 100);
-    // Last round: evaluated whatever the interval, then the node leaves.
-    assert_eq!(
-        note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None)),
-        ["apply 1", "evaluate"]
-    );
-    assert_eq!(
-        input(
-            &mut n,
-            t0,
-            Input::Evaluated {
-                loss: 3.0,
-                bpb: 1.0
-            }
-        ),
-        [
-            "publish v1 r1",
-            "record 1: committed v1 010101010101",
-            "exit Leave(\"finished the budget of 100 inner steps\")"
-        ]
-    );
-    // A node resumed at the end of its budget leaves before any round.
     let mut n = Node::new(config(), &accepted(ME, Some(0)), t0);
     let resumed = Input::Resumed {
-        held: Some(4),
-        step: 100,
+        held: Some(19),
+        step: 475,
+    };
+    assert!(n.handle(t0, resumed).is_empty());
+    play(&mut n, t0, 20, 19, 500);
+    // The final round: evaluated whatever the interval, checkpointed by the writer (the
+    // coordinator always asks for the final state), then the node leaves.
+    assert_eq!(
+        note(&mut n, t0, closed(20, committed(20), &[1, 2, 3], Some(1))),
+        ["apply 20", "evaluate"]
+    );
+    let evaluated = Input::Evaluated {
+        loss: 3.0,
+        bpb: 1.0,
     };
     assert_eq!(
-        names(&n.handle(t0, resumed)),
-        ["exit Leave(\"finished the budget of 100 inner steps\")"]
+        input(&mut n, t0, evaluated),
+        ["publish v20 r20", "checkpoint 20 shard 0"]
+    );
+    let written = Input::CheckpointWritten(Ok("ckpt".into()));
+    let actions = input(&mut n, t0, written);
+    assert_eq!(
+        actions[1..],
+        [
+            "durable 20 shard 0",
+            "record 20: committed v20 141414141414",
+            "exit Leave(\"the run is finished: its final version 20 is committed\")"
+        ]
+    );
+
+    // A member outside the final round (on standby) hears its close too, and leaves.
+    let mut standby = node(t0);
+    assert_eq!(
+        note(&mut standby, t0, closed(20, committed(20), &[2, 3], None)),
+        [
+            "exit Leave(\"the run finished at version 20 without this node; its model is the run's final checkpoint\")"
+        ]
+    );
+
+    // A node that joins a finished run leaves before any round.
+    let mut done = accepted(ME, Some(0));
+    done.global.version = 20;
+    let mut late = Node::new(config(), &done, t0);
+    let resumed = Input::Resumed {
+        held: None,
+        step: 0,
+    };
+    assert_eq!(
+        names(&late.handle(t0, resumed)),
+        [
+            "exit Leave(\"the run finished at version 20 without this node; its model is the run's final checkpoint\")"
+        ]
     );
 }
 

@@ -61,6 +61,13 @@ impl DilocoConfig {
         }
     }
 
+    /// Rounds that take a replica through `total_steps` inner steps: the synchronous warmup's
+    /// rounds of one step, then rounds of `inner_steps` (the last one shorter). 0 for 0 steps.
+    pub fn rounds_for(&self, total_steps: u64) -> u64 {
+        let warm = self.sync_warmup_steps.min(total_steps);
+        warm + (total_steps - warm).div_ceil(self.inner_steps.max(1))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |why: String| Err(ConfigError::InvalidTrain(format!("[diloco] {why}")));
         if self.inner_steps == 0 {
@@ -116,5 +123,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[diloco] compression: "), "{err}");
+    }
+
+    /// The rounds a replica plays for a budget of inner steps, as the node's rounds take them
+    /// (rounds of one step through the warmup, then of H, the last one shorter).
+    #[test]
+    fn rounds_for_a_budget_follow_round_steps() {
+        for (warmup, h, total) in [
+            (0, 25, 300),
+            (0, 25, 310),
+            (3, 5, 60),
+            (100, 5, 60),
+            (0, 5, 0),
+        ] {
+            let cfg = DilocoConfig {
+                inner_steps: h,
+                sync_warmup_steps: warmup,
+                ..DilocoConfig::default()
+            };
+            let (mut step, mut rounds) = (0, 0);
+            while step < total {
+                step += cfg.round_steps(step).min(total - step);
+                rounds += 1;
+            }
+            assert_eq!(
+                cfg.rounds_for(total),
+                rounds,
+                "warmup {warmup}, H {h}, {total} steps"
+            );
+        }
     }
 }

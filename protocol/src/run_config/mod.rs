@@ -188,6 +188,15 @@ impl RunConfig {
         self.model.resolve()
     }
 
+    /// The global version a DiLoCo run ends at: one committed round for each round a replica
+    /// needs for [`RunConfig::total_steps`]. The coordinator owns this budget; 0 when the run has
+    /// no `[diloco]` table or no budget (it then runs until stopped).
+    pub fn final_version(&self) -> u64 {
+        self.diloco
+            .as_ref()
+            .map_or(0, |diloco| diloco.rounds_for(self.total_steps()))
+    }
+
     /// Optimizer steps this run takes.
     pub fn total_steps(&self) -> u64 {
         let t = &self.train;
