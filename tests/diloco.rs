@@ -398,7 +398,7 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
             log.contains("the run is finished: its final version 8 is committed"),
             "node {i}:\n{log}"
         );
-        let last = lines.iter().filter_map(|l| parse_round(l)).last().unwrap();
+        let last = lines.iter().rev().find_map(|l| parse_round(l)).unwrap();
         assert!(last.3.starts_with("committed v8 "), "node {i}:\n{log}");
         finals.push((last.3, final_loss_line(&lines).expect("a final loss")));
     }
