@@ -83,7 +83,15 @@ pub struct CoordinatorConfig {
     /// that commits it is checkpointed (0: no budget, rounds go on until stopped).
     #[serde(default)]
     pub final_version: u64,
+    /// Speed-aware rounds (`[diloco] pace = "auto"`): rounds carry a pace once the
+    /// participants' measured speeds differ (see [`RoundOpened::pace_us_per_step`]).
+    #[serde(default)]
+    pub pace: bool,
 }
+
+/// Rounds are paced once the slowest participant takes more than this many times as long per
+/// inner step as the fastest.
+pub const PACE_SPREAD: f64 = 1.25;
 
 impl CoordinatorConfig {
     pub fn validate(&self) -> Result<()> {
@@ -235,6 +243,9 @@ struct Member {
     assignment: Option<Assignment>,
     /// Set once most of a round's other participants could not reach this member.
     bench: Option<Bench>,
+    /// Its microseconds per inner step, averaged over its recent reports (0: not measured).
+    #[serde(default)]
+    us_per_step: u64,
 }
 
 /// A member that most of a round's participants could not reach (cut off from its peers but not
@@ -284,6 +295,9 @@ struct OpenRound {
     deadline: Millis,
     participants: BTreeMap<MemberId, Assignment>,
     reports: BTreeMap<MemberId, RoundReport>,
+    /// The round's pace, as announced ([`RoundOpened::pace_us_per_step`]).
+    #[serde(default)]
+    pace_us_per_step: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -616,6 +630,7 @@ impl Coordinator {
                 last_heard: self.now,
                 assignment: None,
                 bench,
+                us_per_step: 0,
             },
         );
         self.conns.entry(from).or_default().member = Some(id);
@@ -681,6 +696,7 @@ impl Coordinator {
                     deadline_ms: remaining,
                     global_version: self.global.version,
                     tensor_hashes: self.global.tensor_hashes.clone(),
+                    pace_us_per_step: round.pace_us_per_step,
                 });
                 send(out, from, message);
             }
@@ -711,7 +727,20 @@ impl Coordinator {
                 return;
             }
             // A duplicate (retransmitted) report does not replace the first.
-            round.reports.entry(id).or_insert(report);
+            if round.reports.contains_key(&id) {
+                return;
+            }
+            let measured = report.us_per_step;
+            round.reports.insert(id, report);
+            if measured > 0
+                && let Some(member) = self.members.get_mut(&id)
+            {
+                // Half the newest measurement: speeds change (thermal limits, other work).
+                member.us_per_step = match member.us_per_step {
+                    0 => measured,
+                    old => (old + measured) / 2,
+                };
+            }
             return;
         }
         let newest = open.or(self.last_round);
@@ -1088,12 +1117,14 @@ impl Coordinator {
             .keys()
             .map(|member| self.peer(*member))
             .collect();
+        let pace_us_per_step = self.pace(participants.keys());
         let message = CoordinatorMessage::RoundOpened(RoundOpened {
             round: id,
             participants: peers,
             deadline_ms: self.config.round_deadline_ms,
             global_version: self.global.version,
             tensor_hashes: self.global.tensor_hashes.clone(),
+            pace_us_per_step,
         });
         for member in participants.keys() {
             self.send_to_member(*member, message.clone(), out);
@@ -1107,6 +1138,7 @@ impl Coordinator {
             deadline: self.now.plus(self.config.round_deadline_ms),
             participants,
             reports: BTreeMap::new(),
+            pace_us_per_step,
         });
     }
 
@@ -1280,6 +1312,27 @@ impl Coordinator {
                 ),
             }));
         }
+    }
+
+    /// A round's pace with `[diloco] pace = "auto"`: the median measured participant's microseconds per
+    /// inner step, when at least two are measured and the slowest takes more than
+    /// [`PACE_SPREAD`] times as long per step as the fastest; None otherwise (H steps each).
+    fn pace<'a>(&self, participants: impl Iterator<Item = &'a MemberId>) -> Option<u64> {
+        if !self.config.pace {
+            return None;
+        }
+        let mut speeds: Vec<u64> = participants
+            .filter_map(|id| self.members.get(id))
+            .map(|member| member.us_per_step)
+            .filter(|&us| us > 0)
+            .collect();
+        speeds.sort_unstable();
+        let (&fastest, &slowest) = (speeds.first()?, speeds.last()?);
+        if speeds.len() < 2 || (slowest as f64) <= PACE_SPREAD * fastest as f64 {
+            return None;
+        }
+        let n = speeds.len();
+        Some((speeds[(n - 1) / 2] + speeds[n / 2]) / 2)
     }
 
     /// Whether the run's final version is committed: the run is over.

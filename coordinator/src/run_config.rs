@@ -47,6 +47,9 @@ pub fn load(path: &Path) -> Result<CoordinatorConfig> {
 pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     let run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
     let final_version = run.final_version();
+    let pace = run
+        .diloco
+        .is_some_and(|d| d.pace == forge_protocol::run_config::Pace::Auto);
     let section = match run.coordinator {
         None => None,
         Some(table) => Some(
@@ -80,6 +83,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
             DEFAULT_CHECKPOINT_EVERY_ROUNDS,
         ),
         final_version,
+        pace,
         run_config: text,
     };
     config.validate().map_err(|err| Error::RunConfig {

@@ -118,6 +118,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         round_deadline_ms: 4_000,
         checkpoint_every_rounds: 3,
         final_version: 0,
+        pace: false,
     }
 }
 
@@ -509,6 +510,7 @@ impl Sim {
             let report = RoundReport {
                 round,
                 tokens_processed: 4_096,
+                us_per_step: 0,
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
@@ -677,6 +679,7 @@ impl Driver {
             NodeMessage::RoundReport(RoundReport {
                 round,
                 tokens_processed: 1_000,
+                us_per_step: 0,
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
@@ -903,6 +906,59 @@ mod tests {
         );
     }
 
+    /// Speed-aware rounds: once the participants' reported speeds differ by more than
+    /// PACE_SPREAD, a round carries the median time per step; equal speeds, or pace = "fixed",
+    /// carry none.
+    #[test]
+    fn rounds_are_paced_once_speeds_differ() {
+        let pace_of = |outputs: &[Output]| {
+            outputs.iter().find_map(|o| match o {
+                Output::Send {
+                    message: CoordinatorMessage::RoundOpened(open),
+                    ..
+                } => Some(open.pace_us_per_step),
+                _ => None,
+            })
+        };
+        let report = |round: u64, us: u64| {
+            NodeMessage::RoundReport(RoundReport {
+                round: RoundId(round),
+                tokens_processed: 1_000,
+                us_per_step: us,
+                outer_step: OuterStep::Ok {
+                    params_hash: Digest([round as u8; 32]),
+                    tensor_hashes: vec![TensorHash {
+                        key: TensorKey::Param("w".to_string()),
+                        digest: Digest([round as u8; 32]),
+                    }],
+                },
+            })
+        };
+        for paced in [true, false] {
+            let mut cfg = config(2);
+            cfg.pace = paced;
+            let mut driver = Driver::new(cfg);
+            driver.join(1, 1 << 40);
+            let (_, first) = driver.join(2, 1 << 40);
+            assert_eq!(pace_of(&first), Some(None), "nothing measured yet");
+            driver.send(1, report(1, 1_000));
+            let opened = driver.send(2, report(1, 3_000));
+            let expected = paced.then_some(2_000);
+            assert_eq!(pace_of(&opened), Some(expected), "paced: {paced}");
+            // Speeds that come together end the pacing: each report counts half (3000, then
+            // 2000, 1500 and 1250 against 1000).
+            for (round, pace) in [(2, Some(1_500)), (3, Some(1_250)), (4, None)] {
+                driver.send(1, report(round, 1_000));
+                let opened = driver.send(2, report(round, 1_000));
+                assert_eq!(
+                    pace_of(&opened),
+                    Some(pace.filter(|_| paced)),
+                    "round {round}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn lossy_network_keeps_every_invariant_and_makes_progress() {
         for seed in 0..10 {
@@ -1072,6 +1128,7 @@ mod tests {
             NodeMessage::RoundReport(RoundReport {
                 round: round2,
                 tokens_processed: 1_000,
+                us_per_step: 0,
                 outer_step: OuterStep::Failed {
                     reason: "contribution has NaN".to_string(),
                     rejected,
@@ -1201,6 +1258,7 @@ mod tests {
         NodeMessage::RoundReport(RoundReport {
             round,
             tokens_processed: 1_000,
+            us_per_step: 0,
             outer_step: OuterStep::Failed {
                 reason: "timed out".to_string(),
                 rejected: None,
@@ -1305,6 +1363,7 @@ mod tests {
             NodeMessage::RoundReport(RoundReport {
                 round: RoundId(1),
                 tokens_processed: 1_000,
+                us_per_step: 0,
                 outer_step: OuterStep::Failed {
                     reason: "outlier norm".to_string(),
                     rejected: Some(rejected),
@@ -1699,6 +1758,7 @@ mod tests {
             NodeMessage::RoundReport(RoundReport {
                 round,
                 tokens_processed: 10,
+                us_per_step: 0,
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {

@@ -117,6 +117,7 @@ async fn follow(
                     let report = RoundReport {
                         round: opened.round,
                         tokens_processed: 4_096,
+                        us_per_step: 0,
                         outer_step: OuterStep::Ok {
                             params_hash: digest,
                             tensor_hashes: vec![TensorHash {

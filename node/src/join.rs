@@ -10,7 +10,7 @@
 
 use crate::p2p::PeerNet;
 use crate::round::{
-    Action, Exit, Fetched, Input, RoundLog, Rounds, RoundsConfig, Trained, failed_report,
+    Action, Exit, Fetched, InnerPlan, Input, RoundLog, Rounds, RoundsConfig, Trained, failed_report,
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 mod setup;
@@ -133,6 +133,8 @@ struct Shell {
     /// Whether the state machine has been told of the signal.
     stop_told: bool,
     fault: Option<(usize, Fault, u64)>,
+    /// This node's microseconds per inner step in its last round, for paced rounds.
+    us_per_step: Option<u64>,
 }
 
 impl Shell {
@@ -188,6 +190,7 @@ impl Shell {
             stop,
             stop_told: false,
             fault: test_fault()?,
+            us_per_step: None,
             outer,
             trainer,
         };
@@ -280,9 +283,13 @@ impl Shell {
                 .trainer
                 .set_data_shard(index as usize, count as usize)?,
             Action::FetchState(open) => return Ok(Some(self.fetch(&open).await)),
-            Action::Train(round) => {
+            Action::Train {
+                round,
+                version,
+                pace_us_per_step,
+            } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
-                let trained = self.train()?;
+                let trained = self.train(version, pace_us_per_step)?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
                 while let Ok(note) = notes.try_recv() {
@@ -368,9 +375,8 @@ impl Shell {
         })
     }
 
-    /// The round's inner steps: H of them, fewer at the end of the budget or when the round's
-    /// time budget runs out, none once stopped.
-    fn train(&mut self) -> Result<Input<Proposal>> {
+    /// The round's inner steps from global `version` (see [`InnerPlan`]), none once stopped.
+    fn train(&mut self, version: u64, pace_us_per_step: Option<u64>) -> Result<Input<Proposal>> {
         if let Some((rank, fault)) = self
             .fault
             .take_if(|(_, _, at)| self.trainer.step() >= *at)
@@ -378,18 +384,22 @@ impl Shell {
         {
             self.trainer.inject_fault(rank, fault)?;
         }
-        let budget = (self.diloco.round_seconds > 0.0)
-            .then(|| Duration::from_secs_f64(self.diloco.round_seconds));
-        // The run's last round is shorter when the budget is not a multiple of H; past the
-        // budget (rounds that were abandoned kept their local progress) rounds are full.
-        let step = self.trainer.step();
-        let left = self.trainer.config().total_steps().saturating_sub(step);
-        let steps = match self.diloco.round_steps(step) {
-            full if left == 0 => full,
-            full => full.min(left),
-        };
-        let inner =
-            tokio::task::block_in_place(|| self.trainer.inner_steps(steps, budget, &self.stop));
+        let plan = InnerPlan::new(
+            &self.diloco,
+            self.trainer.config().total_steps(),
+            version,
+            pace_us_per_step,
+            self.us_per_step,
+        );
+        let inner = tokio::task::block_in_place(|| {
+            self.trainer
+                .inner_steps(plan.steps, plan.budget, &self.stop, plan.schedule)
+        });
+        if let Ok(inner) = &inner
+            && inner.steps > 0
+        {
+            self.us_per_step = Some((inner.seconds * 1e6 / inner.steps as f64).max(1.0) as u64);
+        }
         Ok(Input::Trained(
             inner
                 .map(|inner| Trained {
@@ -460,7 +470,14 @@ impl Shell {
 
     /// Appends the round to `rounds.jsonl` and prints it.
     fn record(&mut self, log: &RoundLog) -> Result<()> {
-        writeln!(self.rounds_log, "{}", serde_json::to_string(log)?)?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let stamped = RoundLog {
+            unix_ms: Some(at),
+            ..log.clone()
+        };
+        writeln!(self.rounds_log, "{}", serde_json::to_string(&stamped)?)?;
         println!("{}", log.line());
         Ok(())
     }

@@ -18,9 +18,11 @@ use forge_protocol::messages::{
     MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
     TensorHash,
 };
+use forge_protocol::run_config::DilocoConfig;
+use forge_trainer::train::ScheduleSpan;
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One line of `rounds.jsonl` in the node's run directory, and of its round printout.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -49,6 +51,10 @@ pub(crate) struct RoundLog {
     /// nodes that missed a commit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) state_fetch_s: Option<f64>,
+    /// When the shell wrote the line (milliseconds since the Unix epoch), to line the rounds of
+    /// several nodes up in wall time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) unix_ms: Option<u64>,
 }
 
 impl RoundLog {
@@ -185,8 +191,14 @@ pub(crate) enum Action<P> {
     /// Fetch the round's global state from its other participants, check it against the
     /// round's hashes and take it; answer with [`Input::StateFetched`].
     FetchState(RoundOpened),
-    /// Run the round's inner steps; answer with [`Input::Trained`].
-    Train(RoundId),
+    /// Run the round's inner steps from global `version` (the schedule's position), paced
+    /// when the round says so ([`RoundOpened::pace_us_per_step`]); answer with
+    /// [`Input::Trained`].
+    Train {
+        round: RoundId,
+        version: u64,
+        pace_us_per_step: Option<u64>,
+    },
     /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
     /// step; answer with [`Input::Reduced`].
     AllReduce {
@@ -553,7 +565,7 @@ impl<P> Rounds<P> {
             out.push(Action::FetchState(open.clone()));
             self.phase = Phase::Fetching(open);
         } else {
-            out.push(Action::Train(open.round));
+            out.push(train(&open));
             self.phase = Phase::Training {
                 open,
                 state_fetch_s: None,
@@ -577,7 +589,7 @@ impl<P> Rounds<P> {
                     version: open.global_version,
                     round: fetched.made_by_round,
                 });
-                out.push(Action::Train(open.round));
+                out.push(train(&open));
                 self.phase = Phase::Training {
                     open,
                     state_fetch_s: Some(fetched.seconds),
@@ -691,6 +703,7 @@ impl<P> Rounds<P> {
         out.push(Action::Report(RoundReport {
             round: open.round,
             tokens_processed: trained.tokens,
+            us_per_step: us_per_step(&trained),
             outer_step,
         }));
         self.pending = Some(Pending {
@@ -727,6 +740,7 @@ impl<P> Rounds<P> {
             sync_s: 0.0,
             inner_s: trained.seconds,
             state_fetch_s,
+            unix_ms: None,
         }
     }
 
@@ -918,6 +932,84 @@ fn failed_step(open: &RoundOpened, failure: ReduceFailure) -> OuterStep {
     }
 }
 
+/// A paced round gives a node at most this many times H inner steps, however fast it is.
+pub(crate) const MAX_PACED_ROUND: u64 = 8;
+
+/// How a round's inner steps go: how many, for how long, and where on the lr schedule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct InnerPlan {
+    pub(crate) steps: u64,
+    /// Train until this much time has passed (at least one step), if set.
+    pub(crate) budget: Option<Duration>,
+    pub(crate) schedule: ScheduleSpan,
+}
+
+impl InnerPlan {
+    /// The inner steps of the round that starts from global `version`, for a run of
+    /// `total_steps` per replica. The schedule starts where a replica that played every round
+    /// would be ([`DilocoConfig::step_at_version`]), the run's progress. A round of H steps
+    /// (not a warmup round of one) that carries a pace lasts the median node's time for H
+    /// steps: this node trains that long, up to [`MAX_PACED_ROUND`] x H steps, and strides
+    /// through the round's H schedule steps by how many it expects to do at its own speed
+    /// (`mine`, microseconds per step in its last round). Unpaced: H steps (the last round of
+    /// the budget shorter), stopped early after `round_seconds` when that is set.
+    pub(crate) fn new(
+        diloco: &DilocoConfig,
+        total_steps: u64,
+        version: u64,
+        pace_us_per_step: Option<u64>,
+        mine: Option<u64>,
+    ) -> InnerPlan {
+        let start = diloco.step_at_version(version);
+        let target = diloco.round_steps(start);
+        match pace_us_per_step.filter(|&us| us > 0 && target > 1) {
+            Some(pace) => {
+                let round_us = pace.saturating_mul(target);
+                let expected =
+                    (round_us / mine.unwrap_or(pace).max(1)).clamp(1, MAX_PACED_ROUND * target);
+                InnerPlan {
+                    steps: MAX_PACED_ROUND * target,
+                    budget: Some(Duration::from_micros(round_us)),
+                    schedule: ScheduleSpan {
+                        start,
+                        per_step: target as f64 / expected as f64,
+                    },
+                }
+            }
+            None => {
+                // Past the budget (a run whose last rounds were abandoned) rounds stay full.
+                let left = total_steps.saturating_sub(start);
+                InnerPlan {
+                    steps: if left == 0 { target } else { target.min(left) },
+                    budget: (diloco.round_seconds > 0.0)
+                        .then(|| Duration::from_secs_f64(diloco.round_seconds)),
+                    schedule: ScheduleSpan {
+                        start,
+                        per_step: 1.0,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Mean microseconds per inner step of a round's training (0: no step).
+fn us_per_step(trained: &Trained) -> u64 {
+    if trained.steps == 0 {
+        return 0;
+    }
+    (trained.seconds * 1e6 / trained.steps as f64).round() as u64
+}
+
+/// The inner steps of the round `open` announces.
+fn train<P>(open: &RoundOpened) -> Action<P> {
+    Action::Train {
+        round: open.round,
+        version: open.global_version,
+        pace_us_per_step: open.pace_us_per_step,
+    }
+}
+
 pub(crate) fn failed_report(
     round: RoundId,
     reason: String,
@@ -927,6 +1019,7 @@ pub(crate) fn failed_report(
     RoundReport {
         round,
         tokens_processed: 0,
+        us_per_step: 0,
         outer_step: OuterStep::Failed {
             reason,
             rejected,

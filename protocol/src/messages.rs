@@ -295,6 +295,11 @@ pub struct RoundOpened {
     /// That version's committed tensor hashes: a node that holds another version (it joined
     /// mid-run, or missed a commit) fetches this one from its peers and checks it against them.
     pub tensor_hashes: Vec<TensorHash>,
+    /// Speed-aware rounds (`[diloco] pace = "auto"` and the participants' speeds differ): the
+    /// median participant's microseconds per inner step. Every node trains for the time that
+    /// median node needs for the round's H steps, fast nodes doing more steps and slow ones
+    /// fewer, so all reach the all-reduce together. None: H steps each.
+    pub pace_us_per_step: Option<u64>,
 }
 
 /// How a node's outer step went.
@@ -332,6 +337,9 @@ pub struct InitialState {
 pub struct RoundReport {
     pub round: RoundId,
     pub tokens_processed: u64,
+    /// The node's mean microseconds per inner step in this round (0: not measured), from which
+    /// the coordinator paces later rounds.
+    pub us_per_step: u64,
     pub outer_step: OuterStep,
 }
 
@@ -608,6 +616,7 @@ mod tests {
                 NodeMessage::RoundReport(RoundReport {
                     round: RoundId(round),
                     tokens_processed: tokens,
+                    us_per_step: tokens / 7,
                     outer_step,
                 })
             }),
@@ -699,16 +708,18 @@ mod tests {
                 prop::collection::vec(peer(), 0..5),
                 any::<u64>(),
                 any::<u64>(),
-                tensor_hashes()
+                tensor_hashes(),
+                prop::option::of(any::<u64>()),
             )
                 .prop_map(
-                    |(round, participants, deadline_ms, global_version, tensor_hashes)| {
+                    |(round, participants, deadline_ms, global_version, tensor_hashes, pace)| {
                         CoordinatorMessage::RoundOpened(RoundOpened {
                             round: RoundId(round),
                             participants,
                             deadline_ms,
                             global_version,
                             tensor_hashes,
+                            pace_us_per_step: pace,
                         })
                     }
                 ),

@@ -102,6 +102,15 @@ impl StepTiming {
     }
 }
 
+/// Where a round's inner steps sit on the lr schedule: step `i` of the round at
+/// `start + i * per_step`. A node doing more steps than H in a round (a fast node in a paced
+/// round) moves through the round's H schedule steps in smaller strides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScheduleSpan {
+    pub start: u64,
+    pub per_step: f64,
+}
+
 /// A run being trained.
 pub struct Trainer {
     cfg: RunConfig,
@@ -389,12 +398,14 @@ impl Trainer {
     }
 
     /// Up to `steps` optimizer steps, fewer if `budget` runs out or `stop` is set (a DiLoCo
-    /// round's inner loop: slow nodes do fewer steps rather than make the others wait).
+    /// round's inner loop: slow nodes do fewer steps rather than make the others wait). The lr
+    /// follows `schedule`: the run's progress rather than this trainer's step count.
     pub fn inner_steps(
         &mut self,
         steps: u64,
         budget: Option<std::time::Duration>,
         stop: &AtomicBool,
+        schedule: ScheduleSpan,
     ) -> Result<InnerSummary> {
         let started = Instant::now();
         let mut summary = InnerSummary::default();
@@ -403,7 +414,8 @@ impl Trainer {
             if budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0 {
                 break;
             }
-            let (loss, grad_norm, _lr) = self.train_step()?;
+            let position = schedule.start + (summary.steps as f64 * schedule.per_step) as u64;
+            let (loss, grad_norm, _lr) = self.train_step_at(position)?;
             self.guard(loss)?;
             summary.steps += 1;
             summary.tokens += self.cfg.tokens_per_step();
@@ -572,6 +584,13 @@ impl Trainer {
     /// One optimizer step (with gradient accumulation, and the gradient exchange among
     /// data-parallel workers); returns (loss, grad_norm, lr).
     pub fn train_step(&mut self) -> Result<(f64, f64, f64)> {
+        let position = self.state.step;
+        self.train_step_at(position)
+    }
+
+    /// [`Trainer::train_step`] with the lr schedule at `position` instead of this trainer's own
+    /// step count (a DiLoCo node follows the run's progress).
+    fn train_step_at(&mut self, position: u64) -> Result<(f64, f64, f64)> {
         if let Some(reason) = &self.failed {
             return Err(Error::Parallel(format!(
                 "data parallelism on this node stopped earlier: {reason}"
@@ -580,7 +599,7 @@ impl Trainer {
         let started = Instant::now();
         let t = &self.cfg.train;
         let total = self.cfg.total_steps();
-        let lr = self.peak_lr * t.schedule.factor(self.state.step, total);
+        let lr = self.peak_lr * t.schedule.factor(position, total);
         let grad_clip = t.grad_clip;
         let timeout = t.parallel.timeout();
         let fault = self.fault.take();

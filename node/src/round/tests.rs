@@ -73,6 +73,7 @@ fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
         deadline_ms: 60_000,
         global_version: version,
         tensor_hashes: vec![],
+        pace_us_per_step: None,
     }))
 }
 
@@ -146,7 +147,7 @@ fn names(actions: &[Action<u64>]) -> Vec<String> {
             ),
             Action::FollowShard { index, count } => format!("shard {index}/{count}"),
             Action::FetchState(open) => format!("fetch v{}", open.global_version),
-            Action::Train(round) => format!("train {}", round.0),
+            Action::Train { round, .. } => format!("train {}", round.0),
             Action::AllReduce { round, .. } => format!("all-reduce {}", round.0),
             Action::AbortAllReduce { peer, .. } => format!("abort {peer}"),
             Action::Report(report) => match &report.outer_step {
@@ -211,6 +212,7 @@ fn a_node_whose_version_0_differs_fetches_the_runs() {
             deadline_ms: 60_000,
             global_version: 0,
             tensor_hashes: hashes,
+            pace_us_per_step: None,
         }))
     };
     let mut same = node(t0);
@@ -857,4 +859,87 @@ fn sigterm_leaves_without_acting_on_what_waited_unless_it_announces_a_round() {
     let actions = input(&mut n, t0, reduced(2));
     assert_eq!(actions.last().unwrap(), "exit Leave(\"stopped by signal\")");
     assert_eq!(n.round_in_flight(), None);
+}
+
+/// Unpaced rounds are H steps (the budget's last one shorter) on the run's schedule; a paced
+/// round lasts the median node's time for H steps, and a node twice as fast strides through the
+/// same H schedule steps in twice as many steps.
+#[test]
+fn inner_steps_follow_the_run_and_the_pace() {
+    let diloco = DilocoConfig {
+        inner_steps: 10,
+        sync_warmup_steps: 2,
+        ..DilocoConfig::default()
+    };
+    let fixed = InnerPlan::new(&diloco, 25, 3, None, Some(500));
+    assert_eq!(fixed.steps, 10);
+    assert_eq!(fixed.budget, None);
+    assert_eq!(
+        fixed.schedule,
+        ScheduleSpan {
+            start: 12,
+            per_step: 1.0
+        },
+        "2 warmup rounds of one step, then one of 10"
+    );
+    assert_eq!(
+        InnerPlan::new(&diloco, 25, 4, None, None).steps,
+        3,
+        "the last round"
+    );
+    assert_eq!(
+        InnerPlan::new(&diloco, 25, 6, None, None).steps,
+        10,
+        "past the budget"
+    );
+    // Warmup rounds (one step) are never paced.
+    let warm = InnerPlan::new(&diloco, 25, 1, Some(1000), Some(500));
+    assert_eq!((warm.steps, warm.budget), (1, None));
+
+    let fast = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(500));
+    assert_eq!(fast.budget, Some(Duration::from_millis(10)));
+    assert_eq!(fast.steps, MAX_PACED_ROUND * 10);
+    assert_eq!(fast.schedule.per_step, 0.5);
+    let slow = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(4000));
+    assert_eq!(slow.schedule.per_step, 10.0 / 2.0);
+    let unmeasured = InnerPlan::new(&diloco, 25, 3, Some(1000), None);
+    assert_eq!(unmeasured.schedule.per_step, 1.0);
+}
+
+/// A paced round's pace reaches the inner steps, and the report carries this node's measured
+/// time per step for the coordinator's next pace.
+#[test]
+fn a_paced_round_passes_its_pace_on_and_reports_the_nodes_speed() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    let open = RoundOpened {
+        round: RoundId(1),
+        participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
+        deadline_ms: 60_000,
+        global_version: 0,
+        tensor_hashes: vec![],
+        pace_us_per_step: Some(1500),
+    };
+    let actions = n.handle(
+        t0,
+        Input::Note(Notification::Message(CoordinatorMessage::RoundOpened(open))),
+    );
+    assert!(
+        matches!(
+            actions.last(),
+            Some(Action::Train {
+                version: 0,
+                pace_us_per_step: Some(1500),
+                ..
+            })
+        ),
+        "{:?}",
+        names(&actions)
+    );
+    input(&mut n, t0, trained(25));
+    let actions = n.handle(t0, reduced(1));
+    let Some(Action::Report(report)) = actions.last() else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!(report.us_per_step, 80_000, "2 s for 25 steps");
 }

@@ -31,6 +31,23 @@ pub struct DilocoConfig {
     /// most early in training, when a round costs little against the progress it protects.
     #[serde(default)]
     pub sync_warmup_steps: u64,
+    /// How much each node trains per round: `auto` (the default) gives every node the same wall
+    /// time per round once their measured speeds differ by more than a quarter, so a fast node
+    /// does more inner steps instead of waiting for a slow one at the all-reduce; `fixed` keeps
+    /// H steps everywhere.
+    #[serde(default)]
+    pub pace: Pace,
+}
+
+/// `[diloco] pace`: the inner steps of a round, fixed or following each node's speed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pace {
+    /// Equal wall time per round when the nodes' speeds differ (H steps at the median speed).
+    #[default]
+    Auto,
+    /// H inner steps on every node, whatever its speed.
+    Fixed,
 }
 
 impl Default for DilocoConfig {
@@ -47,6 +64,7 @@ impl Default for DilocoConfig {
             },
             eval_every_rounds: 5,
             sync_warmup_steps: 0,
+            pace: Pace::Auto,
         }
     }
 }
@@ -58,6 +76,18 @@ impl DilocoConfig {
             1
         } else {
             self.inner_steps
+        }
+    }
+
+    /// The run's inner step at which the round that starts from global `version` begins, for a
+    /// replica that played every round: the schedule's position (the run's progress, the same on
+    /// every node whatever its own step count).
+    pub fn step_at_version(&self, version: u64) -> u64 {
+        let warm = self.sync_warmup_steps;
+        if version <= warm {
+            version
+        } else {
+            warm + (version - warm) * self.inner_steps
         }
     }
 
