@@ -2,7 +2,7 @@
 //! one node is SIGKILLed mid-run, the other three finish and their loss keeps falling. And a
 //! node that joins a run in progress fetches the global state from its peers and contributes.
 
-use forge_integration_tests::binary;
+use forge_integration_tests::{binary, shared_data};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,13 +10,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(420);
-
-fn shared_data() -> PathBuf {
-    std::env::var_os("FORGE_DATA_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
-        PathBuf::from,
-    )
-}
 
 /// configs/diloco-tiny-cpu.toml, shrunk: 8 x 32-token sequences per step, 5 inner steps per
 /// round, 60 steps in all, a 2 s heartbeat timeout, four data shards, and a first round that
