@@ -3,6 +3,9 @@
 FORGE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FORGE_VENV="${FORGE_VENV:-$FORGE_ROOT/.venv}"
 FORGE_TORCH_VERSION="2.11.0"
+# Loads `forge-node export --hf` folders in the export test (tests/hf_export.py); works with the
+# torch above.
+FORGE_TRANSFORMERS_VERSION="5.25.0"
 export VIRTUAL_ENV="$FORGE_VENV"
 export PATH="$FORGE_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a project-local virtualenv with torch 2.11.0 (the libtorch that tch 0.24
-# expects), then a build of the workspace. A second run skips what is already done.
+# expects) and transformers (the Hugging Face export test loads exports with it), then a build of
+# the workspace. A second run skips what is already done.
 #
 #   scripts/setup.sh            venv + release binaries (target/release)
 #   scripts/setup.sh --dev      venv + debug binaries (target/debug), what the tests use
@@ -62,6 +63,27 @@ else
   say "torch $installed installed"
 fi
 
+# 2. transformers, which the Hugging Face export test (tests/hf_export.py) loads exports with.
+# torch is named too, so pip keeps the version tch needs.
+transformers_version() { "$FORGE_VENV/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true; }
+have="$(transformers_version)"
+if [[ "$have" == "$FORGE_TRANSFORMERS_VERSION" ]]; then
+  say "transformers $have already in $FORGE_VENV"
+else
+  if [[ -n "$have" ]]; then
+    say "the virtualenv has transformers $have; installing $FORGE_TRANSFORMERS_VERSION, the version the export test is checked with"
+  else
+    say "installing transformers==$FORGE_TRANSFORMERS_VERSION into $FORGE_VENV (about 60 MB)"
+  fi
+  "$FORGE_VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q \
+      "transformers==$FORGE_TRANSFORMERS_VERSION" "torch==$FORGE_TORCH_VERSION" \
+    || die "pip could not install transformers==$FORGE_TRANSFORMERS_VERSION (see the pip output above)"
+  have="$(transformers_version)"
+  [[ "$have" == "$FORGE_TRANSFORMERS_VERSION" ]] \
+    || die "after install, the virtualenv reports transformers '${have:-none}', not $FORGE_TRANSFORMERS_VERSION"
+  say "transformers $have installed"
+fi
+
 # NCCL (the `nccl` build feature) is loaded at run time as libnccl.so; the torch wheel ships only
 # libnccl.so.2. A link in torch's lib folder (on the binaries' RUNPATH) lets it be found.
 site=$("$FORGE_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -71,7 +93,7 @@ fi
 
 [[ "$profile" == none ]] && exit 0
 
-# 2. Build. cargo skips what is up to date.
+# 3. Build. cargo skips what is up to date.
 command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and re-run"
 flags=(--workspace --bins)
 [[ "$profile" == release ]] && flags+=(--release)
@@ -86,7 +108,7 @@ fi
 say "building ($profile)"
 cargo build "${flags[@]}"
 
-# 3. The binaries must start without LD_LIBRARY_PATH (rpath to the virtualenv's libtorch).
+# 4. The binaries must start without LD_LIBRARY_PATH (rpath to the virtualenv's libtorch).
 env -u LD_LIBRARY_PATH "$dir/forge-node" --version >/dev/null \
   || die "$dir/forge-node does not start; see the loader error above"
 say "ready: $dir/forge-node, $dir/forge-coordinator"

@@ -1,22 +1,20 @@
 //! DiLoCo across real processes on 127.0.0.1: a coordinator and four nodes train together;
 //! one node is SIGKILLed mid-run, the other three finish and their loss keeps falling. And a
 //! node that joins a run in progress fetches the global state from its peers and contributes.
+//! A whole cluster restarted resumes from its checkpoint shards, which export to Hugging Face
+//! as the committed global state.
 
-use forge_integration_tests::binary;
+use forge_integration_tests::{binary, run, shared_data};
+use forge_trainer::checkpoint::CheckpointDir;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use tch::Tensor;
 
 const LIMIT: Duration = Duration::from_secs(420);
-
-fn shared_data() -> PathBuf {
-    std::env::var_os("FORGE_DATA_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
-        PathBuf::from,
-    )
-}
 
 /// configs/diloco-tiny-cpu.toml, shrunk: 8 x 32-token sequences per step, 5 inner steps per
 /// round, 60 steps in all, a 2 s heartbeat timeout, four data shards, and a first round that
@@ -574,6 +572,57 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
             "node {i}: loss did not fall after the restart:\n{log}"
         );
     }
+    exports_the_committed_global_state(tmp.path());
+}
+
+/// `forge-node export --hf` of a node's run directory takes its newest checkpoint shard, and the
+/// weights it writes are the committed global parameters the shard's outer state holds.
+fn exports_the_committed_global_state(dir: &Path) {
+    let mut exported = 0;
+    for i in 0..2 {
+        let run_dir = dir.join(format!("node{i}/run"));
+        let shards = CheckpointDir::new(run_dir.join("diloco-checkpoints"), usize::MAX);
+        let Some((_, shard)) = shards.latest_valid() else {
+            continue;
+        };
+        let out = dir.join(format!("hf{i}"));
+        let r = run(
+            "forge-node",
+            &[
+                "export",
+                "--checkpoint",
+                run_dir.to_str().unwrap(),
+                "--hf",
+                out.to_str().unwrap(),
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(r.success(), "node {i}: {}", r.stderr);
+        let read = |path: PathBuf| -> BTreeMap<String, Tensor> {
+            Tensor::read_safetensors(path)
+                .unwrap()
+                .into_iter()
+                .collect()
+        };
+        let weights = read(out.join("model.safetensors"));
+        let global: BTreeMap<String, Tensor> = read(shard.join("outer.safetensors"))
+            .into_iter()
+            .filter_map(|(name, t)| Some((name.strip_prefix("global.")?.to_string(), t)))
+            .collect();
+        assert_eq!(
+            weights.keys().collect::<Vec<_>>(),
+            global.keys().collect::<Vec<_>>(),
+            "node {i}"
+        );
+        for (name, t) in &weights {
+            assert!(
+                t.equal(&global[name]),
+                "node {i}: {name} is not the committed one"
+            );
+        }
+        exported += 1;
+    }
+    assert!(exported > 0, "no node has a checkpoint shard to export");
 }
 
 /// Nodes built differently (two data-parallel CPU workers and one thread against one worker and

@@ -1,7 +1,8 @@
-//! Helpers for the integration tests: locate the workspace's binaries and run them with a
-//! bounded time, returning what a user would see.
+//! Helpers for the integration tests: locate the workspace's binaries, the shared sample data
+//! and the virtualenv's Python, write a tiny run config, and run programs with a bounded time,
+//! returning what a user would see.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,14 +41,22 @@ impl Run {
 /// Runs `bin args...` with no `LD_LIBRARY_PATH` (the binaries must find libtorch by rpath),
 /// killing it after `limit`.
 pub fn run(bin: &str, args: &[&str], limit: Duration) -> Run {
-    let mut child = Command::new(binary(bin))
+    let mut command = Command::new(binary(bin));
+    command
         .args(args)
         .env_remove("LD_LIBRARY_PATH")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn");
+    run_command(command, limit)
+}
+
+/// Runs `command` to the end, killing it after `limit`, with its output captured.
+pub fn run_command(mut command: Command, limit: Duration) -> Run {
+    let name = format!("{:?}", command.get_program());
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
     let start = Instant::now();
     loop {
         if child.try_wait().expect("wait").is_some() {
@@ -57,7 +66,7 @@ pub fn run(bin: &str, args: &[&str], limit: Duration) -> Run {
             child.kill().ok();
             let out = child.wait_with_output().expect("output");
             panic!(
-                "{bin} {args:?} ran past {limit:?}; stderr: {}",
+                "{command:?} ran past {limit:?}; stderr: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -73,6 +82,92 @@ pub fn run(bin: &str, args: &[&str], limit: Duration) -> Run {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
+}
+
+/// The shared sample data (`gpt2/`, `tinystories/`): `$FORGE_DATA_DIR`, or `../shared/data`
+/// next to the repository.
+pub fn shared_data() -> PathBuf {
+    std::env::var_os("FORGE_DATA_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
+        PathBuf::from,
+    )
+}
+
+/// The Python of the project's virtualenv (`scripts/setup.sh` makes it): `$FORGE_VENV`, else
+/// the active `$VIRTUAL_ENV` (`scripts/env.sh` sets it), else `.venv` in the repository.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("FORGE_VENV")
+        .or_else(|| std::env::var_os("VIRTUAL_ENV"))
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
+            PathBuf::from,
+        );
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "{} not found; run scripts/setup.sh (or set FORGE_VENV to the virtualenv)",
+        python.display()
+    );
+    python
+}
+
+/// configs/tiny-cpu.toml, shrunk for a test (8 x 32-token sequences per step, 2 eval batches,
+/// no eval before the end, a checkpoint every `checkpoint_every` steps and at the end) and
+/// pointed at the shared data, `cache_dir` and `out_dir`; written into `dir`.
+pub fn tiny_run_config(
+    dir: &Path,
+    out_dir: &Path,
+    cache_dir: &Path,
+    max_steps: u64,
+    checkpoint_every: u64,
+) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"),
+    )
+    .unwrap();
+    let data = shared_data().join("tinystories");
+    let replacements = [
+        (
+            "\"../shared/data/tinystories/train-sample.txt\"",
+            format!("{:?}", data.join("train-sample.txt")),
+        ),
+        (
+            "\"../shared/data/tinystories/valid-sample.txt\"",
+            format!("{:?}", data.join("valid-sample.txt")),
+        ),
+        (
+            "cache_dir = \".forge-cache/data\"",
+            format!("cache_dir = {cache_dir:?}"),
+        ),
+        (
+            "out_dir = \"runs/tiny-cpu\"",
+            format!("out_dir = {out_dir:?}"),
+        ),
+        ("max_steps = 500", format!("max_steps = {max_steps}")),
+        ("seq_len = 128", "seq_len = 32".into()),
+        ("batch_size = 16", "batch_size = 8".into()),
+        ("micro_batch = 16", "micro_batch = 8".into()),
+        ("warmup_steps = 30", "warmup_steps = 2".into()),
+        (
+            "every = 100\n# Validation",
+            "every = 1000\n# Validation".into(),
+        ),
+        ("batches = 0", "batches = 2".into()),
+    ];
+    let mut text = text;
+    for (from, to) in replacements {
+        assert!(text.contains(from), "tiny-cpu.toml no longer has {from}");
+        text = text.replacen(from, &to, 1);
+    }
+    let marker = "# Save every this many steps (and at the end, and on Ctrl-C).\nevery = 100";
+    assert!(text.contains(marker));
+    text = text.replace(
+        marker,
+        &format!("# Save every.\nevery = {checkpoint_every}"),
+    );
+    let path = dir.join(format!("run-{max_steps}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// Runs `scripts/chaos.py` with `args` against the binaries under test, in the work directory

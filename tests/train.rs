@@ -2,71 +2,17 @@
 //! resumes; a full disk while saving fails with a clear message and keeps the last checkpoint;
 //! `sample` reads a checkpoint.
 
-use forge_integration_tests::{binary, run};
+use forge_integration_tests::{binary, run, tiny_run_config};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-fn shared_data() -> PathBuf {
-    std::env::var_os("FORGE_DATA_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
-        PathBuf::from,
-    )
-}
-
 /// configs/tiny-cpu.toml, shrunk for a test and pointed at `out_dir`.
 fn write_config(dir: &Path, out_dir: &Path, max_steps: u64, checkpoint_every: u64) -> PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-cpu.toml"),
-    )
-    .unwrap();
-    let data = shared_data().join("tinystories");
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("forge-data-cache");
-    let replacements = [
-        (
-            "\"../shared/data/tinystories/train-sample.txt\"",
-            format!("{:?}", data.join("train-sample.txt")),
-        ),
-        (
-            "\"../shared/data/tinystories/valid-sample.txt\"",
-            format!("{:?}", data.join("valid-sample.txt")),
-        ),
-        (
-            "cache_dir = \".forge-cache/data\"",
-            format!("cache_dir = {cache:?}"),
-        ),
-        (
-            "out_dir = \"runs/tiny-cpu\"",
-            format!("out_dir = {out_dir:?}"),
-        ),
-        ("max_steps = 500", format!("max_steps = {max_steps}")),
-        ("seq_len = 128", "seq_len = 32".into()),
-        ("batch_size = 16", "batch_size = 8".into()),
-        ("micro_batch = 16", "micro_batch = 8".into()),
-        ("warmup_steps = 30", "warmup_steps = 2".into()),
-        (
-            "every = 100\n# Validation",
-            "every = 1000\n# Validation".into(),
-        ),
-        ("batches = 0", "batches = 2".into()),
-        ("resume = true", "resume = true".into()),
-    ];
-    let mut text = text;
-    for (from, to) in replacements {
-        assert!(text.contains(from), "tiny-cpu.toml no longer has {from}");
-        text = text.replacen(from, &to, 1);
-    }
-    let marker = "# Save every this many steps (and at the end, and on Ctrl-C).\nevery = 100";
-    assert!(text.contains(marker));
-    text = text.replace(
-        marker,
-        &format!("# Save every.\nevery = {checkpoint_every}"),
-    );
-    let path = dir.join(format!("run-{max_steps}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    tiny_run_config(dir, out_dir, &cache, max_steps, checkpoint_every)
 }
 
 fn checkpoints(out_dir: &Path) -> Vec<String> {

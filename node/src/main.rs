@@ -1,5 +1,5 @@
 //! `forge-node`: the program each machine runs: `join` (a node of a DiLoCo run), `train` (one
-//! machine alone), `sample`, `data stats`, `model info` and the benchmarks. This file parses the
+//! machine alone), `sample`, `export`, `data stats`, `model info` and the benchmarks. This file parses the
 //! command line and runs the single-machine subcommands.
 
 /// `forge-node join`: the shell around the round state machine (connections, event loop, jobs).
@@ -16,6 +16,7 @@ use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::config::{LoadRunConfig, RunConfig};
 use forge_trainer::data::{Dataset, Tokenizer};
 use forge_trainer::device::parse_device;
+use forge_trainer::export::HfExport;
 use forge_trainer::models::{Family, ModelConfig, PRESETS, Precision};
 use forge_trainer::sample::{SampleConfig, generate};
 use forge_trainer::train::{Outcome, Trainer, load_checkpoint_model};
@@ -44,6 +45,8 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Write a checkpoint as a Hugging Face model folder (transformers' from_pretrained).
+    Export(ExportArgs),
     /// Inspect a run config's data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -128,6 +131,24 @@ struct SampleArgs {
     seed: i64,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step-NNNNNNNN, or a DiLoCo node's
+    /// diloco-checkpoints/step-NNNNNNNN) or a run directory (its newest).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The folder to write: config.json, model.safetensors, generation_config.json,
+    /// tokenizer.json and tokenizer_config.json.
+    #[arg(long)]
+    hf: PathBuf,
+    /// A tokenizer.json to ship instead of the checkpoint's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Write into a folder that is not empty (the export's files are replaced, others kept).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +339,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Train(args) => train(&args),
         Command::Sample(args) => sample(&args),
+        Command::Export(args) => export(&args),
         Command::Data(DataCommand::Stats { config }) => data_stats(&config),
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
@@ -394,18 +416,49 @@ fn sample(args: &SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint directory as given, or the newest valid one under a run directory.
+fn export(args: &ExportArgs) -> Result<()> {
+    let checkpoint = resolve_checkpoint(&args.checkpoint)?;
+    let done = HfExport {
+        checkpoint,
+        out: args.hf.clone(),
+        tokenizer: args.tokenizer.clone(),
+        force: args.force,
+    }
+    .run()?;
+    println!(
+        "exported step {} ({:.2}M parameters) to {} as {}: {}",
+        done.step,
+        done.params as f64 / 1e6,
+        done.out.display(),
+        done.architecture,
+        done.files.join(", ")
+    );
+    println!(
+        "load it with AutoModelForCausalLM.from_pretrained({:?}) and AutoTokenizer.from_pretrained({:?})",
+        done.out.display().to_string(),
+        done.out.display().to_string()
+    );
+    Ok(())
+}
+
+/// A checkpoint directory as given, or the newest valid one under a run directory (a DiLoCo
+/// node's run directory keeps its shards in `diloco-checkpoints/`).
 fn resolve_checkpoint(path: &std::path::Path) -> Result<PathBuf> {
     if path.join("manifest.json").is_file() {
         return Ok(path.to_path_buf());
     }
-    for root in [path.join("checkpoints"), path.to_path_buf()] {
+    for root in [
+        path.join("checkpoints"),
+        path.join("diloco-checkpoints"),
+        path.to_path_buf(),
+    ] {
         if let Some((_, dir)) = CheckpointDir::new(&root, usize::MAX).latest_valid() {
             return Ok(dir);
         }
     }
     anyhow::bail!(
-        "no valid checkpoint at {}: pass a step-NNNNNNNN directory or a run directory that has checkpoints/",
+        "no valid checkpoint at {}: pass a step-NNNNNNNN directory or a run directory that has \
+         checkpoints/ or diloco-checkpoints/",
         path.display()
     )
 }

@@ -38,6 +38,9 @@ pub enum Error {
     #[error("checkpoint {path}: {why}")]
     Checkpoint { path: PathBuf, why: String },
 
+    #[error("cannot export to {out}: {why}")]
+    Export { out: PathBuf, why: String },
+
     #[error(
         "the global state served by peers does not fit this model: {0}; every node must build \
          its model from the coordinator's run config"

@@ -16,6 +16,8 @@ pub mod device;
 pub mod diloco;
 /// Errors and the crate's `Result`.
 mod error;
+/// Hugging Face export: a checkpoint as a folder `transformers` loads (weights, config, tokenizer).
+pub mod export;
 /// Peak throughput of known accelerators, for model FLOPs utilisation.
 pub mod flops;
 /// Run metrics: `metrics.jsonl` lines and the progress a person watching sees.

@@ -825,7 +825,8 @@ fn bytes_per_token(dataset: &Dataset, eval_set: &[Batch]) -> f64 {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads a JSON file of a checkpoint; an unreadable one is named, an invalid one said so.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
     serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),

@@ -3,7 +3,9 @@
 
 use super::{Family, ModelConfig};
 use crate::error::{Error, Result};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 use tch::{Kind, Tensor, nn::VarStore};
 
@@ -102,19 +104,91 @@ pub fn load(vs: &mut VarStore, cfg: &ModelConfig, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes every parameter of `vs` to a safetensors file under its Hub name (fp32, CPU).
+/// Writes every parameter of `vs` to a safetensors file under its Hub name (fp32, CPU), with the
+/// `{"format": "pt"}` metadata that Hugging Face's `save_pretrained` writes, so the file is a
+/// PyTorch checkpoint to every tool that reads it.
 pub fn save(vs: &VarStore, path: &Path) -> Result<()> {
-    let named: Vec<(String, Tensor)> = vs
+    let named: BTreeMap<String, Tensor> = vs
         .variables()
         .into_iter()
-        .map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous()))
-        .collect::<BTreeMap<_, _>>()
-        .into_iter()
+        .map(|(k, t)| {
+            let t = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float);
+            (k, t.contiguous())
+        })
         .collect();
-    Tensor::write_safetensors(&named, path).map_err(Error::torch(format!(
-        "writing safetensors {}",
-        path.display()
-    )))
+    let views = named
+        .iter()
+        .map(|(name, t)| (name.as_str(), F32View::of(t)));
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views, &metadata, path).map_err(|e| Error::Io {
+        context: format!("writing safetensors {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// A contiguous fp32 CPU tensor as the safetensors writer reads it: its bytes are copied out
+/// one tensor at a time, while the file is written.
+struct F32View<'a> {
+    tensor: &'a Tensor,
+    shape: Vec<usize>,
+}
+
+impl<'a> F32View<'a> {
+    fn of(tensor: &'a Tensor) -> Self {
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        F32View { tensor, shape }
+    }
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut bytes = vec![0u8; self.data_len()];
+        self.tensor.copy_data_u8(&mut bytes, self.tensor.numel());
+        Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Largest header [`read_header`] accepts (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The header of a safetensors file (tensor names, dtypes, shapes, metadata), read without its
+/// tensor data.
+pub(crate) fn read_header(path: &Path) -> Result<safetensors::tensor::Metadata> {
+    let bad = |why: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut file = std::fs::File::open(path)
+        .map_err(Error::io(format!("reading weights {}", path.display())))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(format!("not a safetensors file: no header length ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "not a safetensors file: its header length {len} is over {MAX_HEADER_BYTES} bytes"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("its {len}-byte header is cut short ({e})")))?;
+    serde_json::from_slice(&header).map_err(|e| {
+        bad(format!(
+            "not a safetensors file: its header does not parse ({e})"
+        ))
+    })
 }
 
 fn preview(keys: &[&String]) -> String {
@@ -159,6 +233,37 @@ mod tests {
             assert_eq!(diff, 0.0, "{family}");
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn saved_files_carry_the_pytorch_format_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig::preset("tiny", Some(Family::Llama)).unwrap();
+        let (vs, _model) = build(&cfg);
+        let file = dir.path().join("model.safetensors");
+        save(&vs, &file).unwrap();
+        let header = read_header(&file).unwrap();
+        let format = header.metadata().as_ref().and_then(|m| m.get("format"));
+        assert_eq!(format.map(String::as_str), Some("pt"));
+        let tensors = header.tensors();
+        assert_eq!(tensors.len(), vs.variables().len());
+        assert_eq!(
+            tensors["model.layers.0.mlp.gate_proj.weight"].shape,
+            vec![cfg.d_ff as usize, cfg.d_model as usize]
+        );
+
+        std::fs::write(
+            dir.path().join("short.safetensors"),
+            [200u8, 0, 0, 0, 0, 0, 0, 0, b'{'],
+        )
+        .unwrap();
+        let err = read_header(&dir.path().join("short.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("short.safetensors") && err.contains("cut short"),
+            "{err}"
+        );
     }
 
     #[test]
