@@ -298,6 +298,9 @@ struct OpenRound {
     /// The round's pace, as announced ([`RoundOpened::pace_us_per_step`]).
     #[serde(default)]
     pace_us_per_step: Option<u64>,
+    /// As announced ([`RoundOpened::slowest_us_per_step`]).
+    #[serde(default)]
+    slowest_us_per_step: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -697,6 +700,7 @@ impl Coordinator {
                     global_version: self.global.version,
                     tensor_hashes: self.global.tensor_hashes.clone(),
                     pace_us_per_step: round.pace_us_per_step,
+                    slowest_us_per_step: round.slowest_us_per_step,
                 });
                 send(out, from, message);
             }
@@ -1118,6 +1122,7 @@ impl Coordinator {
             .map(|member| self.peer(*member))
             .collect();
         let pace_us_per_step = self.pace(participants.keys());
+        let slowest_us_per_step = self.measured(participants.keys()).last().copied();
         let message = CoordinatorMessage::RoundOpened(RoundOpened {
             round: id,
             participants: peers,
@@ -1125,6 +1130,7 @@ impl Coordinator {
             global_version: self.global.version,
             tensor_hashes: self.global.tensor_hashes.clone(),
             pace_us_per_step,
+            slowest_us_per_step,
         });
         for member in participants.keys() {
             self.send_to_member(*member, message.clone(), out);
@@ -1139,6 +1145,7 @@ impl Coordinator {
             participants,
             reports: BTreeMap::new(),
             pace_us_per_step,
+            slowest_us_per_step,
         });
     }
 
@@ -1321,18 +1328,24 @@ impl Coordinator {
         if !self.config.pace {
             return None;
         }
-        let mut speeds: Vec<u64> = participants
-            .filter_map(|id| self.members.get(id))
-            .map(|member| member.us_per_step)
-            .filter(|&us| us > 0)
-            .collect();
-        speeds.sort_unstable();
+        let speeds = self.measured(participants);
         let (&fastest, &slowest) = (speeds.first()?, speeds.last()?);
         if speeds.len() < 2 || (slowest as f64) <= PACE_SPREAD * fastest as f64 {
             return None;
         }
         let n = speeds.len();
         Some((speeds[(n - 1) / 2] + speeds[n / 2]) / 2)
+    }
+
+    /// The measured microseconds per inner step of `participants`, fastest first.
+    fn measured<'a>(&self, participants: impl Iterator<Item = &'a MemberId>) -> Vec<u64> {
+        let mut speeds: Vec<u64> = participants
+            .filter_map(|id| self.members.get(id))
+            .map(|member| member.us_per_step)
+            .filter(|&us| us > 0)
+            .collect();
+        speeds.sort_unstable();
+        speeds
     }
 
     /// Whether the run's final version is committed: the run is over.

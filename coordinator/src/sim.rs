@@ -945,6 +945,14 @@ mod tests {
             let opened = driver.send(2, report(1, 3_000));
             let expected = paced.then_some(2_000);
             assert_eq!(pace_of(&opened), Some(expected), "paced: {paced}");
+            let slowest = opened.iter().find_map(|o| match o {
+                Output::Send {
+                    message: CoordinatorMessage::RoundOpened(open),
+                    ..
+                } => open.slowest_us_per_step,
+                _ => None,
+            });
+            assert_eq!(slowest, Some(3_000), "the slowest, paced or not");
             // Speeds that come together end the pacing: each report counts half (3000, then
             // 2000, 1500 and 1250 against 1000).
             for (round, pace) in [(2, Some(1_500)), (3, Some(1_250)), (4, None)] {

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 mod setup;
@@ -301,8 +301,9 @@ impl Shell {
                 round,
                 participants,
                 tokens,
+                wait,
             } => {
-                let input = self.all_reduce(round, &participants, tokens, notes, queue);
+                let input = self.all_reduce(round, &participants, tokens, wait, notes, queue);
                 return Ok(Some(input.await?));
             }
             Action::AbortAllReduce {
@@ -421,11 +422,12 @@ impl Shell {
         round: RoundId,
         participants: &[Peer],
         tokens: u64,
+        wait: Duration,
         notes: &mut mpsc::UnboundedReceiver<Notification>,
         queue: &mut VecDeque<Action<Proposal>>,
     ) -> Result<Input<Proposal>> {
         let data = self.outer.pseudo_gradient(self.trainer.var_store());
-        let request = request(
+        let mut request = request(
             round,
             participants,
             data,
@@ -433,6 +435,7 @@ impl Shell {
             &self.codec,
             self.bandwidth,
         )?;
+        request.timeout += wait;
         let started = Instant::now();
         let result = {
             let all_reduce = self.net.all_reduce(request, &mut self.codec);

@@ -206,6 +206,9 @@ pub(crate) enum Action<P> {
         participants: Vec<Peer>,
         /// The node's tokens this round: the contribution's weight.
         tokens: u64,
+        /// How long this node may wait for slower participants to finish their inner steps,
+        /// on top of the transfer's own timeout ([`peer_wait`]).
+        wait: Duration,
     },
     /// Give up the round's all-reduce (running or about to start): the coordinator declared
     /// this participant gone. Answer with [`Input::Reduced`].
@@ -647,6 +650,7 @@ impl<P> Rounds<P> {
                 round: open.round,
                 participants: open.participants.clone(),
                 tokens: trained.tokens,
+                wait: peer_wait(&open, &trained),
             },
         });
         self.phase = Phase::Reducing {
@@ -991,6 +995,30 @@ impl InnerPlan {
             }
         }
     }
+}
+
+/// Without a measured speed (the run's first rounds), a node waits at the all-reduce for
+/// participants this many times slower than itself.
+pub(crate) const UNMEASURED_SLOWDOWN: f64 = 4.0;
+
+/// How long a node that finished its inner steps waits for slower participants at the
+/// all-reduce, beyond the transfer's timeout: in a paced round everyone trains the same time,
+/// so one step of the slowest (its last step overruns the round's time) twice over; unpaced,
+/// the slowest participant's time for this node's step count past this node's own time, half
+/// as much again; with nothing measured, time for a participant [`UNMEASURED_SLOWDOWN`] times
+/// slower. A dead participant ends the wait sooner (the coordinator says so).
+pub(crate) fn peer_wait(open: &RoundOpened, trained: &Trained) -> Duration {
+    let own = trained.seconds.max(0.0);
+    let seconds = match (open.pace_us_per_step, open.slowest_us_per_step) {
+        (Some(_), Some(slowest)) => 2.0 * slowest as f64 / 1e6,
+        (Some(_), None) => 0.0,
+        (None, Some(slowest)) => {
+            let theirs = trained.steps as f64 * slowest as f64 / 1e6;
+            1.5 * (theirs - own).max(0.0)
+        }
+        (None, None) => (UNMEASURED_SLOWDOWN - 1.0) * own,
+    };
+    Duration::from_secs_f64(seconds.min(86_400.0))
 }
 
 /// Mean microseconds per inner step of a round's training (0: no step).

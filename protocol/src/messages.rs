@@ -300,6 +300,10 @@ pub struct RoundOpened {
     /// median node needs for the round's H steps, fast nodes doing more steps and slow ones
     /// fewer, so all reach the all-reduce together. None: H steps each.
     pub pace_us_per_step: Option<u64>,
+    /// The slowest measured participant's microseconds per inner step: how long a node that
+    /// finished its inner steps early waits at the all-reduce for the others (None: nothing
+    /// measured yet).
+    pub slowest_us_per_step: Option<u64>,
 }
 
 /// How a node's outer step went.
@@ -710,9 +714,18 @@ mod tests {
                 any::<u64>(),
                 tensor_hashes(),
                 prop::option::of(any::<u64>()),
+                prop::option::of(any::<u64>()),
             )
                 .prop_map(
-                    |(round, participants, deadline_ms, global_version, tensor_hashes, pace)| {
+                    |(
+                        round,
+                        participants,
+                        deadline_ms,
+                        global_version,
+                        tensor_hashes,
+                        pace,
+                        slowest,
+                    )| {
                         CoordinatorMessage::RoundOpened(RoundOpened {
                             round: RoundId(round),
                             participants,
@@ -720,6 +733,7 @@ mod tests {
                             global_version,
                             tensor_hashes,
                             pace_us_per_step: pace,
+                            slowest_us_per_step: slowest,
                         })
                     }
                 ),

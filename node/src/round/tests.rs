@@ -74,6 +74,7 @@ fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
         global_version: version,
         tensor_hashes: vec![],
         pace_us_per_step: None,
+        slowest_us_per_step: None,
     }))
 }
 
@@ -213,6 +214,7 @@ fn a_node_whose_version_0_differs_fetches_the_runs() {
             global_version: 0,
             tensor_hashes: hashes,
             pace_us_per_step: None,
+            slowest_us_per_step: None,
         }))
     };
     let mut same = node(t0);
@@ -919,6 +921,7 @@ fn a_paced_round_passes_its_pace_on_and_reports_the_nodes_speed() {
         global_version: 0,
         tensor_hashes: vec![],
         pace_us_per_step: Some(1500),
+        slowest_us_per_step: Some(3000),
     };
     let actions = n.handle(
         t0,
@@ -942,4 +945,44 @@ fn a_paced_round_passes_its_pace_on_and_reports_the_nodes_speed() {
         panic!("{:?}", names(&actions))
     };
     assert_eq!(report.us_per_step, 80_000, "2 s for 25 steps");
+}
+
+/// A node that finished early waits for slower participants at the all-reduce: as long as the
+/// slowest measured one needs for the same steps (and half again), a participant 4x slower
+/// while nothing is measured, one slowest step twice over in a paced round.
+#[test]
+fn the_all_reduce_waits_for_slower_participants() {
+    let open = |pace: Option<u64>, slowest: Option<u64>| RoundOpened {
+        round: RoundId(1),
+        participants: vec![peer(1), peer(2)],
+        deadline_ms: 60_000,
+        global_version: 0,
+        tensor_hashes: vec![],
+        pace_us_per_step: pace,
+        slowest_us_per_step: slowest,
+    };
+    let trained = Trained {
+        steps: 25,
+        tokens: 25 * 2048,
+        mean_loss: 3.5,
+        seconds: 2.0,
+        step: 25,
+    };
+    // 25 steps at 0.4 s: 10 s for the slowest, 8 s more than this node's 2 s.
+    assert_eq!(
+        peer_wait(&open(None, Some(400_000)), &trained),
+        Duration::from_secs(12)
+    );
+    assert_eq!(
+        peer_wait(&open(None, Some(50_000)), &trained),
+        Duration::ZERO
+    );
+    assert_eq!(
+        peer_wait(&open(None, None), &trained),
+        Duration::from_secs(6)
+    );
+    assert_eq!(
+        peer_wait(&open(Some(80_000), Some(400_000)), &trained),
+        Duration::from_millis(800)
+    );
 }
