@@ -287,9 +287,10 @@ impl Shell {
                 round,
                 version,
                 pace_us_per_step,
+                opened_at,
             } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
-                let trained = self.train(version, pace_us_per_step)?;
+                let trained = self.train(version, pace_us_per_step, opened_at.elapsed())?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
                 while let Ok(note) = notes.try_recv() {
@@ -377,7 +378,12 @@ impl Shell {
     }
 
     /// The round's inner steps from global `version` (see [`InnerPlan`]), none once stopped.
-    fn train(&mut self, version: u64, pace_us_per_step: Option<u64>) -> Result<Input<Proposal>> {
+    fn train(
+        &mut self,
+        version: u64,
+        pace_us_per_step: Option<u64>,
+        elapsed: Duration,
+    ) -> Result<Input<Proposal>> {
         if let Some((rank, fault)) = self
             .fault
             .take_if(|(_, _, at)| self.trainer.step() >= *at)
@@ -391,6 +397,7 @@ impl Shell {
             version,
             pace_us_per_step,
             self.us_per_step,
+            elapsed,
         );
         let inner = tokio::task::block_in_place(|| {
             self.trainer
@@ -499,14 +506,25 @@ impl Shell {
             .ok();
     }
 
-    async fn exit(self, exit: Exit) -> Result<()> {
+    async fn exit(mut self, exit: Exit) -> Result<()> {
         match exit {
             Exit::Leave(reason) => {
                 println!("leaving: {reason}");
                 self.client.leave(&reason).await.ok();
+                // The run's model is the committed global state, not what this node trained
+                // since (a node stopped mid-run has local steps no round took).
+                let version = self.rounds.held();
+                if version.is_some() {
+                    self.outer.load_into(self.trainer.var_store());
+                    self.trainer.broadcast_params()?;
+                }
                 let (loss, bpb) = tokio::task::block_in_place(|| self.trainer.evaluate());
+                let model = version.map_or(
+                    "this node's own parameters (it holds no committed version)".to_string(),
+                    |v| format!("global version {v}"),
+                );
                 println!(
-                    "final validation loss {loss:.4} ({bpb:.4} bits per byte) after {} inner steps",
+                    "final validation loss {loss:.4} ({bpb:.4} bits per byte) of {model}, after {} inner steps",
                     self.trainer.step()
                 );
                 println!(

@@ -198,6 +198,8 @@ pub(crate) enum Action<P> {
         round: RoundId,
         version: u64,
         pace_us_per_step: Option<u64>,
+        /// When the round's announcement arrived.
+        opened_at: Instant,
     },
     /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
     /// step; answer with [`Input::Reduced`].
@@ -309,6 +311,11 @@ pub(crate) struct Rounds<P> {
     stopping: bool,
     /// The newest global version the coordinator committed, as far as this node heard.
     run_version: u64,
+    /// When the newest RoundOpened arrived (it may wait while a job runs): a paced round's
+    /// time counts from there.
+    opened_at: Option<(RoundId, Instant)>,
+    /// The time of the input being handled.
+    now: Instant,
 }
 
 impl<P> Rounds<P> {
@@ -337,6 +344,8 @@ impl<P> Rounds<P> {
             contributed: false,
             stopping: false,
             run_version: accepted.global.version,
+            opened_at: None,
+            now,
         };
         if let Some(a) = &accepted.assignment {
             rounds.shard = Some((a.data_shard.index, a.data_shard.count));
@@ -366,6 +375,7 @@ impl<P> Rounds<P> {
         if matches!(self.phase, Phase::Exited) {
             return out;
         }
+        self.now = now;
         match input {
             Input::Note(note) => self.on_note(note, &mut out),
             Input::Resumed { held, step } => {
@@ -396,8 +406,7 @@ impl<P> Rounds<P> {
     }
 
     /// The global version this node holds, if any.
-    #[cfg(test)]
-    fn held(&self) -> Option<u64> {
+    pub(crate) fn held(&self) -> Option<u64> {
         self.held
     }
 
@@ -463,6 +472,11 @@ impl<P> Rounds<P> {
                 peer,
                 reason,
             });
+        }
+        if let Notification::Message(CoordinatorMessage::RoundOpened(open)) = &note
+            && self.opened_at.is_none_or(|(round, _)| round < open.round)
+        {
+            self.opened_at = Some((open.round, self.now));
         }
         self.backlog.push_back(note);
     }
@@ -568,11 +582,26 @@ impl<P> Rounds<P> {
             out.push(Action::FetchState(open.clone()));
             self.phase = Phase::Fetching(open);
         } else {
-            out.push(train(&open));
+            out.push(self.train(&open));
             self.phase = Phase::Training {
                 open,
                 state_fetch_s: None,
             };
+        }
+    }
+
+    /// The inner steps of the round `open` announces; a paced round's time runs from when its
+    /// announcement arrived.
+    fn train(&self, open: &RoundOpened) -> Action<P> {
+        let opened_at = match self.opened_at {
+            Some((round, at)) if round == open.round => at,
+            _ => self.now,
+        };
+        Action::Train {
+            round: open.round,
+            version: open.global_version,
+            pace_us_per_step: open.pace_us_per_step,
+            opened_at,
         }
     }
 
@@ -592,7 +621,7 @@ impl<P> Rounds<P> {
                     version: open.global_version,
                     round: fetched.made_by_round,
                 });
-                out.push(train(&open));
+                out.push(self.train(&open));
                 self.phase = Phase::Training {
                     open,
                     state_fetch_s: Some(fetched.seconds),
@@ -952,23 +981,28 @@ impl InnerPlan {
     /// The inner steps of the round that starts from global `version`, for a run of
     /// `total_steps` per replica. The schedule starts where a replica that played every round
     /// would be ([`DilocoConfig::step_at_version`]), the run's progress. A round of H steps
-    /// (not a warmup round of one) that carries a pace lasts the median node's time for H
-    /// steps: this node trains that long, up to [`MAX_PACED_ROUND`] x H steps, and strides
-    /// through the round's H schedule steps by how many it expects to do at its own speed
-    /// (`mine`, microseconds per step in its last round). Unpaced: H steps (the last round of
-    /// the budget shorter), stopped early after `round_seconds` when that is set.
+    /// (not a warmup round of one) that carries a pace ends for every node at the same moment:
+    /// the median node's time for H steps after the round's announcement, `elapsed` ago (a node
+    /// still evaluating or fetching when it came trains that much less). This node trains until
+    /// then, up to [`MAX_PACED_ROUND`] x H steps, and strides through the round's H schedule
+    /// steps by how many it expects to do at its own speed (`mine`, microseconds per step in its
+    /// last round). Unpaced: H steps (the last round of the budget shorter), stopped early after
+    /// `round_seconds` when that is set.
     pub(crate) fn new(
         diloco: &DilocoConfig,
         total_steps: u64,
         version: u64,
         pace_us_per_step: Option<u64>,
         mine: Option<u64>,
+        elapsed: Duration,
     ) -> InnerPlan {
         let start = diloco.step_at_version(version);
         let target = diloco.round_steps(start);
         match pace_us_per_step.filter(|&us| us > 0 && target > 1) {
             Some(pace) => {
-                let round_us = pace.saturating_mul(target);
+                let round_us = pace
+                    .saturating_mul(target)
+                    .saturating_sub(elapsed.as_micros() as u64);
                 let expected =
                     (round_us / mine.unwrap_or(pace).max(1)).clamp(1, MAX_PACED_ROUND * target);
                 InnerPlan {
@@ -1027,15 +1061,6 @@ fn us_per_step(trained: &Trained) -> u64 {
         return 0;
     }
     (trained.seconds * 1e6 / trained.steps as f64).round() as u64
-}
-
-/// The inner steps of the round `open` announces.
-fn train<P>(open: &RoundOpened) -> Action<P> {
-    Action::Train {
-        round: open.round,
-        version: open.global_version,
-        pace_us_per_step: open.pace_us_per_step,
-    }
 }
 
 pub(crate) fn failed_report(

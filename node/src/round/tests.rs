@@ -873,7 +873,7 @@ fn inner_steps_follow_the_run_and_the_pace() {
         sync_warmup_steps: 2,
         ..DilocoConfig::default()
     };
-    let fixed = InnerPlan::new(&diloco, 25, 3, None, Some(500));
+    let fixed = InnerPlan::new(&diloco, 25, 3, None, Some(500), Duration::ZERO);
     assert_eq!(fixed.steps, 10);
     assert_eq!(fixed.budget, None);
     assert_eq!(
@@ -885,26 +885,26 @@ fn inner_steps_follow_the_run_and_the_pace() {
         "2 warmup rounds of one step, then one of 10"
     );
     assert_eq!(
-        InnerPlan::new(&diloco, 25, 4, None, None).steps,
+        InnerPlan::new(&diloco, 25, 4, None, None, Duration::ZERO).steps,
         3,
         "the last round"
     );
     assert_eq!(
-        InnerPlan::new(&diloco, 25, 6, None, None).steps,
+        InnerPlan::new(&diloco, 25, 6, None, None, Duration::ZERO).steps,
         10,
         "past the budget"
     );
     // Warmup rounds (one step) are never paced.
-    let warm = InnerPlan::new(&diloco, 25, 1, Some(1000), Some(500));
+    let warm = InnerPlan::new(&diloco, 25, 1, Some(1000), Some(500), Duration::ZERO);
     assert_eq!((warm.steps, warm.budget), (1, None));
 
-    let fast = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(500));
+    let fast = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(500), Duration::ZERO);
     assert_eq!(fast.budget, Some(Duration::from_millis(10)));
     assert_eq!(fast.steps, MAX_PACED_ROUND * 10);
     assert_eq!(fast.schedule.per_step, 0.5);
-    let slow = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(4000));
+    let slow = InnerPlan::new(&diloco, 25, 3, Some(1000), Some(4000), Duration::ZERO);
     assert_eq!(slow.schedule.per_step, 10.0 / 2.0);
-    let unmeasured = InnerPlan::new(&diloco, 25, 3, Some(1000), None);
+    let unmeasured = InnerPlan::new(&diloco, 25, 3, Some(1000), None, Duration::ZERO);
     assert_eq!(unmeasured.schedule.per_step, 1.0);
 }
 
