@@ -311,9 +311,13 @@ pub(crate) struct Rounds<P> {
     stopping: bool,
     /// The newest global version the coordinator committed, as far as this node heard.
     run_version: u64,
-    /// When the newest RoundOpened arrived (it may wait while a job runs): a paced round's
-    /// time counts from there.
+    /// When the newest RoundOpened was taken in.
     opened_at: Option<(RoundId, Instant)>,
+    /// When the last round's close was taken in, and when the last job after it (evaluation,
+    /// checkpoint shard, state fetch) ended: the coordinator opens the next round as it closes
+    /// one, so a paced round's time counts from the close for a node busy with those jobs.
+    closed_at: Option<(RoundId, Instant)>,
+    job_ended: Instant,
     /// The time of the input being handled.
     now: Instant,
 }
@@ -345,6 +349,8 @@ impl<P> Rounds<P> {
             stopping: false,
             run_version: accepted.global.version,
             opened_at: None,
+            closed_at: None,
+            job_ended: now,
             now,
         };
         if let Some(a) = &accepted.assignment {
@@ -390,11 +396,20 @@ impl<P> Rounds<P> {
                 self.backlog.extend(waiting);
                 self.stopping = true;
             }
-            Input::StateFetched(result) => self.on_fetched(result, &mut out),
+            Input::StateFetched(result) => {
+                self.job_ended = now;
+                self.on_fetched(result, &mut out)
+            }
             Input::Trained(result) => self.on_trained(result, &mut out),
             Input::Reduced(result) => self.on_reduced(now, result, &mut out),
-            Input::Evaluated { loss, bpb } => self.on_evaluated(loss, bpb, &mut out),
-            Input::CheckpointWritten(result) => self.on_checkpoint_written(result, &mut out),
+            Input::Evaluated { loss, bpb } => {
+                self.job_ended = now;
+                self.on_evaluated(loss, bpb, &mut out)
+            }
+            Input::CheckpointWritten(result) => {
+                self.job_ended = now;
+                self.on_checkpoint_written(result, &mut out)
+            }
         }
         self.drive(&mut out);
         out
@@ -590,12 +605,20 @@ impl<P> Rounds<P> {
         }
     }
 
-    /// The inner steps of the round `open` announces; a paced round's time runs from when its
-    /// announcement arrived.
+    /// The inner steps of the round `open` announces. A paced round's time runs from when the
+    /// node took its announcement in, less the jobs this node ran since the previous round
+    /// closed (the next round opened then, while this node evaluated, wrote its checkpoint
+    /// shard or fetched state), so a node slower at those trains that much less.
     fn train(&self, open: &RoundOpened) -> Action<P> {
-        let opened_at = match self.opened_at {
+        let taken = match self.opened_at {
             Some((round, at)) if round == open.round => at,
             _ => self.now,
+        };
+        let opened_at = match self.closed_at {
+            Some((round, closed)) if round.next() == open.round && self.job_ended > closed => {
+                taken.checked_sub(self.job_ended - closed).unwrap_or(taken)
+            }
+            _ => taken,
         };
         Action::Train {
             round: open.round,
@@ -778,6 +801,7 @@ impl<P> Rounds<P> {
     }
 
     fn on_round_closed(&mut self, closed: RoundClosed, out: &mut Vec<Action<P>>) {
+        self.closed_at = Some((closed.round, self.now));
         if let RoundOutcome::Committed { version, .. } = &closed.outcome {
             // The final round's close reaches every member, participant or not.
             self.run_version = self.run_version.max(*version);

@@ -986,3 +986,44 @@ fn the_all_reduce_waits_for_slower_participants() {
         Duration::from_millis(800)
     );
 }
+
+/// A paced round's time counts from the previous round's close for a node that was busy
+/// evaluating when the next round opened: a slow evaluator trains that much less.
+#[test]
+fn a_paced_round_counts_from_the_close_for_a_node_that_was_evaluating() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None));
+    play(&mut n, t0, 2, 1, 50);
+    let closed_at = t0 + Duration::from_secs(10);
+    assert_eq!(
+        note(&mut n, closed_at, closed(2, committed(2), &[1, 2, 3], None)),
+        ["apply 2", "evaluate"]
+    );
+    let evaluated = closed_at + Duration::from_secs(4);
+    n.handle(
+        evaluated,
+        Input::Evaluated {
+            loss: 3.0,
+            bpb: 1.0,
+        },
+    );
+    let open = RoundOpened {
+        round: RoundId(3),
+        participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
+        deadline_ms: 60_000,
+        global_version: 2,
+        tensor_hashes: vec![],
+        pace_us_per_step: Some(1000),
+        slowest_us_per_step: Some(2000),
+    };
+    let actions = n.handle(
+        evaluated,
+        Input::Note(Notification::Message(CoordinatorMessage::RoundOpened(open))),
+    );
+    let Some(Action::Train { opened_at, .. }) = actions.last() else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!(*opened_at, closed_at);
+}
