@@ -5,30 +5,103 @@
 # with `pace = "auto"` (speed-aware rounds), for the same wall time each. SIGTERM ends both runs;
 # every node finishes its round and prints the final validation loss of the run's model.
 #
+# Mode `alone` is the baseline a cluster must beat: the fastest node training by itself
+# (`forge-node train`, same model, batch and peak lr, constant lr after warmup as the cluster's
+# runs effectively have) for as many steps as it takes in about the same wall time
+# (--alone-steps; default: its speed in the auto run times --seconds).
+#
 # Prints, per run and node: tokens contributed, inner steps, the share of its wall time spent in
 # the all-reduce (waiting for slower nodes plus the transfer itself); per run: the final
 # validation loss at equal wall time and the wall time to reach the worse of the two runs' final
 # losses (from the evaluations every few rounds).
 #
 #   scripts/bench_heterogeneous.sh [--seconds 240] [--quotas "100 50 25"] [--inner 25]
-#                                  [--modes "fixed auto"]
+#                                  [--modes "fixed auto alone"] [--alone-steps N] [--report-only]
+# --report-only prints the summary of the runs already in runs/heterogeneous.
 # Needs root (cgroups). Nothing else should run on the machine meanwhile.
 set -euo pipefail
 self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
-seconds=240 quotas="100 50 25" inner=25 modes="fixed auto"
+seconds=240 quotas="100 50 25" inner=25 modes="fixed auto alone" report_only=0 alone_steps=""
 while (($#)); do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --quotas) quotas=$2; shift 2 ;;
     --inner) inner=$2; shift 2 ;;
     --modes) modes=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$self"; exit 0 ;;
+    --report-only) report_only=1; shift ;;
+    --alone-steps) alone_steps=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$self"; exit 0 ;;
     *) echo "bench_heterogeneous.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+work=$FORGE_ROOT/runs/heterogeneous
+report() {
+  python3 - "$work" "$quotas" $modes <<'PY'
+import json, re, sys
+work, quotas, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+runs = {}
+alone = None
+if "alone" in modes:
+    modes.remove("alone")
+    d = f"{work}/alone"
+    out = open(f"{d}/train.out").read()
+    loss = float(re.search(r"^validation loss ([0-9.]+)", out, re.M).group(1))
+    steps = int(re.search(r"^finished at step (\d+)", out, re.M).group(1))
+    wall = (int(open(f"{d}/stop_ms").read()) - int(open(f"{d}/start_ms").read())) / 1000
+    alone = (loss, steps, wall)
+for mode in modes:
+    d = f"{work}/{mode}"
+    start, stop = (int(open(f"{d}/{f}_ms").read()) for f in ("start", "stop"))
+    nodes = []
+    for i, quota in enumerate(quotas, 1):
+        rounds = [json.loads(l) for l in open(f"{d}/node{i}/run/rounds.jsonl")]
+        out = open(f"{d}/node{i}.out").read()
+        final = re.search(r"^final validation loss ([0-9.]+)", out, re.M)
+        def share(rs):
+            # Wall time from the first of `rs` starting to the last one's record.
+            begin = rs[0]["unix_ms"] - 1000 * (rs[0]["inner_s"] + rs[0]["sync_s"])
+            return sum(r["sync_s"] for r in rs) / ((rs[-1]["unix_ms"] - begin) / 1000)
+        nodes.append({
+            "quota": quota,
+            "rounds": len(rounds),
+            "steps": sum(r["inner_steps"] for r in rounds),
+            "tokens": sum(r["tokens"] for r in rounds),
+            "share": share(rounds),
+            "later": share(rounds[1:]) if len(rounds) > 1 else float("nan"),
+            "final": float(final.group(1)) if final else float("nan"),
+        })
+    evals = [((r["unix_ms"] - start) / 1000, r["eval_loss"])
+             for r in (json.loads(l) for l in open(f"{d}/node1/run/rounds.jsonl"))
+             if "eval_loss" in r]
+    # The final evaluation (of the last committed version) counts at the stop.
+    evals.append(((stop - start) / 1000, nodes[0]["final"]))
+    runs[mode] = {"nodes": nodes, "evals": evals, "final": nodes[0]["final"]}
+target = max((r["final"] for r in runs.values()), default=float("nan"))
+for mode, run in runs.items():
+    print(f"pace = {mode}: final validation loss {run['final']:.4f} at equal wall time")
+    for n in run["nodes"]:
+        print(f"  node at {n['quota']:>3}% of a core: {n['tokens'] / 1e6:6.2f}M tokens, "
+              f"{n['steps']:5} inner steps in {n['rounds']} rounds, "
+              f"{100 * n['share']:5.1f}% of its wall time in the all-reduce "
+              f"({100 * n['later']:.1f}% after round 1)")
+    reached = next((t for t, loss in run["evals"] if loss <= target), None)
+    when = f"{reached:.0f} s" if reached is not None else "not reached"
+    print(f"  wall time to validation loss {target:.4f}: {when}")
+if len(runs) == 2:
+    a, b = (runs[m]["final"] for m in modes)
+    print(f"final validation loss {modes[1]} / {modes[0]}: {b / a:.4f}")
+if alone:
+    loss, steps, wall = alone
+    print(f"the fastest node alone: validation loss {loss:.4f} after {steps} steps "
+          f"({steps * 2048 / 1e6:.2f}M tokens) in {wall:.0f} s")
+    for mode, run in runs.items():
+        print(f"  pace = {mode} with all {len(quotas)} nodes / alone: {run['final'] / loss:.4f}")
+PY
+}
+if ((report_only)); then report; exit 0; fi
 wiki=$(realpath "$FORGE_ROOT/../shared/data/wikipedia")
 [[ -f "$wiki/enwiki-train-1.txt" ]] || { echo "bench_heterogeneous.sh: $wiki/enwiki-train-1.txt is missing (see ../shared/data/README.md)" >&2; exit 1; }
 cpu_cg=/sys/fs/cgroup/cpu
@@ -43,7 +116,6 @@ fi
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=$(realpath "${FORGE_BIN:-target/release}")
 nodes=$(wc -w <<< "$quotas")
-work=$FORGE_ROOT/runs/heterogeneous
 mkdir -p "$work"
 
 # One config per mode: the tiny model on Wikipedia (no text read twice in a few minutes), a
@@ -101,6 +173,42 @@ start_node() {
 
 for mode in $modes; do
   dir=$work/$mode
+  if [[ $mode == alone ]]; then
+    if [[ -z "$alone_steps" ]]; then
+      alone_steps=$(python3 -c "
+import json, sys
+rs = [json.loads(l) for l in open('$work/auto/node1/run/rounds.jsonl')][1:]
+print(int($seconds * sum(r['inner_steps'] for r in rs) / sum(r['inner_s'] for r in rs)))")
+    fi
+    rm -rf "$dir"; mkdir -p "$dir"
+    sed -e "s#out_dir = \"runs/tiny-cpu\"#out_dir = \"$dir/run\"#" \
+        -e "s#^train = .*#train = \"$wiki/enwiki-train-1.txt\"#" \
+        -e "s#^val = .*#val = \"$wiki/enwiki-valid.txt\"#" \
+        -e "s#^cache_dir = .*#cache_dir = \"$work/cache\"#" \
+        -e "s/^max_steps = 500/max_steps = $alone_steps/" \
+        -e "s/^kind = \"cosine\"/kind = \"constant\"/" \
+        -e "/^min_lr_ratio = /d" \
+        -e "s/^warmup_steps = 30/warmup_steps = 100/" \
+        -e "s/^batches = 0/batches = 16/" \
+        -e "s/^every = 100$/every = 1000000/" \
+        -e "s/^threads = .*/threads = 1/" \
+        configs/tiny-cpu.toml > "$dir/train.toml"
+    grep -q "^threads = 1" "$dir/train.toml" || sed -i "s/^device = \"cpu\"/device = \"cpu\"\nthreads = 1/" "$dir/train.toml"
+    quota=${quotas%% *}
+    echo "== the fastest node alone ($quota% of a core): $alone_steps steps" >&2
+    date +%s%3N > "$dir/start_ms"
+    if [[ $limiter == v1 ]]; then
+      cg=$cpu_cg/forge-bench-1
+      mkdir -p "$cg"; echo 100000 > "$cg/cpu.cfs_period_us"; echo $((quota * 1000)) > "$cg/cpu.cfs_quota_us"
+      RUST_LOG=warn sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$cg" "$bin/forge-node" train \
+        --config "$dir/train.toml" --no-resume > "$dir/train.out" 2> "$dir/train.log"
+    else
+      RUST_LOG=warn systemd-run --quiet --scope -p "CPUQuota=${quota}%" "$bin/forge-node" train \
+        --config "$dir/train.toml" --no-resume > "$dir/train.out" 2> "$dir/train.log"
+    fi
+    date +%s%3N > "$dir/stop_ms"
+    continue
+  fi
   rm -rf "$dir"; mkdir -p "$dir"
   config "$mode" > "$dir/run.toml"
   "$bin/forge-coordinator" serve --config "$dir/run.toml" --listen 127.0.0.1:0 --state-dir "$dir/coord" \
@@ -129,44 +237,4 @@ for mode in $modes; do
   kill "$coord" 2>/dev/null || true; wait "$coord" 2>/dev/null || true
 done
 
-python3 - "$work" "$quotas" $modes <<'PY'
-import json, re, sys
-work, quotas, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
-runs = {}
-for mode in modes:
-    d = f"{work}/{mode}"
-    start = int(open(f"{d}/start_ms").read())
-    nodes = []
-    for i, quota in enumerate(quotas, 1):
-        rounds = [json.loads(l) for l in open(f"{d}/node{i}/run/rounds.jsonl")]
-        out = open(f"{d}/node{i}.out").read()
-        final = re.search(r"^final validation loss ([0-9.]+)", out, re.M)
-        # Wall time from the first round's start: the last record's stamp.
-        first = rounds[0]["unix_ms"] - 1000 * (rounds[0]["inner_s"] + rounds[0]["sync_s"])
-        wall = (rounds[-1]["unix_ms"] - first) / 1000
-        nodes.append({
-            "quota": quota,
-            "rounds": len(rounds),
-            "steps": sum(r["inner_steps"] for r in rounds),
-            "tokens": sum(r["tokens"] for r in rounds),
-            "sync_share": sum(r["sync_s"] for r in rounds) / wall,
-            "final": float(final.group(1)) if final else float("nan"),
-        })
-    evals = [((r["unix_ms"] - start) / 1000, r["eval_loss"])
-             for r in (json.loads(l) for l in open(f"{d}/node1/run/rounds.jsonl"))
-             if "eval_loss" in r]
-    runs[mode] = {"nodes": nodes, "evals": evals, "final": nodes[0]["final"]}
-target = max(r["final"] for r in runs.values())
-for mode, run in runs.items():
-    print(f"pace = {mode}: final validation loss {run['final']:.4f} at equal wall time")
-    for n in run["nodes"]:
-        print(f"  node at {n['quota']:>3}% of a core: {n['tokens'] / 1e6:6.2f}M tokens, "
-              f"{n['steps']:5} inner steps in {n['rounds']} rounds, "
-              f"{100 * n['sync_share']:5.1f}% of its wall time in the all-reduce")
-    reached = next((t for t, loss in run["evals"] if loss <= target), None)
-    when = f"{reached:.0f} s" if reached is not None else "not reached"
-    print(f"  wall time to validation loss {target:.4f}: {when}")
-if len(runs) == 2:
-    a, b = (runs[m]["final"] for m in modes)
-    print(f"final validation loss {modes[1]} / {modes[0]}: {b / a:.4f}")
-PY
+report
