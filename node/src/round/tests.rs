@@ -66,8 +66,9 @@ fn accepted(member: MemberId, shard: Option<u32>) -> JoinAccepted {
     }
 }
 
-fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
-    Notification::Message(CoordinatorMessage::RoundOpened(RoundOpened {
+/// Round `round` from `version` among `members`, unpaced, with no hashes.
+fn open(round: u64, version: u64, members: &[u64]) -> RoundOpened {
+    RoundOpened {
         round: RoundId(round),
         participants: members.iter().map(|&m| peer(m)).collect(),
         deadline_ms: 60_000,
@@ -75,7 +76,13 @@ fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
         tensor_hashes: vec![],
         pace_us_per_step: None,
         slowest_us_per_step: None,
-    }))
+    }
+}
+
+fn opened(round: u64, version: u64, members: &[u64]) -> Notification {
+    Notification::Message(CoordinatorMessage::RoundOpened(open(
+        round, version, members,
+    )))
 }
 
 fn closed(
@@ -208,13 +215,8 @@ fn a_node_whose_version_0_differs_fetches_the_runs() {
     let t0 = Instant::now();
     let with = |round: u64, hashes: Vec<TensorHash>| {
         Notification::Message(CoordinatorMessage::RoundOpened(RoundOpened {
-            round: RoundId(round),
-            participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
-            deadline_ms: 60_000,
-            global_version: 0,
             tensor_hashes: hashes,
-            pace_us_per_step: None,
-            slowest_us_per_step: None,
+            ..open(round, 0, &[1, 2, 3])
         }))
     };
     let mut same = node(t0);
@@ -915,13 +917,9 @@ fn a_paced_round_passes_its_pace_on_and_reports_the_nodes_speed() {
     let t0 = Instant::now();
     let mut n = node(t0);
     let open = RoundOpened {
-        round: RoundId(1),
-        participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
-        deadline_ms: 60_000,
-        global_version: 0,
-        tensor_hashes: vec![],
         pace_us_per_step: Some(1500),
         slowest_us_per_step: Some(3000),
+        ..open(1, 0, &[1, 2, 3])
     };
     let actions = n.handle(
         t0,
@@ -953,13 +951,9 @@ fn a_paced_round_passes_its_pace_on_and_reports_the_nodes_speed() {
 #[test]
 fn the_all_reduce_waits_for_slower_participants() {
     let open = |pace: Option<u64>, slowest: Option<u64>| RoundOpened {
-        round: RoundId(1),
-        participants: vec![peer(1), peer(2)],
-        deadline_ms: 60_000,
-        global_version: 0,
-        tensor_hashes: vec![],
         pace_us_per_step: pace,
         slowest_us_per_step: slowest,
+        ..open(1, 0, &[1, 2])
     };
     let trained = Trained {
         steps: 25,
@@ -1010,13 +1004,9 @@ fn a_paced_round_counts_from_the_close_for_a_node_that_was_evaluating() {
         },
     );
     let open = RoundOpened {
-        round: RoundId(3),
-        participants: [1, 2, 3].iter().map(|&m| peer(m)).collect(),
-        deadline_ms: 60_000,
-        global_version: 2,
-        tensor_hashes: vec![],
         pace_us_per_step: Some(1000),
         slowest_us_per_step: Some(2000),
+        ..open(3, 2, &[1, 2, 3])
     };
     let actions = n.handle(
         evaluated,
