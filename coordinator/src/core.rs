@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use forge_protocol::codec::{self, Channel};
+use forge_protocol::stream::{self, DataDigest, DataLease, SeqRange};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
@@ -38,6 +39,7 @@ use forge_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::data::{self, DataPlan, Ledger};
 use crate::error::{Error, Result};
 use crate::planner::{self, ModelProfile, Plan};
 use crate::profile::node_from_capabilities;
@@ -87,6 +89,11 @@ pub struct CoordinatorConfig {
     /// participants' measured speeds differ (see [`RoundOpened::pace_us_per_step`]).
     #[serde(default)]
     pub pace: bool,
+    /// With a plan, the coordinator leases the training stream to replicas round by round
+    /// ([`crate::data`]) and plans only members whose data matches the run's; without one,
+    /// each replica reads its fixed data shard.
+    #[serde(default)]
+    pub data: Option<DataPlan>,
 }
 
 /// Rounds are paced once the slowest participant takes more than this many times as long per
@@ -233,6 +240,19 @@ pub enum Event {
         version: u64,
         round: RoundId,
     },
+    /// The run's training stream is the one `member` tokenized, `windows` per epoch.
+    DataStream {
+        member: MemberId,
+        windows: u64,
+    },
+    /// After `round`: `replica` consumed `ranges` of its lease and `returned` the rest (all of
+    /// it when the round was abandoned or went on without the replica).
+    DataConsumed {
+        round: RoundId,
+        replica: ReplicaId,
+        ranges: Vec<SeqRange>,
+        returned: Vec<SeqRange>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -246,6 +266,9 @@ struct Member {
     /// Its microseconds per inner step, averaged over its recent reports (0: not measured).
     #[serde(default)]
     us_per_step: u64,
+    /// Its training stream, once it said it is tokenized (equal to the run's).
+    #[serde(default)]
+    data: Option<DataDigest>,
 }
 
 /// A member that most of a round's participants could not reach (cut off from its peers but not
@@ -264,6 +287,11 @@ struct Bench {
 impl Member {
     fn benched(&self) -> bool {
         self.bench.as_ref().is_some_and(|b| b.active)
+    }
+
+    /// Whether the planner may give it work: not benched, and with leased data, its data ready.
+    fn plannable(&self, config: &CoordinatorConfig) -> bool {
+        !self.benched() && (config.data.is_none() || self.data.is_some())
     }
 }
 
@@ -301,6 +329,9 @@ struct OpenRound {
     /// As announced ([`RoundOpened::slowest_us_per_step`]).
     #[serde(default)]
     slowest_us_per_step: Option<u64>,
+    /// The stream positions each replica reads this round.
+    #[serde(default)]
+    leases: BTreeMap<ReplicaId, Vec<SeqRange>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -310,6 +341,9 @@ struct PendingCheckpoint {
     /// The global state the checkpoint holds.
     version: u64,
     tensor_hashes: BTreeMap<TensorKey, Digest>,
+    /// The training stream consumed up to that state.
+    #[serde(default)]
+    ledger: Ledger,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -338,6 +372,15 @@ pub struct Coordinator {
     /// The global state of the last committed checkpoint: where the run continues when every
     /// member is gone (a whole-cluster restart), since no node holds anything newer.
     checkpoint_state: Option<GlobalState>,
+    /// The run's training stream: the first member's, which every other must match.
+    #[serde(default)]
+    data_digest: Option<DataDigest>,
+    /// What the rounds committed so far consumed of it.
+    #[serde(default)]
+    ledger: Ledger,
+    /// What the state of the last committed checkpoint consumed.
+    #[serde(default)]
+    checkpoint_ledger: Ledger,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -370,6 +413,9 @@ impl Coordinator {
             checkpoints: BTreeMap::new(),
             last_checkpoint: None,
             checkpoint_state: None,
+            data_digest: None,
+            ledger: Ledger::default(),
+            checkpoint_ledger: Ledger::default(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
         })
@@ -572,6 +618,7 @@ impl Coordinator {
                 self.on_shard_durable(from, id, durable, out)
             }
             NodeMessage::InitialState(initial) => self.on_initial_state(id, initial, out),
+            NodeMessage::DataReady(digest) => self.on_data_ready(from, id, digest, out),
             NodeMessage::Hello(_) | NodeMessage::Join(_) => {}
         }
     }
@@ -594,6 +641,68 @@ impl Coordinator {
                      version 0 from its peers before its first round"
                 ),
             }));
+        }
+    }
+
+    /// A member's training stream. The first becomes the run's; a member whose stream differs
+    /// (another corpus, tokenizer or window count) is removed with the reason: a stream
+    /// position would name other tokens on it. A matching member can be planned from now on.
+    fn on_data_ready(
+        &mut self,
+        from: ConnId,
+        id: MemberId,
+        digest: DataDigest,
+        out: &mut Vec<Output>,
+    ) {
+        match &self.data_digest {
+            None => {
+                out.push(Output::Event(Event::DataStream {
+                    member: id,
+                    windows: digest.windows,
+                }));
+                self.data_digest = Some(digest.clone());
+            }
+            Some(run) if *run != digest => {
+                let mut differ = Vec::new();
+                if run.corpus != digest.corpus {
+                    differ.push(format!(
+                        "training corpus (tokens {}, the run's {})",
+                        digest.corpus, run.corpus
+                    ));
+                }
+                if run.tokenizer != digest.tokenizer {
+                    differ.push(format!(
+                        "tokenizer ({}, the run's {})",
+                        digest.tokenizer, run.tokenizer
+                    ));
+                }
+                if run.windows != digest.windows {
+                    differ.push(format!(
+                        "window count ({}, the run's {})",
+                        digest.windows, run.windows
+                    ));
+                }
+                let reason = format!(
+                    "its data differs from the run's: {}. Every node must read the same corpus \
+                     with the same tokenizer, or one position of the training stream names other \
+                     tokens on it; give this node the run's [data] files (under its --data-root) \
+                     and join again",
+                    differ.join(", ")
+                );
+                reply_error(out, from, ErrorCode::DataMismatch, reason.clone());
+                out.push(Output::Event(Event::Warning {
+                    message: format!("{id} refused: {reason}"),
+                }));
+                self.remove_member(id, reason, Removal::Expelled, out);
+                return;
+            }
+            Some(_) => {}
+        }
+        if let Some(member) = self.members.get_mut(&id)
+            && member.data.is_none()
+        {
+            member.data = Some(digest);
+            self.membership_changed = true;
         }
     }
 
@@ -634,6 +743,7 @@ impl Coordinator {
                 assignment: None,
                 bench,
                 us_per_step: 0,
+                data: None,
             },
         );
         self.conns.entry(from).or_default().member = Some(id);
@@ -701,6 +811,7 @@ impl Coordinator {
                     tensor_hashes: self.global.tensor_hashes.clone(),
                     pace_us_per_step: round.pace_us_per_step,
                     slowest_us_per_step: round.slowest_us_per_step,
+                    data: lease_list(round),
                 });
                 send(out, from, message);
             }
@@ -823,6 +934,7 @@ impl Coordinator {
                 })
                 .collect(),
         });
+        self.checkpoint_ledger = pending.ledger.clone();
         // An older checkpoint still pending is superseded by this one.
         self.checkpoints
             .retain(|pending_round, _| *pending_round > round);
@@ -879,6 +991,11 @@ impl Coordinator {
         out.push(Output::Event(Event::Warning { message }));
         self.global = target;
         self.checkpoints.clear();
+        // The data the lost rounds read is read again.
+        self.ledger = self.checkpoint_ledger.clone();
+        if let Some(round) = &mut self.round {
+            round.leases.clear();
+        }
     }
 
     /// Everything that follows from the passage of time or a change: deaths, round close,
@@ -938,7 +1055,7 @@ impl Coordinator {
                 self.plan = None;
                 self.members
                     .iter()
-                    .filter(|(_, member)| !member.benched())
+                    .filter(|(_, member)| member.plannable(&self.config))
                     .map(|(id, _)| vec![(*id, None)])
                     .collect()
             }
@@ -946,7 +1063,7 @@ impl Coordinator {
                 let nodes: Vec<_> = self
                     .members
                     .iter()
-                    .filter(|(_, member)| !member.benched())
+                    .filter(|(_, member)| member.plannable(&self.config))
                     .map(|(id, member)| node_from_capabilities(id.0, &member.capabilities, profile))
                     .collect();
                 let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes);
@@ -1123,6 +1240,16 @@ impl Coordinator {
             .collect();
         let pace_us_per_step = self.pace(participants.keys());
         let slowest_us_per_step = self.measured(participants.keys()).last().copied();
+        let leases = self.lease_data(&participants, pace_us_per_step);
+        let round = OpenRound {
+            id,
+            deadline: self.now.plus(self.config.round_deadline_ms),
+            participants,
+            reports: BTreeMap::new(),
+            pace_us_per_step,
+            slowest_us_per_step,
+            leases,
+        };
         let message = CoordinatorMessage::RoundOpened(RoundOpened {
             round: id,
             participants: peers,
@@ -1131,22 +1258,76 @@ impl Coordinator {
             tensor_hashes: self.global.tensor_hashes.clone(),
             pace_us_per_step,
             slowest_us_per_step,
+            data: lease_list(&round),
         });
-        for member in participants.keys() {
+        for member in round.participants.keys() {
             self.send_to_member(*member, message.clone(), out);
         }
         out.push(Output::Event(Event::RoundOpened {
             round: id,
-            participants: participants.keys().copied().collect(),
+            participants: round.participants.keys().copied().collect(),
         }));
-        self.round = Some(OpenRound {
-            id,
-            deadline: self.now.plus(self.config.round_deadline_ms),
-            participants,
-            reports: BTreeMap::new(),
-            pace_us_per_step,
-            slowest_us_per_step,
-        });
+        self.round = Some(round);
+    }
+
+    /// With a data plan: each replica's lease for a round, sized by its slowest member's speed
+    /// when the round is paced ([`DataPlan::lease_len`]).
+    fn lease_data(
+        &mut self,
+        participants: &BTreeMap<MemberId, Assignment>,
+        pace: Option<u64>,
+    ) -> BTreeMap<ReplicaId, Vec<SeqRange>> {
+        let Some(plan) = self.config.data else {
+            return BTreeMap::new();
+        };
+        let mut slowest: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+        for (id, assignment) in participants {
+            let us = self.members.get(id).map_or(0, |m| m.us_per_step);
+            let entry = slowest.entry(assignment.replica).or_default();
+            *entry = (*entry).max(us);
+        }
+        slowest
+            .into_iter()
+            .map(|(replica, us)| (replica, self.ledger.lease(plan.lease_len(pace, us))))
+            .collect()
+    }
+
+    /// After `round` closed: what each replica whose work the run keeps (`kept`) reported it
+    /// read is consumed; every other leased position is leased again in later rounds.
+    fn settle_data(&mut self, round: &OpenRound, kept: &[ReplicaId], out: &mut Vec<Output>) {
+        for (replica, lease) in &round.leases {
+            let report = round
+                .participants
+                .iter()
+                .filter(|(_, a)| a.replica == *replica)
+                .find_map(|(id, _)| round.reports.get(id).map(|r| (*id, r)));
+            let (consumed, rest) = match report {
+                Some((member, report)) if kept.contains(replica) => {
+                    let (consumed, rest, exact) = data::settle(lease, &report.consumed);
+                    if !exact {
+                        out.push(Output::Event(Event::Warning {
+                            message: format!(
+                                "{}: {member} reported reading {} of its lease {}; counted as \
+                                 the lease's first {} positions",
+                                round.id,
+                                stream::describe(&report.consumed),
+                                stream::describe(lease),
+                                stream::total(&consumed)
+                            ),
+                        }));
+                    }
+                    (consumed, rest)
+                }
+                _ => (Vec::new(), lease.clone()),
+            };
+            self.ledger.give_back(&rest);
+            out.push(Output::Event(Event::DataConsumed {
+                round: round.id,
+                replica: *replica,
+                ranges: consumed,
+                returned: rest,
+            }));
+        }
     }
 
     fn try_close_round(&mut self, out: &mut Vec<Output>) {
@@ -1172,6 +1353,7 @@ impl Coordinator {
         let complete: Vec<ReplicaId> = verdict.complete_replicas(&round);
         let quorum = verdict.agreeing.len() * 2 > round.participants.len()
             && complete.len() as u32 >= self.config.min_replicas;
+        self.settle_data(&round, if quorum { &complete } else { &[] }, out);
         let (outcome, included, checkpoint) = if quorum {
             self.global = GlobalState {
                 version: self.global.version + 1,
@@ -1384,6 +1566,7 @@ impl Coordinator {
                 durable: BTreeSet::new(),
                 version: self.global.version,
                 tensor_hashes: verdict.tensors.clone(),
+                ledger: self.ledger.clone(),
             },
         );
         Some(CheckpointRequest {
@@ -1635,6 +1818,18 @@ fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), St
         return Err("Join has an empty peer_id".to_string());
     }
     Ok(())
+}
+
+/// The leases of `round` as its announcement carries them.
+fn lease_list(round: &OpenRound) -> Vec<DataLease> {
+    round
+        .leases
+        .iter()
+        .map(|(replica, ranges)| DataLease {
+            replica: *replica,
+            ranges: ranges.clone(),
+        })
+        .collect()
 }
 
 fn send(out: &mut Vec<Output>, to: ConnId, message: CoordinatorMessage) {

@@ -7,6 +7,8 @@
 pub use forge_coordinator_client as client;
 /// The coordinator state machine: membership, assignment, rounds, checkpoints. No I/O.
 pub mod core;
+/// The training stream's ledger: leases per round, consumed and returned positions.
+pub mod data;
 /// Errors and the crate's `Result`.
 pub mod error;
 /// Fixed-size latency histogram for the server's statistics.

@@ -9,6 +9,7 @@ use forge_protocol::RunConfig;
 use serde::Deserialize;
 
 use crate::core::CoordinatorConfig;
+use crate::data::DataPlan;
 use crate::error::{Error, Result};
 
 /// The `[coordinator]` table; every key is optional and unknown keys are refused.
@@ -50,6 +51,11 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     let pace = run
         .diloco
         .is_some_and(|d| d.pace == forge_protocol::run_config::Pace::Auto);
+    // A DiLoCo run's replicas read the stream the coordinator leases them, a batch per step.
+    let data = run.diloco.map(|d| DataPlan {
+        sequences_per_step: run.train.batch_size as u64,
+        inner_steps: d.inner_steps,
+    });
     let section = match run.coordinator {
         None => None,
         Some(table) => Some(
@@ -84,6 +90,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
         ),
         final_version,
         pace,
+        data,
         run_config: text,
     };
     config.validate().map_err(|err| Error::RunConfig {

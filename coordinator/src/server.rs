@@ -7,6 +7,7 @@
 //! node ever hears of a state a restart could lose. Heartbeats change nothing that survives a
 //! restart (the core restarts every member's timeout anyway), so they are never written.
 
+use forge_protocol::stream::describe;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -565,6 +566,21 @@ impl EventLoop {
             Event::InitialState { member } => {
                 info!(%member, "version 0 is the initial state this member announced")
             }
+            Event::DataStream { member, windows } => info!(
+                "the run's training stream is the one {member} tokenized: {windows} windows \
+                 per epoch"
+            ),
+            Event::DataConsumed {
+                round,
+                replica,
+                ranges,
+                returned,
+            } => info!(
+                "{round}: replica {} read stream positions [{}], returned [{}]",
+                replica.0,
+                describe(ranges),
+                describe(returned)
+            ),
         }
     }
 

@@ -8,10 +8,12 @@ use forge_protocol::rng::SplitMix64;
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
     ErrorCode, Heartbeat, Hello, Join, Leave, MemberId, NodeMessage, OuterStep, ReplicaId, RoundId,
-    RoundOutcome, RoundReport, TensorHash, TensorKey,
+    RoundOutcome, RoundReport, SeqRange, TensorHash, TensorKey,
 };
 
 use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
+#[cfg(test)]
+use crate::data::DataPlan;
 
 /// The simulation's dice: splitmix64, tiny, seedable and the same on every platform.
 struct Rng(SplitMix64);
@@ -119,6 +121,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         checkpoint_every_rounds: 3,
         final_version: 0,
         pace: false,
+        data: None,
     }
 }
 
@@ -463,7 +466,9 @@ impl Sim {
             | Event::Benched { .. }
             | Event::Warning { .. }
             | Event::InitialState { .. }
-            | Event::Finished { .. } => {}
+            | Event::Finished { .. }
+            | Event::DataStream { .. }
+            | Event::DataConsumed { .. } => {}
         }
     }
 
@@ -511,6 +516,7 @@ impl Sim {
                 round,
                 tokens_processed: 4_096,
                 us_per_step: 0,
+                consumed: vec![],
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
@@ -674,12 +680,24 @@ impl Driver {
     }
 
     pub(crate) fn report(&mut self, conn: u64, round: RoundId, digest: Digest) -> Vec<Output> {
+        self.report_read(conn, round, digest, Vec::new())
+    }
+
+    /// A report of `round` that says its inner steps read `consumed` of the stream.
+    pub(crate) fn report_read(
+        &mut self,
+        conn: u64,
+        round: RoundId,
+        digest: Digest,
+        consumed: Vec<SeqRange>,
+    ) -> Vec<Output> {
         self.send(
             conn,
             NodeMessage::RoundReport(RoundReport {
                 round,
                 tokens_processed: 1_000,
                 us_per_step: 0,
+                consumed,
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {
@@ -722,6 +740,7 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 }
 
 mod tests {
+    use forge_protocol::stream::{self, DataDigest};
     use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION};
 
     use super::*;
@@ -766,6 +785,142 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The lease each participant's RoundOpened gives its replica (conn n is member n).
+    fn leases_in(outputs: &[Output]) -> BTreeMap<u64, Vec<SeqRange>> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    message: CoordinatorMessage::RoundOpened(open),
+                } => {
+                    let me = open.participants.iter().find(|p| p.member.0 == to.0)?;
+                    let lease = open
+                        .data
+                        .iter()
+                        .find(|l| l.replica == me.assignment.replica)?;
+                    Some((to.0, lease.ranges.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn consumed_in(outputs: &[Output]) -> Vec<SeqRange> {
+        events(outputs)
+            .into_iter()
+            .flat_map(|event| match event {
+                Event::DataConsumed { ranges, .. } => ranges.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// With a data plan, a member is planned once its data is the run's, and one with another
+    /// corpus is refused with the reason. Each replica leases its own positions; what a
+    /// committed replica read is consumed, and the rest (a short read, the lease of a member
+    /// that left mid-round, an abandoned round's) is leased again before new positions, so the
+    /// positions consumed tile the stream with no gap and no repeat, across a restart too.
+    #[test]
+    fn the_stream_is_leased_per_round_and_what_was_not_read_is_leased_again() {
+        let mut cfg = config(2);
+        cfg.start_replicas = 3;
+        cfg.data = Some(DataPlan {
+            sequences_per_step: 4,
+            inner_steps: 5,
+        });
+        let mut d = Driver::new(cfg);
+        let data = |corpus: u8| {
+            NodeMessage::DataReady(DataDigest {
+                corpus: Digest([corpus; 32]),
+                tokenizer: Digest([0; 32]),
+                windows: 50,
+            })
+        };
+        let (_, joined) = d.join(1, 1 << 40);
+        let accepted = messages_to(&joined, 1).into_iter().find_map(|m| match m {
+            CoordinatorMessage::JoinAccepted(a) => Some(a.assignment),
+            _ => None,
+        });
+        assert_eq!(accepted, Some(None), "planned before its data is known");
+        let first = d.send(1, data(1));
+        assert!(
+            events(&first)
+                .iter()
+                .any(|e| matches!(e, Event::DataStream { windows: 50, .. })),
+            "{first:?}"
+        );
+        d.join(2, 1 << 40);
+        d.send(2, data(1));
+        d.join(3, 1 << 40);
+        let round1 = d.send(3, data(1));
+        let (stranger, _) = d.join(4, 1 << 40);
+        let refused = d.send(4, data(2));
+        assert_eq!(error_codes(&refused, 4), [ErrorCode::DataMismatch]);
+        let message = messages_to(&refused, 4)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::Error(e) => Some(e.message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            message.contains("training corpus") && !message.contains("tokenizer ("),
+            "{message}"
+        );
+        assert!(d.coordinator.members().all(|(id, _)| id != stranger));
+        let leases = leases_in(&round1);
+        assert_eq!(
+            leases.values().cloned().collect::<Vec<_>>(),
+            [0..20, 20..40, 40..60].map(|r| vec![SeqRange::new(r.start, r.end)])
+        );
+        // Member 3 reads 2 of its 5 steps.
+        let read = |conn: u64, leases: &BTreeMap<u64, Vec<SeqRange>>, n: u64| {
+            stream::split_at(&leases[&conn], n).0
+        };
+        let mut consumed = Vec::new();
+        d.report_read(1, RoundId(1), Digest([1; 32]), read(1, &leases, 20));
+        d.report_read(2, RoundId(1), Digest([1; 32]), read(2, &leases, 20));
+        let closed1 = d.report_read(3, RoundId(1), Digest([1; 32]), read(3, &leases, 8));
+        consumed.extend(consumed_in(&closed1));
+        assert_eq!(stream::total(&consumed), 48);
+        // Round 2: member 3's unread 12 go out first; member 2 leaves mid-round.
+        let leases = leases_in(&closed1);
+        assert_eq!(leases[&1], [SeqRange::new(48, 60), SeqRange::new(60, 68)]);
+        let member2 = leases[&2].clone();
+        d.leave(2, "stopped");
+        d.report_read(1, RoundId(2), Digest([2; 32]), read(1, &leases, 20));
+        let closed2 = d.report_read(3, RoundId(2), Digest([2; 32]), read(3, &leases, 20));
+        consumed.extend(consumed_in(&closed2));
+        // Round 3 (two replicas) takes member 2's lease back first; it is abandoned.
+        let leases = leases_in(&closed2);
+        assert_eq!(leases[&1], member2);
+        d.report_read(1, RoundId(3), Digest([3; 32]), read(1, &leases, 20));
+        let closed3 = d.report_read(3, RoundId(3), Digest([4; 32]), read(3, &leases, 20));
+        assert!(consumed_in(&closed3).is_empty());
+        let leases4 = leases_in(&closed3);
+        assert_eq!(leases4, leases, "an abandoned round's leases are leased again");
+        // The state survives a coordinator restart, the open round's leases included.
+        let snapshot = d.coordinator.to_snapshot().unwrap();
+        d.coordinator = Coordinator::from_snapshot(&snapshot, Millis(d.now)).unwrap();
+        d.send(1, NodeMessage::Hello(Hello::current()));
+        d.send(3, NodeMessage::Hello(Hello::current()));
+        for (conn, member) in [(1, 1), (3, 3)] {
+            d.send(
+                conn,
+                NodeMessage::Join(Join {
+                    capabilities: capabilities(&format!("peer-{conn}"), 1 << 40),
+                    rejoin: Some(MemberId(member)),
+                }),
+            );
+        }
+        d.report_read(1, RoundId(4), Digest([5; 32]), read(1, &leases4, 20));
+        let closed4 = d.report_read(3, RoundId(4), Digest([5; 32]), read(3, &leases4, 20));
+        consumed.extend(consumed_in(&closed4));
+        let consumed = stream::normalized(consumed.clone());
+        assert_eq!(consumed, [SeqRange::new(0, 128)], "consumed: {consumed:?}");
     }
 
     /// The first round waits for start_replicas; later rounds need only min_replicas.
@@ -925,6 +1080,7 @@ mod tests {
                 round: RoundId(round),
                 tokens_processed: 1_000,
                 us_per_step: us,
+                consumed: vec![],
                 outer_step: OuterStep::Ok {
                     params_hash: Digest([round as u8; 32]),
                     tensor_hashes: vec![TensorHash {
@@ -1137,6 +1293,7 @@ mod tests {
                 round: round2,
                 tokens_processed: 1_000,
                 us_per_step: 0,
+                consumed: vec![],
                 outer_step: OuterStep::Failed {
                     reason: "contribution has NaN".to_string(),
                     rejected,
@@ -1267,6 +1424,7 @@ mod tests {
             round,
             tokens_processed: 1_000,
             us_per_step: 0,
+            consumed: vec![],
             outer_step: OuterStep::Failed {
                 reason: "timed out".to_string(),
                 rejected: None,
@@ -1372,6 +1530,7 @@ mod tests {
                 round: RoundId(1),
                 tokens_processed: 1_000,
                 us_per_step: 0,
+                consumed: vec![],
                 outer_step: OuterStep::Failed {
                     reason: "outlier norm".to_string(),
                     rejected: Some(rejected),
@@ -1767,6 +1926,7 @@ mod tests {
                 round,
                 tokens_processed: 10,
                 us_per_step: 0,
+                consumed: vec![],
                 outer_step: OuterStep::Ok {
                     params_hash: digest,
                     tensor_hashes: vec![TensorHash {

@@ -8,13 +8,22 @@ use std::time::Duration;
 use anyhow::Context;
 use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, Device, DeviceKind, Digest,
     OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::commands::runtime;
+
+/// The training stream every simulated member claims: a million windows of nothing.
+fn sim_data() -> DataDigest {
+    DataDigest {
+        corpus: Digest(Sha256::digest(b"sim-member corpus").into()),
+        tokenizer: Digest(Sha256::digest(b"sim-member tokenizer").into()),
+        windows: 1 << 20,
+    }
+}
 
 pub(crate) fn capabilities(peer_id: String) -> Capabilities {
     Capabilities {
@@ -64,6 +73,8 @@ pub(crate) fn run(
             .await
             .with_context(|| format!("{peer_id} cannot join"))?;
             println!("{peer_id} joined as member {}", accepted.member.0);
+            // Every simulated member has the same (empty) data, so the coordinator plans it.
+            client.data_ready(sim_data()).await?;
             members.push(tokio::spawn(follow(
                 peer_id,
                 client,
@@ -114,10 +125,23 @@ async fn follow(
                 if participant && reported.is_none_or(|last| opened.round > last) {
                     reported = Some(opened.round);
                     let digest = round_digest(opened.round);
+                    // Reads its replica's whole lease.
+                    let replica = opened
+                        .participants
+                        .iter()
+                        .find(|p| p.member == me)
+                        .map(|p| p.assignment.replica);
+                    let consumed = opened
+                        .data
+                        .iter()
+                        .find(|lease| Some(lease.replica) == replica)
+                        .map(|lease| lease.ranges.clone())
+                        .unwrap_or_default();
                     let report = RoundReport {
                         round: opened.round,
                         tokens_processed: 4_096,
                         us_per_step: 0,
+                        consumed,
                         outer_step: OuterStep::Ok {
                             params_hash: digest,
                             tensor_hashes: vec![TensorHash {

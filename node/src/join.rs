@@ -16,6 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{JoinAccepted, Peer, RoundId, RoundOpened};
 use forge_protocol::quant::ErrorFeedback;
+use forge_protocol::stream::SeqRange;
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::outer_state::{self, OuterCheckpoint};
@@ -105,6 +106,9 @@ async fn node(opts: JoinOptions) -> Result<()> {
             .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
     let (shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+    // The coordinator plans this node once it knows its data is the run's.
+    let digest = tokio::task::block_in_place(|| shell.trainer.data_digest());
+    shell.client.data_ready(digest).await?;
     if accepted.global.version == 0 {
         // The first node to announce its version 0 gives the run its initial parameters.
         let initial = shell.rounds.initial_hashes().to_vec();
@@ -288,9 +292,11 @@ impl Shell {
                 version,
                 pace_us_per_step,
                 opened_at,
+                lease,
             } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
-                let trained = self.train(version, pace_us_per_step, opened_at.elapsed())?;
+                let trained =
+                    self.train(version, pace_us_per_step, opened_at.elapsed(), lease.as_deref())?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
                 while let Ok(note) = notes.try_recv() {
@@ -383,6 +389,7 @@ impl Shell {
         version: u64,
         pace_us_per_step: Option<u64>,
         elapsed: Duration,
+        lease: Option<&[SeqRange]>,
     ) -> Result<Input<Proposal>> {
         if let Some((rank, fault)) = self
             .fault
@@ -391,7 +398,7 @@ impl Shell {
         {
             self.trainer.inject_fault(rank, fault)?;
         }
-        let plan = InnerPlan::new(
+        let mut plan = InnerPlan::new(
             &self.diloco,
             self.trainer.config().total_steps(),
             version,
@@ -399,6 +406,16 @@ impl Shell {
             self.us_per_step,
             elapsed,
         );
+        if let Some(ranges) = lease {
+            let leased = tokio::task::block_in_place(|| self.trainer.set_data_lease(ranges))?;
+            if leased < plan.steps && pace_us_per_step.is_none() {
+                tracing::warn!(
+                    "the coordinator leased {leased} inner steps of data for a round of {}",
+                    plan.steps
+                );
+            }
+            plan.steps = plan.steps.min(leased);
+        }
         let inner = tokio::task::block_in_place(|| {
             self.trainer
                 .inner_steps(plan.steps, plan.budget, &self.stop, plan.schedule)
@@ -416,6 +433,10 @@ impl Shell {
                     mean_loss: inner.mean_loss(),
                     seconds: inner.seconds,
                     step: self.trainer.step(),
+                    consumed: match lease {
+                        Some(_) => self.trainer.data_consumed(),
+                        None => Vec::new(),
+                    },
                 })
                 .map_err(|e| format!("{e:#}")),
         ))

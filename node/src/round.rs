@@ -19,6 +19,7 @@ use forge_protocol::messages::{
     TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
+use forge_protocol::stream::SeqRange;
 use forge_trainer::train::ScheduleSpan;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -55,6 +56,10 @@ pub(crate) struct RoundLog {
     /// several nodes up in wall time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) unix_ms: Option<u64>,
+    /// The training stream positions this node's inner steps read, when the round committed
+    /// with its contribution (the coordinator's lease, [`forge_protocol::stream`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) data: Vec<SeqRange>,
 }
 
 impl RoundLog {
@@ -132,7 +137,7 @@ pub(crate) struct Fetched {
 }
 
 /// A round's inner steps.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Trained {
     pub(crate) steps: u64,
     pub(crate) tokens: u64,
@@ -140,6 +145,8 @@ pub(crate) struct Trained {
     pub(crate) seconds: f64,
     /// The node's inner step after them.
     pub(crate) step: u64,
+    /// The stream positions they read (empty without a lease).
+    pub(crate) consumed: Vec<SeqRange>,
 }
 
 /// A finished all-reduce and the outer step it proposes.
@@ -200,6 +207,9 @@ pub(crate) enum Action<P> {
         pace_us_per_step: Option<u64>,
         /// When the round's announcement arrived.
         opened_at: Instant,
+        /// The stream positions this node's replica reads this round: the inner steps stop
+        /// when they run out. None: the coordinator leases no data, the node reads its shard.
+        lease: Option<Vec<SeqRange>>,
     },
     /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
     /// step; answer with [`Input::Reduced`].
@@ -250,6 +260,8 @@ struct Pending<P> {
     /// The proposed outer step and the hash of the global parameters it makes.
     proposal: Option<(P, [u8; 32])>,
     log: RoundLog,
+    /// The stream positions the round's inner steps read.
+    consumed: Vec<SeqRange>,
 }
 
 /// A closed round whose evaluation or checkpoint write is under way.
@@ -625,7 +637,27 @@ impl<P> Rounds<P> {
             version: open.global_version,
             pace_us_per_step: open.pace_us_per_step,
             opened_at,
+            lease: self.lease(open),
         }
+    }
+
+    /// This node's replica's lease in `open`; None when the round carries no leases.
+    fn lease(&self, open: &RoundOpened) -> Option<Vec<SeqRange>> {
+        if open.data.is_empty() {
+            return None;
+        }
+        let replica = open
+            .participants
+            .iter()
+            .find(|p| p.member == self.me)
+            .map(|p| p.assignment.replica);
+        Some(
+            open.data
+                .iter()
+                .find(|lease| Some(lease.replica) == replica)
+                .map(|lease| lease.ranges.clone())
+                .unwrap_or_default(),
+        )
     }
 
     fn on_fetched(&mut self, result: Result<Fetched, String>, out: &mut Vec<Action<P>>) {
@@ -760,12 +792,14 @@ impl<P> Rounds<P> {
             round: open.round,
             tokens_processed: trained.tokens,
             us_per_step: us_per_step(&trained),
+            consumed: trained.consumed.clone(),
             outer_step,
         }));
         self.pending = Some(Pending {
             round: open.round,
             proposal,
             log,
+            consumed: trained.consumed,
         });
     }
 
@@ -797,6 +831,7 @@ impl<P> Rounds<P> {
             inner_s: trained.seconds,
             state_fetch_s,
             unix_ms: None,
+            data: Vec::new(),
         }
     }
 
@@ -818,6 +853,7 @@ impl<P> Rounds<P> {
                     out.push(Action::ApplyOuterStep(proposal));
                     self.held = Some(*version);
                     log.outcome = format!("committed v{version} {hash}");
+                    log.data = pending.consumed;
                 } else {
                     // Our hash lost the vote: our global state is no longer the group's. Take
                     // nothing; the next round starts by fetching the committed state from peers.
@@ -989,8 +1025,7 @@ fn failed_step(open: &RoundOpened, failure: ReduceFailure) -> OuterStep {
     }
 }
 
-/// A paced round gives a node at most this many times H inner steps, however fast it is.
-pub(crate) const MAX_PACED_ROUND: u64 = 8;
+pub(crate) use forge_protocol::MAX_PACED_ROUND;
 
 /// How a round's inner steps go: how many, for how long, and where on the lr schedule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1097,6 +1132,7 @@ pub(crate) fn failed_report(
         round,
         tokens_processed: 0,
         us_per_step: 0,
+        consumed: Vec::new(),
         outer_step: OuterStep::Failed {
             reason,
             rejected,

@@ -23,6 +23,8 @@ pub mod run_config;
 pub mod session;
 /// Requests and answers of the peer-to-peer state transfer to joining nodes.
 pub mod state;
+/// The training stream's positions and the ranges of it the coordinator leases to replicas.
+pub mod stream;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.
 pub mod sync;
 
@@ -31,8 +33,9 @@ pub use messages::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
     ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join, JoinAccepted, LayerRange, Leave,
-    MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed,
+    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, ReplicaId, RoundClosed,
     RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash,
     TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};
+pub use stream::{DataDigest, DataLease, SeqRange};

@@ -17,10 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Channel};
 use crate::error::{Error, Result};
+use crate::stream::{DataDigest, DataLease, SeqRange};
 
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
-/// a [`TensorKey`] instead of a name).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -304,7 +305,13 @@ pub struct RoundOpened {
     /// finished its inner steps early waits at the all-reduce for the others (None: nothing
     /// measured yet).
     pub slowest_us_per_step: Option<u64>,
+    /// The stream positions each replica reads this round (see [`crate::stream`]); empty when
+    /// the coordinator has no data plan, and a replica reads its fixed data shard.
+    pub data: Vec<DataLease>,
 }
+
+/// A paced round gives a node at most this many times H inner steps, however fast it is.
+pub const MAX_PACED_ROUND: u64 = 8;
 
 /// How a node's outer step went.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +351,8 @@ pub struct RoundReport {
     /// The node's mean microseconds per inner step in this round (0: not measured), from which
     /// the coordinator paces later rounds.
     pub us_per_step: u64,
+    /// The stream positions the node's inner steps read: a prefix of its replica's lease.
+    pub consumed: Vec<SeqRange>,
     pub outer_step: OuterStep,
 }
 
@@ -423,6 +432,8 @@ pub enum ErrorCode {
     NotAParticipant,
     CheckpointMismatch,
     InvalidJoin,
+    /// The member's corpus or tokenizer differs from the run's.
+    DataMismatch,
     /// The cluster token is missing or wrong.
     Unauthorized,
 }
@@ -443,6 +454,8 @@ pub enum NodeMessage {
     RoundReport(RoundReport),
     CheckpointShardDurable(CheckpointShardDurable),
     InitialState(InitialState),
+    /// Sent once the node's data is tokenized: what its training stream is.
+    DataReady(DataDigest),
 }
 
 /// Everything the coordinator sends to a node.
@@ -500,6 +513,13 @@ mod tests {
                 }),
             }),
         ]
+    }
+
+    fn ranges() -> impl Strategy<Value = Vec<SeqRange>> {
+        prop::collection::vec(
+            (any::<u64>(), any::<u64>()).prop_map(|(a, b)| SeqRange::new(a.min(b), a.max(b))),
+            0..4,
+        )
     }
 
     fn tensor_hashes() -> impl Strategy<Value = Vec<TensorHash>> {
@@ -616,14 +636,17 @@ mod tests {
                     inner_steps_done: steps,
                 })
             }),
-            (any::<u64>(), any::<u64>(), outer_step()).prop_map(|(round, tokens, outer_step)| {
-                NodeMessage::RoundReport(RoundReport {
-                    round: RoundId(round),
-                    tokens_processed: tokens,
-                    us_per_step: tokens / 7,
-                    outer_step,
-                })
-            }),
+            (any::<u64>(), any::<u64>(), ranges(), outer_step()).prop_map(
+                |(round, tokens, consumed, outer_step)| {
+                    NodeMessage::RoundReport(RoundReport {
+                        round: RoundId(round),
+                        tokens_processed: tokens,
+                        us_per_step: tokens / 7,
+                        consumed,
+                        outer_step,
+                    })
+                }
+            ),
             (any::<u64>(), any::<u32>(), tensor_hashes()).prop_map(|(round, shard, hashes)| {
                 NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
                     round: RoundId(round),
@@ -634,6 +657,13 @@ mod tests {
             tensor_hashes().prop_map(|tensor_hashes| NodeMessage::InitialState(InitialState {
                 tensor_hashes
             })),
+            (digest(), digest(), any::<u64>()).prop_map(|(corpus, tokenizer, windows)| {
+                NodeMessage::DataReady(DataDigest {
+                    corpus,
+                    tokenizer,
+                    windows,
+                })
+            }),
         ]
     }
 
@@ -715,6 +745,13 @@ mod tests {
                 tensor_hashes(),
                 prop::option::of(any::<u64>()),
                 prop::option::of(any::<u64>()),
+                prop::collection::vec(
+                    (any::<u64>(), ranges()).prop_map(|(replica, ranges)| DataLease {
+                        replica: ReplicaId(replica),
+                        ranges,
+                    }),
+                    0..3,
+                ),
             )
                 .prop_map(
                     |(
@@ -725,6 +762,7 @@ mod tests {
                         tensor_hashes,
                         pace,
                         slowest,
+                        data,
                     )| {
                         CoordinatorMessage::RoundOpened(RoundOpened {
                             round: RoundId(round),
@@ -734,6 +772,7 @@ mod tests {
                             tensor_hashes,
                             pace_us_per_step: pace,
                             slowest_us_per_step: slowest,
+                            data,
                         })
                     }
                 ),

@@ -5,7 +5,7 @@
 
 use crate::checkpoint::CheckpointDir;
 use crate::config::RunConfig;
-use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches};
+use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches, LeaseShare};
 use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
 use crate::flops;
@@ -16,7 +16,10 @@ use crate::parallel::worker::{Command, Exchange, Reply, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
 use crate::sample::generate;
 use crate::schedule::scaled_peak_lr;
+use forge_protocol::messages::Digest;
+use forge_protocol::stream::{DataDigest, SeqRange};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -328,6 +331,74 @@ impl Trainer {
         self.collect_positions(timeout, "a data reshard")
     }
 
+    /// Reads the stream positions `ranges` (a replica's lease for a round) from their start:
+    /// every inner step takes the next `batch_size` of them, each data-parallel worker its
+    /// part, and [`Trainer::inner_steps`] stops when they run out. Returns the steps they hold.
+    pub fn set_data_lease(&mut self, ranges: &[SeqRange]) -> Result<u64> {
+        let t = &self.cfg.train;
+        let workers = 1 + self.others.len();
+        let batches = t
+            .parallel
+            .worker_batches(workers, t.batch_size, t.micro_batch)?;
+        let block = batches.iter().map(|b| b.sequences() as u64).sum::<u64>();
+        let mut offset = 0;
+        let mut shares = batches.iter().map(|b| {
+            let take = b.sequences() as u64;
+            let share = LeaseShare {
+                ranges: ranges.to_vec(),
+                block,
+                offset,
+                take,
+            };
+            offset += take;
+            share
+        });
+        let primary = shares.next().expect("at least one worker");
+        let steps = primary.steps();
+        self.primary.batches.lease(primary)?;
+        for (other, share) in self.others.iter().zip(shares) {
+            other.send(Command::Lease(share))?;
+        }
+        let timeout = self.cfg.train.parallel.timeout();
+        self.collect_positions(timeout, "a data lease")?;
+        Ok(steps)
+    }
+
+    /// The stream positions this replica's inner steps read of the lease set last, in order.
+    pub fn data_consumed(&self) -> Vec<SeqRange> {
+        self.primary.batches.lease_consumed().unwrap_or_default()
+    }
+
+    /// What this trainer's training stream is, for the coordinator to check against the run's:
+    /// the digest of its training tokens and tokenizer, and its windows per epoch.
+    pub fn data_digest(&self) -> DataDigest {
+        let tokens = self.dataset.train.tokens();
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u32; 1 << 16];
+        let mut bytes = Vec::with_capacity(4 * chunk.len());
+        let mut start = 0;
+        while start < tokens.len() {
+            let n = chunk.len().min(tokens.len() - start);
+            tokens.read(start, &mut chunk[..n]);
+            bytes.clear();
+            bytes.extend(chunk[..n].iter().flat_map(|t| t.to_le_bytes()));
+            hasher.update(&bytes);
+            start += n;
+        }
+        // The tokenizer's hash is hex SHA-256 by construction; hashing its text keeps any
+        // other form distinct too.
+        let tokenizer_hash = self.dataset.tokenizer.hash();
+        let mut tokenizer = [0u8; 32];
+        if hex::decode_to_slice(tokenizer_hash, &mut tokenizer).is_err() {
+            tokenizer = Sha256::digest(tokenizer_hash.as_bytes()).into();
+        }
+        DataDigest {
+            corpus: Digest(hasher.finalize().into()),
+            tokenizer: Digest(tokenizer),
+            windows: self.primary.batches.windows() as u64,
+        }
+    }
+
     /// Moves the schedule to `step` (and the token count to `tokens`): a node that joins a run
     /// in progress takes the run's position along with its global state.
     pub fn set_progress(&mut self, step: u64, tokens: u64) {
@@ -412,6 +483,9 @@ impl Trainer {
         let elapsed_before = self.state.elapsed_s;
         while summary.steps < steps && !stop.load(Ordering::Relaxed) {
             if budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0 {
+                break;
+            }
+            if self.primary.batches.lease_steps_left() == Some(0) {
                 break;
             }
             let position = schedule.start + (summary.steps as f64 * schedule.per_step) as u64;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use forge_protocol::session::{Open, OpenReply, Purpose, Status};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello,
-    InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, RoundId, RoundReport,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, ErrorCode, Heartbeat,
+    Hello, InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, RoundId, RoundReport,
     TensorHash,
 };
 use rand::Rng;
@@ -179,6 +179,12 @@ impl CoordinatorClient {
     pub async fn initial_state(&self, tensor_hashes: Vec<TensorHash>) -> Result<()> {
         self.send(NodeMessage::InitialState(InitialState { tensor_hashes }))
             .await
+    }
+
+    /// Says what this node's training stream is (see [`DataDigest`]); said again after a
+    /// reconnect, since a node that rejoins as a new member must be checked again.
+    pub async fn data_ready(&self, digest: DataDigest) -> Result<()> {
+        self.send(NodeMessage::DataReady(digest)).await
     }
 
     /// Sends a heartbeat now, besides the periodic ones.
@@ -407,6 +413,8 @@ struct NodeState {
     /// Announced again after every reconnect: the coordinator keeps only the first while the
     /// run is at version 0 and ignores it afterwards.
     initial_state: Option<InitialState>,
+    /// Said again after every reconnect.
+    data: Option<DataDigest>,
 }
 
 impl NodeState {
@@ -424,6 +432,7 @@ impl NodeState {
                 self.unacknowledged_shards.push(shard.clone());
             }
             NodeMessage::InitialState(initial) => self.initial_state = Some(initial.clone()),
+            NodeMessage::DataReady(digest) => self.data = Some(digest.clone()),
             _ => {}
         }
     }
@@ -582,6 +591,12 @@ impl EventLoop {
                     .unacknowledged_shards
                     .retain(|shard| shard.round > committed.round);
             }
+            CoordinatorMessage::Error(reply) if reply.code == ErrorCode::DataMismatch => {
+                return Some(Ended::Expelled(format!(
+                    "the coordinator refused this node ({me}): {}",
+                    reply.message
+                )));
+            }
             CoordinatorMessage::MemberDead(dead) if dead.member == me && dead.expelled => {
                 return Some(Ended::Expelled(format!(
                     "the coordinator removed this node ({me}) from the run: {}; check this node's \
@@ -648,6 +663,7 @@ impl EventLoop {
                         self.node.unacknowledged_shards.clear();
                     }
                     let mut pending: Vec<NodeMessage> = Vec::new();
+                    pending.extend(self.node.data.clone().map(NodeMessage::DataReady));
                     pending.extend(
                         self.node
                             .initial_state

@@ -76,6 +76,7 @@ fn open(round: u64, version: u64, members: &[u64]) -> RoundOpened {
         tensor_hashes: vec![],
         pace_us_per_step: None,
         slowest_us_per_step: None,
+        data: vec![],
     }
 }
 
@@ -128,6 +129,7 @@ fn trained(step: u64) -> Input<u64> {
         mean_loss: 3.5,
         seconds: 2.0,
         step,
+        consumed: vec![],
     }))
 }
 
@@ -961,6 +963,7 @@ fn the_all_reduce_waits_for_slower_participants() {
         mean_loss: 3.5,
         seconds: 2.0,
         step: 25,
+        consumed: vec![],
     };
     // 25 steps at 0.4 s: 10 s for the slowest, 8 s more than this node's 2 s.
     assert_eq!(
@@ -1016,4 +1019,78 @@ fn a_paced_round_counts_from_the_close_for_a_node_that_was_evaluating() {
         panic!("{:?}", names(&actions))
     };
     assert_eq!(*opened_at, closed_at);
+}
+
+/// A round with leases: the node trains on its own replica's lease, reports what it read, and
+/// records it as read only when the round committed with its contribution.
+#[test]
+fn a_node_reads_its_replicas_lease_and_records_it_only_when_committed_with_it() {
+    use forge_protocol::stream::{DataLease, SeqRange};
+    let t0 = Instant::now();
+    let leased = |round: u64| {
+        let mut open = open(round, round - 1, &[1, 2, 3]);
+        // Member m is replica m - 1 (see `peer`).
+        open.data = (0..3)
+            .map(|r| DataLease {
+                replica: ReplicaId(r),
+                ranges: vec![SeqRange::new(100 * r, 100 * r + 50)],
+            })
+            .collect();
+        Notification::Message(CoordinatorMessage::RoundOpened(open))
+    };
+    let read = vec![SeqRange::new(0, 40)];
+    let trained_on = |step: u64| {
+        Input::Trained(Ok(Trained {
+            consumed: read.clone(),
+            ..match trained(step) {
+                Input::Trained(Ok(t)) => t,
+                _ => unreachable!(),
+            }
+        }))
+    };
+    let mut n = node(t0);
+    let actions = n.handle(t0, Input::Note(leased(1)));
+    let Some(Action::Train { lease, .. }) = actions.last() else {
+        panic!("{:?}", names(&actions));
+    };
+    assert_eq!(lease.as_deref(), Some(&[SeqRange::new(0, 50)][..]));
+    n.handle(t0, trained_on(25));
+    let actions = n.handle(t0, reduced(1));
+    let Some(Action::Report(report)) = actions.last() else {
+        panic!("{:?}", names(&actions));
+    };
+    assert_eq!(report.consumed, read);
+    let actions = n.handle(t0, Input::Note(closed(1, committed(1), &[1, 2, 3], None)));
+    let Some(Action::Record(log)) = actions.last() else {
+        panic!("{:?}", names(&actions));
+    };
+    assert_eq!(log.data, read);
+    assert!(
+        serde_json::to_string(log)
+            .unwrap()
+            .contains(r#""data":[{"start":0,"end":40}]"#)
+    );
+
+    // Committed without this node: its data counts for nothing.
+    note(&mut n, t0, leased(2));
+    n.handle(t0, trained_on(50));
+    n.handle(t0, reduced(2));
+    note(&mut n, t0, closed(2, committed(2), &[2, 3], None));
+    let actions = n.handle(
+        t0,
+        Input::Evaluated {
+            loss: 3.0,
+            bpb: 1.0,
+        },
+    );
+    let Some(Action::Record(log)) = actions.last() else {
+        panic!("{:?}", names(&actions));
+    };
+    assert!(log.outcome.contains("without this node"), "{}", log.outcome);
+    assert!(log.data.is_empty());
+
+    // Rounds without leases (a coordinator without a data plan) read the shard.
+    let mut n = node(t0);
+    let actions = n.handle(t0, Input::Note(opened(1, 0, &[1, 2, 3])));
+    assert!(matches!(actions.last(), Some(Action::Train { lease: None, .. })));
 }

@@ -9,6 +9,7 @@
 use super::cache::Tokens;
 use crate::error::{Error, Result};
 use forge_protocol::rng::SplitMix64;
+use forge_protocol::stream::{self, SeqRange};
 use serde::{Deserialize, Serialize};
 
 /// Where a [`Batches`] stream stands: `index` windows of this shard's `epoch` are consumed.
@@ -38,7 +39,25 @@ pub fn shard_index(replica: usize, worker: usize, workers_per_replica: usize) ->
     replica * workers_per_replica + worker
 }
 
-/// An endless stream of training batches for one shard.
+/// What part of the stream a local worker reads of a replica's lease ([`forge_protocol::stream`]):
+/// each inner step takes the next `block` positions of the lease (the run's batch size), of
+/// which this worker reads `take` from `offset` (the workers before it read the ones before).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseShare {
+    pub ranges: Vec<SeqRange>,
+    pub block: u64,
+    pub offset: u64,
+    pub take: u64,
+}
+
+impl LeaseShare {
+    /// Whole steps the lease holds.
+    pub fn steps(&self) -> u64 {
+        stream::total(&self.ranges) / self.block.max(1)
+    }
+}
+
+/// An endless stream of training batches for one shard, or the positions of a lease.
 #[derive(Debug, Clone)]
 pub struct Batches {
     tokens: Tokens,
@@ -49,9 +68,12 @@ pub struct Batches {
     n_shards: usize,
     n_windows: usize,
     position: DataPosition,
-    /// This shard's windows in `order_epoch`'s order.
+    /// This shard's windows in `order_epoch`'s order (all windows with a lease).
     order: Vec<u32>,
     order_epoch: Option<u64>,
+    /// Set: the stream positions of a lease, not the shard (`position.index` counts the windows
+    /// read of it).
+    lease: Option<LeaseShare>,
     window: Vec<u32>,
 }
 
@@ -106,8 +128,43 @@ impl Batches {
             position: DataPosition::default(),
             order: Vec::new(),
             order_epoch: None,
+            lease: None,
             window: vec![0; seq_len + 1],
         })
+    }
+
+    /// Reads `share` of a lease from its start instead of the shard (until the next
+    /// [`Batches::reshard`]).
+    pub fn lease(&mut self, share: LeaseShare) -> Result<()> {
+        if share.block == 0 || share.take == 0 || share.offset + share.take > share.block {
+            return Err(Error::Data(format!(
+                "a worker's share of a data lease must lie inside one step's {} positions \
+                 (offset {}, {} positions)",
+                share.block, share.offset, share.take
+            )));
+        }
+        self.lease = Some(share);
+        self.position = DataPosition::default();
+        self.order_epoch = None;
+        Ok(())
+    }
+
+    /// With a lease: the inner steps it has left (every worker of a replica has the same).
+    pub fn lease_steps_left(&self) -> Option<u64> {
+        let lease = self.lease.as_ref()?;
+        Some(lease.steps() - self.lease_steps_done(lease))
+    }
+
+    /// With a lease: the positions its steps so far read (a prefix of the lease), for the
+    /// whole replica.
+    pub fn lease_consumed(&self) -> Option<Vec<SeqRange>> {
+        let lease = self.lease.as_ref()?;
+        let done = self.lease_steps_done(lease);
+        Some(stream::split_at(&lease.ranges, done * lease.block).0)
+    }
+
+    fn lease_steps_done(&self, lease: &LeaseShare) -> u64 {
+        self.position.index / lease.take
     }
 
     /// Windows in the whole stream.
@@ -173,8 +230,23 @@ impl Batches {
         batch
     }
 
-    /// Index of the next window this shard reads, advancing the position.
+    /// Index of the next window this shard (or lease) reads, advancing the position.
     pub(crate) fn next_window(&mut self) -> usize {
+        if let Some(lease) = &self.lease {
+            let k = self.position.index;
+            let offset = k / lease.take * lease.block + lease.offset + k % lease.take;
+            let position = stream::position_at(&lease.ranges, offset).expect(
+                "the trainer stops a round's inner steps when its data lease has no step left",
+            );
+            let n = self.n_windows as u64;
+            let epoch = position / n;
+            if self.order_epoch != Some(epoch) {
+                self.order = self.permutation(epoch);
+                self.order_epoch = Some(epoch);
+            }
+            self.position.index += 1;
+            return self.order[(position % n) as usize] as usize;
+        }
         if self.position.index >= self.shard_len() as u64 {
             self.position.epoch += 1;
             self.position.index = 0;
@@ -191,16 +263,22 @@ impl Batches {
     /// This shard's windows for `epoch`: positions `shard, shard + n_shards, …` of the
     /// epoch's permutation of all windows.
     fn shard_order(&self, epoch: u64) -> Vec<u32> {
+        self.permutation(epoch)
+            .into_iter()
+            .skip(self.shard)
+            .step_by(self.n_shards)
+            .collect()
+    }
+
+    /// Every window in `epoch`'s seeded order: the stream's positions of that epoch.
+    fn permutation(&self, epoch: u64) -> Vec<u32> {
         let mut all: Vec<u32> = (0..self.n_windows as u32).collect();
         let mut rng = Xoshiro256::new(epoch_seed(self.seed, epoch));
         for i in (1..all.len()).rev() {
             let j = rng.below(i as u64 + 1) as usize;
             all.swap(i, j);
         }
-        all.into_iter()
-            .skip(self.shard)
-            .step_by(self.n_shards)
-            .collect()
+        all
     }
 }
 
@@ -423,6 +501,57 @@ mod tests {
         let distinct: HashSet<usize> = covered.iter().copied().collect();
         assert_eq!(distinct.len(), covered.len(), "a window is in two shards");
         assert_eq!(distinct, (0..101).collect::<HashSet<_>>());
+    }
+
+    #[test]
+    fn a_lease_reads_each_position_s_window_whichever_worker_and_epoch() {
+        // 101 windows; steps of 6 positions, split 4 + 2 over two workers; three leases that
+        // cover epoch 1 out of order, one of them straddling into epoch 2.
+        let tokens = stream(4 * 101 + 1);
+        let lease = |ranges: Vec<SeqRange>, offset, take| LeaseShare {
+            ranges,
+            block: 6,
+            offset,
+            take,
+        };
+        let leases = [
+            vec![SeqRange::new(160, 202)],
+            vec![SeqRange::new(101, 131), SeqRange::new(202, 208)],
+            vec![SeqRange::new(131, 160)],
+        ];
+        let mut read = Vec::new();
+        for ranges in &leases {
+            let mut workers = [0, 1].map(|w| {
+                let mut b = Batches::new(tokens.clone(), 4, 2, 42, 0, 1).unwrap();
+                let (offset, take) = [(0, 4), (4, 2)][w];
+                b.lease(lease(ranges.clone(), offset, take)).unwrap();
+                b
+            });
+            let steps = workers[0].lease_steps_left().unwrap();
+            assert_eq!(steps, stream::total(ranges) / 6);
+            for _ in 0..steps {
+                for (w, b) in workers.iter_mut().enumerate() {
+                    for _ in 0..[4, 2][w] {
+                        read.push(b.next_window());
+                    }
+                }
+            }
+            assert_eq!(workers[1].lease_steps_left(), Some(0));
+            let consumed = workers[0].lease_consumed().unwrap();
+            assert_eq!(stream::total(&consumed), steps * 6);
+            assert_eq!(consumed, stream::split_at(ranges, steps * 6).0);
+        }
+        // Every position is its epoch's window at that place, whichever lease and worker read
+        // it; the third lease's last 5 positions make no whole step and are not read.
+        let mut reference = Batches::new(tokens.clone(), 4, 2, 42, 0, 1).unwrap();
+        let (epoch1, epoch2) = (reference.permutation(1), reference.permutation(2));
+        let expected: Vec<usize> = [&epoch1[59..101], &epoch1[0..30], &epoch2[0..6], &epoch1[30..54]]
+            .concat()
+            .into_iter()
+            .map(|w| w as usize)
+            .collect();
+        assert_eq!(read, expected);
+        assert!(reference.lease(lease(vec![], 4, 4)).is_err());
     }
 
     #[test]

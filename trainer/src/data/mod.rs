@@ -18,7 +18,7 @@ mod corpus;
 mod stats;
 mod tokenizer;
 
-pub use batches::{Batch, Batches, DataPosition, EvalBatches, shard_index};
+pub use batches::{Batch, Batches, DataPosition, EvalBatches, LeaseShare, shard_index};
 pub use cache::{TokenCache, Tokens};
 pub use corpus::{CorpusFormat, Documents, LlmcShard, detect_format, documents, write_llmc_shard};
 pub use forge_protocol::run_config::{DataConfig, TokenizerConfig};

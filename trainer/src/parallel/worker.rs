@@ -3,7 +3,7 @@
 //! worker owns a thread ([`WorkerThread`]) that takes commands and answers each one.
 
 use super::{BucketReducer, GradDtype, WorkerBatch, all_reduce_gradients};
-use crate::data::{Batch, Batches, DataPosition};
+use crate::data::{Batch, Batches, DataPosition, LeaseShare};
 use crate::error::{Error, Result};
 use crate::models::{Model, cross_entropy, trainable_by_name};
 use crate::optim::{AdamW, accumulate, clip_grad_norm};
@@ -166,6 +166,10 @@ impl Worker {
                 self.batches.reshard(index, count)?;
                 Ok(Reply::Done(self.batches.position()))
             }
+            Command::Lease(share) => {
+                self.batches.lease(share)?;
+                Ok(Reply::Done(self.batches.position()))
+            }
             Command::Seek(position) => {
                 self.batches.seek(position)?;
                 Ok(Reply::Done(self.batches.position()))
@@ -196,6 +200,7 @@ pub(crate) enum Command {
         count: usize,
     },
     Seek(DataPosition),
+    Lease(LeaseShare),
 }
 
 pub(crate) enum Reply {
