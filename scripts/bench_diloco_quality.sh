@@ -106,7 +106,6 @@ sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^sync_warmup_steps = 0/sync_warmup_steps = $warm/" \
     -e "s/^min_replicas = 2/min_replicas = $nodes/" \
     -e "s/^start_replicas = 2/start_replicas = $nodes/" \
-    -e "s/^data_shards = 2/data_shards = $nodes/" \
     configs/diloco-tiny-cpu.toml > "$work/diloco.toml"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT

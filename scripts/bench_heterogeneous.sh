@@ -133,7 +133,6 @@ config() {
       -e "s/^eval_every_rounds = 4/eval_every_rounds = 4/" \
       -e "s/^min_replicas = 2/min_replicas = 2/" \
       -e "s/^start_replicas = 2/start_replicas = $nodes/" \
-      -e "s/^data_shards = 2/data_shards = $nodes/" \
       configs/diloco-tiny-cpu.toml
 }
 # Tokenize once, outside the quotas; every node's cache links to it.

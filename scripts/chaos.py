@@ -112,7 +112,6 @@ def write_config(work, nodes, steps, small):
         ("heartbeat_interval_ms = 500", "heartbeat_interval_ms = 250"),
         ("heartbeat_timeout_ms = 5000", "heartbeat_timeout_ms = 2000"),
         ("start_replicas = 2", f"start_replicas = {nodes}"),
-        ("data_shards = 2", f"data_shards = {nodes}"),
         ("checkpoint_every_rounds = 0", "checkpoint_every_rounds = 2"),
         ("round_deadline_ms = 600000", "round_deadline_ms = 60000"),
     ]

@@ -54,7 +54,6 @@ sed -e "s#\"../shared/data/tinystories/#\"$data/tinystories/#" \
     -e "s/^warmup_steps = 30/warmup_steps = 2/" \
     -e "s/^batches = 0/batches = 4/" \
     -e "s/^start_replicas = 2/start_replicas = 3/" \
-    -e "s/^data_shards = 2/data_shards = 3/" \
     configs/diloco-tiny-cpu.toml > "$out/diloco.toml"
 "$bin/forge-coordinator" serve --config "$out/diloco.toml" --listen 127.0.0.1:0 --state-dir "$out/coord" \
   > "$out/coord.out" 2> "$out/coord.log" &

@@ -73,7 +73,8 @@ pub struct CoordinatorConfig {
     /// it yet, so a run starts only when all its first replicas are there.
     #[serde(default)]
     pub start_replicas: u32,
-    /// Number of fixed data shards; each replica reads a different one.
+    /// Without a data plan ([`CoordinatorConfig::data`]): the number of fixed data shards, each
+    /// replica reading a different one. Unused with one.
     pub data_shards: u32,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
@@ -106,13 +107,13 @@ impl CoordinatorConfig {
         if self.min_replicas == 0 {
             return bad("min_replicas must be at least 1".to_string());
         }
-        if self.data_shards < self.start_replicas {
+        if self.data.is_none() && self.data_shards < self.start_replicas {
             return bad(format!(
                 "data_shards ({}) must be at least start_replicas ({}): every replica reads its own shard",
                 self.data_shards, self.start_replicas
             ));
         }
-        if self.data_shards < self.min_replicas {
+        if self.data.is_none() && self.data_shards < self.min_replicas {
             return bad(format!(
                 "data_shards ({}) must be at least min_replicas ({}): every replica reads its own shard",
                 self.data_shards, self.min_replicas
@@ -1111,17 +1112,29 @@ impl Coordinator {
         let mut used: BTreeSet<u32> = kept.values().map(|(r, _)| r.data_shard).collect();
         let mut replicas = BTreeMap::new();
         let mut assignments: BTreeMap<MemberId, Assignment> = BTreeMap::new();
+        // With leased data a replica's shard is the whole stream (its leases say which part it
+        // reads) and there is no limit on replicas; otherwise each reads one of data_shards.
+        let leased = self.config.data.is_some();
+        let shards = if leased {
+            u32::MAX
+        } else {
+            self.config.data_shards
+        };
         let mut place =
             |id: ReplicaId, data_shard: u32, group: Vec<(MemberId, Option<StageAssignment>)>| {
                 for (member, stage) in group {
+                    let data_shard = match leased {
+                        true => DataShard { index: 0, count: 1 },
+                        false => DataShard {
+                            index: data_shard,
+                            count: self.config.data_shards,
+                        },
+                    };
                     assignments.insert(
                         member,
                         Assignment {
                             replica: id,
-                            data_shard: DataShard {
-                                index: data_shard,
-                                count: self.config.data_shards,
-                            },
+                            data_shard,
                             stage,
                         },
                     );
@@ -1132,8 +1145,7 @@ impl Coordinator {
             replicas.insert(id, replica);
         }
         for (members, group) in fresh {
-            let Some(shard) = (0..self.config.data_shards).find(|shard| !used.contains(shard))
-            else {
+            let Some(shard) = (0..shards).find(|shard| !used.contains(shard)) else {
                 out.push(Output::Event(Event::Warning {
                     message: format!(
                         "all {} data shards are in use; members {members:?} stay on standby (raise data_shards)",

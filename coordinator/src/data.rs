@@ -118,7 +118,10 @@ mod tests {
             settle(&lease, &[r(100, 110)]),
             (vec![r(40, 48), r(0, 2)], vec![r(2, 16)], false)
         );
-        assert_eq!(settle(&lease, &[r(0, 999)]), (lease.to_vec(), vec![], false));
+        assert_eq!(
+            settle(&lease, &[r(0, 999)]),
+            (lease.to_vec(), vec![], false)
+        );
     }
 
     #[test]

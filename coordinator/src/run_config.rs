@@ -67,6 +67,13 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
                 })?,
         ),
     };
+    if data.is_some() && section.as_ref().is_some_and(|s| s.data_shards.is_some()) {
+        tracing::warn!(
+            "{}: [coordinator] data_shards is ignored in a DiLoCo run: the coordinator leases \
+             each replica its part of the data round by round; remove the key",
+            path.display()
+        );
+    }
     let get = |pick: fn(&CoordinatorSection) -> Option<u64>, default: u64| {
         section.as_ref().and_then(pick).unwrap_or(default)
     };
@@ -150,6 +157,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("heartbeat_timeout_ms (500)"), "{err}");
+    }
+
+    #[test]
+    fn a_diloco_run_leases_a_batch_per_inner_step() {
+        let diloco = include_str!("../../configs/diloco-tiny-cpu.toml");
+        let config = parse(diloco.to_string(), Path::new("run.toml")).unwrap();
+        let run = RunConfig::parse(diloco, Path::new("run.toml")).unwrap();
+        assert_eq!(
+            config.data,
+            Some(DataPlan {
+                sequences_per_step: run.train.batch_size as u64,
+                inner_steps: run.diloco.unwrap().inner_steps,
+            })
+        );
+        let plain = parse(run_config(""), Path::new("run.toml")).unwrap();
+        assert_eq!(plain.data, None);
     }
 
     #[test]

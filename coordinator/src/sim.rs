@@ -901,7 +901,10 @@ mod tests {
         let closed3 = d.report_read(3, RoundId(3), Digest([4; 32]), read(3, &leases, 20));
         assert!(consumed_in(&closed3).is_empty());
         let leases4 = leases_in(&closed3);
-        assert_eq!(leases4, leases, "an abandoned round's leases are leased again");
+        assert_eq!(
+            leases4, leases,
+            "an abandoned round's leases are leased again"
+        );
         // The state survives a coordinator restart, the open round's leases included.
         let snapshot = d.coordinator.to_snapshot().unwrap();
         d.coordinator = Coordinator::from_snapshot(&snapshot, Millis(d.now)).unwrap();

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, Device, DeviceKind, Digest,
-    OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, Device, DeviceKind,
+    Digest, OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;

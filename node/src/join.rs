@@ -295,8 +295,12 @@ impl Shell {
                 lease,
             } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
-                let trained =
-                    self.train(version, pace_us_per_step, opened_at.elapsed(), lease.as_deref())?;
+                let trained = self.train(
+                    version,
+                    pace_us_per_step,
+                    opened_at.elapsed(),
+                    lease.as_deref(),
+                )?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
                 while let Ok(note) = notes.try_recv() {

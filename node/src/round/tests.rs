@@ -1092,5 +1092,8 @@ fn a_node_reads_its_replicas_lease_and_records_it_only_when_committed_with_it() 
     // Rounds without leases (a coordinator without a data plan) read the shard.
     let mut n = node(t0);
     let actions = n.handle(t0, Input::Note(opened(1, 0, &[1, 2, 3])));
-    assert!(matches!(actions.last(), Some(Action::Train { lease: None, .. })));
+    assert!(matches!(
+        actions.last(),
+        Some(Action::Train { lease: None, .. })
+    ));
 }

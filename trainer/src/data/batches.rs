@@ -545,11 +545,16 @@ mod tests {
         // it; the third lease's last 5 positions make no whole step and are not read.
         let mut reference = Batches::new(tokens.clone(), 4, 2, 42, 0, 1).unwrap();
         let (epoch1, epoch2) = (reference.permutation(1), reference.permutation(2));
-        let expected: Vec<usize> = [&epoch1[59..101], &epoch1[0..30], &epoch2[0..6], &epoch1[30..54]]
-            .concat()
-            .into_iter()
-            .map(|w| w as usize)
-            .collect();
+        let expected: Vec<usize> = [
+            &epoch1[59..101],
+            &epoch1[0..30],
+            &epoch2[0..6],
+            &epoch1[30..54],
+        ]
+        .concat()
+        .into_iter()
+        .map(|w| w as usize)
+        .collect();
         assert_eq!(read, expected);
         assert!(reference.lease(lease(vec![], 4, 4)).is_err());
     }
