@@ -34,8 +34,8 @@ use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
     GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep,
-    Peer, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
-    StageAssignment, TensorHash, TensorKey,
+    Peer, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
+    ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -619,7 +619,7 @@ impl Coordinator {
                 self.on_shard_durable(from, id, durable, out)
             }
             NodeMessage::InitialState(initial) => self.on_initial_state(id, initial, out),
-            NodeMessage::DataReady(digest) => self.on_data_ready(from, id, digest, out),
+            NodeMessage::Ready(ready) => self.on_ready(from, id, ready, out),
             NodeMessage::Hello(_) | NodeMessage::Join(_) => {}
         }
     }
@@ -645,16 +645,12 @@ impl Coordinator {
         }
     }
 
-    /// A member's training stream. The first becomes the run's; a member whose stream differs
-    /// (another corpus, tokenizer or window count) is removed with the reason: a stream
-    /// position would name other tokens on it. A matching member can be planned from now on.
-    fn on_data_ready(
-        &mut self,
-        from: ConnId,
-        id: MemberId,
-        digest: DataDigest,
-        out: &mut Vec<Output>,
-    ) {
+    /// A member ready to train. Its training stream: the first becomes the run's; a member
+    /// whose stream differs (another corpus, tokenizer or window count) is removed with the
+    /// reason, since a stream position would name other tokens on it. A matching member can be
+    /// planned from now on, and its estimated speed paces rounds until it has measured one.
+    fn on_ready(&mut self, from: ConnId, id: MemberId, ready: Ready, out: &mut Vec<Output>) {
+        let digest = ready.data;
         match &self.data_digest {
             None => {
                 out.push(Output::Event(Event::DataStream {
@@ -699,11 +695,14 @@ impl Coordinator {
             }
             Some(_) => {}
         }
-        if let Some(member) = self.members.get_mut(&id)
-            && member.data.is_none()
-        {
-            member.data = Some(digest);
-            self.membership_changed = true;
+        if let Some(member) = self.members.get_mut(&id) {
+            if member.us_per_step == 0 {
+                member.us_per_step = ready.us_per_step;
+            }
+            if member.data.is_none() {
+                member.data = Some(digest);
+                self.membership_changed = true;
+            }
         }
     }
 

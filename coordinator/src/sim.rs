@@ -741,7 +741,7 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 
 mod tests {
     use forge_protocol::stream::{self, DataDigest};
-    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION};
+    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION, Ready};
 
     use super::*;
     use crate::core::RESTART_GRACE_MS;
@@ -833,10 +833,13 @@ mod tests {
         });
         let mut d = Driver::new(cfg);
         let data = |corpus: u8| {
-            NodeMessage::DataReady(DataDigest {
-                corpus: Digest([corpus; 32]),
-                tokenizer: Digest([0; 32]),
-                windows: 50,
+            NodeMessage::Ready(Ready {
+                data: DataDigest {
+                    corpus: Digest([corpus; 32]),
+                    tokenizer: Digest([0; 32]),
+                    windows: 50,
+                },
+                us_per_step: 0,
             })
         };
         let (_, joined) = d.join(1, 1 << 40);
@@ -924,6 +927,49 @@ mod tests {
         consumed.extend(consumed_in(&closed4));
         let consumed = stream::normalized(consumed.clone());
         assert_eq!(consumed, [SeqRange::new(0, 128)], "consumed: {consumed:?}");
+    }
+
+    /// With speed-aware rounds, the speeds nodes estimate when they are ready pace the first
+    /// round already, and leases follow them: a node four times faster reads more.
+    #[test]
+    fn estimated_speeds_pace_the_first_round_and_size_its_leases() {
+        let mut cfg = config(2);
+        cfg.pace = true;
+        cfg.data = Some(DataPlan {
+            sequences_per_step: 4,
+            inner_steps: 10,
+        });
+        let mut d = Driver::new(cfg);
+        let ready = |us_per_step| {
+            NodeMessage::Ready(Ready {
+                data: DataDigest {
+                    corpus: Digest([1; 32]),
+                    tokenizer: Digest([0; 32]),
+                    windows: 1000,
+                },
+                us_per_step,
+            })
+        };
+        d.join(1, 1 << 40);
+        d.send(1, ready(1_000));
+        d.join(2, 1 << 40);
+        let round1 = d.send(2, ready(4_000));
+        let open = round1
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    message: CoordinatorMessage::RoundOpened(open),
+                    ..
+                } => Some(open.clone()),
+                _ => None,
+            })
+            .expect("round 1 opens");
+        assert_eq!(open.pace_us_per_step, Some(2_500));
+        assert_eq!(open.slowest_us_per_step, Some(4_000));
+        let leases = leases_in(&round1);
+        // 25 and 7 steps expected in the median's time for 10: 32 and 9 leased.
+        assert_eq!(stream::total(&leases[&1]), 32 * 4);
+        assert_eq!(stream::total(&leases[&2]), 9 * 4);
     }
 
     /// The first round waits for start_replicas; later rounds need only min_replicas.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, Device, DeviceKind,
-    Digest, OuterStep, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
+    Digest, OuterStep, Ready, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -74,7 +74,12 @@ pub(crate) fn run(
             .with_context(|| format!("{peer_id} cannot join"))?;
             println!("{peer_id} joined as member {}", accepted.member.0);
             // Every simulated member has the same (empty) data, so the coordinator plans it.
-            client.data_ready(sim_data()).await?;
+            client
+                .ready(Ready {
+                    data: sim_data(),
+                    us_per_step: 0,
+                })
+                .await?;
             members.push(tokio::spawn(follow(
                 peer_id,
                 client,

@@ -14,7 +14,7 @@ use crate::round::{
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
-use forge_protocol::messages::{JoinAccepted, Peer, RoundId, RoundOpened};
+use forge_protocol::messages::{JoinAccepted, Peer, Ready, RoundId, RoundOpened};
 use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::SeqRange;
 use forge_trainer::checkpoint::CheckpointDir;
@@ -105,10 +105,17 @@ async fn node(opts: JoinOptions) -> Result<()> {
             .await
             .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
-    let (shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
-    // The coordinator plans this node once it knows its data is the run's.
-    let digest = tokio::task::block_in_place(|| shell.trainer.data_digest());
-    shell.client.data_ready(digest).await?;
+    let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+    // The coordinator plans this node once it knows its data is the run's; the estimated speed
+    // paces the first round.
+    let ready = tokio::task::block_in_place(|| -> Result<Ready> {
+        Ok(Ready {
+            data: shell.trainer.data_digest(),
+            us_per_step: shell.trainer.probe_us_per_step()?,
+        })
+    })?;
+    shell.us_per_step = Some(ready.us_per_step);
+    shell.client.ready(ready).await?;
     if accepted.global.version == 0 {
         // The first node to announce its version 0 gives the run its initial parameters.
         let initial = shell.rounds.initial_hashes().to_vec();

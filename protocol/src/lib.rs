@@ -33,7 +33,7 @@ pub use messages::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
     ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join, JoinAccepted, LayerRange, Leave,
-    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer,
+    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, Ready,
     ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
     StageAssignment, TensorHash, TensorKey,
 };

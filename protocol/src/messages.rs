@@ -335,6 +335,15 @@ pub enum OuterStep {
     },
 }
 
+/// A node ready to train: what its training stream is, and how fast it expects to step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub data: DataDigest,
+    /// Its estimate of microseconds per inner step of the run's model (0: none), from which
+    /// the coordinator paces the first round; the rounds' measurements replace it.
+    pub us_per_step: u64,
+}
+
 /// A node's version 0: the hashes of the initial parameters (and zero outer momentum) it drew
 /// from the run's seed, sent once its model is built while the run is at version 0. The first
 /// announcement becomes version 0's committed hashes; a node whose own differ (another libtorch
@@ -454,8 +463,8 @@ pub enum NodeMessage {
     RoundReport(RoundReport),
     CheckpointShardDurable(CheckpointShardDurable),
     InitialState(InitialState),
-    /// Sent once the node's data is tokenized: what its training stream is.
-    DataReady(DataDigest),
+    /// Sent once the node's data is tokenized and its model built.
+    Ready(Ready),
 }
 
 /// Everything the coordinator sends to a node.
@@ -657,13 +666,18 @@ mod tests {
             tensor_hashes().prop_map(|tensor_hashes| NodeMessage::InitialState(InitialState {
                 tensor_hashes
             })),
-            (digest(), digest(), any::<u64>()).prop_map(|(corpus, tokenizer, windows)| {
-                NodeMessage::DataReady(DataDigest {
-                    corpus,
-                    tokenizer,
-                    windows,
-                })
-            }),
+            (digest(), digest(), any::<u64>(), any::<u64>()).prop_map(
+                |(corpus, tokenizer, windows, us_per_step)| {
+                    NodeMessage::Ready(Ready {
+                        data: DataDigest {
+                            corpus,
+                            tokenizer,
+                            windows,
+                        },
+                        us_per_step,
+                    })
+                }
+            ),
         ]
     }
 

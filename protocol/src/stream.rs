@@ -98,7 +98,7 @@ pub fn describe(ranges: &[SeqRange]) -> String {
 }
 
 /// What a node's training stream is made of, sent once its data is tokenized
-/// ([`crate::NodeMessage::DataReady`]): the coordinator takes the first as the run's and refuses
+/// ([`crate::NodeMessage::Ready`]): the coordinator takes the first as the run's and refuses
 /// a member whose stream differs, since a position would name other tokens on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataDigest {

@@ -369,6 +369,21 @@ impl Trainer {
         self.primary.batches.lease_consumed().unwrap_or_default()
     }
 
+    /// An estimate of this node's microseconds per inner step before it has trained: worker 0's
+    /// forward and backward passes for one step on made-up tokens (after one untimed pass),
+    /// which change nothing of the run's state. The optimizer step and the gradient exchange
+    /// are left out, and CPU workers sharing cores are measured alone, so it errs fast; a
+    /// round's measurement replaces it.
+    pub fn probe_us_per_step(&self) -> Result<u64> {
+        let seq_len = self.cfg.train.seq_len as usize;
+        self.primary.probe(seq_len)?;
+        let timed = (0..2)
+            .map(|_| self.primary.probe(seq_len))
+            .collect::<Result<Vec<_>>>()?;
+        let mean = timed.iter().map(|d| d.as_secs_f64()).sum::<f64>() / timed.len() as f64;
+        Ok((mean * 1e6).max(1.0) as u64)
+    }
+
     /// What this trainer's training stream is, for the coordinator to check against the run's:
     /// the digest of its training tokens and tokenizer, and its windows per epoch.
     pub fn data_digest(&self) -> DataDigest {

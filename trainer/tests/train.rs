@@ -170,6 +170,50 @@ fn two_cpu_workers_match_one_worker_with_twice_the_batch() {
     assert!(one_losses.last() < one_losses.first(), "loss falls");
 }
 
+/// A round's lease, read by two CPU workers, trains like one worker reading it whole: the inner
+/// steps stop when it runs out and report the positions read. Measuring the node's speed first
+/// (a probe) changes nothing of the run.
+#[test]
+fn a_lease_read_by_two_workers_trains_like_one_and_a_probe_changes_nothing() {
+    use forge_protocol::stream::SeqRange;
+    use forge_trainer::train::ScheduleSpan;
+    let tmp = tempfile::tempdir().unwrap();
+    let lease = [SeqRange::new(100, 124), SeqRange::new(7, 35)];
+    let run = |name: &str, workers: usize, micro_batch: usize, probe: bool| {
+        let mut cfg = small_config(&tmp.path().join(name), 100);
+        cfg.train.micro_batch = micro_batch;
+        cfg.train.parallel.cpu_workers = workers;
+        cfg.train.lr = 1e-3;
+        let mut trainer = Trainer::new(cfg).unwrap();
+        if probe {
+            let before = flat_params(&trainer);
+            let us = trainer.probe_us_per_step().unwrap();
+            assert!(us > 0);
+            assert_eq!(max_abs_diff(&before, &flat_params(&trainer)), 0.0);
+        }
+        // 52 positions: 6 steps of 8, the last 4 left over.
+        assert_eq!(trainer.set_data_lease(&lease).unwrap(), 6);
+        let stop = AtomicBool::new(false);
+        let schedule = ScheduleSpan {
+            start: 0,
+            per_step: 1.0,
+        };
+        let summary = trainer.inner_steps(10, None, &stop, schedule).unwrap();
+        assert_eq!(summary.steps, 6);
+        assert_eq!(
+            trainer.data_consumed(),
+            [SeqRange::new(100, 124), SeqRange::new(7, 31)]
+        );
+        (summary.mean_loss(), flat_params(&trainer))
+    };
+    let (one_loss, one) = run("one", 1, 8, true);
+    let (two_loss, two) = run("two", 2, 4, false);
+    let params = max_abs_diff(&one, &two);
+    println!("lease of 6 steps: max |Δ param| {params:e}, losses {one_loss} / {two_loss}");
+    assert!(params <= 1e-5, "2 workers differ from 1 by {params}");
+    assert!((one_loss - two_loss).abs() <= 1e-5);
+}
+
 #[test]
 fn data_parallel_resume_is_exact() {
     let tmp = tempfile::tempdir().unwrap();

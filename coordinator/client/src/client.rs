@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use forge_protocol::session::{Open, OpenReply, Purpose, Status};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, ErrorCode, Heartbeat,
-    Hello, InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, RoundId, RoundReport,
+    Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello,
+    InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, Ready, RoundId, RoundReport,
     TensorHash,
 };
 use rand::Rng;
@@ -181,10 +181,10 @@ impl CoordinatorClient {
             .await
     }
 
-    /// Says what this node's training stream is (see [`DataDigest`]); said again after a
-    /// reconnect, since a node that rejoins as a new member must be checked again.
-    pub async fn data_ready(&self, digest: DataDigest) -> Result<()> {
-        self.send(NodeMessage::DataReady(digest)).await
+    /// Says the node is ready to train, with its training stream (see [`Ready`]); said again
+    /// after a reconnect, since a node that rejoins as a new member must be checked again.
+    pub async fn ready(&self, ready: Ready) -> Result<()> {
+        self.send(NodeMessage::Ready(ready)).await
     }
 
     /// Sends a heartbeat now, besides the periodic ones.
@@ -414,7 +414,7 @@ struct NodeState {
     /// run is at version 0 and ignores it afterwards.
     initial_state: Option<InitialState>,
     /// Said again after every reconnect.
-    data: Option<DataDigest>,
+    ready: Option<Ready>,
 }
 
 impl NodeState {
@@ -432,7 +432,7 @@ impl NodeState {
                 self.unacknowledged_shards.push(shard.clone());
             }
             NodeMessage::InitialState(initial) => self.initial_state = Some(initial.clone()),
-            NodeMessage::DataReady(digest) => self.data = Some(digest.clone()),
+            NodeMessage::Ready(ready) => self.ready = Some(ready.clone()),
             _ => {}
         }
     }
@@ -663,7 +663,7 @@ impl EventLoop {
                         self.node.unacknowledged_shards.clear();
                     }
                     let mut pending: Vec<NodeMessage> = Vec::new();
-                    pending.extend(self.node.data.clone().map(NodeMessage::DataReady));
+                    pending.extend(self.node.ready.clone().map(NodeMessage::Ready));
                     pending.extend(
                         self.node
                             .initial_state

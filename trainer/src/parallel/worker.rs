@@ -58,6 +58,36 @@ impl Worker {
         )
     }
 
+    /// The time of this worker's forward and backward passes for one step, on made-up tokens
+    /// and without touching its parameters, optimizer or data position: a speed measurement
+    /// that leaves the run's state as it was.
+    pub(crate) fn probe(&self, seq_len: usize) -> Result<Duration> {
+        let vocab = self.model.config().vocab_size.max(1);
+        let rows = self.batch.micro_batch;
+        let ids: Vec<i64> = (0..(rows * (seq_len + 1)) as i64)
+            .map(|i| (i * 7919) % vocab)
+            .collect();
+        let mut batch = Batch {
+            inputs: Vec::with_capacity(rows * seq_len),
+            targets: Vec::with_capacity(rows * seq_len),
+            rows,
+            seq_len,
+        };
+        for row in ids.chunks_exact(seq_len + 1) {
+            batch.inputs.extend_from_slice(&row[..seq_len]);
+            batch.targets.extend_from_slice(&row[1..]);
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..self.batch.accumulation {
+            let (ids, tgt) = self.to_tensors(&batch);
+            let loss = cross_entropy(&self.model.forward(&ids), &tgt);
+            let grads = self.opt.gradients(&loss);
+            drop(grads);
+            f64::try_from(&loss).map_err(Error::torch("reading the loss"))?;
+        }
+        Ok(started.elapsed())
+    }
+
     /// Forward and backward over this worker's micro-batches, the gradient exchange, clipping
     /// and the optimizer step at `lr`.
     pub(crate) fn step(
