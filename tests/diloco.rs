@@ -526,6 +526,25 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         }
     }
     assert!(!recorded.is_empty());
+    // `forge-coordinator status` counts the same.
+    let status = run(
+        "forge-coordinator",
+        &["status", &addr, "--token", &token, "--json"],
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{}", status.stderr);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let read: u64 = consumed.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(
+        status["data"]["consumed"].as_u64(),
+        Some(read),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["data"]["windows"].as_u64(),
+        Some(windows),
+        "{status:#}"
+    );
     for range in &recorded {
         assert!(
             consumed.iter().any(|c| c.0 <= range.0 && range.1 <= c.1),

@@ -259,6 +259,16 @@ fn describe(addr: SocketAddr, status: &Status) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "global state version: {}", status.global_version);
+    if let Some(data) = &status.data {
+        let _ = writeln!(
+            s,
+            "data: {} sequences read ({:.2} epochs of {} windows); {} leased again next",
+            data.consumed,
+            data.consumed as f64 / data.windows.max(1) as f64,
+            data.windows,
+            data.returned
+        );
+    }
     let _ = writeln!(
         s,
         "last committed checkpoint: {}",

@@ -500,6 +500,18 @@ impl Coordinator {
         self.plan.as_ref()
     }
 
+    /// The run's training stream, once a member said what it is: windows per epoch, positions
+    /// consumed, positions to lease again.
+    pub fn data_progress(&self) -> Option<(u64, u64, u64)> {
+        self.config.data?;
+        let digest = self.data_digest.as_ref()?;
+        Some((
+            digest.windows,
+            self.ledger.consumed(),
+            stream::total(&self.ledger.free),
+        ))
+    }
+
     pub fn last_checkpoint(&self) -> Option<RoundId> {
         self.last_checkpoint
     }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use forge_coordinator_client::ClusterToken;
 use forge_coordinator_client::wire::{read_frame, write_frame};
 use forge_protocol::session::{
-    MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord,
-    StageStatus, Status,
+    DataStatus, MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus,
+    RoundRecord, StageStatus, Status,
 };
 use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, NodeMessage};
 use tokio::sync::{mpsc, oneshot};
@@ -688,6 +688,14 @@ impl EventLoop {
             recent_rounds: self.history.recent.iter().cloned().collect(),
             global_version: self.core.global().version,
             last_checkpoint: self.core.last_checkpoint(),
+            data: self
+                .core
+                .data_progress()
+                .map(|(windows, consumed, returned)| DataStatus {
+                    windows,
+                    consumed,
+                    returned,
+                }),
         }
     }
 }

@@ -98,6 +98,18 @@ pub struct RoundRecord {
     pub closed_at_unix_ms: u64,
 }
 
+/// How far a DiLoCo run has read its training stream (see [`crate::stream`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStatus {
+    /// Windows per epoch.
+    pub windows: u64,
+    /// Stream positions consumed by committed rounds.
+    pub consumed: u64,
+    /// Positions leased and not consumed (a dead member's, an abandoned round's, a short
+    /// read's), leased again before new ones.
+    pub returned: u64,
+}
+
 /// Everything `forge-coordinator status` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -116,6 +128,8 @@ pub struct Status {
     pub recent_rounds: Vec<RoundRecord>,
     pub global_version: u64,
     pub last_checkpoint: Option<RoundId>,
+    /// None until a member said what its data is.
+    pub data: Option<DataStatus>,
 }
 
 impl Open {
@@ -202,6 +216,11 @@ mod tests {
             recent_rounds: Vec::new(),
             global_version: 6,
             last_checkpoint: None,
+            data: Some(DataStatus {
+                windows: 319,
+                consumed: 720,
+                returned: 16,
+            }),
         };
         let frame = status.to_frame().unwrap();
         assert_eq!(Status::from_frame(&frame).unwrap(), status);
