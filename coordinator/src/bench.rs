@@ -195,7 +195,9 @@ fn measure(
             tasks.spawn(async move {
                 let _permit = gate.acquire_owned().await?;
                 let start = Instant::now();
-                let caps = capabilities(format!("bench-{index}"));
+                let caps = capabilities(forge_coordinator::identity::named_peer_id(&format!(
+                    "bench-{index}"
+                )));
                 let (client, _, _) =
                     CoordinatorClient::connect(addr, &token, caps, options).await?;
                 anyhow::Ok((client, start.elapsed()))

@@ -1837,9 +1837,7 @@ fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), St
             "Join reports 0 bytes/s of bandwidth; the node must measure its link".to_string(),
         );
     }
-    if capabilities.peer_id.is_empty() {
-        return Err("Join has an empty peer_id".to_string());
-    }
+    crate::identity::check_peer_id(&capabilities.peer_id)?;
     Ok(())
 }
 

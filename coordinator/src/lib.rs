@@ -11,6 +11,8 @@ pub mod core;
 pub mod data;
 /// Errors and the crate's `Result`.
 pub mod error;
+/// Peer ids: the check at join, and stable ids for simulated members.
+pub mod identity;
 /// Fixed-size latency histogram for the server's statistics.
 pub mod latency;
 /// Pipeline stage planner: model profile + nodes → replicas × stages.

@@ -57,6 +57,7 @@ pub(crate) fn honest_digest(round: RoundId) -> Digest {
 
 struct SimNode {
     conn: ConnId,
+    /// Its name; it joins with the peer id that stands for it (`identity::named_peer_id`).
     peer_id: String,
     alive: bool,
     member: Option<MemberId>,
@@ -135,7 +136,7 @@ pub(crate) fn capabilities(peer_id: &str, memory_bytes: u64) -> Capabilities {
         tokens_per_s: 10_000.0,
         upload_bytes_per_s: 125_000_000,
         download_bytes_per_s: 125_000_000,
-        peer_id: peer_id.to_string(),
+        peer_id: crate::identity::named_peer_id(peer_id),
         listen_addrs: vec![format!("/ip4/10.0.0.1/udp/4000/quic-v1/{peer_id}")],
     }
 }
@@ -351,7 +352,7 @@ impl Sim {
                 let node = self
                     .nodes
                     .iter()
-                    .position(|n| n.peer_id == peer_id)
+                    .position(|n| crate::identity::named_peer_id(&n.peer_id) == peer_id)
                     .unwrap();
                 record.member_of_node.insert(member, node);
             }
@@ -1686,6 +1687,39 @@ mod tests {
             }),
         );
         assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::InvalidJoin]);
+    }
+
+    /// A join whose peer id is not a libp2p peer id (`sim-member` used to send `sim-0`) is
+    /// refused: every node dials and admits its peers by that id, and one that does not parse
+    /// stopped them all. The members already there hear nothing of it.
+    #[test]
+    fn a_join_with_an_invalid_peer_id_is_refused_and_the_others_hear_nothing() {
+        let mut driver = Driver::new(config(1));
+        driver.join(1, 8 << 30);
+        driver.send(2, NodeMessage::Hello(Hello::current()));
+        let mut bad = capabilities("peer-2", 8 << 30);
+        bad.peer_id = "sim-0".to_string();
+        let outputs = driver.send(
+            2,
+            NodeMessage::Join(Join {
+                capabilities: bad,
+                rejoin: None,
+            }),
+        );
+        assert_eq!(error_codes(&outputs, 2), vec![ErrorCode::InvalidJoin]);
+        let refused = messages_to(&outputs, 2)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::Error(e) => Some(e.message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            refused.contains("\"sim-0\" is not a libp2p peer id"),
+            "{refused}"
+        );
+        assert!(messages_to(&outputs, 1).is_empty(), "{outputs:?}");
+        assert_eq!(driver.coordinator.members().count(), 1);
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub(crate) fn run(
         };
         let mut members = Vec::with_capacity(count);
         for index in 0..count {
-            let peer_id = format!("{peer_prefix}-{index}");
+            // A valid peer id that stands for the name, the same at every start.
+            let name = format!("{peer_prefix}-{index}");
+            let peer_id = forge_coordinator::identity::named_peer_id(&name);
             let (client, accepted, notifications) = CoordinatorClient::connect(
                 addr,
                 token,
@@ -71,8 +73,11 @@ pub(crate) fn run(
                 options.clone(),
             )
             .await
-            .with_context(|| format!("{peer_id} cannot join"))?;
-            println!("{peer_id} joined as member {}", accepted.member.0);
+            .with_context(|| format!("{name} cannot join"))?;
+            println!(
+                "{name} joined as member {} (peer id {peer_id})",
+                accepted.member.0
+            );
             // Every simulated member has the same (empty) data, so the coordinator plans it.
             client
                 .ready(Ready {
@@ -81,7 +86,7 @@ pub(crate) fn run(
                 })
                 .await?;
             members.push(tokio::spawn(follow(
-                peer_id,
+                name,
                 client,
                 notifications,
                 seconds,

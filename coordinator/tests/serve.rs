@@ -137,7 +137,9 @@ fn member_ids(status: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-fn member_of(status: &Value, peer_id: &str) -> Option<u64> {
+/// The member id of the sim-member named `name` (its peer id stands for the name).
+fn member_of(status: &Value, name: &str) -> Option<u64> {
+    let peer_id = forge_coordinator::identity::named_peer_id(name);
     status["members"]
         .as_array()?
         .iter()

@@ -289,7 +289,13 @@ impl Shell {
     ) -> Result<Option<Input<Proposal>>> {
         match action {
             Action::Say(line) => println!("{line}"),
-            Action::SetMembers(peers) => self.net.set_members(peers_of(&peers)?).await?,
+            Action::SetMembers(peers) => {
+                let members = peers_of(&peers)
+                    .into_iter()
+                    .map(|(_, id, addrs)| (id, addrs))
+                    .collect();
+                self.net.set_members(members).await?
+            }
             Action::FollowShard { index, count } => self
                 .trainer
                 .set_data_shard(index as usize, count as usize)?,
@@ -466,14 +472,18 @@ impl Shell {
         queue: &mut VecDeque<Action<Proposal>>,
     ) -> Result<Input<Proposal>> {
         let data = self.outer.pseudo_gradient(self.trainer.var_store());
-        let mut request = request(
+        let mut request = match request(
             round,
             participants,
             data,
             tokens,
             &self.codec,
             self.bandwidth,
-        )?;
+        ) {
+            Ok(request) => request,
+            // A participant this node cannot address: the round fails, blaming it.
+            Err(failure) => return Ok(Input::Reduced(Err(failure))),
+        };
         request.timeout += wait;
         let started = Instant::now();
         let result = {
@@ -574,22 +584,29 @@ impl Shell {
     }
 }
 
-fn peers_of(participants: &[Peer]) -> Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+/// The members' libp2p ids and addresses. One whose peer id does not parse (the coordinator
+/// refuses such a join, so only another coordinator would pass one) is left out with a warning:
+/// another member's data never stops this node.
+fn peers_of(participants: &[Peer]) -> Vec<(&Peer, PeerId, Vec<Multiaddr>)> {
     participants
         .iter()
-        .map(|p| {
-            let id: PeerId = p.peer_id.parse().with_context(|| {
-                format!(
-                    "member {} sent an invalid peer id {:?}",
-                    p.member.0, p.peer_id
-                )
-            })?;
-            let addrs = p
-                .listen_addrs
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect();
-            Ok((id, addrs))
+        .filter_map(|p| match p.peer_id.parse::<PeerId>() {
+            Ok(id) => {
+                let addrs = p
+                    .listen_addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+                Some((p, id, addrs))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "member {} has an invalid peer id {:?} ({e}); it is left out",
+                    p.member.0,
+                    p.peer_id
+                );
+                None
+            }
         })
         .collect()
 }

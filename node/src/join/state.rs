@@ -89,11 +89,10 @@ pub(super) async fn fetch_global_state(
     bandwidth: f64,
 ) -> Result<(f64, u64)> {
     let started = Instant::now();
-    let peers: Vec<PeerId> = peers_of(&open.participants)?
+    let peers: Vec<PeerId> = peers_of(&open.participants)
         .into_iter()
-        .zip(&open.participants)
-        .filter(|(_, p)| p.member != me)
-        .map(|((id, _), _)| id)
+        .filter(|(p, _, _)| p.member != me)
+        .map(|(_, id, _)| id)
         .collect();
     let expected = outer_state::expected_tensors(&open.tensor_hashes);
     if expected.is_empty() || peers.is_empty() {

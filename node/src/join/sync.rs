@@ -7,7 +7,6 @@ use crate::p2p::{
     AllReduceError, AllReduceOutput, AllReduceRequest, ChunkCodec, all_reduce_timeout,
 };
 use crate::round::{ReduceFailure, Reduced};
-use anyhow::Result;
 use forge_protocol::messages::{Digest, Peer, RoundId, TensorHash, TensorKey};
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
 use forge_protocol::sync::SyncCodec;
@@ -76,8 +75,22 @@ pub(super) fn request(
     tokens: u64,
     codec: &QuantCodec,
     bandwidth: f64,
-) -> Result<AllReduceRequest> {
-    let members = peers_of(participants)?;
+) -> Result<AllReduceRequest, ReduceFailure> {
+    let members = peers_of(participants);
+    if let Some(bad) = participants
+        .iter()
+        .find(|p| !members.iter().any(|(m, _, _)| m.member == p.member))
+    {
+        return Err(ReduceFailure {
+            reason: format!(
+                "participant {} has an invalid peer id {:?}; nobody can exchange the round with it",
+                bad.member.0, bad.peer_id
+            ),
+            peer: Some(bad.peer_id.clone()),
+            rejected: false,
+            sync_s: 0.0,
+        });
+    }
     let weight = tokens.max(1) as f64;
     for v in &mut data {
         *v *= weight as f32;
@@ -85,7 +98,7 @@ pub(super) fn request(
     let encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
     Ok(AllReduceRequest {
         round: round.0,
-        members: members.iter().map(|(id, _)| *id).collect(),
+        members: members.iter().map(|(_, id, _)| *id).collect(),
         data,
         weight,
         timeout: all_reduce_timeout(encoded_bytes, members.len(), bandwidth),
@@ -113,5 +126,60 @@ pub(super) fn reduced(proposal: Proposal, out: &AllReduceOutput, sync_s: f64) ->
         bytes_received: out.bytes_received,
         total_weight: out.total_weight,
         sync_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forge_protocol::messages::{Assignment, DataShard, MemberId, ReplicaId};
+
+    fn peer(member: u64, peer_id: String) -> Peer {
+        Peer {
+            member: MemberId(member),
+            assignment: Assignment {
+                replica: ReplicaId(member),
+                data_shard: DataShard { index: 0, count: 1 },
+                stage: None,
+            },
+            peer_id,
+            listen_addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+        }
+    }
+
+    /// A participant whose peer id does not parse fails the round for this node, blaming it
+    /// (the coordinator benches a member most others blame); the node does not exit.
+    #[test]
+    fn a_participant_with_an_invalid_peer_id_fails_the_round_blaming_it() {
+        let compression = Compression::new(quant::Codec::Fp32, None).unwrap();
+        let codec = QuantCodec {
+            compression,
+            feedback: ErrorFeedback::new(compression, 4).unwrap(),
+        };
+        let good = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_string();
+        let participants = [peer(1, good.clone()), peer(2, "sim-0".into())];
+        let Err(failure) = request(RoundId(3), &participants, vec![0.0; 4], 10, &codec, 1e6) else {
+            panic!("the round must fail");
+        };
+        assert_eq!(failure.peer.as_deref(), Some("sim-0"));
+        assert!(!failure.rejected);
+        assert!(
+            failure
+                .reason
+                .contains("participant 2 has an invalid peer id")
+        );
+        let ok = request(
+            RoundId(3),
+            &participants[..1],
+            vec![0.0; 4],
+            10,
+            &codec,
+            1e6,
+        )
+        .unwrap();
+        assert_eq!(ok.members, [good.parse().unwrap()]);
     }
 }
