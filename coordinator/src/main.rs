@@ -39,8 +39,8 @@ enum Command {
     Status {
         /// The coordinator's address, as printed by `serve`.
         addr: SocketAddr,
-        /// The cluster token printed by `serve`.
-        #[arg(long)]
+        /// The cluster token printed by `serve` (or FORGE_TOKEN, which `ps` does not show).
+        #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
         token: String,
         /// Print JSON for scripts instead of text.
         #[arg(long)]
@@ -54,7 +54,8 @@ enum Command {
     SimMember {
         /// The coordinator's address.
         addr: SocketAddr,
-        #[arg(long)]
+        /// The cluster token (or FORGE_TOKEN).
+        #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
         token: String,
         /// How many members this process simulates (one connection each).
         #[arg(long, default_value_t = 1)]

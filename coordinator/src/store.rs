@@ -80,6 +80,19 @@ pub(crate) struct Store {
     db: Database,
 }
 
+/// The database holds the cluster token and the TLS private key: readable and writable by its
+/// owner only. Created that way (redb fills an empty file), and narrowed if an older run left
+/// it open to others.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 impl Store {
     /// Opens (or creates) the database in `state_dir`, creating the directory if needed.
     pub(crate) fn open(state_dir: &Path) -> Result<Store> {
@@ -96,6 +109,10 @@ impl Store {
             },
         })?;
         let path = state_dir.join(FILE_NAME);
+        owner_only(&path).map_err(|cause| Error::StateDir {
+            path: path.clone(),
+            cause,
+        })?;
         let db = Database::create(&path).map_err(|err| Error::store(&path, err))?;
         let store = Store { path, db };
         // Creating the tables up front lets every read assume they exist.
@@ -278,6 +295,28 @@ mod tests {
         assert_eq!(history.recent.len(), RECENT_ROUNDS);
         assert_eq!(history.recent.back().unwrap().round, RoundId(60));
         assert_eq!(store.last_checkpoint().unwrap(), Some(RoundId(40)));
+    }
+
+    /// The token and the TLS key are readable by the coordinator's user only, also in a
+    /// database an older version left readable by others.
+    #[test]
+    fn the_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |dir: &Path| {
+            std::fs::metadata(dir.join(FILE_NAME))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        drop(Store::open(dir.path()).unwrap());
+        assert_eq!(mode(dir.path()), 0o600);
+        let path = dir.path().join(FILE_NAME);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(mode(dir.path()), 0o600);
+        assert!(store.identity().is_ok());
     }
 
     #[test]

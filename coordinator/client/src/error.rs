@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 /// Everything that can go wrong in `forge-coordinator-client`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `shown` is the token with its secret masked: errors end up in logs and terminals.
     #[error(
-        "cluster token {token:?} is malformed ({reason}); pass the token `forge-coordinator serve` printed, SECRET.FINGERPRINT"
+        "cluster token {shown} is malformed ({reason}); pass the token `forge-coordinator serve` printed, SECRET.FINGERPRINT"
     )]
-    BadToken { token: String, reason: String },
+    BadToken { shown: String, reason: String },
 
     #[error("TLS setup failed: {0}")]
     Tls(String),

@@ -65,7 +65,7 @@ impl std::str::FromStr for ClusterToken {
 
     fn from_str(token: &str) -> Result<ClusterToken> {
         let bad = |reason: &str| Error::BadToken {
-            token: token.to_string(),
+            shown: masked(token),
             reason: reason.to_string(),
         };
         let (secret, fingerprint) = token
@@ -84,6 +84,18 @@ impl std::str::FromStr for ClusterToken {
             fingerprint: fingerprint.to_ascii_lowercase(),
         })
     }
+}
+
+/// `token` as an error may show it: its length and at most its last 4 characters (enough to tell
+/// which token it was, not enough to use it).
+fn masked(token: &str) -> String {
+    let chars: Vec<char> = token.trim().chars().collect();
+    let tail: String = if chars.len() >= 16 {
+        chars[chars.len() - 4..].iter().collect()
+    } else {
+        String::new()
+    };
+    format!("({} characters, ending \"…{tail}\")", chars.len())
 }
 
 /// The crypto provider of both sides: ring, so the build needs no cmake (aws-lc).
@@ -214,6 +226,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("64 hex digits"), "{err}");
+        // A malformed token is not echoed: only its length and last characters.
+        assert!(!err.contains(SECRET), "{err}");
+        assert!(err.contains("(37 characters, ending \"…1234\")"), "{err}");
         let err = format!("not-hex.{}", token.fingerprint)
             .parse::<ClusterToken>()
             .unwrap_err()
