@@ -382,6 +382,9 @@ pub struct Coordinator {
     /// What the state of the last committed checkpoint consumed.
     #[serde(default)]
     checkpoint_ledger: Ledger,
+    /// Peer ids removed for bad contributions: they may not join this run again.
+    #[serde(default)]
+    banned: BTreeSet<String>,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -417,6 +420,7 @@ impl Coordinator {
             data_digest: None,
             ledger: Ledger::default(),
             checkpoint_ledger: Ledger::default(),
+            banned: BTreeSet::new(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
         })
@@ -719,7 +723,19 @@ impl Coordinator {
     }
 
     fn on_join(&mut self, from: ConnId, capabilities: Capabilities, out: &mut Vec<Output>) {
-        if let Err(reason) = check_capabilities(&capabilities) {
+        let check = check_capabilities(&capabilities).and_then(|()| {
+            if self.banned.contains(&capabilities.peer_id) {
+                Err(format!(
+                    "peer {} was removed from this run for contributions other members \
+                     rejected; it may not join again. Find the cause (its data, precision or \
+                     hardware) before it joins another run",
+                    capabilities.peer_id
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reason) = check {
             reply_error(out, from, ErrorCode::InvalidJoin, reason.clone());
             out.push(Output::Event(Event::Refused { conn: from, reason }));
             return;
@@ -1456,16 +1472,39 @@ impl Coordinator {
         self.bench_unreachable(&round, out);
     }
 
-    /// Removes the members whose contributions to `round` another participant rejected (NaN or
+    /// Removes the members whose contributions to `round` other participants rejected (NaN or
     /// Inf, wrong shape or version, an outlier norm): one node sending bad updates would
-    /// otherwise make every round fail. See [`single_out`] for the order and ties.
+    /// otherwise make every round fail. Removal needs corroboration: at least two accusers and
+    /// a strict majority of the other participants ([`expulsion_votes`]), so one lying member
+    /// cannot remove an honest one (in a round of two nobody is removed: the round fails, with
+    /// a warning). A removed member's peer id may not join the run again. See [`single_out`]
+    /// for the order and ties.
     fn remove_rejected(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
-        let (culprits, tied) = single_out(accusations(round, Blame::Rejected), 1);
+        let accused = accusations(round, Blame::Rejected);
+        let needed = expulsion_votes(round.participants.len());
+        let (culprits, tied) = single_out(accused.clone(), needed);
+        for (member, accusers) in &accused {
+            if !culprits.iter().any(|(c, _, _)| c == member) && !tied.contains(member) {
+                out.push(Output::Event(Event::Warning {
+                    message: format!(
+                        "{}: {member}'s contribution was rejected by {} of the {} other \
+                         participants ({}); removing it takes {needed}, so it stays",
+                        round.id,
+                        accusers.len(),
+                        round.participants.len().saturating_sub(1),
+                        join_ids(&accusers.keys().copied().collect::<Vec<_>>())
+                    ),
+                }));
+            }
+        }
         for (member, by, reason) in culprits {
             let why = format!(
                 "member {by} rejected its contribution to {}: {reason}",
                 round.id
             );
+            if let Some(record) = self.members.get(&member) {
+                self.banned.insert(record.capabilities.peer_id.clone());
+            }
             self.remove_member(member, why.clone(), Removal::Expelled, out);
             out.push(Output::Event(Event::Rejected {
                 member,
@@ -1715,6 +1754,13 @@ fn accusations(round: &OpenRound, blame: Blame) -> BTreeMap<MemberId, BTreeMap<M
         }
     }
     accusations
+}
+
+/// Accusers it takes to remove a member whose contribution was rejected, in a round of
+/// `participants`: two, and a strict majority of the others.
+fn expulsion_votes(participants: usize) -> usize {
+    let others = participants.saturating_sub(1);
+    (others / 2 + 1).max(2)
 }
 
 /// The members to act on, as (member, one accuser, its reason): repeatedly the one accused by
