@@ -211,18 +211,29 @@ impl CheckpointDir {
     /// The newest checkpoint whose files match its manifest. Broken ones are skipped with a
     /// warning and left on disk for inspection.
     pub fn latest_valid(&self) -> Option<(u64, PathBuf)> {
-        for (step, path) in self.candidates() {
-            match verify(&path) {
-                Ok(m) if m.step == step => return Some((step, path)),
-                Ok(m) => tracing::warn!(
-                    "skipping checkpoint {}: its manifest says step {}",
-                    path.display(),
-                    m.step
-                ),
-                Err(e) => tracing::warn!("skipping checkpoint: {e}"),
-            }
-        }
-        None
+        self.valid().next()
+    }
+
+    /// Every checkpoint whose files match its manifest, newest first (checked as the iterator
+    /// reaches it); broken ones are skipped with a warning.
+    pub fn valid(&self) -> impl Iterator<Item = (u64, PathBuf)> {
+        self.candidates()
+            .into_iter()
+            .filter(|(step, path)| match verify(path) {
+                Ok(m) if m.step == *step => true,
+                Ok(m) => {
+                    tracing::warn!(
+                        "skipping checkpoint {}: its manifest says step {}",
+                        path.display(),
+                        m.step
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("skipping checkpoint: {e}");
+                    false
+                }
+            })
     }
 }
 

@@ -85,8 +85,8 @@ pub fn write(
     })
 }
 
-/// Takes the newest valid shard in `ckpts` if it holds `global` (the same version, and every
-/// tensor's digest equal to the committed hash): the outer state, then the trainer's files,
+/// Takes the newest valid shard in `ckpts` that holds `global`'s version, if every tensor's
+/// digest equals the committed hash (an error otherwise): the outer state, then the trainer's files,
 /// then the global parameters into the model on every worker.
 pub fn resume(
     ckpts: &CheckpointDir,
@@ -274,19 +274,24 @@ fn load_committed(
     global: &GlobalState,
     outer: &mut OuterOptimizer,
 ) -> Result<Resumed> {
-    let Some((_, dir)) = ckpts.latest_valid() else {
-        return Ok(Resumed::NoCheckpoint);
-    };
-    let meta = read_meta(&dir)?;
-    if meta.version != global.version {
-        return Ok(Resumed::OtherVersion {
-            dir,
-            version: meta.version,
-        });
+    // Newest first: the newest shard may hold a version whose checkpoint was never committed
+    // (the cluster went down between the write and the commit) while an older one holds the
+    // committed version the run went back to.
+    let mut newest = None;
+    for (_, dir) in ckpts.valid() {
+        let meta = read_meta(&dir)?;
+        if meta.version != global.version {
+            newest.get_or_insert(Resumed::OtherVersion {
+                dir,
+                version: meta.version,
+            });
+            continue;
+        }
+        let tensors = read_verified_state(&dir, &global.tensor_hashes)?;
+        outer.load_state_tensors(&tensors)?;
+        return Ok(Resumed::Shard(dir));
     }
-    let tensors = read_verified_state(&dir, &global.tensor_hashes)?;
-    outer.load_state_tensors(&tensors)?;
-    Ok(Resumed::Shard(dir))
+    Ok(newest.unwrap_or(Resumed::NoCheckpoint))
 }
 
 fn flat_tensors(outer: &OuterOptimizer) -> Result<Vec<(TensorKey, Arc<Vec<f32>>)>> {
@@ -431,6 +436,29 @@ mod tests {
         // The model is the trainer's to load on resume, so it is untouched here.
         let w = &trainable_by_name(&vs)[1].1;
         assert_eq!(Vec::<f32>::try_from(w.reshape([-1])).unwrap(), vec![9.0; 6]);
+    }
+
+    /// The newest shard holds a version that was never committed (the whole cluster went down
+    /// between the write and the commit); the run went back to the older committed one, still
+    /// on disk, and the node resumes from that.
+    #[test]
+    fn an_older_shard_holding_the_committed_version_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpts = CheckpointDir::new(tmp.path(), 2);
+        let (_, outer, committed) = trained();
+        let older = write_shard(&ckpts, 40, &outer, &meta(3, &committed));
+        let (_, newer_outer) = fresh();
+        write_shard(&ckpts, 50, &newer_outer, &meta(4, &[]));
+        let (_, mut node) = fresh();
+        let resumed = load_committed(&ckpts, &global(3, &committed), &mut node).unwrap();
+        assert_eq!(resumed, Resumed::Shard(older));
+        assert_same_state(&node, &outer);
+        // A version no shard holds: the newest is named.
+        let resumed = load_committed(&ckpts, &global(7, &committed), &mut node).unwrap();
+        assert!(
+            matches!(resumed, Resumed::OtherVersion { version: 4, .. }),
+            "{resumed:?}"
+        );
     }
 
     #[test]

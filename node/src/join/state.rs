@@ -15,8 +15,8 @@ use libp2p::PeerId;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The global version this node holds at start: 0 for a new run; the run's version when the
-/// newest local checkpoint shard holds it (every tensor's digest equal to the committed hash;
+/// The global version this node holds at start: 0 for a new run; the run's version when a local
+/// checkpoint shard holds it, the newest such (every tensor's digest equal to the committed hash;
 /// then served to peers that lost theirs); None when the node must fetch it from its peers.
 pub(super) fn resume(
     checkpoints: &CheckpointDir,
