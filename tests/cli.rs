@@ -18,6 +18,31 @@ fn assert_clean_error(r: &Run, needles: &[&str]) {
     }
 }
 
+/// A second node on a workdir another node holds is refused at once, naming it.
+#[test]
+fn a_workdir_serves_one_node_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let workdir = tmp.path().join("node");
+    std::fs::create_dir_all(&workdir).unwrap();
+    // The lock a running node holds.
+    let held = std::fs::File::create(workdir.join("node.lock")).unwrap();
+    held.lock().unwrap();
+    let args = [
+        "join",
+        "127.0.0.1:9",
+        "--token",
+        "00.00",
+        "--workdir",
+        workdir.to_str().unwrap(),
+    ];
+    let r = node(&args);
+    assert_clean_error(&r, &["another forge-node is running with --workdir"]);
+    drop(held);
+    // Free again: the node goes on (and fails later, on the malformed token).
+    let r = node(&args);
+    assert!(!r.stderr.contains("another forge-node"), "{}", r.stderr);
+}
+
 #[test]
 fn help_lists_only_working_subcommands() {
     let r = node(&["--help"]);

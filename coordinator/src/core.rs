@@ -434,10 +434,10 @@ impl Coordinator {
             Input::Message(message) => self.on_message(from, message, &mut out),
             Input::Disconnected => {
                 let conn = self.conns.remove(&from).unwrap_or_default();
-                if let Some(member) = conn.member.and_then(|id| self.members.get_mut(&id)) {
-                    if member.conn == Some(from) {
-                        member.conn = None;
-                    }
+                if let Some(member) = conn.member.and_then(|id| self.members.get_mut(&id))
+                    && member.conn == Some(from)
+                {
+                    member.conn = None;
                 }
             }
         }
@@ -617,11 +617,11 @@ impl Coordinator {
                 // A member that leaves in the middle of a round it has not reported will not
                 // contribute: its peers are told to stop waiting for it, like for a death.
                 let mut how = Removal::Left;
-                if let Some(round) = &mut self.round {
-                    if !round.reports.contains_key(&id) && round.participants.remove(&id).is_some()
-                    {
-                        how = Removal::Gone;
-                    }
+                if let Some(round) = &mut self.round
+                    && !round.reports.contains_key(&id)
+                    && round.participants.remove(&id).is_some()
+                {
+                    how = Removal::Gone;
                 }
                 self.remove_member(id, format!("left: {}", leave.reason), how, out);
                 out.push(Output::Event(Event::Left {
@@ -824,25 +824,26 @@ impl Coordinator {
         send(out, from, CoordinatorMessage::JoinAccepted(accepted));
         // The RoundOpened sent before the drop may be lost; a participant that has not
         // reported gets it again (nodes ignore a round they already know).
-        if let Some(round) = &self.round {
-            if round.participants.contains_key(&id) && !round.reports.contains_key(&id) {
-                let remaining = round.deadline.0.saturating_sub(self.now.0);
-                let message = CoordinatorMessage::RoundOpened(RoundOpened {
-                    round: round.id,
-                    participants: round
-                        .participants
-                        .keys()
-                        .map(|m| self.peer_of(*m, round))
-                        .collect(),
-                    deadline_ms: remaining,
-                    global_version: self.global.version,
-                    tensor_hashes: self.global.tensor_hashes.clone(),
-                    pace_us_per_step: round.pace_us_per_step,
-                    slowest_us_per_step: round.slowest_us_per_step,
-                    data: lease_list(round),
-                });
-                send(out, from, message);
-            }
+        if let Some(round) = &self.round
+            && round.participants.contains_key(&id)
+            && !round.reports.contains_key(&id)
+        {
+            let remaining = round.deadline.0.saturating_sub(self.now.0);
+            let message = CoordinatorMessage::RoundOpened(RoundOpened {
+                round: round.id,
+                participants: round
+                    .participants
+                    .keys()
+                    .map(|m| self.peer_of(*m, round))
+                    .collect(),
+                deadline_ms: remaining,
+                global_version: self.global.version,
+                tensor_hashes: self.global.tensor_hashes.clone(),
+                pace_us_per_step: round.pace_us_per_step,
+                slowest_us_per_step: round.slowest_us_per_step,
+                data: lease_list(round),
+            });
+            send(out, from, message);
         }
         out.push(Output::Event(Event::Resumed { member: id }));
     }
@@ -1604,7 +1605,7 @@ impl Coordinator {
         verdict: &Verdict,
     ) -> Option<CheckpointRequest> {
         let every = self.config.checkpoint_every_rounds;
-        let due = every > 0 && round.id.0 % every == 0;
+        let due = every > 0 && round.id.0.is_multiple_of(every);
         // The final state is always checkpointed: it is the run's model.
         if !due && !self.finished() {
             return None;

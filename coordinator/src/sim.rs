@@ -271,7 +271,7 @@ impl Sim {
                     self.on_timer(node);
                 }
             }
-            if self.now % self.tick_ms == 0 {
+            if self.now.is_multiple_of(self.tick_ms) {
                 let outputs = self.coordinator.tick(Millis(self.now));
                 self.handle_outputs(outputs);
             }

@@ -76,11 +76,38 @@ pub(crate) fn run(opts: JoinOptions) -> Result<()> {
             opts.workdir.display()
         );
     }
+    // Held until the process ends.
+    let _lock = lock_workdir(&opts.workdir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(node(opts))
+}
+
+/// The file lock that makes a workdir one node's: two nodes on one workdir would share its peer
+/// identity (the coordinator would take each join for the other's restart) and rotate each
+/// other's checkpoints away. The lock goes with the process, however it ends.
+fn lock_workdir(workdir: &std::path::Path) -> Result<File> {
+    let path = workdir.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another forge-node is running with --workdir {} (it holds {}); two nodes on one \
+             workdir would share its identity and checkpoints: give each node its own --workdir",
+            workdir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 async fn node(opts: JoinOptions) -> Result<()> {

@@ -874,7 +874,11 @@ impl<P> Rounds<P> {
             }
         }
         let closing = Closing { closed, log };
-        if self.rounds_done % self.config.eval_every_rounds.max(1) == 0 || self.finished() {
+        if self
+            .rounds_done
+            .is_multiple_of(self.config.eval_every_rounds.max(1))
+            || self.finished()
+        {
             out.push(Action::Evaluate);
             self.phase = Phase::Evaluating(closing);
         } else {

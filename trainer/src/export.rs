@@ -135,15 +135,15 @@ impl HfExport {
             return Ok((Tokenizer::load(&own)?, own));
         };
         let given = Tokenizer::load(path)?;
-        if let Ok(stored) = Tokenizer::load(&own) {
-            if stored.hash() != given.hash() {
-                tracing::warn!(
-                    "{} is not the tokenizer stored in the checkpoint ({}); exporting it as asked, \
+        if let Ok(stored) = Tokenizer::load(&own)
+            && stored.hash() != given.hash()
+        {
+            tracing::warn!(
+                "{} is not the tokenizer stored in the checkpoint ({}); exporting it as asked, \
                      but if its ids mean other words than the run's, the model will not make sense",
-                    path.display(),
-                    own.display()
-                );
-            }
+                path.display(),
+                own.display()
+            );
         }
         Ok((given, path.clone()))
     }

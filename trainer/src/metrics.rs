@@ -87,7 +87,7 @@ impl MetricsLog {
                     bar.println(format!("step {} {}", m.step, bar.message()));
                 }
             }
-            None if m.step % self.log_every == 0 || m.eval_loss.is_some() => {
+            None if m.step.is_multiple_of(self.log_every) || m.eval_loss.is_some() => {
                 tracing::info!("step {} {summary}", m.step);
             }
             None => {}

@@ -854,7 +854,7 @@ impl Trainer {
                 elapsed_s: self.state.elapsed_s,
             };
             let done = self.state.step == total;
-            if self.state.step % self.cfg.eval.every == 0 || done {
+            if self.state.step.is_multiple_of(self.cfg.eval.every) || done {
                 let (eval_loss, bpb) = self.evaluate();
                 m.eval_loss = Some(eval_loss);
                 m.eval_bpb = Some(bpb);
@@ -864,7 +864,7 @@ impl Trainer {
             } else {
                 log.record(&m)?;
             }
-            if self.state.step % self.cfg.checkpoint.every == 0 && !done {
+            if self.state.step.is_multiple_of(self.cfg.checkpoint.every) && !done {
                 self.save_checkpoint()?;
             }
         }

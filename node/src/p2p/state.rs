@@ -907,13 +907,13 @@ impl Fetch<'_> {
     /// The peer's connection closed: its stream is gone with it.
     fn disconnected(&mut self, peer: PeerId) {
         let index = self.peers.iter().position(|slot| slot.id == peer);
-        if let Some(index) = index {
-            if matches!(
+        if let Some(index) = index
+            && matches!(
                 self.peers[index].status,
                 Status::Asking | Status::Answered(_) | Status::Source
-            ) {
-                self.fail_peer(index, "disconnected".to_string());
-            }
+            )
+        {
+            self.fail_peer(index, "disconnected".to_string());
         }
     }
 

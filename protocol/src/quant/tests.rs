@@ -48,7 +48,7 @@ fn pseudo_grad(len: usize, seed: u64) -> Vec<f32> {
     (0..len)
         .map(|_| {
             let v = normal(&mut rng, 1e-3);
-            if rng.next_u64() % 10_000 == 0 {
+            if rng.next_u64().is_multiple_of(10_000) {
                 v * 10.0
             } else {
                 v

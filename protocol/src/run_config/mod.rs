@@ -227,7 +227,7 @@ impl RunConfig {
         let per_device_batches = !t.parallel.micro_batch.is_empty();
         if t.micro_batch == 0
             || t.batch_size == 0
-            || (!per_device_batches && t.batch_size % t.micro_batch != 0)
+            || (!per_device_batches && !t.batch_size.is_multiple_of(t.micro_batch))
         {
             return bad(format!(
                 "batch_size {} must be a positive multiple of micro_batch {}",

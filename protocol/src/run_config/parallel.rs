@@ -134,7 +134,9 @@ impl ParallelConfig {
         let batches: Vec<WorkerBatch> = if self.accumulation.is_empty() {
             let per_worker = batch_size / workers;
             if per_worker * workers != batch_size
-                || micro.iter().any(|m| per_worker % m != 0 || per_worker < *m)
+                || micro
+                    .iter()
+                    .any(|m| !per_worker.is_multiple_of(*m) || per_worker < *m)
             {
                 return invalid(format!(
                     "[train] batch_size {batch_size} does not split evenly into {workers} workers \
