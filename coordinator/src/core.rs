@@ -34,8 +34,8 @@ use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
     GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep,
-    Peer, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
-    ShardWriter, StageAssignment, TensorHash, TensorKey,
+    Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome,
+    RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -385,6 +385,10 @@ pub struct Coordinator {
     /// Peer ids removed for bad contributions: they may not join this run again.
     #[serde(default)]
     banned: BTreeSet<String>,
+    /// Every member's assignment as the last re-plan made it (members gone since included), to
+    /// tell the others what changed.
+    #[serde(default)]
+    planned: BTreeMap<MemberId, Assignment>,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -421,6 +425,7 @@ impl Coordinator {
             ledger: Ledger::default(),
             checkpoint_ledger: Ledger::default(),
             banned: BTreeSet::new(),
+            planned: BTreeMap::new(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
         })
@@ -1122,17 +1127,18 @@ impl Coordinator {
         };
 
         // Replicas made of the same members keep their id and data shard.
+        let by_members: BTreeMap<&[MemberId], ReplicaId> = self
+            .replicas
+            .iter()
+            .map(|(id, replica)| (replica.members.as_slice(), *id))
+            .collect();
         let mut kept = BTreeMap::new();
         let mut fresh = Vec::new();
         for group in groups {
             let members: Vec<MemberId> = group.iter().map(|(id, _)| *id).collect();
-            match self
-                .replicas
-                .iter()
-                .find(|(_, replica)| replica.members == members)
-            {
-                Some((id, replica)) => {
-                    kept.insert(*id, (replica.clone(), group));
+            match by_members.get(members.as_slice()) {
+                Some(id) => {
+                    kept.insert(*id, (self.replicas[id].clone(), group));
                 }
                 None => fresh.push((members, group)),
             }
@@ -1196,11 +1202,6 @@ impl Coordinator {
         }
         self.replicas = replicas;
 
-        let peers_before: BTreeMap<MemberId, Vec<MemberId>> = self
-            .members
-            .keys()
-            .map(|id| (*id, self.sync_peer_ids(*id)))
-            .collect();
         let mut changed = Vec::new();
         for (id, member) in &mut self.members {
             let next = assignments.get(id).copied();
@@ -1221,24 +1222,47 @@ impl Coordinator {
                 standby,
             }));
         }
-        // Members whose sync peers changed (a replica came or went) hear it too: they admit a
-        // new replica's nodes, which fetch the global state from them.
-        let mut notify: BTreeSet<MemberId> = changed.iter().copied().collect();
-        notify.extend(
-            peers_before
-                .into_iter()
-                .filter(|(id, before)| *before != self.sync_peer_ids(*id))
-                .map(|(id, _)| id),
-        );
-        for id in notify {
-            if Some(id) == joiner {
+        // A member whose assignment changed hears it with all its sync peers (the joiner in its
+        // JoinAccepted). The others hear only what changed among their sync peers (a replica came
+        // or went: they admit a new replica's nodes, which fetch the global state from them), so
+        // a join costs each member one small message rather than the whole member list.
+        let before = std::mem::replace(&mut self.planned, assignments);
+        let moved: Vec<MemberId> = before
+            .keys()
+            .chain(self.planned.keys())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|id| before.get(id) != self.planned.get(id))
+            .collect();
+        for id in &changed {
+            if Some(*id) != joiner {
+                let message = CoordinatorMessage::Assigned(Assigned {
+                    assignment: self.members[id].assignment,
+                    sync_peers: self.sync_peers(*id),
+                });
+                self.send_to_member(*id, message, out);
+            }
+        }
+        if moved.is_empty() {
+            return;
+        }
+        for (id, mine) in &self.planned {
+            if changed.contains(id) {
                 continue;
             }
-            let message = CoordinatorMessage::Assigned(Assigned {
-                assignment: self.members[&id].assignment,
-                sync_peers: self.sync_peers(id),
-            });
-            self.send_to_member(id, message, out);
+            let mut delta = PeersChanged::default();
+            for other in &moved {
+                let now = self.planned.get(other).filter(|a| syncs_with(mine, a));
+                if now.is_some() {
+                    delta.added.push(self.peer(*other));
+                } else if before.get(other).is_some_and(|a| syncs_with(mine, a)) {
+                    delta.removed.push(*other);
+                }
+            }
+            if !delta.added.is_empty() || !delta.removed.is_empty() {
+                self.send_to_member(*id, CoordinatorMessage::PeersChanged(delta), out);
+            }
         }
     }
 
@@ -1638,23 +1662,15 @@ impl Coordinator {
         })
     }
 
-    fn sync_peer_ids(&self, id: MemberId) -> Vec<MemberId> {
-        self.sync_peers(id).iter().map(|peer| peer.member).collect()
-    }
-
     /// Members of other replicas holding the same layers: the ones `id` all-reduces with.
     fn sync_peers(&self, id: MemberId) -> Vec<Peer> {
         let Some(mine) = self.members.get(&id).and_then(|m| m.assignment) else {
             return Vec::new();
         };
-        let layers = |a: &Assignment| a.stage.map(|stage| stage.layers);
         self.members
             .iter()
             .filter(|(other, member)| {
-                **other != id
-                    && member
-                        .assignment
-                        .is_some_and(|a| a.replica != mine.replica && layers(&a) == layers(&mine))
+                **other != id && member.assignment.is_some_and(|a| syncs_with(&mine, &a))
             })
             .map(|(other, _)| self.peer(*other))
             .collect()
@@ -1886,6 +1902,13 @@ fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), St
     }
     crate::identity::check_peer_id(&capabilities.peer_id)?;
     Ok(())
+}
+
+/// Whether a member assigned `other` is a sync peer of one assigned `mine`: it holds the same
+/// layers in another replica.
+fn syncs_with(mine: &Assignment, other: &Assignment) -> bool {
+    let layers = |a: &Assignment| a.stage.map(|stage| stage.layers);
+    other.replica != mine.replica && layers(other) == layers(mine)
 }
 
 /// The leases of `round` as its announcement carries them.

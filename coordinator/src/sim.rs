@@ -620,7 +620,9 @@ impl Sim {
                     self.forget_membership(node);
                 }
             }
-            CoordinatorMessage::Hello(_) | CoordinatorMessage::Assigned(_) => {}
+            CoordinatorMessage::Hello(_)
+            | CoordinatorMessage::Assigned(_)
+            | CoordinatorMessage::PeersChanged(_) => {}
         }
     }
 
@@ -742,7 +744,7 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 
 mod tests {
     use forge_protocol::stream::{self, DataDigest};
-    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION, Ready};
+    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION, PeersChanged, Ready};
 
     use super::*;
     use crate::core::RESTART_GRACE_MS;
@@ -971,6 +973,48 @@ mod tests {
         // 25 and 7 steps expected in the median's time for 10: 32 and 9 leased.
         assert_eq!(stream::total(&leases[&1]), 32 * 4);
         assert_eq!(stream::total(&leases[&2]), 9 * 4);
+    }
+
+    /// A join tells each member already there only what changed among its sync peers (one
+    /// small message), not its whole peer list; a departure likewise.
+    #[test]
+    fn a_join_costs_each_member_one_small_peer_change() {
+        let mut cfg = config(2);
+        cfg.start_replicas = 10;
+        let mut driver = Driver::new(cfg);
+        for conn in 1..=5 {
+            driver.join(conn, 24 << 30);
+        }
+        let (sixth, outputs) = driver.join(6, 24 << 30);
+        for conn in 1..=5 {
+            let to = messages_to(&outputs, conn);
+            assert_eq!(to.len(), 1, "member {conn}: {to:?}");
+            let CoordinatorMessage::PeersChanged(delta) = to[0] else {
+                panic!("member {conn}: {to:?}");
+            };
+            assert_eq!(
+                delta.added.iter().map(|p| p.member).collect::<Vec<_>>(),
+                [sixth]
+            );
+            assert!(delta.removed.is_empty());
+        }
+        let accepted = messages_to(&outputs, 6).into_iter().find_map(|m| match m {
+            CoordinatorMessage::JoinAccepted(a) => Some(a.sync_peers.len()),
+            _ => None,
+        });
+        assert_eq!(accepted, Some(5), "the joiner gets the whole list");
+        let outputs = driver.leave(3, "stopped");
+        let delta = messages_to(&outputs, 1).into_iter().find_map(|m| match m {
+            CoordinatorMessage::PeersChanged(delta) => Some(delta.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            delta,
+            Some(PeersChanged {
+                added: vec![],
+                removed: vec![MemberId(3)]
+            })
+        );
     }
 
     /// The first round waits for start_replicas; later rounds need only min_replicas.
@@ -1466,7 +1510,7 @@ mod tests {
         driver.report(1, RoundId(1), honest_digest(RoundId(1)));
         let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
         let told = messages_to(&outputs, 1).into_iter().any(|m| {
-            matches!(m, CoordinatorMessage::Assigned(a) if a.sync_peers.iter().any(|p| p.member == m3))
+            matches!(m, CoordinatorMessage::PeersChanged(d) if d.added.iter().any(|p| p.member == m3))
         });
         assert!(
             told,

@@ -533,6 +533,14 @@ impl<P> Rounds<P> {
                 self.sync_peers = a.sync_peers;
                 out.push(Action::SetMembers(self.allowlist()));
             }
+            Notification::Message(CoordinatorMessage::PeersChanged(delta)) => {
+                self.sync_peers.retain(|p| {
+                    !delta.removed.contains(&p.member)
+                        && !delta.added.iter().any(|a| a.member == p.member)
+                });
+                self.sync_peers.extend(delta.added);
+                out.push(Action::SetMembers(self.allowlist()));
+            }
             Notification::Message(CoordinatorMessage::MemberDead(dead)) => {
                 out.push(Action::Say(format!(
                     "member {} is gone: {}",

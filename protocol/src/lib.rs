@@ -33,9 +33,9 @@ pub use messages::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
     ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join, JoinAccepted, LayerRange, Leave,
-    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, Ready,
-    ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport, ShardWriter,
-    StageAssignment, TensorHash, TensorKey,
+    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer,
+    PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
+    ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};
 pub use stream::{DataDigest, DataLease, SeqRange};

@@ -284,6 +284,15 @@ pub struct Assigned {
     pub sync_peers: Vec<Peer>,
 }
 
+/// What changed among a member's sync peers after a re-plan (its own assignment did not change):
+/// members to admit or replace (by member id), and members that are no longer its sync peers.
+/// Sent instead of the whole list, so one join costs every member one small message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersChanged {
+    pub added: Vec<Peer>,
+    pub removed: Vec<MemberId>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundOpened {
     pub round: RoundId,
@@ -473,6 +482,7 @@ pub enum CoordinatorMessage {
     Hello(Hello),
     JoinAccepted(JoinAccepted),
     Assigned(Assigned),
+    PeersChanged(PeersChanged),
     RoundOpened(RoundOpened),
     RoundClosed(RoundClosed),
     MemberDead(MemberDead),
@@ -750,6 +760,13 @@ mod tests {
                         assignment,
                         sync_peers,
                     })
+                }),
+            (
+                prop::collection::vec(peer(), 0..3),
+                prop::collection::vec(any::<u64>().prop_map(MemberId), 0..3)
+            )
+                .prop_map(|(added, removed)| {
+                    CoordinatorMessage::PeersChanged(PeersChanged { added, removed })
                 }),
             (
                 any::<u64>(),

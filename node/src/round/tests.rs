@@ -5,7 +5,7 @@
 
 use super::*;
 use forge_protocol::messages::{
-    Assigned, CheckpointRequest, DataShard, GlobalState, ReplicaId, ShardWriter,
+    Assigned, CheckpointRequest, DataShard, GlobalState, PeersChanged, ReplicaId, ShardWriter,
 };
 use std::time::Duration;
 
@@ -481,6 +481,28 @@ fn standby_and_back() {
         sync_peers: vec![peer(2), peer(3)],
     }));
     assert_eq!(note(&mut n, t0, back), ["shard 2/3", "members [2, 3]"]);
+}
+
+/// Sync peers change by deltas: added (or replaced by member id) and removed.
+#[test]
+fn peer_changes_update_the_allowlist() {
+    let t0 = Instant::now();
+    // Sync peers 2 and 3 from the join.
+    let mut n = node(t0);
+    let changed = |added: Vec<Peer>, removed: Vec<u64>| {
+        Notification::Message(CoordinatorMessage::PeersChanged(PeersChanged {
+            added,
+            removed: removed.into_iter().map(MemberId).collect(),
+        }))
+    };
+    assert_eq!(
+        note(&mut n, t0, changed(vec![peer(4)], vec![])),
+        ["members [2, 3, 4]"]
+    );
+    assert_eq!(
+        note(&mut n, t0, changed(vec![peer(3)], vec![2])),
+        ["members [4, 3]"]
+    );
 }
 
 #[test]
