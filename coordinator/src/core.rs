@@ -1880,7 +1880,37 @@ fn judge(round: &OpenRound) -> Verdict {
     }
 }
 
+/// Limits on what a join may list: a real node has a few devices and addresses. Above them a
+/// join is refused, since every member's peers go into messages to every other member.
+const MAX_DEVICES: usize = 64;
+const MAX_LISTEN_ADDRS: usize = 16;
+const MAX_JOIN_STRING: usize = 256;
+
 fn check_capabilities(capabilities: &Capabilities) -> std::result::Result<(), String> {
+    if capabilities.devices.len() > MAX_DEVICES
+        || capabilities.listen_addrs.len() > MAX_LISTEN_ADDRS
+    {
+        return Err(format!(
+            "Join lists {} devices and {} listen addresses; at most {MAX_DEVICES} and \
+             {MAX_LISTEN_ADDRS} are allowed",
+            capabilities.devices.len(),
+            capabilities.listen_addrs.len()
+        ));
+    }
+    let long = capabilities
+        .devices
+        .iter()
+        .map(|d| d.name.len())
+        .chain(capabilities.listen_addrs.iter().map(String::len))
+        .chain([capabilities.peer_id.len()])
+        .max()
+        .unwrap_or(0);
+    if long > MAX_JOIN_STRING {
+        return Err(format!(
+            "Join has a device name, listen address or peer id of {long} bytes; at most \
+             {MAX_JOIN_STRING} are allowed"
+        ));
+    }
     if capabilities.devices.is_empty()
         || capabilities
             .devices

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use forge_coordinator_client::ClusterToken;
-use forge_coordinator_client::wire::{read_frame, write_frame};
+use forge_coordinator_client::wire::{read_frame, read_frame_within, write_frame};
 use forge_protocol::session::{
     DataStatus, MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus,
     RoundRecord, StageStatus, Status,
@@ -33,6 +33,9 @@ use crate::tls::{self, Identity};
 
 /// A client has this long to open its control stream and send [`Open`].
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest `Open` frame read from a client that has not shown the token (a real one is
+/// about a hundred bytes).
+const MAX_OPEN_FRAME: usize = 4 << 10;
 /// Frames queued for one slow connection before the coordinator drops it rather than wait.
 const OUTBOX_FRAMES: usize = 256;
 /// Inputs the event loop takes in one batch (one database commit per batch).
@@ -232,7 +235,8 @@ async fn serve_connection(
             .accept_bi()
             .await
             .map_err(|err| err.to_string())?;
-        let frame = read_frame(&mut recv)
+        // Nothing large is read from a client before its token is checked.
+        let frame = read_frame_within(&mut recv, MAX_OPEN_FRAME)
             .await
             .map_err(|err| err.to_string())?
             .ok_or("the client closed its stream before sending Open")?;

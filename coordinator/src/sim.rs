@@ -1811,6 +1811,32 @@ mod tests {
         assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::InvalidJoin]);
     }
 
+    /// A join listing more than a node has (devices, addresses, long strings) is refused with
+    /// the limit: every member's addresses go into messages to every other member.
+    #[test]
+    fn an_oversized_join_is_refused_with_the_limit() {
+        let mut driver = Driver::new(config(1));
+        driver.send(1, NodeMessage::Hello(Hello::current()));
+        let join = |capabilities| {
+            NodeMessage::Join(Join {
+                capabilities,
+                rejoin: None,
+            })
+        };
+        let mut many = capabilities("peer-1", 8 << 30);
+        many.listen_addrs = vec!["/ip4/127.0.0.1/udp/1/quic-v1".to_string(); 1000];
+        let outputs = driver.send(1, join(many));
+        assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::InvalidJoin]);
+        assert!(format!("{outputs:?}").contains("at most 64 and 16 are allowed"));
+        let mut long = capabilities("peer-1", 8 << 30);
+        long.devices[0].name = "x".repeat(100_000);
+        let outputs = driver.send(1, join(long));
+        assert!(format!("{outputs:?}").contains("of 100000 bytes; at most 256"));
+        assert_eq!(driver.coordinator.members().count(), 0);
+        let (_, outputs) = driver.join(1, 8 << 30);
+        assert!(error_codes(&outputs, 1).is_empty());
+    }
+
     /// A join whose peer id is not a libp2p peer id (`sim-member` used to send `sim-0`) is
     /// refused: every node dials and admits its peers by that id, and one that does not parse
     /// stopped them all. The members already there hear nothing of it.
