@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{JoinAccepted, Peer, Ready, RoundId, RoundOpened};
 use forge_protocol::quant::ErrorFeedback;
-use forge_protocol::stream::SeqRange;
+use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::outer_state::{self, OuterCheckpoint};
@@ -41,7 +41,7 @@ use setup::{
     capabilities, local_config, shutdown_signal, start_peer_net, test_fault, upload_bytes_per_s,
 };
 use state::{fetch_global_state, publish_state, resume};
-use sync::{QuantCodec, declared_gone, failure_of, reduced, request, wire_hashes};
+use sync::{QuantCodec, declared_gone, failure_of, max_weights, reduced, request, wire_hashes};
 
 /// What `forge-node join` was told on its command line.
 #[derive(Debug, Clone)]
@@ -149,6 +149,15 @@ async fn node(opts: JoinOptions) -> Result<()> {
         shell.client.initial_state(initial).await?;
     }
     shell.run(queue, notes, shutdown).await
+}
+
+/// One all-reduce as the state machine asked for it ([`Action::AllReduce`]).
+struct Exchange<'a> {
+    round: RoundId,
+    participants: &'a [Peer],
+    leases: &'a [DataLease],
+    tokens: u64,
+    wait: Duration,
 }
 
 /// What the node's jobs work on, and the round state machine that says which job comes next.
@@ -351,10 +360,18 @@ impl Shell {
             Action::AllReduce {
                 round,
                 participants,
+                leases,
                 tokens,
                 wait,
             } => {
-                let input = self.all_reduce(round, &participants, tokens, wait, notes, queue);
+                let exchange = Exchange {
+                    round,
+                    participants: &participants,
+                    leases: &leases,
+                    tokens,
+                    wait,
+                };
+                let input = self.all_reduce(exchange, notes, queue);
                 return Ok(Some(input.await?));
             }
             Action::AbortAllReduce {
@@ -491,14 +508,19 @@ impl Shell {
     /// participant gone gives the all-reduce up.
     async fn all_reduce(
         &mut self,
-        round: RoundId,
-        participants: &[Peer],
-        tokens: u64,
-        wait: Duration,
+        exchange: Exchange<'_>,
         notes: &mut mpsc::UnboundedReceiver<Notification>,
         queue: &mut VecDeque<Action<Proposal>>,
     ) -> Result<Input<Proposal>> {
+        let Exchange {
+            round,
+            participants,
+            leases,
+            tokens,
+            wait,
+        } = exchange;
         let data = self.outer.pseudo_gradient(self.trainer.var_store());
+        let seq_len = self.trainer.config().train.seq_len.max(1) as u64;
         let mut request = match request(
             round,
             participants,
@@ -512,6 +534,7 @@ impl Shell {
             Err(failure) => return Ok(Input::Reduced(Err(failure))),
         };
         request.timeout += wait;
+        request.max_weights = max_weights(participants, leases, seq_len);
         let started = Instant::now();
         let result = {
             let all_reduce = self.net.all_reduce(request, &mut self.codec);

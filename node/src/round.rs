@@ -19,7 +19,7 @@ use forge_protocol::messages::{
     TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
-use forge_protocol::stream::SeqRange;
+use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::train::ScheduleSpan;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -216,6 +216,8 @@ pub(crate) enum Action<P> {
     AllReduce {
         round: RoundId,
         participants: Vec<Peer>,
+        /// The round's data leases: no participant may weigh more than its replica's.
+        leases: Vec<DataLease>,
         /// The node's tokens this round: the contribution's weight.
         tokens: u64,
         /// How long this node may wait for slower participants to finish their inner steps,
@@ -741,6 +743,7 @@ impl<P> Rounds<P> {
             None => Action::AllReduce {
                 round: open.round,
                 participants: open.participants.clone(),
+                leases: open.data.clone(),
                 tokens: trained.tokens,
                 wait: peer_wait(&open, &trained),
             },

@@ -9,6 +9,7 @@ use crate::p2p::{
 use crate::round::{ReduceFailure, Reduced};
 use forge_protocol::messages::{Digest, Peer, RoundId, TensorHash, TensorKey};
 use forge_protocol::quant::{self, Compression, ErrorFeedback};
+use forge_protocol::stream::{self, DataLease};
 use forge_protocol::sync::SyncCodec;
 use forge_trainer::diloco::Proposal;
 
@@ -101,8 +102,29 @@ pub(super) fn request(
         members: members.iter().map(|(_, id, _)| *id).collect(),
         data,
         weight,
+        max_weights: Vec::new(),
         timeout: all_reduce_timeout(encoded_bytes, members.len(), bandwidth),
     })
+}
+
+/// The most weight (tokens) each participant may claim in a round with `leases`: what its
+/// replica's lease holds at `seq_len` tokens per position (at least the 1 a node that trained
+/// nothing sends). No caps without leases.
+pub(super) fn max_weights(participants: &[Peer], leases: &[DataLease], seq_len: u64) -> Vec<f64> {
+    if leases.is_empty() {
+        return Vec::new();
+    }
+    participants
+        .iter()
+        .map(|p| {
+            leases
+                .iter()
+                .find(|lease| lease.replica == p.assignment.replica)
+                .map_or(f64::INFINITY, |lease| {
+                    (stream::total(&lease.ranges) as f64 * seq_len as f64).max(1.0)
+                })
+        })
+        .collect()
 }
 
 /// Tensor digests as the protocol carries them.
@@ -145,6 +167,31 @@ mod tests {
             peer_id,
             listen_addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
         }
+    }
+
+    /// Each participant may weigh what its replica's lease holds, in tokens; nothing is capped
+    /// without leases.
+    #[test]
+    fn weight_caps_follow_the_leases() {
+        use forge_protocol::stream::SeqRange;
+        let participants = [
+            peer(1, "a".into()),
+            peer(2, "b".into()),
+            peer(3, "c".into()),
+        ];
+        let leases = [
+            DataLease {
+                replica: ReplicaId(1),
+                ranges: vec![SeqRange::new(0, 40), SeqRange::new(100, 108)],
+            },
+            DataLease {
+                replica: ReplicaId(2),
+                ranges: vec![],
+            },
+        ];
+        let caps = max_weights(&participants, &leases, 32);
+        assert_eq!(caps, [48.0 * 32.0, 1.0, f64::INFINITY]);
+        assert!(max_weights(&participants, &[], 32).is_empty());
     }
 
     /// A participant whose peer id does not parse fails the round for this node, blaming it

@@ -102,6 +102,9 @@ pub(crate) struct AllReduceRequest {
     pub(crate) data: Vec<f32>,
     /// This member's weight, e.g. tokens processed; positive.
     pub(crate) weight: f64,
+    /// The most weight each member may claim, in `members`' order (the tokens its replica's data
+    /// lease holds); a member claiming more is rejected. Empty: no cap.
+    pub(crate) max_weights: Vec<f64>,
     /// The whole all-reduce fails after this long (see [`all_reduce_timeout`]).
     pub(crate) timeout: Duration,
 }
@@ -208,6 +211,7 @@ impl PeerNet {
             layout,
             data: &request.data,
             weight: request.weight,
+            max_weights: &request.max_weights,
             codec: Mutex::new(codec),
             codec_id,
             progress: Mutex::new(Progress::new(layout.members)),
@@ -243,6 +247,13 @@ fn check_request(request: &AllReduceRequest, local: PeerId) -> Result<usize> {
         return invalid(format!(
             "weight {} must be positive and finite",
             request.weight
+        ));
+    }
+    if !request.max_weights.is_empty() && request.max_weights.len() != request.members.len() {
+        return invalid(format!(
+            "{} weight caps for {} members",
+            request.max_weights.len(),
+            request.members.len()
         ));
     }
     for (i, peer) in request.members.iter().enumerate() {
@@ -321,6 +332,7 @@ struct Round<'a> {
     layout: Layout,
     data: &'a [f32],
     weight: f64,
+    max_weights: &'a [f64],
     /// Locked only around the synchronous encode/decode calls, never across an await.
     codec: Mutex<&'a mut dyn ChunkCodec>,
     codec_id: (SyncCodec, bool),
@@ -796,6 +808,17 @@ impl<'a> Round<'a> {
                     };
                     let header = self.next_chunk(m, reader, &expect).await?;
                     if weights[m].is_nan() {
+                        if let Some(&cap) = self.max_weights.get(m)
+                            && header.weight > cap
+                        {
+                            return Err(self.reject(
+                                m,
+                                RejectReason::Overweight {
+                                    weight: header.weight,
+                                    cap,
+                                },
+                            ));
+                        }
                         weights[m] = header.weight;
                     } else if weights[m].to_bits() != header.weight.to_bits() {
                         return Err(self.reject(

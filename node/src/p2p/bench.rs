@@ -152,6 +152,7 @@ pub(crate) async fn bench_all_reduce(
             members: members.clone(),
             data: data.clone(),
             weight: 1.0,
+            max_weights: Vec::new(),
             timeout,
         };
         let cpu_before = process_cpu_time();

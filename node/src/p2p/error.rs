@@ -56,6 +56,9 @@ pub(crate) enum RejectReason {
 
     #[error("norm per unit of weight {norm:.3e} is more than {ratio}x the median {median:.3e}")]
     Outlier { norm: f64, median: f64, ratio: f64 },
+
+    #[error("it claims a weight of {weight}, more than the {cap} its replica's data lease allows")]
+    Overweight { weight: f64, cap: f64 },
 }
 
 /// A failed all-reduce. It never leaves a partial result behind: on error the caller keeps its

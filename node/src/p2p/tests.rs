@@ -176,6 +176,7 @@ async fn all_reduce_everywhere(
     round: u64,
     data: &[Vec<f32>],
     weights: &[f64],
+    max_weights: &[f64],
     codecs: &mut [Box<dyn ChunkCodec>],
     timeout: Duration,
 ) -> Vec<Result<AllReduceOutput, AllReduceError>> {
@@ -190,6 +191,7 @@ async fn all_reduce_everywhere(
                 members: members.clone(),
                 data: data[i].clone(),
                 weight: weights[i],
+                max_weights: max_weights.to_vec(),
                 timeout,
             };
             net.all_reduce(request, codec.as_mut())
@@ -261,6 +263,7 @@ async fn a_single_member_divides_by_its_weight_without_the_network() {
         members: vec![net.peer_id()],
         data: vec![2.0, -4.0, 1.0],
         weight: 4.0,
+        max_weights: Vec::new(),
         timeout: Duration::from_secs(1),
     };
     let output = net.all_reduce(request, &mut Fp32Codec).await.unwrap();
@@ -281,7 +284,8 @@ async fn two_three_and_four_peers_agree_bit_for_bit_on_the_exact_average() {
             let mut codecs = fp32_codecs(peers);
             let timeout = Duration::from_secs(20);
             let outputs =
-                all_reduce_everywhere(&nets, round, &data, &weights, &mut codecs, timeout).await;
+                all_reduce_everywhere(&nets, round, &data, &weights, &[], &mut codecs, timeout)
+                    .await;
             let expected = reference_average(&data, &weights);
             let total: f64 = weights.iter().sum();
             for (i, output) in outputs.into_iter().enumerate() {
@@ -328,6 +332,7 @@ async fn a_lossy_codec_still_gives_bit_identical_results() {
             round,
             &data,
             &weights,
+            &[],
             &mut codecs,
             Duration::from_secs(20),
         )
@@ -431,6 +436,7 @@ async fn a_member_dropping_out_mid_all_reduce_fails_the_others_fast_naming_it() 
         members: members.clone(),
         data: data[i].clone(),
         weight: weights[i],
+        max_weights: Vec::new(),
         timeout,
     };
     let (started_tx, started_rx) = oneshot::channel();
@@ -480,6 +486,7 @@ async fn a_member_that_never_starts_is_named_when_the_timeout_expires() {
             members: members.clone(),
             data: data[i].clone(),
             weight: weights[i],
+            max_weights: Vec::new(),
             timeout,
         };
         async move { net.all_reduce(request, &mut Fp32Codec).await }
@@ -506,7 +513,7 @@ async fn with_bad_contribution(spoil: impl Fn(&mut [f32])) -> (Vec<PeerId>, Vec<
     let started = Instant::now();
     let timeout = Duration::from_secs(30);
     let outputs =
-        all_reduce_everywhere(&nets, 1, &data, &weights, &mut fp32_codecs(3), timeout).await;
+        all_reduce_everywhere(&nets, 1, &data, &weights, &[], &mut fp32_codecs(3), timeout).await;
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(10), "failing took {waited:?}");
     let errors = outputs
@@ -531,6 +538,62 @@ async fn a_poisoned_contribution_is_rejected_naming_its_sender() {
     for err in &errors[1..] {
         assert_eq!(err.peer(), Some(members[2]), "{err}");
     }
+}
+
+/// With weight caps (each member's data lease, in tokens), a member claiming more than its cap is
+/// rejected and named by everyone, even with its data scaled alike so that its norm per unit of
+/// weight looks ordinary; members within their caps average as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overweight_contribution_is_rejected_naming_its_sender() {
+    let nets = cluster(3, small_chunks).await;
+    let members = ids(&nets);
+    let (mut data, mut weights) = contributions(3, 600, 29);
+    let caps = weights.clone();
+    let timeout = Duration::from_secs(30);
+    let honest = all_reduce_everywhere(
+        &nets,
+        1,
+        &data,
+        &weights,
+        &caps,
+        &mut fp32_codecs(3),
+        timeout,
+    )
+    .await;
+    for output in honest {
+        output.expect("within their caps");
+    }
+    weights[2] *= 100.0;
+    for x in &mut data[2] {
+        *x *= 100.0;
+    }
+    let outputs = all_reduce_everywhere(
+        &nets,
+        2,
+        &data,
+        &weights,
+        &caps,
+        &mut fp32_codecs(3),
+        timeout,
+    )
+    .await;
+    let errors: Vec<AllReduceError> = outputs
+        .into_iter()
+        .map(|output| output.expect_err("an overweight member must fail the all-reduce"))
+        .collect();
+    for err in &errors {
+        assert_eq!(err.peer(), Some(members[2]), "{err}");
+    }
+    assert!(
+        errors.iter().any(|err| matches!(
+            err,
+            AllReduceError::Rejected {
+                reason: RejectReason::Overweight { .. },
+                ..
+            }
+        )),
+        "{errors:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,6 +637,7 @@ async fn the_upload_cap_limits_throughput() {
         1,
         &data,
         &weights,
+        &[],
         &mut fp32_codecs(2),
         Duration::from_secs(30),
     )
