@@ -425,6 +425,9 @@ impl Shell {
     /// Fetches the round's global state from its other participants.
     async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
         let me = self.rounds.member();
+        // Where a replica that played every round would be: the schedule's position.
+        let step = self.diloco.step_at_version(open.global_version);
+        let progress = (step, step * self.trainer.config().tokens_per_step());
         let fetched = fetch_global_state(
             open,
             me,
@@ -432,6 +435,7 @@ impl Shell {
             &mut self.trainer,
             &mut self.outer,
             self.bandwidth,
+            progress,
         )
         .await;
         Input::StateFetched(match fetched {

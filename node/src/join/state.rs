@@ -78,8 +78,10 @@ pub(super) fn publish_state(
 }
 
 /// Fetches global state `open.global_version` (parameters and outer momentum, checked against
-/// the coordinator's hashes) from the round's other participants and takes it, with the run's
-/// schedule position. Returns the seconds it took and the round that made that state.
+/// the coordinator's hashes) from the round's other participants and takes it, continuing at
+/// `progress` (inner step and tokens): the run's position at that version, which this node
+/// computes rather than take from a peer, since no committed hash covers what a peer says it
+/// is. Returns the seconds it took and the round that made that state.
 pub(super) async fn fetch_global_state(
     open: &RoundOpened,
     me: MemberId,
@@ -87,6 +89,7 @@ pub(super) async fn fetch_global_state(
     trainer: &mut Trainer,
     outer: &mut OuterOptimizer,
     bandwidth: f64,
+    progress: (u64, u64),
 ) -> Result<(f64, u64)> {
     let started = Instant::now();
     let peers: Vec<PeerId> = peers_of(&open.participants)
@@ -129,9 +132,20 @@ pub(super) async fn fetch_global_state(
             Err(e) => return Err(e.into()),
         }
     };
+    if (snapshot.step, snapshot.tokens) != progress {
+        tracing::debug!(
+            "the peer serving v{} says inner step {} and {} tokens; the run's position at that \
+             version is step {} and {} tokens",
+            open.global_version,
+            snapshot.step,
+            snapshot.tokens,
+            progress.0,
+            progress.1
+        );
+    }
     let state = FlatState {
-        step: snapshot.step,
-        tokens: snapshot.tokens,
+        step: progress.0,
+        tokens: progress.1,
         tensors: snapshot.tensors,
     };
     tokio::task::block_in_place(|| outer_state::restore(trainer, outer, &state))?;
