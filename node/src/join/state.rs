@@ -6,12 +6,14 @@
 use super::peers_of;
 use crate::p2p::{PeerNet, StateSnapshot, all_reduce_timeout};
 use anyhow::{Result, bail};
+use forge_protocol::messages::TensorKey;
 use forge_protocol::messages::{GlobalState, MemberId, RoundOpened};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::OuterOptimizer;
 use forge_trainer::outer_state::{self, FlatState, Resumed};
 use forge_trainer::train::Trainer;
 use libp2p::PeerId;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,9 +118,15 @@ pub(super) async fn fetch_global_state(
     // Peers publish a version when they process its commit, which can be a moment after this
     // node hears of the round: retry for a while before giving up.
     let give_up = Instant::now() + timeout;
+    // The model's shapes: a manifest that disagrees is refused before anything is downloaded.
+    let lengths: BTreeMap<TensorKey, u64> = outer
+        .state_shapes()
+        .into_iter()
+        .map(|(key, shape)| (key, shape.iter().product::<i64>().max(0) as u64))
+        .collect();
     let (snapshot, stats) = loop {
         match net
-            .fetch_state(&peers, open.global_version, &expected, timeout)
+            .fetch_state_sized(&peers, open.global_version, &expected, &lengths, timeout)
             .await
         {
             Ok(fetched) => break fetched,

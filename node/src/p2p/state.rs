@@ -435,6 +435,20 @@ impl PeerNet {
         expected: &BTreeMap<TensorKey, [u8; 32]>,
         timeout: Duration,
     ) -> Result<(StateSnapshot, FetchStats), StateError> {
+        self.fetch_state_sized(peers, version, expected, &BTreeMap::new(), timeout)
+            .await
+    }
+
+    /// [`PeerNet::fetch_state`] that also refuses, before downloading anything, a manifest whose
+    /// tensor lengths differ from `lengths` (values per key: the model's shapes).
+    pub(crate) async fn fetch_state_sized(
+        &self,
+        peers: &[PeerId],
+        version: u64,
+        expected: &BTreeMap<TensorKey, [u8; 32]>,
+        lengths: &BTreeMap<TensorKey, u64>,
+        timeout: Duration,
+    ) -> Result<(StateSnapshot, FetchStats), StateError> {
         let started = Instant::now();
         let mut asked: Vec<PeerId> = Vec::with_capacity(peers.len());
         for peer in peers {
@@ -472,6 +486,7 @@ impl PeerNet {
         let mut fetch = Fetch {
             version,
             expected,
+            lengths,
             peers: slots,
             manifest: None,
             tensors: Vec::new(),
@@ -802,6 +817,8 @@ impl TensorState {
 struct Fetch<'a> {
     version: u64,
     expected: &'a BTreeMap<TensorKey, [u8; 32]>,
+    /// Values per tensor, where known: a manifest that says otherwise is refused.
+    lengths: &'a BTreeMap<TensorKey, u64>,
     peers: Vec<PeerSlot>,
     /// The manifest the fetch settled on.
     manifest: Option<Manifest>,
@@ -890,7 +907,7 @@ impl Fetch<'_> {
                 return;
             }
         };
-        if let Err(reason) = check_manifest(&manifest, self.expected) {
+        if let Err(reason) = check_manifest(&manifest, self.expected, self.lengths) {
             slot.fail(reason);
             return;
         }
@@ -1253,7 +1270,18 @@ fn join(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 fn check_manifest(
     manifest: &Manifest,
     expected: &BTreeMap<TensorKey, [u8; 32]>,
+    lengths: &BTreeMap<TensorKey, u64>,
 ) -> Result<(), String> {
+    if let Some((key, len, model)) = manifest.tensors.iter().find_map(|(key, len)| {
+        lengths
+            .get(key)
+            .filter(|model| *model != len)
+            .map(|model| (key, len, model))
+    }) {
+        return Err(format!(
+            "serves `{key}` with {len} values where this model's has {model}"
+        ));
+    }
     let served: HashSet<&TensorKey> = manifest.tensors.iter().map(|(key, _)| key).collect();
     let missing: Vec<&TensorKey> = expected
         .keys()
@@ -1343,11 +1371,21 @@ mod tests {
             tokens: 0,
             tensors: keys.iter().map(|key| ((*key).clone(), 4)).collect(),
         };
-        assert!(check_manifest(&manifest(&[&b, &a]), &expected).is_ok());
-        let err = check_manifest(&manifest(&[&a]), &expected).unwrap_err();
+        let none = BTreeMap::new();
+        assert!(check_manifest(&manifest(&[&b, &a]), &expected, &none).is_ok());
+        let err = check_manifest(&manifest(&[&a]), &expected, &none).unwrap_err();
         assert!(err.contains("lacks `momentum.a`"), "{err}");
         let c = TensorKey::Param("c".into());
-        let err = check_manifest(&manifest(&[&a, &b, &c]), &expected).unwrap_err();
+        let err = check_manifest(&manifest(&[&a, &b, &c]), &expected, &none).unwrap_err();
         assert!(err.contains("has `c`"), "{err}");
+        // Lengths other than the model's are refused before any chunk is fetched.
+        let lengths: BTreeMap<TensorKey, u64> = [(a.clone(), 4), (b.clone(), 5)].into();
+        let err = check_manifest(&manifest(&[&b, &a]), &expected, &lengths).unwrap_err();
+        assert!(
+            err.contains("serves `momentum.a` with 4 values where this model's has 5"),
+            "{err}"
+        );
+        let lengths: BTreeMap<TensorKey, u64> = [(a.clone(), 4), (b.clone(), 4)].into();
+        assert!(check_manifest(&manifest(&[&b, &a]), &expected, &lengths).is_ok());
     }
 }
