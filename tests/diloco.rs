@@ -419,12 +419,7 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         shared_data().join("tinystories").join("train-sample.txt")
     );
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("max_steps = 60", "max_steps = 40", 1)
-            .replacen(&train, "\"train.txt\"", 1),
-    )
-    .unwrap();
+    std::fs::write(&config, text.replacen(&train, "\"train.txt\"", 1)).unwrap();
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -438,8 +433,9 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
     }
     let stranger = node(3, other.to_str().unwrap());
     drop(nodes.pop()); // SIGKILL
-    nodes[0].wait_for_commit(2, deadline);
-    // Started again on the same workdir: the same peer, which fetches the state and trains on.
+    // Started again at once on the same workdir (the others commit without it meanwhile; on a
+    // slow machine waiting for that first could leave it no round before the run's end): the
+    // same peer, which fetches the state and trains on.
     let mut restarted = node(2, &root);
     restarted.wait_for("fetched global state v", deadline);
     nodes.push(restarted);
@@ -457,11 +453,11 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         let log = lines.join("\n");
         assert_eq!(code, Some(0), "node {i}:\n{log}");
         assert!(
-            log.contains("the run is finished: its final version 8 is committed"),
+            log.contains("the run is finished: its final version 12 is committed"),
             "node {i}:\n{log}"
         );
         let last = lines.iter().rev().find_map(|l| parse_round(l)).unwrap();
-        assert!(last.3.starts_with("committed v8 "), "node {i}:\n{log}");
+        assert!(last.3.starts_with("committed v12 "), "node {i}:\n{log}");
         finals.push((last.3, final_loss_line(&lines).expect("a final loss")));
     }
     println!("{finals:#?}");
@@ -471,12 +467,12 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
     );
     let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
     assert!(
-        coordinator_log.contains("committed its final version 8"),
+        coordinator_log.contains("committed its final version 12"),
         "{coordinator_log}"
     );
     let final_round = coordinator_log
         .lines()
-        .find(|l| l.contains("committed its final version 8"))
+        .find(|l| l.contains("committed its final version 12"))
         .and_then(|l| l.split("the run is finished: ").nth(1))
         .and_then(|l| l.split(" committed").next())
         .unwrap()
