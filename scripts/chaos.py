@@ -292,6 +292,11 @@ def check_checkpoints(work, nodes):
         if not root.is_dir():
             continue
         for ckpt in sorted(root.glob("step-*")):
+            # A node killed while rotating old shards away (remove_dir_all) leaves one partly
+            # deleted; nodes skip a shard whose files do not match its manifest, and so do we.
+            if not (ckpt / "manifest.json").is_file() or not (ckpt / "outer.json").is_file():
+                print(f"chaos: skipping incomplete shard {ckpt}")
+                continue
             meta = json.loads((ckpt / "outer.json").read_text())
             committed = {}
             for t in meta["tensor_hashes"]:
