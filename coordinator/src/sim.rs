@@ -780,6 +780,17 @@ mod tests {
         })
     }
 
+    /// The text of the error sent to `conn`.
+    fn error_message(outputs: &[Output], conn: u64) -> String {
+        messages_to(outputs, conn)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::Error(e) => Some(e.message.clone()),
+                _ => None,
+            })
+            .expect("an error was sent")
+    }
+
     fn error_codes(outputs: &[Output], conn: u64) -> Vec<ErrorCode> {
         messages_to(outputs, conn)
             .into_iter()
@@ -865,13 +876,7 @@ mod tests {
         let (stranger, _) = d.join(4, 1 << 40);
         let refused = d.send(4, data(2));
         assert_eq!(error_codes(&refused, 4), [ErrorCode::DataMismatch]);
-        let message = messages_to(&refused, 4)
-            .into_iter()
-            .find_map(|m| match m {
-                CoordinatorMessage::Error(e) => Some(e.message.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let message = error_message(&refused, 4);
         assert!(
             message.contains("training corpus") && !message.contains("tokenizer ("),
             "{message}"
@@ -1855,13 +1860,7 @@ mod tests {
             }),
         );
         assert_eq!(error_codes(&outputs, 2), vec![ErrorCode::InvalidJoin]);
-        let refused = messages_to(&outputs, 2)
-            .into_iter()
-            .find_map(|m| match m {
-                CoordinatorMessage::Error(e) => Some(e.message.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let refused = error_message(&outputs, 2);
         assert!(
             refused.contains("\"sim-0\" is not a libp2p peer id"),
             "{refused}"
