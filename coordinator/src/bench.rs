@@ -151,12 +151,13 @@ fn heartbeats(members: usize, seconds: u64, per_socket: usize) -> anyhow::Result
         std::env::temp_dir().join(format!("forge-bench-heartbeats-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir)?;
     // Rounds never open (min_replicas above the member count), so only heartbeats are measured;
-    // the other tables are a complete run config because `serve` validates every table.
+    // the other tables are a complete run config because `serve` validates every table. Every
+    // simulated member connects from 127.0.0.1, so the per-address limits are lifted.
     let shards = members + 1;
     std::fs::write(
         state_dir.join("run.toml"),
         format!(
-            "{}\n[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 10000\nmin_replicas = {shards}\ndata_shards = {shards}\ncheckpoint_every_rounds = 0\n",
+            "{}\n[coordinator]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 10000\nmin_replicas = {shards}\ndata_shards = {shards}\ncheckpoint_every_rounds = 0\nmax_members = {shards}\nmax_connections_per_ip = {shards}\njoins_per_ip_per_s = {shards}\n",
             include_str!("../../configs/tiny-cpu.toml")
         ),
     )?;
@@ -195,11 +196,10 @@ fn measure(
             tasks.spawn(async move {
                 let _permit = gate.acquire_owned().await?;
                 let start = Instant::now();
-                let caps = capabilities(forge_coordinator::identity::named_peer_id(&format!(
-                    "bench-{index}"
-                )));
+                let key = forge_coordinator::identity::named_keypair(&format!("bench-{index}"));
+                let caps = capabilities(key.public().to_peer_id().to_string());
                 let (client, _, _) =
-                    CoordinatorClient::connect(addr, &token, caps, options).await?;
+                    CoordinatorClient::connect(addr, &token, key, caps, options).await?;
                 anyhow::Ok((client, start.elapsed()))
             });
         }

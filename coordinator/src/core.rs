@@ -95,6 +95,35 @@ pub struct CoordinatorConfig {
     /// each replica reads its fixed data shard.
     #[serde(default)]
     pub data: Option<DataPlan>,
+    /// What one run and one address may make the coordinator hold.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Caps on what clients can make the coordinator hold, each refused with an error naming it.
+/// The defaults leave room for any real cluster (the coordinator is measured at 1,000
+/// members); a benchmark that simulates many machines from one address raises the per-address
+/// ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Members of the run at once; a join beyond is refused.
+    pub max_members: u32,
+    /// Open connections from one IP address; one beyond is closed with the reason.
+    pub max_connections_per_ip: u32,
+    /// Join connections one IP address may open per second (a burst of as many, refilled
+    /// continuously); one beyond is refused with the reason and retried by the node later.
+    pub joins_per_ip_per_s: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_members: 1_024,
+            max_connections_per_ip: 64,
+            joins_per_ip_per_s: 16,
+        }
+    }
 }
 
 /// Rounds are paced once the slowest participant takes more than this many times as long per
@@ -129,6 +158,17 @@ impl CoordinatorConfig {
         }
         if self.round_deadline_ms == 0 {
             return bad("round_deadline_ms must be positive".to_string());
+        }
+        let limits = &self.limits;
+        if limits.max_members == 0
+            || limits.max_connections_per_ip == 0
+            || limits.joins_per_ip_per_s == 0
+        {
+            return bad(format!(
+                "max_members ({}), max_connections_per_ip ({}) and joins_per_ip_per_s ({}) must \
+                 each be at least 1",
+                limits.max_members, limits.max_connections_per_ip, limits.joins_per_ip_per_s
+            ));
         }
         if let Some(model) = &self.model {
             model.validate()?;
@@ -482,6 +522,12 @@ impl Coordinator {
         Ok(coordinator)
     }
 
+    /// Applies `limits` from now on (they are how the coordinator runs, so a restored run takes
+    /// the current config's).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.config.limits = limits;
+    }
+
     pub fn config(&self) -> &CoordinatorConfig {
         &self.config
     }
@@ -740,11 +786,6 @@ impl Coordinator {
                 Ok(())
             }
         });
-        if let Err(reason) = check {
-            reply_error(out, from, ErrorCode::InvalidJoin, reason.clone());
-            out.push(Output::Event(Event::Refused { conn: from, reason }));
-            return;
-        }
         // The same peer joining again (after a restart or reconnect) replaces its old self.
         let previous: Vec<MemberId> = self
             .members
@@ -752,6 +793,23 @@ impl Coordinator {
             .filter(|(_, member)| member.capabilities.peer_id == capabilities.peer_id)
             .map(|(id, _)| *id)
             .collect();
+        let max_members = self.config.limits.max_members as usize;
+        let check = check.and_then(|()| {
+            if previous.is_empty() && self.members.len() >= max_members {
+                Err(format!(
+                    "the run has its limit of {max_members} members; raise [coordinator] \
+                     max_members in the run config (and restart the coordinator on an empty \
+                     --state-dir) to admit more"
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reason) = check {
+            reply_error(out, from, ErrorCode::InvalidJoin, reason.clone());
+            out.push(Output::Event(Event::Refused { conn: from, reason }));
+            return;
+        }
         // A bench outlives a restart: the node is as unreachable as before.
         let bench = previous
             .iter()

@@ -32,7 +32,7 @@ mod tls;
 mod sim;
 
 pub use crate::core::{
-    ConnId, Coordinator, CoordinatorConfig, Event, Input, MemberView, Millis, Output,
+    ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, MemberView, Millis, Output,
 };
 pub use crate::error::{Error, Result};
 pub use crate::planner::{ModelProfile, NodeProfile, Plan, plan, rebalance};

@@ -8,7 +8,7 @@ use std::path::Path;
 use forge_protocol::RunConfig;
 use serde::Deserialize;
 
-use crate::core::CoordinatorConfig;
+use crate::core::{CoordinatorConfig, Limits};
 use crate::data::DataPlan;
 use crate::error::{Error, Result};
 
@@ -23,6 +23,9 @@ struct CoordinatorSection {
     start_replicas: Option<u32>,
     data_shards: Option<u32>,
     checkpoint_every_rounds: Option<u64>,
+    max_members: Option<u32>,
+    max_connections_per_ip: Option<u32>,
+    joins_per_ip_per_s: Option<u32>,
 }
 
 /// Defaults for a LAN run: a member silent for 5 heartbeats is dead; a DiLoCo round of a few
@@ -98,6 +101,16 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
         final_version,
         pace,
         data,
+        limits: section.as_ref().map_or_else(Limits::default, |s| {
+            let default = Limits::default();
+            Limits {
+                max_members: s.max_members.unwrap_or(default.max_members),
+                max_connections_per_ip: s
+                    .max_connections_per_ip
+                    .unwrap_or(default.max_connections_per_ip),
+                joins_per_ip_per_s: s.joins_per_ip_per_s.unwrap_or(default.joins_per_ip_per_s),
+            }
+        }),
         run_config: text,
     };
     config.validate().map_err(|err| Error::RunConfig {

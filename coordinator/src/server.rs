@@ -8,9 +8,9 @@
 //! restart (the core restarts every member's timeout anyway), so they are never written.
 
 use forge_protocol::stream::describe;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,14 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use forge_coordinator_client::ClusterToken;
 use forge_coordinator_client::wire::{read_frame, read_frame_within, write_frame};
 use forge_protocol::session::{
-    DataStatus, MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus,
-    RoundRecord, StageStatus, Status,
+    DataStatus, IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, MemberStatus, Open,
+    OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord, StageStatus, Status,
 };
 use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, NodeMessage};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Millis, Output};
+use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output};
 use crate::error::{Error, Result};
 use crate::latency::Histogram;
 use crate::store::{Changes, RoundHistory, Store};
@@ -104,9 +104,12 @@ impl Server {
     /// Opens (or creates) the state in `state_dir`, restores the previous run if there is one,
     /// and binds `listen`. `config` is used only when the state directory holds no run yet.
     pub fn bind(config: CoordinatorConfig, listen: SocketAddr, state_dir: &Path) -> Result<Server> {
+        // Limits are how this coordinator runs, not part of the run: the config given now
+        // applies to a restored run too.
+        let limits = config.limits.clone();
         let store = Store::open(state_dir)?;
         let (identity, created) = store.identity()?;
-        let core = match store.snapshot()? {
+        let mut core = match store.snapshot()? {
             Some(bytes) => {
                 let core = Coordinator::from_snapshot(&bytes, Millis(0))?;
                 if core.config().run_config != config.run_config {
@@ -118,6 +121,7 @@ impl Server {
             }
             None => Coordinator::new(config)?,
         };
+        core.set_limits(limits);
         let startup = match (
             created,
             core.last_round().is_some() || core.members().count() > 0,
@@ -179,9 +183,11 @@ impl Server {
             ..
         } = self;
         let (to_loop, inbox) = mpsc::channel(4 * BATCH);
+        let gate = Arc::new(AddressGate::new(core.config().limits.clone()));
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             Arc::from(identity.token_secret.as_str()),
+            gate,
             to_loop,
         ));
         let mut event_loop = EventLoop {
@@ -201,17 +207,136 @@ impl Server {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, secret: Arc<str>, to_loop: mpsc::Sender<ToLoop>) {
+/// Per-address caps: open connections, and join connections per second.
+struct AddressGate {
+    limits: Limits,
+    addresses: Mutex<HashMap<IpAddr, AddressUse>>,
+}
+
+#[derive(Default)]
+struct AddressUse {
+    connections: u32,
+    /// Joins this address may still open now (refilled at `joins_per_ip_per_s`).
+    join_tokens: f64,
+    refilled: Option<Instant>,
+}
+
+/// One open connection counted against its address; uncounted when dropped.
+struct Counted {
+    gate: Arc<AddressGate>,
+    ip: IpAddr,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut addresses = self.gate.lock();
+        if let Some(usage) = addresses.get_mut(&self.ip) {
+            usage.connections = usage.connections.saturating_sub(1);
+            if usage.connections == 0 && usage.join_tokens >= self.gate.burst() {
+                addresses.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl AddressGate {
+    fn new(limits: Limits) -> AddressGate {
+        AddressGate {
+            limits,
+            addresses: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, AddressUse>> {
+        self.addresses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn burst(&self) -> f64 {
+        f64::from(self.limits.joins_per_ip_per_s)
+    }
+
+    /// Counts a new connection from `ip`, or says why it is one too many.
+    fn connect(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<Counted, String> {
+        let mut addresses = self.lock();
+        let usage = addresses.entry(ip).or_insert_with(|| AddressUse {
+            join_tokens: self.burst(),
+            ..AddressUse::default()
+        });
+        if usage.connections >= self.limits.max_connections_per_ip {
+            return Err(format!(
+                "{ip} has {} connections open, the limit per address ([coordinator] \
+                 max_connections_per_ip); close some or raise the limit",
+                usage.connections
+            ));
+        }
+        usage.connections += 1;
+        Ok(Counted {
+            gate: self.clone(),
+            ip,
+        })
+    }
+
+    /// Takes one join from `ip`'s allowance, or says why it must wait.
+    fn join(&self, ip: IpAddr, now: Instant) -> std::result::Result<(), String> {
+        let rate = self.burst();
+        let mut addresses = self.lock();
+        let usage = addresses.entry(ip).or_default();
+        if let Some(then) = usage.refilled {
+            usage.join_tokens =
+                (usage.join_tokens + now.duration_since(then).as_secs_f64() * rate).min(rate);
+        }
+        usage.refilled = Some(now);
+        if usage.join_tokens < 1.0 {
+            return Err(format!(
+                "{ip} opened more than {} join connections in a second ([coordinator] \
+                 joins_per_ip_per_s); the node retries after a pause",
+                self.limits.joins_per_ip_per_s
+            ));
+        }
+        usage.join_tokens -= 1.0;
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    secret: Arc<str>,
+    gate: Arc<AddressGate>,
+    to_loop: mpsc::Sender<ToLoop>,
+) {
     let mut next = 1u64;
     while let Some(incoming) = endpoint.accept().await {
         let conn = ConnId(next);
         next += 1;
-        tokio::spawn(serve_connection(
-            incoming,
-            conn,
-            secret.clone(),
-            to_loop.clone(),
-        ));
+        let ip = incoming.remote_address().ip();
+        match gate.connect(ip) {
+            Ok(counted) => {
+                let connection = serve_connection(
+                    incoming,
+                    conn,
+                    secret.clone(),
+                    gate.clone(),
+                    to_loop.clone(),
+                );
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(counted);
+                });
+            }
+            Err(reason) => {
+                warn!("refused a connection: {reason}");
+                tokio::spawn(refuse(incoming, reason));
+            }
+        }
+    }
+}
+
+/// Completes the handshake only to tell the client why it is refused (in the close reason).
+async fn refuse(incoming: quinn::Incoming, reason: String) {
+    if let Ok(Ok(connection)) = tokio::time::timeout(OPEN_TIMEOUT, incoming).await {
+        connection.close(0u32.into(), reason.as_bytes());
     }
 }
 
@@ -220,6 +345,7 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     conn: ConnId,
     secret: Arc<str>,
+    gate: Arc<AddressGate>,
     to_loop: mpsc::Sender<ToLoop>,
 ) {
     let addr = incoming.remote_address();
@@ -244,7 +370,7 @@ async fn serve_connection(
         Ok::<_, String>((send, recv, open))
     })
     .await;
-    let (mut send, recv, open) = match opened {
+    let (mut send, mut recv, open) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(reason)) => {
             warn!(%addr, "dropped a client before it identified itself: {reason}");
@@ -269,6 +395,36 @@ async fn serve_connection(
         })
     } else {
         None
+    };
+    // A join connection proves, right after Open, that it holds the key of its peer id.
+    let mut proven = None;
+    let refusal = match refusal {
+        None if open.purpose == Purpose::Join => match gate.join(addr.ip(), Instant::now()) {
+            Err(reason) => {
+                warn!(%addr, "refused a join: {reason}");
+                Some(ErrorReply {
+                    code: ErrorCode::RateLimited,
+                    message: reason,
+                })
+            }
+            Ok(()) => match prove(&connection, &mut recv).await {
+                Ok(peer_id) => {
+                    proven = Some(peer_id);
+                    None
+                }
+                Err(reason) => {
+                    warn!(%addr, "refused a join without a valid identity proof: {reason}");
+                    Some(ErrorReply {
+                        code: ErrorCode::Unauthorized,
+                        message: format!(
+                            "the join's identity proof does not hold: {reason}; forge-node signs \
+                         each connection's challenge with the ed25519 key in its --workdir"
+                        ),
+                    })
+                }
+            },
+        },
+        refusal => refusal,
     };
     if let Some(reply) = refusal {
         if let Ok(frame) = OpenReply::Refused(reply).to_frame() {
@@ -304,10 +460,32 @@ async fn serve_connection(
             finish(&connection, send).await;
         }
         Purpose::Join => {
-            debug!(%addr, ?conn, "node connection opened");
-            serve_node(connection, addr, conn, send, recv, to_loop).await;
+            let Some(peer_id) = proven else {
+                return;
+            };
+            debug!(%addr, ?conn, %peer_id, "node connection opened");
+            serve_node(connection, addr, conn, peer_id, send, recv, to_loop).await;
         }
     }
+}
+
+/// Reads a join connection's [`IdentityProof`] and returns the peer id whose key signed this
+/// connection's challenge (its TLS exporter value), or why it did not.
+async fn prove(
+    connection: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<String, String> {
+    let mut challenge = [0u8; IDENTITY_CHALLENGE_LEN];
+    connection
+        .export_keying_material(&mut challenge, IDENTITY_EXPORTER_LABEL, &[])
+        .map_err(|err| format!("no TLS exporter value ({err:?})"))?;
+    let frame = tokio::time::timeout(OPEN_TIMEOUT, read_frame_within(recv, MAX_OPEN_FRAME))
+        .await
+        .map_err(|_| format!("no identity proof within {OPEN_TIMEOUT:?}"))?
+        .map_err(|err| err.to_string())?
+        .ok_or("the client closed its stream before its identity proof")?;
+    let proof = IdentityProof::from_frame(&frame).map_err(|err| err.to_string())?;
+    crate::identity::verify_proof(&proof, &challenge).map(|peer| peer.to_string())
 }
 
 /// Ends the stream and gives the client a moment to read what was sent before closing.
@@ -321,17 +499,19 @@ async fn serve_node(
     connection: quinn::Connection,
     addr: SocketAddr,
     conn: ConnId,
+    peer_id: String,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     to_loop: mpsc::Sender<ToLoop>,
 ) {
     let (outbox, mut outgoing) = mpsc::channel(OUTBOX_FRAMES);
+    let refusals = outbox.clone();
     let registered = ToLoop::Connected { conn, addr, outbox };
     if to_loop.send(registered).await.is_err() {
         return;
     }
     let writer_connection = connection.clone();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(outbound) = outgoing.recv().await {
             match outbound {
                 Outbound::Frame(frame) => {
@@ -347,9 +527,28 @@ async fn serve_node(
         }
         writer_connection.close(0u32.into(), b"closed by coordinator");
     });
+    let mut refused = false;
     loop {
         let input = match read_frame(&mut recv).await {
             Ok(Some(frame)) => match NodeMessage::from_frame(&frame) {
+                // The connection proved one key: it joins with that key's peer id or not at all.
+                Ok(NodeMessage::Join(join)) if join.capabilities.peer_id != peer_id => {
+                    let claimed: String = join.capabilities.peer_id.chars().take(64).collect();
+                    warn!(%addr, claimed, proven = peer_id, "refused a join under another peer id");
+                    let reply = CoordinatorMessage::Error(ErrorReply {
+                        code: ErrorCode::Unauthorized,
+                        message: format!(
+                            "the join claims peer id {claimed:?} but this connection proved the \
+                             key of {peer_id}; a node joins with the peer id of its own key"
+                        ),
+                    });
+                    if let Ok(frame) = reply.to_frame() {
+                        let _ = refusals.send(Outbound::Frame(frame)).await;
+                    }
+                    let _ = refusals.send(Outbound::Close).await;
+                    refused = true;
+                    break;
+                }
                 Ok(message) => Input::Message(message),
                 Err(err) => {
                     warn!(%addr, "closing a connection that sent an undecodable message: {err}");
@@ -378,6 +577,10 @@ async fn serve_node(
             received: Instant::now(),
         })
         .await;
+    if refused {
+        // Let the writer deliver the refusal before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut writer).await;
+    }
     connection.close(0u32.into(), b"stream ended");
     writer.abort();
 }

@@ -123,6 +123,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         final_version: 0,
         pace: false,
         data: None,
+        limits: crate::core::Limits::default(),
     }
 }
 
@@ -1840,6 +1841,47 @@ mod tests {
         assert_eq!(driver.coordinator.members().count(), 0);
         let (_, outputs) = driver.join(1, 8 << 30);
         assert!(error_codes(&outputs, 1).is_empty());
+    }
+
+    /// A run holds `max_members` members: one more is refused with the limit, while a member
+    /// already in (the same peer id) may still join again, and a place freed is taken.
+    #[test]
+    fn a_join_beyond_max_members_is_refused_with_the_limit() {
+        let mut run = config(1);
+        run.limits.max_members = 2;
+        let mut driver = Driver::new(run);
+        driver.join(1, 8 << 30);
+        driver.join(2, 8 << 30);
+        driver.send(3, NodeMessage::Hello(Hello::current()));
+        let third = NodeMessage::Join(Join {
+            capabilities: capabilities("peer-3", 8 << 30),
+            rejoin: None,
+        });
+        let outputs = driver.send(3, third.clone());
+        assert_eq!(error_codes(&outputs, 3), vec![ErrorCode::InvalidJoin]);
+        let refused = error_message(&outputs, 3);
+        assert!(
+            refused.contains("limit of 2 members; raise [coordinator] max_members"),
+            "{refused}"
+        );
+        assert_eq!(driver.coordinator.members().count(), 2);
+        // peer-2 restarting (a new connection) replaces itself: not a new member.
+        driver.send(4, NodeMessage::Hello(Hello::current()));
+        let again = NodeMessage::Join(Join {
+            capabilities: capabilities("peer-2", 8 << 30),
+            rejoin: None,
+        });
+        assert!(error_codes(&driver.send(4, again), 4).is_empty());
+        assert_eq!(driver.coordinator.members().count(), 2);
+        // A place freed is taken.
+        driver.send(
+            1,
+            NodeMessage::Leave(Leave {
+                reason: "done".to_string(),
+            }),
+        );
+        assert!(error_codes(&driver.send(3, third), 3).is_empty());
+        assert_eq!(driver.coordinator.members().count(), 2);
     }
 
     /// A join whose peer id is not a libp2p peer id (`sim-member` used to send `sim-0`) is

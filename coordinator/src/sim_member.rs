@@ -65,10 +65,12 @@ pub(crate) fn run(
         for index in 0..count {
             // A valid peer id that stands for the name, the same at every start.
             let name = format!("{peer_prefix}-{index}");
-            let peer_id = forge_coordinator::identity::named_peer_id(&name);
+            let key = forge_coordinator::identity::named_keypair(&name);
+            let peer_id = key.public().to_peer_id().to_string();
             let (client, accepted, notifications) = CoordinatorClient::connect(
                 addr,
                 token,
+                key,
                 capabilities(peer_id.clone()),
                 options.clone(),
             )

@@ -118,7 +118,7 @@ async fn node(opts: JoinOptions) -> Result<()> {
         .next()
         .with_context(|| format!("{} resolves to no address", opts.coordinator))?;
     // Peer-to-peer layer first: its peer id and address go into the join.
-    let (net, advertised) = start_peer_net(&opts, coordinator).await?;
+    let (net, advertised, identity) = start_peer_net(&opts, coordinator).await?;
     let upload = upload_bytes_per_s(&opts);
     let caps =
         tokio::task::block_in_place(|| capabilities(&opts, &net.peer_id(), &advertised, upload))?;
@@ -127,10 +127,15 @@ async fn node(opts: JoinOptions) -> Result<()> {
         net.peer_id(),
         caps.tokens_per_s
     );
-    let (client, accepted, notes) =
-        CoordinatorClient::connect(coordinator, &opts.token, caps, ClientOptions::default())
-            .await
-            .with_context(|| format!("joining the coordinator at {coordinator}"))?;
+    let (client, accepted, notes) = CoordinatorClient::connect(
+        coordinator,
+        &opts.token,
+        identity,
+        caps,
+        ClientOptions::default(),
+    )
+    .await
+    .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
     let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
     // The coordinator plans this node once it knows its data is the run's; the estimated speed

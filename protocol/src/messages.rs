@@ -21,7 +21,7 @@ use crate::stream::{DataDigest, DataLease, SeqRange};
 
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
 /// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream).
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -452,8 +452,10 @@ pub enum ErrorCode {
     InvalidJoin,
     /// The member's corpus or tokenizer differs from the run's.
     DataMismatch,
-    /// The cluster token is missing or wrong.
+    /// The cluster token is missing or wrong, or the join's identity proof does not hold.
     Unauthorized,
+    /// Too many joins from the client's address; try again after a pause.
+    RateLimited,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

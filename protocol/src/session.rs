@@ -4,8 +4,8 @@
 //! Every control connection starts with the client sending [`Open`] and the coordinator
 //! answering [`OpenReply`], before any [`crate::NodeMessage`]. The token secret is checked here,
 //! outside the coordinator core, so an unauthenticated peer never reaches the state machine. A
-//! [`Purpose::Join`] connection then carries the node protocol; a [`Purpose::Status`] connection
-//! receives one [`Status`] and is closed.
+//! [`Purpose::Join`] connection sends an [`IdentityProof`] right after `Open` and then carries the
+//! node protocol; a [`Purpose::Status`] connection receives one [`Status`] and is closed.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +35,46 @@ pub struct Open {
     /// The secret half of the cluster token (the part before the `.`).
     pub token_secret: String,
     pub purpose: Purpose,
+}
+
+/// Proof that a joining node holds the ed25519 key of the peer id it joins with, sent right
+/// after a [`Purpose::Join`] `Open` (and read only once the token has been checked).
+///
+/// The node signs [`identity_proof_message`] of the connection's TLS exporter value (label
+/// [`IDENTITY_EXPORTER_LABEL`]), which both ends derive from the handshake and which differs
+/// per connection: the coordinator's challenge comes with the TLS session, so a proof seen on
+/// one connection is worth nothing on another, and nobody can join as a peer id, or resume a
+/// member id, whose key it does not hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityProof {
+    /// The libp2p protobuf encoding of the node's public key; its peer id is the one the node
+    /// must join with.
+    pub public_key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// The TLS exporter label of the join challenge (RFC 8446 section 7.5).
+pub const IDENTITY_EXPORTER_LABEL: &[u8] = b"EXPORTER-forge-join-identity";
+
+/// Bytes of the exporter value a proof signs.
+pub const IDENTITY_CHALLENGE_LEN: usize = 32;
+
+/// What a node signs to prove its identity on the connection whose exporter value is
+/// `challenge` (domain-separated so the signature means nothing elsewhere).
+pub fn identity_proof_message(challenge: &[u8; IDENTITY_CHALLENGE_LEN]) -> Vec<u8> {
+    let mut message = b"forge join identity v1\0".to_vec();
+    message.extend_from_slice(challenge);
+    message
+}
+
+impl IdentityProof {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<IdentityProof> {
+        codec::decode(Channel::Control, frame)
+    }
 }
 
 /// The coordinator's answer to [`Open`].

@@ -11,18 +11,26 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use forge_protocol::session::{Open, OpenReply, Purpose, Status};
+use forge_protocol::session::{
+    IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, Open, OpenReply, Purpose,
+    Status, identity_proof_message,
+};
 use forge_protocol::{
     Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello,
     InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, Ready, RoundId, RoundReport,
     TensorHash,
 };
+use libp2p_identity::Keypair;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::tls::{self, ClusterToken};
 use crate::wire::{read_frame, write_frame};
+
+/// Times the first join is tried again when the coordinator refuses it for the join rate of
+/// this address.
+const JOIN_RATE_RETRIES: u32 = 20;
 
 /// How the client connects and reconnects.
 #[derive(Clone, Debug)]
@@ -97,13 +105,15 @@ enum Command {
 }
 
 impl CoordinatorClient {
-    /// Connects to the coordinator at `addr`, proves membership with `token` and joins with
+    /// Connects to the coordinator at `addr`, proves membership with `token`, proves on every
+    /// connection that it holds `identity` (the key of `capabilities.peer_id`), and joins with
     /// `capabilities`. Fails at once (no retry) if the first attempt fails; after that the
     /// client reconnects by itself. Returns the handle, the join reply (run config, member id,
     /// assignment) and the stream of notifications.
     pub async fn connect(
         addr: SocketAddr,
         token: &str,
+        identity: Keypair,
         capabilities: Capabilities,
         options: ClientOptions,
     ) -> Result<(
@@ -112,6 +122,13 @@ impl CoordinatorClient {
         mpsc::UnboundedReceiver<Notification>,
     )> {
         let token: ClusterToken = token.parse()?;
+        let key = identity.public().to_peer_id().to_string();
+        if capabilities.peer_id != key {
+            return Err(Error::IdentityMismatch {
+                claimed: capabilities.peer_id,
+                key,
+            });
+        }
         let endpoint = match &options.endpoint {
             Some(endpoint) => endpoint.clone(),
             None => client_endpoint(addr)?,
@@ -120,11 +137,27 @@ impl CoordinatorClient {
         let dialer = Dialer {
             addr,
             token,
+            identity: Some(identity),
             endpoint,
             config,
             connect_timeout: options.connect_timeout,
         };
-        let (link, accepted) = dialer.join(&capabilities, None).await?;
+        // Joins refused for their rate (many nodes behind one address starting at once) are
+        // tried again after a jittered pause; any other refusal ends the attempt.
+        let mut attempts = 0;
+        let (link, accepted) = loop {
+            match dialer.join(&capabilities, None).await {
+                Err(Error::Refused {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) if attempts < JOIN_RATE_RETRIES => {
+                    attempts += 1;
+                    let pause = rand::thread_rng().gen_range(500..=1_500);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                joined => break joined?,
+            }
+        };
         let (commands, command_rx) = mpsc::channel(64);
         // Notifications are few per round; an unbounded queue means a slow consumer can never
         // hold up the heartbeats.
@@ -231,6 +264,7 @@ pub async fn fetch_status(addr: SocketAddr, token: &str, timeout: Duration) -> R
         addr,
         config: tls::client_config(&token, timeout)?,
         token,
+        identity: None,
         endpoint: client_endpoint(addr)?,
         connect_timeout: timeout,
     };
@@ -252,6 +286,21 @@ pub async fn fetch_status(addr: SocketAddr, token: &str, timeout: Duration) -> R
     Ok(status)
 }
 
+/// The proof that this node holds `identity`, for the connection whose join challenge (TLS
+/// exporter value) is `challenge`.
+pub fn prove_identity(
+    identity: &Keypair,
+    challenge: &[u8; IDENTITY_CHALLENGE_LEN],
+) -> IdentityProof {
+    let signature = identity
+        .sign(&identity_proof_message(challenge))
+        .expect("ed25519 signing cannot fail");
+    IdentityProof {
+        public_key: identity.public().encode_protobuf(),
+        signature,
+    }
+}
+
 fn client_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint> {
     let local: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -265,6 +314,8 @@ fn client_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint> {
 struct Dialer {
     addr: SocketAddr,
     token: ClusterToken,
+    /// The node's key, for the identity proof of a join connection.
+    identity: Option<Keypair>,
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     connect_timeout: Duration,
@@ -305,6 +356,17 @@ impl Dialer {
             purpose,
         };
         write_frame(&mut send, &open.to_frame().map_err(Error::Protocol)?).await?;
+        if purpose == Purpose::Join {
+            let identity = self.identity.as_ref().ok_or_else(|| Error::Stream {
+                reason: "a join connection needs the node's key".to_string(),
+            })?;
+            let mut challenge = [0u8; IDENTITY_CHALLENGE_LEN];
+            connection
+                .export_keying_material(&mut challenge, IDENTITY_EXPORTER_LABEL, &[])
+                .map_err(|err| Error::Tls(format!("no TLS exporter value: {err:?}")))?;
+            let proof = prove_identity(identity, &challenge);
+            write_frame(&mut send, &proof.to_frame().map_err(Error::Protocol)?).await?;
+        }
         let frame = read_frame(&mut recv).await?.ok_or_else(|| Error::Stream {
             reason: "the coordinator closed the stream without answering".to_string(),
         })?;
@@ -312,6 +374,7 @@ impl Dialer {
             OpenReply::Accepted { .. } => Ok((connection, send, recv)),
             OpenReply::Refused(reply) => Err(Error::Refused {
                 addr: self.addr,
+                code: reply.code,
                 message: reply.message,
             }),
         }
@@ -353,6 +416,7 @@ impl Dialer {
                     CoordinatorMessage::Error(reply) => {
                         return Err(Error::Refused {
                             addr: self.addr,
+                            code: reply.code,
                             message: reply.message,
                         });
                     }
@@ -698,6 +762,11 @@ impl EventLoop {
                         return Some(link);
                     }
                 }
+                // Too many joins from this address just now: the next attempt may pass.
+                Err(Error::Refused {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) => {}
                 Err(Error::Refused { message, .. }) => {
                     self.tell(Notification::Stopped {
                         reason: format!(

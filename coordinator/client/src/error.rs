@@ -30,7 +30,16 @@ pub enum Error {
     Connect { addr: SocketAddr, reason: String },
 
     #[error("the coordinator at {addr} refused this client: {message}")]
-    Refused { addr: SocketAddr, message: String },
+    Refused {
+        addr: SocketAddr,
+        code: forge_protocol::ErrorCode,
+        message: String,
+    },
+
+    #[error(
+        "the join's peer id {claimed} is not the id of the key this node signs with ({key}); join with the peer id of your own key"
+    )]
+    IdentityMismatch { claimed: String, key: String },
 
     #[error("control stream broke: {reason}")]
     Stream { reason: String },

@@ -11,6 +11,8 @@ pub mod tls;
 /// Length-prefixed control frames on QUIC streams.
 pub mod wire;
 
-pub use crate::client::{ClientOptions, CoordinatorClient, Notification, fetch_status};
+pub use crate::client::{
+    ClientOptions, CoordinatorClient, Notification, fetch_status, prove_identity,
+};
 pub use crate::error::{Error, Result};
 pub use crate::tls::ClusterToken;

@@ -44,6 +44,11 @@ impl ClusterToken {
             fingerprint: fingerprint(cert_der),
         }
     }
+
+    /// The secret half, which a client shows in its `Open`.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
 }
 
 impl std::fmt::Debug for ClusterToken {
@@ -121,10 +126,7 @@ pub fn transport(
 }
 
 /// A client config that trusts exactly the certificate whose fingerprint `token` carries.
-pub(crate) fn client_config(
-    token: &ClusterToken,
-    idle_timeout: Duration,
-) -> Result<quinn::ClientConfig> {
+pub fn client_config(token: &ClusterToken, idle_timeout: Duration) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedCertificate {
         fingerprint: token.fingerprint.clone(),

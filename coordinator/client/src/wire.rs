@@ -16,6 +16,19 @@ fn broke(err: impl std::fmt::Display) -> Error {
     }
 }
 
+/// [`broke`] with the causes of `err` too: "connection lost" alone hides the reason the peer
+/// gave when it closed the connection.
+fn lost(err: impl std::error::Error) -> Error {
+    let mut reason = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Error::Stream { reason }
+}
+
 /// Reads one whole frame; `None` when the peer finished the stream cleanly between frames. The
 /// header's size limits are checked before the payload is read.
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>> {
@@ -32,13 +45,13 @@ pub async fn read_frame_within(
     match recv.read_exact(&mut frame).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(err) => return Err(broke(err)),
+        Err(err) => return Err(lost(err)),
     }
     let len = frame_len_within(&frame, max_len)?;
     frame.resize(len, 0);
     recv.read_exact(&mut frame[HEADER_LEN..])
         .await
-        .map_err(broke)?;
+        .map_err(lost)?;
     Ok(Some(frame))
 }
 
@@ -56,7 +69,7 @@ fn frame_len_within(header: &[u8], max_len: usize) -> Result<usize> {
 
 /// Writes one whole frame (header and payload, as the codec made it).
 pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<()> {
-    send.write_all(frame).await.map_err(broke)
+    send.write_all(frame).await.map_err(lost)
 }
 
 #[cfg(test)]

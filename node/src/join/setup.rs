@@ -40,14 +40,15 @@ pub(super) fn shutdown_signal() -> Result<(Arc<AtomicBool>, watch::Receiver<bool
     Ok((stop, rx))
 }
 
-/// Starts the swarm and listens; returns it with the address peers can reach: the bound port on
-/// the IP facing the coordinator (unless `--listen` names an IP).
+/// Starts the swarm and listens; returns it with the address peers can reach (the bound port on
+/// the IP facing the coordinator, unless `--listen` names an IP) and the node's key, which the
+/// control connection proves it holds.
 pub(super) async fn start_peer_net(
     opts: &JoinOptions,
     coordinator: SocketAddr,
-) -> Result<(PeerNet, Multiaddr)> {
+) -> Result<(PeerNet, Multiaddr, libp2p::identity::Keypair)> {
     let keypair = p2p::load_or_create_keypair(&opts.workdir)?;
-    let mut net_cfg = PeerNetConfig::new(keypair);
+    let mut net_cfg = PeerNetConfig::new(keypair.clone());
     net_cfg.max_upload_bytes_per_s = opts.max_upload_mbps.map(|_| upload_bytes_per_s(opts));
     let (net, event_loop) = p2p::new(net_cfg)?;
     tokio::spawn(event_loop.run());
@@ -66,7 +67,8 @@ pub(super) async fn start_peer_net(
             _ => None,
         })
         .unwrap_or(opts.listen.port());
-    Ok((net, p2p::quic_multiaddr(SocketAddr::new(listen_ip, port))))
+    let advertised = p2p::quic_multiaddr(SocketAddr::new(listen_ip, port));
+    Ok((net, advertised, keypair))
 }
 
 /// The local IP a packet to `target` would leave from (no packet is sent).
