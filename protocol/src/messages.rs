@@ -984,6 +984,7 @@ mod tests {
             values: 1 << 18,
             total_len: 1 << 21,
             weight: 512.0,
+            norm: 3.5,
             codec: SyncCodec::Int8Blocks { block: 256 },
             payload_len: 1 << 20,
             zstd: true,

@@ -73,6 +73,9 @@ pub struct SyncChunkHeader {
     /// Reduce-scatter: the sender's weight (tokens processed). All-gather: the total weight the
     /// owner divided the sum by.
     pub weight: f64,
+    /// Reduce-scatter: the norm of the sender's whole contribution (the same in every chunk it
+    /// sends anyone), which bounds what an owner's reduced range may hold. Otherwise 0.
+    pub norm: f64,
     pub codec: SyncCodec,
     /// Raw bytes that follow the header frame.
     pub payload_len: u32,
@@ -120,6 +123,11 @@ impl SyncChunkHeader {
                 reason: format!("weight {} is not a positive finite number", self.weight),
             });
         }
+        if !(self.norm.is_finite() && self.norm >= 0.0) {
+            return Err(Error::InvalidSyncHeader {
+                reason: format!("norm {} is not a finite number >= 0", self.norm),
+            });
+        }
         let blocks = match self.codec {
             SyncCodec::F32 | SyncCodec::Bf16 => None,
             SyncCodec::Int8Blocks { block } => Some(Codec::Int8 { block_size: block }),
@@ -162,6 +170,7 @@ mod tests {
             values: 5,
             total_len: 15,
             weight: 1024.0,
+            norm: 0.0,
             codec: SyncCodec::Bf16,
             payload_len: 10,
             zstd: false,
@@ -203,6 +212,11 @@ mod tests {
             let bad = SyncChunkHeader { weight, ..header() };
             let err = bad.check().unwrap_err();
             assert!(err.to_string().contains("weight"), "{err}");
+        }
+        for norm in [-1.0, f64::NAN, f64::INFINITY] {
+            let bad = SyncChunkHeader { norm, ..header() };
+            let err = bad.check().unwrap_err();
+            assert!(err.to_string().contains("norm"), "{err}");
         }
     }
 }

@@ -52,6 +52,15 @@ type Result<T> = std::result::Result<T, AllReduceError>;
 const OUTLIER_RATIO: f64 = 10.0;
 /// The median means little with fewer contributors, so the outlier check needs at least this many.
 const OUTLIER_MIN_MEMBERS: usize = 3;
+/// With two members, a declared whole-vector norm per unit of weight above `OUTLIER_RATIO` times
+/// the other's is rejected, once the vector holds this many values (the norms of shorter
+/// vectors vary too much from member to member to compare).
+const PAIR_MIN_VALUES: usize = 4096;
+/// Room for the codecs between a declared norm (of the raw contribution) and what is decoded:
+/// error feedback adds the last round's residual to a contribution, and block quantization
+/// rounds each value by at most half a step (at most `sqrt(block) / (2 * qmax)` of a block's
+/// norm: 0.57 for int4 in blocks of 64).
+const NORM_SLACK: f64 = 2.0;
 
 /// [`all_reduce_timeout`]: multiple of the ring bound, and the fixed margin for connection setup
 /// and the codec's CPU time.
@@ -211,6 +220,7 @@ impl PeerNet {
             layout,
             data: &request.data,
             weight: request.weight,
+            norm: declared_norm(&request.data),
             max_weights: &request.max_weights,
             codec: Mutex::new(codec),
             codec_id,
@@ -332,6 +342,8 @@ struct Round<'a> {
     layout: Layout,
     data: &'a [f32],
     weight: f64,
+    /// The norm of `data`, declared in this member's contribution headers.
+    norm: f64,
     max_weights: &'a [f64],
     /// Locked only around the synchronous encode/decode calls, never across an await.
     codec: Mutex<&'a mut dyn ChunkCodec>,
@@ -397,6 +409,34 @@ struct ReducedChunk {
     total_weight: f64,
 }
 
+/// The norm a member declares for its contribution `data`. A vector holding NaN or infinity
+/// declares the largest finite norm, so its headers stay valid and the owners reject the values
+/// themselves, naming the element.
+fn declared_norm(data: &[f32]) -> f64 {
+    let norm = data
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    if norm.is_finite() { norm } else { f64::MAX }
+}
+
+/// What the reduction of this member's range learnt of every member.
+struct Reduced {
+    total_weight: f64,
+    weights: Vec<f64>,
+    /// The norm of each member's whole contribution, as its headers declared it.
+    declared: Vec<f64>,
+}
+
+/// One owner's reduced range as this member received it.
+struct Gathered {
+    owner: usize,
+    /// The total weight the owner divided by.
+    weight: f64,
+    sum_of_squares: f64,
+}
+
 /// Where the reduction hands each reduced chunk to the sender of one member's results.
 type Outbox = mpsc::UnboundedSender<Arc<ReducedChunk>>;
 
@@ -448,8 +488,8 @@ impl<'a> Round<'a> {
                         .map(|(j, inbox)| self.send_result(j, inbox)),
                 );
                 let reduce = self.reduce(contribution_slots, mine, outboxes);
-                let (total_weight, _) = tokio::try_join!(reduce, send)?;
-                Ok(total_weight)
+                let (reduced, _) = tokio::try_join!(reduce, send)?;
+                Ok(reduced)
             });
             let gather = self.or_abort(try_join_all(
                 result_slots
@@ -458,8 +498,10 @@ impl<'a> Round<'a> {
                     .enumerate()
                     .filter_map(|(j, (slot, part))| Some(self.gather(j, slot?, part?))),
             ));
-            let (_, total_weight, gathered) = tokio::try_join!(contribute, reduce, gather)?;
+            let (_, reduced, gathered) = tokio::try_join!(contribute, reduce, gather)?;
+            let total_weight = reduced.total_weight;
             self.check_weights(total_weight, &gathered)?;
+            self.check_results(&reduced, &gathered)?;
             Ok((average, total_weight))
         };
         tokio::pin!(core);
@@ -507,14 +549,65 @@ impl<'a> Round<'a> {
     }
 
     /// Every owner must have divided by the same total weight as this member.
-    fn check_weights(&self, total_weight: f64, gathered: &[(usize, f64)]) -> Result<()> {
-        for &(j, weight) in gathered {
+    fn check_weights(&self, total_weight: f64, gathered: &[Gathered]) -> Result<()> {
+        for &Gathered {
+            owner: j, weight, ..
+        } in gathered
+        {
             if weight.to_bits() != total_weight.to_bits() {
                 return Err(self.reject(
                     j,
                     RejectReason::Header(format!(
                         "it divided by a total weight of {weight}, this member by {total_weight}"
                     )),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An owner may write anything into its reduced range, and every member decodes the same
+    /// bits, so agreement proves nothing about them. What each member declared bounds them: a
+    /// weighted average's range has at most the norm `sum(declared) / total_weight` (the
+    /// triangle inequality), and a declared norm far above the others' per unit of weight is
+    /// rejected like an outlier contribution, the owner's own included. The owner that wrote
+    /// more than its inputs allow is rejected by every member alike.
+    fn check_results(&self, reduced: &Reduced, gathered: &[Gathered]) -> Result<()> {
+        let per_weight: Vec<f64> = reduced
+            .declared
+            .iter()
+            .zip(&reduced.weights)
+            .map(|(norm, weight)| norm / weight)
+            .collect();
+        if per_weight.len() >= OUTLIER_MIN_MEMBERS {
+            self.check_outliers(&per_weight)?;
+        } else if let &[a, b] = per_weight.as_slice()
+            && self.layout.len >= PAIR_MIN_VALUES
+        {
+            let (m, high, low) = if a >= b { (0, a, b) } else { (1, b, a) };
+            // A member that changed nothing leaves no scale to compare with.
+            if low > 0.0 && high > OUTLIER_RATIO * low {
+                return Err(self.reject(
+                    m,
+                    RejectReason::Outlier {
+                        norm: high,
+                        median: low,
+                        ratio: OUTLIER_RATIO,
+                    },
+                ));
+            }
+        }
+        let bound = NORM_SLACK * reduced.declared.iter().sum::<f64>() / reduced.total_weight;
+        for result in gathered {
+            let norm = result.sum_of_squares.sqrt();
+            if norm > bound {
+                return Err(self.reject(
+                    result.owner,
+                    RejectReason::ResultAboveInputs {
+                        norm,
+                        bound,
+                        slack: NORM_SLACK,
+                    },
                 ));
             }
         }
@@ -686,6 +779,7 @@ impl<'a> Round<'a> {
             values: 0,
             total_len: self.layout.len as u64,
             weight: 1.0,
+            norm: 0.0,
             codec: self.codec_id.0,
             payload_len: reason.len() as u32,
             zstd: self.codec_id.1,
@@ -761,13 +855,14 @@ impl<'a> Round<'a> {
     /// order, validates, sums in f64, divides, encodes the result once, decodes it into `out`
     /// (this member's owned range of its output) and hands the bytes to every member's
     /// `outboxes`. The last chunk waits for the outlier check over the whole range, so no
-    /// member can finish with a result this owner rejects. Returns the total weight.
+    /// member can finish with a result this owner rejects. Returns the total weight, and each
+    /// member's weight and declared norm.
     async fn reduce(
         &self,
         mut slots: Vec<Option<Slot>>,
         out: &mut [f32],
         outboxes: Vec<Outbox>,
-    ) -> Result<f64> {
+    ) -> Result<Reduced> {
         let k = self.layout.members;
         let owned = self.layout.owned(self.me);
         let chunks = self.layout.chunks(self.me);
@@ -785,6 +880,8 @@ impl<'a> Round<'a> {
         // NaN until a member's first header says its weight (headers carry positive weights).
         let mut weights = vec![f64::NAN; k];
         weights[self.me] = self.weight;
+        let mut declared = vec![f64::NAN; k];
+        declared[self.me] = self.norm;
         let mut total_weight = f64::NAN;
         let last = chunks.len() - 1;
         let mut held = None;
@@ -820,12 +917,16 @@ impl<'a> Round<'a> {
                             ));
                         }
                         weights[m] = header.weight;
-                    } else if weights[m].to_bits() != header.weight.to_bits() {
+                        declared[m] = header.norm;
+                    } else if weights[m].to_bits() != header.weight.to_bits()
+                        || declared[m].to_bits() != header.norm.to_bits()
+                    {
                         return Err(self.reject(
                             m,
                             RejectReason::Header(format!(
-                                "its weight changed from {} to {} within the round",
-                                weights[m], header.weight
+                                "its weight or norm changed from {} and {} to {} and {} within \
+                                 the round",
+                                weights[m], declared[m], header.weight, header.norm
                             )),
                         ));
                     }
@@ -888,19 +989,47 @@ impl<'a> Round<'a> {
             let payloads = readers.into_iter().flatten().map(|reader| reader.payload);
             scratch.bytes.extend(payloads);
         }
-        self.check_outliers(&sum_of_squares, &weights)?;
+        self.check_declared(&sum_of_squares, &declared)?;
+        let per_weight: Vec<f64> = sum_of_squares
+            .iter()
+            .zip(&weights)
+            .map(|(squares, weight)| squares.sqrt() / weight)
+            .collect();
+        self.check_outliers(&per_weight)?;
         if let Some(chunk) = held {
             publish(&outboxes, &chunk);
         }
-        Ok(total_weight)
+        Ok(Reduced {
+            total_weight,
+            weights,
+            declared,
+        })
     }
 
-    /// All-gather, receiving side: `j`'s reduced range, decoded into `out`; returns `j` and the
-    /// total weight `j` divided by.
-    async fn gather(&self, j: usize, slot: Slot, out: &mut [f32]) -> Result<(usize, f64)> {
+    /// Rejects the first member whose contribution to this owner's range has a larger norm
+    /// than it declared for its whole contribution (with the codecs' slack).
+    fn check_declared(&self, sum_of_squares: &[f64], declared: &[f64]) -> Result<()> {
+        for (m, (&squares, &norm)) in sum_of_squares.iter().zip(declared).enumerate() {
+            if m != self.me && squares.sqrt() > NORM_SLACK * norm {
+                return Err(self.reject(
+                    m,
+                    RejectReason::AboveDeclared {
+                        norm: squares.sqrt(),
+                        declared: norm,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// All-gather, receiving side: `j`'s reduced range, decoded into `out`; returns what the
+    /// result checks need of it.
+    async fn gather(&self, j: usize, slot: Slot, out: &mut [f32]) -> Result<Gathered> {
         let mut reader = self.accept(Some(slot)).await?;
         let owned = self.layout.owned(j);
         let mut weight = f64::NAN;
+        let mut sum_of_squares = 0.0f64;
         for range in self.layout.chunks(j) {
             let expect = Expect {
                 phase: SyncPhase::AllGather,
@@ -912,10 +1041,18 @@ impl<'a> Round<'a> {
             let values = &mut out[range.start - owned.start..range.end - owned.start];
             self.decode_into(j, &reader.payload, values)?;
             self.check_finite(j, range.start, values)?;
+            sum_of_squares += values
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>();
         }
         self.give_bytes(reader.payload);
         self.progress().gathered[j] = true;
-        Ok((j, weight))
+        Ok(Gathered {
+            owner: j,
+            weight,
+            sum_of_squares,
+        })
     }
 
     /// Rejects member `m` if `values` (starting at element `start`) hold a NaN or infinity.
@@ -1019,18 +1156,13 @@ impl<'a> Round<'a> {
             .map_err(|err| self.reject(m, RejectReason::Decode(err.to_string())))
     }
 
-    /// Rejects the first member (in member order) whose norm per unit of weight over this
-    /// owner's range is far above the median of all members'.
-    fn check_outliers(&self, sum_of_squares: &[f64], weights: &[f64]) -> Result<()> {
-        if sum_of_squares.len() < OUTLIER_MIN_MEMBERS {
+    /// Rejects the first member (in member order) whose norm per unit of weight is far above
+    /// the median of all members'.
+    fn check_outliers(&self, norms: &[f64]) -> Result<()> {
+        if norms.len() < OUTLIER_MIN_MEMBERS {
             return Ok(());
         }
-        let norms: Vec<f64> = sum_of_squares
-            .iter()
-            .zip(weights)
-            .map(|(ss, w)| ss.sqrt() / w)
-            .collect();
-        let mut sorted = norms.clone();
+        let mut sorted = norms.to_vec();
         sorted.sort_by(f64::total_cmp);
         let mid = sorted.len() / 2;
         let median = if sorted.len() % 2 == 1 {
@@ -1081,6 +1213,11 @@ impl<'a> Round<'a> {
             values: range.len() as u32,
             total_len: self.layout.len as u64,
             weight,
+            norm: if phase == SyncPhase::ReduceScatter {
+                self.norm
+            } else {
+                0.0
+            },
             codec: self.codec_id.0,
             payload_len: payload.len() as u32,
             zstd: self.codec_id.1,

@@ -59,6 +59,18 @@ pub(crate) enum RejectReason {
 
     #[error("it claims a weight of {weight}, more than the {cap} its replica's data lease allows")]
     Overweight { weight: f64, cap: f64 },
+
+    #[error(
+        "its contribution to this member's range has norm {norm:.3e}, more than the {declared:.3e} \
+         it declared for its whole contribution"
+    )]
+    AboveDeclared { norm: f64, declared: f64 },
+
+    #[error(
+        "its reduced range has norm {norm:.3e}, more than its inputs allow ({bound:.3e}: \
+         {slack}x the sum of the declared contribution norms over the total weight)"
+    )]
+    ResultAboveInputs { norm: f64, bound: f64, slack: f64 },
 }
 
 /// A failed all-reduce. It never leaves a partial result behind: on error the caller keeps its

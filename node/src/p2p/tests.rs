@@ -110,6 +110,38 @@ impl ChunkCodec for SignalOnEncode {
     }
 }
 
+/// fp32, but what this member sends is scaled: its reduced range (`results`, a hostile owner)
+/// or its contributions (`contributions`, a member sending more than it declared).
+struct Scaled {
+    results: f32,
+    contributions: f32,
+}
+
+impl ChunkCodec for Scaled {
+    fn encode_contribution(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<()> {
+        let scaled: Vec<f32> = x.iter().map(|v| v * self.contributions).collect();
+        Fp32Codec.encode_contribution(offset, &scaled, out)
+    }
+
+    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        let scaled: Vec<f32> = x.iter().map(|v| v * self.results).collect();
+        Fp32Codec.encode_result(&scaled, out)
+    }
+
+    fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
+        Fp32Codec.decode_into(bytes, out)
+    }
+
+    fn id(&self) -> (SyncCodec, bool) {
+        Fp32Codec.id()
+    }
+}
+
 pub(super) async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(BOUND, future)
         .await
@@ -618,6 +650,102 @@ async fn an_outlier_contribution_is_rejected_naming_its_sender() {
     for err in &errors[1..] {
         assert_eq!(err.peer(), Some(members[2]), "{err}");
     }
+}
+
+/// The last member misbehaves through `hostile`'s codec; the others' errors.
+async fn with_hostile_codec(
+    members: usize,
+    len: usize,
+    hostile: Scaled,
+) -> (Vec<PeerId>, Vec<AllReduceError>) {
+    let nets = cluster(members, small_chunks).await;
+    let (data, weights) = contributions(members, len, 31);
+    let mut codecs = fp32_codecs(members - 1);
+    codecs.push(Box::new(hostile));
+    let timeout = Duration::from_secs(30);
+    let outputs = all_reduce_everywhere(&nets, 1, &data, &weights, &[], &mut codecs, timeout).await;
+    let errors = outputs
+        .into_iter()
+        .take(members - 1)
+        .map(|output| output.expect_err("an honest member must refuse the hostile result"))
+        .collect();
+    (ids(&nets), errors)
+}
+
+/// An owner writing finite values of any size into its reduced range (all members get the same
+/// bits, so they would agree) is rejected by every honest member: the range's norm exceeds what
+/// the declared contribution norms allow. Near f32::MAX (where the outer step overflowed), a
+/// million times the average, and with two members as with three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_writing_more_than_its_inputs_allow_is_rejected_by_everyone() {
+    for (members, len, results) in [(3, 600, 1e6f32), (3, 600, 1e36), (2, 8192, 1e6)] {
+        let hostile = Scaled {
+            results,
+            contributions: 1.0,
+        };
+        let (ids, errors) = with_hostile_codec(members, len, hostile).await;
+        let owner = ids[members - 1];
+        for err in &errors {
+            assert_eq!(
+                err.peer(),
+                Some(owner),
+                "{members} members, x{results}: {err}"
+            );
+        }
+        assert!(
+            errors.iter().any(|err| matches!(
+                err,
+                AllReduceError::Rejected {
+                    reason: RejectReason::ResultAboveInputs { .. },
+                    ..
+                }
+            )),
+            "{members} members, x{results}: {errors:?}"
+        );
+    }
+    // Within the bound the honest members cannot tell: a scaled result of 1.5x passes.
+    let nets = cluster(3, small_chunks).await;
+    let (data, weights) = contributions(3, 600, 31);
+    let mut codecs = fp32_codecs(2);
+    codecs.push(Box::new(Scaled {
+        results: 1.5,
+        contributions: 1.0,
+    }));
+    let outputs = all_reduce_everywhere(
+        &nets,
+        1,
+        &data,
+        &weights,
+        &[],
+        &mut codecs,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(outputs.iter().all(Result::is_ok), "{outputs:?}");
+}
+
+/// A member whose contributions are larger than the norm its headers declare (declaring low to
+/// widen no bound and pass the outlier check) is rejected by the owner that sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contribution_above_its_declared_norm_is_rejected() {
+    let hostile = Scaled {
+        results: 1.0,
+        contributions: 50.0,
+    };
+    let (ids, errors) = with_hostile_codec(3, 600, hostile).await;
+    for err in &errors {
+        assert_eq!(err.peer(), Some(ids[2]), "{err}");
+    }
+    assert!(
+        errors.iter().any(|err| matches!(
+            err,
+            AllReduceError::Rejected {
+                reason: RejectReason::AboveDeclared { .. },
+                ..
+            }
+        )),
+        "{errors:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
