@@ -21,8 +21,13 @@ from the others), or both, for longer than the heartbeat timeout. At least one p
 of the first two kinds happens in every run. Then the checks above also show that no round was
 closed by both sides of a partition: every committed round has one state hash everywhere.
 
+With --full-disk MB (root), node 0's workdir is a tmpfs of that many MB: big enough for its
+key and token caches, too small for a checkpoint shard, so its disk fills during the run. The
+checks then also show that the others keep committing, and that node 0 neither exits silently
+nor stops the run: it reports each shard it could not write and keeps training.
+
   scripts/chaos.py [--nodes 4] [--duration 90] [--seed 1] [--steps 150] [--small]
-                   [--tolerance 0.03] [--no-reference] [--netns]
+                   [--tolerance 0.03] [--no-reference] [--netns] [--full-disk MB]
 
 --small shrinks the model input (32-token sequences, 8 per step, H=5) for a CI-sized run.
 Exit status 0 when every check passes.
@@ -311,6 +316,29 @@ def check_checkpoints(work, nodes):
     return checked, bad
 
 
+SHARD_SAID = re.compile(r"^round (\d+): checkpoint shard \d+ (written|not written)")
+
+
+def check_full_disk(cluster):
+    """Node 0 (its workdir on a tiny tmpfs) could not write a shard, said so, trained to the
+    end, and another node wrote a later checkpoint."""
+    failed = [int(m.group(1)) for _, line in cluster.history[0][0].lines
+              if (m := SHARD_SAID.match(line)) and m.group(2) == "not written"]
+    if not failed:
+        return ["node 0 never failed to write a shard: its disk did not fill (lower --full-disk)"]
+    print(f"node 0 could not write its checkpoint shard in rounds {failed}")
+    problems = []
+    if len(cluster.history[0]) != 1 or not any("final validation loss" in line for _, line in cluster.history[0][0].lines):
+        problems.append("node 0 did not train to the end of the run after its disk filled")
+    later = sorted({int(m.group(1)) for i in range(1, len(cluster.nodes)) for p in cluster.history[i]
+                    for _, line in p.lines
+                    if (m := SHARD_SAID.match(line)) and m.group(2) == "written" and int(m.group(1)) > failed[0]})
+    print(f"checkpoint shards written by the other nodes after round {failed[0]}: rounds {later}")
+    if not later:
+        problems.append(f"no other node wrote a checkpoint after node 0 failed to in round {failed[0]}")
+    return problems
+
+
 def run_reference(args, work, bin_dir, net):
     ref = work / "reference"
     shutil.rmtree(ref, ignore_errors=True)
@@ -325,6 +353,8 @@ def run_reference(args, work, bin_dir, net):
         while proc.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
     cluster.stop_all()
+    if args.full_disk is not None:
+        failures += check_full_disk(cluster)
     losses = final_losses(cluster.nodes)
     if not losses:
         raise SystemExit(f"chaos: the fault-free reference run produced no final loss; see {ref}")
@@ -343,6 +373,7 @@ def main():
     p.add_argument("--finish-timeout", type=float, default=600)
     p.add_argument("--work", default="runs/chaos")
     p.add_argument("--netns", action="store_true", help="network namespaces and partitions (root)")
+    p.add_argument("--full-disk", type=float, metavar="MB", help="node 0's workdir on a tmpfs this small (root)")
     args = p.parse_args()
     if args.nodes < 3:
         raise SystemExit("chaos: --nodes must be at least 3 (two must stay up while a third is hit)")
@@ -350,8 +381,16 @@ def main():
     if not (bin_dir / "forge-node").exists():
         raise SystemExit(f"chaos: {bin_dir}/forge-node not found; run scripts/setup.sh or set FORGE_BIN")
     work = (ROOT / args.work).resolve()
+    small_disk = work / "faulty" / "node0"
+    if args.full_disk is not None:
+        if os.geteuid() != 0:
+            raise SystemExit("chaos: --full-disk needs root (it mounts a tmpfs)")
+        subprocess.run(["umount", str(small_disk)], stderr=subprocess.DEVNULL)
     shutil.rmtree(work / "faulty", ignore_errors=True)
     (work / "faulty").mkdir(parents=True)
+    if args.full_disk is not None:
+        small_disk.mkdir()
+        sh("mount", "-t", "tmpfs", "-o", f"size={int(args.full_disk * 1024)}k", "tmpfs", str(small_disk))
     rng = random.Random(args.seed)
     net = None
     if args.netns:
@@ -367,6 +406,8 @@ def main():
                 proc.kill()
         if net is not None:
             net.cleanup()
+        if args.full_disk is not None:
+            subprocess.run(["umount", str(small_disk)], stderr=subprocess.DEVNULL)
 
 
 def run(args, work, bin_dir, rng, net):
@@ -380,6 +421,9 @@ def run(args, work, bin_dir, rng, net):
     cluster.start_coordinator()
     for i in range(args.nodes):
         cluster.start_node(i)
+        if i == 0 and args.full_disk is not None:
+            # The first member is the first replica, which writes the first checkpoint.
+            cluster.nodes[0].wait_for("joined ", 60)
     for proc in cluster.nodes:
         proc.wait_for("round    1 |", 120)
 
@@ -486,6 +530,8 @@ def run(args, work, bin_dir, rng, net):
     if checked == 0:
         failures.append("no checkpoint shard was written")
     failures += [f"checkpoint does not match its hashes: {b}" for b in bad]
+    if args.full_disk is not None:
+        failures += check_full_disk(cluster)
     losses = final_losses(cluster.nodes)
     if losses:
         final = sorted(losses)[len(losses) // 2]

@@ -7,21 +7,28 @@
 //! every checkpoint shard matches its hashes, and that the final loss is within 3% of a
 //! fault-free run.
 //!
-//! Network namespaces need root; elsewhere the test says so and passes without running (the
-//! 127.0.0.1 chaos test in chaos.rs still runs).
+//! Also here, as it needs root too: a run with one node's workdir on a tmpfs too small for a
+//! checkpoint shard (scripts/chaos.py --full-disk).
+//!
+//! Network namespaces and mounts need root; elsewhere the tests say so and pass without running
+//! (the 127.0.0.1 chaos test in chaos.rs still runs).
 
 use forge_integration_tests::chaos;
 use std::process::Command;
 
-fn can_make_namespaces() -> bool {
-    let root = Command::new("id")
+fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    root && Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn can_make_namespaces() -> bool {
+    is_root()
+        && Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -62,4 +69,37 @@ fn chaos_with_partitions_in_network_namespaces() {
             "{fault} did not recover:\n{stdout}"
         );
     }
+}
+
+/// Node 0's disk fills when it writes its first checkpoint shard: it says so, tells the
+/// coordinator and trains to the end; the others keep committing rounds and another node writes
+/// the later checkpoints.
+#[test]
+fn a_full_disk_on_one_node_loses_no_round_and_no_checkpoint() {
+    if !is_root() {
+        println!("SKIPPED: a tmpfs workdir needs root");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let stdout = chaos(
+        &[
+            "--full-disk",
+            "4",
+            "--small",
+            "--nodes",
+            "3",
+            "--duration",
+            "0",
+            "--steps",
+            "100",
+            "--no-reference",
+            "--finish-timeout",
+            "300",
+        ],
+        work.path(),
+    );
+    assert!(
+        stdout.contains("node 0 could not write its checkpoint shard"),
+        "{stdout}"
+    );
 }

@@ -32,10 +32,10 @@ use forge_protocol::codec::{self, Channel};
 use forge_protocol::stream::{self, DataDigest, DataLease, SeqRange};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
-    CheckpointShardDurable, CoordinatorMessage, DataShard, Digest, ErrorCode, ErrorReply,
-    GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId, NodeMessage, OuterStep,
-    Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome,
-    RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
+    CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, DataShard, Digest,
+    ErrorCode, ErrorReply, GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId,
+    NodeMessage, OuterStep, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId,
+    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -310,6 +310,10 @@ struct Member {
     /// Its training stream, once it said it is tokenized (equal to the run's).
     #[serde(default)]
     data: Option<DataDigest>,
+    /// Its last checkpoint shard could not be written (cleared when one is durable): another
+    /// replica writes the next checkpoint if one can.
+    #[serde(default)]
+    write_failed: bool,
 }
 
 /// A member that most of a round's participants could not reach (cut off from its peers but not
@@ -685,6 +689,7 @@ impl Coordinator {
             NodeMessage::CheckpointShardDurable(durable) => {
                 self.on_shard_durable(from, id, durable, out)
             }
+            NodeMessage::CheckpointShardFailed(failed) => self.on_shard_failed(id, failed, out),
             NodeMessage::InitialState(initial) => self.on_initial_state(id, initial, out),
             NodeMessage::Ready(ready) => self.on_ready(from, id, ready, out),
             NodeMessage::Hello(_) | NodeMessage::Join(_) => {}
@@ -835,6 +840,7 @@ impl Coordinator {
                 bench,
                 us_per_step: 0,
                 data: None,
+                write_failed: false,
             },
         );
         self.conns.entry(from).or_default().member = Some(id);
@@ -966,6 +972,39 @@ impl Coordinator {
         // A report for a closed round arrives too late to count; RoundClosed told the node.
     }
 
+    /// A writer could not write its shard: that checkpoint cannot commit (the previous one
+    /// stays the run's), and later checkpoints go to a replica whose members can write.
+    fn on_shard_failed(
+        &mut self,
+        id: MemberId,
+        failed: CheckpointShardFailed,
+        out: &mut Vec<Output>,
+    ) {
+        let writer = ShardWriter {
+            shard: failed.shard,
+            member: id,
+        };
+        let Some(pending) = self.checkpoints.get(&failed.round) else {
+            return;
+        };
+        if !pending.writers.contains(&writer) {
+            return;
+        }
+        self.checkpoints.remove(&failed.round);
+        if let Some(member) = self.members.get_mut(&id) {
+            member.write_failed = true;
+        }
+        let reason: String = failed.reason.chars().take(512).collect();
+        out.push(Output::Event(Event::Warning {
+            message: format!(
+                "{id} could not write shard {} of the {} checkpoint ({reason}); the checkpoint \
+                 is dropped, the last committed one stays the run's, and later checkpoints are \
+                 written by another replica while one can",
+                failed.shard, failed.round
+            ),
+        }));
+    }
+
     fn on_shard_durable(
         &mut self,
         from: ConnId,
@@ -1009,6 +1048,12 @@ impl Coordinator {
             return;
         }
         pending.durable.insert(durable.shard);
+        if let Some(member) = self.members.get_mut(&id) {
+            member.write_failed = false;
+        }
+        let Some(pending) = self.checkpoints.get_mut(&durable.round) else {
+            return;
+        };
         if pending.durable.len() < pending.writers.len() {
             return;
         }
@@ -1692,7 +1737,16 @@ impl Coordinator {
         if !due && !self.finished() {
             return None;
         }
-        let writer = complete.first()?;
+        // A replica none of whose members last failed to write, if there is one.
+        let can_write = |replica: &&ReplicaId| {
+            !round.participants.iter().any(|(id, a)| {
+                a.replica == **replica && self.members.get(id).is_some_and(|m| m.write_failed)
+            })
+        };
+        let writer = complete
+            .iter()
+            .find(can_write)
+            .or_else(|| complete.first())?;
         let mut stages: Vec<(u32, MemberId)> = round
             .participants
             .iter()

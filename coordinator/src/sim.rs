@@ -745,7 +745,9 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 
 mod tests {
     use forge_protocol::stream::{self, DataDigest};
-    use forge_protocol::{ErrorCode, InitialState, PROTOCOL_VERSION, PeersChanged, Ready};
+    use forge_protocol::{
+        CheckpointShardFailed, ErrorCode, InitialState, PROTOCOL_VERSION, PeersChanged, Ready,
+    };
 
     use super::*;
     use crate::core::RESTART_GRACE_MS;
@@ -1594,6 +1596,65 @@ mod tests {
             })
             .unwrap();
         assert_eq!(accepted, checkpointed);
+    }
+
+    /// A writer whose disk is full reports its shard failed: that checkpoint is dropped with a
+    /// warning, the next one goes to the other replica and commits, and the run goes on.
+    #[test]
+    fn a_writer_that_cannot_write_hands_the_next_checkpoint_to_another_replica() {
+        let mut cfg = config(2);
+        cfg.checkpoint_every_rounds = 1;
+        let mut driver = Driver::new(cfg);
+        let (m1, _) = driver.join(1, 24 << 30);
+        driver.join(2, 24 << 30);
+        let writer_of = |outputs: &[Output]| {
+            messages_to(outputs, 1)
+                .into_iter()
+                .find_map(|m| match m {
+                    CoordinatorMessage::RoundClosed(c) => c.checkpoint.clone(),
+                    _ => None,
+                })
+                .expect("checkpoint requested")
+                .writers[0]
+        };
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        let outputs = driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        let first = writer_of(&outputs);
+        let conn = |member| if member == m1 { 1 } else { 2 };
+        let outputs = driver.send(
+            conn(first.member),
+            NodeMessage::CheckpointShardFailed(CheckpointShardFailed {
+                round: RoundId(1),
+                shard: first.shard,
+                reason: "No space left on device (os error 28)".to_string(),
+            }),
+        );
+        assert!(events(&outputs).iter().any(|e| matches!(
+            e,
+            Event::Warning { message } if message.contains("could not write shard 0 of the round 1 checkpoint (No space left")
+        )));
+        driver.report(1, RoundId(2), honest_digest(RoundId(2)));
+        let outputs = driver.report(2, RoundId(2), honest_digest(RoundId(2)));
+        let second = writer_of(&outputs);
+        assert_ne!(
+            second.member, first.member,
+            "the failed writer was asked again"
+        );
+        let outputs = driver.send(
+            conn(second.member),
+            NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
+                round: RoundId(2),
+                shard: second.shard,
+                tensor_hashes: vec![TensorHash {
+                    key: TensorKey::Param("w".to_string()),
+                    digest: honest_digest(RoundId(2)),
+                }],
+            }),
+        );
+        assert!(events(&outputs).iter().any(|e| matches!(
+            e,
+            Event::CheckpointCommitted { round } if *round == RoundId(2)
+        )));
     }
 
     fn unreachable(round: RoundId, member: MemberId) -> NodeMessage {

@@ -137,23 +137,35 @@ async fn node(opts: JoinOptions) -> Result<()> {
     .await
     .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
-    let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
-    // The coordinator plans this node once it knows its data is the run's; the estimated speed
-    // paces the first round.
-    let ready = tokio::task::block_in_place(|| -> Result<Ready> {
-        Ok(Ready {
-            data: shell.trainer.data_digest(),
-            us_per_step: shell.trainer.probe_us_per_step()?,
-        })
-    })?;
-    shell.us_per_step = Some(ready.us_per_step);
-    shell.client.ready(ready).await?;
-    if accepted.global.version == 0 {
-        // The first node to announce its version 0 gives the run its initial parameters.
-        let initial = shell.rounds.initial_hashes().to_vec();
-        shell.client.initial_state(initial).await?;
+    let leaver = client.clone();
+    let setup = async {
+        let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+        // The coordinator plans this node once it knows its data is the run's; the estimated
+        // speed paces the first round.
+        let ready = tokio::task::block_in_place(|| -> Result<Ready> {
+            Ok(Ready {
+                data: shell.trainer.data_digest(),
+                us_per_step: shell.trainer.probe_us_per_step()?,
+            })
+        })?;
+        shell.us_per_step = Some(ready.us_per_step);
+        shell.client.ready(ready).await?;
+        if accepted.global.version == 0 {
+            // The first node to announce its version 0 gives the run its initial parameters.
+            let initial = shell.rounds.initial_hashes().to_vec();
+            shell.client.initial_state(initial).await?;
+        }
+        anyhow::Ok((shell, queue))
+    };
+    match setup.await {
+        Ok((shell, queue)) => shell.run(queue, notes, shutdown).await,
+        Err(e) => {
+            // Its data, model or disk failed this node after it joined: the coordinator hears
+            // why now instead of declaring it dead at its heartbeat timeout.
+            leaver.leave(&format!("node failed: {e:#}")).await.ok();
+            Err(e)
+        }
     }
-    shell.run(queue, notes, shutdown).await
 }
 
 /// One all-reduce as the state machine asked for it ([`Action::AllReduce`]).
@@ -421,6 +433,7 @@ impl Shell {
                 return Ok(Some(Input::CheckpointWritten(written)));
             }
             Action::ShardDurable(durable) => self.client.shard_durable(durable).await?,
+            Action::ShardFailed(failed) => self.client.shard_failed(failed).await?,
             Action::Record(log) => self.record(&log)?,
             Action::Exit(_) => unreachable!("the event loop takes exits"),
         }
@@ -588,7 +601,15 @@ impl Shell {
             unix_ms: Some(at),
             ..log.clone()
         };
-        writeln!(self.rounds_log, "{}", serde_json::to_string(&stamped)?)?;
+        // The record is for people; a full or failing disk must not stop training over it.
+        let line = serde_json::to_string(&stamped)?;
+        if let Err(e) = writeln!(self.rounds_log, "{line}") {
+            tracing::warn!(
+                "round {}: cannot append to rounds.jsonl under --workdir ({e}); the round is \
+                 printed but not recorded there; free space on that disk",
+                log.round
+            );
+        }
         println!("{}", log.line());
         Ok(())
     }

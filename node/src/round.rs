@@ -14,9 +14,9 @@
 
 use forge_coordinator_client::Notification;
 use forge_protocol::messages::{
-    Assignment, CheckpointShardDurable, CoordinatorMessage, Digest, JoinAccepted, MemberDead,
-    MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
-    TensorHash,
+    Assignment, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, Digest,
+    JoinAccepted, MemberDead, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened,
+    RoundOutcome, RoundReport, TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
 use forge_protocol::stream::{DataLease, SeqRange};
@@ -249,6 +249,8 @@ pub(crate) enum Action<P> {
     },
     /// Tell the coordinator a checkpoint shard is on disk.
     ShardDurable(CheckpointShardDurable),
+    /// Tell the coordinator a checkpoint shard could not be written (the node trains on).
+    ShardFailed(CheckpointShardFailed),
     /// Append the round's record to `rounds.jsonl` and print it.
     Record(RoundLog),
     /// Stop; nothing follows.
@@ -965,10 +967,20 @@ impl<P> Rounds<P> {
                 )));
                 out.push(Action::ShardDurable(durable));
             }
-            // The coordinator keeps the previous committed checkpoint.
-            Err(e) => out.push(Action::Say(format!(
-                "round {round}: checkpoint shard {shard} not written: {e}"
-            ))),
+            // The coordinator keeps the previous committed checkpoint and asks another replica
+            // for the next one; this node trains on.
+            Err(e) => {
+                out.push(Action::Say(format!(
+                    "round {round}: checkpoint shard {shard} not written: {e}; training goes on \
+                     and another replica is asked for the next checkpoint (free space under \
+                     --workdir for this node to write again)"
+                )));
+                out.push(Action::ShardFailed(CheckpointShardFailed {
+                    round: durable.round,
+                    shard,
+                    reason: e,
+                }));
+            }
         }
         out.push(Action::Record(log));
     }

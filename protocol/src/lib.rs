@@ -31,11 +31,11 @@ pub mod sync;
 pub use error::{Error, Result};
 pub use messages::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
-    CheckpointShardDurable, CoordinatorMessage, DataShard, Device, DeviceKind, Digest, ErrorCode,
-    ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join, JoinAccepted, LayerRange, Leave,
-    MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep, PROTOCOL_VERSION, Peer,
-    PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened, RoundOutcome, RoundReport,
-    ShardWriter, StageAssignment, TensorHash, TensorKey,
+    CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, DataShard, Device,
+    DeviceKind, Digest, ErrorCode, ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join,
+    JoinAccepted, LayerRange, Leave, MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep,
+    PROTOCOL_VERSION, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened,
+    RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};
 pub use stream::{DataDigest, DataLease, SeqRange};

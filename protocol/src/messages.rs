@@ -431,6 +431,15 @@ pub struct CheckpointShardDurable {
     pub tensor_hashes: Vec<TensorHash>,
 }
 
+/// A node reports that it could not write its checkpoint shard of `round` (a full disk, a
+/// read-only or failing drive): the coordinator asks another replica for later checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointShardFailed {
+    pub round: RoundId,
+    pub shard: u32,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointCommitted {
     pub round: RoundId,
@@ -476,6 +485,7 @@ pub enum NodeMessage {
     InitialState(InitialState),
     /// Sent once the node's data is tokenized and its model built.
     Ready(Ready),
+    CheckpointShardFailed(CheckpointShardFailed),
 }
 
 /// Everything the coordinator sends to a node.
@@ -678,6 +688,13 @@ mod tests {
             tensor_hashes().prop_map(|tensor_hashes| NodeMessage::InitialState(InitialState {
                 tensor_hashes
             })),
+            (any::<u64>(), any::<u32>(), ".{0,200}").prop_map(|(round, shard, reason)| {
+                NodeMessage::CheckpointShardFailed(CheckpointShardFailed {
+                    round: RoundId(round),
+                    shard,
+                    reason,
+                })
+            }),
             (digest(), digest(), any::<u64>(), any::<u64>()).prop_map(
                 |(corpus, tokenizer, windows, us_per_step)| {
                     NodeMessage::Ready(Ready {

@@ -16,9 +16,9 @@ use forge_protocol::session::{
     Status, identity_proof_message,
 };
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, ErrorCode, Heartbeat, Hello,
-    InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, Ready, RoundId, RoundReport,
-    TensorHash,
+    Capabilities, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, ErrorCode,
+    Heartbeat, Hello, InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, Ready,
+    RoundId, RoundReport, TensorHash,
 };
 use libp2p_identity::Keypair;
 use rand::Rng;
@@ -205,6 +205,12 @@ impl CoordinatorClient {
     pub async fn shard_durable(&self, durable: CheckpointShardDurable) -> Result<()> {
         self.send(NodeMessage::CheckpointShardDurable(durable))
             .await
+    }
+
+    /// Tells the coordinator this node could not write its checkpoint shard (best effort: a
+    /// report lost in a reconnect only leaves that checkpoint pending until a newer one).
+    pub async fn shard_failed(&self, failed: CheckpointShardFailed) -> Result<()> {
+        self.send(NodeMessage::CheckpointShardFailed(failed)).await
     }
 
     /// Announces this node's version 0 (see [`InitialState`]); announced again after a

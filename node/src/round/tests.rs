@@ -171,6 +171,9 @@ fn names(actions: &[Action<u64>]) -> Vec<String> {
                 format!("checkpoint {} shard {shard}", round.0)
             }
             Action::ShardDurable(d) => format!("durable {} shard {}", d.round.0, d.shard),
+            Action::ShardFailed(f) => {
+                format!("failed {} shard {}: {}", f.round.0, f.shard, f.reason)
+            }
             Action::Record(log) => format!("record {}: {}", log.round, log.outcome),
             Action::Exit(exit) => format!("exit {exit:?}"),
         })
@@ -665,7 +668,8 @@ fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
             "record 1: committed v1 010101010101"
         ]
     );
-    // A failed write is said and the round recorded; nothing is reported durable.
+    // A failed write is said, reported failed (the coordinator asks another replica next time)
+    // and the round recorded; nothing is reported durable.
     play(&mut n, t0, 2, 1, 50);
     let actions = note(&mut n, t0, closed(2, committed(2), &[1, 2, 3], Some(1)));
     assert_eq!(actions, ["apply 2", "evaluate"]);
@@ -685,7 +689,10 @@ fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
             Input::CheckpointWritten(Err("disk full".into()))
         ),
         [
-            "say round 2: checkpoint shard 0 not written: disk full",
+            "say round 2: checkpoint shard 0 not written: disk full; training goes on and \
+             another replica is asked for the next checkpoint (free space under --workdir for \
+             this node to write again)",
+            "failed 2 shard 0: disk full",
             "record 2: committed v2 020202020202"
         ]
     );
