@@ -29,6 +29,8 @@ mod store;
 mod tls;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod sim;
 
 pub use crate::core::{

@@ -9,6 +9,8 @@ pub mod codec;
 pub mod digest;
 /// Errors and the crate's `Result`.
 pub mod error;
+/// The time-bounded mutation fuzzer every crate's decoder tests run.
+pub mod fuzz;
 /// Control messages between node and coordinator, and the version handshake.
 pub mod messages;
 /// Model families, presets, configs and their analytic parameter, FLOP and memory counts.
@@ -27,6 +29,9 @@ pub mod state;
 pub mod stream;
 /// Headers of the peer-to-peer DiLoCo all-reduce stream.
 pub mod sync;
+
+#[cfg(test)]
+mod fuzz_tests;
 
 pub use error::{Error, Result};
 pub use messages::{
