@@ -921,3 +921,97 @@ fn a_node_stopped_with_sigterm_finishes_its_round_and_leaves_cleanly() {
         "{coordinator_log}"
     );
 }
+
+/// A node's exit code and stdout lines.
+type Finished = (Option<i32>, Vec<String>);
+
+/// A run of three where node 2 is a hostile test node (`FORGE_HOSTILE=mode`, debug builds):
+/// returns the two honest nodes' exit codes and lines, the hostile node's member id, and the
+/// coordinator's log.
+fn run_with_hostile(mode: &str) -> (Vec<Finished>, u64, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3);
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    let mut hostile = start_node_with(tmp.path(), 2, &addr, &token, &[("FORGE_HOSTILE", mode)]);
+    let joined = hostile.wait_for("joined ", deadline);
+    let member: u64 = joined.rsplit(' ').next().unwrap().parse().unwrap();
+    let honest = nodes.drain(..).map(|node| node.finish(deadline)).collect();
+    drop(hostile);
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    (honest, member, coordinator_log)
+}
+
+/// Both honest nodes finished the run's budget; returns their lines joined.
+fn finished_honestly(honest: &[Finished]) -> Vec<String> {
+    honest
+        .iter()
+        .enumerate()
+        .map(|(i, (code, lines))| {
+            let log = lines.join("\n");
+            assert_eq!(*code, Some(0), "honest node {i}:\n{log}");
+            assert!(
+                log.contains("the run is finished: its final version 12 is committed"),
+                "honest node {i}:\n{log}"
+            );
+            log
+        })
+        .collect()
+}
+
+/// A chunk owner that writes its reduced range times 1e30 (every member gets the same bits, so
+/// they would agree and the outer step would overflow) is rejected by both honest members,
+/// removed and banned; the two train to the end of the run.
+#[test]
+fn a_hostile_owner_poisoning_its_reduced_range_is_removed_and_the_run_goes_on() {
+    let (honest, member, coordinator_log) = run_with_hostile("poison-results");
+    for log in finished_honestly(&honest) {
+        assert!(
+            log.contains(&format!("member {member} is gone: member "))
+                && log.contains("more than its inputs allow"),
+            "{log}"
+        );
+        assert!(
+            log.lines()
+                .filter_map(parse_round)
+                .any(|r| r.1 == 2 && r.3.starts_with("committed")),
+            "{log}"
+        );
+    }
+    assert!(
+        coordinator_log.contains("removed from the run"),
+        "{coordinator_log}"
+    );
+}
+
+/// A member claiming 100x the tokens it trained on (its contribution scaled alike, so its norm
+/// per token looks ordinary) is over the cap its data lease sets: rejected, removed, and the
+/// run goes on.
+#[test]
+fn a_hostile_member_inflating_its_weight_is_removed_and_the_run_goes_on() {
+    let (honest, member, _) = run_with_hostile("inflate-weight");
+    for log in finished_honestly(&honest) {
+        assert!(
+            log.contains(&format!("member {member} is gone: member "))
+                && log.contains("its replica's data lease allows"),
+            "{log}"
+        );
+    }
+}
+
+/// A member that blames an honest participant in every round is one accuser: nobody is
+/// removed (that takes two and a majority of the others), and the honest two finish the run.
+#[test]
+fn a_false_accusation_removes_nobody() {
+    let (honest, _, coordinator_log) = run_with_hostile("accuse-honest");
+    for log in finished_honestly(&honest) {
+        assert!(!log.contains("rejected its contribution"), "{log}");
+    }
+    assert!(
+        coordinator_log.contains("removing it takes 2, so it stays"),
+        "{coordinator_log}"
+    );
+}

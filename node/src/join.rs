@@ -10,7 +10,8 @@
 
 use crate::p2p::PeerNet;
 use crate::round::{
-    Action, Exit, Fetched, InnerPlan, Input, RoundLog, Rounds, RoundsConfig, Trained, failed_report,
+    Action, Exit, Fetched, InnerPlan, Input, ReduceFailure, RoundLog, Rounds, RoundsConfig,
+    Trained, failed_report,
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
@@ -557,6 +558,13 @@ impl Shell {
         };
         request.timeout += wait;
         request.max_weights = max_weights(participants, leases, seq_len);
+        if crate::hostile::mode() == Some(crate::hostile::Mode::InflateWeight) {
+            request.weight *= f64::from(crate::hostile::INFLATE);
+            request
+                .data
+                .iter_mut()
+                .for_each(|v| *v *= crate::hostile::INFLATE);
+        }
         let started = Instant::now();
         let result = {
             let all_reduce = self.net.all_reduce(request, &mut self.codec);
@@ -586,6 +594,19 @@ impl Shell {
             Ok(out) => out,
             Err(e) => return Ok(Input::Reduced(Err(failure_of(&e, sync_s)))),
         };
+        if crate::hostile::mode() == Some(crate::hostile::Mode::AccuseHonest)
+            && let Some(victim) = participants
+                .iter()
+                .find(|p| p.peer_id != self.net.peer_id().to_string())
+        {
+            let failure = ReduceFailure {
+                reason: "hostile test node: a false accusation".to_string(),
+                peer: Some(victim.peer_id.clone()),
+                rejected: true,
+                sync_s,
+            };
+            return Ok(Input::Reduced(Err(failure)));
+        }
         let proposal = self.outer.propose(&out.average)?;
         let reduced = reduced(proposal, &out, sync_s);
         self.net.recycle_average(out.average);

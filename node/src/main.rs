@@ -2,6 +2,8 @@
 //! machine alone), `sample`, `export`, `data stats`, `model info` and the benchmarks. This file parses the
 //! command line and runs the single-machine subcommands.
 
+/// Test-only misbehaviour for the hostile-member tests (debug builds).
+mod hostile;
 /// `forge-node join`: the shell around the round state machine (connections, event loop, jobs).
 mod join;
 /// Peer-to-peer layer: node identity, the swarm, the all-reduce and the state transfer.

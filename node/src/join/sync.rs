@@ -55,6 +55,10 @@ impl ChunkCodec for QuantCodec {
     }
 
     fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+        if crate::hostile::mode() == Some(crate::hostile::Mode::PoisonResults) {
+            let poisoned: Vec<f32> = x.iter().map(|v| v * crate::hostile::POISON).collect();
+            return quant::encode_into(&poisoned, &self.compression, out);
+        }
         quant::encode_into(x, &self.compression, out)
     }
 
