@@ -305,3 +305,55 @@ async fn one_address_gets_its_connections_and_joins_and_no_more() -> anyhow::Res
     assert_eq!(member_peer_ids(&c).await?.len(), 3);
     Ok(())
 }
+
+/// A join with a peer id that is no libp2p id (`sim-0`, which once made every node exit), and
+/// one with 1,000 listen addresses (which every other member's peer list would carry), are
+/// refused with the reason; the honest member stays and nobody else hears of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_oversized_join_is_refused_and_the_member_stays() -> anyhow::Result<()> {
+    let c = coordinator("").await?;
+    let (_member, joined) = honest(&c, named_keypair("member")).await?;
+    let key = named_keypair("hostile");
+
+    let mut raw = Raw::connect(&c).await?;
+    let proof = forge_coordinator::client::prove_identity(&key, &raw.challenge()?);
+    raw.open(&c.token, Some(proof)).await?;
+    let answer = raw
+        .join(Join {
+            capabilities: capabilities("sim-0".to_string()),
+            rejoin: None,
+        })
+        .await?;
+    let CoordinatorMessage::Error(error) = answer else {
+        bail!("a join as sim-0 was answered {answer:?}");
+    };
+    assert_eq!(error.code, ErrorCode::Unauthorized, "{}", error.message);
+
+    let mut raw = Raw::connect(&c).await?;
+    let proof = forge_coordinator::client::prove_identity(&key, &raw.challenge()?);
+    raw.open(&c.token, Some(proof)).await?;
+    let mut oversized = capabilities(peer_id(&key));
+    oversized.listen_addrs = vec!["/ip4/127.0.0.1/udp/1/quic-v1".to_string(); 1000];
+    let answer = raw
+        .join(Join {
+            capabilities: oversized,
+            rejoin: None,
+        })
+        .await?;
+    let CoordinatorMessage::Error(error) = answer else {
+        bail!("an oversized join was answered {answer:?}");
+    };
+    assert_eq!(error.code, ErrorCode::InvalidJoin);
+    assert!(
+        error.message.contains("16 are allowed"),
+        "{}",
+        error.message
+    );
+
+    let members = member_peer_ids(&c).await?;
+    assert_eq!(
+        members,
+        vec![(joined.member, peer_id(&named_keypair("member")))]
+    );
+    Ok(())
+}
