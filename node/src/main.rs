@@ -11,6 +11,10 @@ mod p2p;
 /// One node's view of the DiLoCo rounds as a state machine with no I/O.
 mod round;
 
+/// The decoders of the files and streams a node reads, under the workspace's mutation fuzzer.
+#[cfg(test)]
+mod fuzz_tests;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use forge_trainer::bench::{TrainStepBench, TrainStepResult};

@@ -258,6 +258,17 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
         ));
     }
     for (name, want) in &manifest.files {
+        // A checkpoint's files are plain names inside it: a damaged manifest naming `../x` or
+        // `/dev/zero` would make this hash a file outside (or never finish).
+        let plain = Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || name.is_empty() {
+            return Err(ckpt_err(
+                dir,
+                format!("the manifest names {name:?}, not a file of the checkpoint (damaged)"),
+            ));
+        }
         let got = hash_file(&dir.join(name)).map_err(|e| ckpt_err(dir, format!("{name}: {e}")))?;
         if got.bytes != want.bytes {
             return Err(ckpt_err(
@@ -327,6 +338,20 @@ mod tests {
         assert!(verify(&p3).unwrap_err().to_string().contains("truncated"));
         assert!(verify(&p2).unwrap_err().to_string().contains("corrupt"));
         assert_eq!(ckpts.latest_valid().unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_manifest_naming_a_file_outside_the_checkpoint_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpts = CheckpointDir::new(tmp.path().join("ckpt"), 2);
+        let path = ckpts.save(1, write_files(&[("w.bin", &[7; 8])])).unwrap();
+        std::fs::write(tmp.path().join("outside"), [7; 8]).unwrap();
+        let manifest = std::fs::read_to_string(path.join(MANIFEST)).unwrap();
+        for name in ["../../outside", "/dev/zero"] {
+            std::fs::write(path.join(MANIFEST), manifest.replace("w.bin", name)).unwrap();
+            let err = verify(&path).unwrap_err().to_string();
+            assert!(err.contains("not a file of the checkpoint"), "{err}");
+        }
     }
 
     #[test]

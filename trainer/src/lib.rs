@@ -20,6 +20,9 @@ mod error;
 pub mod export;
 /// Peak throughput of known accelerators, for model FLOPs utilisation.
 pub mod flops;
+/// The decoders of files this crate reads, under the workspace's mutation fuzzer.
+#[cfg(test)]
+mod fuzz_tests;
 /// Run metrics: `metrics.jsonl` lines and the progress a person watching sees.
 pub mod metrics;
 /// The model zoo: one file per family, presets, Hugging Face parameter names.

@@ -180,7 +180,11 @@ fn not_a_tensor(path: PathBuf, key: &TensorKey) -> Error {
 }
 
 /// Writes `outer.safetensors` and `outer.json` into `dir`.
-fn write_outer_files(dir: &Path, outer: &OuterOptimizer, meta: &OuterCheckpoint) -> Result<()> {
+pub(crate) fn write_outer_files(
+    dir: &Path,
+    outer: &OuterOptimizer,
+    meta: &OuterCheckpoint,
+) -> Result<()> {
     let path = dir.join(OUTER_STATE);
     let state = outer
         .state_tensors()
@@ -269,7 +273,7 @@ fn read_verified_state(dir: &Path, committed: &[TensorHash]) -> Result<HashMap<T
 
 /// The part of [`resume`] that needs no trainer: finds the newest valid shard, checks it
 /// against `global` and loads its outer state into `outer`.
-fn load_committed(
+pub(crate) fn load_committed(
     ckpts: &CheckpointDir,
     global: &GlobalState,
     outer: &mut OuterOptimizer,

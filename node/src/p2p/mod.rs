@@ -36,3 +36,8 @@ pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
 pub(crate) use net::{PeerNet, PeerNetConfig, new, quic_multiaddr};
 pub(crate) use state::StateSnapshot;
+// The stream decoders and manifest checks, for the fuzz tests.
+#[cfg(test)]
+pub(crate) use state::{check_manifest, chunk_of, read_frame};
+#[cfg(test)]
+pub(crate) use wire::{read_header, read_payload};

@@ -85,7 +85,7 @@ impl StateSnapshot {
             .collect()
     }
 
-    fn manifest(&self) -> Manifest {
+    pub(crate) fn manifest(&self) -> Manifest {
         Manifest {
             version: self.version,
             round: self.round,
@@ -175,7 +175,7 @@ fn held_phrase(held: Option<u64>) -> String {
 
 /// A frame that could not be read.
 #[derive(Debug)]
-enum FrameError {
+pub(crate) enum FrameError {
     /// The stream ended cleanly before the frame started.
     Closed,
     Io(io::Error),
@@ -194,7 +194,7 @@ impl fmt::Display for FrameError {
 
 /// Reads one frame and decodes it with `decode` ([`Request::from_frame`] or
 /// [`Response::from_frame`]); returns the message and the bytes it occupied.
-async fn read_frame<T>(
+pub(crate) async fn read_frame<T>(
     reader: &mut (impl AsyncRead + Unpin),
     decode: fn(&[u8]) -> forge_protocol::Result<T>,
 ) -> Result<(T, u64), FrameError> {
@@ -384,7 +384,7 @@ impl StateServer {
 }
 
 /// The values a chunk request asks for, if it fits the snapshot.
-fn chunk_of(
+pub(crate) fn chunk_of(
     snapshot: &StateSnapshot,
     tensor: u32,
     offset: u64,
@@ -1267,7 +1267,7 @@ fn join(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// Whether a manifest lists exactly the tensors the coordinator has hashes for (decoding it
 /// checked that it lists each once and within the limits).
-fn check_manifest(
+pub(crate) fn check_manifest(
     manifest: &Manifest,
     expected: &BTreeMap<TensorKey, [u8; 32]>,
     lengths: &BTreeMap<TensorKey, u64>,

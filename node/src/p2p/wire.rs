@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use forge_protocol::codec::{self, Channel, HEADER_LEN};
 use forge_protocol::sync::{MAX_SYNC_CHUNK_BYTES, SYNC_PROTOCOL, SyncChunkHeader};
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::time::Instant;
 
@@ -41,7 +41,9 @@ pub(crate) enum ReadError {
 }
 
 /// Reads one chunk header; returns it and the bytes it occupied on the wire.
-pub(crate) async fn read_header(stream: &mut Stream) -> Result<(SyncChunkHeader, u64), ReadError> {
+pub(crate) async fn read_header(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> Result<(SyncChunkHeader, u64), ReadError> {
     let mut frame = vec![0u8; HEADER_LEN];
     stream.read_exact(&mut frame).await.map_err(ReadError::Io)?;
     // The frame header's length fields are checked against the sync channel's limits here,
@@ -59,7 +61,7 @@ pub(crate) async fn read_header(stream: &mut Stream) -> Result<(SyncChunkHeader,
 /// Reads the payload announced by a checked header (so at most [`MAX_SYNC_CHUNK_BYTES`]) into
 /// `buf`, replacing its contents; `buf` keeps its capacity from one chunk to the next.
 pub(crate) async fn read_payload(
-    stream: &mut Stream,
+    stream: &mut (impl AsyncRead + Unpin),
     header: &SyncChunkHeader,
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {

@@ -18,6 +18,10 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 const MIN_TRAINED_VOCAB: usize = 257;
 /// Far above any vocabulary in use; catches a mistyped size before minutes of training.
 const MAX_TRAINED_VOCAB: usize = 1 << 20;
+/// One past the largest token id a loaded tokenizer may have: 16 times the largest vocabularies
+/// in use. A larger id is a damaged file, and the tokenizers crate would allocate for every id
+/// up to it (serializing a vocabulary walks `0..=max id`, listing the missing ones).
+const MAX_LOADED_VOCAB: usize = 1 << 22;
 
 /// A tokenizer with its end-of-text id and content hash.
 #[derive(Debug, Clone)]
@@ -35,19 +39,22 @@ impl Tokenizer {
     /// dropped: documents are encoded whole and packed, never cut or padded.
     pub fn load(path: &Path) -> Result<Self> {
         let source_name = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            source_name: source_name.clone(),
-            why: format!(
-                "cannot load it as a Hugging Face tokenizer.json ({e}); point \
-                 data.tokenizer.path at a valid file or use data.tokenizer.train"
-            ),
-        })?;
+        let inner = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|json| parse_hf_json(&json))
+            .map_err(|e| Error::Tokenizer {
+                source_name: source_name.clone(),
+                why: format!(
+                    "cannot load it as a Hugging Face tokenizer.json ({e}); point \
+                     data.tokenizer.path at a valid file or use data.tokenizer.train"
+                ),
+            })?;
         Self::from_inner(inner, source_name)
     }
 
     /// Parses a `tokenizer.json` held in memory (e.g. one stored in a checkpoint).
     pub fn from_json(json: &str, source_name: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
+        let inner = parse_hf_json(json).map_err(|e| Error::Tokenizer {
             source_name: source_name.to_string(),
             why: format!("not a Hugging Face tokenizer.json: {e}"),
         })?;
@@ -136,6 +143,13 @@ impl Tokenizer {
             .copied()
             .max()
             .map_or(0, |max| max as usize + 1);
+        if vocab_size > MAX_LOADED_VOCAB {
+            return Err(fail(format!(
+                "has a token id of {}, past the {MAX_LOADED_VOCAB} ids Forge accepts: the file \
+                 is damaged",
+                vocab_size - 1
+            )));
+        }
         let json = inner
             .to_string(false)
             .map_err(|e| fail(format!("cannot serialize it: {e}")))?;
@@ -258,6 +272,19 @@ impl<I: Iterator<Item = Result<String>>> Iterator for StopAtError<'_, I> {
                 None
             }
         }
+    }
+}
+
+/// Parses `tokenizer.json` text with the tokenizers crate, which panics instead of failing on
+/// some malformed files (`.expect("Helper")` on a syntax error inside `"decoder"`, and on a bad
+/// precompiled normalizer): the JSON syntax is checked first, and a panic left in a component's
+/// decoding is caught and returned as an error.
+fn parse_hf_json(json: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json)
+        .map_err(|e| format!("its JSON does not parse: {e}"))?;
+    match std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.map_err(|e| e.to_string()),
+        Err(_) => Err("the tokenizers library failed on one of its components".to_string()),
     }
 }
 
