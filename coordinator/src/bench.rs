@@ -179,7 +179,12 @@ fn measure(
     let (clients, joins) = runtime.block_on(async {
         let sockets = members.div_ceil(per_socket);
         let endpoints = (0..sockets)
-            .map(|_| quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()))
+            .map(|_| {
+                forge_coordinator_client::tls::endpoint(
+                    (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+                    None,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // Joins are fsynced one batch at a time; a bounded number in flight keeps handshakes
         // from timing out while they queue.

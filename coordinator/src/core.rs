@@ -26,7 +26,7 @@
 //!   replica writes one shard per stage. The checkpoint is committed only when every shard is
 //!   reported durable by its writer with hashes matching that round's global state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use forge_protocol::codec::{self, Channel};
 use forge_protocol::stream::{self, DataDigest, DataLease, SeqRange};
@@ -207,6 +207,58 @@ pub enum Output {
     Close { conn: ConnId },
     /// For logs, metrics and persistence.
     Event(Event),
+}
+
+/// Merges the [`PeersChanged`] messages each connection gets in `outputs` into one per run of
+/// them (no other message to that connection in between), in the place of the run's first:
+/// applied in order, later changes of a member win, which is what the node does with them one
+/// by one. A burst of joins otherwise sends every member one message per joiner.
+pub fn coalesce_peer_changes(outputs: Vec<Output>) -> Vec<Output> {
+    // Per connection: the index in `merged` of its open run of peer changes, if any.
+    let mut open: HashMap<ConnId, usize> = HashMap::new();
+    let mut merged: Vec<Output> = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        match output {
+            Output::Send {
+                to,
+                message: CoordinatorMessage::PeersChanged(change),
+            } => {
+                if let Some(&at) = open.get(&to)
+                    && let Output::Send {
+                        message: CoordinatorMessage::PeersChanged(run),
+                        ..
+                    } = &mut merged[at]
+                {
+                    for member in change.removed {
+                        run.added.retain(|peer| peer.member != member);
+                        if !run.removed.contains(&member) {
+                            run.removed.push(member);
+                        }
+                    }
+                    for peer in change.added {
+                        run.added.retain(|p| p.member != peer.member);
+                        run.added.push(peer);
+                    }
+                    continue;
+                }
+                open.insert(to, merged.len());
+                merged.push(Output::Send {
+                    to,
+                    message: CoordinatorMessage::PeersChanged(change),
+                });
+            }
+            Output::Send { to, message } => {
+                open.remove(&to);
+                merged.push(Output::Send { to, message });
+            }
+            Output::Close { conn } => {
+                open.remove(&conn);
+                merged.push(Output::Close { conn });
+            }
+            event => merged.push(event),
+        }
+    }
+    merged
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -25,7 +25,10 @@ use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, NodeMessa
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::core::{ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output};
+use crate::core::{
+    ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output,
+    coalesce_peer_changes,
+};
 use crate::error::{Error, Result};
 use crate::latency::Histogram;
 use crate::store::{Changes, RoundHistory, Store};
@@ -686,7 +689,7 @@ impl EventLoop {
             let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
             stats.commits.record(start.elapsed());
         }
-        for output in outputs {
+        for output in coalesce_peer_changes(outputs) {
             self.dispatch(output);
         }
         if !status_requests.is_empty() {

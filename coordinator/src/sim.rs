@@ -1904,6 +1904,46 @@ mod tests {
         assert!(error_codes(&outputs, 1).is_empty());
     }
 
+    /// A burst of joins in one batch sends each member one merged peer change, which leaves
+    /// it with the same peers as the changes one by one would.
+    #[test]
+    fn a_burst_of_joins_sends_each_member_one_merged_peer_change() {
+        // Rounds never open (more replicas needed than join), as in the heartbeat benchmark.
+        let mut driver = Driver::new(config(16));
+        driver.join(1, 8 << 30);
+        let mut outputs = Vec::new();
+        for conn in 2..=6 {
+            outputs.extend(driver.join(conn, 8 << 30).1);
+        }
+        // A member that leaves within the burst is removed from the merged change.
+        outputs.extend(driver.leave(4, "gone"));
+        let apply = |outputs: &[Output]| {
+            let mut peers: Vec<MemberId> = Vec::new();
+            for message in messages_to(outputs, 1) {
+                if let CoordinatorMessage::PeersChanged(change) = message {
+                    peers.retain(|m| {
+                        !change.removed.contains(m) && !change.added.iter().any(|a| a.member == *m)
+                    });
+                    peers.extend(change.added.iter().map(|p| p.member));
+                }
+            }
+            peers.sort();
+            peers
+        };
+        let merged = crate::core::coalesce_peer_changes(outputs.clone());
+        let changes = |outputs: &[Output]| {
+            messages_to(outputs, 1)
+                .into_iter()
+                .filter(|m| matches!(m, CoordinatorMessage::PeersChanged(_)))
+                .count()
+        };
+        assert_eq!(changes(&outputs), 6);
+        // The five joins merge into one; the leave's MemberDead ends that run.
+        assert_eq!(changes(&merged), 2);
+        assert_eq!(apply(&merged), apply(&outputs));
+        assert_eq!(apply(&merged).len(), 4);
+    }
+
     /// A run holds `max_members` members: one more is refused with the limit, while a member
     /// already in (the same peer id) may still join again, and a place freed is taken.
     #[test]

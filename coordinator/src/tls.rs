@@ -78,7 +78,7 @@ pub(crate) fn server_endpoint(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(idle_timeout, idle_timeout / 3)?);
-    quinn::Endpoint::server(config, listen).map_err(|cause| Error::Listen {
+    forge_coordinator_client::tls::endpoint(listen, Some(config)).map_err(|cause| Error::Listen {
         addr: listen,
         cause,
     })

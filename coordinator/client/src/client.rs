@@ -313,7 +313,7 @@ fn client_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(local).map_err(|cause| Error::Bind { addr: local, cause })
+    tls::endpoint(local, None).map_err(|cause| Error::Bind { addr: local, cause })
 }
 
 /// Everything needed to open a control connection again.

@@ -20,6 +20,37 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The receive buffer asked for on every control-plane UDP socket. At Linux's default (208 KiB)
+/// a coordinator answering a burst of joins, or a client socket many connections share, drops
+/// datagrams, and QUIC waits out a retransmission timeout for each (seconds, in a burst of a
+/// thousand joins). The kernel caps it at `net.core.rmem_max`.
+pub const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// A QUIC endpoint on a UDP socket bound to `addr` with [`UDP_RECV_BUFFER`]: a server if
+/// `server` is given, else a client.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Both families on an unspecified IPv6 address, as std's bind does not promise.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer only costs retransmissions.
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    socket.bind(&addr.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC (quinn needs tokio)"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        runtime,
+    )
+}
+
 /// The name in the certificate and the name clients ask for; only the fingerprint is checked.
 pub const SERVER_NAME: &str = "forge-coordinator";
 
