@@ -566,6 +566,7 @@ impl Coordinator {
         let mut coordinator: Coordinator =
             codec::decode(Channel::Snapshot, bytes).map_err(Error::SnapshotDecode)?;
         coordinator.config.validate()?;
+        coordinator.check_consistent()?;
         coordinator.now = now;
         coordinator.grace_until = now.plus(RESTART_GRACE_MS);
         for member in coordinator.members.values_mut() {
@@ -576,6 +577,36 @@ impl Coordinator {
             round.deadline = now.plus(coordinator.config.round_deadline_ms);
         }
         Ok(coordinator)
+    }
+
+    /// What a snapshot this coordinator wrote always satisfies, checked on one read back: a
+    /// damaged database is refused with what is wrong instead of failing later.
+    fn check_consistent(&self) -> Result<()> {
+        let damaged = |what: String| {
+            Err(Error::InvalidConfig {
+                reason: format!(
+                    "the stored state is damaged: {what}; restore coordinator.redb from a backup or start on an empty --state-dir"
+                ),
+            })
+        };
+        if let Some(id) = self.members.keys().find(|id| id.0 >= self.next_member) {
+            return damaged(format!(
+                "{id} is not below the next member id {}",
+                self.next_member
+            ));
+        }
+        if let Some(round) = &self.round
+            && let Some(id) = round
+                .reports
+                .keys()
+                .find(|id| !round.participants.contains_key(id))
+        {
+            return damaged(format!(
+                "{} holds a report of {id}, which is not a participant",
+                round.id
+            ));
+        }
+        Ok(())
     }
 
     /// Applies `limits` from now on (they are how the coordinator runs, so a restored run takes

@@ -62,9 +62,20 @@ pub fn run(target: &str, seeds: &[Vec<u8>], mut decode: impl FnMut(&[u8])) -> u6
         }
         executions += 1;
         if catch_unwind(AssertUnwindSafe(|| decode(&input))).is_err() {
+            // The whole input, to replay it: `decode(&std::fs::read(path)?)`.
+            let name: String = target
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let path = std::env::temp_dir().join(format!("forge-fuzz-{name}.bin"));
+            let saved = match std::fs::write(&path, &input) {
+                Ok(()) => format!("saved in {}", path.display()),
+                Err(e) => format!("not saved ({e})"),
+            };
             let shown: String = input.iter().take(512).map(|b| format!("{b:02x}")).collect();
             panic!(
-                "fuzz {target}: the decoder panicked on input {executions} ({} bytes): {shown}",
+                "fuzz {target}: the decoder panicked on input {executions} ({} bytes, {saved}; \
+                 run_frames inputs start with a tag byte): {shown}",
                 input.len()
             );
         }
