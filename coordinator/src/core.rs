@@ -1742,9 +1742,21 @@ impl Coordinator {
     /// planned in again and fetches the global state; once it is part of a committed round its
     /// count starts over. Members blamed by equally many others (two nodes that cannot reach
     /// each other) are all kept, with a warning: nobody can tell which side is cut off.
+    ///
+    /// A rejection not corroborated enough to remove a member counts here too: when one owner
+    /// rejects a member and aborts, the others hear the abort before they read that member's
+    /// contribution themselves and can only blame it as unreachable. Together they are a
+    /// majority, and the member sits out instead of failing every round.
     fn bench_unreachable(&mut self, round: &OpenRound, out: &mut Vec<Output>) {
         let others = round.participants.len().saturating_sub(1);
-        let (culprits, tied) = single_out(accusations(round, Blame::Unreachable), others / 2 + 1);
+        let mut blamed = accusations(round, Blame::Unreachable);
+        for (member, accusers) in accusations(round, Blame::Rejected) {
+            let entry = blamed.entry(member).or_default();
+            for (by, reason) in accusers {
+                entry.entry(by).or_insert(reason);
+            }
+        }
+        let (culprits, tied) = single_out(blamed, others / 2 + 1);
         for (id, by, reason) in culprits {
             let Some(member) = self.members.get_mut(&id) else {
                 continue; // already gone (dead, left or expelled)

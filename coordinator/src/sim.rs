@@ -1598,6 +1598,51 @@ mod tests {
         assert_eq!(accepted, checkpointed);
     }
 
+    /// One owner rejects member 3 and aborts; the other honest member hears the abort first and
+    /// can only blame it as unreachable. Not enough to remove it, but together a majority: it
+    /// sits out the next round instead of failing every round (the race the hostile-member
+    /// test met in CI).
+    #[test]
+    fn a_rejection_and_a_relayed_abort_bench_the_member() {
+        let mut cfg = config(2);
+        cfg.start_replicas = 3;
+        let mut driver = Driver::new(cfg);
+        let members: Vec<MemberId> = (1..=3).map(|conn| driver.join(conn, 24 << 30).0).collect();
+        let failed = |rejected: Option<MemberId>, unreachable: Option<MemberId>| {
+            NodeMessage::RoundReport(RoundReport {
+                round: RoundId(1),
+                tokens_processed: 1_000,
+                us_per_step: 0,
+                consumed: vec![],
+                outer_step: OuterStep::Failed {
+                    reason: "claims a weight above its lease".to_string(),
+                    rejected,
+                    unreachable,
+                },
+            })
+        };
+        driver.send(1, failed(Some(members[2]), None));
+        driver.send(2, failed(None, Some(members[2])));
+        let outputs = driver.send(3, failed(Some(members[0]), None));
+        assert!(
+            !events(&outputs)
+                .iter()
+                .any(|e| matches!(e, Event::Rejected { .. })),
+            "{outputs:?}"
+        );
+        let benched: Vec<MemberId> = events(&outputs)
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Benched { member, .. } => Some(*member),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(benched, vec![members[2]], "{outputs:?}");
+        let (_, participants) = opened(&outputs).expect("round 2 opened");
+        assert_eq!(participants.len(), 2);
+        assert!(!participants.contains(&members[2]));
+    }
+
     /// A writer whose disk is full reports its shard failed: that checkpoint is dropped with a
     /// warning, the next one goes to the other replica and commits, and the run goes on.
     #[test]
