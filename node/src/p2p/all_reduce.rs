@@ -627,6 +627,8 @@ impl<'a> Round<'a> {
         mut contributions: Vec<Option<oneshot::Sender<Incoming>>>,
         mut results: Vec<Option<oneshot::Sender<Incoming>>>,
     ) -> AllReduceError {
+        // Whose contribution headers this member has checked itself.
+        let mut checked = vec![false; self.layout.members];
         loop {
             let Some(mut incoming) = arrivals.recv().await else {
                 return AllReduceError::Stopped;
@@ -645,9 +647,18 @@ impl<'a> Round<'a> {
                 ));
             }
             let (slot, owner) = match header.phase {
-                SyncPhase::ReduceScatter => (&mut contributions[m], self.me),
+                SyncPhase::ReduceScatter => {
+                    if let Err(err) = self.check_claims(m, &header) {
+                        return err;
+                    }
+                    checked[m] = true;
+                    (&mut contributions[m], self.me)
+                }
                 SyncPhase::AllGather => (&mut results[m], m),
-                SyncPhase::Abort => return self.aborted(m, &mut incoming).await,
+                SyncPhase::Abort => {
+                    let abort = self.aborted(m, &mut incoming).await;
+                    return self.verify_abort(abort, &checked, &mut arrivals).await;
+                }
             };
             if header.owner as usize != owner {
                 return bad(format!(
@@ -667,6 +678,54 @@ impl<'a> Round<'a> {
     }
 
     /// Reads the reason of member `m`'s abort.
+    /// What every member can check of member `m`'s contribution from its header alone: its
+    /// weight against its replica's lease. The reduction checks it again on every chunk.
+    fn check_claims(&self, m: usize, header: &SyncChunkHeader) -> Result<()> {
+        match self.max_weights.get(m) {
+            Some(&cap) if header.weight > cap => Err(self.reject(
+                m,
+                RejectReason::Overweight {
+                    weight: header.weight,
+                    cap,
+                },
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// An abort blaming a member whose contribution header this member has not checked yet:
+    /// waits a moment for that member's stream and checks it, so that a member rejected by one
+    /// owner for a claim everyone can check (its weight) is rejected by every member that sees
+    /// the same, not only blamed second-hand. Otherwise the abort stands.
+    async fn verify_abort(
+        &self,
+        abort: AllReduceError,
+        checked: &[bool],
+        arrivals: &mut mpsc::Receiver<Incoming>,
+    ) -> AllReduceError {
+        let AllReduceError::Aborted { blamed, .. } = &abort else {
+            return abort;
+        };
+        let Some(x) = self.members.iter().position(|peer| peer == blamed) else {
+            return abort;
+        };
+        if x == self.me || checked[x] {
+            return abort;
+        }
+        let wait = async {
+            while let Some(incoming) = arrivals.recv().await {
+                if incoming.peer == *blamed && incoming.header.phase == SyncPhase::ReduceScatter {
+                    return self.check_claims(x, &incoming.header).err();
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(ABORT_GRACE, wait).await {
+            Ok(Some(own)) => own,
+            _ => abort,
+        }
+    }
+
     async fn aborted(&self, m: usize, incoming: &mut Incoming) -> AllReduceError {
         let header = incoming.header;
         let reason = if header.payload_len as usize > MAX_ABORT_REASON {
@@ -905,17 +964,7 @@ impl<'a> Round<'a> {
                     };
                     let header = self.next_chunk(m, reader, &expect).await?;
                     if weights[m].is_nan() {
-                        if let Some(&cap) = self.max_weights.get(m)
-                            && header.weight > cap
-                        {
-                            return Err(self.reject(
-                                m,
-                                RejectReason::Overweight {
-                                    weight: header.weight,
-                                    cap,
-                                },
-                            ));
-                        }
+                        self.check_claims(m, &header)?;
                         weights[m] = header.weight;
                         declared[m] = header.norm;
                     } else if weights[m].to_bits() != header.weight.to_bits()

@@ -616,16 +616,20 @@ async fn an_overweight_contribution_is_rejected_naming_its_sender() {
     for err in &errors {
         assert_eq!(err.peer(), Some(members[2]), "{err}");
     }
-    assert!(
-        errors.iter().any(|err| matches!(
-            err,
-            AllReduceError::Rejected {
-                reason: RejectReason::Overweight { .. },
-                ..
-            }
-        )),
-        "{errors:?}"
-    );
+    // Both honest members reject it themselves (a weight is checked from the header, also by a
+    // member that hears another's abort first), so their reports corroborate each other.
+    for err in &errors[..2] {
+        assert!(
+            matches!(
+                err,
+                AllReduceError::Rejected {
+                    reason: RejectReason::Overweight { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
