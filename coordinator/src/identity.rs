@@ -2,6 +2,7 @@
 //! and stable keys for simulated members.
 
 use forge_protocol::session::{IDENTITY_CHALLENGE_LEN, IdentityProof, identity_proof_message};
+use forge_protocol::{Capabilities, Device, DeviceKind};
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use sha2::{Digest, Sha256};
 
@@ -41,6 +42,23 @@ pub fn verify_proof(
 pub fn named_keypair(name: &str) -> Keypair {
     let seed: [u8; 32] = Sha256::digest(format!("forge simulated member {name}")).into();
     Keypair::ed25519_from_bytes(seed).expect("any 32 bytes are an ed25519 secret key")
+}
+
+/// What a simulated member (`sim-member`, the heartbeat benchmark, tests) says it brings: one
+/// 8 GiB CPU, a 1 Gbit/s link, no listen address.
+pub fn simulated_capabilities(peer_id: String) -> Capabilities {
+    Capabilities {
+        devices: vec![Device {
+            kind: DeviceKind::Cpu,
+            name: "simulated CPU".to_string(),
+            memory_bytes: 8 << 30,
+        }],
+        tokens_per_s: 1_000.0,
+        upload_bytes_per_s: 125_000_000,
+        download_bytes_per_s: 125_000_000,
+        peer_id,
+        listen_addrs: Vec::new(),
+    }
 }
 
 /// The peer id of [`named_keypair`].

@@ -1390,17 +1390,7 @@ mod tests {
         let mut driver = Driver::new(cfg);
         let members: Vec<MemberId> = (1..=4).map(|conn| driver.join(conn, 24 << 30).0).collect();
         let failed = |round: RoundId, rejected: Option<MemberId>| {
-            NodeMessage::RoundReport(RoundReport {
-                round,
-                tokens_processed: 1_000,
-                us_per_step: 0,
-                consumed: vec![],
-                outer_step: OuterStep::Failed {
-                    reason: "contribution has NaN".to_string(),
-                    rejected,
-                    unreachable: None,
-                },
-            })
+            failed_report(round, "contribution has NaN", rejected, None)
         };
         // Round 1: member 1 alone accuses member 4 (a liar, or the only one to see it).
         let round1 = RoundId(1);
@@ -1468,17 +1458,7 @@ mod tests {
         let (round2, participants) = opened(&outputs).expect("round 2 opened");
         assert_eq!(participants, members);
         let failed = |rejected: Option<MemberId>| {
-            NodeMessage::RoundReport(RoundReport {
-                round: round2,
-                tokens_processed: 1_000,
-                us_per_step: 0,
-                consumed: vec![],
-                outer_step: OuterStep::Failed {
-                    reason: "contribution has NaN".to_string(),
-                    rejected,
-                    unreachable: None,
-                },
-            })
+            failed_report(round2, "contribution has NaN", rejected, None)
         };
         // Member 3 sent NaN; members 1 and 2 rejected it, and member 3 blames member 1 back.
         driver.send(1, failed(Some(members[2])));
@@ -1609,17 +1589,12 @@ mod tests {
         let mut driver = Driver::new(cfg);
         let members: Vec<MemberId> = (1..=3).map(|conn| driver.join(conn, 24 << 30).0).collect();
         let failed = |rejected: Option<MemberId>, unreachable: Option<MemberId>| {
-            NodeMessage::RoundReport(RoundReport {
-                round: RoundId(1),
-                tokens_processed: 1_000,
-                us_per_step: 0,
-                consumed: vec![],
-                outer_step: OuterStep::Failed {
-                    reason: "claims a weight above its lease".to_string(),
-                    rejected,
-                    unreachable,
-                },
-            })
+            failed_report(
+                RoundId(1),
+                "claims a weight above its lease",
+                rejected,
+                unreachable,
+            )
         };
         driver.send(1, failed(Some(members[2]), None));
         driver.send(2, failed(None, Some(members[2])));
@@ -1702,18 +1677,29 @@ mod tests {
         )));
     }
 
-    fn unreachable(round: RoundId, member: MemberId) -> NodeMessage {
+    /// A report of `round` failed for its sender, blaming `rejected`'s contribution and/or
+    /// `unreachable`.
+    fn failed_report(
+        round: RoundId,
+        reason: &str,
+        rejected: Option<MemberId>,
+        unreachable: Option<MemberId>,
+    ) -> NodeMessage {
         NodeMessage::RoundReport(RoundReport {
             round,
             tokens_processed: 1_000,
             us_per_step: 0,
             consumed: vec![],
             outer_step: OuterStep::Failed {
-                reason: "timed out".to_string(),
-                rejected: None,
-                unreachable: Some(member),
+                reason: reason.to_string(),
+                rejected,
+                unreachable,
             },
         })
+    }
+
+    fn unreachable(round: RoundId, member: MemberId) -> NodeMessage {
+        failed_report(round, "timed out", None, Some(member))
     }
 
     fn benched(outputs: &[Output]) -> Vec<(MemberId, RoundId)> {
@@ -1808,19 +1794,8 @@ mod tests {
     fn two_members_rejecting_each_other_are_both_kept_with_a_warning() {
         let mut driver = Driver::new(config(2));
         let members: Vec<MemberId> = (1..=2).map(|conn| driver.join(conn, 24 << 30).0).collect();
-        let failed = |rejected: MemberId| {
-            NodeMessage::RoundReport(RoundReport {
-                round: RoundId(1),
-                tokens_processed: 1_000,
-                us_per_step: 0,
-                consumed: vec![],
-                outer_step: OuterStep::Failed {
-                    reason: "outlier norm".to_string(),
-                    rejected: Some(rejected),
-                    unreachable: None,
-                },
-            })
-        };
+        let failed =
+            |rejected: MemberId| failed_report(RoundId(1), "outlier norm", Some(rejected), None);
         driver.send(1, failed(members[1]));
         let outputs = driver.send(2, failed(members[0]));
         assert_eq!(closed(&outputs).map(|c| c.1), Some(false));

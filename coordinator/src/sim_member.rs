@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use forge_coordinator::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, DataDigest, Device, DeviceKind,
-    Digest, OuterStep, Ready, RoundId, RoundOutcome, RoundReport, TensorHash, TensorKey,
+    CheckpointShardDurable, CoordinatorMessage, DataDigest, Digest, OuterStep, Ready, RoundId,
+    RoundOutcome, RoundReport, TensorHash, TensorKey,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -25,20 +25,8 @@ fn sim_data() -> DataDigest {
     }
 }
 
-pub(crate) fn capabilities(peer_id: String) -> Capabilities {
-    Capabilities {
-        devices: vec![Device {
-            kind: DeviceKind::Cpu,
-            name: "simulated CPU".to_string(),
-            memory_bytes: 8 << 30,
-        }],
-        tokens_per_s: 1_000.0,
-        upload_bytes_per_s: 125_000_000,
-        download_bytes_per_s: 125_000_000,
-        peer_id,
-        listen_addrs: Vec::new(),
-    }
-}
+/// What a simulated member says it brings (the library's one description of it).
+pub(crate) use forge_coordinator::identity::simulated_capabilities as capabilities;
 
 /// What every honest member computes for a round: the same bytes everywhere.
 fn round_digest(round: RoundId) -> Digest {

@@ -16,8 +16,7 @@ use forge_protocol::session::{
     IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, Open, OpenReply, Purpose,
 };
 use forge_protocol::{
-    Capabilities, CoordinatorMessage, Device, DeviceKind, ErrorCode, Hello, Join, JoinAccepted,
-    MemberId, NodeMessage,
+    CoordinatorMessage, ErrorCode, Hello, Join, JoinAccepted, MemberId, NodeMessage,
 };
 use libp2p_identity::Keypair;
 use tokio::sync::oneshot;
@@ -52,20 +51,7 @@ async fn coordinator(extra: &str) -> anyhow::Result<Coordinator> {
     })
 }
 
-fn capabilities(peer_id: String) -> Capabilities {
-    Capabilities {
-        devices: vec![Device {
-            kind: DeviceKind::Cpu,
-            name: "test CPU".to_string(),
-            memory_bytes: 8 << 30,
-        }],
-        tokens_per_s: 1_000.0,
-        upload_bytes_per_s: 125_000_000,
-        download_bytes_per_s: 125_000_000,
-        peer_id,
-        listen_addrs: Vec::new(),
-    }
-}
+use forge_coordinator::identity::simulated_capabilities as capabilities;
 
 fn peer_id(key: &Keypair) -> String {
     key.public().to_peer_id().to_string()

@@ -9,7 +9,7 @@ use crate::data::{CorpusFormat, TokenCache, Tokenizer};
 use crate::diloco::{DilocoConfig, OuterOptimizer};
 use crate::outer_state::{OuterCheckpoint, Resumed, load_committed, write_outer_files};
 use forge_protocol::fuzz;
-use forge_protocol::messages::{Digest, GlobalState, RoundId, TensorHash};
+use forge_protocol::messages::{GlobalState, RoundId};
 use std::fs;
 use std::path::{Path, PathBuf};
 use tch::{Device, nn};
@@ -144,22 +144,7 @@ struct OuterShard {
 }
 
 fn outer_shard() -> OuterShard {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let root = vs.root();
-    let _ = root.var("w", &[2, 3], nn::Init::Const(0.5));
-    let _ = root.var("b", &[3], nn::Init::Const(-1.0));
-    let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
-    let step: Vec<f32> = (0..9).map(|i| 0.1 * i as f32 - 0.3).collect();
-    let proposal = outer.propose(&step).unwrap();
-    let tensor_hashes: Vec<TensorHash> = proposal
-        .tensor_hashes
-        .iter()
-        .map(|(key, digest)| TensorHash {
-            key: key.clone(),
-            digest: Digest(*digest),
-        })
-        .collect();
-    outer.commit(proposal, &vs);
+    let (_vs, outer, tensor_hashes) = crate::outer_state::tests::trained();
     let global = GlobalState {
         version: 3,
         round: Some(RoundId(4)),

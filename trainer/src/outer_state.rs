@@ -343,7 +343,7 @@ fn load_flat(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::diloco::DilocoConfig;
     use crate::models::trainable_by_name;
@@ -351,7 +351,7 @@ mod tests {
 
     /// A var store with two parameters, and its outer state after one committed outer step
     /// (so the momentum is not zero).
-    fn trained() -> (VarStore, OuterOptimizer, Vec<TensorHash>) {
+    pub(crate) fn trained() -> (VarStore, OuterOptimizer, Vec<TensorHash>) {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
         let w = root.var("w", &[2, 3], nn::Init::Const(0.5));
