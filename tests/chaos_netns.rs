@@ -15,6 +15,11 @@
 
 use forge_integration_tests::chaos;
 use std::process::Command;
+use std::sync::Mutex;
+
+/// The two runs take turns: side by side on a 2-core machine, each starves the other, and the
+/// partition run's loss check compares against a fault-free run made without that contention.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn is_root() -> bool {
     Command::new("id")
@@ -37,6 +42,7 @@ fn chaos_with_partitions_in_network_namespaces() {
         println!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let work = tempfile::tempdir().unwrap();
     let stdout = chaos(
         &[
@@ -80,6 +86,7 @@ fn a_full_disk_on_one_node_loses_no_round_and_no_checkpoint() {
         println!("SKIPPED: a tmpfs workdir needs root");
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let work = tempfile::tempdir().unwrap();
     let stdout = chaos(
         &[
