@@ -209,25 +209,33 @@ pub enum Output {
     Event(Event),
 }
 
-/// Merges the [`PeersChanged`] messages each connection gets in `outputs` into one per run of
-/// them (no other message to that connection in between), in the place of the run's first:
-/// applied in order, later changes of a member win, which is what the node does with them one
-/// by one. A burst of joins otherwise sends every member one message per joiner.
-pub fn coalesce_peer_changes(outputs: Vec<Output>) -> Vec<Output> {
-    // Per connection: the index in `merged` of its open run of peer changes, if any.
-    let mut open: HashMap<ConnId, usize> = HashMap::new();
-    let mut merged: Vec<Output> = Vec::with_capacity(outputs.len());
-    for output in outputs {
+/// Outputs in order, with the [`PeersChanged`] messages each connection gets merged as they
+/// come into one per run of them (no other message to that connection in between), in the place
+/// of the run's first: applied in order, later changes of a member win, which is what the node
+/// does with them one by one. A burst of joins otherwise sends every member one message per
+/// joiner, and holds all of them until the burst is sent.
+#[derive(Debug, Default)]
+pub struct Coalesced {
+    outputs: Vec<Output>,
+    /// Per connection: the index in `outputs` of its open run of peer changes, if any.
+    open: HashMap<ConnId, usize>,
+    /// Peers listed in the merged changes held (an upper bound).
+    peers: usize,
+}
+
+impl Coalesced {
+    pub fn push(&mut self, output: Output) {
         match output {
             Output::Send {
                 to,
                 message: CoordinatorMessage::PeersChanged(change),
             } => {
-                if let Some(&at) = open.get(&to)
+                self.peers += change.added.len();
+                if let Some(&at) = self.open.get(&to)
                     && let Output::Send {
                         message: CoordinatorMessage::PeersChanged(run),
                         ..
-                    } = &mut merged[at]
+                    } = &mut self.outputs[at]
                 {
                     for member in change.removed {
                         run.added.retain(|peer| peer.member != member);
@@ -239,26 +247,54 @@ pub fn coalesce_peer_changes(outputs: Vec<Output>) -> Vec<Output> {
                         run.added.retain(|p| p.member != peer.member);
                         run.added.push(peer);
                     }
-                    continue;
+                    return;
                 }
-                open.insert(to, merged.len());
-                merged.push(Output::Send {
+                self.open.insert(to, self.outputs.len());
+                self.outputs.push(Output::Send {
                     to,
                     message: CoordinatorMessage::PeersChanged(change),
                 });
             }
             Output::Send { to, message } => {
-                open.remove(&to);
-                merged.push(Output::Send { to, message });
+                self.open.remove(&to);
+                self.outputs.push(Output::Send { to, message });
             }
             Output::Close { conn } => {
-                open.remove(&conn);
-                merged.push(Output::Close { conn });
+                self.open.remove(&conn);
+                self.outputs.push(Output::Close { conn });
             }
-            event => merged.push(event),
+            event => self.outputs.push(event),
         }
     }
-    merged
+
+    /// How many peers the merged changes held list, at most: what the caller bounds by sending
+    /// what it holds.
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
+    }
+
+    pub fn into_outputs(self) -> Vec<Output> {
+        self.outputs
+    }
+}
+
+impl Extend<Output> for Coalesced {
+    fn extend<I: IntoIterator<Item = Output>>(&mut self, outputs: I) {
+        for output in outputs {
+            self.push(output);
+        }
+    }
+}
+
+/// [`Coalesced`] of a whole list.
+pub fn coalesce_peer_changes(outputs: Vec<Output>) -> Vec<Output> {
+    let mut merged = Coalesced::default();
+    merged.extend(outputs);
+    merged.into_outputs()
 }
 
 #[derive(Clone, Debug, PartialEq)]

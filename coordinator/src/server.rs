@@ -26,8 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::core::{
-    ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output,
-    coalesce_peer_changes,
+    Coalesced, ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output,
 };
 use crate::error::{Error, Result};
 use crate::latency::Histogram;
@@ -43,6 +42,9 @@ const MAX_OPEN_FRAME: usize = 4 << 10;
 const OUTBOX_FRAMES: usize = 256;
 /// Inputs the event loop takes in one batch (one database commit per batch).
 const BATCH: usize = 1024;
+/// Peers listed in the changes a batch may hold before it is committed and sent in parts
+/// (a few MB).
+const HELD_PEERS: usize = 16384;
 
 /// What the coordinator did, for `serve`'s exit line and the heartbeat benchmark.
 #[derive(Clone, Debug, Default)]
@@ -629,9 +631,11 @@ impl EventLoop {
         Millis(self.started.elapsed().as_millis() as u64)
     }
 
-    /// Steps the core through one batch, commits what changed, then sends.
+    /// Steps the core through one batch, commits what changed, then sends. A batch whose peer
+    /// changes grow past [`HELD_PEERS`] (a burst of joins: each tells every member of the joiner)
+    /// is committed and sent in parts, so the memory it holds stays bounded.
     fn process(&mut self, ticked: bool, batch: &mut Vec<ToLoop>) -> Result<()> {
-        let mut outputs = Vec::new();
+        let mut outputs = Coalesced::default();
         let mut durable = false;
         let mut status_requests = Vec::new();
         for command in batch.drain(..) {
@@ -665,15 +669,32 @@ impl EventLoop {
                     } else {
                         stats.other_step.record(done - start);
                     }
+                    drop(stats);
                     outputs.extend(out);
+                    if outputs.peers() > HELD_PEERS {
+                        self.commit_and_send(std::mem::take(&mut outputs), durable)?;
+                        durable = false;
+                    }
                 }
             }
         }
         if ticked {
             outputs.extend(self.core.tick(self.now()));
         }
+        self.commit_and_send(outputs, durable)?;
+        if !status_requests.is_empty() {
+            let status = self.status();
+            for reply in status_requests {
+                let _ = reply.send(status.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists what `outputs` (and, when `durable`, the inputs behind them) changed, then sends.
+    fn commit_and_send(&mut self, outputs: Coalesced, mut durable: bool) -> Result<()> {
         let mut changes = Changes::default();
-        for output in &outputs {
+        for output in outputs.outputs() {
             if let Output::Event(event) = output {
                 durable = true;
                 self.on_event(event, &mut changes);
@@ -689,14 +710,8 @@ impl EventLoop {
             let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
             stats.commits.record(start.elapsed());
         }
-        for output in coalesce_peer_changes(outputs) {
+        for output in outputs.into_outputs() {
             self.dispatch(output);
-        }
-        if !status_requests.is_empty() {
-            let status = self.status();
-            for reply in status_requests {
-                let _ = reply.send(status.clone());
-            }
         }
         Ok(())
     }

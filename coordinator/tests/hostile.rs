@@ -255,7 +255,7 @@ async fn nobody_joins_as_another_node_or_resumes_its_member_id() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_address_gets_its_connections_and_joins_and_no_more() -> anyhow::Result<()> {
+async fn one_address_gets_its_connections_streams_and_joins_and_no_more() -> anyhow::Result<()> {
     let c = coordinator("max_connections_per_ip = 4\njoins_per_ip_per_s = 2\n").await?;
     // Four connections are held open; the fifth is closed with the reason.
     let mut held = Vec::new();
@@ -268,6 +268,9 @@ async fn one_address_gets_its_connections_and_joins_and_no_more() -> anyhow::Res
         Err(err) => format!("{err:#}"),
     };
     assert!(reason.contains("max_connections_per_ip"), "{reason}");
+    // A connection is one stream: a second one is never granted (quinn keeps no state for more).
+    let second = tokio::time::timeout(Duration::from_millis(500), held[0].connection.open_bi());
+    assert!(second.await.is_err(), "a second stream was granted");
     for raw in held {
         raw.close().await;
     }
