@@ -528,6 +528,14 @@ pub struct Coordinator {
     /// nodes first notice the old coordinator is gone, then reconnect with backoff.
     #[serde(skip)]
     grace_until: Millis,
+    /// No member can fall silent past its timeout before this moment: the earliest deadline the
+    /// last scan saw (deadlines only move later, and a new member's is the latest), so a step
+    /// need not look at every member.
+    #[serde(skip)]
+    silence_check_at: Millis,
+    /// The round whose benches were last ended, while no member has been benched since.
+    #[serde(skip)]
+    benches_ended_for: Option<RoundId>,
 }
 
 /// How long after a restart the coordinator waits, beyond the heartbeat timeout, for its members
@@ -560,6 +568,8 @@ impl Coordinator {
             planned: BTreeMap::new(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
+            silence_check_at: Millis(0),
+            benches_ended_for: None,
         })
     }
 
@@ -1257,13 +1267,11 @@ impl Coordinator {
     /// Everything that follows from the passage of time or a change: deaths, round close,
     /// re-planning and the next round.
     fn advance(&mut self, out: &mut Vec<Output>) {
-        let timeout = self.config.heartbeat_timeout_ms;
-        let silent: Vec<(MemberId, u64)> = self
-            .members
-            .iter()
-            .filter(|(_, member)| self.now >= member.last_heard.max(self.grace_until).plus(timeout))
-            .map(|(id, member)| (*id, self.now.0 - member.last_heard.0))
-            .collect();
+        let silent = if self.now >= self.silence_check_at {
+            self.silent_members()
+        } else {
+            Vec::new()
+        };
         for (id, silent_ms) in silent {
             self.remove_member(
                 id,
@@ -1288,9 +1296,32 @@ impl Coordinator {
         }
     }
 
+    /// Members silent past the heartbeat timeout, and how long; sets when to look again.
+    fn silent_members(&mut self) -> Vec<(MemberId, u64)> {
+        let timeout = self.config.heartbeat_timeout_ms;
+        let deadline = |member: &Member| member.last_heard.max(self.grace_until).plus(timeout);
+        let mut silent = Vec::new();
+        let mut earliest = None::<Millis>;
+        for (id, member) in &self.members {
+            let due = deadline(member);
+            if self.now >= due {
+                silent.push((*id, self.now.0 - member.last_heard.0));
+            } else {
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            }
+        }
+        // With nobody left to watch, the next member's deadline is unknown: look every step.
+        self.silence_check_at = earliest.unwrap_or(Millis(0));
+        silent
+    }
+
     /// Members whose bench has run out are planned into the next round again.
     fn end_benches(&mut self) {
         let next = self.last_round.map_or(RoundId(1), RoundId::next);
+        if self.benches_ended_for == Some(next) {
+            return;
+        }
+        self.benches_ended_for = Some(next);
         for member in self.members.values_mut() {
             if let Some(bench) = &mut member.bench
                 && bench.active
@@ -1805,6 +1836,7 @@ impl Coordinator {
                 active: true,
                 strikes,
             });
+            self.benches_ended_for = None;
             self.membership_changed = true;
             out.push(Output::Event(Event::Benched {
                 member: id,
