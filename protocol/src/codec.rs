@@ -42,6 +42,8 @@ const SNAPSHOT_MAX_PAYLOAD: u32 = 256 << 20;
 const SNAPSHOT_MAX_DECODED: usize = 1 << 30;
 const STATE_MAX_PAYLOAD: u32 = 4 << 20;
 const STATE_MAX_DECODED: usize = 16 << 20;
+const PIPELINE_MAX_PAYLOAD: u32 = 4 << 10;
+const PIPELINE_MAX_DECODED: usize = 4 << 10;
 
 /// What a frame carries; each channel has its own magic and size limits, so a frame sent on the
 /// wrong stream is rejected at the header.
@@ -56,6 +58,8 @@ pub enum Channel {
     /// Requests and answers of the peer-to-peer state transfer to joining nodes (tensor bytes
     /// follow a chunk answer's frame raw).
     State,
+    /// Headers of the messages between pipeline stages (the tensor bytes follow raw).
+    Pipeline,
 }
 
 impl Channel {
@@ -66,6 +70,7 @@ impl Channel {
             Channel::Sync => *b"FGSY",
             Channel::Snapshot => *b"FGSN",
             Channel::State => *b"FGST",
+            Channel::Pipeline => *b"FGPL",
         }
     }
 
@@ -76,6 +81,7 @@ impl Channel {
             Channel::Sync => SYNC_MAX_PAYLOAD,
             Channel::Snapshot => SNAPSHOT_MAX_PAYLOAD,
             Channel::State => STATE_MAX_PAYLOAD,
+            Channel::Pipeline => PIPELINE_MAX_PAYLOAD,
         }
     }
 
@@ -86,6 +92,7 @@ impl Channel {
             Channel::Sync => SYNC_MAX_DECODED,
             Channel::Snapshot => SNAPSHOT_MAX_DECODED,
             Channel::State => STATE_MAX_DECODED,
+            Channel::Pipeline => PIPELINE_MAX_DECODED,
         }
     }
 
@@ -95,6 +102,7 @@ impl Channel {
             Channel::Sync => "sync",
             Channel::Snapshot => "snapshot",
             Channel::State => "state",
+            Channel::Pipeline => "pipeline",
         }
     }
 }
@@ -266,6 +274,7 @@ pub fn decode_payload<T: DeserializeOwned>(header: &FrameHeader, payload: &[u8])
         Channel::Sync => from_bincode::<T, SYNC_MAX_DECODED>(raw),
         Channel::Snapshot => from_bincode::<T, SNAPSHOT_MAX_DECODED>(raw),
         Channel::State => from_bincode::<T, STATE_MAX_DECODED>(raw),
+        Channel::Pipeline => from_bincode::<T, PIPELINE_MAX_DECODED>(raw),
     }
 }
 

@@ -70,6 +70,9 @@ pub enum Error {
     #[error("invalid sync chunk header: {reason}; the sending peer is misbehaving")]
     InvalidSyncHeader { reason: String },
 
+    #[error("invalid pipeline message header: {reason}; the neighbouring stage is misbehaving")]
+    InvalidStageHeader { reason: String },
+
     #[error(
         "invalid state-transfer answer: the serving peer sent {what}; it is misbehaving, fetch from other members"
     )]

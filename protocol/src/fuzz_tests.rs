@@ -9,6 +9,7 @@ use crate::messages::{
     Capabilities, CoordinatorMessage, Device, DeviceKind, ErrorCode, ErrorReply, Hello, Join,
     Leave, MemberId, NodeMessage, RoundId, RoundReport, TensorKey,
 };
+use crate::pipeline::{StageDtype, StageHeader, StageKind};
 use crate::quant::{self, Codec, Compression};
 use crate::session::{IdentityProof, Open, OpenReply, Purpose, Status};
 use crate::state::{Manifest, Request, Response};
@@ -169,6 +170,26 @@ fn fuzz_sync_chunk_headers() {
     ];
     fuzz::run_frames("sync: chunk headers", Channel::Sync, &seeds, |bytes| {
         if let Ok(header) = SyncChunkHeader::from_frame(bytes) {
+            assert!(
+                header.check().is_ok(),
+                "from_frame returned an unchecked header"
+            );
+        }
+    });
+}
+
+#[test]
+fn fuzz_pipeline_stage_headers() {
+    let seeds = vec![
+        StageHeader::new(3, 1, StageKind::Activation, StageDtype::F32, vec![2, 64, 128])
+            .to_frame()
+            .unwrap(),
+        StageHeader::new(3, 0, StageKind::Scalars, StageDtype::F32, vec![2])
+            .to_frame()
+            .unwrap(),
+    ];
+    fuzz::run_frames("pipeline: stage headers", Channel::Pipeline, &seeds, |bytes| {
+        if let Ok(header) = StageHeader::from_frame(bytes) {
             assert!(
                 header.check().is_ok(),
                 "from_frame returned an unchecked header"

@@ -15,6 +15,8 @@ pub mod fuzz;
 pub mod messages;
 /// Model families, presets, configs and their analytic parameter, FLOP and memory counts.
 pub mod model;
+/// Headers of the messages between pipeline stages (activations forward, their gradients back).
+pub mod pipeline;
 /// Outer-gradient codecs (fp32, bf16, block int8/int4, optional zstd) and error feedback.
 pub mod quant;
 /// SplitMix64, the seeded generator whose outputs must never change.
