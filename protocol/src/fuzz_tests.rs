@@ -181,21 +181,32 @@ fn fuzz_sync_chunk_headers() {
 #[test]
 fn fuzz_pipeline_stage_headers() {
     let seeds = vec![
-        StageHeader::new(3, 1, StageKind::Activation, StageDtype::F32, vec![2, 64, 128])
-            .to_frame()
-            .unwrap(),
+        StageHeader::new(
+            3,
+            1,
+            StageKind::Activation,
+            StageDtype::F32,
+            vec![2, 64, 128],
+        )
+        .to_frame()
+        .unwrap(),
         StageHeader::new(3, 0, StageKind::Scalars, StageDtype::F32, vec![2])
             .to_frame()
             .unwrap(),
     ];
-    fuzz::run_frames("pipeline: stage headers", Channel::Pipeline, &seeds, |bytes| {
-        if let Ok(header) = StageHeader::from_frame(bytes) {
-            assert!(
-                header.check().is_ok(),
-                "from_frame returned an unchecked header"
-            );
-        }
-    });
+    fuzz::run_frames(
+        "pipeline: stage headers",
+        Channel::Pipeline,
+        &seeds,
+        |bytes| {
+            if let Ok(header) = StageHeader::from_frame(bytes) {
+                assert!(
+                    header.check().is_ok(),
+                    "from_frame returned an unchecked header"
+                );
+            }
+        },
+    );
 }
 
 #[test]

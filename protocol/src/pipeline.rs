@@ -174,7 +174,13 @@ mod tests {
 
     #[test]
     fn a_header_round_trips_and_its_payload_is_bounded_by_its_shape() {
-        let header = StageHeader::new(7, 3, StageKind::Activation, StageDtype::Bf16, vec![2, 64, 128]);
+        let header = StageHeader::new(
+            7,
+            3,
+            StageKind::Activation,
+            StageDtype::Bf16,
+            vec![2, 64, 128],
+        );
         assert_eq!(header.payload_len, 2 * 64 * 128 * 2);
         let back = StageHeader::from_frame(&header.to_frame().unwrap()).unwrap();
         assert_eq!(back, header);
@@ -183,7 +189,13 @@ mod tests {
         lying.payload_len += 1;
         let err = StageHeader::from_frame(&lying.to_frame().unwrap()).unwrap_err();
         assert!(err.to_string().contains("does not make"), "{err}");
-        let huge = StageHeader::new(0, 0, StageKind::Gradient, StageDtype::F32, vec![1 << 20, 1 << 20]);
+        let huge = StageHeader::new(
+            0,
+            0,
+            StageKind::Gradient,
+            StageDtype::F32,
+            vec![1 << 20, 1 << 20],
+        );
         let err = StageHeader::from_frame(&huge.to_frame().unwrap()).unwrap_err();
         assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
         let overflow = StageHeader {

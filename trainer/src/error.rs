@@ -56,6 +56,9 @@ pub enum Error {
     #[error("{0}")]
     Parallel(String),
 
+    #[error("pipeline: {0}")]
+    Pipeline(String),
+
     #[error("invalid benchmark settings: {0}")]
     InvalidBench(String),
 

@@ -33,6 +33,9 @@ pub mod optim;
 pub mod outer_state;
 /// Data parallelism inside a node: one worker per device, gradients summed every step.
 pub mod parallel;
+/// Pipeline stages: a replica's layers split across nodes, GPipe micro-batches, the links
+/// between stages.
+pub mod pipeline;
 /// Seeded text generation: temperature and top-k sampling.
 pub mod sample;
 /// Learning-rate schedules: warmup + cosine, WSD, InfiniteLR, batch-size scaling.

@@ -180,19 +180,27 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
     if defined.is_empty() {
         return 0.0;
     }
-    tch::no_grad(|| {
+    let total = tch::no_grad(|| {
         let norms: Vec<Tensor> = defined.iter().map(|g| g.norm()).collect();
-        let total = f64::try_from(Tensor::stack(&norms, 0).norm()).unwrap_or(f64::NAN);
-        if max_norm > 0.0 && total.is_finite() {
-            let coef = max_norm / (total + 1e-6);
-            if coef < 1.0 {
-                for g in defined {
+        f64::try_from(Tensor::stack(&norms, 0).norm()).unwrap_or(f64::NAN)
+    });
+    clip_to_norm(grads, max_norm, total);
+    total
+}
+
+/// Scales `grads` in place by `max_norm / total` when `total`, their global L2 norm (which a
+/// pipeline stage learns from every stage), is above `max_norm > 0`.
+pub fn clip_to_norm(grads: &[Tensor], max_norm: f64, total: f64) {
+    if max_norm > 0.0 && total.is_finite() {
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            tch::no_grad(|| {
+                for g in grads.iter().filter(|g| g.defined()) {
                     let _ = g.shallow_clone().g_mul_scalar_(coef);
                 }
-            }
+            });
         }
-        total
-    })
+    }
 }
 
 #[cfg(test)]

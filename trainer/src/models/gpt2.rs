@@ -4,6 +4,7 @@
 //! ...). Like HF's `Conv1D`, projection weights are stored (in, out), so `y = x @ W + b`.
 
 use super::{ModelConfig, embed, to_compute};
+use forge_protocol::LayerRange;
 use tch::{Kind, Tensor, nn, nn::Init};
 
 const INIT_STD: f64 = 0.02;
@@ -110,51 +111,78 @@ impl Block {
     }
 }
 
-/// GPT-2 language model.
+/// GPT-2 language model, or the layers of it one pipeline stage holds.
 #[derive(Debug)]
 pub struct Gpt2 {
     pub(crate) cfg: ModelConfig,
     pub(crate) compute: Kind,
-    wte: Tensor, // (vocab, d), also the output head
-    wpe: Tensor, // (max_seq_len, d)
+    /// (vocab, d): the token embedding of the first stage and the output head of the last (a
+    /// last stage that is not also the first holds its own copy; the pipeline adds the two
+    /// copies' gradients, so they stay equal).
+    wte: Option<Tensor>,
+    wpe: Option<Tensor>, // (max_seq_len, d), first stage
     blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Option<LayerNorm>, // last stage
+    embeds: bool,
+    heads: bool,
 }
 
 impl Gpt2 {
     pub fn new(root: &nn::Path<'_>, cfg: &ModelConfig) -> Self {
+        Gpt2::stage(root, cfg, LayerRange::whole(cfg.n_layer as u32))
+    }
+
+    /// The parameters of planner layers `layers` only, under their whole-model names.
+    pub fn stage(root: &nn::Path<'_>, cfg: &ModelConfig, layers: LayerRange) -> Self {
         let p = root / "transformer";
         let randn = Init::Randn {
             mean: 0.0,
             stdev: INIT_STD,
         };
+        let n = cfg.n_layer as u32;
+        let (embeds, heads) = (layers.has_embedding(), layers.has_head(n));
         Gpt2 {
             cfg: cfg.clone(),
             compute: Kind::Float,
-            wte: (&p / "wte").var("weight", &[cfg.vocab_size, cfg.d_model], randn),
-            wpe: (&p / "wpe").var("weight", &[cfg.max_seq_len, cfg.d_model], randn),
-            blocks: (0..cfg.n_layer)
+            wte: (embeds || heads)
+                .then(|| (&p / "wte").var("weight", &[cfg.vocab_size, cfg.d_model], randn)),
+            wpe: embeds.then(|| (&p / "wpe").var("weight", &[cfg.max_seq_len, cfg.d_model], randn)),
+            blocks: layers
+                .blocks(n)
                 .map(|i| Block::new(&p / "h" / i, cfg))
                 .collect(),
-            ln_f: LayerNorm::new(&p / "ln_f", cfg.d_model, cfg.norm_eps),
+            ln_f: heads.then(|| LayerNorm::new(&p / "ln_f", cfg.d_model, cfg.norm_eps)),
+            embeds,
+            heads,
         }
     }
 
-    /// `ids`: (B, T) int64 → logits (B, T, vocab) fp32.
-    pub fn forward(&self, ids: &Tensor) -> Tensor {
-        let t = ids.size()[1];
-        assert!(
-            t <= self.cfg.max_seq_len,
-            "sequence length {t} exceeds max_seq_len {}",
-            self.cfg.max_seq_len
-        );
-        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
-        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos);
+    /// The first stage takes `ids` (B, T) int64, the others the previous stage's output
+    /// (B, T, d) fp32; the last returns logits (B, T, vocab) fp32, the others (B, T, d) fp32.
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        let mut x = match (&self.wte, &self.wpe) {
+            (Some(wte), Some(wpe)) if self.embeds => {
+                let t = input.size()[1];
+                assert!(
+                    t <= self.cfg.max_seq_len,
+                    "sequence length {t} exceeds max_seq_len {}",
+                    self.cfg.max_seq_len
+                );
+                let pos = Tensor::arange(t, (Kind::Int64, input.device()));
+                embed(wte, input) + embed(wpe, &pos)
+            }
+            _ => input.shallow_clone(),
+        };
         for block in &self.blocks {
             x = block.forward(&x, self.compute);
         }
-        let x = to_compute(&self.ln_f.forward(&x), self.compute);
-        x.matmul(&to_compute(&self.wte, self.compute).tr())
-            .to_kind(Kind::Float)
+        match (&self.ln_f, &self.wte) {
+            (Some(ln_f), Some(wte)) if self.heads => {
+                let x = to_compute(&ln_f.forward(&x), self.compute);
+                x.matmul(&to_compute(wte, self.compute).tr())
+                    .to_kind(Kind::Float)
+            }
+            _ => x,
+        }
     }
 }

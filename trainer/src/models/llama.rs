@@ -5,6 +5,7 @@
 //! ...); linear weights are (out, in) as in `nn.Linear`.
 
 use super::{ModelConfig, embed, to_compute};
+use forge_protocol::LayerRange;
 use tch::{Kind, Tensor, nn, nn::Init};
 
 const INIT_STD: f64 = 0.02;
@@ -68,48 +69,66 @@ impl Layer {
     }
 }
 
-/// Llama language model.
+/// Llama language model, or the layers of it one pipeline stage holds.
 #[derive(Debug)]
 pub struct Llama {
     pub(crate) cfg: ModelConfig,
     pub(crate) compute: Kind,
-    embed_tokens: Tensor, // (vocab, d)
+    /// (vocab, d): on the first stage, and on the last when the head is tied to it (a last
+    /// stage that is not also the first holds its own copy; the pipeline adds the two copies'
+    /// gradients, so they stay equal).
+    embed_tokens: Option<Tensor>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Option<Tensor>, // (vocab, d); None when tied to embed_tokens
-    cos: Tensor,             // (max_seq_len, head_dim), fp32, not a parameter
+    norm: Option<Tensor>,    // last stage
+    lm_head: Option<Tensor>, // (vocab, d); last stage, None when tied to embed_tokens
+    embeds: bool,
+    heads: bool,
+    cos: Tensor, // (max_seq_len, head_dim), fp32, not a parameter
     sin: Tensor,
 }
 
 impl Llama {
     pub fn new(root: &nn::Path<'_>, cfg: &ModelConfig) -> Self {
+        Llama::stage(root, cfg, LayerRange::whole(cfg.n_layer as u32))
+    }
+
+    /// The parameters of planner layers `layers` only, under their whole-model names.
+    pub fn stage(root: &nn::Path<'_>, cfg: &ModelConfig, layers: LayerRange) -> Self {
         let p = root / "model";
         let (cos, sin) = rope_tables(cfg, root.device());
+        let n = cfg.n_layer as u32;
+        let (embeds, heads) = (layers.has_embedding(), layers.has_head(n));
         Llama {
             cfg: cfg.clone(),
             compute: Kind::Float,
-            embed_tokens: (&p / "embed_tokens").var(
-                "weight",
-                &[cfg.vocab_size, cfg.d_model],
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: INIT_STD,
-                },
-            ),
-            layers: (0..cfg.n_layer)
+            embed_tokens: (embeds || (heads && cfg.tie_embeddings)).then(|| {
+                (&p / "embed_tokens").var(
+                    "weight",
+                    &[cfg.vocab_size, cfg.d_model],
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: INIT_STD,
+                    },
+                )
+            }),
+            layers: layers
+                .blocks(n)
                 .map(|i| Layer::new(&p / "layers" / i, cfg))
                 .collect(),
-            norm: (&p / "norm").var("weight", &[cfg.d_model], Init::Const(1.0)),
-            lm_head: (!cfg.tie_embeddings)
+            norm: heads.then(|| (&p / "norm").var("weight", &[cfg.d_model], Init::Const(1.0))),
+            lm_head: (heads && !cfg.tie_embeddings)
                 .then(|| linear(root / "lm_head", cfg.d_model, cfg.vocab_size, INIT_STD)),
+            embeds,
+            heads,
             cos,
             sin,
         }
     }
 
-    /// `ids`: (B, T) int64 → logits (B, T, vocab) fp32.
-    pub fn forward(&self, ids: &Tensor) -> Tensor {
-        let (b, t) = ids.size2().expect("ids are (B, T)");
+    /// The first stage takes `ids` (B, T) int64, the others the previous stage's output
+    /// (B, T, d) fp32; the last returns logits (B, T, vocab) fp32, the others (B, T, d) fp32.
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        let (b, t) = (input.size()[0], input.size()[1]);
         assert!(
             t <= self.cfg.max_seq_len,
             "sequence length {t} exceeds max_seq_len {}",
@@ -119,7 +138,10 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t);
         let sin = self.sin.narrow(0, 0, t);
         let eps = self.cfg.norm_eps;
-        let mut x = embed(&self.embed_tokens, ids); // (B, T, d) fp32
+        let mut x = match &self.embed_tokens {
+            Some(table) if self.embeds => embed(table, input), // (B, T, d) fp32
+            _ => input.shallow_clone(),
+        };
         for layer in &self.layers {
             let h = to_compute(&rms_norm(&x, &layer.input_layernorm, eps), self.compute);
             let q = apply(&h, &layer.q_proj)
@@ -152,8 +174,15 @@ impl Llama {
             let gated = apply(&h, &layer.gate_proj).silu() * apply(&h, &layer.up_proj);
             x = &x + apply(&gated, &layer.down_proj).to_kind(Kind::Float);
         }
-        let h = to_compute(&rms_norm(&x, &self.norm, eps), self.compute);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let (Some(norm), true) = (&self.norm, self.heads) else {
+            return x;
+        };
+        let h = to_compute(&rms_norm(&x, norm, eps), self.compute);
+        let head = self
+            .lm_head
+            .as_ref()
+            .or(self.embed_tokens.as_ref())
+            .expect("a last stage holds its head");
         apply(&h, head).to_kind(Kind::Float)
     }
 }

@@ -10,6 +10,7 @@ pub mod weights;
 use crate::error::Result;
 use tch::{Kind, Tensor, nn};
 
+pub use forge_protocol::LayerRange;
 pub use forge_protocol::model::{Family, ModelConfig, ModelSpec, PRESETS, Precision};
 pub use gpt2::Gpt2;
 pub use llama::Llama;
@@ -58,10 +59,20 @@ pub enum Model {
 impl Model {
     /// Builds the model's parameters under `path` (normally `vs.root()`), randomly initialised.
     pub fn new(path: &nn::Path<'_>, cfg: &ModelConfig) -> Result<Self> {
+        Model::stage(path, cfg, LayerRange::whole(cfg.n_layer as u32))
+    }
+
+    /// Builds the parameters of the pipeline stage holding planner layers `layers` (0 the
+    /// embeddings, 1..=n_layer the blocks, n_layer + 1 the final norm and head), under their
+    /// whole-model names; a last stage with a tied head holds its own copy of the embedding.
+    pub fn stage(path: &nn::Path<'_>, cfg: &ModelConfig, layers: LayerRange) -> Result<Self> {
         cfg.validate()?;
+        layers
+            .check(cfg.n_layer as u32)
+            .map_err(|err| crate::error::Error::Pipeline(err.to_string()))?;
         Ok(match cfg.family {
-            Family::Gpt2 => Model::Gpt2(Gpt2::new(path, cfg)),
-            Family::Llama => Model::Llama(Llama::new(path, cfg)),
+            Family::Gpt2 => Model::Gpt2(Gpt2::stage(path, cfg, layers)),
+            Family::Llama => Model::Llama(Llama::stage(path, cfg, layers)),
         })
     }
 
@@ -69,12 +80,24 @@ impl Model {
     /// `seed` and copied over, so every node and every device (CUDA draws differ from the CPU's,
     /// and between GPU models) starts from the same bits: version 0 of a DiLoCo run.
     pub fn seeded(vs: &mut nn::VarStore, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        Model::seeded_stage(vs, cfg, seed, LayerRange::whole(cfg.n_layer as u32))
+    }
+
+    /// [`Model::seeded`] for a pipeline stage: its parameters are the whole model's of the same
+    /// seed (drawn whole on the CPU, the stage's copied over), so a pipeline starts from the bits
+    /// a whole replica does.
+    pub fn seeded_stage(
+        vs: &mut nn::VarStore,
+        cfg: &ModelConfig,
+        seed: u64,
+        layers: LayerRange,
+    ) -> Result<Self> {
         let cpu = nn::VarStore::new(tch::Device::Cpu);
         let model = {
             // libtorch's CPU generator is process-wide: hold it for every draw here (the
             // device's own, overwritten below, too), so no thread makes another's differ.
             let _rng = crate::rng();
-            let model = Model::new(&vs.root(), cfg)?;
+            let model = Model::stage(&vs.root(), cfg, layers)?;
             tch::manual_seed(seed as i64);
             Model::new(&cpu.root(), cfg)?;
             model
@@ -100,7 +123,9 @@ impl Model {
         }
     }
 
-    /// `ids`: (B, T) int64 → logits (B, T, vocab) in fp32.
+    /// `ids`: (B, T) int64 → logits (B, T, vocab) in fp32. For a pipeline stage: the first
+    /// takes `ids`, the others the previous stage's output (B, T, d) fp32; the last returns
+    /// logits, the others their output (B, T, d) fp32.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         match self {
             Model::Gpt2(m) => m.forward(ids),
