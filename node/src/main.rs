@@ -180,6 +180,55 @@ enum BenchCommand {
     /// momentum, fp32) of a --values-parameter model from all the others, timed against the
     /// state's bytes over its link (scripts/bench_allreduce_netns.sh --what state runs it).
     StateTransfer(StateTransferArgs),
+    /// A model's layers in pipeline stages joined over QUIC, against the whole model in one
+    /// process on the same batches, in the same run. Without --addrs: --stages stages in
+    /// threads of this process on 127.0.0.1. With --addrs: this process is stage --rank of a
+    /// pipeline among processes (one per machine or network namespace).
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Debug, Args)]
+struct PipelineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: i64,
+    /// Micro-batches per step (GPipe): more shrink the pipeline's bubble.
+    #[arg(long, default_value_t = 4)]
+    micro_batches: usize,
+    /// Measured steps (the median is reported), after one warm-up step.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// How activations and their gradients travel: fp32 or bf16.
+    #[arg(long, default_value = "fp32", value_parser = stage_dtype)]
+    wire: forge_protocol::pipeline::StageDtype,
+    /// In-process stages (ignored with --addrs).
+    #[arg(long, default_value_t = 2)]
+    stages: usize,
+    /// Every stage's IP:PORT, in stage order, the same list for every member.
+    #[arg(long, value_delimiter = ',')]
+    addrs: Vec<std::net::SocketAddr>,
+    /// This member's stage: its index into --addrs.
+    #[arg(long, requires = "addrs")]
+    rank: Option<usize>,
+    /// libtorch threads of this process.
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Print one JSON object per stage instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn stage_dtype(s: &str) -> Result<forge_protocol::pipeline::StageDtype, String> {
+    match s {
+        "fp32" => Ok(forge_protocol::pipeline::StageDtype::F32),
+        "bf16" => Ok(forge_protocol::pipeline::StageDtype::Bf16),
+        _ => Err(format!("'{s}' is no wire format: fp32 or bf16")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +400,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::TrainStep(args)) => bench_train_step(&args),
         Command::Bench(BenchCommand::AllReduce(args)) => bench_all_reduce(&args),
         Command::Bench(BenchCommand::StateTransfer(args)) => bench_state_transfer(&args),
+        Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline(&args),
     }
 }
 
@@ -628,6 +678,95 @@ fn bench_all_reduce(args: &AllReduceArgs) -> Result<()> {
             report.ring_bound_ratio(bandwidth),
             report.cores_at_bound(bandwidth)
         );
+    }
+    Ok(())
+}
+
+fn bench_pipeline(args: &PipelineArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.batch > 0 && args.seq > 0 && args.steps > 0 && args.micro_batches > 0,
+        "need positive --batch, --seq, --steps and --micro-batches"
+    );
+    anyhow::ensure!(
+        args.micro_batches as i64 <= args.batch,
+        "--micro-batches {} is more than the --batch of {} sequences",
+        args.micro_batches,
+        args.batch
+    );
+    let model = match (&args.model.preset, &args.model.config) {
+        (None, None) => ModelConfig::preset("4m", args.model.family)?,
+        _ => args.model.resolve()?,
+    };
+    anyhow::ensure!(
+        args.seq <= model.max_seq_len,
+        "--seq {} exceeds the model's max_seq_len {}",
+        args.seq,
+        model.max_seq_len
+    );
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let bench = p2p::PipelineBench {
+        model,
+        seq_len: args.seq,
+        batch: args.batch,
+        micro_batches: args.micro_batches,
+        steps: args.steps,
+        wire: args.wire,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let reports = if args.addrs.is_empty() {
+        anyhow::ensure!(
+            args.stages >= 2 && args.stages as i64 <= bench.model.n_layer + 2,
+            "--stages must be between 2 and the model's {} planner layers",
+            bench.model.n_layer + 2
+        );
+        runtime.block_on(p2p::bench_pipeline_local(&bench, args.stages))?
+    } else {
+        anyhow::ensure!(
+            args.addrs.len() >= 2,
+            "--addrs needs at least two stages (IP:PORT,IP:PORT,...)"
+        );
+        let rank = args
+            .rank
+            .context("--addrs needs --rank: this member's stage, an index into the list")?;
+        vec![runtime.block_on(p2p::bench_pipeline_member(&bench, rank, &args.addrs))?]
+    };
+    if args.json {
+        for report in &reports {
+            println!("{}", serde_json::to_string(report)?);
+        }
+        return Ok(());
+    }
+    for report in &reports {
+        let step = p2p::median(&report.step_s);
+        let tokens = report.tokens_per_step as f64;
+        println!(
+            "stage {} of {} (layers {}..{}): step median {step:.3} s = {:.0} tokens/s; sent {:.1} MB \
+             per step = {:.0} bytes per token",
+            report.stage,
+            report.stages,
+            report.layers.0,
+            report.layers.1,
+            tokens / step,
+            report.bytes_sent_per_step / 1e6,
+            report.bytes_sent_per_step / tokens
+        );
+        if let Some(whole) = &report.whole_step_s {
+            let alone = p2p::median(whole);
+            let (s, m) = (report.stages as f64, args.micro_batches as f64);
+            println!(
+                "the whole model in one process, same batches: step median {alone:.3} s = {:.0} \
+                 tokens/s; pipeline / whole = {:.2} (GPipe's bubble with {} micro-batches: {:.0}% \
+                 of a step)",
+                tokens / alone,
+                alone / step,
+                args.micro_batches,
+                100.0 * (s - 1.0) / (m + s - 1.0)
+            );
+        }
     }
     Ok(())
 }

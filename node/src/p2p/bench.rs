@@ -253,7 +253,7 @@ pub(crate) async fn bench_member(
 
 /// Starts benchmark member `rank` on `addrs[rank]` and waits until it is connected to every
 /// other member; returns its handle and every member's peer id, in rank order.
-async fn connect_members(
+pub(super) async fn connect_members(
     rank: usize,
     addrs: &[SocketAddr],
     max_upload_bytes_per_s: Option<u64>,

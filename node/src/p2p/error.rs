@@ -31,6 +31,9 @@ pub(crate) enum Error {
 
     #[error("the peer-to-peer event loop has stopped; the node is shutting down")]
     Stopped,
+
+    #[error("pipeline: {0}")]
+    Pipeline(String),
 }
 
 /// Why an owner refused a contribution (or an all-gather chunk) from a peer.

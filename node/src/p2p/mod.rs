@@ -22,6 +22,8 @@ mod error;
 mod identity;
 mod inbox;
 mod net;
+mod pipeline;
+mod pipeline_bench;
 mod state;
 mod wire;
 
@@ -35,6 +37,9 @@ pub(crate) use bench::{bench_local, bench_member, bench_state_member};
 pub(crate) use error::AllReduceError;
 pub(crate) use identity::load_or_create_keypair;
 pub(crate) use net::{PeerNet, PeerNetConfig, new, quic_multiaddr};
+pub(crate) use pipeline_bench::{
+    PipelineBench, bench_pipeline_local, bench_pipeline_member, median,
+};
 pub(crate) use state::StateSnapshot;
 // The stream decoders and manifest checks, for the fuzz tests.
 #[cfg(test)]

@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use super::all_reduce::Scratch;
 use super::error::{Error, Result};
 use super::inbox::Inbox;
+use super::pipeline::{PIPELINE, PipelineInbox};
 use super::state::{STATE, StateServer};
 use super::wire::{SYNC, UploadLimiter};
 
@@ -89,6 +90,8 @@ pub(crate) struct PeerNet {
     pub(super) state: Arc<StateServer>,
     /// Buffers one all-reduce leaves for the next.
     pub(super) scratch: Arc<std::sync::Mutex<Scratch>>,
+    /// Pipeline streams opened to this node, until a stage link takes them.
+    pub(super) pipeline_inbox: Arc<PipelineInbox>,
 }
 
 impl std::fmt::Debug for PeerNet {
@@ -127,6 +130,10 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
     let state_incoming = control
         .accept(STATE)
         .map_err(|err| Error::Config(format!("cannot accept {STATE}: {err}")))?;
+    let pipeline_incoming = control
+        .accept(PIPELINE)
+        .map_err(|err| Error::Config(format!("cannot accept {PIPELINE}: {err}")))?;
+    let pipeline_inbox = Arc::new(PipelineInbox::default());
     let inbox = Arc::new(Inbox::default());
     let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE);
     let (peer_events, _) = broadcast::channel(PEER_EVENT_QUEUE);
@@ -145,6 +152,7 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
         peer_events: peer_events.clone(),
         state: Arc::clone(&state),
         scratch: Arc::default(),
+        pipeline_inbox: Arc::clone(&pipeline_inbox),
     };
     let event_loop = EventLoop {
         swarm,
@@ -154,6 +162,8 @@ pub(crate) fn new(config: PeerNetConfig) -> Result<(PeerNet, EventLoop)> {
         inbox,
         state_incoming,
         state,
+        pipeline_incoming,
+        pipeline_inbox,
         _serving: serving,
         pending_listens: HashMap::new(),
     };
@@ -243,6 +253,8 @@ pub(crate) struct EventLoop {
     inbox: Arc<Inbox>,
     state_incoming: libp2p_stream::IncomingStreams,
     state: Arc<StateServer>,
+    pipeline_incoming: libp2p_stream::IncomingStreams,
+    pipeline_inbox: Arc<PipelineInbox>,
     /// Dropped with the event loop, which ends the streams being served.
     _serving: watch::Sender<()>,
     peer_events: broadcast::Sender<PeerEvent>,
@@ -273,6 +285,9 @@ impl EventLoop {
                 }
                 // Served in a task per stream, for the same reason.
                 Some((peer, stream)) = self.state_incoming.next() => self.state.accept(peer, stream),
+                Some((peer, stream)) = self.pipeline_incoming.next() => {
+                    self.pipeline_inbox.accept(peer, stream);
+                }
             }
         }
     }

@@ -11,8 +11,8 @@
 //! over all stages and steps its own AdamW: the update a whole replica makes, up to the order
 //! of floating-point sums.
 //!
-//! Stages talk through a [`StageLink`]: in one process ([`MemoryLink`]) or over TCP
-//! ([`TcpLink`]); every message is a [`StageHeader`] and its tensor bytes, checked on arrival
+//! Stages talk through a [`StageLink`]: in one process ([`MemoryLink`]) or over byte streams
+//! ([`StreamLink`]: TCP, or a node's libp2p streams); every message is a [`StageHeader`] and its tensor bytes, checked on arrival
 //! against what the schedule expects.
 
 mod tcp;
@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::models::{Family, LayerRange, Model, ModelConfig, trainable_by_name};
 use crate::optim::{AdamW, AdamWConfig, accumulate, clip_to_norm};
 
-pub use tcp::TcpLink;
+pub use tcp::{StreamLink, StreamPair, TcpLink};
 
 /// How one stage reaches the others of its pipeline. `send` must not wait for the receiver to
 /// read (first and last stage send each other their tied gradients at the same time).

@@ -1,5 +1,6 @@
-//! [`StageLink`] over TCP: every pair of stages joined by one connection, each read by a thread
-//! of its own into a queue, so a send never waits for the peer to read.
+//! [`StageLink`] over byte streams: every pair of stages joined by one bidirectional stream,
+//! each read by a thread of its own into a queue, so a send never waits for the peer to read.
+//! [`TcpLink::mesh`] joins stages over TCP; a node joins them over libp2p streams.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,14 +13,69 @@ use forge_protocol::pipeline::StageHeader;
 use super::{Message, StageLink};
 use crate::error::{Error, Result};
 
-/// One stage's connections to every other stage of its pipeline.
-#[derive(Debug)]
-pub struct TcpLink {
+/// One stage's streams to every other stage of its pipeline.
+pub struct StreamLink {
     stage: u32,
-    to: Vec<Option<TcpStream>>,
+    to: Vec<Option<Box<dyn Write + Send>>>,
     from: Vec<Option<mpsc::Receiver<Result<Message>>>>,
     timeout: Duration,
+    sent: u64,
 }
+
+impl std::fmt::Debug for StreamLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamLink")
+            .field("stage", &self.stage)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The reading and the writing half of one stream to another stage.
+pub type StreamPair = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+impl StreamLink {
+    /// Stage `stage`'s link from its open streams: `streams[j]` joins it to stage `j` (`None`
+    /// for itself). Each reading half gets a thread; `timeout` bounds every wait for a message.
+    pub fn new(
+        stage: u32,
+        streams: Vec<Option<StreamPair>>,
+        timeout: Duration,
+    ) -> Result<StreamLink> {
+        let mut to = Vec::with_capacity(streams.len());
+        let mut from = Vec::with_capacity(streams.len());
+        for (j, pair) in streams.into_iter().enumerate() {
+            let Some((reader, writer)) = pair else {
+                to.push(None);
+                from.push(None);
+                continue;
+            };
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("stage-{j}-reader"))
+                .spawn(move || read_messages(reader, j as u32, tx))
+                .map_err(io_error("starting a reader thread".to_string()))?;
+            to.push(Some(writer));
+            from.push(Some(rx));
+        }
+        Ok(StreamLink {
+            stage,
+            to,
+            from,
+            timeout,
+            sent: 0,
+        })
+    }
+
+    /// Bytes this stage has sent (headers and tensors).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// Stages joined over TCP.
+#[derive(Debug)]
+pub struct TcpLink;
 
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |err| Error::Pipeline(format!("{what}: {err}"))
@@ -35,7 +91,7 @@ impl TcpLink {
         addrs: &[SocketAddr],
         listener: TcpListener,
         timeout: Duration,
-    ) -> Result<TcpLink> {
+    ) -> Result<StreamLink> {
         let n = addrs.len();
         let mut streams: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + timeout;
@@ -75,41 +131,33 @@ impl TcpLink {
             }
             streams[j] = Some(stream);
         }
-        let mut to = Vec::with_capacity(n);
-        let mut from = Vec::with_capacity(n);
-        for (j, stream) in streams.into_iter().enumerate() {
-            let Some(stream) = stream else {
-                to.push(None);
-                from.push(None);
-                continue;
-            };
-            stream
-                .set_nodelay(true)
-                .and_then(|()| stream.set_read_timeout(None))
-                .map_err(io_error(format!("configuring the connection to stage {j}")))?;
-            let reader = stream
-                .try_clone()
-                .map_err(io_error(format!("the connection to stage {j}")))?;
-            let (tx, rx) = mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("stage-{j}-reader"))
-                .spawn(move || read_messages(reader, j as u32, tx))
-                .map_err(io_error("starting a reader thread".to_string()))?;
-            to.push(Some(stream));
-            from.push(Some(rx));
-        }
-        Ok(TcpLink {
-            stage,
-            to,
-            from,
-            timeout,
-        })
+        let pairs = streams
+            .into_iter()
+            .enumerate()
+            .map(|(j, stream)| {
+                let Some(stream) = stream else {
+                    return Ok(None);
+                };
+                stream
+                    .set_nodelay(true)
+                    .and_then(|()| stream.set_read_timeout(None))
+                    .map_err(io_error(format!("configuring the connection to stage {j}")))?;
+                let reader = stream
+                    .try_clone()
+                    .map_err(io_error(format!("the connection to stage {j}")))?;
+                Ok(Some((
+                    Box::new(reader) as Box<dyn Read + Send>,
+                    Box::new(stream) as Box<dyn Write + Send>,
+                )))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        StreamLink::new(stage, pairs, timeout)
     }
 }
 
 /// Reads messages from stage `from` until the connection ends or sends something malformed
 /// (then the error is the last thing queued).
-fn read_messages(mut stream: TcpStream, from: u32, tx: mpsc::Sender<Result<Message>>) {
+fn read_messages(mut stream: Box<dyn Read + Send>, from: u32, tx: mpsc::Sender<Result<Message>>) {
     loop {
         let message = read_message(&mut stream, from);
         let end = message.is_err();
@@ -119,7 +167,7 @@ fn read_messages(mut stream: TcpStream, from: u32, tx: mpsc::Sender<Result<Messa
     }
 }
 
-fn read_message(stream: &mut TcpStream, from: u32) -> Result<Message> {
+fn read_message(stream: &mut dyn Read, from: u32) -> Result<Message> {
     let bad = |err: String| Error::Pipeline(format!("stage {from}: {err}"));
     let mut frame = vec![0u8; HEADER_LEN];
     stream
@@ -139,7 +187,7 @@ fn read_message(stream: &mut TcpStream, from: u32) -> Result<Message> {
     Ok((header, payload))
 }
 
-impl StageLink for TcpLink {
+impl StageLink for StreamLink {
     fn send(&mut self, to: u32, header: &StageHeader, payload: &[u8]) -> Result<()> {
         let stage = self.stage;
         let stream = self
@@ -153,7 +201,10 @@ impl StageLink for TcpLink {
         stream
             .write_all(&frame)
             .and_then(|()| stream.write_all(payload))
-            .map_err(io_error(format!("sending to stage {to}")))
+            .and_then(|()| stream.flush())
+            .map_err(io_error(format!("sending to stage {to}")))?;
+        self.sent += (frame.len() + payload.len()) as u64;
+        Ok(())
     }
 
     fn recv(&mut self, from: u32) -> Result<Message> {
