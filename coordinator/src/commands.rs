@@ -138,6 +138,10 @@ fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1e3)
+}
+
 fn place(assignment: Option<&Assignment>) -> String {
     match assignment {
         None => "standby".to_string(),
@@ -198,17 +202,30 @@ fn describe(addr: SocketAddr, status: &Status) -> String {
         let stages: Vec<String> = replica
             .stages
             .iter()
-            .map(|stage| match stage.stage {
-                None => format!("member {} (whole model)", stage.member.0),
-                Some(st) => format!(
-                    "member {} (layers {}..{})",
-                    stage.member.0, st.layers.start, st.layers.end
-                ),
+            .map(|stage| {
+                let layers = match stage.stage {
+                    None => "whole model".to_string(),
+                    Some(st) => format!("layers {}..{}", st.layers.start, st.layers.end),
+                };
+                let predicted = stage.predicted.map_or(String::new(), |p| {
+                    format!(
+                        ", {}, {} compute + {} transfer",
+                        gb(p.memory_bytes),
+                        ms(p.compute_us),
+                        ms(p.transfer_us)
+                    )
+                });
+                format!("member {} ({layers}{predicted})", stage.member.0)
             })
             .collect();
+        let predicted = replica
+            .predicted_us_per_micro_batch
+            .map_or(String::new(), |us| {
+                format!("; predicted {} per micro-batch", ms(us))
+            });
         let _ = writeln!(
             s,
-            "  replica {} (data shard {}): {}",
+            "  replica {} (data shard {}): {}{predicted}",
             replica.replica.0,
             replica.data_shard.index,
             stages.join(" → ")
@@ -277,4 +294,61 @@ fn describe(addr: SocketAddr, status: &Status) -> String {
             .map_or("none yet".to_string(), |r| format!("round {}", r.0))
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use forge_protocol::session::{ReplicaStatus, StagePrediction, StageStatus};
+    use forge_protocol::{DataShard, LayerRange, MemberId, ReplicaId, StageAssignment};
+
+    use super::*;
+
+    #[test]
+    fn status_shows_each_stage_with_the_planners_prediction() {
+        let stage = |member: u64, index: u32, layers: (u32, u32), compute_us: u64| StageStatus {
+            member: MemberId(member),
+            stage: Some(StageAssignment {
+                stage: index,
+                stages: 2,
+                layers: LayerRange {
+                    start: layers.0,
+                    end: layers.1,
+                },
+            }),
+            predicted: Some(StagePrediction {
+                memory_bytes: 2_500_000_000,
+                compute_us,
+                transfer_us: 1_500,
+            }),
+        };
+        let status = Status {
+            software_version: "0.1.0".to_string(),
+            members: Vec::new(),
+            replicas: vec![ReplicaStatus {
+                replica: ReplicaId(3),
+                data_shard: DataShard { index: 1, count: 4 },
+                stages: vec![stage(4, 0, (0, 3), 12_000), stage(7, 1, (3, 6), 20_250)],
+                predicted_us_per_micro_batch: Some(21_750),
+            }],
+            standby: vec![MemberId(9)],
+            open_round: None,
+            last_round: None,
+            rounds_committed: 0,
+            rounds_abandoned: 0,
+            recent_rounds: Vec::new(),
+            global_version: 0,
+            last_checkpoint: None,
+            data: None,
+        };
+        let text = describe("127.0.0.1:7000".parse().unwrap(), &status);
+        assert!(
+            text.contains(
+                "  replica 3 (data shard 1): member 4 (layers 0..3, 2.5 GB, 12.0 ms compute + 1.5 ms \
+                 transfer) → member 7 (layers 3..6, 2.5 GB, 20.2 ms compute + 1.5 ms transfer); \
+                 predicted 21.8 ms per micro-batch\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  standby: members 9\n"), "{text}");
+    }
 }

@@ -1354,7 +1354,7 @@ impl Coordinator {
                     .map(|(id, member)| node_from_capabilities(id.0, &member.capabilities, profile))
                     .collect();
                 let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes);
-                let groups = plan
+                let mut groups: Vec<Vec<_>> = plan
                     .replicas
                     .iter()
                     .map(|replica| {
@@ -1374,6 +1374,9 @@ impl Coordinator {
                             .collect()
                     })
                     .collect();
+                // In member order, as without a model, so new replicas get their ids and data
+                // shards in join order (the planner lists them by memory).
+                groups.sort_by_key(|group| group[0].0);
                 self.plan = Some(plan);
                 groups
             }

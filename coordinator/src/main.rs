@@ -182,7 +182,7 @@ fn describe(profile: &ModelProfile, nodes: &[NodeProfile], plan: &Plan) -> Strin
     };
     let width = nodes.iter().map(|node| node.name.len()).max().unwrap_or(4);
     let weights: u64 = profile.layers.iter().map(|l| l.param_bytes).sum();
-    let adam: u64 = profile.layers.iter().map(|l| l.optimizer_bytes).sum();
+    let optimizer: u64 = profile.layers.iter().map(|l| l.optimizer_bytes).sum();
     let activations: u64 = profile.layers.iter().map(|l| l.activation_bytes).sum();
     let mut s = String::new();
     let _ = writeln!(
@@ -195,10 +195,10 @@ fn describe(profile: &ModelProfile, nodes: &[NodeProfile], plan: &Plan) -> Strin
     );
     let _ = writeln!(
         s,
-        "  whole model on one node: {} = weights+grads {} + AdamW {} + activations {} per micro-batch",
+        "  whole model on one node: {} = weights+grads {} + AdamW and outer state {} + activations {} per micro-batch",
         gb(profile.whole_model_bytes()),
         gb(weights),
-        gb(adam),
+        gb(optimizer),
         gb(activations)
     );
     let _ = writeln!(

@@ -37,6 +37,7 @@ pub struct LayerProfile {
     pub name: String,
     /// Weights plus gradients.
     pub param_bytes: u64,
+    /// Optimizer state: AdamW's moments and the DiLoCo outer state (global params, momentum).
     pub optimizer_bytes: u64,
     /// Activations saved for backward, per micro-batch.
     pub activation_bytes: u64,

@@ -4,16 +4,18 @@
 //! The presets, the parameter counts and the bytes per parameter are the shared model
 //! vocabulary of `forge_protocol::model`, so the planner and the trainer agree on every model.
 //! Memory accounting assumes mixed-precision training as the trainer does it: fp32 weights and
-//! gradients (8 bytes per parameter), AdamW moments in fp32 (8 bytes per parameter), bf16
+//! gradients (8 bytes per parameter), AdamW moments in fp32 (8 bytes per parameter), the DiLoCo
+//! outer state (fp32 global parameters and outer momentum, 8 bytes per parameter), bf16
 //! activations saved for backward with flash attention (no sequence² term), fp32 logits for the
-//! loss. FLOPs are 6 per parameter per token for the matrix multiplies plus 12·seq·d_model per
+//! loss. The outer state lives in host memory on a GPU node; it is counted against the stage's
+//! device all the same, so a GPU's budget errs on the safe side. FLOPs are 6 per parameter per token for the matrix multiplies plus 12·seq·d_model per
 //! token per layer for attention.
 
 use std::path::Path;
 
 use forge_protocol::model::{
     ACTIVATION_BYTES, ADAMW_BYTES, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, Family, LOGIT_BYTES,
-    ModelConfig, PRESETS, Preset, WEIGHT_AND_GRAD_BYTES,
+    ModelConfig, OUTER_STATE_BYTES, PRESETS, Preset, WEIGHT_AND_GRAD_BYTES,
 };
 use forge_protocol::{Capabilities, DeviceKind};
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,10 @@ pub struct Architecture {
     /// Sequences per micro-batch.
     pub micro_batch: u64,
     pub tie_embeddings: bool,
+    /// gpt2's position table size when it is longer than `seq_len` (a run trained on shorter
+    /// sequences than the model's maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seq_len: Option<u64>,
 }
 
 impl Architecture {
@@ -66,11 +72,31 @@ impl Architecture {
             seq_len: count(cfg.max_seq_len),
             micro_batch: preset.plan_micro_batch,
             tie_embeddings: cfg.tie_embeddings,
+            max_seq_len: None,
         })
     }
 
+    /// A run's model (a resolved `[model]` table), planned at the run's sequence length and
+    /// micro-batch.
+    pub fn from_model(model: &ModelConfig, seq_len: u64, micro_batch: u64) -> Architecture {
+        let count = |value: i64| value as u64;
+        Architecture {
+            family: model.family,
+            vocab_size: count(model.vocab_size),
+            n_layer: count(model.n_layer),
+            n_head: count(model.n_head),
+            n_kv_head: count(model.n_kv_head),
+            d_model: count(model.d_model),
+            d_ff: count(model.d_ff),
+            seq_len,
+            micro_batch,
+            tie_embeddings: model.tie_embeddings,
+            max_seq_len: Some(count(model.max_seq_len)),
+        }
+    }
+
     /// The shared model description these numbers stand for, so every parameter count comes
-    /// from one place; `seq_len` sizes gpt2's position table. Norm epsilon and RoPE base change
+    /// from one place; `max_seq_len` (else `seq_len`) sizes gpt2's position table. Norm epsilon and RoPE base change
     /// no count, so the common defaults stand in for them.
     fn model_config(&self, name: &str) -> Result<ModelConfig> {
         let field = |field: &str, value: u64| {
@@ -87,7 +113,7 @@ impl Architecture {
             n_kv_head: field("n_kv_head", self.n_kv_head)?,
             d_model: field("d_model", self.d_model)?,
             d_ff: field("d_ff", self.d_ff)?,
-            max_seq_len: field("seq_len", self.seq_len)?,
+            max_seq_len: field("max_seq_len", self.max_seq_len.unwrap_or(self.seq_len))?,
             norm_eps: DEFAULT_NORM_EPS,
             rope_theta: DEFAULT_ROPE_THETA,
             tie_embeddings: self.tie_embeddings,
@@ -103,6 +129,12 @@ impl Architecture {
         if self.micro_batch == 0 {
             return Err(bad("micro_batch must be positive".into()));
         }
+        if let Some(max) = self.max_seq_len.filter(|&max| max < self.seq_len) {
+            return Err(bad(format!(
+                "seq_len {} exceeds max_seq_len {max}",
+                self.seq_len
+            )));
+        }
         self.model_config(name)?
             .validate()
             .map_err(|e| bad(e.to_string()))
@@ -117,7 +149,13 @@ impl Architecture {
         let tokens = self.micro_batch * self.seq_len;
         let kv = self.n_kv_head * (d / self.n_head);
         let boundary = tokens * d * ACTIVATION_BYTES;
-        let state = |params: u64| (params * WEIGHT_AND_GRAD_BYTES, params * ADAMW_BYTES);
+        // Weights + gradients; AdamW moments + the DiLoCo outer state (global params, momentum).
+        let state = |params: u64| {
+            (
+                params * WEIGHT_AND_GRAD_BYTES,
+                params * (ADAMW_BYTES + OUTER_STATE_BYTES),
+            )
+        };
 
         let embedding = params(cfg.embedding_params());
         let (param_bytes, optimizer_bytes) = state(embedding + params(cfg.position_params()));
@@ -349,7 +387,9 @@ pub fn load_nodes(path: &Path) -> Result<Vec<NodeProfile>> {
 }
 
 /// The planner's view of a joining node: its accelerators if it has any, else its CPU memory;
-/// FLOP/s from its measured tokens/s on this model.
+/// FLOP/s from its measured tokens/s on this model. A device that reports 0 bytes does not know
+/// its memory (a CUDA build without the `nccl` feature): the node is taken to hold the whole
+/// model, as every node did before the coordinator planned stages.
 pub fn node_from_capabilities(
     id: u64,
     capabilities: &Capabilities,
@@ -369,7 +409,10 @@ pub fn node_from_capabilities(
     NodeProfile {
         id,
         name: format!("member {id}"),
-        memory_bytes: (smallest as f64 * USABLE_MEMORY_FRACTION) as u64,
+        memory_bytes: match smallest {
+            0 => u64::MAX,
+            known => (known as f64 * USABLE_MEMORY_FRACTION) as u64,
+        },
         flops_per_s: capabilities.tokens_per_s * profile.flops_per_token(),
         upload_bytes_per_s: capabilities.upload_bytes_per_s as f64,
         download_bytes_per_s: capabilities.download_bytes_per_s as f64,
@@ -430,6 +473,75 @@ mod tests {
         };
         assert_eq!(parameters(&profile), untied.param_count() as u64);
         assert_eq!(profile.layers.last().unwrap().tied_to, None);
+    }
+
+    #[test]
+    fn whole_model_memory_of_tiny_by_hand() {
+        // The tiny preset (llama, vocab 2048, 4 layers, d 128, 4 heads, ffn 384, tied head) at
+        // the tiny CPU run's shape: micro-batch 16 of 128 tokens.
+        let model = ModelConfig::preset("tiny", None).unwrap();
+        let profile = Architecture::from_model(&model, 128, 16)
+            .profile("tiny")
+            .unwrap();
+        let params: u64 = 1_115_264;
+        // fp32 weights 4 + grads 4 + AdamW moments 8 + outer global params 4 + momentum 4.
+        let state = params * 24;
+        let tokens: u64 = 16 * 128;
+        // Per block and token, bf16: 2 norms in + out (4·128), q and attention out (2·128),
+        // k and v (2·128), SwiGLU gate, up and product (3·384) = 2176 values × 2 bytes.
+        let block = 2176 * 2;
+        // Head, per token: final norm in + out in bf16 (2·128·2) and fp32 logits (2048·4).
+        let head = 2 * 128 * 2 + 2048 * 4;
+        let activations = tokens * (4 * block + head);
+        assert_eq!(state, 26_766_336);
+        assert_eq!(profile.whole_model_bytes(), state + activations);
+        assert_eq!(profile.whole_model_bytes(), 80_243_712);
+    }
+
+    #[test]
+    fn a_run_shorter_than_the_model_keeps_gpt2_position_table() {
+        let model = ModelConfig::preset("gpt2-124m", None).unwrap();
+        let short = Architecture::from_model(&model, 256, 4)
+            .profile("gpt2")
+            .unwrap();
+        assert_eq!(parameters(&short), model.param_count() as u64);
+        assert_eq!(short.tokens_per_micro_batch, 1024);
+        let too_long = Architecture::from_model(&model, 2048, 4)
+            .profile("gpt2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            too_long.contains("seq_len 2048 exceeds max_seq_len 1024"),
+            "{too_long}"
+        );
+    }
+
+    #[test]
+    fn a_node_is_planned_with_its_smallest_accelerator_or_unknown_memory_as_whole() {
+        let profile = load_model("tiny", None, None).unwrap();
+        let device = |kind, memory_bytes| forge_protocol::Device {
+            kind,
+            name: "d".to_string(),
+            memory_bytes,
+        };
+        let mut caps = crate::identity::simulated_capabilities("p".to_string());
+        caps.devices = vec![
+            device(DeviceKind::Cpu, 64 << 30),
+            device(DeviceKind::Cuda, 2 << 30),
+            device(DeviceKind::Cuda, 1 << 30),
+        ];
+        let node = node_from_capabilities(7, &caps, &profile);
+        assert_eq!(
+            node.memory_bytes,
+            ((1u64 << 30) as f64 * USABLE_MEMORY_FRACTION) as u64
+        );
+        assert_eq!(node.flops_per_s, 1_000.0 * profile.flops_per_token());
+        caps.devices[2].memory_bytes = 0;
+        let unknown = node_from_capabilities(7, &caps, &profile);
+        assert!(unknown.memory_bytes >= profile.whole_model_bytes());
+        let plan = crate::planner::plan(&profile, &[unknown]);
+        assert_eq!(plan.replicas.len(), 1);
+        assert_eq!(plan.replicas[0].stages.len(), 1);
     }
 
     #[test]

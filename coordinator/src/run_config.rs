@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::core::{CoordinatorConfig, Limits};
 use crate::data::DataPlan;
 use crate::error::{Error, Result};
+use crate::planner::ModelProfile;
+use crate::profile::Architecture;
 
 /// The `[coordinator]` table; every key is optional and unknown keys are refused.
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,10 @@ pub fn load(path: &Path) -> Result<CoordinatorConfig> {
 /// whole file with the shared schema, then the `[coordinator]` table.
 pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     let run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
+    let model = model_profile(&run).map_err(|err| Error::RunConfig {
+        path: path.to_path_buf(),
+        reason: err.to_string(),
+    })?;
     let final_version = run.final_version();
     let pace = run
         .diloco
@@ -81,7 +87,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
         section.as_ref().and_then(pick).unwrap_or(default)
     };
     let config = CoordinatorConfig {
-        model: None,
+        model: Some(model),
         min_replicas: section
             .as_ref()
             .and_then(|s| s.min_replicas)
@@ -120,8 +126,26 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     Ok(config)
 }
 
+/// The planner's view of the run's model at the run's batch shape: the largest micro-batch any
+/// device runs (`[train.parallel] micro_batch` lists them per device) of `seq_len` tokens.
+fn model_profile(run: &RunConfig) -> Result<ModelProfile> {
+    let model = run.model_config().map_err(Error::InvalidRunConfig)?;
+    let micro_batch = run
+        .train
+        .parallel
+        .micro_batch
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(run.train.micro_batch);
+    Architecture::from_model(&model, run.train.seq_len as u64, micro_batch as u64)
+        .profile(&run.model.preset)
+}
+
 #[cfg(test)]
 mod tests {
+    use forge_protocol::model::ModelConfig;
+
     use super::*;
 
     /// A complete run config without a `[coordinator]` table, plus `extra` at the end.
@@ -137,6 +161,26 @@ mod tests {
         assert_eq!(config.run_config, text);
         assert_eq!(config.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
         assert_eq!(config.min_replicas, DEFAULT_MIN_REPLICAS);
+    }
+
+    #[test]
+    fn the_runs_model_is_planned_at_the_runs_batch_shape() {
+        let config = parse(run_config(""), Path::new("run.toml")).unwrap();
+        let profile = config.model.expect("serve plans stages");
+        let model = ModelConfig::preset("tiny", None).unwrap();
+        // tiny-cpu.toml trains micro-batches of 16 sequences of 128 tokens.
+        let expected = Architecture::from_model(&model, 128, 16)
+            .profile("tiny")
+            .unwrap();
+        assert_eq!(profile, expected);
+        assert_eq!(profile.tokens_per_micro_batch, 16 * 128);
+        // Overrides in [model] and the per-device micro-batches change what is planned.
+        let text = run_config("")
+            .replacen("preset = \"tiny\"", "preset = \"tiny\"\nn_layer = 6", 1)
+            .replacen("# micro_batch = []", "micro_batch = [16, 32]", 1);
+        let profile = parse(text, Path::new("run.toml")).unwrap().model.unwrap();
+        assert_eq!(profile.layers.len(), 6 + 2);
+        assert_eq!(profile.tokens_per_micro_batch, 32 * 128);
     }
 
     #[test]

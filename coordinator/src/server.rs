@@ -19,9 +19,10 @@ use forge_coordinator_client::ClusterToken;
 use forge_coordinator_client::wire::{read_frame, read_frame_within, write_frame};
 use forge_protocol::session::{
     DataStatus, IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, MemberStatus, Open,
-    OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord, StageStatus, Status,
+    OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord, StagePrediction, StageStatus,
+    Status,
 };
-use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, NodeMessage};
+use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, MemberId, NodeMessage};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -30,6 +31,7 @@ use crate::core::{
 };
 use crate::error::{Error, Result};
 use crate::latency::Histogram;
+use crate::planner::{Plan, ReplicaPlan};
 use crate::store::{Changes, RoundHistory, Store};
 use crate::tls::{self, Identity};
 
@@ -850,6 +852,7 @@ impl EventLoop {
 
     fn status(&self) -> Status {
         let now = self.core.now();
+        let plan = self.core.plan();
         let mut replicas: BTreeMap<_, ReplicaStatus> = BTreeMap::new();
         let mut standby = Vec::new();
         let members = self
@@ -863,11 +866,15 @@ impl EventLoop {
                             replica: assignment.replica,
                             data_shard: assignment.data_shard,
                             stages: Vec::new(),
+                            predicted_us_per_micro_batch: plan
+                                .and_then(|plan| planned_replica(plan, view.member))
+                                .map(|replica| micros(replica.bottleneck_s())),
                         })
                         .stages
                         .push(StageStatus {
                             member: view.member,
                             stage: assignment.stage,
+                            predicted: plan.and_then(|plan| predicted_stage(plan, view.member)),
                         }),
                     None => standby.push(view.member),
                 }
@@ -923,6 +930,31 @@ impl EventLoop {
                 }),
         }
     }
+}
+
+/// The replica of `plan` that `member` holds a stage of.
+fn planned_replica(plan: &Plan, member: MemberId) -> Option<&ReplicaPlan> {
+    plan.replicas
+        .iter()
+        .find(|replica| replica.stages.iter().any(|stage| stage.node == member.0))
+}
+
+/// The planner's cost of `member`'s stage.
+fn predicted_stage(plan: &Plan, member: MemberId) -> Option<StagePrediction> {
+    let stage = planned_replica(plan, member)?
+        .stages
+        .iter()
+        .find(|stage| stage.node == member.0)?;
+    Some(StagePrediction {
+        memory_bytes: stage.memory_bytes,
+        compute_us: micros(stage.compute_s),
+        transfer_us: micros(stage.transfer_s),
+    })
+}
+
+/// Seconds as whole microseconds (saturating: a member that reported no speed costs forever).
+fn micros(seconds: f64) -> u64 {
+    (seconds * 1e6).round() as u64
 }
 
 fn unix_ms() -> u64 {

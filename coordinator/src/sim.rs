@@ -656,8 +656,11 @@ impl Driver {
     }
 
     pub(crate) fn join(&mut self, conn: u64, memory_bytes: u64) -> (MemberId, Vec<Output>) {
+        self.join_with(conn, capabilities(&format!("peer-{conn}"), memory_bytes))
+    }
+
+    pub(crate) fn join_with(&mut self, conn: u64, caps: Capabilities) -> (MemberId, Vec<Output>) {
         self.send(conn, NodeMessage::Hello(Hello::current()));
-        let caps = capabilities(&format!("peer-{conn}"), memory_bytes);
         let outputs = self.send(
             conn,
             NodeMessage::Join(Join {
@@ -746,7 +749,8 @@ pub(crate) fn messages_to(outputs: &[Output], conn: u64) -> Vec<&CoordinatorMess
 mod tests {
     use forge_protocol::stream::{self, DataDigest};
     use forge_protocol::{
-        CheckpointShardFailed, ErrorCode, InitialState, PROTOCOL_VERSION, PeersChanged, Ready,
+        Assignment, CheckpointShardFailed, ErrorCode, InitialState, PROTOCOL_VERSION, PeersChanged,
+        Ready,
     };
 
     use super::*;
@@ -2288,6 +2292,183 @@ mod tests {
         let profile = Architecture::preset("4m").unwrap().profile("4m").unwrap();
         let whole = profile.whole_model_bytes();
         (profile, whole)
+    }
+
+    /// Every member's assignment, in member order.
+    fn assignments(coordinator: &Coordinator) -> Vec<(MemberId, Option<Assignment>)> {
+        coordinator
+            .members()
+            .map(|(id, assignment)| (id, assignment.copied()))
+            .collect()
+    }
+
+    #[test]
+    fn members_that_fit_the_model_are_the_same_replicas_with_planning_on() {
+        let tiny = || {
+            Architecture::preset("tiny")
+                .unwrap()
+                .profile("tiny")
+                .unwrap()
+        };
+        // Memory in another order than joins: the planner lists nodes by memory, the replicas
+        // must not be. Members 2-4 join during round 1 and are planned together when it closes.
+        let memories = [24 << 30, 2 << 30, 1 << 30, 8 << 30];
+        let run = |model: Option<ModelProfile>| {
+            let mut cfg = config(1);
+            cfg.model = model;
+            let mut driver = Driver::new(cfg);
+            for (conn, memory) in (1..).zip(memories) {
+                driver.join(conn, memory);
+            }
+            let outputs = driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+            assert_eq!(opened(&outputs).map(|o| o.1.len()), Some(4));
+            driver
+        };
+        let planned = run(Some(tiny()));
+        assert!(
+            planned.coordinator.plan().is_some(),
+            "the model was planned"
+        );
+        let expected = assignments(&run(None).coordinator);
+        assert_eq!(assignments(&planned.coordinator), expected);
+        assert_eq!(expected.len(), memories.len());
+        let replicas: BTreeSet<_> = expected
+            .iter()
+            .map(|(_, a)| {
+                let a = a.expect("every member is a replica");
+                assert_eq!(a.stage, None, "no stage assignments");
+                a.replica
+            })
+            .collect();
+        assert_eq!(replicas.len(), memories.len(), "one replica per member");
+
+        // And over a lossy network with a crash, round for round the same as without a model.
+        for seed in 0..3 {
+            let mut cfg = config(2);
+            cfg.model = Some(tiny());
+            let mut with = Sim::new(cfg, 5, LOSSY, seed);
+            let mut without = Sim::new(config(2), 5, LOSSY, seed);
+            for sim in [&mut with, &mut without] {
+                sim.run_until(10_000);
+                sim.crash(2);
+                sim.run_until(30_000);
+            }
+            assert!(with.committed_rounds() >= 3, "seed {seed}");
+            assert_eq!(with.record.closed, without.record.closed, "seed {seed}");
+            assert_eq!(
+                assignments(&with.coordinator),
+                assignments(&without.coordinator),
+                "seed {seed}"
+            );
+        }
+    }
+
+    /// Two members that hold the 4m model only together form a pipeline (round 1); a third,
+    /// slow one joins during that round.
+    fn pipeline_and_a_slow_joiner() -> (Driver, ModelProfile, [MemberId; 3]) {
+        let (profile, whole) = pipeline_profile();
+        let mut cfg = config(1);
+        cfg.model = Some(profile.clone());
+        let mut driver = Driver::new(cfg);
+        let (first, _) = driver.join(1, whole);
+        let (second, outputs) = driver.join(2, whole);
+        assert_eq!(opened(&outputs).map(|o| o.1), Some(vec![first, second]));
+        let mut slow = capabilities("peer-3", whole);
+        slow.tokens_per_s = 5_000.0;
+        let (third, _) = driver.join_with(3, slow);
+        (driver, profile, [first, second, third])
+    }
+
+    #[test]
+    fn a_join_that_gains_less_than_the_rebalance_threshold_leaves_the_pipeline_alone() {
+        let (mut driver, profile, [first, second, third]) = pipeline_and_a_slow_joiner();
+        let running = driver.coordinator.plan().unwrap().clone();
+        assert_eq!(running.replicas.len(), 1);
+        assert_eq!(running.replicas[0].stages.len(), 2);
+        let before = assignments(&driver.coordinator);
+
+        // The premise: with the joiner a plan from scratch is faster, but not 1.3× faster.
+        let (_, whole) = pipeline_profile();
+        let nodes: Vec<_> = [(1, 10_000.0), (2, 10_000.0), (3, 5_000.0)]
+            .into_iter()
+            .map(|(id, tokens_per_s)| {
+                let mut caps = capabilities(&format!("peer-{id}"), whole);
+                caps.tokens_per_s = tokens_per_s;
+                crate::profile::node_from_capabilities(id, &caps, &profile)
+            })
+            .collect();
+        let fresh = crate::planner::plan(&profile, &nodes);
+        let gain = fresh.throughput() / running.throughput();
+        assert!(
+            gain > 1.0 && gain < crate::planner::REBALANCE_GAIN,
+            "gain {gain}"
+        );
+        assert_ne!(fresh.replicas, running.replicas);
+
+        let round = driver.coordinator.open_round().unwrap();
+        driver.report(1, round, honest_digest(round));
+        let outputs = driver.report(2, round, honest_digest(round));
+        assert!(closed(&outputs).is_some(), "round 1 closed");
+        // Re-planned with the joiner: the pipeline is kept as it was, the joiner waits.
+        assert_eq!(
+            driver.coordinator.plan().unwrap().replicas,
+            running.replicas
+        );
+        assert_eq!(driver.coordinator.plan().unwrap().standby, vec![third.0]);
+        let after = assignments(&driver.coordinator);
+        assert_eq!(after[..2], before[..2]);
+        assert_eq!(after[2], (third, None));
+        for conn in [1, 2] {
+            assert!(
+                !messages_to(&outputs, conn)
+                    .iter()
+                    .any(|m| matches!(m, CoordinatorMessage::Assigned(_))),
+                "member on conn {conn} was re-assigned"
+            );
+        }
+        assert_eq!(opened(&outputs).map(|o| o.1), Some(vec![first, second]));
+    }
+
+    #[test]
+    fn losing_a_stage_node_re_plans_the_pipeline() {
+        let (mut driver, _, [first, _second, third]) = pipeline_and_a_slow_joiner();
+        let round = driver.coordinator.open_round().unwrap();
+        driver.report(1, round, honest_digest(round));
+        driver.report(2, round, honest_digest(round));
+        let kept = driver.coordinator.plan().unwrap().clone();
+        assert_eq!(kept.standby, vec![third.0]);
+
+        // Round 2 runs on the pipeline; its second stage leaves, and the round ends with the
+        // first stage's report: re-planning waits for no round.
+        let round = driver.coordinator.open_round().unwrap();
+        let mut outputs = driver.leave(2, "stage node going away");
+        assert_eq!(
+            driver.coordinator.plan().unwrap(),
+            &kept,
+            "not in the middle of a round"
+        );
+        outputs.extend(driver.report(1, round, honest_digest(round)));
+        assert!(closed(&outputs).is_some(), "round {round} closed");
+        let plan = driver.coordinator.plan().unwrap();
+        assert_eq!(plan.replicas.len(), 1);
+        let nodes: Vec<u64> = plan.replicas[0].stages.iter().map(|s| s.node).collect();
+        assert_eq!(
+            nodes.iter().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([first.0, third.0])
+        );
+        assert!(plan.standby.is_empty());
+        // Both hear their new stage: the first its changed layers, the joiner its first work.
+        for conn in [1, 3] {
+            let stage = messages_to(&outputs, conn)
+                .into_iter()
+                .find_map(|m| match m {
+                    CoordinatorMessage::Assigned(a) => a.assignment.and_then(|a| a.stage),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("conn {conn} heard no stage"));
+            assert_eq!(stage.stages, 2);
+        }
+        assert_ne!(plan.replicas, kept.replicas);
     }
 
     #[test]

@@ -264,6 +264,25 @@ fn members_fail_and_the_coordinator_restarts_without_losing_state() -> anyhow::R
         },
     )?;
 
+    // The run's model is planned: every member fits it and is a whole replica whose predicted
+    // time per micro-batch the status shows.
+    let planned = status(&addr, &token)?;
+    let replicas = planned["replicas"].as_array().context("replicas")?;
+    assert_eq!(replicas.len(), 4, "{planned:#}");
+    for replica in replicas {
+        assert!(
+            replica["predicted_us_per_micro_batch"].as_u64() > Some(0),
+            "{replica:#}"
+        );
+        let stages = replica["stages"].as_array().context("stages")?;
+        assert_eq!(stages.len(), 1, "{replica:#}");
+        assert!(stages[0]["stage"].is_null(), "{replica:#}");
+        assert!(
+            stages[0]["predicted"]["memory_bytes"].as_u64() > Some(0),
+            "{replica:#}"
+        );
+    }
+
     victim.kill();
     let killed = Instant::now();
     let after_death = wait_for(

@@ -11,7 +11,7 @@
 use crate::p2p::PeerNet;
 use crate::round::{
     Action, Exit, Fetched, InnerPlan, Input, ReduceFailure, RoundLog, Rounds, RoundsConfig,
-    Trained, failed_report,
+    Trained, failed_report, stage_refusal,
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
@@ -38,6 +38,7 @@ mod setup;
 mod state;
 mod sync;
 
+pub(crate) use setup::parse_memory_size;
 use setup::{
     capabilities, local_config, shutdown_signal, start_peer_net, test_fault, upload_bytes_per_s,
 };
@@ -61,6 +62,8 @@ pub(crate) struct JoinOptions {
     /// Address for peer connections; an unspecified IP advertises the one facing the coordinator.
     pub(crate) listen: SocketAddr,
     pub(crate) max_upload_mbps: Option<f64>,
+    /// Caps the memory each device reports to the coordinator's stage planner.
+    pub(crate) memory_limit: Option<u64>,
 }
 
 /// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
@@ -138,6 +141,12 @@ async fn node(opts: JoinOptions) -> Result<()> {
     .await
     .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
+    if let Some(reason) = accepted.assignment.as_ref().and_then(stage_refusal) {
+        // Before the whole model is built: it may not even fit.
+        tracing::error!("{reason}");
+        client.leave(&format!("node refused: {reason}")).await.ok();
+        anyhow::bail!(reason);
+    }
     let leaver = client.clone();
     let setup = async {
         let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
@@ -681,6 +690,14 @@ impl Shell {
                 Err(anyhow!(reason))
             }
             Exit::Stopped(reason) => Err(anyhow!(reason)),
+            Exit::Refused(reason) => {
+                tracing::error!("{reason}");
+                self.client
+                    .leave(&format!("node refused: {reason}"))
+                    .await
+                    .ok();
+                Err(anyhow!(reason))
+            }
         }
     }
 }

@@ -106,6 +106,11 @@ struct JoinArgs {
     /// which makes all-reduces among 3 or more nodes faster (docs/benchmarks/diloco-tiny-cpu.md).
     #[arg(long, value_parser = positive_mbps)]
     max_upload_mbps: Option<f64>,
+    /// Memory each device may use for training, as the coordinator's stage planner sees it:
+    /// for example 300MB or 1.5GiB (default: the device's total memory). With less than the
+    /// whole model needs, the coordinator plans pipeline stages.
+    #[arg(long, value_name = "SIZE", value_parser = join::parse_memory_size)]
+    memory_limit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -391,6 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             data_root: args.data_root,
             listen: args.listen,
             max_upload_mbps: args.max_upload_mbps,
+            memory_limit: args.memory_limit,
         }),
         Command::Train(args) => train(&args),
         Command::Sample(args) => sample(&args),

@@ -183,6 +183,9 @@ pub(crate) enum Exit {
     Failed { round: RoundId, reason: String },
     /// The coordinator stopped this node (refused on reconnect, or gave up): exit with an error.
     Stopped(String),
+    /// The coordinator asked for what this node cannot do (a pipeline stage): leave telling
+    /// why, and exit with that error.
+    Refused(String),
 }
 
 /// What the shell must do, in order.
@@ -522,6 +525,9 @@ impl<P> Rounds<P> {
                 self.on_round_closed(closed, out)
             }
             Notification::Message(CoordinatorMessage::Assigned(a)) => {
+                if let Some(reason) = a.assignment.as_ref().and_then(stage_refusal) {
+                    return self.exit(Exit::Refused(reason), out);
+                }
                 match &a.assignment {
                     Some(assignment) => self.follow_shard(assignment, out),
                     None if self.shard.is_some() => {
@@ -581,6 +587,9 @@ impl<P> Rounds<P> {
                 "round {}: outcome lost with the old membership; its outer step is dropped",
                 stale.round.0
             )));
+        }
+        if let Some(reason) = accepted.assignment.as_ref().and_then(stage_refusal) {
+            return self.exit(Exit::Refused(reason), out);
         }
         if let Some(a) = &accepted.assignment {
             self.follow_shard(a, out);
@@ -1006,6 +1015,22 @@ impl<P> Rounds<P> {
         }
         peers
     }
+}
+
+/// Why this node refuses `assignment`: it trains whole replicas only, and a pipeline stage
+/// trained as the whole model would be neither. Where stage execution will take the assignment.
+pub(crate) fn stage_refusal(assignment: &Assignment) -> Option<String> {
+    let stage = assignment.stage?;
+    Some(format!(
+        "the coordinator assigned this node stage {} of {} (layers {}..{}) of replica {}, but \
+         this forge-node cannot train pipeline stages yet; give it more memory (or a larger \
+         --memory-limit) so it holds the whole model",
+        stage.stage + 1,
+        stage.stages,
+        stage.layers.start,
+        stage.layers.end,
+        assignment.replica.0
+    ))
 }
 
 /// The participant of `open` that `note` declares dead (not one that left cleanly), as its peer

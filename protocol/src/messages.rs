@@ -20,8 +20,9 @@ use crate::error::{Error, Result};
 use crate::stream::{DataDigest, DataLease, SeqRange};
 
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
-/// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream; 8: the status
+/// report carries the stage planner's predictions).
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";

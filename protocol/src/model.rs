@@ -15,6 +15,9 @@ use crate::run_config::ConfigError;
 pub const WEIGHT_AND_GRAD_BYTES: u64 = 8;
 /// Bytes per parameter for AdamW's two fp32 moments.
 pub const ADAMW_BYTES: u64 = 8;
+/// Bytes per parameter for the DiLoCo outer state: the fp32 global parameters and the outer
+/// Nesterov momentum.
+pub const OUTER_STATE_BYTES: u64 = 8;
 /// Bytes per saved activation value (bf16).
 pub const ACTIVATION_BYTES: u64 = 2;
 /// Bytes per logit (fp32, for the loss).

@@ -109,6 +109,19 @@ pub struct StageStatus {
     pub member: MemberId,
     /// `None` when the member holds the whole model.
     pub stage: Option<StageAssignment>,
+    /// What the stage planner predicts for this member's part; `None` when the coordinator
+    /// plans without a model profile.
+    pub predicted: Option<StagePrediction>,
+}
+
+/// The stage planner's cost model for one stage, per micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagePrediction {
+    /// Parameters, gradients, optimizer and outer state, and the activations in flight.
+    pub memory_bytes: u64,
+    pub compute_us: u64,
+    /// Sending and receiving the boundary activations and their gradients.
+    pub transfer_us: u64,
 }
 
 /// One replica of the stage plan, members in stage order.
@@ -117,6 +130,8 @@ pub struct ReplicaStatus {
     pub replica: ReplicaId,
     pub data_shard: DataShard,
     pub stages: Vec<StageStatus>,
+    /// The planner's predicted time per micro-batch: its slowest stage's compute + transfer.
+    pub predicted_us_per_micro_batch: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

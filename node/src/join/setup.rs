@@ -102,12 +102,12 @@ pub(super) fn capabilities(
                 kind: DeviceKind::Cuda,
                 name: forge_trainer::flops::cuda_device_name(i)
                     .unwrap_or_else(|| format!("cuda:{i}")),
-                memory_bytes: device_memory(device),
+                memory_bytes: capped(device_memory(device), opts.memory_limit),
             },
             _ => WireDevice {
                 kind: DeviceKind::Cpu,
                 name: "cpu".into(),
-                memory_bytes: device_memory(device),
+                memory_bytes: capped(device_memory(device), opts.memory_limit),
             },
         })
         .collect();
@@ -138,6 +138,52 @@ pub(super) fn capabilities(
         peer_id: peer_id.to_string(),
         listen_addrs: vec![addr.to_string()],
     })
+}
+
+/// A device's memory as the node reports it under `--memory-limit`; a device that does not
+/// know its memory (0) reports the limit.
+fn capped(memory_bytes: u64, limit: Option<u64>) -> u64 {
+    match (memory_bytes, limit) {
+        (0, Some(limit)) => limit,
+        (memory, Some(limit)) => memory.min(limit),
+        (memory, None) => memory,
+    }
+}
+
+/// `--memory-limit`: a number of bytes with an optional unit, decimal (KB, MB, GB, TB) or binary
+/// (KiB, MiB, GiB, TiB), in any case; for example 300MB or 1.5GiB.
+pub(crate) fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
+    const UNITS: [(&str, f64); 9] = [
+        ("b", 1.0),
+        ("kb", 1e3),
+        ("mb", 1e6),
+        ("gb", 1e9),
+        ("tb", 1e12),
+        ("kib", 1024.0),
+        ("mib", 1024.0 * 1024.0),
+        ("gib", 1024.0 * 1024.0 * 1024.0),
+        ("tib", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+    ];
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let scale = if unit.is_empty() {
+        Some(1.0)
+    } else {
+        UNITS.iter().find(|(name, _)| *name == unit).map(|u| u.1)
+    };
+    match (number.trim().parse::<f64>(), scale) {
+        (Ok(value), Some(scale)) if value.is_finite() && value * scale >= 1.0 => {
+            Ok((value * scale) as u64)
+        }
+        _ => Err(format!(
+            "'{text}' is not a memory size: give a positive number with a unit, for example \
+             300MB or 1.5GiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )),
+    }
 }
 
 /// The devices `--device` names (checked against this machine), one per CPU worker with
@@ -220,4 +266,31 @@ pub(super) fn test_fault() -> Result<Option<(usize, Fault, u64)>> {
         _ => bail!("FORGE_TEST_WORKER_FAULT={spec}: the fault is panic or hang"),
     };
     Ok(Some((1, fault, step)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_memory_size("300MB"), Ok(300_000_000));
+        assert_eq!(parse_memory_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_memory_size("2 gib"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("4096"), Ok(4096));
+        assert_eq!(parse_memory_size("64KiB"), Ok(65_536));
+        for bad in ["", "MB", "-1GB", "0", "1.5 parsecs", "12XB", "nanGB"] {
+            let err = parse_memory_size(bad).unwrap_err();
+            assert!(err.contains("for example 300MB or 1.5GiB"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_limit_caps_known_memory_and_stands_in_for_unknown() {
+        assert_eq!(capped(8 << 30, Some(300_000_000)), 300_000_000);
+        assert_eq!(capped(1 << 20, Some(300_000_000)), 1 << 20);
+        assert_eq!(capped(0, Some(300_000_000)), 300_000_000);
+        assert_eq!(capped(8 << 30, None), 8 << 30);
+        assert_eq!(capped(0, None), 0);
+    }
 }

@@ -486,6 +486,62 @@ fn standby_and_back() {
     assert_eq!(note(&mut n, t0, back), ["shard 2/3", "members [2, 3]"]);
 }
 
+/// A pipeline stage is refused, not trained as the whole model: by a planned member and by a
+/// fresh joiner after a reconnect.
+#[test]
+fn a_stage_assignment_is_refused_with_the_stage_named() {
+    let staged = Assignment {
+        stage: Some(forge_protocol::messages::StageAssignment {
+            stage: 1,
+            stages: 2,
+            layers: forge_protocol::LayerRange { start: 3, end: 6 },
+        }),
+        ..assignment(4, 1)
+    };
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    let moved = Notification::Message(CoordinatorMessage::Assigned(Assigned {
+        assignment: Some(staged),
+        sync_peers: vec![peer(2)],
+    }));
+    let actions = n.handle(t0, Input::Note(moved));
+    let [Action::Exit(Exit::Refused(reason))] = actions.as_slice() else {
+        panic!("not refused: {:?}", names(&actions));
+    };
+    assert!(
+        reason.contains("stage 2 of 2 (layers 3..6) of replica 4")
+            && reason.contains("cannot train pipeline stages"),
+        "{reason}"
+    );
+    assert_eq!(
+        n.shard(),
+        Some((0, 3)),
+        "the whole-model shard was not followed"
+    );
+    // Exited: nothing more happens.
+    assert!(note(&mut n, t0, opened(1, 0, &[1, 2])).is_empty());
+
+    let mut n = node(t0);
+    let mut fresh = accepted(MemberId(9), None);
+    fresh.assignment = Some(staged);
+    let rejoined = Notification::Rejoined {
+        accepted: fresh,
+        kept_member: false,
+    };
+    let actions = names(&n.handle(t0, Input::Note(rejoined)));
+    assert_eq!(
+        actions[0],
+        "say reconnected to the coordinator (same member: false)"
+    );
+    assert!(
+        actions[1].starts_with("exit Refused(\"the coordinator assigned this node stage 2 of 2"),
+        "{actions:?}"
+    );
+    assert_eq!(actions.len(), 2);
+    // A whole-model assignment is followed as before.
+    assert_eq!(stage_refusal(&assignment(1, 3)), None);
+}
+
 /// Sync peers change by deltas: added (or replaced by member id) and removed.
 #[test]
 fn peer_changes_update_the_allowlist() {
