@@ -172,18 +172,18 @@ pub struct StageStep {
     pub grad_norm: f64,
 }
 
-/// One stage of a pipeline: its layers, their optimizer, and its place in the pipeline.
+/// A stage's place in its pipeline and the schedule's bookkeeping; works on a model, its
+/// `VarStore` and its optimizer held elsewhere (a [`PipelineStage`], or a trainer's worker).
 #[derive(Debug)]
-pub struct PipelineStage {
-    pub vs: nn::VarStore,
-    pub model: Model,
-    pub opt: AdamW,
+pub struct StageRunner {
     stage: u32,
     stages: u32,
     /// Index (in [`trainable_by_name`] order) of the tied embedding this stage shares with the
     /// other end of the pipeline, if it holds one and the pipeline has more than one stage.
     tied: Option<usize>,
-    step: u64,
+    /// Exchanges so far (training steps and evaluations), counted alike on every stage: the
+    /// `step` of every message, so one from another exchange is refused.
+    exchange: u64,
 }
 
 /// The parameter a tied output head shares with the embedding.
@@ -195,57 +195,58 @@ fn tied_name(cfg: &ModelConfig) -> Option<&'static str> {
     }
 }
 
-impl PipelineStage {
-    /// Stage `stage` of `stages`, holding planner layers `layers`, with the parameters of the
-    /// whole model seeded with `seed`.
-    pub fn new(
-        cfg: &ModelConfig,
-        seed: u64,
-        layers: LayerRange,
-        stage: u32,
-        stages: u32,
-        device: Device,
-        adamw: AdamWConfig,
-    ) -> Result<PipelineStage> {
-        let n = cfg.n_layer as u32;
-        if stage >= stages {
-            return Err(Error::Pipeline(format!(
-                "stage {stage} of a pipeline of {stages}"
-            )));
-        }
-        if (stage == 0) != layers.has_embedding() || (stage + 1 == stages) != layers.has_head(n) {
-            return Err(Error::Pipeline(format!(
-                "stage {stage} of {stages} holds layers {}..{}: the first stage must hold the \
-                 embeddings (layer 0) and only the last the head (layer {})",
-                layers.start,
-                layers.end,
-                n + 1
-            )));
-        }
-        let mut vs = nn::VarStore::new(device);
-        let model = Model::seeded_stage(&mut vs, cfg, seed, layers)?;
-        let opt = AdamW::new(&vs, adamw);
+/// Explains why `layers` cannot be stage `stage` of `stages`.
+pub fn check_stage(cfg: &ModelConfig, layers: LayerRange, stage: u32, stages: u32) -> Result<()> {
+    let n = cfg.n_layer as u32;
+    layers
+        .check(n)
+        .map_err(|err| Error::Pipeline(err.to_string()))?;
+    if stage >= stages {
+        return Err(Error::Pipeline(format!(
+            "stage {stage} of a pipeline of {stages}"
+        )));
+    }
+    if (stage == 0) != layers.has_embedding() || (stage + 1 == stages) != layers.has_head(n) {
+        return Err(Error::Pipeline(format!(
+            "stage {stage} of {stages} holds layers {}..{}: the first stage must hold the \
+             embeddings (layer 0) and only the last the head (layer {})",
+            layers.start,
+            layers.end,
+            n + 1
+        )));
+    }
+    Ok(())
+}
+
+impl StageRunner {
+    /// Stage `stage` of `stages` over the parameters of `vs` (built for its layers).
+    pub fn new(cfg: &ModelConfig, vs: &nn::VarStore, stage: u32, stages: u32) -> StageRunner {
         let tied = tied_name(cfg).filter(|_| stages > 1).and_then(|name| {
-            trainable_by_name(&vs)
+            trainable_by_name(vs)
                 .iter()
                 .position(|(param, _)| param == name)
         });
-        Ok(PipelineStage {
-            vs,
-            model,
-            opt,
+        StageRunner {
             stage,
             stages,
             tied,
-            step: 0,
-        })
+            exchange: 0,
+        }
     }
 
-    fn first(&self) -> bool {
+    pub fn stage(&self) -> u32 {
+        self.stage
+    }
+
+    pub fn stages(&self) -> u32 {
+        self.stages
+    }
+
+    pub fn first(&self) -> bool {
         self.stage == 0
     }
 
-    fn last(&self) -> bool {
+    pub fn last(&self) -> bool {
         self.stage + 1 == self.stages
     }
 
@@ -259,27 +260,74 @@ impl PipelineStage {
         wire: StageDtype,
     ) -> Result<()> {
         let (shape, bytes) = to_wire(tensor, wire)?;
-        let header = StageHeader::new(self.step, micro, kind, wire, shape);
+        let header = StageHeader::new(self.exchange, micro, kind, wire, shape);
         link.send(to, &header, &bytes)
     }
 
-    /// The next message from `from`, which must be `kind` for micro-batch `micro` of this step.
+    /// The next message from `from`, which must be `kind` for micro-batch `micro` of this
+    /// exchange.
     fn recv(
         &self,
         link: &mut dyn StageLink,
         from: u32,
         kind: StageKind,
         micro: u32,
+        device: Device,
     ) -> Result<Tensor> {
         let (header, payload) = link.recv(from)?;
-        if header.kind != kind || header.step != self.step || header.micro != micro {
+        if header.kind != kind || header.step != self.exchange || header.micro != micro {
             return Err(Error::Pipeline(format!(
-                "stage {from} sent {:?} of step {} micro-batch {} where stage {} expected {kind:?} \
-                 of step {} micro-batch {micro}",
-                header.kind, header.step, header.micro, self.stage, self.step
+                "stage {from} sent {:?} of exchange {} micro-batch {} where stage {} expected \
+                 {kind:?} of exchange {} micro-batch {micro}",
+                header.kind, header.step, header.micro, self.stage, self.exchange
             )));
         }
-        from_wire(&header, &payload, self.vs.device())
+        from_wire(&header, &payload, device)
+    }
+
+    /// The micro-batches this stage feeds its layers: the first stage's `ids`, cut.
+    fn inputs(&self, ids: Option<&Tensor>, micro: usize) -> Result<Vec<Tensor>> {
+        match (self.first(), ids) {
+            (false, _) => Ok(Vec::new()),
+            (true, Some(ids)) => cut(ids, micro),
+            (true, None) => Err(Error::Pipeline(
+                "the first stage needs the batch's ids".into(),
+            )),
+        }
+    }
+
+    /// The last stage's targets, cut, and the batch's counted tokens (-1 is ignored).
+    fn targets(&self, targets: Option<&Tensor>, micro: usize) -> Result<(Vec<Tensor>, f64)> {
+        match (self.last(), targets) {
+            (false, _) => Ok((Vec::new(), 1.0)),
+            (true, Some(targets)) => {
+                let tokens = f64::try_from(targets.ne(-1).sum(Kind::Int64)).unwrap_or(0.0);
+                Ok((cut(targets, micro)?, tokens.max(1.0)))
+            }
+            (true, None) => Err(Error::Pipeline(
+                "the last stage needs the batch's targets".into(),
+            )),
+        }
+    }
+
+    /// Micro-batch `m`'s input: ids on the first stage, the previous stage's output elsewhere.
+    fn input(
+        &self,
+        link: &mut dyn StageLink,
+        inputs: &[Tensor],
+        m: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        match inputs.get(m) {
+            Some(ids) => Ok(ids.shallow_clone()),
+            None => self.recv(
+                link,
+                self.stage - 1,
+                StageKind::Activation,
+                m as u32,
+                device,
+            ),
+        }
     }
 
     /// Forward and backward of one batch through the whole pipeline. The first stage needs
@@ -288,6 +336,8 @@ impl PipelineStage {
     /// and this stage's share of the loss (the last stage's: the batch's; the others' 0).
     pub fn gradients(
         &mut self,
+        model: &Model,
+        vs: &nn::VarStore,
         link: &mut dyn StageLink,
         ids: Option<&Tensor>,
         targets: Option<&Tensor>,
@@ -295,60 +345,22 @@ impl PipelineStage {
     ) -> Result<(Vec<Tensor>, f64)> {
         let micro = schedule.micro_batches.max(1);
         let wire = schedule.wire;
-        let stage = self.stage;
-        fn need<'t>(t: Option<&'t Tensor>, what: &str, stage: u32) -> Result<&'t Tensor> {
-            t.ok_or_else(|| Error::Pipeline(format!("stage {stage} needs the batch's {what}")))
-        }
-        let ids = if self.first() {
-            need(ids, "ids", stage)?.chunk(micro as i64, 0)
-        } else {
-            Vec::new()
-        };
-        let (targets, tokens) = if self.last() {
-            let targets = need(targets, "targets", stage)?;
-            let tokens = f64::try_from(targets.ne(-1).sum(Kind::Int64))
-                .unwrap_or(0.0)
-                .max(1.0);
-            (targets.chunk(micro as i64, 0), tokens)
-        } else {
-            (Vec::new(), 1.0)
-        };
-        let count = if self.first() {
-            ids.len()
-        } else if self.last() {
-            targets.len()
-        } else {
-            micro
-        };
-        let params: Vec<Tensor> = trainable_by_name(&self.vs)
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
+        let device = vs.device();
+        let inputs = self.inputs(ids, micro)?;
+        let (targets, tokens) = self.targets(targets, micro)?;
+        let count = micro;
+        let params: Vec<Tensor> = trainable_by_name(vs).into_iter().map(|(_, t)| t).collect();
         let mut grads: Vec<Tensor> = (0..params.len()).map(|_| Tensor::new()).collect();
         let mut loss = 0.0;
 
         // Forward: every micro-batch, its graph kept for the backward pass.
         let mut saved: Vec<(Option<Tensor>, Tensor)> = Vec::with_capacity(count);
         for m in 0..count {
-            let input = if self.first() {
-                None
-            } else {
-                let x = self.recv(link, self.stage - 1, StageKind::Activation, m as u32)?;
-                Some(x.set_requires_grad(true))
-            };
-            let out = match &input {
-                Some(x) => self.model.forward(x),
-                None => self.model.forward(&ids[m]),
-            };
+            let x = self.input(link, &inputs, m, device)?;
+            let input = (!self.first()).then(|| x.set_requires_grad(true));
+            let out = model.forward(input.as_ref().unwrap_or(&x));
             if self.last() {
-                let vocab = out.size().last().copied().unwrap_or(1);
-                let sum = out.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
-                    &targets[m].reshape([-1]),
-                    None,
-                    tch::Reduction::Sum,
-                    -1,
-                    0.0,
-                ) / tokens;
+                let sum = token_loss_sum(&out, &targets[m]) / tokens;
                 loss += f64::try_from(&sum).unwrap_or(f64::NAN);
                 saved.push((input, sum));
             } else {
@@ -370,7 +382,7 @@ impl PipelineStage {
             let root = if self.last() {
                 out
             } else {
-                let g = self.recv(link, self.stage + 1, StageKind::Gradient, m as u32)?;
+                let g = self.recv(link, self.stage + 1, StageKind::Gradient, m as u32, device)?;
                 // d(sum(out · g))/dθ = Jᵀg: the backward pass of `out` seeded with g, exactly.
                 (out * g).sum(Kind::Float)
             };
@@ -409,7 +421,7 @@ impl PipelineStage {
                 &mine,
                 StageDtype::F32,
             )?;
-            let theirs = self.recv(link, other, StageKind::TiedGradient, 0)?;
+            let theirs = self.recv(link, other, StageKind::TiedGradient, 0, device)?;
             grads[at] = tch::no_grad(|| {
                 if self.first() {
                     &mine + &theirs
@@ -431,7 +443,7 @@ impl PipelineStage {
             .flat_map(|v| (*v as f32).to_le_bytes())
             .collect();
         let shape = vec![values.len() as u64];
-        let header = StageHeader::new(self.step, 0, StageKind::Scalars, StageDtype::F32, shape);
+        let header = StageHeader::new(self.exchange, 0, StageKind::Scalars, StageDtype::F32, shape);
         let exact: Vec<f64> = values.iter().map(|v| f64::from(*v as f32)).collect();
         for to in (0..self.stages).filter(|&s| s != self.stage) {
             link.send(to, &header, &bytes)?;
@@ -441,7 +453,7 @@ impl PipelineStage {
             let part = if from == self.stage {
                 exact.clone()
             } else {
-                let t = self.recv(link, from, StageKind::Scalars, 0)?;
+                let t = self.recv(link, from, StageKind::Scalars, 0, Device::Cpu)?;
                 Vec::<f32>::try_from(&t)
                     .map_err(Error::torch("reading a stage's scalars"))?
                     .into_iter()
@@ -462,6 +474,153 @@ impl PipelineStage {
         Ok(sum)
     }
 
+    /// The rest of a training step after [`StageRunner::gradients`]: the norm over all stages,
+    /// clipping to `grad_clip` (0: none), `opt`'s step at `lr`, and `more`, this stage's wish to
+    /// take another step, agreed: the pipeline goes on only if every stage wants to.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_step(
+        &mut self,
+        link: &mut dyn StageLink,
+        grads: &[Tensor],
+        loss: f64,
+        opt: &mut AdamW,
+        lr: f64,
+        grad_clip: f64,
+        more: bool,
+    ) -> Result<(StageStep, bool)> {
+        // The tied embedding counts once, on the first stage.
+        let counted = |i: usize| self.first() || Some(i) != self.tied;
+        let sq: f64 = tch::no_grad(|| {
+            grads
+                .iter()
+                .enumerate()
+                .filter(|(i, g)| g.defined() && counted(*i))
+                .map(|(_, g)| f64::try_from(g.square().sum(Kind::Double)).unwrap_or(f64::NAN))
+                .sum()
+        });
+        let totals = self.all_reduce(link, &[sq, loss, f64::from(u8::from(!more))])?;
+        let grad_norm = totals[0].sqrt();
+        clip_to_norm(grads, grad_clip, grad_norm);
+        opt.step(lr, grads);
+        self.exchange += 1;
+        Ok((
+            StageStep {
+                loss: totals[1],
+                grad_norm,
+            },
+            totals[2] == 0.0,
+        ))
+    }
+
+    /// The pipeline's summed token loss and counted tokens over `batches` ((ids, targets) of
+    /// the validation set, the same on every stage), forward only.
+    pub fn evaluate(
+        &mut self,
+        model: &Model,
+        device: Device,
+        link: &mut dyn StageLink,
+        batches: &[(Tensor, Tensor)],
+    ) -> Result<(f64, f64)> {
+        let _guard = tch::no_grad_guard();
+        let (mut sum, mut tokens) = (0.0, 0.0);
+        for (m, (ids, targets)) in batches.iter().enumerate() {
+            let inputs = self.inputs(Some(ids), 1)?;
+            let x = self.input(link, &inputs, 0, device)?;
+            let out = model.forward(&x);
+            if self.last() {
+                sum += f64::try_from(token_loss_sum(&out, targets)).unwrap_or(f64::NAN);
+                tokens += f64::try_from(targets.ne(-1).sum(Kind::Int64)).unwrap_or(0.0);
+            } else {
+                self.send(
+                    link,
+                    self.stage + 1,
+                    StageKind::Activation,
+                    m as u32,
+                    &out,
+                    StageDtype::F32,
+                )?;
+            }
+        }
+        let totals = self.all_reduce(link, &[sum, tokens])?;
+        self.exchange += 1;
+        Ok((totals[0], totals[1]))
+    }
+}
+
+/// `batch` cut along its first dimension into `micro` parts of near-equal size (every stage
+/// counts `micro` micro-batches, so the first and last must make exactly that many).
+fn cut(batch: &Tensor, micro: usize) -> Result<Vec<Tensor>> {
+    let rows = batch.size().first().copied().unwrap_or(0);
+    let micro = micro as i64;
+    if rows < micro {
+        return Err(Error::Pipeline(format!(
+            "a batch of {rows} sequences cannot be cut into {micro} micro-batches"
+        )));
+    }
+    let sizes: Vec<i64> = (0..micro)
+        .map(|m| rows / micro + i64::from(m < rows % micro))
+        .collect();
+    Ok(batch.split_with_sizes(sizes.as_slice(), 0))
+}
+
+/// The summed next-token loss of logits (B, T, V) against targets (B, T), -1 ignored.
+fn token_loss_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let vocab = logits.size().last().copied().unwrap_or(1);
+    logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
+        &targets.reshape([-1]),
+        None,
+        tch::Reduction::Sum,
+        -1,
+        0.0,
+    )
+}
+
+/// One stage of a pipeline with its own layers and optimizer.
+#[derive(Debug)]
+pub struct PipelineStage {
+    pub vs: nn::VarStore,
+    pub model: Model,
+    pub opt: AdamW,
+    pub runner: StageRunner,
+}
+
+impl PipelineStage {
+    /// Stage `stage` of `stages`, holding planner layers `layers`, with the parameters of the
+    /// whole model seeded with `seed`.
+    pub fn new(
+        cfg: &ModelConfig,
+        seed: u64,
+        layers: LayerRange,
+        stage: u32,
+        stages: u32,
+        device: Device,
+        adamw: AdamWConfig,
+    ) -> Result<PipelineStage> {
+        check_stage(cfg, layers, stage, stages)?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Model::seeded_stage(&mut vs, cfg, seed, layers)?;
+        let opt = AdamW::new(&vs, adamw);
+        let runner = StageRunner::new(cfg, &vs, stage, stages);
+        Ok(PipelineStage {
+            vs,
+            model,
+            opt,
+            runner,
+        })
+    }
+
+    /// [`StageRunner::gradients`] of this stage.
+    pub fn gradients(
+        &mut self,
+        link: &mut dyn StageLink,
+        ids: Option<&Tensor>,
+        targets: Option<&Tensor>,
+        schedule: ScheduleConfig,
+    ) -> Result<(Vec<Tensor>, f64)> {
+        self.runner
+            .gradients(&self.model, &self.vs, link, ids, targets, schedule)
+    }
+
     /// One training step: gradients through the pipeline, the norm over all stages, clipping
     /// to `grad_clip` (0: none), and this stage's AdamW step at `lr`.
     pub fn step(
@@ -474,25 +633,9 @@ impl PipelineStage {
         grad_clip: f64,
     ) -> Result<StageStep> {
         let (grads, loss) = self.gradients(link, ids, targets, schedule)?;
-        // The tied embedding counts once, on the first stage.
-        let sq: f64 = tch::no_grad(|| {
-            grads
-                .iter()
-                .enumerate()
-                .filter(|(i, g)| {
-                    g.defined() && !(self.last() && !self.first() && Some(*i) == self.tied)
-                })
-                .map(|(_, g)| f64::try_from(g.square().sum(Kind::Double)).unwrap_or(f64::NAN))
-                .sum()
-        });
-        let totals = self.all_reduce(link, &[sq, loss])?;
-        let grad_norm = totals[0].sqrt();
-        clip_to_norm(&grads, grad_clip, grad_norm);
-        self.opt.step(lr, &grads);
-        self.step += 1;
-        Ok(StageStep {
-            loss: totals[1],
-            grad_norm,
-        })
+        let (step, _) =
+            self.runner
+                .finish_step(link, &grads, loss, &mut self.opt, lr, grad_clip, true)?;
+        Ok(step)
     }
 }
