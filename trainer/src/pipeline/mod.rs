@@ -359,8 +359,8 @@ impl StageRunner {
             let x = self.input(link, &inputs, m, device)?;
             let input = (!self.first()).then(|| x.set_requires_grad(true));
             let out = model.forward(input.as_ref().unwrap_or(&x));
-            if self.last() {
-                let sum = token_loss_sum(&out, &targets[m]) / tokens;
+            if let Some(target) = targets.get(m) {
+                let sum = token_loss_sum(&out, target) / tokens;
                 loss += f64::try_from(&sum).unwrap_or(f64::NAN);
                 saved.push((input, sum));
             } else {
