@@ -14,9 +14,11 @@ use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
 use crate::optim::AdamW;
 use crate::parallel::worker::{Command, Exchange, Reply, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
+use crate::pipeline::{ScheduleConfig, StageLink, StageRunner, check_stage};
 use crate::sample::generate;
 use crate::schedule::scaled_peak_lr;
-use forge_protocol::messages::Digest;
+use forge_protocol::messages::{Digest, LayerRange};
+use forge_protocol::pipeline::StageDtype;
 use forge_protocol::stream::{DataDigest, SeqRange};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -114,6 +116,25 @@ pub struct ScheduleSpan {
     pub per_step: f64,
 }
 
+/// The pipeline stage a trainer holds: planner layers `layers`, stage `stage` of `stages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageSpec {
+    pub layers: LayerRange,
+    pub stage: u32,
+    pub stages: u32,
+}
+
+/// A trainer's part of a pipeline: the schedule and the link to the other stages (set once
+/// they are known: [`Trainer::set_stage_link`]).
+struct Pipeline {
+    spec: StageSpec,
+    runner: StageRunner,
+    link: Option<Box<dyn StageLink>>,
+    wire: StageDtype,
+    /// Whether every stage wanted another step after the last one.
+    more: bool,
+}
+
 /// A run being trained.
 pub struct Trainer {
     cfg: RunConfig,
@@ -135,6 +156,9 @@ pub struct Trainer {
     state: TrainState,
     peak_lr: f64,
     peak_tflops: Option<f64>,
+    /// Set when this trainer holds one stage of a pipeline. Behind a lock so that evaluation,
+    /// which talks to the other stages, keeps `&self`.
+    pipeline: Option<std::sync::Mutex<Pipeline>>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -150,6 +174,13 @@ impl Trainer {
     /// Prepares data, builds the model and optimizer, and resumes from the newest valid
     /// checkpoint in the run directory when `[checkpoint] resume` is on.
     pub fn new(cfg: RunConfig) -> Result<Self> {
+        Trainer::with_stage(cfg, None)
+    }
+
+    /// [`Trainer::new`] for one stage of a pipeline (`None`: the whole model): the model holds
+    /// only the stage's layers (with the whole model's initial values), and a step runs the
+    /// pipeline's schedule once [`Trainer::set_stage_link`] has joined the other stages.
+    pub fn with_stage(cfg: RunConfig, stage: Option<StageSpec>) -> Result<Self> {
         let t = &cfg.train;
         let mut devices = parse_devices(&t.device)?;
         if t.parallel.cpu_workers == 0 {
@@ -165,6 +196,15 @@ impl Trainer {
                 )));
             }
             devices = vec![Device::Cpu; t.parallel.cpu_workers];
+        }
+        if stage.is_some() && devices.len() > 1 {
+            return Err(Error::InvalidTrainConfig(format!(
+                "a pipeline stage trains on one device; this node has {} (device = \"{}\", \
+                 cpu_workers = {}): give it one",
+                devices.len(),
+                t.device,
+                t.parallel.cpu_workers
+            )));
         }
         let worker_batches =
             t.parallel
@@ -207,7 +247,10 @@ impl Trainer {
             let mut vs = VarStore::new(*dev);
             // Worker 0 holds the run's initial parameters (the same on every device and node);
             // the others get them from it by the broadcast below.
-            let mut model = if rank == 0 {
+            let mut model = if let Some(spec) = stage {
+                check_stage(&model_cfg, spec.layers, spec.stage, spec.stages)?;
+                Model::seeded_stage(&mut vs, &model_cfg, t.seed, spec.layers)?
+            } else if rank == 0 {
                 Model::seeded(&mut vs, &model_cfg, t.seed)?
             } else {
                 let _rng = crate::rng();
@@ -278,7 +321,17 @@ impl Trainer {
             forge_version: env!("CARGO_PKG_VERSION").to_string(),
             worker_positions: Vec::new(),
         };
+        let pipeline = stage.map(|spec| {
+            std::sync::Mutex::new(Pipeline {
+                spec,
+                runner: StageRunner::new(&state.model, &primary.vs, spec.stage, spec.stages),
+                link: None,
+                wire: StageDtype::F32,
+                more: true,
+            })
+        });
         let mut trainer = Trainer {
+            pipeline,
             cfg,
             device,
             dataset,
@@ -306,6 +359,29 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.state.step
+    }
+
+    /// The stage this trainer holds, if it holds one.
+    pub fn stage(&self) -> Option<StageSpec> {
+        self.pipeline.as_ref().map(|p| self.lock_pipeline(p).spec)
+    }
+
+    /// Joins this stage to the others: every later step and evaluation runs over `link`.
+    pub fn set_stage_link(&mut self, link: Box<dyn StageLink>) -> Result<()> {
+        let Some(pipeline) = &self.pipeline else {
+            return Err(Error::Pipeline(
+                "this trainer holds the whole model, not a pipeline stage".into(),
+            ));
+        };
+        self.lock_pipeline(pipeline).link = Some(link);
+        Ok(())
+    }
+
+    fn lock_pipeline<'p>(
+        &self,
+        pipeline: &'p std::sync::Mutex<Pipeline>,
+    ) -> std::sync::MutexGuard<'p, Pipeline> {
+        pipeline.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Training tokens consumed so far (by the whole run, for a node that joined one).
@@ -496,15 +572,30 @@ impl Trainer {
         let started = Instant::now();
         let mut summary = InnerSummary::default();
         let elapsed_before = self.state.elapsed_s;
-        while summary.steps < steps && !stop.load(Ordering::Relaxed) {
-            if budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0 {
+        // The stages of a pipeline must take the same steps: the stop and the budget are each
+        // stage's wish after a step, and the pipeline goes on only if every stage wishes so.
+        let staged = self.pipeline.is_some();
+        let out_of_time = |summary: &InnerSummary| {
+            budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0
+        };
+        while summary.steps < steps {
+            if staged {
+                if summary.steps > 0 && !self.stages_want_more() {
+                    break;
+                }
+            } else if stop.load(Ordering::Relaxed) || out_of_time(&summary) {
                 break;
             }
             if self.primary.batches.lease_steps_left() == Some(0) {
                 break;
             }
             let position = schedule.start + (summary.steps as f64 * schedule.per_step) as u64;
-            let (loss, grad_norm, _lr) = self.train_step_at(position)?;
+            // A stage's wish for one more step: steps and budget left after this one (at the
+            // pace so far), and no stop.
+            let per_step = started.elapsed() / (summary.steps as u32 + 1);
+            let time_left = budget.is_none_or(|b| started.elapsed() + 2 * per_step < b);
+            let more = summary.steps + 1 < steps && time_left && !stop.load(Ordering::Relaxed);
+            let (loss, grad_norm, _lr) = self.train_step_at(position, more)?;
             self.guard(loss)?;
             summary.steps += 1;
             summary.tokens += self.cfg.tokens_per_step();
@@ -633,15 +724,41 @@ impl Trainer {
     /// Mean loss over the fixed validation windows, and bits per byte.
     pub fn evaluate(&self) -> (f64, f64) {
         let _guard = tch::no_grad_guard();
-        let mut total = 0.0;
-        let mut count = 0usize;
-        for batch in &self.eval_set {
-            let (ids, tgt) = self.primary.to_tensors(batch);
-            let loss = cross_entropy(&self.primary.model.forward(&ids), &tgt);
-            total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
-            count += batch.targets.len();
-        }
-        let loss = total / count.max(1) as f64;
+        let loss = match &self.pipeline {
+            Some(pipeline) => {
+                let batches: Vec<(Tensor, Tensor)> = self
+                    .eval_set
+                    .iter()
+                    .map(|batch| self.primary.to_tensors(batch))
+                    .collect();
+                let mut pipeline = self.lock_pipeline(pipeline);
+                let Pipeline { runner, link, .. } = &mut *pipeline;
+                let evaluated = match link {
+                    Some(link) => {
+                        runner.evaluate(&self.primary.model, self.device, link.as_mut(), &batches)
+                    }
+                    None => Err(Error::Pipeline("no link to the other stages yet".into())),
+                };
+                match evaluated {
+                    Ok((sum, tokens)) => sum / tokens.max(1.0),
+                    Err(e) => {
+                        tracing::warn!("pipeline evaluation failed: {e}");
+                        f64::NAN
+                    }
+                }
+            }
+            None => {
+                let mut total = 0.0;
+                let mut count = 0usize;
+                for batch in &self.eval_set {
+                    let (ids, tgt) = self.primary.to_tensors(batch);
+                    let loss = cross_entropy(&self.primary.model.forward(&ids), &tgt);
+                    total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
+                    count += batch.targets.len();
+                }
+                total / count.max(1) as f64
+            }
+        };
         (
             loss,
             loss / std::f64::consts::LN_2 / self.eval_bytes_per_token,
@@ -650,6 +767,13 @@ impl Trainer {
 
     /// A sample continuation of the configured prompt.
     pub fn sample(&self) -> String {
+        if let Some(spec) = self.stage() {
+            return format!(
+                "(no sample: this node holds stage {} of {}, layers {}..{}; sampling needs the \
+                 whole model, e.g. from an exported checkpoint)",
+                spec.stage, spec.stages, spec.layers.start, spec.layers.end
+            );
+        }
         let prompt = self
             .dataset
             .tokenizer
@@ -674,12 +798,14 @@ impl Trainer {
     /// data-parallel workers); returns (loss, grad_norm, lr).
     pub fn train_step(&mut self) -> Result<(f64, f64, f64)> {
         let position = self.state.step;
-        self.train_step_at(position)
+        self.train_step_at(position, true)
     }
 
     /// [`Trainer::train_step`] with the lr schedule at `position` instead of this trainer's own
     /// step count (a DiLoCo node follows the run's progress).
-    fn train_step_at(&mut self, position: u64) -> Result<(f64, f64, f64)> {
+    /// `more`: whether this trainer wants another step after this one (a pipeline stage's
+    /// stages agree on it; a whole replica ignores it).
+    fn train_step_at(&mut self, position: u64, more: bool) -> Result<(f64, f64, f64)> {
         if let Some(reason) = &self.failed {
             return Err(Error::Parallel(format!(
                 "data parallelism on this node stopped earlier: {reason}"
@@ -690,6 +816,9 @@ impl Trainer {
         let total = self.cfg.total_steps();
         let lr = self.peak_lr * t.schedule.factor(position, total);
         let grad_clip = t.grad_clip;
+        if self.pipeline.is_some() {
+            return self.stage_step(lr, grad_clip, more, started);
+        }
         let timeout = t.parallel.timeout();
         let fault = self.fault.take();
         for other in &self.others {
@@ -751,6 +880,63 @@ impl Trainer {
         self.timing.step_s += started.elapsed().as_secs_f64();
         self.timing.comm_s += out.comm.as_secs_f64();
         Ok((loss, out.grad_norm, lr))
+    }
+
+    /// Whether every stage wanted another step after the last one.
+    fn stages_want_more(&self) -> bool {
+        self.pipeline
+            .as_ref()
+            .is_none_or(|p| self.lock_pipeline(p).more)
+    }
+
+    /// A pipeline stage's step: the worker's micro-batches through the pipeline's schedule,
+    /// clipping by the norm over every stage, the optimizer step. `more`: whether this stage
+    /// wants another step after this one (every stage must, or the pipeline stops).
+    fn stage_step(
+        &mut self,
+        lr: f64,
+        grad_clip: f64,
+        more: bool,
+        started: Instant,
+    ) -> Result<(f64, f64, f64)> {
+        let micro = self.primary.batch.accumulation;
+        let batches: Vec<Batch> = (0..micro)
+            .map(|_| self.primary.batches.next_batch())
+            .collect();
+        let tensors: Vec<(Tensor, Tensor)> =
+            batches.iter().map(|b| self.primary.to_tensors(b)).collect();
+        let ids = Tensor::cat(&tensors.iter().map(|(i, _)| i).collect::<Vec<_>>(), 0);
+        let targets = Tensor::cat(&tensors.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0);
+        let pipeline = self.pipeline.as_ref().expect("a stage trainer");
+        let mut pipeline = pipeline.lock().unwrap_or_else(|e| e.into_inner());
+        let schedule = ScheduleConfig {
+            micro_batches: micro,
+            wire: pipeline.wire,
+        };
+        let Pipeline { runner, link, .. } = &mut *pipeline;
+        let link = match link {
+            Some(link) => link.as_mut(),
+            None => return Err(Error::Pipeline("no link to the other stages yet".into())),
+        };
+        let worker = &mut self.primary;
+        let (grads, loss) = runner.gradients(
+            &worker.model,
+            &worker.vs,
+            link,
+            Some(&ids),
+            Some(&targets),
+            schedule,
+        )?;
+        let (step, agreed) =
+            runner.finish_step(link, &grads, loss, &mut worker.opt, lr, grad_clip, more)?;
+        pipeline.more = agreed;
+        drop(pipeline);
+        self.state.step += 1;
+        self.state.tokens += self.cfg.tokens_per_step();
+        self.state.data_position = self.primary.batches.position();
+        self.timing.steps += 1;
+        self.timing.step_s += started.elapsed().as_secs_f64();
+        Ok((step.loss, step.grad_norm, lr))
     }
 
     /// Checks a loss against the moving average; an error explains the stop.

@@ -268,3 +268,77 @@ fn a_crashed_or_hung_worker_fails_the_step_naming_it() {
         assert!(again.contains("stopped earlier"), "{again}");
     }
 }
+
+/// A run's model in two pipeline stages (two trainers joined in memory, each reading the run's
+/// data) trains as the whole model does: the same losses step by step, the same evaluation, and
+/// a probe of each stage leaves the run as it was.
+#[test]
+fn two_stage_trainers_train_like_the_whole_model() {
+    use forge_trainer::models::LayerRange;
+    use forge_trainer::pipeline::MemoryLink;
+    use forge_trainer::train::StageSpec;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 4;
+    let mut whole = Trainer::new(small_config(&tmp.path().join("whole"), steps as u64)).unwrap();
+    let expected = losses(&mut whole, steps);
+    let expected_eval = whole.evaluate().0;
+
+    let n = 4; // the tiny preset's blocks: planner layers 0..6
+    let specs = [
+        (0, LayerRange { start: 0, end: 3 }),
+        (
+            1,
+            LayerRange {
+                start: 3,
+                end: n + 2,
+            },
+        ),
+    ];
+    let links = MemoryLink::mesh(2, std::time::Duration::from_secs(120));
+    let results: Vec<(Vec<f64>, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = links
+            .into_iter()
+            .zip(specs)
+            .map(|(link, (stage, layers))| {
+                let dir = tmp.path().join(format!("stage-{stage}"));
+                scope.spawn(move || {
+                    let spec = StageSpec {
+                        layers,
+                        stage,
+                        stages: 2,
+                    };
+                    let mut trainer =
+                        Trainer::with_stage(small_config(&dir, steps as u64), Some(spec)).unwrap();
+                    assert_eq!(trainer.stage(), Some(spec));
+                    trainer.probe_us_per_step().unwrap();
+                    trainer.set_stage_link(Box::new(link)).unwrap();
+                    let got = losses(&mut trainer, steps);
+                    let eval = trainer.evaluate().0;
+                    // A stop on one stage ends both stages' inner steps after the same step.
+                    let stop = AtomicBool::new(stage == 1);
+                    let span = forge_trainer::train::ScheduleSpan {
+                        start: steps as u64,
+                        per_step: 1.0,
+                    };
+                    let inner = trainer.inner_steps(3, None, &stop, span).unwrap();
+                    assert_eq!(inner.steps, 1, "stage {stage} took {} steps", inner.steps);
+                    (got, eval)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (stage, (got, eval)) in results.iter().enumerate() {
+        for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "stage {stage}, step {step}: loss {a} vs the whole model's {b}"
+            );
+        }
+        assert!(
+            (eval - expected_eval).abs() < 1e-4,
+            "stage {stage}: eval {eval} vs {expected_eval}"
+        );
+    }
+}

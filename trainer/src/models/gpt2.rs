@@ -123,8 +123,8 @@ pub struct Gpt2 {
     wpe: Option<Tensor>, // (max_seq_len, d), first stage
     blocks: Vec<Block>,
     ln_f: Option<LayerNorm>, // last stage
-    embeds: bool,
-    heads: bool,
+    pub(crate) embeds: bool,
+    pub(crate) heads: bool,
 }
 
 impl Gpt2 {

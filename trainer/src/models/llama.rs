@@ -81,8 +81,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Option<Tensor>,    // last stage
     lm_head: Option<Tensor>, // (vocab, d); last stage, None when tied to embed_tokens
-    embeds: bool,
-    heads: bool,
+    pub(crate) embeds: bool,
+    pub(crate) heads: bool,
     cos: Tensor, // (max_seq_len, head_dim), fp32, not a parameter
     sin: Tensor,
 }

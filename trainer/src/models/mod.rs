@@ -115,6 +115,24 @@ impl Model {
         }
     }
 
+    /// Whether the model takes token ids (it holds the embeddings): a whole model or a
+    /// pipeline's first stage. The others take the previous stage's output (B, T, d).
+    pub fn takes_ids(&self) -> bool {
+        match self {
+            Model::Gpt2(m) => m.embeds,
+            Model::Llama(m) => m.embeds,
+        }
+    }
+
+    /// Whether the model returns logits (it holds the head): a whole model or a pipeline's
+    /// last stage. The others return their output (B, T, d).
+    pub fn gives_logits(&self) -> bool {
+        match self {
+            Model::Gpt2(m) => m.heads,
+            Model::Llama(m) => m.heads,
+        }
+    }
+
     /// Sets the dtype of matrix multiplies and attention.
     pub fn set_precision(&mut self, precision: Precision) {
         match self {

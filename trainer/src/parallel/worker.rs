@@ -80,7 +80,19 @@ impl Worker {
         let started = std::time::Instant::now();
         for _ in 0..self.batch.accumulation {
             let (ids, tgt) = self.to_tensors(&batch);
-            let loss = cross_entropy(&self.model.forward(&ids), &tgt);
+            // A pipeline stage's part: from the previous stage's output, to its own.
+            let input = match self.model.takes_ids() {
+                true => ids,
+                false => Tensor::zeros(
+                    [rows as i64, seq_len as i64, self.model.config().d_model],
+                    (tch::Kind::Float, self.device),
+                ),
+            };
+            let out = self.model.forward(&input);
+            let loss = match self.model.gives_logits() {
+                true => cross_entropy(&out, &tgt),
+                false => out.mean(tch::Kind::Float),
+            };
             let grads = self.opt.gradients(&loss);
             drop(grads);
             f64::try_from(&loss).map_err(Error::torch("reading the loss"))?;

@@ -524,8 +524,16 @@ impl StageRunner {
         let _guard = tch::no_grad_guard();
         let (mut sum, mut tokens) = (0.0, 0.0);
         for (m, (ids, targets)) in batches.iter().enumerate() {
-            let inputs = self.inputs(Some(ids), 1)?;
-            let x = self.input(link, &inputs, 0, device)?;
+            let x = match self.first() {
+                true => ids.shallow_clone(),
+                false => self.recv(
+                    link,
+                    self.stage - 1,
+                    StageKind::Activation,
+                    m as u32,
+                    device,
+                )?,
+            };
             let out = model.forward(&x);
             if self.last() {
                 sum += f64::try_from(token_loss_sum(&out, targets)).unwrap_or(f64::NAN);
