@@ -13,10 +13,14 @@
 # With --what state: member 0 is a joiner fetching the global state (parameters + momentum,
 # fp32) from the K-1 others (`forge-node bench state-transfer`), timed against the state's
 # bytes over its link.
+# With --what pipeline: the K members are the K stages of one pipeline (`forge-node bench
+# pipeline`, --rounds measured steps of --micro-batches micro-batches each); stage 0 then trains
+# the whole model alone on the same batches, and the script prints the pipeline's tokens/s
+# against it, with the bytes each stage sent per token.
 #
 #   sudo scripts/bench_allreduce_netns.sh [--peers "2 4 8"] [--models "15m gpt2-124m"]
-#                                         [--rate-mbit 1000] [--rounds 3] [--what allreduce|state]
-#                                         [--pace]
+#                                         [--rate-mbit 1000] [--rounds 3] [--what allreduce|state|pipeline]
+#                                         [--pace] [--micro-batches 4]
 #
 # Needs root (ip netns, tc). Uses 10.231.0.0/24 inside namespaces named forge-ar-*; touches
 # nothing outside them and removes them on exit.
@@ -24,7 +28,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3 what=allreduce pace=0
+peers_list="2 4 8" models="15m gpt2-124m" rate=1000 rounds=3 what=allreduce pace=0 micro=4
 while (($#)); do
   case "$1" in
     --peers) peers_list=$2; shift 2 ;;
@@ -33,7 +37,8 @@ while (($#)); do
     --rounds) rounds=$2; shift 2 ;;
     --what) what=$2; shift 2 ;;
     --pace) pace=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --micro-batches) micro=$2; shift 2 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "bench_allreduce_netns.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +47,8 @@ case "$what" in
   allreduce) subcommand=all-reduce; bound="ring bound s"
     if ((pace)); then cap=(--max-upload-mbps "$rate"); fi ;;
   state) subcommand=state-transfer; bound="link bound s" ;;
-  *) echo "bench_allreduce_netns.sh: --what must be allreduce or state" >&2; exit 2 ;;
+  pipeline) subcommand=pipeline ;;
+  *) echo "bench_allreduce_netns.sh: --what must be allreduce, state or pipeline" >&2; exit 2 ;;
 esac
 if [[ $(id -u) != 0 ]]; then
   echo "bench_allreduce_netns.sh: needs root for ip netns and tc (run it with sudo)" >&2
@@ -105,6 +111,42 @@ if ((pace)); then
   fi
 fi
 echo "this machine has $(nproc) cores"
+if [[ $what == pipeline ]]; then
+  printf '%-6s %6s %6s %10s %12s %12s %16s %8s %14s\n' model stages micro "step s" "tokens/s" \
+    "whole step s" "whole tokens/s" ratio "bytes/token"
+  for model in $models; do
+    for k in $peers_list; do
+      addrs=$(for ((i = 0; i < k; i++)); do printf '10.231.0.%d:7700,' $((i + 1)); done)
+      addrs=${addrs%,}
+      pids=()
+      for ((i = 0; i < k; i++)); do
+        RUST_LOG=warn ip netns exec "forge-ar-$i" "$bin" bench "$subcommand" --addrs "$addrs" \
+          --rank "$i" --preset "$model" --steps "$rounds" --micro-batches "$micro" --threads 1 \
+          --json > "$work/pipeline-$model-k$k-r$i.json" 2> "$work/pipeline-$model-k$k-r$i.log" &
+        pids+=($!)
+      done
+      failed=0
+      for p in "${pids[@]}"; do wait "$p" || failed=1; done
+      if ((failed)); then
+        echo "$model $k stages: a stage failed; see $work/pipeline-$model-k$k-r*.log:" >&2
+        tail -n 3 "$work/pipeline-$model-k$k"-r*.log >&2
+        exit 1
+      fi
+      python3 - "$work" "$model" "$k" "$micro" << 'EOF'
+import json, statistics, sys
+work, model, k, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rs = [json.load(open(f"{work}/pipeline-{model}-k{k}-r{i}.json")) for i in range(k)]
+step = max(statistics.median(r["step_s"]) for r in rs)
+whole = statistics.median(rs[0]["whole_step_s"])
+tokens = rs[0]["tokens_per_step"]
+sent = max(r["bytes_sent_per_step"] for r in rs) / tokens
+print(f"{model:<6} {k:6d} {micro:6d} {step:10.3f} {tokens / step:12.0f} {whole:12.3f} "
+      f"{tokens / whole:16.0f} {whole / step:8.2f} {sent:14.0f}")
+EOF
+    done
+  done
+  exit 0
+fi
 printf '%-10s %5s %12s %10s %12s %8s %15s %10s\n' model peers "payload MB" "median s" "$bound" \
   ratio "cores at bound" "CPU floor"
 for model in $models; do

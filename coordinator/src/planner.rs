@@ -172,7 +172,10 @@ pub struct Plan {
 impl Plan {
     /// Micro-batches per second over all replicas.
     pub fn throughput(&self) -> f64 {
-        self.replicas.iter().map(ReplicaPlan::throughput).sum()
+        // From +0: `sum` of no floats is -0, which prints as "-0.00".
+        self.replicas
+            .iter()
+            .fold(0.0, |total, replica| total + replica.throughput())
     }
 
     /// Every node that holds a stage.
