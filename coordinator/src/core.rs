@@ -832,10 +832,33 @@ impl Coordinator {
         if self.global.version != 0 || initial.tensor_hashes.is_empty() {
             return;
         }
-        if self.global.tensor_hashes.is_empty() {
-            self.global.tensor_hashes = initial.tensor_hashes;
+        // Version 0 is the union of what members announce: a pipeline stage announces its
+        // own tensors. The first announcement of a tensor sets it.
+        let mut known: BTreeMap<TensorKey, Digest> = self
+            .global
+            .tensor_hashes
+            .iter()
+            .map(|t| (t.key.clone(), t.digest))
+            .collect();
+        let mut added = false;
+        let mut differs = false;
+        for hash in initial.tensor_hashes {
+            match known.get(&hash.key) {
+                None => {
+                    known.insert(hash.key, hash.digest);
+                    added = true;
+                }
+                Some(digest) => differs |= *digest != hash.digest,
+            }
+        }
+        if added {
+            self.global.tensor_hashes = known
+                .into_iter()
+                .map(|(key, digest)| TensorHash { key, digest })
+                .collect();
             out.push(Output::Event(Event::InitialState { member: id }));
-        } else if self.global.tensor_hashes != initial.tensor_hashes {
+        }
+        if differs {
             out.push(Output::Event(Event::Warning {
                 message: format!(
                     "{id} drew other initial parameters than the run's version 0 (the same \

@@ -227,7 +227,89 @@ pub fn plan(profile: &ModelProfile, nodes: &[NodeProfile]) -> Plan {
         free.retain(|node| pipelines.standby.contains(&node.id));
     }
     result.standby.sort_unstable();
-    result
+    align_cuts(profile, nodes, result)
+}
+
+/// Gives every pipeline with the same number of stages the same cut, so that the nodes holding
+/// a stage in different pipelines hold the same layers and can average them (DiLoCo runs per
+/// stage). Of the cuts the pipelines were planned with, the one with the highest total
+/// throughput wins (the first on a tie); a pipeline whose nodes cannot hold it goes on standby.
+fn align_cuts(profile: &ModelProfile, nodes: &[NodeProfile], plan: Plan) -> Plan {
+    let cut_of = |replica: &ReplicaPlan| -> Vec<LayerRange> {
+        replica.stages.iter().map(|stage| stage.layers).collect()
+    };
+    let mut aligned: Vec<Option<ReplicaPlan>> = plan.replicas.iter().cloned().map(Some).collect();
+    let mut standby = plan.standby;
+    let counts: BTreeSet<usize> = plan
+        .replicas
+        .iter()
+        .map(|replica| replica.stages.len())
+        .filter(|&count| count > 1)
+        .collect();
+    for count in counts {
+        let members: Vec<usize> = (0..plan.replicas.len())
+            .filter(|&i| plan.replicas[i].stages.len() == count)
+            .collect();
+        let mut cuts: Vec<Vec<LayerRange>> = Vec::new();
+        for &i in &members {
+            let cut = cut_of(&plan.replicas[i]);
+            if !cuts.contains(&cut) {
+                cuts.push(cut);
+            }
+        }
+        if cuts.len() < 2 {
+            continue;
+        }
+        let mut best: Option<(f64, Vec<Option<ReplicaPlan>>)> = None;
+        for cut in &cuts {
+            let recut: Vec<Option<ReplicaPlan>> = members
+                .iter()
+                .map(|&i| recut(profile, nodes, &plan.replicas[i], cut))
+                .collect();
+            let total: f64 = recut
+                .iter()
+                .flatten()
+                .fold(0.0, |sum, replica| sum + replica.throughput());
+            if best.as_ref().is_none_or(|(top, _)| total > *top) {
+                best = Some((total, recut));
+            }
+        }
+        let (_, recut) = best.expect("at least two cuts");
+        for (&i, replica) in members.iter().zip(recut) {
+            if replica.is_none() {
+                standby.extend(plan.replicas[i].stages.iter().map(|stage| stage.node));
+            }
+            aligned[i] = replica;
+        }
+    }
+    standby.sort_unstable();
+    standby.dedup();
+    Plan {
+        replicas: aligned.into_iter().flatten().collect(),
+        standby,
+    }
+}
+
+/// `replica`'s nodes, in its order, holding the layers of `cut`; `None` if one cannot.
+fn recut(
+    profile: &ModelProfile,
+    nodes: &[NodeProfile],
+    replica: &ReplicaPlan,
+    cut: &[LayerRange],
+) -> Option<ReplicaPlan> {
+    let count = cut.len();
+    let stages = replica
+        .stages
+        .iter()
+        .zip(cut)
+        .enumerate()
+        .map(|(position, (stage, layers))| {
+            let node = nodes.iter().find(|node| node.id == stage.node)?;
+            let (start, end) = (layers.start as usize, layers.end as usize);
+            cost_stage(profile, node, start, end, count - position)
+        })
+        .collect::<Option<Vec<StagePlan>>>()?;
+    Some(ReplicaPlan { stages })
 }
 
 /// The plan to run after a membership change. Keeps the running replicas (and plans only the
@@ -254,6 +336,7 @@ pub fn rebalance(current: Option<&Plan>, profile: &ModelProfile, nodes: &[NodePr
     let extra = plan(profile, &free);
     kept.replicas.extend(extra.replicas);
     kept.standby = extra.standby;
+    let kept = align_cuts(profile, nodes, kept);
     if fresh.throughput() >= REBALANCE_GAIN * kept.throughput() {
         fresh
     } else {
@@ -691,6 +774,21 @@ mod tests {
                     "plan {} micro-batches/s, brute force {}", plan.throughput(), 1.0 / best);
             } else {
                 prop_assert!(plan.replicas.is_empty());
+            }
+        }
+
+        #[test]
+        fn pipelines_of_as_many_stages_hold_the_same_layers(profile in profiles(), nodes in nodes()) {
+            // DiLoCo averages a stage with the nodes holding it in other pipelines: same layers.
+            let current = plan(&profile, &nodes);
+            let fewer = rebalance(Some(&current), &profile, &nodes[1..]);
+            for plan in [current, fewer] {
+                let mut cuts: std::collections::BTreeMap<usize, Vec<LayerRange>> = Default::default();
+                for replica in plan.replicas.iter().filter(|r| r.stages.len() > 1) {
+                    let cut: Vec<LayerRange> = replica.stages.iter().map(|s| s.layers).collect();
+                    let first = cuts.entry(cut.len()).or_insert_with(|| cut.clone());
+                    prop_assert_eq!(&*first, &cut);
+                }
             }
         }
 

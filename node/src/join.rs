@@ -11,18 +11,18 @@
 use crate::p2p::PeerNet;
 use crate::round::{
     Action, Exit, Fetched, InnerPlan, Input, ReduceFailure, RoundLog, Rounds, RoundsConfig,
-    Trained, failed_report, stage_refusal,
+    Trained, failed_report, held_hashes,
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
-use forge_protocol::messages::{JoinAccepted, Peer, Ready, RoundId, RoundOpened};
+use forge_protocol::messages::{JoinAccepted, Peer, Ready, RoundId, RoundOpened, StageAssignment};
 use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::outer_state::{self, OuterCheckpoint};
 use forge_trainer::parallel::Fault;
-use forge_trainer::train::Trainer;
+use forge_trainer::train::{StageSpec, Trainer};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -37,6 +37,10 @@ use tokio::sync::{mpsc, watch};
 mod setup;
 mod state;
 mod sync;
+
+/// How long the stages of a pipeline have to join each other, and the most any stage waits for
+/// another's message.
+const PIPELINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) use setup::parse_memory_size;
 use setup::{
@@ -141,12 +145,6 @@ async fn node(opts: JoinOptions) -> Result<()> {
     .await
     .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
-    if let Some(reason) = accepted.assignment.as_ref().and_then(stage_refusal) {
-        // Before the whole model is built: it may not even fit.
-        tracing::error!("{reason}");
-        client.leave(&format!("node refused: {reason}")).await.ok();
-        anyhow::bail!(reason);
-    }
     let leaver = client.clone();
     let setup = async {
         let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
@@ -209,6 +207,8 @@ struct Shell {
     fault: Option<(usize, Fault, u64)>,
     /// This node's microseconds per inner step in its last round, for paced rounds.
     us_per_step: Option<u64>,
+    /// The peers of the pipeline the trainer is joined to, in stage order (empty: none).
+    pipeline: Vec<PeerId>,
 }
 
 impl Shell {
@@ -224,8 +224,23 @@ impl Shell {
     ) -> Result<(Shell, VecDeque<Action<Proposal>>)> {
         let (cfg, diloco) = local_config(&accepted.run_config, opts)?;
         let final_version = cfg.final_version();
-        let mut trainer = tokio::task::block_in_place(|| Trainer::new(cfg))?;
-        let outer = OuterOptimizer::new(trainer.var_store(), diloco)?;
+        let stage = accepted.assignment.and_then(|a| a.stage);
+        let spec = stage.map(|s| StageSpec {
+            layers: s.layers,
+            stage: s.stage,
+            stages: s.stages,
+        });
+        if let Some(s) = stage {
+            println!(
+                "training stage {} of {} (layers {}..{}) of a pipeline",
+                s.stage + 1,
+                s.stages,
+                s.layers.start,
+                s.layers.end
+            );
+        }
+        let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
+        let outer = OuterOptimizer::without(trainer.var_store(), diloco, trainer.derived_param())?;
         let codec = QuantCodec {
             compression: diloco.compression,
             feedback: ErrorFeedback::new(diloco.compression, outer.numel())?,
@@ -242,6 +257,7 @@ impl Shell {
             eval_every_rounds: diloco.eval_every_rounds,
             numel: outer.numel() as u64,
             initial_hashes: wire_hashes(&outer.state_hashes()),
+            stage,
         };
         let rounds = Rounds::new(config, accepted, Instant::now());
         // The assignment's data shard is set before a resume restores its position.
@@ -265,12 +281,21 @@ impl Shell {
             stop_told: false,
             fault: test_fault()?,
             us_per_step: None,
+            pipeline: Vec::new(),
             outer,
             trainer,
         };
+        // A pipeline stage resumes its own tensors.
+        let global = forge_protocol::messages::GlobalState {
+            tensor_hashes: held_hashes(
+                shell.rounds.initial_hashes(),
+                &accepted.global.tensor_hashes,
+            ),
+            ..accepted.global.clone()
+        };
         let held = resume(
             &shell.checkpoints,
-            &accepted.global,
+            &global,
             &mut shell.trainer,
             &mut shell.outer,
             &shell.net,
@@ -352,6 +377,7 @@ impl Shell {
     ) -> Result<Option<Input<Proposal>>> {
         match action {
             Action::Say(line) => println!("{line}"),
+            Action::Restage(stage) => return Ok(Some(self.restage(stage)?)),
             Action::SetMembers(peers) => {
                 let members = peers_of(&peers)
                     .into_iter()
@@ -369,8 +395,15 @@ impl Shell {
                 pace_us_per_step,
                 opened_at,
                 lease,
+                pipeline,
             } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
+                if let Err(e) = self.join_pipeline(&pipeline).await {
+                    // The pipeline cannot run this round (a stage unreachable or gone): the
+                    // round fails for this node, which stays for the next.
+                    let reason = format!("{round}: the pipeline did not form: {e:#}");
+                    return Ok(Some(Input::Trained(Err(reason))));
+                }
                 let trained = self.train(
                     version,
                     pace_us_per_step,
@@ -450,8 +483,85 @@ impl Shell {
         Ok(None)
     }
 
+    /// Rebuilds the trainer (and the outer state, which covers its tensors) for `stage`, at the
+    /// same place in the run: the coordinator's plan gave this node other layers.
+    fn restage(&mut self, stage: Option<StageAssignment>) -> Result<Input<Proposal>> {
+        let spec = stage.map(|s| StageSpec {
+            layers: s.layers,
+            stage: s.stage,
+            stages: s.stages,
+        });
+        let cfg = self.trainer.config().clone();
+        let (step, tokens) = (self.trainer.step(), self.trainer.tokens());
+        let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
+        trainer.set_progress(step, tokens);
+        if let Some((index, count)) = self.rounds.shard() {
+            trainer.set_data_shard(index as usize, count as usize)?;
+        }
+        let outer =
+            OuterOptimizer::without(trainer.var_store(), self.diloco, trainer.derived_param())?;
+        self.codec = QuantCodec {
+            compression: self.diloco.compression,
+            feedback: ErrorFeedback::new(self.diloco.compression, outer.numel())?,
+        };
+        self.trainer = trainer;
+        self.outer = outer;
+        self.pipeline.clear();
+        Ok(Input::Restaged {
+            initial_hashes: wire_hashes(&self.outer.state_hashes()),
+            numel: self.outer.numel() as u64,
+        })
+    }
+
+    /// Joins the trainer to the other stages of its pipeline (`pipeline`: its nodes in stage
+    /// order), unless it is joined to these already.
+    async fn join_pipeline(&mut self, pipeline: &[Peer]) -> Result<()> {
+        let Some(spec) = self.trainer.stage() else {
+            return Ok(());
+        };
+        let peers: Vec<PeerId> = peers_of(pipeline)
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        if peers.len() != pipeline.len() || peers.len() != spec.stages as usize {
+            anyhow::bail!(
+                "the round lists {} nodes with valid peer ids for this node's pipeline of {} \
+                 stages",
+                peers.len(),
+                spec.stages
+            );
+        }
+        if peers == self.pipeline {
+            return Ok(());
+        }
+        self.pipeline.clear();
+        let link = self
+            .net
+            .pipeline_link(spec.stage, &peers, PIPELINE_TIMEOUT)
+            .await?;
+        self.trainer.set_stage_link(Box::new(link))?;
+        self.pipeline = peers;
+        Ok(())
+    }
+
+    /// The round's participants this node all-reduces with: those holding its layers.
+    fn same_layers(&self, participants: &[Peer]) -> Vec<Peer> {
+        let mine = self.trainer.stage().map(|s| s.layers);
+        participants
+            .iter()
+            .filter(|p| p.assignment.stage.map(|s| s.layers) == mine)
+            .cloned()
+            .collect()
+    }
+
     /// Fetches the round's global state from its other participants.
     async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
+        // A pipeline stage's state: its tensors, from the nodes holding its layers.
+        let open = &RoundOpened {
+            participants: self.same_layers(&open.participants),
+            tensor_hashes: self.rounds.held_of(&open.tensor_hashes),
+            ..open.clone()
+        };
         let me = self.rounds.member();
         // Where a replica that played every round would be: the schedule's position.
         let step = self.diloco.step_at_version(open.global_version);
@@ -551,6 +661,9 @@ impl Shell {
             tokens,
             wait,
         } = exchange;
+        // A pipeline stage averages its own layers with the nodes holding them.
+        let group = self.same_layers(participants);
+        let participants = group.as_slice();
         let data = self.outer.pseudo_gradient(self.trainer.var_store());
         let seq_len = self.trainer.config().train.seq_len.max(1) as u64;
         let mut request = match request(
@@ -690,14 +803,6 @@ impl Shell {
                 Err(anyhow!(reason))
             }
             Exit::Stopped(reason) => Err(anyhow!(reason)),
-            Exit::Refused(reason) => {
-                tracing::error!("{reason}");
-                self.client
-                    .leave(&format!("node refused: {reason}"))
-                    .await
-                    .ok();
-                Err(anyhow!(reason))
-            }
         }
     }
 }

@@ -16,7 +16,7 @@ use forge_coordinator_client::Notification;
 use forge_protocol::messages::{
     Assignment, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, Digest,
     JoinAccepted, MemberDead, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened,
-    RoundOutcome, RoundReport, TensorHash,
+    RoundOutcome, RoundReport, StageAssignment, TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
 use forge_protocol::stream::{DataLease, SeqRange};
@@ -94,8 +94,10 @@ pub(crate) struct RoundsConfig {
     /// Values in the model (the pseudo-gradient's length), for the fp32-equivalent byte count.
     pub(crate) numel: u64,
     /// The hashes of this node's version 0 (its initial parameters and zero momentum), as
-    /// [`forge_protocol::InitialState`] announces them.
+    /// [`forge_protocol::InitialState`] announces them: the tensors this node holds.
     pub(crate) initial_hashes: Vec<TensorHash>,
+    /// The pipeline stage this node's trainer holds (None: the whole model).
+    pub(crate) stage: Option<StageAssignment>,
 }
 
 /// What happened, fed to [`Rounds::handle`].
@@ -124,6 +126,12 @@ pub(crate) enum Input<P> {
     Evaluated { loss: f64, bpb: f64 },
     /// The answer to [`Action::WriteCheckpoint`]: where the shard went, or why it did not.
     CheckpointWritten(Result<String, String>),
+    /// The answer to [`Action::Restage`]: the rebuilt trainer's version-0 hashes (the tensors
+    /// it holds) and its values.
+    Restaged {
+        initial_hashes: Vec<TensorHash>,
+        numel: u64,
+    },
 }
 
 /// Global state fetched from peers.
@@ -183,9 +191,6 @@ pub(crate) enum Exit {
     Failed { round: RoundId, reason: String },
     /// The coordinator stopped this node (refused on reconnect, or gave up): exit with an error.
     Stopped(String),
-    /// The coordinator asked for what this node cannot do (a pipeline stage): leave telling
-    /// why, and exit with that error.
-    Refused(String),
 }
 
 /// What the shell must do, in order.
@@ -193,6 +198,9 @@ pub(crate) enum Exit {
 pub(crate) enum Action<P> {
     /// Print a line for the user.
     Say(String),
+    /// Rebuild the trainer for these layers (a pipeline stage; None: the whole model), which
+    /// the coordinator's plan now gives this node, then answer [`Input::Restaged`].
+    Restage(Option<StageAssignment>),
     /// Accept peer connections from these members only (the round's participants and the other
     /// replicas' nodes, which may fetch the global state from this node).
     SetMembers(Vec<Peer>),
@@ -213,6 +221,9 @@ pub(crate) enum Action<P> {
         /// The stream positions this node's replica reads this round: the inner steps stop
         /// when they run out. None: the coordinator leases no data, the node reads its shard.
         lease: Option<Vec<SeqRange>>,
+        /// The nodes of this node's pipeline in stage order, itself included (empty for a
+        /// whole replica): the stages a step runs through.
+        pipeline: Vec<Peer>,
     },
     /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
     /// step; answer with [`Input::Reduced`].
@@ -407,6 +418,15 @@ impl<P> Rounds<P> {
                 self.held = held;
                 self.step = step;
             }
+            Input::Restaged {
+                initial_hashes,
+                numel,
+            } => {
+                // The rebuilt trainer holds version 0 of its layers; a later version is fetched.
+                self.config.initial_hashes = initial_hashes;
+                self.config.numel = numel;
+                self.held = self.held.filter(|&v| v == 0);
+            }
             Input::CoordinatorGone => self.exit(
                 Exit::Leave("the coordinator connection closed".into()),
                 &mut out,
@@ -525,8 +545,8 @@ impl<P> Rounds<P> {
                 self.on_round_closed(closed, out)
             }
             Notification::Message(CoordinatorMessage::Assigned(a)) => {
-                if let Some(reason) = a.assignment.as_ref().and_then(stage_refusal) {
-                    return self.exit(Exit::Refused(reason), out);
+                if let Some(a) = &a.assignment {
+                    self.restage(a, out);
                 }
                 match &a.assignment {
                     Some(assignment) => self.follow_shard(assignment, out),
@@ -588,8 +608,8 @@ impl<P> Rounds<P> {
                 stale.round.0
             )));
         }
-        if let Some(reason) = accepted.assignment.as_ref().and_then(stage_refusal) {
-            return self.exit(Exit::Refused(reason), out);
+        if let Some(a) = &accepted.assignment {
+            self.restage(a, out);
         }
         if let Some(a) = &accepted.assignment {
             self.follow_shard(a, out);
@@ -615,10 +635,11 @@ impl<P> Rounds<P> {
         }
         self.participants = open.participants.clone();
         out.push(Action::SetMembers(self.allowlist()));
+        let announced = self.held_of(&open.tensor_hashes);
         let other_start = open.global_version == 0
             && self.held == Some(0)
-            && !open.tensor_hashes.is_empty()
-            && open.tensor_hashes != self.config.initial_hashes;
+            && !announced.is_empty()
+            && announced != self.held_of(&self.config.initial_hashes);
         if other_start {
             out.push(Action::Say(format!(
                 "round {}: the run's version 0 is not this node's initial parameters (another \
@@ -659,7 +680,55 @@ impl<P> Rounds<P> {
             pace_us_per_step: open.pace_us_per_step,
             opened_at,
             lease: self.lease(open),
+            pipeline: self.pipeline(open),
         }
+    }
+
+    /// The nodes of this node's pipeline in `open`, in stage order (empty for a whole replica).
+    fn pipeline(&self, open: &RoundOpened) -> Vec<Peer> {
+        let Some(me) = open.participants.iter().find(|p| p.member == self.me) else {
+            return Vec::new();
+        };
+        if me.assignment.stage.is_none() {
+            return Vec::new();
+        }
+        let mut stages: Vec<Peer> = open
+            .participants
+            .iter()
+            .filter(|p| p.assignment.replica == me.assignment.replica)
+            .cloned()
+            .collect();
+        stages.sort_by_key(|p| p.assignment.stage_index());
+        stages
+    }
+
+    /// Asks for the trainer to be rebuilt when `assignment` gives this node other layers than
+    /// its trainer holds (a re-plan made it a pipeline stage, another stage, or whole again).
+    fn restage(&mut self, assignment: &Assignment, out: &mut Vec<Action<P>>) {
+        if assignment.stage == self.config.stage {
+            return;
+        }
+        let what = match assignment.stage {
+            None => "the whole model".to_string(),
+            Some(s) => format!(
+                "stage {} of {} (layers {}..{})",
+                s.stage + 1,
+                s.stages,
+                s.layers.start,
+                s.layers.end
+            ),
+        };
+        out.push(Action::Say(format!(
+            "the coordinator's plan gives this node {what} of replica {}",
+            assignment.replica.0
+        )));
+        self.config.stage = assignment.stage;
+        out.push(Action::Restage(assignment.stage));
+    }
+
+    /// `hashes` restricted to the tensors this node holds (a pipeline stage holds its own).
+    pub(crate) fn held_of(&self, hashes: &[TensorHash]) -> Vec<TensorHash> {
+        held_hashes(&self.config.initial_hashes, hashes)
     }
 
     /// This node's replica's lease in `open`; None when the round carries no leases.
@@ -1017,20 +1086,13 @@ impl<P> Rounds<P> {
     }
 }
 
-/// Why this node refuses `assignment`: it trains whole replicas only, and a pipeline stage
-/// trained as the whole model would be neither. Where stage execution will take the assignment.
-pub(crate) fn stage_refusal(assignment: &Assignment) -> Option<String> {
-    let stage = assignment.stage?;
-    Some(format!(
-        "the coordinator assigned this node stage {} of {} (layers {}..{}) of replica {}, but \
-         this forge-node cannot train pipeline stages yet; give it more memory (or a larger \
-         --memory-limit) so it holds the whole model",
-        stage.stage + 1,
-        stage.stages,
-        stage.layers.start,
-        stage.layers.end,
-        assignment.replica.0
-    ))
+/// The hashes of `hashes` whose tensors `mine` lists (the tensors a node holds).
+pub(crate) fn held_hashes(mine: &[TensorHash], hashes: &[TensorHash]) -> Vec<TensorHash> {
+    hashes
+        .iter()
+        .filter(|h| mine.iter().any(|m| m.key == h.key))
+        .cloned()
+        .collect()
 }
 
 /// The participant of `open` that `note` declares dead (not one that left cleanly), as its peer

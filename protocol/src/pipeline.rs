@@ -35,6 +35,9 @@ pub enum StageKind {
     Gradient,
     /// The sender's gradient of the tied embedding (first and last stage swap theirs).
     TiedGradient,
+    /// The first stage's tied embedding, which the last stage's copy takes (after an outer
+    /// step, the first stage's global state sets it).
+    TiedParameters,
     /// The sender's scalars of the step, added up by every stage.
     Scalars,
 }

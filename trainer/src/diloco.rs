@@ -87,8 +87,18 @@ fn hashes(
 impl OuterOptimizer {
     /// Starts from the model's current parameters as the global state, momentum zero.
     pub fn new(vs: &VarStore, cfg: DilocoConfig) -> Result<Self> {
+        OuterOptimizer::without(vs, cfg, None)
+    }
+
+    /// [`OuterOptimizer::new`] over every trainable parameter but `derived`: one whose value
+    /// another node's state holds (the last pipeline stage's copy of a tied embedding, which
+    /// the first stage's global state sets).
+    pub fn without(vs: &VarStore, cfg: DilocoConfig, derived: Option<&str>) -> Result<Self> {
         cfg.validate()?;
-        let named = trainable_by_name(vs);
+        let named: Vec<(String, Tensor)> = trainable_by_name(vs)
+            .into_iter()
+            .filter(|(name, _)| Some(name.as_str()) != derived)
+            .collect();
         let global: Vec<Tensor> = named.iter().map(|(_, t)| owned_f32(t)).collect();
         let momentum = global.iter().map(Tensor::zeros_like).collect();
         let numel = global.iter().map(|t| t.numel()).sum();
@@ -108,10 +118,10 @@ impl OuterOptimizer {
 
     /// `theta_global - theta_local`, flattened in name order, fp32.
     pub fn pseudo_gradient(&self, vs: &VarStore) -> Vec<f32> {
-        let named = trainable_by_name(vs);
+        let named = self.params(vs);
         let mut out = Vec::with_capacity(self.numel);
         tch::no_grad(|| {
-            for ((_, local), global) in named.iter().zip(&self.global) {
+            for (local, global) in named.iter().zip(&self.global) {
                 out.extend(to_vec(&(global - cpu_f32(local))));
             }
         });
@@ -173,7 +183,7 @@ impl OuterOptimizer {
     /// Copies the global parameters into the model (after a commit, or to undo local steps).
     pub fn load_into(&self, vs: &VarStore) {
         tch::no_grad(|| {
-            for ((_, mut local), global) in trainable_by_name(vs).into_iter().zip(&self.global) {
+            for (mut local, global) in self.params(vs).into_iter().zip(&self.global) {
                 local.copy_(&global.to_device(local.device()).to_kind(local.kind()));
             }
         });
@@ -190,6 +200,15 @@ impl OuterOptimizer {
         let mut all = hashes(self.param_keys(), &self.global).1;
         all.extend(hashes(self.momentum_keys(), &self.momentum).1);
         all
+    }
+
+    /// The model's parameters this state covers, in its order.
+    fn params(&self, vs: &VarStore) -> Vec<Tensor> {
+        trainable_by_name(vs)
+            .into_iter()
+            .filter(|(name, _)| self.names.contains(name))
+            .map(|(_, t)| t)
+            .collect()
     }
 
     fn param_keys(&self) -> impl Iterator<Item = TensorKey> + '_ {

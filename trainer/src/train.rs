@@ -366,6 +366,29 @@ impl Trainer {
         self.pipeline.as_ref().map(|p| self.lock_pipeline(p).spec)
     }
 
+    /// The parameter this stage holds whose value the first stage's state sets (the last
+    /// stage's copy of a tied embedding): a DiLoCo node leaves it out of its outer state.
+    pub fn derived_param(&self) -> Option<&'static str> {
+        let pipeline = self.pipeline.as_ref()?;
+        self.lock_pipeline(pipeline)
+            .runner
+            .derived_param(&self.state.model)
+    }
+
+    /// Gives the last stage's copy of the tied embedding the first stage's value (after an
+    /// outer step changed it); every stage of the pipeline calls it at the same points.
+    fn sync_tied(&self) -> Result<()> {
+        let Some(pipeline) = &self.pipeline else {
+            return Ok(());
+        };
+        let mut pipeline = self.lock_pipeline(pipeline);
+        let Pipeline { runner, link, .. } = &mut *pipeline;
+        match link {
+            Some(link) => runner.sync_tied(&self.primary.vs, link.as_mut()),
+            None => Err(Error::Pipeline("no link to the other stages yet".into())),
+        }
+    }
+
     /// Joins this stage to the others: every later step and evaluation runs over `link`.
     pub fn set_stage_link(&mut self, link: Box<dyn StageLink>) -> Result<()> {
         let Some(pipeline) = &self.pipeline else {
@@ -575,6 +598,11 @@ impl Trainer {
         // The stages of a pipeline must take the same steps: the stop and the budget are each
         // stage's wish after a step, and the pipeline goes on only if every stage wishes so.
         let staged = self.pipeline.is_some();
+        if staged {
+            // The last stage's copy of a tied embedding takes the first stage's value, which
+            // an outer step since the last inner steps may have changed.
+            self.sync_tied()?;
+        }
         let out_of_time = |summary: &InnerSummary| {
             budget.is_some_and(|b| started.elapsed() >= b) && summary.steps > 0
         };
@@ -725,7 +753,7 @@ impl Trainer {
     pub fn evaluate(&self) -> (f64, f64) {
         let _guard = tch::no_grad_guard();
         let loss = match &self.pipeline {
-            Some(pipeline) => {
+            Some(pipeline) if self.sync_tied().is_ok() => {
                 let batches: Vec<(Tensor, Tensor)> = self
                     .eval_set
                     .iter()
@@ -746,6 +774,10 @@ impl Trainer {
                         f64::NAN
                     }
                 }
+            }
+            Some(_) => {
+                tracing::warn!("pipeline evaluation failed: the stages are not joined");
+                f64::NAN
             }
             None => {
                 let mut total = 0.0;
@@ -771,7 +803,10 @@ impl Trainer {
             return format!(
                 "(no sample: this node holds stage {} of {}, layers {}..{}; sampling needs the \
                  whole model, e.g. from an exported checkpoint)",
-                spec.stage, spec.stages, spec.layers.start, spec.layers.end
+                spec.stage + 1,
+                spec.stages,
+                spec.layers.start,
+                spec.layers.end
             );
         }
         let prompt = self

@@ -20,6 +20,7 @@ fn config() -> RoundsConfig {
         eval_every_rounds: 2,
         numel: 1000,
         initial_hashes: hashes(0),
+        stage: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn names(actions: &[Action<u64>]) -> Vec<String> {
                 OuterStep::Failed { .. } => format!("report {} failed", report.round.0),
             },
             Action::ApplyOuterStep(round) => format!("apply {round}"),
+            Action::Restage(stage) => format!("restage {stage:?}"),
             Action::Evaluate => "evaluate".into(),
             Action::PublishState { version, round } => format!("publish v{version} r{round}"),
             Action::WriteCheckpoint { round, shard, .. } => {
@@ -486,16 +488,18 @@ fn standby_and_back() {
     assert_eq!(note(&mut n, t0, back), ["shard 2/3", "members [2, 3]"]);
 }
 
-/// A pipeline stage is refused, not trained as the whole model: by a planned member and by a
-/// fresh joiner after a reconnect.
+/// A node the plan gives other layers than its trainer holds (here: a stage, to a node holding
+/// the whole model) rebuilds its trainer for them, as a planned member and as a fresh joiner
+/// after a reconnect; it then holds version 0 of its layers, and a later version not at all.
 #[test]
-fn a_stage_assignment_is_refused_with_the_stage_named() {
+fn an_assignment_to_other_layers_rebuilds_the_trainer() {
+    let stage = forge_protocol::messages::StageAssignment {
+        stage: 1,
+        stages: 2,
+        layers: forge_protocol::LayerRange { start: 3, end: 6 },
+    };
     let staged = Assignment {
-        stage: Some(forge_protocol::messages::StageAssignment {
-            stage: 1,
-            stages: 2,
-            layers: forge_protocol::LayerRange { start: 3, end: 6 },
-        }),
+        stage: Some(stage),
         ..assignment(4, 1)
     };
     let t0 = Instant::now();
@@ -504,22 +508,36 @@ fn a_stage_assignment_is_refused_with_the_stage_named() {
         assignment: Some(staged),
         sync_peers: vec![peer(2)],
     }));
-    let actions = n.handle(t0, Input::Note(moved));
-    let [Action::Exit(Exit::Refused(reason))] = actions.as_slice() else {
-        panic!("not refused: {:?}", names(&actions));
-    };
+    let actions = n.handle(t0, Input::Note(moved.clone()));
     assert!(
-        reason.contains("stage 2 of 2 (layers 3..6) of replica 4")
-            && reason.contains("cannot train pipeline stages"),
-        "{reason}"
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Restage(Some(s)) if *s == stage)),
+        "{:?}",
+        names(&actions)
     );
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Say(line) if line.contains("stage 2 of 2 (layers 3..6) of replica 4")
+    )));
+    // Said again, the same layers: nothing to rebuild.
+    let again = n.handle(t0, Input::Note(moved));
+    assert!(!again.iter().any(|a| matches!(a, Action::Restage(_))));
+    let stage_hashes = hashes(0)[..1].to_vec();
+    n.handle(
+        t0,
+        Input::Restaged {
+            initial_hashes: stage_hashes.clone(),
+            numel: 10,
+        },
+    );
+    assert_eq!(n.initial_hashes(), stage_hashes.as_slice());
+    assert_eq!(n.held(), Some(0), "version 0 of its layers");
     assert_eq!(
-        n.shard(),
-        Some((0, 3)),
-        "the whole-model shard was not followed"
+        n.held_of(&hashes(0)),
+        stage_hashes,
+        "only its tensors count"
     );
-    // Exited: nothing more happens.
-    assert!(note(&mut n, t0, opened(1, 0, &[1, 2])).is_empty());
 
     let mut n = node(t0);
     let mut fresh = accepted(MemberId(9), None);
@@ -528,18 +546,14 @@ fn a_stage_assignment_is_refused_with_the_stage_named() {
         accepted: fresh,
         kept_member: false,
     };
-    let actions = names(&n.handle(t0, Input::Note(rejoined)));
-    assert_eq!(
-        actions[0],
-        "say reconnected to the coordinator (same member: false)"
-    );
+    let actions = n.handle(t0, Input::Note(rejoined));
     assert!(
-        actions[1].starts_with("exit Refused(\"the coordinator assigned this node stage 2 of 2"),
-        "{actions:?}"
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Restage(Some(_)))),
+        "{:?}",
+        names(&actions)
     );
-    assert_eq!(actions.len(), 2);
-    // A whole-model assignment is followed as before.
-    assert_eq!(stage_refusal(&assignment(1, 3)), None);
 }
 
 /// Sync peers change by deltas: added (or replaced by member id) and removed.

@@ -433,6 +433,41 @@ impl StageRunner {
         Ok((grads, loss))
     }
 
+    /// The tied embedding this stage holds but whose value the first stage's state sets: the
+    /// last stage's copy (None elsewhere).
+    pub fn derived_param(&self, cfg: &ModelConfig) -> Option<&'static str> {
+        if self.last() && !self.first() && self.tied.is_some() {
+            tied_name(cfg)
+        } else {
+            None
+        }
+    }
+
+    /// Makes the last stage's copy of the tied embedding the first stage's (after an outer step
+    /// changed the first's): the first sends it, the last takes it; others do nothing.
+    /// Every stage calls it at the same points (it counts as an exchange on each).
+    pub fn sync_tied(&mut self, vs: &nn::VarStore, link: &mut dyn StageLink) -> Result<()> {
+        if let Some(at) = self.tied {
+            let (_, mut param) = trainable_by_name(vs).swap_remove(at);
+            if self.first() {
+                let last = self.stages - 1;
+                self.send(
+                    link,
+                    last,
+                    StageKind::TiedParameters,
+                    0,
+                    &param,
+                    StageDtype::F32,
+                )?;
+            } else {
+                let first = self.recv(link, 0, StageKind::TiedParameters, 0, vs.device())?;
+                tch::no_grad(|| param.copy_(&first.to_kind(param.kind())));
+            }
+        }
+        self.exchange += 1;
+        Ok(())
+    }
+
     /// Adds `values` over every stage of the pipeline; every stage gets the same bits (sums in
     /// stage order).
     pub fn all_reduce(&self, link: &mut dyn StageLink, values: &[f64]) -> Result<Vec<f64>> {
