@@ -1032,3 +1032,63 @@ fn a_false_accusation_removes_nobody() {
         "{coordinator_log}"
     );
 }
+
+/// Four nodes capped at 33 MB each cannot hold the tiny model alone (micro-batches of 4
+/// sequences): the coordinator plans two pipelines of two stages with the same cut, and the
+/// nodes holding a stage in either pipeline average it every round. Rounds commit with all
+/// four (so every stage's hashes agree), the loss falls, and every node ends on the same final
+/// model.
+#[test]
+fn two_pipelines_of_two_stages_train_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first round waits for both pipelines.
+    let config = write_config(tmp.path(), 2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("micro_batch = 8", "micro_batch = 4", 1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    let capped = ["--memory-limit", "33MB"];
+    let mut nodes: Vec<Proc> = (0..4)
+        .map(|i| start_node_args(tmp.path(), i, &addr, &token, &[], &capped))
+        .collect();
+    for node in &mut nodes {
+        let line = node.wait_for("of 2 (layers", deadline);
+        assert!(
+            line.contains("stage 1 of 2") || line.contains("stage 2 of 2"),
+            "{line}"
+        );
+    }
+    let first: Vec<f64> = nodes
+        .iter_mut()
+        .map(|node| parse_round(&node.wait_for_commit(4, deadline)).unwrap().2)
+        .collect();
+    let mut finals = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        assert!(
+            log.contains("the run is finished: its final version 12 is committed"),
+            "node {i}:\n{log}"
+        );
+        let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+        let last = rounds
+            .iter()
+            .rev()
+            .find(|r| r.3.starts_with("committed"))
+            .unwrap();
+        assert!(
+            last.2 < first[i],
+            "node {i}: loss {} then {}:\n{log}",
+            first[i],
+            last.2
+        );
+        finals.push(final_loss_line(&lines).unwrap_or_else(|| panic!("node {i}:\n{log}")));
+    }
+    assert!(finals.windows(2).all(|w| w[0] == w[1]), "{finals:?}");
+    println!("{}", finals[0]);
+}

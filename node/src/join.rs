@@ -401,8 +401,8 @@ impl Shell {
                 if let Err(e) = self.join_pipeline(&pipeline).await {
                     // The pipeline cannot run this round (a stage unreachable or gone): the
                     // round fails for this node, which stays for the next.
-                    let reason = format!("{round}: the pipeline did not form: {e:#}");
-                    return Ok(Some(Input::Trained(Err(reason))));
+                    let reason = format!("it did not form: {e:#}");
+                    return Ok(Some(Input::PipelineBroken(reason)));
                 }
                 let trained = self.train(
                     version,
@@ -507,6 +507,8 @@ impl Shell {
         self.trainer = trainer;
         self.outer = outer;
         self.pipeline.clear();
+        // The state served so far is of the old layers.
+        self.net.publish_state(None);
         Ok(Input::Restaged {
             initial_hashes: wire_hashes(&self.outer.state_hashes()),
             numel: self.outer.numel() as u64,
@@ -623,6 +625,12 @@ impl Shell {
             self.trainer
                 .inner_steps(plan.steps, plan.budget, &self.stop, plan.schedule)
         });
+        if let Err(forge_trainer::Error::Pipeline(reason)) = &inner {
+            // Another stage's node gone or unreachable: not this node's failure. The pipeline
+            // forms again next round.
+            self.pipeline.clear();
+            return Ok(Input::PipelineBroken(reason.clone()));
+        }
         if let Ok(inner) = &inner
             && inner.steps > 0
         {

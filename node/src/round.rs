@@ -120,6 +120,9 @@ pub(crate) enum Input<P> {
     StateFetched(Result<Fetched, String>),
     /// The answer to [`Action::Train`].
     Trained(Result<Trained, String>),
+    /// The answer to [`Action::Train`] when the pipeline could not form or broke off (another
+    /// stage's node unreachable or gone): the round fails for this node, which stays.
+    PipelineBroken(String),
     /// The answer to [`Action::AllReduce`] and [`Action::AbortAllReduce`].
     Reduced(Result<Reduced<P>, ReduceFailure>),
     /// The answer to [`Action::Evaluate`]: validation loss and bits per byte.
@@ -440,6 +443,34 @@ impl<P> Rounds<P> {
                 self.on_fetched(result, &mut out)
             }
             Input::Trained(result) => self.on_trained(result, &mut out),
+            Input::PipelineBroken(reason) => {
+                if let Phase::Training {
+                    open,
+                    state_fetch_s,
+                } = std::mem::replace(&mut self.phase, Phase::Idle)
+                {
+                    let trained = Trained {
+                        steps: 0,
+                        tokens: 0,
+                        mean_loss: f64::NAN,
+                        seconds: 0.0,
+                        step: self.step,
+                        consumed: Vec::new(),
+                    };
+                    self.phase = Phase::Reducing {
+                        open,
+                        state_fetch_s,
+                        trained,
+                    };
+                    let failure = ReduceFailure {
+                        reason: format!("the pipeline broke off: {reason}"),
+                        peer: None,
+                        rejected: false,
+                        sync_s: 0.0,
+                    };
+                    self.on_reduced(now, Err(failure), &mut out);
+                }
+            }
             Input::Reduced(result) => self.on_reduced(now, result, &mut out),
             Input::Evaluated { loss, bpb } => {
                 self.job_ended = now;

@@ -1196,3 +1196,26 @@ fn a_node_reads_its_replicas_lease_and_records_it_only_when_committed_with_it() 
         Some(Action::Train { lease: None, .. })
     ));
 }
+
+/// A pipeline that breaks off mid-round (another stage's node gone) fails the round for this
+/// node, which reports it and stays for the next round: the fault is not its own.
+#[test]
+fn a_broken_pipeline_fails_the_round_and_the_node_stays() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    note(&mut n, t0, opened(1, 0, &[1, 2, 3]));
+    let actions = names(&n.handle(
+        t0,
+        Input::PipelineBroken("stage 1: connection ended".into()),
+    ));
+    assert_eq!(
+        actions,
+        [
+            "say round 1: all-reduce failed: the pipeline broke off: stage 1: connection ended",
+            "report 1 failed"
+        ]
+    );
+    // The next round is played.
+    let next = note(&mut n, t0, opened(2, 0, &[1, 2, 3]));
+    assert!(next.iter().any(|a| a == "train 2"), "{next:?}");
+}
