@@ -4,17 +4,35 @@
 # the TinyStories sample, averaging int8-compressed outer gradients every 25 inner steps. Each
 # round prints loss, validation loss, bytes sent and sync time; at the end a node prints a story
 # and everything stops. A few minutes on two CPU cores.
-#   scripts/demo.sh [CONFIG]     (default configs/diloco-tiny-cpu.toml)
+# With --pipeline, the same run with the model split in two pipeline stages: four nodes, each
+# told it has 38 MB (`--memory-limit`), which holds half the model but not all of it, so the
+# coordinator plans two pipelines of two stages; micro-batches of 4 sequences go through each
+# pipeline over libp2p, and the nodes holding the same stage average it every round.
+#   scripts/demo.sh [--pipeline] [CONFIG]     (default configs/diloco-tiny-cpu.toml)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
+pipeline=0
+if [[ ${1:-} == --pipeline ]]; then
+  pipeline=1
+  shift
+fi
 scripts/setup.sh
 bin=target/release
 config=${1:-configs/diloco-tiny-cpu.toml}
 work=runs/demo
 rm -rf "$work"
 mkdir -p "$work"
+node_count=2
+node_args=()
+if ((pipeline)); then
+  # Micro-batches of 4 sequences: a step's batch flows through a pipeline in parts.
+  sed 's/^micro_batch = .*/micro_batch = 4/' "$config" > "$work/run.toml"
+  config=$work/run.toml
+  node_count=4
+  node_args=(--memory-limit 38MB)
+fi
 
 pids=()
 cleanup() {
@@ -37,10 +55,10 @@ read -r _ _ addr _ token <<< "$join_line"
 echo "coordinator at $addr; logs in $work/"
 
 nodes=()
-for i in 1 2; do
-  echo "== node $i: forge-node join $addr --token ..."
+for ((i = 1; i <= node_count; i++)); do
+  echo "== node $i: forge-node join $addr --token ... ${node_args[*]}"
   RUST_LOG=warn "$bin/forge-node" join "$addr" --token "$token" --workdir "$work/node$i" \
-    --listen 127.0.0.1:0 2> "$work/node$i.log" | sed -u "s/^/[node $i] /" &
+    --listen 127.0.0.1:0 "${node_args[@]}" 2> "$work/node$i.log" | sed -u "s/^/[node $i] /" &
   nodes+=($!)
   pids+=($!)
 done
