@@ -138,6 +138,17 @@ impl LayerRange {
         }
     }
 
+    /// The `n_layer + 2` planner layers cut into `stages` ranges of near-equal length.
+    pub fn even_split(n_layer: u32, stages: u32) -> Vec<LayerRange> {
+        let total = n_layer + 2;
+        (0..stages)
+            .map(|s| LayerRange {
+                start: s * total / stages,
+                end: (s + 1) * total / stages,
+            })
+            .collect()
+    }
+
     /// Whether the range holds the embeddings (planner layer 0).
     pub fn has_embedding(&self) -> bool {
         self.start == 0

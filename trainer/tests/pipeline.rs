@@ -32,17 +32,6 @@ fn adamw() -> AdamWConfig {
     }
 }
 
-/// The planner-layer ranges of `stages` stages of a model with `n` blocks (n + 2 layers).
-fn split(n: u32, stages: u32) -> Vec<LayerRange> {
-    let total = n + 2;
-    (0..stages)
-        .map(|s| LayerRange {
-            start: s * total / stages,
-            end: (s + 1) * total / stages,
-        })
-        .collect()
-}
-
 /// Batch `index` (drawn without libtorch's process-wide generator, which other threads use): a
 /// few targets ignored (-1), so the loss is over the counted tokens only.
 fn batch(cfg: &ModelConfig, index: i64) -> (Tensor, Tensor) {
@@ -191,7 +180,7 @@ fn stages_in_threads_compute_what_one_model_does() {
     for cfg in configs() {
         let whole = reference(&cfg);
         for (stages, micro) in [(2, 1), (4, 1), (2, 2), (4, 4)] {
-            let ranges = split(cfg.n_layer as u32, stages);
+            let ranges = LayerRange::even_split(cfg.n_layer as u32, stages);
             let links = MemoryLink::mesh(stages, Duration::from_secs(60));
             let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
                 let handles: Vec<_> = links
@@ -235,7 +224,7 @@ fn stage_process() {
         .split(',')
         .map(|a| a.parse().unwrap())
         .collect();
-    let ranges = split(cfg.n_layer as u32, addrs.len() as u32);
+    let ranges = LayerRange::even_split(cfg.n_layer as u32, addrs.len() as u32);
     let listener = TcpListener::bind(addrs[stage as usize]).unwrap();
     let mut link = TcpLink::mesh(stage, &addrs, listener, Duration::from_secs(60)).unwrap();
     let outcome = run_stage(&cfg, &ranges, stage, micro, &mut link);

@@ -54,17 +54,6 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Even cut of the model's `n_layer + 2` planner layers into `stages`.
-pub(crate) fn even_split(n_layer: u32, stages: u32) -> Vec<LayerRange> {
-    let total = n_layer + 2;
-    (0..stages)
-        .map(|s| LayerRange {
-            start: s * total / stages,
-            end: (s + 1) * total / stages,
-        })
-        .collect()
-}
-
 fn adamw() -> AdamWConfig {
     AdamWConfig {
         beta1: 0.9,
@@ -132,7 +121,7 @@ impl PipelineBench {
 
     /// Stage `stage` over a joined link; stage 0 then measures the whole model too.
     fn stage(&self, stage: u32, stages: u32, mut link: StreamLink) -> anyhow::Result<StageReport> {
-        let ranges = even_split(self.model.n_layer as u32, stages);
+        let ranges = LayerRange::even_split(self.model.n_layer as u32, stages);
         let step_s = self.run(&ranges, stage, self.micro_batches, &mut link)?;
         let steps = (self.steps + 1) as f64;
         let bytes_sent_per_step = link.bytes_sent() as f64 / steps;

@@ -160,11 +160,21 @@ impl Model {
 
 /// Mean cross-entropy over (B, T, V) logits and (B, T) targets, ignoring index -1.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    cross_entropy_reduced(logits, targets, tch::Reduction::Mean)
+}
+
+/// [`cross_entropy`] with another reduction (a pipeline's last stage sums, then divides by the
+/// whole batch's counted tokens).
+pub fn cross_entropy_reduced(
+    logits: &Tensor,
+    targets: &Tensor,
+    reduction: tch::Reduction,
+) -> Tensor {
     let vocab = logits.size().last().copied().unwrap_or(1);
     logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
         &targets.reshape([-1]),
         None,
-        tch::Reduction::Mean,
+        reduction,
         -1,
         0.0,
     )

@@ -26,7 +26,9 @@ use forge_protocol::pipeline::{StageDtype, StageHeader, StageKind};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::{Error, Result};
-use crate::models::{Family, LayerRange, Model, ModelConfig, trainable_by_name};
+use crate::models::{
+    Family, LayerRange, Model, ModelConfig, cross_entropy_reduced, trainable_by_name,
+};
 use crate::optim::{AdamW, AdamWConfig, accumulate, clip_to_norm};
 
 pub use tcp::{StreamLink, StreamPair, TcpLink};
@@ -608,14 +610,7 @@ fn cut(batch: &Tensor, micro: usize) -> Result<Vec<Tensor>> {
 
 /// The summed next-token loss of logits (B, T, V) against targets (B, T), -1 ignored.
 fn token_loss_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let vocab = logits.size().last().copied().unwrap_or(1);
-    logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
-        &targets.reshape([-1]),
-        None,
-        tch::Reduction::Sum,
-        -1,
-        0.0,
-    )
+    cross_entropy_reduced(logits, targets, tch::Reduction::Sum)
 }
 
 /// One stage of a pipeline with its own layers and optimizer.
