@@ -1376,7 +1376,8 @@ impl Coordinator {
                     .filter(|(_, member)| member.plannable(&self.config))
                     .map(|(id, member)| node_from_capabilities(id.0, &member.capabilities, profile))
                     .collect();
-                let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes);
+                let wanted = self.replicas_needed() as usize;
+                let plan = planner::rebalance(self.plan.as_ref(), profile, &nodes, wanted);
                 let mut groups: Vec<Vec<_>> = plan
                     .replicas
                     .iter()
@@ -1559,15 +1560,19 @@ impl Coordinator {
         }
     }
 
+    /// Replicas a round needs to open: `start_replicas` for the first, `min_replicas` after.
+    fn replicas_needed(&self) -> u32 {
+        match self.last_round {
+            None => self.config.min_replicas.max(self.config.start_replicas),
+            Some(_) => self.config.min_replicas,
+        }
+    }
+
     fn try_open_round(&mut self, out: &mut Vec<Output>) {
         if self.finished() {
             return;
         }
-        let needed = match self.last_round {
-            None => self.config.min_replicas.max(self.config.start_replicas),
-            Some(_) => self.config.min_replicas,
-        };
-        if (self.replicas.len() as u32) < needed {
+        if (self.replicas.len() as u32) < self.replicas_needed() {
             return;
         }
         let participants: BTreeMap<MemberId, Assignment> = self

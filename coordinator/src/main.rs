@@ -93,6 +93,10 @@ enum Command {
         /// Tokens per sequence (overrides the preset's).
         #[arg(long)]
         seq_len: Option<u64>,
+        /// Replicas the run's rounds need ([coordinator] min_replicas, or start_replicas if
+        /// more): a plan with that many wins over a faster one with fewer.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
 }
 
@@ -142,12 +146,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             micro_batch,
             seq_len,
+            replicas,
         } => {
             let profile = load_model(&model, micro_batch, seq_len)
                 .with_context(|| format!("cannot load model {model:?}"))?;
             let nodes = load_nodes(&nodes)
                 .with_context(|| format!("cannot load nodes file {}", nodes.display()))?;
-            print!("{}", describe(&profile, &nodes, &plan(&profile, &nodes)));
+            print!(
+                "{}",
+                describe(&profile, &nodes, &plan(&profile, &nodes, replicas))
+            );
         }
     }
     Ok(())

@@ -187,9 +187,19 @@ impl Plan {
     }
 }
 
-/// Plans from scratch. The same profile and the same set of nodes (in any order) give the same
-/// plan.
-pub fn plan(profile: &ModelProfile, nodes: &[NodeProfile]) -> Plan {
+/// For a run whose rounds need `wanted` replicas: whether `a` ranks above `b`, first by the
+/// replicas each has, counted up to `wanted` (a plan with fewer commits no round, however fast
+/// its pipelines), then by throughput.
+fn ranks_above(a: &Plan, b: &Plan, wanted: usize) -> bool {
+    let (usable_a, usable_b) = (a.replicas.len().min(wanted), b.replicas.len().min(wanted));
+    usable_a > usable_b || (usable_a == usable_b && a.throughput() > b.throughput())
+}
+
+/// Plans from scratch for a run whose rounds need `wanted` replicas (the coordinator's
+/// `min_replicas`, or `start_replicas` if more): of the groupings it tries, one with that many
+/// replicas wins over a faster one with fewer. The same profile and the same set of nodes (in any
+/// order) give the same plan.
+pub fn plan(profile: &ModelProfile, nodes: &[NodeProfile], wanted: usize) -> Plan {
     let mut ordered: Vec<&NodeProfile> = nodes.iter().collect();
     ordered.sort_by(|a, b| {
         b.memory_bytes
@@ -218,7 +228,8 @@ pub fn plan(profile: &ModelProfile, nodes: &[NodeProfile]) -> Plan {
     // Nodes a grouping leaves on standby may still form pipelines among themselves.
     let mut free = rest;
     loop {
-        let pipelines = best_pipelines(profile, &free);
+        let pipelines =
+            best_pipelines(profile, &free, wanted.saturating_sub(result.replicas.len()));
         if pipelines.replicas.is_empty() {
             result.standby = pipelines.standby;
             break;
@@ -312,36 +323,91 @@ fn recut(
     Some(ReplicaPlan { stages })
 }
 
-/// The plan to run after a membership change. Keeps the running replicas (and plans only the
-/// nodes outside them) unless a plan from scratch is at least [`REBALANCE_GAIN`]× faster, or a
-/// running replica lost a node and must be re-planned anyway.
-pub fn rebalance(current: Option<&Plan>, profile: &ModelProfile, nodes: &[NodeProfile]) -> Plan {
-    let fresh = plan(profile, nodes);
+/// The plan to run after a membership change, for a run whose rounds need `wanted` replicas.
+///
+/// Keeps the running replicas, and the cut of a pipeline that lost a node when free nodes (on
+/// standby or new) can take its lost stages, so that the new owner fetches exactly the layers
+/// the same stage holds in another pipeline; the other free nodes are planned among themselves.
+/// A plan from scratch replaces that when it has more of the `wanted` replicas, or as many (all
+/// of them) and is at least [`REBALANCE_GAIN`]× faster. When neither has the replicas a round
+/// needs, nothing trains either way, and the running layers stay where they are.
+pub fn rebalance(
+    current: Option<&Plan>,
+    profile: &ModelProfile,
+    nodes: &[NodeProfile],
+    wanted: usize,
+) -> Plan {
+    let fresh = plan(profile, nodes, wanted);
     let Some(current) = current else {
         return fresh;
     };
     let mut kept = Plan::default();
+    let mut broken = Vec::new();
     for replica in &current.replicas {
         match evaluate(profile, nodes, replica) {
             Some(replica) => kept.replicas.push(replica),
-            None => return fresh,
+            None => broken.push(replica),
         }
     }
     let working = kept.working_nodes();
-    let free: Vec<NodeProfile> = nodes
+    let mut free: Vec<&NodeProfile> = nodes
         .iter()
         .filter(|node| !working.contains(&node.id))
-        .cloned()
         .collect();
-    let extra = plan(profile, &free);
+    for replica in broken {
+        if let Some(repaired) = repair(profile, &free, replica) {
+            let used = repaired.stages.iter().map(|stage| stage.node);
+            let used: BTreeSet<u64> = used.collect();
+            free.retain(|node| !used.contains(&node.id));
+            kept.replicas.push(repaired);
+        }
+    }
+    let free: Vec<NodeProfile> = free.into_iter().cloned().collect();
+    let extra = plan(profile, &free, wanted.saturating_sub(kept.replicas.len()));
     kept.replicas.extend(extra.replicas);
     kept.standby = extra.standby;
     let kept = align_cuts(profile, nodes, kept);
-    if fresh.throughput() >= REBALANCE_GAIN * kept.throughput() {
-        fresh
-    } else {
-        kept
+    let (usable_fresh, usable_kept) = (
+        fresh.replicas.len().min(wanted),
+        kept.replicas.len().min(wanted),
+    );
+    let replace = usable_fresh > usable_kept
+        || (usable_fresh == wanted
+            && usable_kept == wanted
+            && fresh.throughput() >= REBALANCE_GAIN * kept.throughput());
+    if replace { fresh } else { kept }
+}
+
+/// `replica`, which lost a node (or one of its nodes no longer holds its stage), with each such
+/// stage given to the fastest of `free` that holds it, or to the stage's own node when that one
+/// is free again; `None` when a stage finds no taker. Nodes of `free` are not reused.
+fn repair(
+    profile: &ModelProfile,
+    free: &[&NodeProfile],
+    replica: &ReplicaPlan,
+) -> Option<ReplicaPlan> {
+    let count = replica.stages.len();
+    let mut taken: BTreeSet<u64> = BTreeSet::new();
+    let mut stages = Vec::with_capacity(count);
+    for (position, stage) in replica.stages.iter().enumerate() {
+        let (start, end) = (stage.layers.start as usize, stage.layers.end as usize);
+        let in_flight = if count == 1 { 1 } else { count - position };
+        let cost = |node: &NodeProfile| cost_stage(profile, node, start, end, in_flight);
+        let own = free
+            .iter()
+            .find(|node| node.id == stage.node)
+            .and_then(|node| cost(node));
+        let best = own.or_else(|| {
+            free.iter()
+                .filter(|node| !taken.contains(&node.id))
+                .filter(|node| !replica.stages.iter().any(|s| s.node == node.id))
+                .filter_map(|node| cost(node))
+                .min_by(|a, b| a.time_s().total_cmp(&b.time_s()).then(a.node.cmp(&b.node)))
+        })?;
+        taken.insert(best.node);
+        stages.push(best);
     }
+    Some(ReplicaPlan { stages })
 }
 
 /// Re-costs a running replica with the nodes' current profiles; `None` if a node is gone or a
@@ -363,8 +429,8 @@ fn evaluate(
 }
 
 /// Splits nodes that cannot hold the whole model into pipelines, trying every group count and
-/// keeping the one with the highest throughput.
-fn best_pipelines(profile: &ModelProfile, nodes: &[&NodeProfile]) -> Plan {
+/// keeping the best (see [`ranks_above`]).
+fn best_pipelines(profile: &ModelProfile, nodes: &[&NodeProfile], wanted: usize) -> Plan {
     let mut best = Plan {
         replicas: Vec::new(),
         standby: nodes.iter().map(|node| node.id).collect(),
@@ -386,7 +452,7 @@ fn best_pipelines(profile: &ModelProfile, nodes: &[&NodeProfile]) -> Plan {
                 None => candidate.standby.extend(group.iter().map(|node| node.id)),
             }
         }
-        if candidate.throughput() > best.throughput() {
+        if ranks_above(&candidate, &best, wanted) {
             best = candidate;
         }
     }
@@ -722,7 +788,7 @@ mod tests {
             profile in profiles(),
             nodes in nodes(),
         ) {
-            let plan = plan(&profile, &nodes);
+            let plan = plan(&profile, &nodes, 1);
             let mut seen = BTreeSet::new();
             for replica in &plan.replicas {
                 let mut next = 0u32;
@@ -748,11 +814,11 @@ mod tests {
 
         #[test]
         fn same_input_in_any_order_gives_the_same_plan(profile in profiles(), nodes in nodes()) {
-            let first = plan(&profile, &nodes);
-            prop_assert_eq!(&first, &plan(&profile, &nodes));
+            let first = plan(&profile, &nodes, 1);
+            prop_assert_eq!(&first, &plan(&profile, &nodes, 1));
             let mut reversed = nodes.clone();
             reversed.reverse();
-            prop_assert_eq!(&first, &plan(&profile, &reversed));
+            prop_assert_eq!(&first, &plan(&profile, &reversed, 1));
         }
 
         #[test]
@@ -768,7 +834,7 @@ mod tests {
             // Only when nobody holds the whole model is the plan made of pipelines alone.
             prop_assume!(nodes.iter().all(|n| n.memory_bytes < profile.whole_model_bytes()));
             let best = brute_force_bottleneck(&profile, &nodes);
-            let plan = plan(&profile, &nodes);
+            let plan = plan(&profile, &nodes, 1);
             if best.is_finite() {
                 prop_assert!(plan.throughput() >= (1.0 / best) * (1.0 - 1e-9),
                     "plan {} micro-batches/s, brute force {}", plan.throughput(), 1.0 / best);
@@ -780,8 +846,8 @@ mod tests {
         #[test]
         fn pipelines_of_as_many_stages_hold_the_same_layers(profile in profiles(), nodes in nodes()) {
             // DiLoCo averages a stage with the nodes holding it in other pipelines: same layers.
-            let current = plan(&profile, &nodes);
-            let fewer = rebalance(Some(&current), &profile, &nodes[1..]);
+            let current = plan(&profile, &nodes, 1);
+            let fewer = rebalance(Some(&current), &profile, &nodes[1..], 1);
             for plan in [current, fewer] {
                 let mut cuts: std::collections::BTreeMap<usize, Vec<LayerRange>> = Default::default();
                 for replica in plan.replicas.iter().filter(|r| r.stages.len() > 1) {
@@ -794,10 +860,10 @@ mod tests {
 
         #[test]
         fn rebalance_keeps_a_plan_that_is_still_valid(profile in profiles(), nodes in nodes()) {
-            let current = plan(&profile, &nodes);
-            prop_assert_eq!(&rebalance(Some(&current), &profile, &nodes), &current);
+            let current = plan(&profile, &nodes, 1);
+            prop_assert_eq!(&rebalance(Some(&current), &profile, &nodes, 1), &current);
             let fewer = &nodes[1..];
-            let next = rebalance(Some(&current), &profile, fewer);
+            let next = rebalance(Some(&current), &profile, fewer, 1);
             prop_assert!(!next.working_nodes().contains(&nodes[0].id));
             prop_assert!(!next.standby.contains(&nodes[0].id));
         }
@@ -814,6 +880,7 @@ mod tests {
                 node(2, whole / 2 + whole / 8, 1e13, 1e8),
                 node(3, whole / 2 + whole / 8, 1e13, 1e8),
             ],
+            1,
         );
         assert_eq!(plan.replicas.len(), 2);
         assert_eq!(plan.replicas[0].stages.len(), 1);
@@ -830,6 +897,7 @@ mod tests {
                 node(1, 1_000_000_000, 1e13, 1e8),
                 node(2, 1_000_000_000, 1e13, 1e8),
             ],
+            1,
         );
         assert!(plan.replicas.is_empty());
         assert_eq!(plan.standby, vec![1, 2]);
@@ -850,7 +918,7 @@ mod tests {
             memory_bytes: whole - 1,
             ..slow
         };
-        let plan = plan(&profile, &[fast, slow]);
+        let plan = plan(&profile, &[fast, slow], 1);
         assert_eq!(plan.replicas.len(), 1);
         let layers = |id: u64| {
             let stage = plan.replicas[0]
@@ -885,11 +953,94 @@ mod tests {
             }],
             standby: Vec::new(),
         };
-        let best = plan(&profile, &nodes);
+        let best = plan(&profile, &nodes, 1);
         assert_eq!(best.replicas[0].stages[0].layers.end, 5);
         // 6/4 is 1.2× slower than 5/5: kept. 8/2 is 1.6× slower: replaced.
-        assert_eq!(rebalance(Some(&split(6)), &profile, &nodes), split(6));
-        assert_eq!(rebalance(Some(&split(8)), &profile, &nodes), best);
+        assert_eq!(rebalance(Some(&split(6)), &profile, &nodes, 1), split(6));
+        assert_eq!(rebalance(Some(&split(8)), &profile, &nodes, 1), best);
+    }
+
+    /// Three nodes run one pipeline of three stages; a fourth, slower one joins. Two pipelines of
+    /// two are faster, but not 1.3× faster: a run that needs one replica keeps the pipeline and
+    /// leaves the joiner on standby, a run that needs two (min_replicas = 2) would commit nothing
+    /// that way and gets the two pipelines.
+    #[test]
+    fn a_plan_with_the_replicas_a_run_needs_wins_over_a_faster_one_with_fewer() {
+        let profile = uniform(12, 1_000_000);
+        let memory = profile.whole_model_bytes() * 3 / 4;
+        let nodes = [
+            node(1, memory, 1e12, 1e15),
+            node(2, memory, 1e12, 1e15),
+            node(3, memory, 1e12, 1e15),
+            node(4, memory, 0.5e12, 1e15),
+        ];
+        let running = plan(&profile, &nodes[..3], 1);
+        assert_eq!(running.replicas.len(), 1);
+        assert_eq!(running.replicas[0].stages.len(), 3);
+        let two = plan(&profile, &nodes, 2);
+        assert_eq!(two.replicas.len(), 2, "{two:?}");
+        let gain = two.throughput() / running.throughput();
+        assert!(gain > 1.0 && gain < REBALANCE_GAIN, "gain {gain}");
+
+        let kept = rebalance(Some(&running), &profile, &nodes, 1);
+        assert_eq!(kept.replicas, running.replicas);
+        assert_eq!(kept.standby, vec![4]);
+        assert_eq!(rebalance(Some(&running), &profile, &nodes, 2), two);
+        // From scratch too: as many replicas as wanted before throughput.
+        for wanted in [2, 3] {
+            assert_eq!(plan(&profile, &nodes, wanted).replicas.len(), 2);
+        }
+        // And a plan never drops below the replicas a run needs for a faster one.
+        assert_eq!(rebalance(Some(&two), &profile, &nodes, 2), two);
+    }
+
+    /// Two pipelines of two; node 4 (a stage of the second) dies. With no free node, the
+    /// first pipeline stays as it was and node 3 keeps its layers on standby, rather than the
+    /// three forming one pipeline of thirds that no node's state matches (with min_replicas = 2
+    /// no round could commit either way). A node that joins then takes exactly node 4's stage.
+    #[test]
+    fn a_pipeline_that_lost_a_node_keeps_its_cut_and_a_free_node_takes_the_stage() {
+        let profile = uniform(12, 1_000_000);
+        let memory = profile.whole_model_bytes() * 3 / 4;
+        let nodes: Vec<NodeProfile> = (1..=5).map(|id| node(id, memory, 1e12, 1e15)).collect();
+        let running = plan(&profile, &nodes[..4], 2);
+        assert_eq!(running.replicas.len(), 2, "{running:?}");
+        let cut = |replica: &ReplicaPlan| -> Vec<LayerRange> {
+            replica.stages.iter().map(|stage| stage.layers).collect()
+        };
+        let lost = running.replicas[1].stages[1].clone();
+        let survivor = running.replicas[1].stages[0].node;
+        let alive: Vec<NodeProfile> = nodes[..4]
+            .iter()
+            .filter(|node| node.id != lost.node)
+            .cloned()
+            .collect();
+        // Three nodes as one pipeline would be 1.5x faster, but could not commit a round.
+        let paused = rebalance(Some(&running), &profile, &alive, 2);
+        assert_eq!(paused.replicas, running.replicas[..1], "{paused:?}");
+        assert_eq!(paused.standby, vec![survivor]);
+
+        // A fifth node joins (or the lost one comes back as a new member): the second pipeline
+        // comes back with the same cut.
+        let mut back = alive.clone();
+        back.push(nodes[4].clone());
+        let repaired = rebalance(Some(&paused), &profile, &back, 2);
+        assert_eq!(repaired.replicas.len(), 2, "{repaired:?}");
+        for replica in &repaired.replicas {
+            assert_eq!(cut(replica), cut(&running.replicas[0]));
+        }
+        assert_eq!(repaired.replicas[0], running.replicas[0]);
+
+        // When a free node is there as the stage is lost, it takes that stage, and the
+        // survivor keeps its own.
+        let mut spare = alive;
+        spare.push(nodes[4].clone());
+        let taken = rebalance(Some(&running), &profile, &spare, 2);
+        assert_eq!(taken.replicas[0], running.replicas[0]);
+        let second = &taken.replicas[1];
+        assert_eq!(cut(second), cut(&running.replicas[1]));
+        assert_eq!(second.stages[0].node, survivor);
+        assert_eq!(second.stages[1].node, 5);
     }
 
     #[test]

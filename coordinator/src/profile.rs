@@ -539,7 +539,7 @@ mod tests {
         caps.devices[2].memory_bytes = 0;
         let unknown = node_from_capabilities(7, &caps, &profile);
         assert!(unknown.memory_bytes >= profile.whole_model_bytes());
-        let plan = crate::planner::plan(&profile, &[unknown]);
+        let plan = crate::planner::plan(&profile, &[unknown], 1);
         assert_eq!(plan.replicas.len(), 1);
         assert_eq!(plan.replicas[0].stages.len(), 1);
     }

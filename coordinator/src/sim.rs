@@ -2397,7 +2397,7 @@ mod tests {
                 crate::profile::node_from_capabilities(id, &caps, &profile)
             })
             .collect();
-        let fresh = crate::planner::plan(&profile, &nodes);
+        let fresh = crate::planner::plan(&profile, &nodes, 1);
         let gain = fresh.throughput() / running.throughput();
         assert!(
             gain > 1.0 && gain < crate::planner::REBALANCE_GAIN,
