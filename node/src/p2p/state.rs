@@ -24,7 +24,7 @@
 // per fetch.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -481,6 +481,7 @@ impl PeerNet {
                 jobs: Some(jobs_sender),
                 in_flight: Vec::new(),
                 bytes: 0,
+                serves: HashMap::new(),
             });
         }
         let mut fetch = Fetch {
@@ -488,7 +489,7 @@ impl PeerNet {
             expected,
             lengths,
             peers: slots,
-            manifest: None,
+            settled: None,
             tensors: Vec::new(),
             pending: VecDeque::new(),
             verifying: 0,
@@ -529,6 +530,8 @@ impl PeerNet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Job {
     tensor: usize,
+    /// The tensor's index in the manifest of the peer the job goes to.
+    remote: u32,
     /// Chunk index within the tensor.
     chunk: usize,
     offset: u64,
@@ -648,7 +651,7 @@ impl Worker {
             while let Some(job) = jobs.recv().await {
                 let request = Request::Chunk {
                     version: self.version,
-                    tensor: job.tensor as u32,
+                    tensor: job.remote,
                     offset: job.offset,
                     values: job.values,
                 };
@@ -700,7 +703,7 @@ impl Worker {
             .map_err(|err| format!("broke off the transfer: {err}"))?;
         let asked = Response::Chunk {
             version: self.version,
-            tensor: job.tensor as u32,
+            tensor: job.remote,
             offset: job.offset,
             values: job.values,
         };
@@ -748,12 +751,18 @@ struct PeerSlot {
     jobs: Option<mpsc::Sender<Job>>,
     in_flight: Vec<Job>,
     bytes: u64,
+    /// Once a source: the tensors of the fetch it serves, each with its index in its manifest.
+    serves: HashMap<usize, u32>,
 }
 
 impl PeerSlot {
-    /// Whether the peer may still serve chunks (now, or once its manifest arrives).
-    fn may_serve(&self) -> bool {
-        matches!(self.status, Status::Asking | Status::Source)
+    /// Whether the peer may still serve chunks of `tensor` (now, or once its manifest arrives).
+    fn may_serve(&self, tensor: usize) -> bool {
+        match self.status {
+            Status::Asking => true,
+            Status::Source => self.serves.contains_key(&tensor),
+            _ => false,
+        }
     }
 
     /// Drops the peer; returns its chunks in flight.
@@ -794,11 +803,12 @@ impl TensorState {
         self.received.len()
     }
 
-    fn job(&self, tensor: usize, chunk: usize) -> Job {
+    fn job(&self, tensor: usize, remote: u32, chunk: usize) -> Job {
         let offset = (chunk * CHUNK_VALUES) as u64;
         let values = (self.len - offset).min(CHUNK_VALUES as u64) as u32;
         Job {
             tensor,
+            remote,
             chunk,
             offset,
             values,
@@ -820,8 +830,9 @@ struct Fetch<'a> {
     /// Values per tensor, where known: a manifest that says otherwise is refused.
     lengths: &'a BTreeMap<TensorKey, u64>,
     peers: Vec<PeerSlot>,
-    /// The manifest the fetch settled on.
-    manifest: Option<Manifest>,
+    /// The schedule position (round, step, tokens) the fetch settled on: its sources state it.
+    settled: Option<Position>,
+    /// The expected tensors, in `expected`'s order, once settled.
     tensors: Vec<TensorState>,
     /// Chunks waiting for a peer: (tensor, chunk within it).
     pending: VecDeque<(usize, usize)>,
@@ -911,14 +922,35 @@ impl Fetch<'_> {
             slot.fail(reason);
             return;
         }
-        match &self.manifest {
+        match self.settled {
             None => slot.status = Status::Answered(manifest),
-            Some(chosen) if *chosen == manifest => slot.status = Status::Source,
+            Some(chosen) if position(&manifest) == chosen => self.make_source(peer, &manifest),
             Some(chosen) => {
                 let reason = differs(&manifest, chosen);
                 slot.fail(reason);
             }
         }
+    }
+
+    /// Makes the peer, which serves `manifest` at the settled position, a source of the
+    /// tensors it lists at their settled lengths (a peer holding other layers serves some).
+    fn make_source(&mut self, peer: usize, manifest: &Manifest) {
+        let serves: HashMap<usize, u32> = manifest
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(remote, (key, len))| {
+                let tensor = self.tensors.iter().position(|t| t.key == *key)?;
+                (self.tensors[tensor].len == *len).then_some((tensor, remote as u32))
+            })
+            .collect();
+        let slot = &mut self.peers[peer];
+        if serves.is_empty() {
+            slot.fail("serves none of these tensors at the lengths the others serve".to_string());
+            return;
+        }
+        slot.status = Status::Source;
+        slot.serves = serves;
     }
 
     /// The peer's connection closed: its stream is gone with it.
@@ -956,39 +988,73 @@ impl Fetch<'_> {
         }
     }
 
-    /// Settles on a manifest once a majority of the peers serve it, or once every peer has
-    /// answered (then on the one most serve); fails when none is usable.
+    /// Settles on a schedule position once a majority of the peers state it and, together,
+    /// serve every expected tensor (peers holding other pipeline stages serve some each), or
+    /// once every peer has answered (then on the position most state among those that serve
+    /// every tensor); fails when none can.
     fn settle(&mut self) -> Result<(), StateError> {
-        if self.manifest.is_some() {
+        if self.settled.is_some() {
             return Ok(());
         }
-        let mut votes: Vec<(&Manifest, usize)> = Vec::new();
+        // Per position: how many peers state it, and the expected tensors they serve.
+        let mut votes: Vec<(Position, usize, HashSet<&TensorKey>)> = Vec::new();
         for slot in &self.peers {
             if let Status::Answered(manifest) = &slot.status {
-                match votes.iter_mut().find(|(m, _)| *m == manifest) {
-                    Some((_, count)) => *count += 1,
-                    None => votes.push((manifest, 1)),
-                }
+                let at = position(manifest);
+                let index = match votes.iter().position(|(p, _, _)| *p == at) {
+                    Some(index) => index,
+                    None => {
+                        votes.push((at, 0, HashSet::new()));
+                        votes.len() - 1
+                    }
+                };
+                votes[index].1 += 1;
+                votes[index].2.extend(
+                    manifest
+                        .tensors
+                        .iter()
+                        .map(|(key, _)| key)
+                        .filter(|key| self.expected.contains_key(*key)),
+                );
             }
         }
         let asking = self
             .peers
             .iter()
             .any(|slot| matches!(slot.status, Status::Asking));
-        let mut best: Option<(&Manifest, usize)> = None;
-        for (manifest, count) in votes {
-            if best.is_none_or(|(_, most)| count > most) {
-                best = Some((manifest, count));
+        let mut best: Option<(Position, usize)> = None;
+        for (at, count, served) in &votes {
+            let covers = served.len() == self.expected.len();
+            if covers && best.is_none_or(|(_, most)| *count > most) {
+                best = Some((*at, *count));
             }
         }
         match best {
-            Some((manifest, count)) if 2 * count > self.peers.len() || !asking => {
-                let manifest = manifest.clone();
-                self.start(manifest);
+            Some((at, count)) if 2 * count > self.peers.len() || !asking => {
+                self.start(at);
                 Ok(())
             }
-            None if !asking => Err(self.no_manifest()),
-            _ => Ok(()),
+            _ if asking => Ok(()),
+            None if votes.is_empty() => Err(self.no_manifest()),
+            None => {
+                // Every peer answered and no position has every tensor: name the first
+                // tensor the most-stated position lacks.
+                let (_, _, served) = votes
+                    .iter()
+                    .max_by_key(|(_, count, _)| *count)
+                    .expect("votes is not empty");
+                let key = self
+                    .expected
+                    .keys()
+                    .find(|key| !served.contains(key))
+                    .expect("no position serves every tensor");
+                Err(StateError::TensorUnavailable {
+                    version: self.version,
+                    tensor: key.clone(),
+                    peers: self.reasons_for(key),
+                })
+            }
+            Some(_) => unreachable!("a covering position when no peer is asking starts"),
         }
     }
 
@@ -1016,24 +1082,31 @@ impl Fetch<'_> {
         }
     }
 
-    /// Plans the chunks of `manifest` and makes the peers that serve it sources.
-    fn start(&mut self, manifest: Manifest) {
-        for slot in &mut self.peers {
-            if let Status::Answered(served) = &slot.status {
-                if *served == manifest {
-                    slot.status = Status::Source;
-                } else {
-                    let reason = differs(served, &manifest);
-                    slot.fail(reason);
+    /// Plans the chunks of every expected tensor at the lengths the peers stating `at` serve
+    /// (the model's, where known), and makes those peers sources.
+    fn start(&mut self, at: Position) {
+        // In the order the peers list them (the model's), each at the first length served.
+        let mut listed: Vec<(TensorKey, u64)> = Vec::with_capacity(self.expected.len());
+        for slot in &self.peers {
+            if let Status::Answered(manifest) = &slot.status
+                && position(manifest) == at
+            {
+                for (key, len) in &manifest.tensors {
+                    if self.expected.contains_key(key) && !listed.iter().any(|(k, _)| k == key) {
+                        listed.push((key.clone(), *len));
+                    }
                 }
             }
         }
-        for (index, (key, len)) in manifest.tensors.iter().enumerate() {
+        debug_assert_eq!(listed.len(), self.expected.len());
+        for (key, served) in listed {
+            let digest = self.expected[&key];
+            let len = self.lengths.get(&key).copied().unwrap_or(served);
             let chunks = len.div_ceil(CHUNK_VALUES as u64) as usize;
-            let digest = self.expected[key];
+            let index = self.tensors.len();
             let mut state = TensorState {
-                key: key.clone(),
-                len: *len,
+                key,
+                len,
                 digest,
                 attempt: 0,
                 phase: Phase::Fetching,
@@ -1047,14 +1120,27 @@ impl Fetch<'_> {
                 if tensor_digest(&[]) == digest {
                     state.phase = Phase::Done(Vec::new());
                 } else {
-                    // Every peer serving this manifest has it empty, and empty is wrong.
+                    // Every peer serving it has it empty, and empty is wrong.
                     state.condemned = (0..self.peers.len()).collect();
                 }
             }
             self.pending.extend((0..chunks).map(|chunk| (index, chunk)));
             self.tensors.push(state);
         }
-        self.manifest = Some(manifest);
+        self.settled = Some(at);
+        for peer in 0..self.peers.len() {
+            let answered = std::mem::replace(&mut self.peers[peer].status, Status::Asking);
+            match answered {
+                Status::Answered(manifest) if position(&manifest) == at => {
+                    self.make_source(peer, &manifest)
+                }
+                Status::Answered(manifest) => {
+                    let reason = differs(&manifest, at);
+                    self.peers[peer].fail(reason);
+                }
+                other => self.peers[peer].status = other,
+            }
+        }
     }
 
     /// Hashes a tensor whose chunks are all in, on the blocking pool.
@@ -1131,7 +1217,7 @@ impl Fetch<'_> {
     /// longer be fetched.
     fn progress(&mut self) -> Result<(), StateError> {
         self.settle()?;
-        if self.manifest.is_none() {
+        if self.settled.is_none() {
             return Ok(());
         }
         self.assign();
@@ -1141,7 +1227,7 @@ impl Fetch<'_> {
                     .peers
                     .iter()
                     .enumerate()
-                    .any(|(peer, slot)| slot.may_serve() && tensor.eligible(peer))
+                    .any(|(peer, slot)| slot.may_serve(index) && tensor.eligible(peer))
             {
                 return Err(self.tensor_unavailable(index));
             }
@@ -1167,20 +1253,19 @@ impl Fetch<'_> {
             while matches!(self.peers[peer].status, Status::Source)
                 && self.peers[peer].in_flight.len() < PIPELINE
             {
-                let tensors = &self.tensors;
-                let Some(at) = self
-                    .pending
-                    .iter()
-                    .position(|&(tensor, _)| tensors[tensor].eligible(peer))
-                else {
+                let (tensors, serves) = (&self.tensors, &self.peers[peer].serves);
+                let Some(at) = self.pending.iter().position(|&(tensor, _)| {
+                    serves.contains_key(&tensor) && tensors[tensor].eligible(peer)
+                }) else {
                     break;
                 };
                 let (tensor, chunk) = self.pending.remove(at).expect("found above");
+                let remote = self.peers[peer].serves[&tensor];
                 let state = &mut self.tensors[tensor];
                 if state.pinned && state.pin.is_none() {
                     state.pin = Some(peer);
                 }
-                let job = state.job(tensor, chunk);
+                let job = state.job(tensor, remote, chunk);
                 let slot = &mut self.peers[peer];
                 match slot.jobs.as_ref().map(|jobs| jobs.try_send(job)) {
                     Some(Ok(())) => slot.in_flight.push(job),
@@ -1201,6 +1286,19 @@ impl Fetch<'_> {
         }
     }
 
+    /// What each peer did, for an error about `key` before the fetch settled.
+    fn reasons_for(&self, key: &TensorKey) -> Vec<(PeerId, String)> {
+        let mut reasons = self.reasons(None);
+        for (slot, (_, what)) in self.peers.iter().zip(&mut reasons) {
+            if let Status::Answered(manifest) = &slot.status
+                && !manifest.tensors.iter().any(|(served, _)| served == key)
+            {
+                *what = "does not hold it (it holds other layers)".to_string();
+            }
+        }
+        reasons
+    }
+
     /// What each peer did, for an error.
     fn reasons(&self, tensor: Option<usize>) -> Vec<(PeerId, String)> {
         self.peers
@@ -1216,6 +1314,11 @@ impl Fetch<'_> {
                     Status::Held(held) => held_phrase(*held),
                     Status::Failed(reason) => reason.clone(),
                     Status::Asking => "has not answered".to_string(),
+                    Status::Source
+                        if tensor.is_some_and(|tensor| !slot.serves.contains_key(&tensor)) =>
+                    {
+                        "does not hold it (it holds other layers)".to_string()
+                    }
                     Status::Answered(_) | Status::Source => "was not asked for it".to_string(),
                 };
                 (slot.id, what)
@@ -1225,7 +1328,7 @@ impl Fetch<'_> {
 
     /// The fetched state, once every tensor is verified.
     fn finished(&mut self) -> Option<StateSnapshot> {
-        let manifest = self.manifest.as_ref()?;
+        let (round, step, tokens) = self.settled?;
         if !self
             .tensors
             .iter()
@@ -1245,10 +1348,10 @@ impl Fetch<'_> {
             })
             .collect();
         Some(StateSnapshot {
-            version: manifest.version,
-            round: manifest.round,
-            step: manifest.step,
-            tokens: manifest.tokens,
+            version: self.version,
+            round,
+            step,
+            tokens,
             tensors,
         })
     }
@@ -1265,8 +1368,11 @@ fn join(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     values
 }
 
-/// Whether a manifest lists exactly the tensors the coordinator has hashes for (decoding it
-/// checked that it lists each once and within the limits).
+/// Whether a peer's manifest can serve this fetch: every tensor it lists that the model knows has
+/// the model's length, and it lists at least one of the tensors the coordinator has hashes for
+/// (a node holding another pipeline stage serves the layers it shares with this node's, or
+/// none). Tensors this node does not need are never asked for. (Decoding the manifest checked
+/// that it lists each tensor once and within the limits.)
 pub(crate) fn check_manifest(
     manifest: &Manifest,
     expected: &BTreeMap<TensorKey, [u8; 32]>,
@@ -1282,34 +1388,18 @@ pub(crate) fn check_manifest(
             "serves `{key}` with {len} values where this model's has {model}"
         ));
     }
-    let served: HashSet<&TensorKey> = manifest.tensors.iter().map(|(key, _)| key).collect();
-    let missing: Vec<&TensorKey> = expected
-        .keys()
-        .filter(|key| !served.contains(key))
-        .collect();
-    let extra: Vec<&TensorKey> = manifest
+    if !manifest
         .tensors
         .iter()
-        .map(|(key, _)| key)
-        .filter(|key| !expected.contains_key(*key))
-        .collect();
-    if missing.is_empty() && extra.is_empty() {
-        return Ok(());
-    }
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        parts.push(format!("lacks {}", listed(&missing)));
-    }
-    if !extra.is_empty() {
-        parts.push(format!(
-            "has {} the coordinator did not hash",
-            listed(&extra)
+        .any(|(key, _)| expected.contains_key(key))
+    {
+        let wanted: Vec<&TensorKey> = expected.keys().collect();
+        return Err(format!(
+            "holds none of the tensors this node needs ({}): it holds other layers",
+            listed(&wanted)
         ));
     }
-    Err(format!(
-        "serves other tensors than the coordinator's hashes list: it {}",
-        parts.join(" and ")
-    ))
+    Ok(())
 }
 
 fn listed(keys: &[&TensorKey]) -> String {
@@ -1324,19 +1414,21 @@ fn listed(keys: &[&TensorKey]) -> String {
     out.join(", ")
 }
 
-/// Why a peer's manifest is not the one the fetch settled on.
-fn differs(served: &Manifest, chosen: &Manifest) -> String {
-    let what = if (served.round, served.step, served.tokens)
-        != (chosen.round, chosen.step, chosen.tokens)
-    {
-        format!(
-            "round {}, step {}, tokens {} where most peers serve round {}, step {}, tokens {}",
-            served.round, served.step, served.tokens, chosen.round, chosen.step, chosen.tokens
-        )
-    } else {
-        "tensors in another order or of other lengths than most peers".to_string()
-    };
-    format!("serves a different manifest of this version: {what}")
+/// The schedule position a manifest states (round, inner step, tokens): a fetch takes every
+/// tensor from peers that agree on it.
+type Position = (u64, u64, u64);
+
+fn position(manifest: &Manifest) -> Position {
+    (manifest.round, manifest.step, manifest.tokens)
+}
+
+/// Why a peer's manifest is not one the fetch takes tensors from.
+fn differs(served: &Manifest, chosen: Position) -> String {
+    format!(
+        "serves a different manifest of this version: round {}, step {}, tokens {} where most \
+         peers serve round {}, step {}, tokens {}",
+        served.round, served.step, served.tokens, chosen.0, chosen.1, chosen.2
+    )
 }
 
 #[cfg(test)]
@@ -1359,7 +1451,7 @@ mod tests {
     }
 
     #[test]
-    fn a_manifest_must_list_exactly_the_expected_keys() {
+    fn a_manifest_serves_some_of_the_expected_keys_at_the_model_lengths() {
         let a = TensorKey::Param("a".into());
         let b = TensorKey::Momentum("a".into());
         let expected: BTreeMap<TensorKey, [u8; 32]> =
@@ -1373,11 +1465,15 @@ mod tests {
         };
         let none = BTreeMap::new();
         assert!(check_manifest(&manifest(&[&b, &a]), &expected, &none).is_ok());
-        let err = check_manifest(&manifest(&[&a]), &expected, &none).unwrap_err();
-        assert!(err.contains("lacks `momentum.a`"), "{err}");
+        // Part of them (a peer holding other layers too), and tensors not needed here.
         let c = TensorKey::Param("c".into());
-        let err = check_manifest(&manifest(&[&a, &b, &c]), &expected, &none).unwrap_err();
-        assert!(err.contains("has `c`"), "{err}");
+        assert!(check_manifest(&manifest(&[&a]), &expected, &none).is_ok());
+        assert!(check_manifest(&manifest(&[&a, &b, &c]), &expected, &none).is_ok());
+        let err = check_manifest(&manifest(&[&c]), &expected, &none).unwrap_err();
+        assert!(
+            err.contains("holds none of the tensors this node needs"),
+            "{err}"
+        );
         // Lengths other than the model's are refused before any chunk is fetched.
         let lengths: BTreeMap<TensorKey, u64> = [(a.clone(), 4), (b.clone(), 5)].into();
         let err = check_manifest(&manifest(&[&b, &a]), &expected, &lengths).unwrap_err();

@@ -146,6 +146,78 @@ async fn a_joiner_fetches_identical_tensors_from_three_peers() {
     assert_same_state(&again, &state);
 }
 
+/// `state` with only the tensors `keep` names (the layers a pipeline stage holds).
+fn part(state: &StateSnapshot, keep: &[&str]) -> StateSnapshot {
+    let mut part = state.clone();
+    part.tensors.retain(|(key, _)| {
+        keep.iter()
+            .any(|name| *key == param(name) || *key == momentum(name))
+    });
+    part
+}
+
+/// After a pipeline is cut anew, no peer holds exactly a node's new layers: each tensor comes
+/// from the peers that hold it (one peer holds `embed` and `empty`, another `norm` and `empty`,
+/// a third only tensors this node does not need), checked against the same digests. A tensor
+/// that no peer holds fails the fetch, naming it and what each peer holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_come_from_the_peers_that_hold_them_after_a_re_cut() {
+    let nets = cluster(4, |c| c).await;
+    let state = snapshot(3);
+    nets[0].publish_state(Some(Arc::new(part(&state, &["embed", "empty"]))));
+    nets[1].publish_state(Some(Arc::new(part(&state, &["norm", "empty"]))));
+    let mut elsewhere = part(&state, &[]);
+    elsewhere
+        .tensors
+        .push((param("head"), Arc::new(vec![1.0; 10])));
+    nets[2].publish_state(Some(Arc::new(elsewhere)));
+    let (fetched, stats) = bounded(
+        "the fetch",
+        nets[3].fetch_state(&ids(&nets[..3]), 3, &state.digests(), TIMEOUT),
+    )
+    .await
+    .unwrap();
+    // In the order the peers list them: embed and empty from the first, then norm.
+    let mut fetched = fetched;
+    let at = |key: &TensorKey| state.tensors.iter().position(|(k, _)| k == key);
+    fetched.tensors.sort_by_key(|(key, _)| at(key));
+    assert_same_state(&fetched, &state);
+    let from = |peer: PeerId| {
+        stats
+            .per_peer_bytes
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .unwrap()
+            .1
+    };
+    assert!(from(nets[0].peer_id()) > MANIFEST_BYTES, "{stats:?}");
+    assert!(from(nets[1].peer_id()) > MANIFEST_BYTES, "{stats:?}");
+    assert!(from(nets[2].peer_id()) < MANIFEST_BYTES, "{stats:?}");
+
+    // Nobody holds `norm` now.
+    nets[1].publish_state(Some(Arc::new(part(&state, &["embed"]))));
+    let err = bounded(
+        "the fetch",
+        nets[3].fetch_state(&ids(&nets[..3]), 3, &state.digests(), TIMEOUT),
+    )
+    .await
+    .expect_err("no peer holds norm");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(
+        matches!(err, StateError::TensorUnavailable { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("`norm`") || text.contains("`momentum.norm`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not hold it (it holds other layers)"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_copy_is_fetched_again_from_another_peer() {
     let nets = cluster(4, |c| c).await;
