@@ -15,7 +15,9 @@ use crate::round::{
 };
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
-use forge_protocol::messages::{JoinAccepted, Peer, Ready, RoundId, RoundOpened, StageAssignment};
+use forge_protocol::messages::{
+    JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, StageAssignment,
+};
 use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
@@ -207,8 +209,9 @@ struct Shell {
     fault: Option<(usize, Fault, u64)>,
     /// This node's microseconds per inner step in its last round, for paced rounds.
     us_per_step: Option<u64>,
-    /// The peers of the pipeline the trainer is joined to, in stage order (empty: none).
-    pipeline: Vec<PeerId>,
+    /// The members (and peers) of the pipeline the trainer is joined to, in stage order (empty:
+    /// none).
+    pipeline: Vec<(MemberId, PeerId)>,
 }
 
 impl Shell {
@@ -507,8 +510,8 @@ impl Shell {
         self.trainer = trainer;
         self.outer = outer;
         self.pipeline.clear();
-        // The state served so far is of the old layers.
-        self.net.publish_state(None);
+        // The state served so far, of the old layers, stays published until the next commit:
+        // after a re-cut, the nodes that now hold those layers fetch them from it.
         Ok(Input::Restaged {
             initial_hashes: wire_hashes(&self.outer.state_hashes()),
             numel: self.outer.numel() as u64,
@@ -521,10 +524,11 @@ impl Shell {
         let Some(spec) = self.trainer.stage() else {
             return Ok(());
         };
-        let peers: Vec<PeerId> = peers_of(pipeline)
+        let members: Vec<(MemberId, PeerId)> = peers_of(pipeline)
             .into_iter()
-            .map(|(_, id, _)| id)
+            .map(|(peer, id, _)| (peer.member, id))
             .collect();
+        let peers: Vec<PeerId> = members.iter().map(|(_, id)| *id).collect();
         if peers.len() != pipeline.len() || peers.len() != spec.stages as usize {
             anyhow::bail!(
                 "the round lists {} nodes with valid peer ids for this node's pipeline of {} \
@@ -533,7 +537,9 @@ impl Shell {
                 spec.stages
             );
         }
-        if peers == self.pipeline {
+        // By member too: a stage's node started again on its workdir has the same peer id,
+        // and the link to its old process is dead.
+        if members == self.pipeline {
             return Ok(());
         }
         self.pipeline.clear();
@@ -542,7 +548,7 @@ impl Shell {
             .pipeline_link(spec.stage, &peers, PIPELINE_TIMEOUT)
             .await?;
         self.trainer.set_stage_link(Box::new(link))?;
-        self.pipeline = peers;
+        self.pipeline = members;
         Ok(())
     }
 
@@ -558,9 +564,9 @@ impl Shell {
 
     /// Fetches the round's global state from its other participants.
     async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
-        // A pipeline stage's state: its tensors, from the nodes holding its layers.
+        // A pipeline stage's state: its tensors, each from the nodes holding it (the same stage
+        // in other pipelines, or after a re-cut the nodes whose old layers overlap its new ones).
         let open = &RoundOpened {
-            participants: self.same_layers(&open.participants),
             tensor_hashes: self.rounds.held_of(&open.tensor_hashes),
             ..open.clone()
         };
@@ -804,6 +810,7 @@ impl Shell {
                     "sample: {}",
                     tokio::task::block_in_place(|| self.trainer.sample())
                 );
+                tokio::task::block_in_place(|| self.trainer.leave_pipeline());
                 Ok(())
             }
             Exit::Failed { round, reason } => {

@@ -396,8 +396,28 @@ impl Trainer {
                 "this trainer holds the whole model, not a pipeline stage".into(),
             ));
         };
-        self.lock_pipeline(pipeline).link = Some(link);
+        let mut pipeline = self.lock_pipeline(pipeline);
+        pipeline.link = Some(link);
+        pipeline.runner.restart_exchanges();
+        pipeline.more = true;
         Ok(())
+    }
+
+    /// Lets go of the link to the other stages once every stage is done with it: a node about
+    /// to exit calls it after its last exchange (the final evaluation), so that closing its
+    /// connections does not cut off what another stage has yet to read. A stage that is gone
+    /// or fails is not waited for.
+    pub fn leave_pipeline(&mut self) {
+        let Some(pipeline) = &self.pipeline else {
+            return;
+        };
+        let mut pipeline = self.lock_pipeline(pipeline);
+        let Pipeline { runner, link, .. } = &mut *pipeline;
+        if let Some(mut link) = link.take()
+            && let Err(e) = runner.barrier(link.as_mut())
+        {
+            tracing::debug!("leaving the pipeline: {e}");
+        }
     }
 
     fn lock_pipeline<'p>(

@@ -342,3 +342,59 @@ fn two_stage_trainers_train_like_the_whole_model() {
         );
     }
 }
+
+/// A stage whose neighbour is replaced (its node started again, or the plan gave the stage to
+/// another node) joins a new link and trains on with the newcomer, which counts exchanges
+/// from 0 as it does; both then leave the pipeline after a last evaluation, each waiting until
+/// the other is done with it.
+#[test]
+fn a_stage_trains_on_with_a_new_neighbour_and_both_leave_in_step() {
+    use forge_trainer::models::LayerRange;
+    use forge_trainer::pipeline::MemoryLink;
+    use forge_trainer::train::StageSpec;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = |stage: u32| StageSpec {
+        layers: if stage == 0 {
+            LayerRange { start: 0, end: 3 }
+        } else {
+            LayerRange { start: 3, end: 6 }
+        },
+        stage,
+        stages: 2,
+    };
+    let timeout = std::time::Duration::from_secs(120);
+    let [first_a, second_a]: [MemoryLink; 2] = MemoryLink::mesh(2, timeout).try_into().unwrap();
+    let [first_b, second_b]: [MemoryLink; 2] = MemoryLink::mesh(2, timeout).try_into().unwrap();
+    let stage_trainer = |name: &str, stage: u32| {
+        Trainer::with_stage(small_config(&tmp.path().join(name), 10), Some(spec(stage))).unwrap()
+    };
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            let mut trainer = stage_trainer("first", 0);
+            trainer.set_stage_link(Box::new(first_a)).unwrap();
+            losses(&mut trainer, 2);
+            trainer.set_stage_link(Box::new(first_b)).unwrap();
+            losses(&mut trainer, 2);
+            let eval = trainer.evaluate().0;
+            trainer.leave_pipeline();
+            eval
+        });
+        let gone = scope.spawn(|| {
+            let mut trainer = stage_trainer("gone", 1);
+            trainer.set_stage_link(Box::new(second_a)).unwrap();
+            losses(&mut trainer, 2);
+        });
+        let newcomer = scope.spawn(|| {
+            let mut trainer = stage_trainer("newcomer", 1);
+            trainer.set_stage_link(Box::new(second_b)).unwrap();
+            losses(&mut trainer, 2);
+            let eval = trainer.evaluate().0;
+            trainer.leave_pipeline();
+            eval
+        });
+        gone.join().unwrap();
+        let (a, b) = (first.join().unwrap(), newcomer.join().unwrap());
+        assert!(a.is_finite() && a == b, "{a} vs {b}");
+    });
+}

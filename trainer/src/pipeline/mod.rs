@@ -236,6 +236,12 @@ impl StageRunner {
         }
     }
 
+    /// Starts counting exchanges anew: the stage is joined to a new link, on which every stage
+    /// starts from 0 (a node that changed pipelines, or whose neighbour was started again).
+    pub fn restart_exchanges(&mut self) {
+        self.exchange = 0;
+    }
+
     pub fn stage(&self) -> u32 {
         self.stage
     }
@@ -466,6 +472,14 @@ impl StageRunner {
                 tch::no_grad(|| param.copy_(&first.to_kind(param.kind())));
             }
         }
+        self.exchange += 1;
+        Ok(())
+    }
+
+    /// Returns once every stage has called it (an exchange of nothing with every stage): after
+    /// it, no stage still waits for anything this one sent before.
+    pub fn barrier(&mut self, link: &mut dyn StageLink) -> Result<()> {
+        self.all_reduce(link, &[0.0])?;
         self.exchange += 1;
         Ok(())
     }
