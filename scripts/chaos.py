@@ -148,8 +148,9 @@ def write_config(work, nodes, steps, small, pace):
 
 
 class Cluster:
-    def __init__(self, work, config, nodes, bin_dir, net=None):
+    def __init__(self, work, config, nodes, bin_dir, net=None, node_args=()):
         self.work, self.config, self.bin, self.net = work, config, bin_dir, net
+        self.node_args = list(node_args)  # more `forge-node join` arguments for every node
         self.env = dict(os.environ, RUST_LOG="warn")
         self.env.pop("LD_LIBRARY_PATH", None)
         self.coordinator = None
@@ -179,7 +180,8 @@ class Cluster:
             f"node{i}",
             self._in(self.net.node_ns(i) if self.net else "",
                      [str(self.bin / "forge-node"), "join", self.addr, "--token", self.token,
-                      "--workdir", str(self.work / f"node{i}"), "--listen", listen]),
+                      "--workdir", str(self.work / f"node{i}"), "--listen", listen]
+                     + self.node_args),
             self.work / f"node{i}.out", self.env)
         self.nodes[i] = proc
         self.history[i].append(proc)
@@ -203,6 +205,7 @@ class Netns:
 
     def __init__(self, nodes):
         self.made = set()
+        self.nodes = nodes
         self.hub = NS_PREFIX + "hub"
         self.cleanup()
         self._add(self.hub)
@@ -235,6 +238,15 @@ class Netns:
     @staticmethod
     def peer_ip(i):
         return f"10.77.2.{10 + i}"
+
+    def shape(self, rate_mbit):
+        """Caps every node's peer link at rate_mbit in both directions (tc tbf: a bucket of
+        ~2 ms at the rate, a queue of ~20 ms, a switch port's buffer)."""
+        burst = f"{max(rate_mbit * 1000 // 8 * 2, 16000)}b"
+        for ns, dev in [(self.node_ns(i), "p2p") for i in range(self.nodes)] + \
+                [(self.hub, f"fp{i}") for i in range(self.nodes)]:
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+               "rate", f"{rate_mbit}mbit", "burst", burst, "latency", "20ms")
 
     def link(self, i, which, up):
         """which: "peers" or "coordinator"."""
