@@ -39,6 +39,9 @@ pub struct Manifest {
 pub struct CheckpointDir {
     root: PathBuf,
     keep: usize,
+    /// Checkpoints verified through this value and its clones (each reads and hashes every
+    /// file of one checkpoint).
+    verified: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn step_dir_name(step: u64) -> String {
@@ -82,7 +85,14 @@ impl CheckpointDir {
         CheckpointDir {
             root: root.into(),
             keep: keep.max(1),
+            verified: Default::default(),
         }
+    }
+
+    /// How many checkpoints were verified (every file read and hashed) through this folder
+    /// and its clones.
+    pub fn verifications(&self) -> u64 {
+        self.verified.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn root(&self) -> &Path {
@@ -219,7 +229,7 @@ impl CheckpointDir {
     pub fn valid(&self) -> impl Iterator<Item = (u64, PathBuf)> {
         self.candidates()
             .into_iter()
-            .filter(|(step, path)| match verify(path) {
+            .filter(|(step, path)| match self.verify(path) {
                 Ok(m) if m.step == *step => true,
                 Ok(m) => {
                     tracing::warn!(
@@ -234,6 +244,15 @@ impl CheckpointDir {
                     false
                 }
             })
+    }
+}
+
+impl CheckpointDir {
+    /// [`verify`], counted.
+    fn verify(&self, dir: &Path) -> Result<Manifest> {
+        self.verified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        verify(dir)
     }
 }
 

@@ -153,6 +153,9 @@ pub struct Trainer {
     eval_set: Vec<Batch>,
     eval_bytes_per_token: f64,
     ckpts: CheckpointDir,
+    /// The checkpoint this trainer last wrote or resumed from (verified then), which a
+    /// divergence message names: the step path never reads checkpoint files.
+    last_checkpoint: std::sync::Mutex<Option<PathBuf>>,
     state: TrainState,
     peak_lr: f64,
     peak_tflops: Option<f64>,
@@ -344,6 +347,7 @@ impl Trainer {
             eval_set,
             eval_bytes_per_token,
             ckpts,
+            last_checkpoint: std::sync::Mutex::new(None),
             state,
             peak_lr,
             peak_tflops,
@@ -719,6 +723,7 @@ impl Trainer {
             );
         }
         tracing::info!("resumed from {} (step {})", dir.display(), state.step);
+        self.remember_checkpoint(&dir);
         self.state = TrainState {
             run_config: self.state.run_config.clone(),
             worker_positions: self.state.worker_positions.clone(),
@@ -740,7 +745,7 @@ impl Trainer {
         key: u64,
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        ckpts.save(key, |dir| {
+        let written = ckpts.save(key, |dir| {
             extra(dir)?;
             let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -766,7 +771,30 @@ impl Trainer {
                 .tokenizer
                 .save(&dir.join("tokenizer.json"))
                 .map_err(|e| failed("tokenizer.json", &e))
-        })
+        })?;
+        self.remember_checkpoint(&written);
+        Ok(written)
+    }
+
+    fn remember_checkpoint(&self, dir: &Path) {
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+    }
+
+    /// The checkpoint this trainer last wrote or resumed from, if any (the directory may have
+    /// been rotated away or damaged since; a resume checks it again).
+    pub fn last_checkpoint(&self) -> Option<PathBuf> {
+        self.last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The folder of this run's own checkpoints.
+    pub fn checkpoints(&self) -> &CheckpointDir {
+        &self.ckpts
     }
 
     /// Mean loss over the fixed validation windows, and bits per byte.
@@ -997,13 +1025,11 @@ impl Trainer {
     /// Checks a loss against the moving average; an error explains the stop.
     fn guard(&mut self, loss: f64) -> Result<()> {
         let step = self.state.step;
-        let last_good = self
-            .ckpts
-            .latest_valid()
-            .map(|(_, p)| p.display().to_string());
-        let keep = last_good.map_or("no checkpoint was saved yet".to_string(), |p| {
-            format!("the last good checkpoint is {p}")
-        });
+        let keep = self
+            .last_checkpoint()
+            .map_or("no checkpoint was saved yet".to_string(), |p| {
+                format!("the last good checkpoint is {}", p.display())
+            });
         if !loss.is_finite() {
             return Err(Error::Diverged(format!(
                 "loss is {loss} at step {step}; {keep}. Lower [train] lr or raise warmup, then resume"
