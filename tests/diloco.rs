@@ -61,6 +61,16 @@ fn write_config(dir: &Path, start: usize) -> PathBuf {
     path
 }
 
+/// Replaces, in the run config at `config`, the first occurrence of each `from` with its `to`.
+fn edit_config(config: &Path, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "the run config no longer has {from}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(config, text).unwrap();
+}
+
 /// A child process whose stdout lines arrive on a channel; killed when dropped.
 struct Proc {
     child: Child,
@@ -421,8 +431,7 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         "{:?}",
         shared_data().join("tinystories").join("train-sample.txt")
     );
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replacen(&train, "\"train.txt\"", 1)).unwrap();
+    edit_config(&config, &[(&train, "\"train.txt\"")]);
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -558,12 +567,7 @@ fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
     let config = write_config(tmp.path(), 3);
     // A budget the three cannot finish before the joiner is in, however slow the machine: the
     // test stops every node with SIGTERM once the joiner has committed rounds with them.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("max_steps = 60", "max_steps = 5000", 1),
-    )
-    .unwrap();
+    edit_config(&config, &[("max_steps = 60", "max_steps = 5000")]);
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..3)
@@ -620,16 +624,10 @@ fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
 fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 2);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
+    edit_config(
         &config,
-        text.replacen(
-            "checkpoint_every_rounds = 0",
-            "checkpoint_every_rounds = 2",
-            1,
-        ),
-    )
-    .unwrap();
+        &[("checkpoint_every_rounds = 0", "checkpoint_every_rounds = 2")],
+    );
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -767,11 +765,13 @@ fn exports_the_committed_global_state(dir: &Path) {
 fn nodes_with_different_workers_and_threads_commit_round_1_together() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 2);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replacen("micro_batch = 8", "micro_batch = 4", 1)
-        .replacen("max_steps = 60", "max_steps = 10", 1);
-    std::fs::write(&config, text).unwrap();
+    edit_config(
+        &config,
+        &[
+            ("micro_batch = 8", "micro_batch = 4"),
+            ("max_steps = 60", "max_steps = 10"),
+        ],
+    );
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -821,16 +821,17 @@ fn nodes_with_different_workers_and_threads_commit_round_1_together() {
 fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 2);
-    let text = std::fs::read_to_string(&config).unwrap();
     // Two CPU workers per node, each with half of the 8 sequences; a 2 s collective timeout.
-    let text = text
-        .replacen("micro_batch = 8", "micro_batch = 4", 1)
-        .replacen(
-            "[train.schedule]",
-            "[train.parallel]\ncpu_workers = 2\ntimeout_s = 2\n\n[train.schedule]",
-            1,
-        );
-    std::fs::write(&config, text).unwrap();
+    edit_config(
+        &config,
+        &[
+            ("micro_batch = 8", "micro_batch = 4"),
+            (
+                "[train.schedule]",
+                "[train.parallel]\ncpu_workers = 2\ntimeout_s = 2\n\n[train.schedule]",
+            ),
+        ],
+    );
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -1062,12 +1063,7 @@ fn two_pipelines_of_two_stages(kill: bool) {
     let tmp = tempfile::tempdir().unwrap();
     // The first round waits for both pipelines.
     let config = write_config(tmp.path(), 2);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("micro_batch = 8", "micro_batch = 4", 1),
-    )
-    .unwrap();
+    edit_config(&config, &[("micro_batch = 8", "micro_batch = 4")]);
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let capped = ["--memory-limit", "33MB"];

@@ -356,8 +356,7 @@ pub fn rebalance(
         .collect();
     for replica in broken {
         if let Some(repaired) = repair(profile, &free, replica) {
-            let used = repaired.stages.iter().map(|stage| stage.node);
-            let used: BTreeSet<u64> = used.collect();
+            let used: BTreeSet<u64> = repaired.stages.iter().map(|stage| stage.node).collect();
             free.retain(|node| !used.contains(&node.id));
             kept.replicas.push(repaired);
         }
