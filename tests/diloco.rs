@@ -1044,7 +1044,7 @@ fn a_false_accusation_removes_nobody() {
 /// model.
 #[test]
 fn two_pipelines_of_two_stages_train_together() {
-    two_pipelines_of_two_stages(false);
+    two_pipelines_of_two_stages(StageLoss::None);
 }
 
 /// The run above with one stage node SIGKILLed after round 3 and started again on its workdir
@@ -1056,14 +1056,52 @@ fn two_pipelines_of_two_stages_train_together() {
 /// neighbours, and all four finish on one final model.
 #[test]
 fn a_killed_stage_node_comes_back_with_its_stage_fetched_from_the_other_pipeline() {
-    two_pipelines_of_two_stages(true);
+    two_pipelines_of_two_stages(StageLoss::OneNode);
 }
 
-fn two_pipelines_of_two_stages(kill: bool) {
+/// The run above with a checkpoint every 2 rounds, and both nodes of the second stage
+/// SIGKILLed after round 5: no live member holds those layers, so the coordinator takes the
+/// run back to the checkpoint of round 4 (global version 4). The surviving first stages go
+/// back too (the checkpoint's writer from its own shard, the other fetching from it), the
+/// restarted nodes resume their stage from the writer's shard or fetch it, and all four finish
+/// on one final model.
+#[test]
+fn a_stage_lost_in_both_pipelines_comes_back_from_the_last_checkpoint() {
+    two_pipelines_of_two_stages(StageLoss::WholeStage);
+}
+
+/// What [`two_pipelines_of_two_stages`] kills.
+#[derive(Clone, Copy, PartialEq)]
+enum StageLoss {
+    None,
+    /// One stage node, after round 3.
+    OneNode,
+    /// Both nodes of the second stage, after round 5 (a checkpoint every 2 rounds).
+    WholeStage,
+}
+
+/// The layers line a node printed last: "... stage S of 2 (layers a..b) ...".
+fn last_stage_line(node: &Proc) -> String {
+    node.seen
+        .iter()
+        .rev()
+        .find(|l| l.contains("of 2 (layers"))
+        .unwrap()
+        .clone()
+}
+
+fn two_pipelines_of_two_stages(loss: StageLoss) {
+    let kill = loss == StageLoss::OneNode;
     let tmp = tempfile::tempdir().unwrap();
     // The first round waits for both pipelines.
     let config = write_config(tmp.path(), 2);
     edit_config(&config, &[("micro_batch = 8", "micro_batch = 4")]);
+    if loss == StageLoss::WholeStage {
+        edit_config(
+            &config,
+            &[("checkpoint_every_rounds = 0", "checkpoint_every_rounds = 2")],
+        );
+    }
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let capped = ["--memory-limit", "33MB"];
@@ -1087,13 +1125,7 @@ fn two_pipelines_of_two_stages(kill: bool) {
             });
         }
         // Its layers in the plan that ran (joins may have re-planned before round 1).
-        let held = nodes[3]
-            .seen
-            .iter()
-            .rev()
-            .find(|l| l.contains("of 2 (layers"))
-            .unwrap()
-            .clone();
+        let held = last_stage_line(&nodes[3]);
         drop(nodes.pop()); // SIGKILL
         let mut restarted = node(3);
         let given = restarted.wait_for("of 2 (layers", deadline);
@@ -1101,7 +1133,48 @@ fn two_pipelines_of_two_stages(kill: bool) {
         println!("before: {held}\nrestarted: {given}\nrestarted: {fetched}");
         nodes.push(restarted);
     }
+    if loss == StageLoss::WholeStage {
+        for node in &mut nodes {
+            node.wait_until("round 5 committed", deadline, |l| {
+                parse_round(l).is_some_and(|r| r.0 >= 5 && r.3.starts_with("committed"))
+            });
+        }
+        let seen: String = nodes
+            .iter()
+            .flat_map(|n| n.seen.clone())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            seen.contains("round 4: checkpoint shard 1 written"),
+            "{seen}"
+        );
+        let second: Vec<usize> = (0..4)
+            .filter(|&i| last_stage_line(&nodes[i]).contains("stage 2 of 2"))
+            .collect();
+        assert_eq!(second.len(), 2, "{seen}");
+        for &i in second.iter().rev() {
+            drop(nodes.remove(i)); // SIGKILL
+        }
+        let coordinator_log = tmp.path().join("coord.log");
+        let log = wait_for_log(&coordinator_log, deadline, |l| {
+            l.contains("the run continues from the checkpoint of round 4")
+        })
+        .unwrap_or_else(|log| panic!("no roll-back:\n{log}"));
+        assert!(log.contains("no live member holds layers"), "{log}");
+        // The survivors cannot train a round without a second stage: they hear of the
+        // roll-back with the first round after the restarts.
+        for &i in &second {
+            nodes.insert(i, node(i));
+        }
+        for (i, survivor) in nodes.iter_mut().enumerate() {
+            if !second.contains(&i) {
+                survivor.wait_for("the run went back from global version", deadline);
+            }
+        }
+    }
     let mut finals = Vec::new();
+    let mut resumed = 0;
+    let mut how = Vec::new();
     for (i, node) in nodes.into_iter().enumerate() {
         let (code, lines) = node.finish(deadline);
         let log = lines.join("\n");
@@ -1109,6 +1182,27 @@ fn two_pipelines_of_two_stages(kill: bool) {
         assert!(
             log.contains("the run is finished: its final version 12 is committed"),
             "node {i}:\n{log}"
+        );
+        // Took version 4 from its shard, or served the shard to the nodes that hold its layers.
+        resumed += usize::from(lines.iter().any(|l| {
+            l.contains("resumed global state v4 from")
+                || l.contains("serving the local checkpoint")
+                || (l.contains("global state v4") && l.contains("from what this node serves"))
+        }));
+        how.extend(
+            lines
+                .iter()
+                .filter(|l| {
+                    [
+                        "went back",
+                        "resumed",
+                        "fetched global state",
+                        "local checkpoint",
+                    ]
+                    .iter()
+                    .any(|what| l.contains(what))
+                })
+                .map(|l| format!("node {i}: {l}")),
         );
         let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
         let last = rounds
@@ -1125,5 +1219,21 @@ fn two_pipelines_of_two_stages(kill: bool) {
         finals.push(final_loss_line(&lines).unwrap_or_else(|| panic!("node {i}:\n{log}")));
     }
     assert!(finals.windows(2).all(|w| w[0] == w[1]), "{finals:?}");
+    if loss == StageLoss::WholeStage {
+        // Both shards of the checkpoint (one per stage, on the writers' disks) were used,
+        // whatever layers their writers hold now.
+        assert!(
+            resumed >= 2,
+            "{resumed} nodes used their shard of version 4:\n{}",
+            how.join("\n")
+        );
+        // Once, not again when the finished run's nodes leave.
+        let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+        assert_eq!(
+            log.matches("the run continues from the checkpoint").count(),
+            1,
+            "{log}"
+        );
+    }
     println!("{}", finals[0]);
 }

@@ -33,8 +33,8 @@ use forge_protocol::stream::{self, DataDigest, DataLease, SeqRange};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, DataShard, Digest,
-    ErrorCode, ErrorReply, GlobalState, Hello, InitialState, JoinAccepted, MemberDead, MemberId,
-    NodeMessage, OuterStep, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId,
+    ErrorCode, ErrorReply, GlobalState, Hello, InitialState, JoinAccepted, LayerRange, MemberDead,
+    MemberId, NodeMessage, OuterStep, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId,
     RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
@@ -521,6 +521,16 @@ pub struct Coordinator {
     /// tell the others what changed.
     #[serde(default)]
     planned: BTreeMap<MemberId, Assignment>,
+    /// The members known to hold the global state at `global.version`, and the layers of it
+    /// each holds (None: the whole model): the included members of the round that committed
+    /// it, and every participant since that trained from it. None when unknown (a snapshot
+    /// from an older coordinator): then only a run with no member left goes back.
+    #[serde(default)]
+    holders: Option<BTreeMap<MemberId, Option<LayerRange>>>,
+    /// Version 0's hashes, as the members announced them: where the run goes back to when
+    /// some layers are lost before any checkpoint was committed.
+    #[serde(default)]
+    initial_hashes: Vec<TensorHash>,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -566,6 +576,8 @@ impl Coordinator {
             checkpoint_ledger: Ledger::default(),
             banned: BTreeSet::new(),
             planned: BTreeMap::new(),
+            holders: Some(BTreeMap::new()),
+            initial_hashes: Vec::new(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
             silence_check_at: Millis(0),
@@ -856,6 +868,7 @@ impl Coordinator {
                 .into_iter()
                 .map(|(key, digest)| TensorHash { key, digest })
                 .collect();
+            self.initial_hashes = self.global.tensor_hashes.clone();
             out.push(Output::Event(Event::InitialState { member: id }));
         }
         if differs {
@@ -1096,7 +1109,14 @@ impl Coordinator {
                 return;
             }
             let measured = report.us_per_step;
+            // It trained from the round's global state, so it holds that state's layers.
+            let trained =
+                matches!(report.outer_step, OuterStep::Ok { .. }) || report.tokens_processed > 0;
+            let layers = round.participants[&id].stage.map(|s| s.layers);
             round.reports.insert(id, report);
+            if trained && let Some(holders) = &mut self.holders {
+                holders.insert(id, layers);
+            }
             if measured > 0
                 && let Some(member) = self.members.get_mut(&id)
             {
@@ -1252,33 +1272,110 @@ impl Coordinator {
         }
         self.membership_changed = true;
         self.broadcast(message, out);
-        if self.members.is_empty() {
-            self.roll_back_to_checkpoint(out);
-        }
     }
 
-    /// Every member is gone, so no node holds the global state past the last committed
-    /// checkpoint: the run continues from that checkpoint (or from the start without one), and
-    /// returning nodes load it from their checkpoint shards or fetch it from those that did.
+    /// The layers of the global state that no live member holds (empty while every layer
+    /// lives on somewhere). Without a model profile each member holds the whole model, one
+    /// "layer" here.
+    fn lost_layers(&self) -> Vec<LayerRange> {
+        let n = self
+            .config
+            .model
+            .as_ref()
+            .map_or(1, |model| model.layers.len() as u32);
+        let whole = LayerRange { start: 0, end: n };
+        let Some(holders) = &self.holders else {
+            return if self.members.is_empty() {
+                vec![whole]
+            } else {
+                Vec::new()
+            };
+        };
+        let mut held: Vec<LayerRange> = holders
+            .iter()
+            .filter(|(id, _)| self.members.contains_key(id))
+            .map(|(_, layers)| layers.unwrap_or(whole))
+            .collect();
+        held.sort_unstable();
+        let mut lost = Vec::new();
+        let mut covered = 0;
+        for range in held {
+            if range.start > covered {
+                lost.push(LayerRange {
+                    start: covered,
+                    end: range.start,
+                });
+            }
+            covered = covered.max(range.end);
+        }
+        if covered < n {
+            lost.push(LayerRange {
+                start: covered,
+                end: n,
+            });
+        }
+        lost
+    }
+
+    /// No live member holds some layers of the global state (every member is gone, or every
+    /// holder of a pipeline stage): nothing past the last committed checkpoint can be
+    /// recovered, so the run continues from that checkpoint (or from the start without one),
+    /// and the nodes load it from their checkpoint shards or fetch it from those that did.
     fn roll_back_to_checkpoint(&mut self, out: &mut Vec<Output>) {
-        let target = self.checkpoint_state.clone().unwrap_or_default();
+        // A finished run keeps its final version: its members leave once it is committed, and
+        // its checkpoint, still being written, is the run's model.
+        if self.finished() {
+            return;
+        }
+        let target = self
+            .checkpoint_state
+            .clone()
+            .unwrap_or_else(|| GlobalState {
+                // Survivors draw version 0 again from the seed and check it against these; a
+                // cluster that restarts whole announces it anew.
+                tensor_hashes: if self.members.is_empty() {
+                    Vec::new()
+                } else {
+                    self.initial_hashes.clone()
+                },
+                ..GlobalState::default()
+            });
         if target.version == self.global.version {
             return;
         }
+        let lost = self.lost_layers();
+        if lost.is_empty() {
+            return;
+        }
+        let why = if self.members.is_empty() {
+            "every member is gone".to_string()
+        } else {
+            let layers: Vec<String> = lost
+                .iter()
+                .map(|r| format!("{}..{}", r.start, r.end))
+                .collect();
+            format!(
+                "no live member holds layers {} of global version {} (every node that held \
+                 them is gone)",
+                layers.join(", "),
+                self.global.version
+            )
+        };
         let message = match &target.round {
             Some(round) => format!(
-                "every member is gone: the run continues from the checkpoint of {round} \
-                 (global version {}), not version {}",
+                "{why}: the run continues from the checkpoint of {round} (global version {}), \
+                 not version {}",
                 target.version, self.global.version
             ),
             None => format!(
-                "every member is gone and no checkpoint was committed: the run restarts from \
-                 its initial state, not global version {}",
+                "{why} and no checkpoint was committed: the run restarts from its initial \
+                 state, not global version {}",
                 self.global.version
             ),
         };
         out.push(Output::Event(Event::Warning { message }));
         self.global = target;
+        self.holders = Some(BTreeMap::new());
         self.checkpoints.clear();
         // The data the lost rounds read is read again.
         self.ledger = self.checkpoint_ledger.clone();
@@ -1311,6 +1408,7 @@ impl Coordinator {
             self.try_close_round(out);
         }
         if self.round.is_none() {
+            self.roll_back_to_checkpoint(out);
             self.end_benches();
             if self.membership_changed {
                 self.replan(None, out);
@@ -1716,6 +1814,13 @@ impl Coordinator {
                     .collect(),
             };
             let checkpoint = self.request_checkpoint(&round, &complete, &verdict);
+            self.holders = Some(
+                verdict
+                    .agreeing
+                    .iter()
+                    .map(|id| (*id, round.participants[id].stage.map(|s| s.layers)))
+                    .collect(),
+            );
             let outcome = RoundOutcome::Committed {
                 version: self.global.version,
                 tensor_hashes: self.global.tensor_hashes.clone(),
@@ -2027,14 +2132,22 @@ struct Verdict {
 
 impl Verdict {
     fn complete_replicas(&self, round: &OpenRound) -> Vec<ReplicaId> {
-        let mut replicas: BTreeMap<ReplicaId, bool> = BTreeMap::new();
+        // Per replica: whether every participant agrees, the stages they hold, and how many
+        // it has. A pipeline whose stage left the round is no complete replica.
+        let mut replicas: BTreeMap<ReplicaId, (bool, BTreeSet<u32>, u32)> = BTreeMap::new();
         for (id, assignment) in &round.participants {
             let agrees = self.agreeing.contains(id);
-            *replicas.entry(assignment.replica).or_insert(true) &= agrees;
+            let stages = assignment.stage.map_or(1, |s| s.stages);
+            let replica =
+                replicas
+                    .entry(assignment.replica)
+                    .or_insert((true, BTreeSet::new(), stages));
+            replica.0 &= agrees;
+            replica.1.insert(assignment.stage_index());
         }
         replicas
             .into_iter()
-            .filter(|(_, complete)| *complete)
+            .filter(|(_, (agree, held, stages))| *agree && held.len() as u32 == *stages)
             .map(|(id, _)| id)
             .collect()
     }

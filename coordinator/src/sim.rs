@@ -2471,6 +2471,186 @@ mod tests {
         assert_ne!(plan.replicas, kept.replicas);
     }
 
+    /// Commits `round` with a report from each of `conns` and makes its checkpoint durable
+    /// (each writer sends its shard).
+    fn commit_and_checkpoint(driver: &mut Driver, conns: &[u64], round: RoundId) {
+        let digest = honest_digest(round);
+        let mut outputs = Vec::new();
+        for conn in conns {
+            outputs.extend(driver.report(*conn, round, digest));
+        }
+        let request = messages_to(&outputs, conns[0])
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::RoundClosed(c) => c.checkpoint.clone(),
+                _ => None,
+            })
+            .expect("checkpoint requested");
+        let conn_of: BTreeMap<MemberId, u64> = driver
+            .coordinator
+            .members()
+            .map(|(id, _)| id)
+            .zip(1..)
+            .collect();
+        for writer in &request.writers {
+            driver.send(
+                conn_of[&writer.member],
+                NodeMessage::CheckpointShardDurable(CheckpointShardDurable {
+                    round,
+                    shard: writer.shard,
+                    tensor_hashes: vec![TensorHash {
+                        key: TensorKey::Param("w".to_string()),
+                        digest,
+                    }],
+                }),
+            );
+        }
+        assert_eq!(driver.coordinator.last_checkpoint(), Some(round));
+    }
+
+    /// The only node holding a pipeline's second stage leaves after round 2 committed: no live
+    /// member holds those layers of version 2, so the run goes back to the checkpoint of round
+    /// 1, and its stage-0 node is told to start from there.
+    #[test]
+    fn a_stage_no_live_member_holds_rolls_the_run_back_to_its_last_checkpoint() {
+        let (profile, whole) = pipeline_profile();
+        let layers = profile.layers.len();
+        let mut cfg = config(1);
+        cfg.model = Some(profile);
+        cfg.checkpoint_every_rounds = 2;
+        let mut driver = Driver::new(cfg.clone());
+        let (first, _) = driver.join(1, whole);
+        driver.join(2, whole);
+        assert!(
+            driver
+                .coordinator
+                .members()
+                .all(|(_, a)| a.unwrap().stage.is_some())
+        );
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        commit_and_checkpoint(&mut driver, &[1, 2], RoundId(2));
+        let checkpointed = driver.coordinator.global().clone();
+        assert_eq!(checkpointed.version, 2);
+        driver.report(1, RoundId(3), honest_digest(RoundId(3)));
+        driver.report(2, RoundId(3), honest_digest(RoundId(3)));
+        assert_eq!(driver.coordinator.global().version, 3);
+        let stage = driver
+            .coordinator
+            .members()
+            .find_map(|(id, a)| (id == first).then(|| a.unwrap().stage.unwrap()))
+            .unwrap();
+        // Round 4 fails without its second stage; the run goes back once it is closed.
+        let mut outputs = driver.leave(2, "stage node going away");
+        assert_eq!(
+            driver.coordinator.global().version,
+            3,
+            "not in the middle of a round"
+        );
+        outputs.extend(driver.report(1, RoundId(4), honest_digest(RoundId(4))));
+        assert_eq!(driver.coordinator.global(), &checkpointed);
+        let warning = events(&outputs)
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Warning { message } if message.contains("continues from") => {
+                    Some(message.clone())
+                }
+                _ => None,
+            })
+            .expect("a warning names the loss");
+        assert!(
+            warning.starts_with(&format!(
+                "no live member holds layers {}..{layers} of global version 3",
+                stage.layers.end
+            )),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("continues from the checkpoint of round 2 (global version 2)"),
+            "{warning}"
+        );
+        // The survivor hears the rolled-back version with the next round.
+        let (joined, outputs) = driver.join(3, whole);
+        let open = messages_to(&outputs, 1)
+            .into_iter()
+            .find_map(|m| match m {
+                CoordinatorMessage::RoundOpened(open) => Some(open.clone()),
+                _ => None,
+            })
+            .expect("a round opens with the new member");
+        assert_eq!(open.global_version, 2);
+        let members: BTreeSet<MemberId> = open.participants.iter().map(|p| p.member).collect();
+        assert_eq!(members, BTreeSet::from([first, joined]));
+
+        // Without a checkpoint the run goes back to version 0, whose hashes the survivor
+        // checks the parameters it draws again against.
+        cfg.checkpoint_every_rounds = 0;
+        let mut driver = Driver::new(cfg);
+        driver.join(1, whole);
+        driver.join(2, whole);
+        let initial = vec![TensorHash {
+            key: TensorKey::Param("w".to_string()),
+            digest: Digest([7; 32]),
+        }];
+        driver.send(
+            1,
+            NodeMessage::InitialState(InitialState {
+                tensor_hashes: initial.clone(),
+            }),
+        );
+        driver.report(1, RoundId(1), honest_digest(RoundId(1)));
+        driver.report(2, RoundId(1), honest_digest(RoundId(1)));
+        assert_eq!(driver.coordinator.global().version, 1);
+        let mut outputs = driver.leave(2, "stage node going away");
+        outputs.extend(driver.report(1, RoundId(2), honest_digest(RoundId(2))));
+        assert_eq!(driver.coordinator.global().version, 0);
+        assert_eq!(driver.coordinator.global().tensor_hashes, initial);
+        assert!(events(&outputs).iter().any(|e| matches!(
+            e,
+            Event::Warning { message } if message.contains("the run restarts from its initial state")
+        )));
+    }
+
+    /// Two pipelines; one loses its second stage: the other pipeline's node of that stage still
+    /// holds it, so the run keeps its version (the lost stage's new owner fetches it).
+    #[test]
+    fn a_stage_that_another_pipeline_holds_is_not_rolled_back() {
+        let (profile, whole) = pipeline_profile();
+        let mut cfg = config(2);
+        cfg.model = Some(profile);
+        cfg.checkpoint_every_rounds = 1;
+        let mut driver = Driver::new(cfg);
+        for conn in 1..=4 {
+            driver.join(conn, whole);
+        }
+        let plan = driver.coordinator.plan().unwrap();
+        assert_eq!(plan.replicas.len(), 2);
+        assert!(plan.replicas.iter().all(|r| r.stages.len() == 2));
+        let round = driver.coordinator.open_round().unwrap();
+        commit_and_checkpoint(&mut driver, &[1, 2, 3, 4], round);
+        let next = driver.coordinator.open_round().unwrap();
+        for conn in 1..=4 {
+            driver.report(conn, next, honest_digest(next));
+        }
+        let global = driver.coordinator.global().clone();
+        assert_eq!(global.version, 2);
+        let last_stage = driver
+            .coordinator
+            .members()
+            .zip(1..)
+            .find(|((_, a), _)| a.unwrap().stage.unwrap().stage == 1)
+            .map(|(_, conn)| conn)
+            .unwrap();
+        let outputs = driver.leave(last_stage, "stage node going away");
+        assert_eq!(driver.coordinator.global(), &global);
+        assert!(
+            !events(&outputs).iter().any(
+                |e| matches!(e, Event::Warning { message } if message.contains("continues from"))
+            ),
+            "{outputs:?}"
+        );
+    }
+
     #[test]
     fn pipeline_checkpoint_commits_only_when_every_shard_is_durable() {
         let (profile, whole) = pipeline_profile();

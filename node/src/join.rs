@@ -16,7 +16,7 @@ use crate::round::{
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, StageAssignment,
+    GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, StageAssignment,
 };
 use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::{DataLease, SeqRange};
@@ -289,22 +289,21 @@ impl Shell {
             trainer,
         };
         // A pipeline stage resumes its own tensors.
-        let global = forge_protocol::messages::GlobalState {
-            tensor_hashes: held_hashes(
-                shell.rounds.initial_hashes(),
-                &accepted.global.tensor_hashes,
-            ),
-            ..accepted.global.clone()
-        };
+        let mine = held_hashes(
+            shell.rounds.initial_hashes(),
+            &accepted.global.tensor_hashes,
+        );
         let held = resume(
             &shell.checkpoints,
-            &global,
+            &accepted.global,
+            mine,
+            shell.position_at(accepted.global.version),
             &mut shell.trainer,
             &mut shell.outer,
             &shell.net,
         )?;
         let resumed = Input::Resumed {
-            held,
+            held: held.map(|(version, _)| version),
             step: shell.trainer.step(),
         };
         let queue = shell.feed(resumed).into();
@@ -494,10 +493,22 @@ impl Shell {
             stage: s.stage,
             stages: s.stages,
         });
+        let progress = (self.trainer.step(), self.trainer.tokens());
+        self.rebuild(spec, progress)?;
+        // The state served so far, of the old layers, stays published until the next commit:
+        // after a re-cut, the nodes that now hold those layers fetch them from it.
+        Ok(Input::Restaged {
+            initial_hashes: wire_hashes(&self.outer.state_hashes()),
+            numel: self.outer.numel() as u64,
+        })
+    }
+
+    /// A new trainer and outer state for `spec`, with the run's initial parameters (drawn from
+    /// its seed), at `progress` (inner step, tokens).
+    fn rebuild(&mut self, spec: Option<StageSpec>, progress: (u64, u64)) -> Result<()> {
         let cfg = self.trainer.config().clone();
-        let (step, tokens) = (self.trainer.step(), self.trainer.tokens());
         let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
-        trainer.set_progress(step, tokens);
+        trainer.set_progress(progress.0, progress.1);
         if let Some((index, count)) = self.rounds.shard() {
             trainer.set_data_shard(index as usize, count as usize)?;
         }
@@ -510,12 +521,26 @@ impl Shell {
         self.trainer = trainer;
         self.outer = outer;
         self.pipeline.clear();
-        // The state served so far, of the old layers, stays published until the next commit:
-        // after a re-cut, the nodes that now hold those layers fetch them from it.
-        Ok(Input::Restaged {
-            initial_hashes: wire_hashes(&self.outer.state_hashes()),
-            numel: self.outer.numel() as u64,
-        })
+        Ok(())
+    }
+
+    /// Back to the run's initial state (version 0: the run went back with no checkpoint
+    /// committed): the trainer is built again from the seed. Whether it drew the run's
+    /// version 0 (the committed hashes of its tensors); if not, it fetches it from its peers.
+    fn restart_from_seed(&mut self, open: &RoundOpened) -> Result<bool> {
+        self.rebuild(self.trainer.stage(), (0, 0))?;
+        let mine = wire_hashes(&self.outer.state_hashes());
+        let committed = held_hashes(&mine, &open.tensor_hashes);
+        let drawn = committed.len() == mine.len() && committed.iter().all(|c| mine.contains(c));
+        if drawn {
+            publish_state(&self.net, &self.outer, &self.trainer, 0, 0)?;
+            println!(
+                "round {}: the run restarts from its initial state; this node drew it again \
+                 from the seed",
+                open.round.0
+            );
+        }
+        Ok(drawn)
     }
 
     /// Joins the trainer to the other stages of its pipeline (`pipeline`: its nodes in stage
@@ -562,8 +587,50 @@ impl Shell {
             .collect()
     }
 
-    /// Fetches the round's global state from its other participants.
+    /// Fetches the round's global state from its other participants, or, when the run went back
+    /// to its last checkpoint, takes it from this node's checkpoint shard if one holds it.
     async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
+        if self.rounds.went_back() && open.global_version == 0 {
+            let started = Instant::now();
+            match self.restart_from_seed(open) {
+                Ok(true) => {
+                    return Input::StateFetched(Ok(Fetched {
+                        step: 0,
+                        made_by_round: 0,
+                        seconds: started.elapsed().as_secs_f64(),
+                    }));
+                }
+                Ok(false) => {}
+                Err(e) => return Input::StateFetched(Err(format!("{e:#}"))),
+            }
+        } else if self.rounds.went_back() {
+            let started = Instant::now();
+            let global = GlobalState {
+                version: open.global_version,
+                round: None,
+                tensor_hashes: open.tensor_hashes.clone(),
+            };
+            let resumed = resume(
+                &self.checkpoints,
+                &global,
+                self.rounds.held_of(&open.tensor_hashes),
+                self.position_at(open.global_version),
+                &mut self.trainer,
+                &mut self.outer,
+                &self.net,
+            );
+            match resumed {
+                Ok(Some((_, round))) => {
+                    return Input::StateFetched(Ok(Fetched {
+                        step: self.trainer.step(),
+                        made_by_round: round,
+                        seconds: started.elapsed().as_secs_f64(),
+                    }));
+                }
+                Ok(None) => {}
+                Err(e) => println!("round {}: {e:#}; fetching from peers", open.round.0),
+            }
+        }
         // A pipeline stage's state: its tensors, each from the nodes holding it (the same stage
         // in other pipelines, or after a re-cut the nodes whose old layers overlap its new ones).
         let open = &RoundOpened {
@@ -571,9 +638,7 @@ impl Shell {
             ..open.clone()
         };
         let me = self.rounds.member();
-        // Where a replica that played every round would be: the schedule's position.
-        let step = self.diloco.step_at_version(open.global_version);
-        let progress = (step, step * self.trainer.config().tokens_per_step());
+        let progress = self.position_at(open.global_version);
         let fetched = fetch_global_state(
             open,
             me,
@@ -592,6 +657,13 @@ impl Shell {
             }),
             Err(e) => Err(format!("{e:#}")),
         })
+    }
+
+    /// The run's (inner step, tokens) at global `version`: where a replica that played every
+    /// round would be, the schedule's position.
+    fn position_at(&self, version: u64) -> (u64, u64) {
+        let step = self.diloco.step_at_version(version);
+        (step, step * self.trainer.config().tokens_per_step())
     }
 
     /// The round's inner steps from global `version` (see [`InnerPlan`]), none once stopped.

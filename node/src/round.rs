@@ -344,6 +344,10 @@ pub(crate) struct Rounds<P> {
     stopping: bool,
     /// The newest global version the coordinator committed, as far as this node heard.
     run_version: u64,
+    /// The round being fetched starts from an older global version than the run had reached:
+    /// the coordinator went back to its last checkpoint (a whole stage, or every member, was
+    /// lost), which this node may hold in its own checkpoint shards.
+    went_back: bool,
     /// When the newest RoundOpened was taken in.
     opened_at: Option<(RoundId, Instant)>,
     /// When the last round's close was taken in, and when the last job after it (evaluation,
@@ -381,6 +385,7 @@ impl<P> Rounds<P> {
             contributed: false,
             stopping: false,
             run_version: accepted.global.version,
+            went_back: false,
             opened_at: None,
             closed_at: None,
             job_ended: now,
@@ -493,6 +498,12 @@ impl<P> Rounds<P> {
     /// The global version this node holds, if any.
     pub(crate) fn held(&self) -> Option<u64> {
         self.held
+    }
+
+    /// Whether the round being fetched went back to an older global version (see
+    /// [`Rounds::went_back`]'s field): its state may be in this node's checkpoint shards.
+    pub(crate) fn went_back(&self) -> bool {
+        self.went_back
     }
 
     fn busy(&self) -> bool {
@@ -666,6 +677,15 @@ impl<P> Rounds<P> {
         }
         self.participants = open.participants.clone();
         out.push(Action::SetMembers(self.allowlist()));
+        self.went_back = open.global_version < self.run_version;
+        if self.went_back {
+            out.push(Action::Say(format!(
+                "round {}: the run went back from global version {} to {}, its last committed \
+                 checkpoint (the layers past it were lost with every node that held them)",
+                open.round.0, self.run_version, open.global_version
+            )));
+            self.run_version = open.global_version;
+        }
         let announced = self.held_of(&open.tensor_hashes);
         let other_start = open.global_version == 0
             && self.held == Some(0)
@@ -789,8 +809,8 @@ impl<P> Rounds<P> {
             Ok(fetched) => {
                 self.held = Some(open.global_version);
                 if open.global_version == 0 {
-                    // Version 0 is now the run's, whatever this node drew.
-                    self.config.initial_hashes = open.tensor_hashes.clone();
+                    // Version 0 is now the run's, whatever this node drew (of its tensors).
+                    self.config.initial_hashes = self.held_of(&open.tensor_hashes);
                 }
                 self.step = fetched.step;
                 out.push(Action::PublishState {

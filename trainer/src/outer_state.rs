@@ -217,7 +217,9 @@ pub(crate) fn write_outer_files(
 }
 
 /// Reads `outer.json` of a shard.
-fn read_meta(dir: &Path) -> Result<OuterCheckpoint> {
+/// A shard's `outer.json`: the global version it holds, the round that made it and the
+/// committed hashes.
+pub fn read_meta(dir: &Path) -> Result<OuterCheckpoint> {
     let path = dir.join(OUTER_META);
     let text =
         std::fs::read(&path).map_err(|e| ckpt_err(path.clone(), format!("cannot read it: {e}")))?;
@@ -298,16 +300,44 @@ pub(crate) fn load_committed(
     Ok(newest.unwrap_or(Resumed::NoCheckpoint))
 }
 
+/// The newest valid shard in `ckpts` that holds `global`'s version, read without a trainer,
+/// whatever layers it holds (a node whose stage changed since it wrote the shard serves it to
+/// the nodes that hold those layers now): its path, the round that made it, and its tensors,
+/// each checked against the committed hashes. None when no valid shard holds that version.
+#[allow(clippy::type_complexity)]
+pub fn read_committed(
+    ckpts: &CheckpointDir,
+    global: &GlobalState,
+) -> Result<Option<(PathBuf, u64, Vec<(TensorKey, Arc<Vec<f32>>)>)>> {
+    for (_, dir) in ckpts.valid() {
+        let meta = read_meta(&dir)?;
+        if meta.version != global.version {
+            continue;
+        }
+        let mut tensors: Vec<(TensorKey, Arc<Vec<f32>>)> =
+            read_verified_state(&dir, &global.tensor_hashes)?
+                .into_iter()
+                .map(|(key, t)| flat(key, &t))
+                .collect::<Result<_>>()?;
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        return Ok(Some((dir, meta.round, tensors)));
+    }
+    Ok(None)
+}
+
 fn flat_tensors(outer: &OuterOptimizer) -> Result<Vec<(TensorKey, Arc<Vec<f32>>)>> {
     outer
         .state_tensors()
         .into_iter()
-        .map(|(key, t)| {
-            let values = Vec::<f32>::try_from(t.reshape([-1]))
-                .map_err(Error::torch(format!("reading outer state tensor {key}")))?;
-            Ok((key, Arc::new(values)))
-        })
+        .map(|(key, t)| flat(key, &t))
         .collect()
+}
+
+/// One tensor's f32 values, flattened, as they are served.
+fn flat(key: TensorKey, t: &Tensor) -> Result<(TensorKey, Arc<Vec<f32>>)> {
+    let values = Vec::<f32>::try_from(t.reshape([-1]))
+        .map_err(Error::torch(format!("reading outer state tensor {key}")))?;
+    Ok((key, Arc::new(values)))
 }
 
 /// Loads flat tensors into the outer state (shapes from the model's) and the global parameters

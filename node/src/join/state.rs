@@ -6,35 +6,49 @@
 use super::peers_of;
 use crate::p2p::{PeerNet, StateSnapshot, all_reduce_timeout};
 use anyhow::{Result, bail};
-use forge_protocol::messages::TensorKey;
+use forge_protocol::digest::tensor_digest;
 use forge_protocol::messages::{GlobalState, MemberId, RoundOpened};
+use forge_protocol::messages::{TensorHash, TensorKey};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::OuterOptimizer;
 use forge_trainer::outer_state::{self, FlatState, Resumed};
 use forge_trainer::train::Trainer;
 use libp2p::PeerId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The global version this node holds at start: 0 for a new run; the run's version when a local
-/// checkpoint shard holds it, the newest such (every tensor's digest equal to the committed hash;
-/// then served to peers that lost theirs); None when the node must fetch it from its peers.
+/// Takes global state `global` from this node's checkpoint shards if one holds it: the state
+/// of a new run (version 0), of a whole-cluster restart, or of the checkpoint the run went back
+/// to when every holder of some layers was lost. `mine` are the committed hashes of the tensors
+/// this node trains (a pipeline stage's own). Returns the version it then holds and the round
+/// that made it; None when the node must fetch it from its peers. A shard of that version with
+/// other layers (this node's stage changed since it wrote it) is served to the nodes that hold
+/// those layers now. `position` is the run's (inner step, tokens) at that version: the node
+/// continues there, whatever step the shard's writer had reached (paced replicas step at their
+/// own speed), as a node that fetches the state does.
 pub(super) fn resume(
     checkpoints: &CheckpointDir,
     global: &GlobalState,
+    mine: Vec<TensorHash>,
+    position: (u64, u64),
     trainer: &mut Trainer,
     outer: &mut OuterOptimizer,
     net: &PeerNet,
-) -> Result<Option<u64>> {
+) -> Result<Option<(u64, u64)>> {
     if global.version == 0 {
-        return Ok(Some(0));
+        return Ok(Some((0, 0)));
     }
+    let own = GlobalState {
+        tensor_hashes: mine,
+        ..global.clone()
+    };
     let resumed =
-        tokio::task::block_in_place(|| outer_state::resume(checkpoints, global, trainer, outer));
+        tokio::task::block_in_place(|| outer_state::resume(checkpoints, &own, trainer, outer));
     match resumed {
         Ok(Resumed::Shard(dir)) => {
-            let round = global.round.map_or(0, |r| r.0);
+            let round = outer_state::read_meta(&dir)?.round;
+            trainer.set_progress(position.0, position.1);
             publish_state(net, outer, trainer, global.version, round)?;
             println!(
                 "resumed global state v{} from {} (inner step {})",
@@ -42,7 +56,7 @@ pub(super) fn resume(
                 dir.display(),
                 trainer.step()
             );
-            Ok(Some(global.version))
+            return Ok(Some((global.version, round)));
         }
         Ok(Resumed::OtherVersion { dir, version }) => {
             println!(
@@ -50,17 +64,54 @@ pub(super) fn resume(
                 dir.display(),
                 global.version
             );
-            Ok(None)
         }
-        Ok(Resumed::NoCheckpoint) => Ok(None),
+        Ok(Resumed::NoCheckpoint) => {}
         Err(e) => {
             println!("not resuming from the local checkpoint: {e:#}; fetching from peers");
-            Ok(None)
+            serve_shard(checkpoints, global, position, net);
         }
+    }
+    Ok(None)
+}
+
+/// Serves the local checkpoint shard of `global`'s version, whatever layers it holds, if a
+/// valid one matches the committed hashes.
+fn serve_shard(
+    checkpoints: &CheckpointDir,
+    global: &GlobalState,
+    position: (u64, u64),
+    net: &PeerNet,
+) {
+    let read = tokio::task::block_in_place(|| outer_state::read_committed(checkpoints, global));
+    match read {
+        Ok(Some((dir, round, tensors))) => {
+            println!(
+                "serving the local checkpoint {} of global version {} ({} tensors, of other \
+                 layers than this node trains now) to the nodes that hold those layers",
+                dir.display(),
+                global.version,
+                tensors.len()
+            );
+            net.publish_state(Some(Arc::new(StateSnapshot {
+                version: global.version,
+                round,
+                step: position.0,
+                tokens: position.1,
+                tensors,
+            })));
+        }
+        Ok(None) => {}
+        Err(e) => println!(
+            "the local checkpoint of global version {} cannot be served: {e:#}",
+            global.version
+        ),
     }
 }
 
 /// Serves this node's committed global state (`version`) to peers that join or fell behind.
+/// What it served so far at the same version and no longer trains (its layers before a re-cut,
+/// a checkpoint shard of other layers) stays served beside it, for the nodes that hold those
+/// layers now.
 pub(super) fn publish_state(
     net: &PeerNet,
     outer: &OuterOptimizer,
@@ -68,7 +119,17 @@ pub(super) fn publish_state(
     version: u64,
     round: u64,
 ) -> Result<()> {
-    let state = outer_state::snapshot(trainer, outer)?;
+    let mut state = outer_state::snapshot(trainer, outer)?;
+    if let Some(served) = net.published().filter(|s| s.version == version) {
+        let own: HashSet<TensorKey> = state.tensors.iter().map(|(key, _)| key.clone()).collect();
+        state.tensors.extend(
+            served
+                .tensors
+                .iter()
+                .filter(|(key, _)| !own.contains(key))
+                .cloned(),
+        );
+    }
     net.publish_state(Some(Arc::new(StateSnapshot {
         version,
         round,
@@ -99,7 +160,42 @@ pub(super) async fn fetch_global_state(
         .filter(|(p, _, _)| p.member != me)
         .map(|(_, id, _)| id)
         .collect();
-    let expected = outer_state::expected_tensors(&open.tensor_hashes);
+    let mut expected = outer_state::expected_tensors(&open.tensor_hashes);
+    // What this node serves itself at that version (a checkpoint shard of other layers, or its
+    // layers before a re-cut) is taken from there, checked like a peer's copy.
+    let served = net
+        .published()
+        .filter(|served| served.version == open.global_version);
+    let local: Vec<(TensorKey, Arc<Vec<f32>>)> = served
+        .as_ref()
+        .map(|served| {
+            served
+                .tensors
+                .iter()
+                .filter(|(key, values)| expected.get(key) == Some(&tensor_digest(values)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let served_round = served.map_or(0, |served| served.round);
+    let wanted = expected.len();
+    for (key, _) in &local {
+        expected.remove(key);
+    }
+    if wanted > 0 && expected.is_empty() {
+        let state = FlatState {
+            step: progress.0,
+            tokens: progress.1,
+            tensors: local,
+        };
+        tokio::task::block_in_place(|| outer_state::restore(trainer, outer, &state))?;
+        println!(
+            "round {}: took global state v{} from what this node serves; continuing at inner \
+             step {}",
+            open.round.0, open.global_version, state.step
+        );
+        return Ok((started.elapsed().as_secs_f64(), served_round));
+    }
     if expected.is_empty() || peers.is_empty() {
         bail!(
             "round {} starts from global state v{} but there is {} to check it against or fetch \
@@ -151,16 +247,24 @@ pub(super) async fn fetch_global_state(
             progress.1
         );
     }
+    let taken_here = local.len();
+    let mut tensors = snapshot.tensors;
+    tensors.extend(local);
     let state = FlatState {
         step: progress.0,
         tokens: progress.1,
-        tensors: snapshot.tensors,
+        tensors,
     };
     tokio::task::block_in_place(|| outer_state::restore(trainer, outer, &state))?;
     let seconds = started.elapsed().as_secs_f64();
+    let here = if taken_here > 0 {
+        format!(", {taken_here} tensors from what this node serves")
+    } else {
+        String::new()
+    };
     println!(
-        "round {}: fetched global state v{} ({:.1} MB from {} peers, {} chunks fetched again) in \
-         {seconds:.2} s; continuing at inner step {}",
+        "round {}: fetched global state v{} ({:.1} MB from {} peers, {} chunks fetched \
+         again{here}) in {seconds:.2} s; continuing at inner step {}",
         open.round.0,
         open.global_version,
         stats.bytes as f64 / 1e6,

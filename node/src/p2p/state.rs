@@ -417,6 +417,11 @@ impl PeerNet {
         *self.state.lock() = snapshot;
     }
 
+    /// The snapshot served now, if any.
+    pub(crate) fn published(&self) -> Option<Arc<StateSnapshot>> {
+        self.state.lock().clone()
+    }
+
     /// Fetches state `version` from `peers`, spreading chunks over them (several at once), and
     /// checks every tensor against `expected` (tensor key -> [`tensor_digest`] of its values).
     /// The served manifest must list exactly the keys in `expected`. A chunk that fails (peer

@@ -395,6 +395,47 @@ fn an_abandoned_round_keeps_the_held_version() {
     );
 }
 
+/// Version 1 committed, then the run went back to version 0 (a whole stage was lost before any
+/// checkpoint): the node says so and takes the older version (from its own shard or seed, see
+/// the shell) before training; a later fetch is an ordinary one.
+#[test]
+fn a_run_that_went_back_to_an_older_version_is_fetched_as_such() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], None));
+    assert_eq!(n.held(), Some(1));
+    assert!(!n.went_back());
+    let actions = note(&mut n, t0, opened(2, 0, &[1, 2, 3]));
+    assert_eq!(actions.len(), 3, "{actions:?}");
+    assert!(
+        actions[1].contains("the run went back from global version 1 to 0"),
+        "{actions:?}"
+    );
+    assert_eq!(actions[2], "fetch v0");
+    assert!(n.went_back());
+    let fetched = Input::StateFetched(Ok(Fetched {
+        step: 0,
+        made_by_round: 0,
+        seconds: 0.1,
+    }));
+    assert_eq!(input(&mut n, t0, fetched), ["publish v0 r0", "train 2"]);
+    assert_eq!(n.held(), Some(0));
+    // Round 2 commits without this node: the next fetch goes forward.
+    input(&mut n, t0, trained(25));
+    input(&mut n, t0, reduced(2));
+    let actions = note(&mut n, t0, closed(2, committed(1), &[2, 3], None));
+    assert_eq!(actions, ["evaluate"]);
+    let evaluated = Input::Evaluated {
+        loss: 4.0,
+        bpb: 1.0,
+    };
+    input(&mut n, t0, evaluated);
+    let actions = note(&mut n, t0, opened(3, 1, &[1, 2, 3]));
+    assert_eq!(actions.last().unwrap(), "fetch v1");
+    assert!(!n.went_back());
+}
+
 #[test]
 fn a_round_announced_again_after_a_coordinator_restart_is_not_played_twice() {
     let t0 = Instant::now();
