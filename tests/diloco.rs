@@ -1070,6 +1070,14 @@ fn a_stage_lost_in_both_pipelines_comes_back_from_the_last_checkpoint() {
     two_pipelines_of_two_stages(StageLoss::WholeStage);
 }
 
+/// The same loss with no checkpoint committed (none asked for): the run goes back to its
+/// initial state, which the surviving first stages draw again from the seed and the restarted
+/// nodes draw at start, and all four finish on one final model.
+#[test]
+fn a_stage_lost_before_any_checkpoint_restarts_the_run_from_its_initial_state() {
+    two_pipelines_of_two_stages(StageLoss::WholeStageNoCheckpoint);
+}
+
 /// What [`two_pipelines_of_two_stages`] kills.
 #[derive(Clone, Copy, PartialEq)]
 enum StageLoss {
@@ -1078,6 +1086,8 @@ enum StageLoss {
     OneNode,
     /// Both nodes of the second stage, after round 5 (a checkpoint every 2 rounds).
     WholeStage,
+    /// As `WholeStage`, with no checkpoint before the end.
+    WholeStageNoCheckpoint,
 }
 
 /// The layers line a node printed last: "... stage S of 2 (layers a..b) ...".
@@ -1133,7 +1143,8 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
         println!("before: {held}\nrestarted: {given}\nrestarted: {fetched}");
         nodes.push(restarted);
     }
-    if loss == StageLoss::WholeStage {
+    if loss == StageLoss::WholeStage || loss == StageLoss::WholeStageNoCheckpoint {
+        let checkpoint = loss == StageLoss::WholeStage;
         for node in &mut nodes {
             node.wait_until("round 5 committed", deadline, |l| {
                 parse_round(l).is_some_and(|r| r.0 >= 5 && r.3.starts_with("committed"))
@@ -1144,8 +1155,9 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
             .flat_map(|n| n.seen.clone())
             .collect::<Vec<_>>()
             .join("\n");
-        assert!(
+        assert_eq!(
             seen.contains("round 4: checkpoint shard 1 written"),
+            checkpoint,
             "{seen}"
         );
         let second: Vec<usize> = (0..4)
@@ -1156,10 +1168,13 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
             drop(nodes.remove(i)); // SIGKILL
         }
         let coordinator_log = tmp.path().join("coord.log");
-        let log = wait_for_log(&coordinator_log, deadline, |l| {
-            l.contains("the run continues from the checkpoint of round 4")
-        })
-        .unwrap_or_else(|log| panic!("no roll-back:\n{log}"));
+        let went_back = if checkpoint {
+            "the run continues from the checkpoint of round 4"
+        } else {
+            "the run restarts from its initial state"
+        };
+        let log = wait_for_log(&coordinator_log, deadline, |l| l.contains(went_back))
+            .unwrap_or_else(|log| panic!("no roll-back:\n{log}"));
         assert!(log.contains("no live member holds layers"), "{log}");
         // The survivors cannot train a round without a second stage: they hear of the
         // roll-back with the first round after the restarts.
@@ -1169,6 +1184,9 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
         for (i, survivor) in nodes.iter_mut().enumerate() {
             if !second.contains(&i) {
                 survivor.wait_for("the run went back from global version", deadline);
+                if !checkpoint {
+                    survivor.wait_for("this node drew it again from the seed", deadline);
+                }
             }
         }
     }
@@ -1227,13 +1245,15 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
             "{resumed} nodes used their shard of version 4:\n{}",
             how.join("\n")
         );
+    }
+    if loss == StageLoss::WholeStage || loss == StageLoss::WholeStageNoCheckpoint {
         // Once, not again when the finished run's nodes leave.
         let log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
-        assert_eq!(
-            log.matches("the run continues from the checkpoint").count(),
-            1,
-            "{log}"
-        );
+        let went_back = log.matches("the run continues from the checkpoint").count()
+            + log
+                .matches("the run restarts from its initial state")
+                .count();
+        assert_eq!(went_back, 1, "{log}");
     }
     println!("{}", finals[0]);
 }
