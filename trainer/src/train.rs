@@ -29,6 +29,49 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Device, Tensor, nn::VarStore};
 
+/// Gives the calling thread the lowest CPU priority (nice 19), where the platform allows: the
+/// background checkpoint writer hashes and copies gigabytes, and on a machine whose cores all
+/// run the step's parallel kernels a thread competing at equal priority stalls every kernel
+/// (each waits for the worker the writer displaced). At nice 19 it runs in the gaps.
+#[allow(unsafe_code)]
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; PRIO_PROCESS with a thread id sets that
+    // thread's nice value on Linux. A failure leaves the priority as it was.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
+
+/// A checkpoint's contents as the trainer hands them to the writer.
+struct CheckpointSnapshot {
+    model: std::collections::BTreeMap<String, Tensor>,
+    optimizer: Vec<(String, Tensor)>,
+    state: TrainState,
+    tokenizer: String,
+}
+
+impl CheckpointSnapshot {
+    /// Writes the trainer's files into the (temporary) checkpoint directory `dir`.
+    fn write(&self, dir: &Path) -> Result<()> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            why: format!(
+                "writing {what} failed: {e}. If the disk is full, free space and resume; the \
+                 previous checkpoint is intact"
+            ),
+        };
+        weights::save_named(&self.model, &dir.join("model.safetensors"))
+            .map_err(|e| failed("model.safetensors", &e))?;
+        Tensor::write_safetensors(&self.optimizer, dir.join("optimizer.safetensors"))
+            .map_err(|e| failed("optimizer.safetensors", &e))?;
+        write_json(&dir.join("state.json"), &self.state).map_err(|e| failed("state.json", &e))?;
+        std::fs::write(dir.join("tokenizer.json"), &self.tokenizer)
+            .map_err(|e| failed("tokenizer.json", &e))
+    }
+}
+
 /// Everything besides tensors that a checkpoint must restore for an exact resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +199,10 @@ pub struct Trainer {
     /// The checkpoint this trainer last wrote or resumed from (verified then), which a
     /// divergence message names: the step path never reads checkpoint files.
     last_checkpoint: std::sync::Mutex<Option<PathBuf>>,
+    /// The checkpoint being written in the background ([`Trainer::save_checkpoint_async`]).
+    writing: std::sync::Mutex<Option<std::thread::JoinHandle<Result<PathBuf>>>>,
+    /// While set, background writers wait before writing ([`Trainer::hold_checkpoint_writes`]).
+    hold_writes: Arc<AtomicBool>,
     state: TrainState,
     peak_lr: f64,
     peak_tflops: Option<f64>,
@@ -348,6 +395,8 @@ impl Trainer {
             eval_bytes_per_token,
             ckpts,
             last_checkpoint: std::sync::Mutex::new(None),
+            writing: std::sync::Mutex::new(None),
+            hold_writes: Arc::new(AtomicBool::new(false)),
             state,
             peak_lr,
             peak_tflops,
@@ -734,7 +783,67 @@ impl Trainer {
 
     /// Writes a checkpoint of the current step.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.wait_for_checkpoint()?;
         self.save_checkpoint_with(&self.ckpts, self.state.step, |_| Ok(()))
+    }
+
+    /// Starts writing a checkpoint of this step in the background and returns as soon as the
+    /// state is copied out: training goes on while the files are written, hashed, synced and
+    /// committed by rename (a crash before that leaves the previous checkpoint the newest).
+    /// A save still under way is waited for first; its error, if it failed, is returned here.
+    pub fn save_checkpoint_async(&self) -> Result<()> {
+        let started = Instant::now();
+        self.wait_for_checkpoint()?;
+        let waited = started.elapsed();
+        let snapshot = self.snapshot(true)?;
+        tracing::debug!(
+            "checkpoint of step {}: waited {:.3} s for the previous one, copied the state in {:.3} s",
+            self.state.step,
+            waited.as_secs_f64(),
+            (started.elapsed() - waited).as_secs_f64()
+        );
+        let (ckpts, step) = (self.ckpts.clone(), self.state.step);
+        let hold = self.hold_writes.clone();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                lowest_priority();
+                while hold.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                ckpts.save(step, |dir| snapshot.write(dir))
+            })
+            .map_err(|e| Error::Io {
+                context: "starting the checkpoint writer".into(),
+                source: e,
+            })?;
+        *self.writing.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Holds background checkpoint writes back (`true`) until released (`false`): a test that
+    /// trains on while a save is pending, or a chaos run that kills a node in the middle of one.
+    pub fn hold_checkpoint_writes(&self, hold: bool) {
+        self.hold_writes.store(hold, Ordering::Relaxed);
+    }
+
+    /// Waits for the checkpoint being written in the background, if any; returns where it was
+    /// committed, or why it could not be.
+    pub fn wait_for_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let handle = self
+            .writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(handle) = handle else {
+            return Ok(None);
+        };
+        let written = handle.join().map_err(|_| Error::Checkpoint {
+            path: self.ckpts.root().to_path_buf(),
+            why: "the checkpoint writer panicked; the previous checkpoint is intact".into(),
+        })??;
+        self.remember_checkpoint(&written);
+        Ok(Some(written))
     }
 
     /// Writes a checkpoint into `ckpts` under `key` (atomically, like every checkpoint), with
@@ -745,35 +854,39 @@ impl Trainer {
         key: u64,
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
+        let snapshot = self.snapshot(false)?;
         let written = ckpts.save(key, |dir| {
             extra(dir)?;
-            let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
-                path: dir.to_path_buf(),
-                why: format!(
-                    "writing {what} failed: {e}. If the disk is full, free space and resume; \
-                     the previous checkpoint is intact"
-                ),
-            };
-            weights::save(&self.primary.vs, &dir.join("model.safetensors"))
-                .map_err(|e| failed("model.safetensors", &e))?;
-            let opt: Vec<(String, Tensor)> = self
-                .primary
-                .opt
-                .state_tensors()
-                .into_iter()
-                .map(|(k, t)| (k, t.to_device(Device::Cpu)))
-                .collect();
-            Tensor::write_safetensors(&opt, dir.join("optimizer.safetensors"))
-                .map_err(|e| failed("optimizer.safetensors", &e))?;
-            write_json(&dir.join("state.json"), &self.state)
-                .map_err(|e| failed("state.json", &e))?;
-            self.dataset
-                .tokenizer
-                .save(&dir.join("tokenizer.json"))
-                .map_err(|e| failed("tokenizer.json", &e))
+            snapshot.write(dir)
         })?;
         self.remember_checkpoint(&written);
         Ok(written)
+    }
+
+    /// What a checkpoint holds of this trainer, on the CPU: copies when `copy` (for a writer
+    /// that runs while training goes on), otherwise views where the tensors already are.
+    fn snapshot(&self, copy: bool) -> Result<CheckpointSnapshot> {
+        let optimizer = self
+            .primary
+            .opt
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| {
+                let cpu = t.to_device(Device::Cpu);
+                let cpu = if copy && cpu.data_ptr() == t.data_ptr() {
+                    cpu.copy()
+                } else {
+                    cpu
+                };
+                (k, cpu)
+            })
+            .collect();
+        Ok(CheckpointSnapshot {
+            model: weights::cpu_f32(&self.primary.vs, copy),
+            optimizer,
+            state: self.state.clone(),
+            tokenizer: self.dataset.tokenizer.to_json()?,
+        })
     }
 
     fn remember_checkpoint(&self, dir: &Path) {
@@ -1132,7 +1245,12 @@ impl Trainer {
                 log.record(&m)?;
             }
             if self.state.step.is_multiple_of(self.cfg.checkpoint.every) && !done {
-                self.save_checkpoint()?;
+                if self.cfg.checkpoint.background {
+                    // Written while the next steps run.
+                    self.save_checkpoint_async()?;
+                } else {
+                    self.save_checkpoint()?;
+                }
             }
         }
         let checkpoint = self.save_checkpoint()?;

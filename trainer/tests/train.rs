@@ -89,6 +89,50 @@ fn resume_is_exact_and_skips_a_corrupt_checkpoint() {
     );
 }
 
+/// A checkpoint written in the background while training goes on holds the step it was started
+/// at (the state was copied out, not read while later steps change it): resuming from it equals
+/// the uninterrupted run.
+#[test]
+fn a_checkpoint_written_in_the_background_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let total = 10;
+    let mut straight = Trainer::new(small_config(&tmp.path().join("a"), total)).unwrap();
+    let expected = losses(&mut straight, total as usize);
+
+    let run_b = tmp.path().join("b");
+    let mut first = Trainer::new(small_config(&run_b, total)).unwrap();
+    let mut got = losses(&mut first, 5);
+    // Held back until three more steps have changed every parameter and optimizer state.
+    first.hold_checkpoint_writes(true);
+    first.save_checkpoint_async().unwrap();
+    losses(&mut first, 3);
+    first.hold_checkpoint_writes(false);
+    let written = first
+        .wait_for_checkpoint()
+        .unwrap()
+        .expect("a checkpoint was written");
+    assert!(written.ends_with("step-00000005"), "{}", written.display());
+    assert_eq!(
+        first.wait_for_checkpoint().unwrap(),
+        None,
+        "nothing left to wait for"
+    );
+    drop(first);
+
+    let mut resumed = Trainer::new(small_config(&run_b, total)).unwrap();
+    assert_eq!(resumed.step(), 5);
+    got.extend(losses(&mut resumed, 5));
+    let max_diff = expected
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f64, f64::max);
+    assert!(
+        max_diff <= 1e-6,
+        "resumed losses differ by {max_diff}: {expected:?} {got:?}"
+    );
+}
+
 #[test]
 fn divergence_stops_the_run_and_names_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();

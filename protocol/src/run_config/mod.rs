@@ -166,6 +166,15 @@ pub struct CheckpointConfig {
     pub keep: usize,
     /// Resume from the newest valid checkpoint in out_dir.
     pub resume: bool,
+    /// Write the periodic checkpoints of `train` in the background: the step waits only while
+    /// the state is copied out (host memory for one more copy of the model and optimizer);
+    /// `false` writes them in the step, as the final and Ctrl-C checkpoints always are.
+    #[serde(default = "default_true")]
+    pub background: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl RunConfig {

@@ -108,14 +108,29 @@ pub fn load(vs: &mut VarStore, cfg: &ModelConfig, path: &Path) -> Result<()> {
 /// `{"format": "pt"}` metadata that Hugging Face's `save_pretrained` writes, so the file is a
 /// PyTorch checkpoint to every tool that reads it.
 pub fn save(vs: &VarStore, path: &Path) -> Result<()> {
-    let named: BTreeMap<String, Tensor> = vs
-        .variables()
+    save_named(&cpu_f32(vs, false), path)
+}
+
+/// Every variable of `vs` as a contiguous fp32 CPU tensor, by name: copies of their values when
+/// `copy` (a snapshot that training may go on from), otherwise views where the variable is
+/// already one.
+pub fn cpu_f32(vs: &VarStore, copy: bool) -> BTreeMap<String, Tensor> {
+    vs.variables()
         .into_iter()
         .map(|(k, t)| {
-            let t = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float);
-            (k, t.contiguous())
+            let cpu = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float);
+            let t = if copy && cpu.data_ptr() == t.data_ptr() {
+                cpu.copy()
+            } else {
+                cpu.contiguous()
+            };
+            (k, t)
         })
-        .collect();
+        .collect()
+}
+
+/// Writes named fp32 CPU tensors as a safetensors file (`pt` format metadata).
+pub fn save_named(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let views = named
         .iter()
         .map(|(name, t)| (name.as_str(), F32View::of(t)));
