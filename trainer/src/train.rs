@@ -9,7 +9,7 @@ use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches, LeaseShare
 use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
 use crate::flops;
-use crate::metrics::{MetricsLog, StepMetrics};
+use crate::metrics::{MetricsLog, Phases, StepMetrics};
 use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
 use crate::optim::AdamW;
 use crate::parallel::worker::{Command, Exchange, Reply, Worker, WorkerThread};
@@ -943,11 +943,23 @@ impl Trainer {
             None => {
                 let mut total = 0.0;
                 let mut count = 0usize;
-                for batch in &self.eval_set {
+                // A long evaluation (a full validation set) says how far it is every 5 s.
+                let started = Instant::now();
+                let mut shown = started;
+                for (done, batch) in self.eval_set.iter().enumerate() {
                     let (ids, tgt) = self.primary.to_tensors(batch);
                     let loss = cross_entropy(&self.primary.model.forward(&ids), &tgt);
                     total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
                     count += batch.targets.len();
+                    if shown.elapsed().as_secs_f64() >= 5.0 {
+                        tracing::info!(
+                            "evaluating: {} of {} batches in {:.0} s",
+                            done + 1,
+                            self.eval_set.len(),
+                            started.elapsed().as_secs_f64()
+                        );
+                        shown = Instant::now();
+                    }
                 }
                 total / count.max(1) as f64
             }
@@ -1193,6 +1205,10 @@ impl Trainer {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
         let mut last_eval = (None, None);
+        let mut phases = Phases::default();
+        let first_step = self.state.step;
+        // The wall clock and tokens at the previous metrics line.
+        let mut previous = (started, self.state.tokens);
         while self.state.step < total {
             if stop.load(Ordering::Relaxed) {
                 let checkpoint = self.save_checkpoint()?;
@@ -1216,9 +1232,18 @@ impl Trainer {
             let step_start = Instant::now();
             let (loss, grad_norm, lr) = self.train_step()?;
             let step_s = step_start.elapsed().as_secs_f64();
+            phases.step_s += step_s;
             self.guard(loss)?;
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             let tokens_per_s = self.cfg.tokens_per_step() as f64 / step_s;
+            let now = Instant::now();
+            let wall_tokens_per_s = (self.state.tokens - previous.1) as f64
+                / now.duration_since(previous.0).as_secs_f64().max(1e-9);
+            previous = (now, self.state.tokens);
+            phases.other_s = started.elapsed().as_secs_f64()
+                - phases.step_s
+                - phases.eval_s
+                - phases.checkpoint_s;
             let mut m = StepMetrics {
                 step: self.state.step,
                 tokens: self.state.tokens,
@@ -1226,6 +1251,8 @@ impl Trainer {
                 lr,
                 grad_norm,
                 tokens_per_s,
+                wall_tokens_per_s,
+                phases,
                 mfu: self
                     .peak_tflops
                     .map(|p| flops_per_token * tokens_per_s / 1e12 / p),
@@ -1235,25 +1262,41 @@ impl Trainer {
             };
             let done = self.state.step == total;
             if self.state.step.is_multiple_of(self.cfg.eval.every) || done {
+                let eval_start = Instant::now();
                 let (eval_loss, bpb) = self.evaluate();
                 m.eval_loss = Some(eval_loss);
                 m.eval_bpb = Some(bpb);
                 last_eval = (Some(eval_loss), Some(bpb));
+                let sample = self.sample();
+                phases.eval_s += eval_start.elapsed().as_secs_f64();
                 log.record(&m)?;
-                log.note(&format!("sample: {}", self.sample()));
+                log.note(&format!("sample: {sample}"));
             } else {
                 log.record(&m)?;
             }
             if self.state.step.is_multiple_of(self.cfg.checkpoint.every) && !done {
+                let save_start = Instant::now();
                 if self.cfg.checkpoint.background {
                     // Written while the next steps run.
                     self.save_checkpoint_async()?;
                 } else {
                     self.save_checkpoint()?;
                 }
+                phases.checkpoint_s += save_start.elapsed().as_secs_f64();
             }
         }
+        let save_start = Instant::now();
         let checkpoint = self.save_checkpoint()?;
+        phases.checkpoint_s += save_start.elapsed().as_secs_f64();
+        let wall = started.elapsed().as_secs_f64();
+        phases.other_s = wall - phases.step_s - phases.eval_s - phases.checkpoint_s;
+        log.note(&format!(
+            "wall clock {wall:.1} s for {} steps, {:.0} tokens/s: {}",
+            self.state.step - first_step,
+            (self.state.step - first_step) as f64 * self.cfg.tokens_per_step() as f64
+                / wall.max(1e-9),
+            phases.shares()
+        ));
         log.finish();
         Ok(RunSummary {
             outcome: Outcome::Finished {

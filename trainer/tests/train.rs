@@ -46,13 +46,27 @@ fn losses(trainer: &mut Trainer, steps: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The largest difference between two runs' losses, step by step.
+fn max_loss_diff(expected: &[f64], got: &[f64]) -> f64 {
+    expected
+        .iter()
+        .zip(got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f64, f64::max)
+}
+
+/// An uninterrupted run of `total` steps in `dir`: its losses.
+fn straight_losses(dir: &Path, total: u64) -> Vec<f64> {
+    let mut straight = Trainer::new(small_config(dir, total)).unwrap();
+    losses(&mut straight, total as usize)
+}
+
 #[test]
 fn resume_is_exact_and_skips_a_corrupt_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let total = 12;
 
-    let mut straight = Trainer::new(small_config(&tmp.path().join("a"), total)).unwrap();
-    let expected = losses(&mut straight, total as usize);
+    let expected = straight_losses(&tmp.path().join("a"), total);
 
     let run_b = tmp.path().join("b");
     let mut first = Trainer::new(small_config(&run_b, total)).unwrap();
@@ -76,11 +90,7 @@ fn resume_is_exact_and_skips_a_corrupt_checkpoint() {
     assert_eq!(resumed.step(), 6, "resumed from the last valid checkpoint");
     got.extend(losses(&mut resumed, 6));
 
-    let max_diff = expected
-        .iter()
-        .zip(&got)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f64, f64::max);
+    let max_diff = max_loss_diff(&expected, &got);
     println!("uninterrupted {expected:?}\nresumed       {got:?}\nmax |Δ| {max_diff:e}");
     assert!(max_diff <= 1e-6, "resumed losses differ by {max_diff}");
     assert!(
@@ -96,8 +106,7 @@ fn resume_is_exact_and_skips_a_corrupt_checkpoint() {
 fn a_checkpoint_written_in_the_background_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let total = 10;
-    let mut straight = Trainer::new(small_config(&tmp.path().join("a"), total)).unwrap();
-    let expected = losses(&mut straight, total as usize);
+    let expected = straight_losses(&tmp.path().join("a"), total);
 
     let run_b = tmp.path().join("b");
     let mut first = Trainer::new(small_config(&run_b, total)).unwrap();
@@ -122,11 +131,7 @@ fn a_checkpoint_written_in_the_background_resumes_exactly() {
     let mut resumed = Trainer::new(small_config(&run_b, total)).unwrap();
     assert_eq!(resumed.step(), 5);
     got.extend(losses(&mut resumed, 5));
-    let max_diff = expected
-        .iter()
-        .zip(&got)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f64, f64::max);
+    let max_diff = max_loss_diff(&expected, &got);
     assert!(
         max_diff <= 1e-6,
         "resumed losses differ by {max_diff}: {expected:?} {got:?}"
@@ -151,6 +156,44 @@ fn divergence_stops_the_run_and_names_the_last_good_checkpoint() {
         err.contains("last good checkpoint is") || err.contains("no checkpoint"),
         "{err}"
     );
+}
+
+/// `metrics.jsonl` says where the wall clock went: every line has the wall-clock tokens/s since
+/// the previous one and the phases so far, which add up to the run's elapsed time and count the
+/// evaluation and the checkpoints.
+#[test]
+fn metrics_account_for_the_wall_clock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = small_config(tmp.path(), 6);
+    cfg.eval.every = 3;
+    cfg.checkpoint.every = 2;
+    let mut trainer = Trainer::new(cfg).unwrap();
+    trainer.run(&Arc::new(AtomicBool::new(false))).unwrap();
+    let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for line in &lines {
+        assert!(line["wall_tokens_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        let phases = &line["phases"];
+        let sum: f64 = ["step_s", "eval_s", "checkpoint_s", "other_s"]
+            .iter()
+            .map(|k| phases[k].as_f64().unwrap())
+            .sum();
+        let elapsed = line["elapsed_s"].as_f64().unwrap();
+        assert!(
+            (sum - elapsed).abs() < 0.05,
+            "phases {sum} s, elapsed {elapsed} s: {line}"
+        );
+        assert!(phases["other_s"].as_f64().unwrap() >= -1e-6, "{line}");
+    }
+    // The evaluation of step 3 and the saves of steps 2 and 4 show in step 6's line.
+    let last = &lines[5]["phases"];
+    assert!(last["eval_s"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["checkpoint_s"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["step_s"].as_f64().unwrap() > 0.0, "{last}");
 }
 
 /// Worker 0's parameters, flattened in name order.
