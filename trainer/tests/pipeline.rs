@@ -262,6 +262,43 @@ fn read_outcome(path: &Path) -> Outcome {
     outcome
 }
 
+/// Stage processes, killed when the test ends before they do (one failed, or a check panicked),
+/// so that the others, waiting for it, do not outlive the test.
+struct Stages(Vec<std::process::Child>);
+
+impl Stages {
+    /// Waits for every stage to exit successfully; panics naming the first that fails, or when
+    /// they are still running after `limit`.
+    fn wait_all(&mut self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut running: Vec<usize> = (0..self.0.len()).collect();
+        while !running.is_empty() {
+            let mut still = Vec::new();
+            for i in running {
+                match self.0[i].try_wait().unwrap() {
+                    Some(status) => assert!(status.success(), "stage process {i} failed: {status}"),
+                    None => still.push(i),
+                }
+            }
+            running = still;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stage processes {running:?} still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[test]
 fn stages_in_processes_over_tcp_compute_what_one_model_does() {
     one_thread();
@@ -270,45 +307,42 @@ fn stages_in_processes_over_tcp_compute_what_one_model_does() {
     for cfg in configs() {
         let whole = reference(&cfg);
         for (stages, micro) in [(2, 1), (4, 2)] {
-            let addrs: Vec<String> = (0..stages)
-                .map(|_| {
-                    TcpListener::bind("127.0.0.1:0")
-                        .unwrap()
-                        .local_addr()
-                        .unwrap()
-                        .to_string()
-                })
+            // All bound at once, so that no two stages get the same port (one dropped before
+            // the next bind could hand it out again); freed for the stage processes to bind.
+            let listeners: Vec<TcpListener> = (0..stages)
+                .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
                 .collect();
-            let children: Vec<_> = (0..stages)
-                .map(|s| {
-                    let out = dir
-                        .path()
-                        .join(format!("{}-{stages}-{s}.safetensors", cfg.family));
-                    let child = Command::new(&exe)
-                        .args([
-                            "--ignored",
-                            "--exact",
-                            "stage_process",
-                            "--test-threads",
-                            "1",
-                        ])
-                        .env("FORGE_STAGE_FAMILY", cfg.family.to_string())
-                        .env("FORGE_STAGE", s.to_string())
-                        .env("FORGE_STAGE_MICRO", micro.to_string())
-                        .env("FORGE_STAGE_ADDRS", addrs.join(","))
-                        .env("FORGE_STAGE_OUT", &out)
-                        .spawn()
-                        .unwrap();
-                    (child, out)
-                })
+            let addrs: Vec<String> = listeners
+                .iter()
+                .map(|l| l.local_addr().unwrap().to_string())
                 .collect();
-            let outcomes: Vec<Outcome> = children
-                .into_iter()
-                .map(|(mut child, out)| {
-                    assert!(child.wait().unwrap().success(), "a stage process failed");
-                    read_outcome(&out)
-                })
-                .collect();
+            drop(listeners);
+            let mut outs = Vec::new();
+            let mut children = Stages(Vec::new());
+            for s in 0..stages {
+                let out = dir
+                    .path()
+                    .join(format!("{}-{stages}-{s}.safetensors", cfg.family));
+                let child = Command::new(&exe)
+                    .args([
+                        "--ignored",
+                        "--exact",
+                        "stage_process",
+                        "--test-threads",
+                        "1",
+                    ])
+                    .env("FORGE_STAGE_FAMILY", cfg.family.to_string())
+                    .env("FORGE_STAGE", s.to_string())
+                    .env("FORGE_STAGE_MICRO", micro.to_string())
+                    .env("FORGE_STAGE_ADDRS", addrs.join(","))
+                    .env("FORGE_STAGE_OUT", &out)
+                    .spawn()
+                    .unwrap();
+                children.0.push(child);
+                outs.push(out);
+            }
+            children.wait_all(Duration::from_secs(300));
+            let outcomes: Vec<Outcome> = outs.iter().map(|out| read_outcome(out)).collect();
             check(
                 &format!(
                     "{} in {stages} processes, {micro} micro-batches",
