@@ -283,6 +283,18 @@ def progress(procs):
     return max(steps)
 
 
+def tails(procs, n=15):
+    """The last `n` lines each process printed, for a failure's message (the work directory
+    of a test run is gone by the time anyone reads it)."""
+    out = []
+    for proc in procs:
+        if proc is not None:
+            proc.out.flush()
+            out.append(f"--- {proc.name}, last {n} lines of stdout and stderr:")
+            out.extend(Path(proc.out.name).read_text(errors="replace").splitlines()[-n:])
+    return "\n".join(out)
+
+
 def final_losses(procs):
     losses = []
     for proc in procs:
@@ -373,11 +385,10 @@ def run_reference(args, work, bin_dir, net):
         while proc.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
     cluster.stop_all()
-    if args.full_disk is not None:
-        failures += check_full_disk(cluster)
     losses = final_losses(cluster.nodes)
     if not losses:
-        raise SystemExit(f"chaos: the fault-free reference run produced no final loss; see {ref}")
+        raise SystemExit(f"chaos: the fault-free reference run produced no final loss; see {ref}\n"
+                         + tails([cluster.coordinator] + cluster.nodes))
     return sorted(losses)[len(losses) // 2]
 
 

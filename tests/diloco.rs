@@ -360,7 +360,57 @@ fn a_killed_node_does_not_stop_the_others() {
             final_loss < loss_at_kill,
             "node {i}: loss did not keep falling:\n{log}"
         );
+        wall_clock_accounted(&tmp.path().join(format!("node{i}")), &log);
     }
+}
+
+/// A node's wall clock is accounted for: each round line of its `rounds.jsonl` has the
+/// wall-clock tokens/s and the phases so far (growing from line to line, the inner steps and
+/// the outer sync measured, the steps' parts within them), the printout says where each
+/// round's time went, and the node's last words give the totals.
+fn wall_clock_accounted(node_dir: &Path, log: &str) {
+    let text = std::fs::read_to_string(node_dir.join("run/rounds.jsonl")).unwrap();
+    let mut previous = 0.0;
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(record["wall_tokens_per_s"].as_f64().unwrap() >= 0.0, "{line}");
+        let phases = &record["phases"];
+        let part = |k: &str| phases[k].as_f64().unwrap();
+        let total: f64 = [
+            "step_s",
+            "eval_s",
+            "checkpoint_s",
+            "outer_sync_s",
+            "waiting_s",
+            "state_fetch_s",
+            "other_s",
+        ]
+        .iter()
+        .map(|k| part(k))
+        .sum();
+        assert!(total >= previous && part("other_s") >= -1e-6, "{line}");
+        previous = total;
+        let parts = part("data_s") + part("forward_backward_s") + part("optimizer_s");
+        assert!(parts <= part("step_s") + 1e-9, "{line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let phases = &last["phases"];
+    for k in ["step_s", "forward_backward_s", "optimizer_s", "outer_sync_s"] {
+        assert!(phases[k].as_f64().unwrap() > 0.0, "{k}: {last}");
+    }
+    assert!(
+        log.contains("since the last round: ") && log.contains("tok/s of wall clock ("),
+        "{log}"
+    );
+    let totals = log
+        .lines()
+        .find(|l| l.starts_with("wall clock ") && l.contains(" inner steps, "))
+        .unwrap_or_else(|| panic!("no wall-clock totals:\n{log}"));
+    println!("{}: {totals}", node_dir.display());
+    assert!(
+        totals.contains("forward+backward") && totals.contains("outer sync"),
+        "{totals}"
+    );
 }
 
 /// The final validation loss line a node printed as it left.

@@ -22,9 +22,10 @@ use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
+use forge_trainer::metrics::Phases;
 use forge_trainer::outer_state::{self, OuterCheckpoint};
 use forge_trainer::parallel::Fault;
-use forge_trainer::train::{StageSpec, Trainer};
+use forge_trainer::train::{StageSpec, StepTiming, Trainer};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -212,6 +213,89 @@ struct Shell {
     /// The members (and peers) of the pipeline the trainer is joined to, in stage order (empty:
     /// none).
     pipeline: Vec<(MemberId, PeerId)>,
+    clock: WallClock,
+}
+
+/// What a job of the node's event loop spends its time on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Train,
+    OuterSync,
+    StateFetch,
+    Eval,
+    Checkpoint,
+    Other,
+}
+
+impl Phase {
+    fn of(action: &Action<Proposal>) -> Phase {
+        match action {
+            Action::Train { .. } => Phase::Train,
+            Action::AllReduce { .. } | Action::ApplyOuterStep(_) => Phase::OuterSync,
+            Action::FetchState(_) => Phase::StateFetch,
+            Action::Evaluate => Phase::Eval,
+            Action::WriteCheckpoint { .. } => Phase::Checkpoint,
+            _ => Phase::Other,
+        }
+    }
+}
+
+/// Where the node's wall clock went since it joined: its jobs by phase, the waits for the
+/// coordinator, and the inner steps' parts from the trainer.
+struct WallClock {
+    started: Instant,
+    phases: Phases,
+    /// The trainer's step timing when the node joined.
+    timing: StepTiming,
+    /// Inner steps, the time and the phases at the previous round line.
+    last: (u64, Instant, Phases),
+}
+
+impl WallClock {
+    fn new(trainer: &Trainer) -> WallClock {
+        let now = Instant::now();
+        WallClock {
+            started: now,
+            phases: Phases::default(),
+            timing: trainer.timing(),
+            last: (trainer.timing().steps, now, Phases::default()),
+        }
+    }
+
+    /// Counts a job of `phase` that took `seconds`; `step_s` of them the trainer's steps.
+    fn add(&mut self, phase: Phase, seconds: f64, step_s: f64) {
+        let p = &mut self.phases;
+        match phase {
+            // A round's inner steps: what is not in the steps themselves (the pipeline
+            // forming, the divergence guard) is the rest.
+            Phase::Train => p.step_s += step_s,
+            Phase::OuterSync => p.outer_sync_s += seconds,
+            Phase::StateFetch => p.state_fetch_s += seconds,
+            Phase::Eval => p.eval_s += seconds,
+            Phase::Checkpoint => p.checkpoint_s += seconds,
+            Phase::Other => {}
+        }
+    }
+
+    /// The phases since the node joined, with the trainer's step parts and the rest.
+    fn phases(&self, trainer: &Trainer) -> Phases {
+        let mut phases = self.phases;
+        phases.set_step_parts(&trainer.timing().since(&self.timing));
+        phases.rest_of(self.started.elapsed().as_secs_f64());
+        phases
+    }
+
+    /// Tokens per second of wall clock since the previous call, and the phases since then
+    /// (`phases`: [`WallClock::phases`] now); starts the next span.
+    fn since_last(&mut self, trainer: &Trainer, phases: Phases) -> (f64, Phases) {
+        let now = Instant::now();
+        let steps = trainer.timing().steps;
+        let tokens = (steps - self.last.0) * trainer.config().tokens_per_step();
+        let seconds = now.duration_since(self.last.1).as_secs_f64().max(1e-9);
+        let span = phases.since(&self.last.2);
+        self.last = (steps, now, phases);
+        (tokens as f64 / seconds, span)
+    }
 }
 
 impl Shell {
@@ -285,6 +369,7 @@ impl Shell {
             fault: test_fault()?,
             us_per_step: None,
             pipeline: Vec::new(),
+            clock: WallClock::new(&trainer),
             outer,
             trainer,
         };
@@ -323,7 +408,15 @@ impl Shell {
                 if let Action::Exit(exit) = action {
                     return self.exit(exit).await;
                 }
-                match self.carry_out(action, &mut notes, &mut queue).await {
+                let (phase, begun, steps_before) = (
+                    Phase::of(&action),
+                    Instant::now(),
+                    self.trainer.timing().step_s,
+                );
+                let done = self.carry_out(action, &mut notes, &mut queue).await;
+                let step_s = self.trainer.timing().step_s - steps_before;
+                self.clock.add(phase, begun.elapsed().as_secs_f64(), step_s);
+                match done {
                     Ok(Some(input)) => queue.extend(self.feed(input)),
                     Ok(None) => {}
                     Err(e) => {
@@ -335,6 +428,7 @@ impl Shell {
                     }
                 }
             }
+            let waiting = Instant::now();
             let input = tokio::select! {
                 // A signal first, as the state machine would see it between two notes.
                 biased;
@@ -347,6 +441,7 @@ impl Shell {
                 }
                 note = notes.recv() => note.map_or(Input::CoordinatorGone, Input::Note),
             };
+            self.clock.phases.waiting_s += waiting.elapsed().as_secs_f64();
             queue.extend(self.feed(input));
         }
     }
@@ -826,8 +921,12 @@ impl Shell {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let phases = self.clock.phases(&self.trainer);
+        let (wall_tokens_per_s, span) = self.clock.since_last(&self.trainer, phases);
         let stamped = RoundLog {
             unix_ms: Some(at),
+            wall_tokens_per_s: Some(wall_tokens_per_s),
+            phases: Some(phases),
             ..log.clone()
         };
         // The record is for people; a full or failing disk must not stop training over it.
@@ -839,7 +938,11 @@ impl Shell {
                 log.round
             );
         }
-        println!("{}", log.line());
+        println!("{}", stamped.line());
+        println!(
+            "  since the last round: {wall_tokens_per_s:.0} tok/s of wall clock ({})",
+            span.shares()
+        );
         Ok(())
     }
 
@@ -869,7 +972,9 @@ impl Shell {
                     self.outer.load_into(self.trainer.var_store());
                     self.trainer.broadcast_params()?;
                 }
+                let evaluating = Instant::now();
                 let (loss, bpb) = tokio::task::block_in_place(|| self.trainer.evaluate());
+                self.clock.phases.eval_s += evaluating.elapsed().as_secs_f64();
                 let model = version.map_or(
                     "this node's own parameters (it holds no committed version)".to_string(),
                     |v| format!("global version {v}"),
@@ -881,6 +986,14 @@ impl Shell {
                 println!(
                     "sample: {}",
                     tokio::task::block_in_place(|| self.trainer.sample())
+                );
+                let phases = self.clock.phases(&self.trainer);
+                let steps = self.trainer.timing().since(&self.clock.timing).steps;
+                let wall = phases.total();
+                println!(
+                    "wall clock {wall:.1} s for {steps} inner steps, {:.0} tokens/s: {}",
+                    (steps * self.trainer.config().tokens_per_step()) as f64 / wall.max(1e-9),
+                    phases.shares()
                 );
                 tokio::task::block_in_place(|| self.trainer.leave_pipeline());
                 Ok(())

@@ -20,6 +20,7 @@ use forge_protocol::messages::{
 };
 use forge_protocol::run_config::DilocoConfig;
 use forge_protocol::stream::{DataLease, SeqRange};
+use forge_trainer::metrics::Phases;
 use forge_trainer::train::ScheduleSpan;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -60,6 +61,13 @@ pub(crate) struct RoundLog {
     /// with its contribution (the coordinator's lease, [`forge_protocol::stream`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) data: Vec<SeqRange>,
+    /// This node's tokens per second of wall clock since its previous round line (stamped
+    /// by the shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) wall_tokens_per_s: Option<f64>,
+    /// Where this node's wall clock went since it joined (stamped by the shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) phases: Option<Phases>,
 }
 
 impl RoundLog {
@@ -973,6 +981,8 @@ impl<P> Rounds<P> {
             inner_s: trained.seconds,
             state_fetch_s,
             unix_ms: None,
+            wall_tokens_per_s: None,
+            phases: None,
             data: Vec::new(),
         }
     }

@@ -12,7 +12,7 @@ use crate::flops;
 use crate::metrics::{MetricsLog, Phases, StepMetrics};
 use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
 use crate::optim::AdamW;
-use crate::parallel::worker::{Command, Exchange, Reply, Worker, WorkerThread};
+use crate::parallel::worker::{Command, Exchange, Lap, Reply, StepParts, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
 use crate::pipeline::{ScheduleConfig, StageLink, StageRunner, check_stage};
 use crate::sample::generate;
@@ -135,11 +135,40 @@ pub struct RunSummary {
 pub struct StepTiming {
     pub steps: u64,
     pub step_s: f64,
+    /// Of `step_s`, worker 0's time taking micro-batches from the data stream onto the device.
+    pub data_s: f64,
+    /// Worker 0's forward and backward passes (a pipeline stage's: the micro-batch schedule,
+    /// with the activations' transfers and the waits for the other stages).
+    pub forward_backward_s: f64,
     /// Worker 0's time in the gradient exchange among data-parallel workers (0 with one).
     pub comm_s: f64,
+    /// Worker 0's clipping and optimizer step (a stage's: with the exchange of the norm).
+    pub optimizer_s: f64,
 }
 
 impl StepTiming {
+    /// Counts a step that began at `started`, with worker 0's `parts`.
+    fn add(&mut self, started: Instant, parts: StepParts) {
+        self.steps += 1;
+        self.step_s += started.elapsed().as_secs_f64();
+        self.data_s += parts.data.as_secs_f64();
+        self.forward_backward_s += parts.forward_backward.as_secs_f64();
+        self.comm_s += parts.exchange.as_secs_f64();
+        self.optimizer_s += parts.optimizer.as_secs_f64();
+    }
+
+    /// The time since `earlier` (this trainer's timing then).
+    pub fn since(&self, earlier: &StepTiming) -> StepTiming {
+        StepTiming {
+            steps: self.steps - earlier.steps,
+            step_s: self.step_s - earlier.step_s,
+            data_s: self.data_s - earlier.data_s,
+            forward_backward_s: self.forward_backward_s - earlier.forward_backward_s,
+            comm_s: self.comm_s - earlier.comm_s,
+            optimizer_s: self.optimizer_s - earlier.optimizer_s,
+        }
+    }
+
     /// The gradient exchange's share of step time.
     pub fn comm_fraction(&self) -> f64 {
         if self.step_s > 0.0 {
@@ -1084,9 +1113,7 @@ impl Trainer {
         if !self.others.is_empty() {
             self.state.worker_positions = positions;
         }
-        self.timing.steps += 1;
-        self.timing.step_s += started.elapsed().as_secs_f64();
-        self.timing.comm_s += out.comm.as_secs_f64();
+        self.timing.add(started, out.parts);
         Ok((loss, out.grad_norm, lr))
     }
 
@@ -1107,6 +1134,7 @@ impl Trainer {
         more: bool,
         started: Instant,
     ) -> Result<(f64, f64, f64)> {
+        let mut parts = StepParts::default();
         let micro = self.primary.batch.accumulation;
         let batches: Vec<Batch> = (0..micro)
             .map(|_| self.primary.batches.next_batch())
@@ -1115,6 +1143,7 @@ impl Trainer {
             batches.iter().map(|b| self.primary.to_tensors(b)).collect();
         let ids = Tensor::cat(&tensors.iter().map(|(i, _)| i).collect::<Vec<_>>(), 0);
         let targets = Tensor::cat(&tensors.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0);
+        let clock = parts.data.lap(started);
         let pipeline = self.pipeline.as_ref().expect("a stage trainer");
         let mut pipeline = pipeline.lock().unwrap_or_else(|e| e.into_inner());
         let schedule = ScheduleConfig {
@@ -1135,15 +1164,16 @@ impl Trainer {
             Some(&targets),
             schedule,
         )?;
+        let clock = parts.forward_backward.lap(clock);
         let (step, agreed) =
             runner.finish_step(link, &grads, loss, &mut worker.opt, lr, grad_clip, more)?;
+        parts.optimizer.lap(clock);
         pipeline.more = agreed;
         drop(pipeline);
         self.state.step += 1;
         self.state.tokens += self.cfg.tokens_per_step();
         self.state.data_position = self.primary.batches.position();
-        self.timing.steps += 1;
-        self.timing.step_s += started.elapsed().as_secs_f64();
+        self.timing.add(started, parts);
         Ok((step.loss, step.grad_norm, lr))
     }
 
@@ -1206,6 +1236,7 @@ impl Trainer {
         let elapsed_before = self.state.elapsed_s;
         let mut last_eval = (None, None);
         let mut phases = Phases::default();
+        let timing_before = self.timing;
         let first_step = self.state.step;
         // The wall clock and tokens at the previous metrics line.
         let mut previous = (started, self.state.tokens);
@@ -1233,6 +1264,7 @@ impl Trainer {
             let (loss, grad_norm, lr) = self.train_step()?;
             let step_s = step_start.elapsed().as_secs_f64();
             phases.step_s += step_s;
+            phases.set_step_parts(&self.timing.since(&timing_before));
             self.guard(loss)?;
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             let tokens_per_s = self.cfg.tokens_per_step() as f64 / step_s;
@@ -1240,10 +1272,7 @@ impl Trainer {
             let wall_tokens_per_s = (self.state.tokens - previous.1) as f64
                 / now.duration_since(previous.0).as_secs_f64().max(1e-9);
             previous = (now, self.state.tokens);
-            phases.other_s = started.elapsed().as_secs_f64()
-                - phases.step_s
-                - phases.eval_s
-                - phases.checkpoint_s;
+            phases.rest_of(started.elapsed().as_secs_f64());
             let mut m = StepMetrics {
                 step: self.state.step,
                 tokens: self.state.tokens,
@@ -1289,7 +1318,7 @@ impl Trainer {
         let checkpoint = self.save_checkpoint()?;
         phases.checkpoint_s += save_start.elapsed().as_secs_f64();
         let wall = started.elapsed().as_secs_f64();
-        phases.other_s = wall - phases.step_s - phases.eval_s - phases.checkpoint_s;
+        phases.rest_of(wall);
         log.note(&format!(
             "wall clock {wall:.1} s for {} steps, {:.0} tokens/s: {}",
             self.state.step - first_step,

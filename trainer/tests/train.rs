@@ -160,7 +160,7 @@ fn divergence_stops_the_run_and_names_the_last_good_checkpoint() {
 
 /// `metrics.jsonl` says where the wall clock went: every line has the wall-clock tokens/s since
 /// the previous one and the phases so far, which add up to the run's elapsed time and count the
-/// evaluation and the checkpoints.
+/// evaluation and the checkpoints, and the step's data, forward and backward and optimizer.
 #[test]
 fn metrics_account_for_the_wall_clock() {
     let tmp = tempfile::tempdir().unwrap();
@@ -188,6 +188,13 @@ fn metrics_account_for_the_wall_clock() {
             "phases {sum} s, elapsed {elapsed} s: {line}"
         );
         assert!(phases["other_s"].as_f64().unwrap() >= -1e-6, "{line}");
+        // The step's parts: each measured, together within the step.
+        let part = |k: &str| phases[k].as_f64().unwrap();
+        let parts = part("data_s") + part("forward_backward_s") + part("optimizer_s");
+        assert!(part("data_s") > 0.0 && part("optimizer_s") > 0.0, "{line}");
+        assert!(part("forward_backward_s") > part("data_s"), "{line}");
+        assert!(parts <= part("step_s") + 1e-9, "{line}");
+        assert!(parts > 0.8 * part("step_s"), "{line}");
     }
     // The evaluation of step 3 and the saves of steps 2 and 4 show in step 6's line.
     let last = &lines[5]["phases"];

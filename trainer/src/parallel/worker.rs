@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tch::{Device, Tensor, nn::VarStore};
 
 /// How a worker exchanges gradients with the others.
@@ -41,8 +41,34 @@ pub(crate) struct StepOutput {
     pub(crate) weighted_loss: f64,
     /// Norm of the summed gradients before clipping (the same on every worker).
     pub(crate) grad_norm: f64,
-    /// Time in the gradient exchange.
-    pub(crate) comm: Duration,
+    /// Where this worker's part of the step went.
+    pub(crate) parts: StepParts,
+}
+
+/// A step's time by part (one worker's clock).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StepParts {
+    /// Taking the micro-batches from the data stream and onto the device.
+    pub(crate) data: Duration,
+    /// Forward and backward passes and gradient accumulation (up to the last loss read back).
+    pub(crate) forward_backward: Duration,
+    /// The gradient exchange among the node's data-parallel workers.
+    pub(crate) exchange: Duration,
+    /// Clipping and the optimizer step (on a GPU, until its kernels finished).
+    pub(crate) optimizer: Duration,
+}
+
+/// Adds the time since `since` to a part of the step; returns now, where the next part starts.
+pub(crate) trait Lap {
+    fn lap(&mut self, since: Instant) -> Instant;
+}
+
+impl Lap for Duration {
+    fn lap(&mut self, since: Instant) -> Instant {
+        let now = Instant::now();
+        *self += now.duration_since(since);
+        now
+    }
 }
 
 impl Worker {
@@ -111,9 +137,12 @@ impl Worker {
         let accum = self.batch.accumulation;
         let mut grads: Vec<Tensor> = Vec::new();
         let mut loss_sum = 0.0;
+        let mut parts = StepParts::default();
         for _ in 0..accum {
+            let clock = Instant::now();
             let batch = self.batches.next_batch();
             let (ids, tgt) = self.to_tensors(&batch);
+            let clock = parts.data.lap(clock);
             let loss = cross_entropy(&self.model.forward(&ids), &tgt) * (self.share / accum as f64);
             let micro = self.opt.gradients(&loss);
             if grads.is_empty() {
@@ -122,8 +151,9 @@ impl Worker {
                 accumulate(&mut grads, micro);
             }
             loss_sum += f64::try_from(&loss).map_err(Error::torch("reading the loss"))?;
+            parts.forward_backward.lap(clock);
         }
-        let comm = match exchange {
+        parts.exchange = match exchange {
             Some(x) => all_reduce_gradients(
                 x.reducer.as_ref(),
                 self.rank,
@@ -133,12 +163,19 @@ impl Worker {
             )?,
             None => Duration::ZERO,
         };
+        let clock = Instant::now();
         let grad_norm = clip_grad_norm(&grads, grad_clip);
         self.opt.step(lr, &grads);
+        if let Device::Cuda(index) = self.device {
+            // The optimizer's kernels are queued: wait for them so that their time is theirs
+            // and not the next step's.
+            tch::Cuda::synchronize(index as i64);
+        }
+        parts.optimizer.lap(clock);
         Ok(StepOutput {
             weighted_loss: loss_sum,
             grad_norm,
-            comm,
+            parts,
         })
     }
 
