@@ -4,6 +4,14 @@
 weight decay 0.1 on matrices) on a fixed random batch, timed the same way. Prints one JSON line
 with the fields Forge prints, so scripts/bench_train_step.sh can take the ratio.
 
+With --end-to-end it is instead a whole nanoGPT-style training loop, for
+scripts/bench_end_to_end.sh: text tokenized up front with the run's tokenizer (nanoGPT's
+prepare.py), random windows of it as batches, warmup + cosine lr, loss read every --log-every
+steps, an eval of --eval-batches fixed validation batches and an 80-token sample every
+--eval-every steps and at the end, `torch.save` of model and optimizer every
+--checkpoint-every steps and at the end. Prints one JSON line: wall-clock tokens/s of the loop
+and where its time went.
+
 Written the way a PyTorch user writes it: nn.Module, F.scaled_dot_product_attention,
 F.rms_norm / F.layer_norm, torch.optim.AdamW with its defaults for the device, and
 torch.autocast(bfloat16) for bf16; GPT-2's projections are Hugging Face's Conv1D (weights
@@ -13,6 +21,7 @@ stored (in, out), addmm), as in transformers and in Forge. --compile adds torch.
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -132,6 +141,160 @@ class Llama(nn.Module):
         return self.norm(x) @ self.embed_tokens.weight.T
 
 
+def build(args, device):
+    """The model and its AdamW, as Forge builds them (seed 0, N(0, 0.02) matrices)."""
+    family = args.family or ("gpt2" if args.preset == "gpt2-124m" else "llama")
+    c = dict(PRESETS[args.preset])
+    if args.vocab:
+        c["vocab_size"] = args.vocab
+    torch.manual_seed(0)
+    model = (Gpt2(c) if family == "gpt2" else Llama(c)).to(device)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    return family, c, model, opt
+
+
+def tokens_of(path, tok, eot):
+    """A text file as one token stream: documents split at <|endoftext|> (or, without one, at
+    blank lines), each followed by the end-of-text token."""
+    import re
+    text = open(path, encoding="utf-8").read()
+    docs = text.split("<|endoftext|>") if "<|endoftext|>" in text else re.split(r"\n\s*\n", text)
+    ids = []
+    for enc in tok.encode_batch([d.strip() for d in docs if d.strip()]):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def end_to_end(args):
+    from tokenizers import Tokenizer
+
+    precision = args.precision or ("fp32" if args.device == "cpu" else "bf16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tok = Tokenizer.from_file(args.tokenizer)
+    eot = tok.token_to_id("<|endoftext|>")
+    args.vocab = tok.get_vocab_size()
+    family, c, model, opt = build(args, device)
+    train = tokens_of(args.train, tok, eot)
+    val = tokens_of(args.val, tok, eot)
+    seq, batch = args.seq, args.batch
+    gen = torch.Generator().manual_seed(1234)
+    # The fixed eval set: consecutive windows from the start of the validation text.
+    windows = (len(val) - 1) // seq
+    n_eval = min(args.eval_batches * batch, windows)
+    eval_set = [torch.stack([val[j * seq:(j + 1) * seq + 1] for j in range(i, min(i + batch, n_eval))])
+                for i in range(0, n_eval, batch)]
+    prompt = tok.encode("Once upon a time").ids
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def get_batch():
+        ix = torch.randint(len(train) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([train[i:i + seq] for i in ix])
+        y = torch.stack([train[i + 1:i + 1 + seq] for i in ix])
+        return x.to(device), y.to(device)
+
+    def lr_at(step):
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+        floor = 0.1 * args.lr
+        return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * progress))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = []
+        for w in eval_set:
+            w = w.to(device)
+            with autocast():
+                logits = model(w[:, :-1])
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                          w[:, 1:].reshape(-1)).item())
+        # A sample: 80 tokens at temperature 0.8, top-k 40, no KV cache (as nanoGPT's).
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.tensor([prompt], device=device)
+        for _ in range(80):
+            with autocast():
+                logits = model(ids[:, -c["max_seq_len"]:])[:, -1, :].float() / 0.8
+            kth = torch.topk(logits, 40).values[:, -1:]
+            logits[logits < kth] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=g)
+            if nxt.item() == eot:
+                break
+            ids = torch.cat([ids, nxt], dim=1)
+        model.train()
+        return sum(losses) / len(losses)
+
+    os.makedirs(args.out, exist_ok=True)
+
+    def save(step):
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                   os.path.join(args.out, "ckpt.pt"))
+
+    phases = dict(data_s=0.0, forward_backward_s=0.0, optimizer_s=0.0, eval_s=0.0,
+                  checkpoint_s=0.0)
+
+    def lap(name, since):
+        sync()
+        now = time.perf_counter()
+        phases[name] += now - since
+        return now
+
+    sync()
+    started = time.perf_counter()
+    loss = eval_loss = None
+    for step in range(1, args.steps + 1):
+        t = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1)
+        x, y = get_batch()
+        t = lap("data_s", t)
+        with autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        if step % args.log_every == 0:
+            loss = loss.item()
+        t = lap("forward_backward_s", t)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t = lap("optimizer_s", t)
+        if step % args.eval_every == 0 or step == args.steps:
+            eval_loss = evaluate()
+            t = lap("eval_s", t)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save(step)
+            t = lap("checkpoint_s", t)
+    sync()
+    wall = time.perf_counter() - started
+    phases["other_s"] = wall - sum(phases.values())
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({
+        "implementation": "pytorch-eager", "family": family, "params": n, "batch": batch,
+        "seq_len": seq, "steps": args.steps, "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "threads": torch.get_num_threads(), "wall_s": wall,
+        "wall_tokens_per_s": args.steps * batch * seq / wall, "phases": phases,
+        "final_eval_loss": eval_loss, "torch": torch.__version__,
+    }))
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch eager train-step reference")
     ap.add_argument("--preset", default="4m", choices=sorted(PRESETS))
@@ -144,24 +307,27 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    ap.add_argument("--end-to-end", action="store_true", help="a whole training loop (see above)")
+    ap.add_argument("--train", help="--end-to-end: training text")
+    ap.add_argument("--val", help="--end-to-end: validation text")
+    ap.add_argument("--tokenizer", help="--end-to-end: the run's tokenizer.json")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup-steps", type=int, default=30)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--out", default="runs/bench/pytorch-end-to-end")
     args = ap.parse_args()
+    args.vocab = None
+    if args.end_to_end:
+        return end_to_end(args)
 
-    family = args.family or ("gpt2" if args.preset == "gpt2-124m" else "llama")
     precision = args.precision or ("fp32" if args.device == "cpu" else "bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    c = PRESETS[args.preset]
-    model = (Gpt2(c) if family == "gpt2" else Llama(c)).to(device)
-    for p in model.parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, std=0.02)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    family, c, model, opt = build(args, device)
     step_model = torch.compile(model) if args.compile else model
     tokens = torch.randint(0, c["vocab_size"], (args.batch, args.seq + 1), device=device)
     ids, targets = tokens[:, :-1], tokens[:, 1:]

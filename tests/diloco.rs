@@ -373,7 +373,10 @@ fn wall_clock_accounted(node_dir: &Path, log: &str) {
     let mut previous = 0.0;
     for line in text.lines() {
         let record: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(record["wall_tokens_per_s"].as_f64().unwrap() >= 0.0, "{line}");
+        assert!(
+            record["wall_tokens_per_s"].as_f64().unwrap() >= 0.0,
+            "{line}"
+        );
         let phases = &record["phases"];
         let part = |k: &str| phases[k].as_f64().unwrap();
         let total: f64 = [
@@ -395,7 +398,12 @@ fn wall_clock_accounted(node_dir: &Path, log: &str) {
     }
     let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     let phases = &last["phases"];
-    for k in ["step_s", "forward_backward_s", "optimizer_s", "outer_sync_s"] {
+    for k in [
+        "step_s",
+        "forward_backward_s",
+        "optimizer_s",
+        "outer_sync_s",
+    ] {
         assert!(phases[k].as_f64().unwrap() > 0.0, "{k}: {last}");
     }
     assert!(

@@ -160,3 +160,121 @@ fn a_full_disk_while_saving_fails_clearly_and_keeps_the_last_checkpoint() {
     );
     assert!(sample.success(), "{}", sample.stderr);
 }
+
+/// The loss of each step in a run's `metrics.jsonl` (a resumed run's later lines win).
+fn losses_by_step(out_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
+    std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// SIGKILL in the middle of a checkpoint written in the background (its model file written,
+/// the rest not, while training went on to the next save) leaves the previous checkpoint the
+/// newest: the same command resumes from it, clears the half-written one and ends where an
+/// uninterrupted run ends.
+#[test]
+fn a_kill_during_a_background_save_leaves_the_previous_checkpoint_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = write_config(tmp.path(), &out, 8, 2);
+    let mut child = Command::new(binary("forge-node"))
+        .args(["train", "--config", config.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("FORGE_TEST_HOLD_CHECKPOINT_WRITES", "4")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The step-4 save stops halfway; training goes on to step 6, whose save waits for it.
+    let half_written = |out: &Path| {
+        std::fs::read_dir(out.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".tmp-step-00000004")
+                    && p.join("model.safetensors").exists()
+            })
+    };
+    let start = Instant::now();
+    let tmp_dir = loop {
+        let steps =
+            std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count());
+        if let Some(dir) = half_written(&out).filter(|_| steps >= 6) {
+            break dir;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "no half-written step-4 checkpoint within {LIMIT:?}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "forge-node exited early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(tmp_dir.exists());
+    let lines_before = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let committed: Vec<String> = checkpoints(&out)
+        .into_iter()
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(committed, vec!["step-00000002".to_string()]);
+
+    let resumed = run(
+        "forge-node",
+        &["train", "--config", config.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(resumed.success(), "{}", resumed.stderr);
+    assert!(
+        resumed.stdout.contains("finished at step 8"),
+        "{}",
+        resumed.stdout
+    );
+    // It went on from step 2: its first metrics line is step 3's.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(metrics.lines().nth(lines_before).unwrap()).unwrap();
+    assert_eq!(first["step"], 3, "{metrics}");
+    assert!(
+        !tmp_dir.exists(),
+        "the half-written checkpoint is still there"
+    );
+    assert_eq!(
+        checkpoints(&out),
+        vec!["step-00000006".to_string(), "step-00000008".to_string()]
+    );
+
+    // The same run uninterrupted.
+    let straight_dir = tmp.path().join("straight");
+    std::fs::create_dir(&straight_dir).unwrap();
+    let straight_out = straight_dir.join("run");
+    let straight = write_config(&straight_dir, &straight_out, 8, 2);
+    let r = run(
+        "forge-node",
+        &["train", "--config", straight.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(r.success(), "{}", r.stderr);
+    let (a, b) = (losses_by_step(&out), losses_by_step(&straight_out));
+    assert_eq!(a.len(), 8);
+    for (step, loss) in &b {
+        assert!(
+            (a[step] - loss).abs() < 1e-6,
+            "step {step}: {} vs {loss}",
+            a[step]
+        );
+    }
+}

@@ -410,6 +410,19 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// For the test that kills a run in the middle of a background save:
+/// `FORGE_TEST_HOLD_CHECKPOINT_WRITES=STEP` stops background writes of checkpoints of STEP and
+/// later halfway, for good.
+fn test_hold_checkpoint_writes() -> Result<Option<u64>> {
+    let Ok(step) = std::env::var("FORGE_TEST_HOLD_CHECKPOINT_WRITES") else {
+        return Ok(None);
+    };
+    let step = step.parse().with_context(|| {
+        format!("FORGE_TEST_HOLD_CHECKPOINT_WRITES={step}: give the step whose write to hold")
+    })?;
+    Ok(Some(step))
+}
+
 fn train(args: &TrainArgs) -> Result<()> {
     let mut cfg = RunConfig::load(&args.config)?;
     if args.no_resume {
@@ -422,6 +435,9 @@ fn train(args: &TrainArgs) -> Result<()> {
             .context("installing signal handlers")?;
     }
     let mut trainer = Trainer::new(cfg)?;
+    if let Some(step) = test_hold_checkpoint_writes()? {
+        trainer.hold_checkpoint_writes_from(step);
+    }
     let summary = trainer.run(&stop)?;
     match &summary.outcome {
         Outcome::Finished { step, checkpoint } => {

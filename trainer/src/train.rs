@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use tch::{Device, Tensor, nn::VarStore};
 
@@ -53,8 +53,9 @@ struct CheckpointSnapshot {
 }
 
 impl CheckpointSnapshot {
-    /// Writes the trainer's files into the (temporary) checkpoint directory `dir`.
-    fn write(&self, dir: &Path) -> Result<()> {
+    /// Writes the trainer's files into the (temporary) checkpoint directory `dir`; `halfway`
+    /// runs after the model file (a test holds the write there).
+    fn write(&self, dir: &Path, halfway: impl FnOnce()) -> Result<()> {
         let failed = |what: &str, e: &dyn std::fmt::Display| Error::Checkpoint {
             path: dir.to_path_buf(),
             why: format!(
@@ -64,6 +65,7 @@ impl CheckpointSnapshot {
         };
         weights::save_named(&self.model, &dir.join("model.safetensors"))
             .map_err(|e| failed("model.safetensors", &e))?;
+        halfway();
         Tensor::write_safetensors(&self.optimizer, dir.join("optimizer.safetensors"))
             .map_err(|e| failed("optimizer.safetensors", &e))?;
         write_json(&dir.join("state.json"), &self.state).map_err(|e| failed("state.json", &e))?;
@@ -230,8 +232,9 @@ pub struct Trainer {
     last_checkpoint: std::sync::Mutex<Option<PathBuf>>,
     /// The checkpoint being written in the background ([`Trainer::save_checkpoint_async`]).
     writing: std::sync::Mutex<Option<std::thread::JoinHandle<Result<PathBuf>>>>,
-    /// While set, background writers wait before writing ([`Trainer::hold_checkpoint_writes`]).
-    hold_writes: Arc<AtomicBool>,
+    /// Background writes of checkpoints of this step or later stop halfway until it is raised
+    /// ([`Trainer::hold_checkpoint_writes`]); `u64::MAX`: none.
+    hold_writes: Arc<AtomicU64>,
     state: TrainState,
     peak_lr: f64,
     peak_tflops: Option<f64>,
@@ -425,7 +428,7 @@ impl Trainer {
             ckpts,
             last_checkpoint: std::sync::Mutex::new(None),
             writing: std::sync::Mutex::new(None),
-            hold_writes: Arc::new(AtomicBool::new(false)),
+            hold_writes: Arc::new(AtomicU64::new(u64::MAX)),
             state,
             peak_lr,
             peak_tflops,
@@ -837,10 +840,13 @@ impl Trainer {
             .name("checkpoint-writer".into())
             .spawn(move || {
                 lowest_priority();
-                while hold.load(Ordering::Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                ckpts.save(step, |dir| snapshot.write(dir))
+                ckpts.save(step, |dir| {
+                    snapshot.write(dir, || {
+                        while step >= hold.load(Ordering::Relaxed) {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                    })
+                })
             })
             .map_err(|e| Error::Io {
                 context: "starting the checkpoint writer".into(),
@@ -850,10 +856,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// Holds background checkpoint writes back (`true`) until released (`false`): a test that
-    /// trains on while a save is pending, or a chaos run that kills a node in the middle of one.
+    /// Holds background checkpoint writes back (`true`) halfway, the model written and the
+    /// rest not, until released (`false`): a test that trains on while a save is pending.
     pub fn hold_checkpoint_writes(&self, hold: bool) {
-        self.hold_writes.store(hold, Ordering::Relaxed);
+        self.hold_checkpoint_writes_from(if hold { 0 } else { u64::MAX });
+    }
+
+    /// Holds background writes of checkpoints of `step` and later halfway, for good (`u64::MAX`
+    /// releases them): a test that kills a run in the middle of a save.
+    pub fn hold_checkpoint_writes_from(&self, step: u64) {
+        self.hold_writes.store(step, Ordering::Relaxed);
     }
 
     /// Waits for the checkpoint being written in the background, if any; returns where it was
@@ -886,7 +898,7 @@ impl Trainer {
         let snapshot = self.snapshot(false)?;
         let written = ckpts.save(key, |dir| {
             extra(dir)?;
-            snapshot.write(dir)
+            snapshot.write(dir, || {})
         })?;
         self.remember_checkpoint(&written);
         Ok(written)
