@@ -41,7 +41,8 @@ done
 case "$codec" in
   fp32|bf16) compression="{ codec = \"$codec\" }" ;;
   int8|int4) compression="{ codec = \"$codec\", block_size = 256, zstd = 3 }" ;;
-  *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8 or int4" >&2; exit 2 ;;
+  topk) compression="{ codec = \"topk\", block_size = 4096, density = 0.015625, bits = 2 }" ;;
+  *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8, int4 or topk" >&2; exit 2 ;;
 esac
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}

@@ -18,7 +18,6 @@ use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
     GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, StageAssignment,
 };
-use forge_protocol::quant::ErrorFeedback;
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
@@ -328,10 +327,7 @@ impl Shell {
         }
         let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
         let outer = OuterOptimizer::without(trainer.var_store(), diloco, trainer.derived_param())?;
-        let codec = QuantCodec {
-            compression: diloco.compression,
-            feedback: ErrorFeedback::new(diloco.compression, outer.numel())?,
-        };
+        let codec = QuantCodec::new(diloco.compression, outer.numel())?;
         let out_dir = trainer.config().train.out_dir.clone();
         let rounds_path = out_dir.join("rounds.jsonl");
         let rounds_log = std::fs::OpenOptions::new()
@@ -609,10 +605,7 @@ impl Shell {
         }
         let outer =
             OuterOptimizer::without(trainer.var_store(), self.diloco, trainer.derived_param())?;
-        self.codec = QuantCodec {
-            compression: self.diloco.compression,
-            feedback: ErrorFeedback::new(self.diloco.compression, outer.numel())?,
-        };
+        self.codec = QuantCodec::new(self.diloco.compression, outer.numel())?;
         self.trainer = trainer;
         self.outer = outer;
         self.pipeline.clear();

@@ -167,6 +167,17 @@ fn fuzz_sync_chunk_headers() {
         sync_header(SyncCodec::Int4Blocks { block: 64 }, true, 40)
             .to_frame()
             .unwrap(),
+        sync_header(
+            SyncCodec::TopK {
+                block: 64,
+                k: 5,
+                bits: 2,
+            },
+            false,
+            10,
+        )
+        .to_frame()
+        .unwrap(),
     ];
     fuzz::run_frames("sync: chunk headers", Channel::Sync, &seeds, |bytes| {
         if let Ok(header) = SyncChunkHeader::from_frame(bytes) {
@@ -221,6 +232,22 @@ fn fuzz_sync_payloads_of_every_codec() {
         (Codec::Int8 { block_size: 64 }, Some(1)),
         (Codec::Int4 { block_size: 32 }, None),
         (Codec::Int4 { block_size: 32 }, Some(3)),
+        (
+            Codec::TopK {
+                block_size: 64,
+                k: 5,
+                bits: 2,
+            },
+            None,
+        ),
+        (
+            Codec::TopK {
+                block_size: 64,
+                k: 9,
+                bits: 4,
+            },
+            Some(3),
+        ),
     ]
     .into_iter()
     .map(|(codec, zstd)| Compression::new(codec, zstd).unwrap())

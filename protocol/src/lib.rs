@@ -17,7 +17,7 @@ pub mod messages;
 pub mod model;
 /// Headers of the messages between pipeline stages (activations forward, their gradients back).
 pub mod pipeline;
-/// Outer-gradient codecs (fp32, bf16, block int8/int4, optional zstd) and error feedback.
+/// Outer-gradient codecs (fp32, bf16, block int8/int4, top-k, optional zstd) and error feedback.
 pub mod quant;
 /// SplitMix64, the seeded generator whose outputs must never change.
 pub mod rng;

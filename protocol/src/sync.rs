@@ -19,7 +19,8 @@ pub const SYNC_PROTOCOL: &str = "/forge/sync/1";
 pub const MAX_SYNC_CHUNK_BYTES: u32 = 64 << 20;
 
 /// How a chunk's pseudo_grad values are encoded: the wire id of a [`Codec`]
-/// ([`Compression::sync_codec`](crate::quant::Compression::sync_codec)).
+/// ([`Compression::sync_codec`](crate::quant::Compression::sync_codec)). Variants are only
+/// appended, so the earlier ones keep their wire tags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncCodec {
     F32,
@@ -31,6 +32,13 @@ pub enum SyncCodec {
     /// Blocks of `block` symmetric absmax int4 values with one f32 scale each.
     Int4Blocks {
         block: u32,
+    },
+    /// Blocks of `block` values of which the `k` largest travel, each as its index and a
+    /// `bits`-bit code, with one f32 scale per block.
+    TopK {
+        block: u32,
+        k: u32,
+        bits: u8,
     },
 }
 
@@ -132,6 +140,11 @@ impl SyncChunkHeader {
             SyncCodec::F32 | SyncCodec::Bf16 => None,
             SyncCodec::Int8Blocks { block } => Some(Codec::Int8 { block_size: block }),
             SyncCodec::Int4Blocks { block } => Some(Codec::Int4 { block_size: block }),
+            SyncCodec::TopK { block, k, bits } => Some(Codec::TopK {
+                block_size: block,
+                k,
+                bits,
+            }),
         };
         if let Some(codec) = blocks {
             codec.validate().map_err(|err| Error::InvalidSyncHeader {
@@ -217,6 +230,29 @@ mod tests {
             let bad = SyncChunkHeader { norm, ..header() };
             let err = bad.check().unwrap_err();
             assert!(err.to_string().contains("norm"), "{err}");
+        }
+    }
+
+    #[test]
+    fn topk_parameters_are_checked() {
+        let topk = |block, k, bits| SyncChunkHeader {
+            codec: SyncCodec::TopK { block, k, bits },
+            ..header()
+        };
+        let frame = topk(4096, 64, 2).to_frame().unwrap();
+        assert_eq!(
+            SyncChunkHeader::from_frame(&frame).unwrap(),
+            topk(4096, 64, 2)
+        );
+        for (bad, needle) in [
+            (topk(32, 4, 2), "block size 32 of topk"),
+            (topk(4096, 0, 2), "k = 0"),
+            (topk(64, 65, 4), "k = 65"),
+            (topk(4096, 64, 3), "bits = 3"),
+        ] {
+            let err = SyncChunkHeader::from_frame(&bad.to_frame().unwrap()).unwrap_err();
+            assert!(matches!(err, Error::InvalidSyncHeader { .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
         }
     }
 }

@@ -77,22 +77,34 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
 /// How the outer gradient is encoded on the wire. Implemented by the node's compression (fp32,
-/// bf16, int8, int4, optionally zstd); every member of an all-reduce must use the same codec.
+/// bf16, int8, int4, topk, optionally zstd); every member of an all-reduce must use the same
+/// codec.
 pub(crate) trait ChunkCodec: Send {
     /// Encodes this member's contribution to the values starting at element `offset` into
     /// `out`, replacing what it held (the all-reduce reuses its buffers from round to round).
     /// Lossy codecs keep their error feedback here, keyed by `offset` (the same ranges every
-    /// round).
+    /// round). What the bytes decode to should have an L2 norm of at most `max_norm` (what the
+    /// receivers accept of this member: a codec whose error feedback could send more scales it
+    /// down and keeps the rest). Returns the sum of squares of what the bytes decode to.
     fn encode_contribution(
         &mut self,
         offset: usize,
         x: &[f32],
+        max_norm: f64,
         out: &mut Vec<u8>,
-    ) -> forge_protocol::Result<()>;
+    ) -> forge_protocol::Result<f64>;
 
-    /// Encodes an owner's reduced values into `out`, replacing what it held. No error
-    /// feedback: every member decodes these bytes.
-    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()>;
+    /// Encodes an owner's reduced values, starting at element `offset`, into `out`, replacing
+    /// what it held; every member decodes these bytes. A sparse codec keeps the owner's error
+    /// feedback here (what it did not send of its range goes into the next round's), within
+    /// `max_norm` as for contributions. Returns the sum of squares of what the bytes decode to.
+    fn encode_result(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<f64>;
 
     /// Decodes `out.len()` values into `out`. Must be deterministic: members compare results
     /// bit for bit. On error `out` may be partly written.
@@ -867,10 +879,20 @@ impl<'a> Round<'a> {
     async fn send_contribution(&self, j: usize) -> Result<()> {
         let mut stream = None;
         let mut payload = self.take_bytes();
+        // What owner j accepts of this member's contribution to its range, a little inside
+        // (see `check_declared`); the chunks share it.
+        let mut budget = (0.99 * NORM_SLACK * self.norm).powi(2);
         for range in self.layout.chunks(j) {
-            self.lock_codec()
-                .encode_contribution(range.start, &self.data[range.clone()], &mut payload)
+            let sent = self
+                .lock_codec()
+                .encode_contribution(
+                    range.start,
+                    &self.data[range.clone()],
+                    budget.max(0.0).sqrt(),
+                    &mut payload,
+                )
                 .map_err(|err| self.codec_error(err))?;
+            budget -= sent;
             let header = self.header(SyncPhase::ReduceScatter, j, &range, self.weight, &payload)?;
             self.send_chunk(j, &mut stream, &header, &payload).await?;
         }
@@ -942,6 +964,9 @@ impl<'a> Round<'a> {
         let mut declared = vec![f64::NAN; k];
         declared[self.me] = self.norm;
         let mut total_weight = f64::NAN;
+        // What the members accept of this owner's range (see `check_results`), once the
+        // weights and norms are known; the chunks share it.
+        let mut result_budget = None;
         let last = chunks.len() - 1;
         let mut held = None;
         for (c, range) in chunks.into_iter().enumerate() {
@@ -1002,11 +1027,15 @@ impl<'a> Round<'a> {
             for (avg, &s) in mean.iter_mut().zip(sum.iter()) {
                 *avg = (s / total_weight) as f32;
             }
+            let budget = result_budget.get_or_insert_with(|| {
+                (0.99 * NORM_SLACK * declared.iter().sum::<f64>() / total_weight).powi(2)
+            });
             let mut bytes = self.take_bytes();
-            let codec = self.lock_codec();
-            codec
-                .encode_result(mean, &mut bytes)
+            let mut codec = self.lock_codec();
+            let sent = codec
+                .encode_result(range.start, mean, budget.max(0.0).sqrt(), &mut bytes)
                 .map_err(|err| self.codec_error(err))?;
+            *budget -= sent;
             codec
                 .decode_into(
                     &bytes,

@@ -26,20 +26,28 @@ pub(crate) struct Fp32Codec;
 impl ChunkCodec for Fp32Codec {
     fn encode_contribution(
         &mut self,
-        _offset: usize,
+        offset: usize,
         x: &[f32],
+        max_norm: f64,
         out: &mut Vec<u8>,
-    ) -> forge_protocol::Result<()> {
-        self.encode_result(x, out)
+    ) -> forge_protocol::Result<f64> {
+        self.encode_result(offset, x, max_norm, out)
     }
 
-    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+    /// Lossless: sends `x` whatever `max_norm` (the receivers check it).
+    fn encode_result(
+        &mut self,
+        _offset: usize,
+        x: &[f32],
+        _max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<f64> {
         out.clear();
         out.reserve(4 * x.len());
         for v in x {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        Ok(())
+        Ok(forge_protocol::quant::squares(x))
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {

@@ -30,7 +30,7 @@ mod wire;
 #[cfg(test)]
 mod state_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub(crate) use all_reduce::{AllReduceOutput, AllReduceRequest, ChunkCodec, all_reduce_timeout};
 pub(crate) use bench::{bench_local, bench_member, bench_state_member};

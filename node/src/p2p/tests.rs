@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use forge_protocol::quant::squares;
 use forge_protocol::sync::SyncCodec;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -23,7 +24,7 @@ use super::wire::SYNC;
 const BOUND: Duration = Duration::from_secs(60);
 
 /// Small wire chunks, so short vectors still span several chunks per range.
-const CHUNK_VALUES: usize = 64;
+pub(crate) const CHUNK_VALUES: usize = 64;
 
 /// bf16 by truncation (the top 16 bits of each f32), with error feedback keyed by offset: a
 /// deliberately lossy codec.
@@ -41,8 +42,9 @@ impl ChunkCodec for Bf16Truncate {
         &mut self,
         offset: usize,
         x: &[f32],
+        _max_norm: f64,
         out: &mut Vec<u8>,
-    ) -> forge_protocol::Result<()> {
+    ) -> forge_protocol::Result<f64> {
         let residual = self.residual.entry(offset).or_default();
         residual.resize(x.len(), 0.0);
         out.clear();
@@ -52,13 +54,19 @@ impl ChunkCodec for Bf16Truncate {
             out.extend_from_slice(&bits);
             *r = wanted - f32::from_bits(u32::from(u16::from_le_bytes(bits)) << 16);
         }
-        Ok(())
+        Ok(squares(x))
     }
 
-    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+    fn encode_result(
+        &mut self,
+        _offset: usize,
+        x: &[f32],
+        _max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<f64> {
         out.clear();
         out.extend(x.iter().flat_map(|&v| bf16_bits(v)));
-        Ok(())
+        Ok(squares(x))
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -89,16 +97,23 @@ impl ChunkCodec for SignalOnEncode {
         &mut self,
         offset: usize,
         x: &[f32],
+        max_norm: f64,
         out: &mut Vec<u8>,
-    ) -> forge_protocol::Result<()> {
+    ) -> forge_protocol::Result<f64> {
         if let Some(started) = self.started.take() {
             let _ = started.send(());
         }
-        Fp32Codec.encode_contribution(offset, x, out)
+        Fp32Codec.encode_contribution(offset, x, max_norm, out)
     }
 
-    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
-        Fp32Codec.encode_result(x, out)
+    fn encode_result(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<f64> {
+        Fp32Codec.encode_result(offset, x, max_norm, out)
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -122,15 +137,22 @@ impl ChunkCodec for Scaled {
         &mut self,
         offset: usize,
         x: &[f32],
+        max_norm: f64,
         out: &mut Vec<u8>,
-    ) -> forge_protocol::Result<()> {
+    ) -> forge_protocol::Result<f64> {
         let scaled: Vec<f32> = x.iter().map(|v| v * self.contributions).collect();
-        Fp32Codec.encode_contribution(offset, &scaled, out)
+        Fp32Codec.encode_contribution(offset, &scaled, max_norm, out)
     }
 
-    fn encode_result(&self, x: &[f32], out: &mut Vec<u8>) -> forge_protocol::Result<()> {
+    fn encode_result(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> forge_protocol::Result<f64> {
         let scaled: Vec<f32> = x.iter().map(|v| v * self.results).collect();
-        Fp32Codec.encode_result(&scaled, out)
+        Fp32Codec.encode_result(offset, &scaled, max_norm, out)
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -148,7 +170,7 @@ pub(super) async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T
         .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
 }
 
-pub(super) async fn cluster(
+pub(crate) async fn cluster(
     peers: usize,
     configure: impl Fn(PeerNetConfig) -> PeerNetConfig,
 ) -> Vec<PeerNet> {
@@ -160,7 +182,7 @@ pub(super) async fn cluster(
         .collect()
 }
 
-fn small_chunks(config: PeerNetConfig) -> PeerNetConfig {
+pub(crate) fn small_chunks(config: PeerNetConfig) -> PeerNetConfig {
     PeerNetConfig {
         chunk_values: CHUNK_VALUES,
         ..config
@@ -172,7 +194,7 @@ fn ids(nets: &[PeerNet]) -> Vec<PeerId> {
 }
 
 /// Random contributions (already multiplied by their weights) and weights.
-fn contributions(members: usize, len: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f64>) {
+pub(crate) fn contributions(members: usize, len: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f64>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let weights: Vec<f64> = (0..members)
         .map(|_| rng.gen_range(100.0..5000.0f64).round())
@@ -189,7 +211,7 @@ fn contributions(members: usize, len: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f
 }
 
 /// The same arithmetic as the owners: f64 sums in member order, divided by the total weight.
-fn reference_average(data: &[Vec<f32>], weights: &[f64]) -> Vec<f32> {
+pub(crate) fn reference_average(data: &[Vec<f32>], weights: &[f64]) -> Vec<f32> {
     let total: f64 = weights.iter().sum();
     (0..data[0].len())
         .map(|e| {
@@ -203,7 +225,7 @@ fn reference_average(data: &[Vec<f32>], weights: &[f64]) -> Vec<f32> {
 }
 
 /// Runs one all-reduce on every net at once, each with its own codec.
-async fn all_reduce_everywhere(
+pub(crate) async fn all_reduce_everywhere(
     nets: &[PeerNet],
     round: u64,
     data: &[Vec<f32>],
@@ -237,7 +259,7 @@ fn fp32_codecs(n: usize) -> Vec<Box<dyn ChunkCodec>> {
         .collect()
 }
 
-fn bits(values: &[f32]) -> Vec<u32> {
+pub(crate) fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 

@@ -60,6 +60,22 @@ impl ErrorFeedback {
     /// the buffer: an all-reduce sends a vector in chunks, each with its own slice of residual.
     /// The bytes replace what `out` held (a buffer kept between calls spares the allocation).
     pub fn compress_at(&mut self, offset: usize, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+        self.compress_within(offset, x, f64::INFINITY, out)
+            .map(|_| ())
+    }
+
+    /// [`compress_at`](ErrorFeedback::compress_at), sending values of L2 norm at most
+    /// `max_norm`: when `x` plus the residual would decode to more, it is scaled down before
+    /// encoding and what that leaves out stays in the residual (with a sparse codec the residual
+    /// of values not sent for many rounds can grow past what receivers accept from a member).
+    /// Returns the sum of squares of the values the bytes decode to (in f64).
+    pub fn compress_within(
+        &mut self,
+        offset: usize,
+        x: &[f32],
+        max_norm: f64,
+        out: &mut Vec<u8>,
+    ) -> Result<f64> {
         let end = offset
             .checked_add(x.len())
             .filter(|&end| end <= self.residual.len());
@@ -71,7 +87,8 @@ impl ErrorFeedback {
         };
         if self.compression.codec.is_lossless() {
             // The residual is always zero: send x itself, with no decode round trip.
-            return encode_into(x, &self.compression, out);
+            encode_into(x, &self.compression, out)?;
+            return Ok(squares(x));
         }
         let scratch = &mut self.scratch[offset..end];
         let residual = &mut self.residual[offset..end];
@@ -81,9 +98,32 @@ impl ErrorFeedback {
         encode_into(scratch, &self.compression, out)?;
         // Decode into the residual, then turn it into y - decoded in place.
         decode_into(out, residual, &self.compression)?;
+        let mut sent = squares(residual);
+        if sent.sqrt() > max_norm {
+            // Scale y into the bound (a little inside it: quantisation moves values), encode
+            // that instead; the residual keeps all of y that was not sent. Past the bound even
+            // so (it cannot happen with the block codecs), nothing is sent.
+            let factor = (0.99 * max_norm / sent.sqrt()) as f32;
+            for (r, &y) in residual.iter_mut().zip(scratch.iter()) {
+                *r = y * factor;
+            }
+            encode_into(residual, &self.compression, out)?;
+            decode_into(out, residual, &self.compression)?;
+            sent = squares(residual);
+            if sent.sqrt() > max_norm {
+                residual.fill(0.0);
+                encode_into(residual, &self.compression, out)?;
+                sent = 0.0;
+            }
+        }
         for (e, &y) in residual.iter_mut().zip(scratch.iter()) {
             *e = y - *e;
         }
-        Ok(())
+        Ok(sent)
     }
+}
+
+/// The sum of squares of `values`, in f64.
+pub fn squares(values: &[f32]) -> f64 {
+    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }

@@ -73,6 +73,11 @@ pub(super) fn encode_body(codec: Codec, values: &[f32], body: &mut [u8]) -> Resu
         Codec::Bf16 => encode_bf16(values, body),
         Codec::Int8 { block_size } => encode_blocks(values, body, block_size as usize, INT8_MAX),
         Codec::Int4 { block_size } => encode_blocks(values, body, block_size as usize, INT4_MAX),
+        Codec::TopK {
+            block_size,
+            k,
+            bits,
+        } => encode_topk(values, body, block_size, k, bits),
     }
 }
 
@@ -163,6 +168,176 @@ fn encode_blocks(values: &[f32], body: &mut [u8], block: usize, qmax: f32) -> Re
     Ok(())
 }
 
+/// Where a topk block of `n` values keeps its parts: after the 4-byte scale, `kept` indices of
+/// `index_width` bits in `index_bytes`, then `kept` codes of `code_width` bits in `code_bytes`.
+pub(super) struct TopKLayout {
+    kept: usize,
+    index_width: u32,
+    code_width: u32,
+    index_bytes: usize,
+    code_bytes: usize,
+}
+
+impl TopKLayout {
+    /// For a valid topk codec and `n` in `1..=block_size`.
+    pub(super) fn new(block_size: u32, k: u32, bits: u8, n: usize) -> TopKLayout {
+        let kept = (k as usize).min(n);
+        let index_width = block_size.trailing_zeros();
+        let code_width = u32::from(bits);
+        TopKLayout {
+            kept,
+            index_width,
+            code_width,
+            index_bytes: (kept * index_width as usize).div_ceil(8),
+            code_bytes: (kept * code_width as usize).div_ceil(8),
+        }
+    }
+
+    /// Bytes of the block in the body.
+    pub(super) fn len(&self) -> usize {
+        4 + self.index_bytes + self.code_bytes
+    }
+
+    /// The largest level in steps: 3 at 2 bits, 15 at 4.
+    fn qmax(&self) -> f32 {
+        ((1u32 << self.code_width) - 1) as f32
+    }
+
+    /// The block's step `scale / qmax` (its levels are the odd multiples of it), refused unless
+    /// every level stays finite; also refuses indices that do not ascend strictly or run past
+    /// the block's `n` values, and non-zero padding bits.
+    fn check(&self, head: &[u8], n: usize, block_index: usize) -> Result<f32> {
+        let scale = f32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let step = scale / self.qmax();
+        if !(scale.is_sign_positive() && (step * self.qmax()).is_finite()) {
+            return Err(corrupt(format!(
+                "topk block {block_index} has scale {scale}, which is negative, not finite or overflows"
+            )));
+        }
+        let (indices, codes) = head[4..].split_at(self.index_bytes);
+        // The smallest index the next one may be.
+        let mut next = 0;
+        for index in unpack_bits(indices, self.index_width, self.kept) {
+            if index < next {
+                return Err(corrupt(format!(
+                    "topk block {block_index} keeps index {index} after index {}: kept indices must ascend strictly",
+                    next - 1
+                )));
+            }
+            if index as usize >= n {
+                return Err(corrupt(format!(
+                    "topk block {block_index} keeps index {index}, past its {n} values"
+                )));
+            }
+            next = index + 1;
+        }
+        if !(padding_is_zero(indices, self.index_width, self.kept)
+            && padding_is_zero(codes, self.code_width, self.kept))
+        {
+            return Err(corrupt(format!(
+                "topk block {block_index} has non-zero padding bits after its indices or codes"
+            )));
+        }
+        Ok(step)
+    }
+}
+
+/// topk: per block, the `k` values of largest `|x|` (ties to the lower index), then their
+/// indices ascending and their codes, as the module documentation lays out.
+fn encode_topk(values: &[f32], body: &mut [u8], block_size: u32, k: u32, bits: u8) -> Result<()> {
+    let block = block_size as usize;
+    // One key per value orders by |x| descending, then index ascending: the complement of the
+    // sign-masked bits above the index. The keys are distinct, so the kept set is the same
+    // whatever the selection algorithm does with equal |x|.
+    let mut keys = Vec::with_capacity(block.min(values.len()));
+    let mut rest = body;
+    for (index, vals) in values.chunks(block).enumerate() {
+        let absmax_bits = abs_max_bits(vals);
+        if absmax_bits >= EXP_MASK {
+            return Err(non_finite(vals, index * block));
+        }
+        let layout = TopKLayout::new(block_size, k, bits, vals.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(layout.len());
+        rest = tail;
+        keys.clear();
+        keys.extend(
+            vals.iter()
+                .enumerate()
+                .map(|(i, v)| u64::from(!(v.to_bits() & ABS_MASK)) << 32 | i as u64),
+        );
+        keys.select_nth_unstable(layout.kept - 1);
+        let kept = &mut keys[..layout.kept];
+        kept.sort_unstable_by_key(|&key| key as u32);
+        let qmax = layout.qmax();
+        let mut scale = f32::from_bits(absmax_bits);
+        if !(scale / qmax * qmax).is_finite() {
+            // Only within an ulp or so of f32::MAX, as for the block codecs.
+            scale = f32::from_bits(absmax_bits - 1);
+        }
+        let step = scale / qmax;
+        head[..4].copy_from_slice(&scale.to_le_bytes());
+        let (indices, codes) = head[4..].split_at_mut(layout.index_bytes);
+        pack_bits(
+            kept.iter().map(|&key| key as u32),
+            layout.index_width,
+            indices,
+        );
+        let sign_bit = layout.code_width - 1;
+        let max_j = (1 << sign_bit) - 1;
+        pack_bits(
+            kept.iter().map(|&key| {
+                let v = vals[key as u32 as usize];
+                // The nearest odd level 2j + 1 to |v| / step is at j = floor(|v| / step / 2).
+                // A zero step (absmax 0 or below ~1e-44) gives j = 0 or saturates it; either
+                // decodes to zero.
+                let j = ((v.abs() / step * 0.5) as u32).min(max_j);
+                (v.to_bits() >> 31) << sign_bit | j
+            }),
+            layout.code_width,
+            codes,
+        );
+    }
+    Ok(())
+}
+
+/// Packs `width`-bit values into `out` little-endian: value `i` at stream bits `i·width..`,
+/// stream bit 0 the least significant bit of `out[0]`; the last byte's unused bits are zero.
+fn pack_bits(values: impl Iterator<Item = u32>, width: u32, out: &mut [u8]) {
+    let (mut acc, mut filled, mut at) = (0u32, 0, 0);
+    for v in values {
+        acc |= v << filled;
+        filled += width;
+        while filled >= 8 {
+            out[at] = acc as u8;
+            (acc, filled, at) = (acc >> 8, filled - 8, at + 1);
+        }
+    }
+    if filled > 0 {
+        out[at] = acc as u8;
+    }
+}
+
+/// The `count` values of `width` bits (at most 16) that [`pack_bits`] wrote into `bytes`.
+fn unpack_bits(bytes: &[u8], width: u32, count: usize) -> impl Iterator<Item = u32> + '_ {
+    let mask = (1u32 << width) - 1;
+    (0..count).map(move |i| {
+        let bit = i * width as usize;
+        // Up to 16 bits starting anywhere in a byte lie within 3 bytes.
+        let word = bytes[bit / 8..]
+            .iter()
+            .take(3)
+            .rev()
+            .fold(0u32, |word, &b| word << 8 | u32::from(b));
+        (word >> (bit % 8)) & mask
+    })
+}
+
+/// Whether the bits of `bytes` after `count` values of `width` bits are all zero.
+fn padding_is_zero(bytes: &[u8], width: u32, count: usize) -> bool {
+    let used = count * width as usize;
+    used.is_multiple_of(8) || bytes[used / 8] >> (used % 8) == 0
+}
+
 /// Checks a whole body without writing anything, so [`decode_body`] with `ADD` cannot leave a
 /// half-applied sum behind.
 pub(super) fn validate_body(codec: Codec, body: &[u8], len: usize) -> Result<()> {
@@ -201,6 +376,22 @@ pub(super) fn validate_body(codec: Codec, body: &[u8], len: usize) -> Result<()>
                 block_scale(head, qmax, start / block)?;
                 check_codes(&head[4..], int4, n, start / block)?;
                 start += n;
+            }
+            Ok(())
+        }
+        Codec::TopK {
+            block_size,
+            k,
+            bits,
+        } => {
+            let block = block_size as usize;
+            let mut rest = body;
+            for start in (0..len).step_by(block) {
+                let n = block.min(len - start);
+                let layout = TopKLayout::new(block_size, k, bits, n);
+                let (head, tail) = rest.split_at(layout.len());
+                rest = tail;
+                layout.check(head, n, start / block)?;
             }
             Ok(())
         }
@@ -306,6 +497,35 @@ pub(super) fn decode_body<const ADD: bool>(
                 if let [last] = pairs.into_remainder() {
                     let b = codes[packed_len - 1];
                     store::<ADD>(last, f32::from(((b << 4) as i8) >> 4) * scale);
+                }
+            }
+            Ok(())
+        }
+        Codec::TopK {
+            block_size,
+            k,
+            bits,
+        } => {
+            let mut rest = body;
+            for (index, outs) in out.chunks_mut(block_size as usize).enumerate() {
+                let layout = TopKLayout::new(block_size, k, bits, outs.len());
+                let (head, tail) = rest.split_at(layout.len());
+                rest = tail;
+                let step = layout.check(head, outs.len(), index)?;
+                if !ADD {
+                    outs.fill(0.0);
+                }
+                let (indices, codes) = head[4..].split_at(layout.index_bytes);
+                let sign_bit = layout.code_width - 1;
+                let kept = unpack_bits(indices, layout.index_width, layout.kept).zip(unpack_bits(
+                    codes,
+                    layout.code_width,
+                    layout.kept,
+                ));
+                for (i, code) in kept {
+                    let level = ((code & ((1 << sign_bit) - 1)) * 2 + 1) as f32 * step;
+                    let v = if code >> sign_bit == 1 { -level } else { level };
+                    store::<ADD>(&mut outs[i as usize], v);
                 }
             }
             Ok(())

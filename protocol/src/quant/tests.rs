@@ -9,6 +9,11 @@ use crate::rng::SplitMix64;
 
 const INT8: Codec = Codec::Int8 { block_size: 256 };
 const INT4: Codec = Codec::Int4 { block_size: 256 };
+const TOPK: Codec = Codec::TopK {
+    block_size: 4096,
+    k: 64,
+    bits: 2,
+};
 
 fn plain(codec: Codec) -> Compression {
     Compression::new(codec, None).unwrap()
@@ -18,7 +23,8 @@ fn zstd3(codec: Codec) -> Compression {
     Compression::new(codec, Some(3)).unwrap()
 }
 
-/// Every codec, block sizes at both ends of the range, with and without zstd.
+/// Every codec, block sizes at both ends of the range, with and without zstd; topk also keeping
+/// every value of a block and with 4 bits.
 fn all_compressions() -> Vec<Compression> {
     let codecs = [
         Codec::Fp32,
@@ -27,6 +33,22 @@ fn all_compressions() -> Vec<Compression> {
         INT8,
         Codec::Int4 { block_size: 16 },
         INT4,
+        Codec::TopK {
+            block_size: 64,
+            k: 5,
+            bits: 2,
+        },
+        Codec::TopK {
+            block_size: 64,
+            k: 64,
+            bits: 4,
+        },
+        Codec::TopK {
+            block_size: 128,
+            k: 9,
+            bits: 4,
+        },
+        TOPK,
     ];
     codecs
         .iter()
@@ -67,7 +89,8 @@ fn rel_l2(reference: &[f32], approx: &[f32]) -> f64 {
 }
 
 /// The largest error a codec may make on `v` inside `block`: half a quantisation step for the
-/// block codecs, half a bf16 ulp, nothing for fp32.
+/// block codecs, half a bf16 ulp, nothing for fp32. topk may also drop `v` when it is not above
+/// the block's k-th largest magnitude.
 fn max_error(codec: Codec, block: &[f32], v: f32) -> f32 {
     let absmax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
     match codec {
@@ -75,13 +98,28 @@ fn max_error(codec: Codec, block: &[f32], v: f32) -> f32 {
         Codec::Bf16 => v.abs() * 2f32.powi(-8),
         Codec::Int8 { .. } => absmax / 127.0 * 0.5001,
         Codec::Int4 { .. } => absmax / 7.0 * 0.5001,
+        Codec::TopK { k, bits, .. } => {
+            let mut magnitudes: Vec<f32> = block.iter().map(|x| x.abs()).collect();
+            let kept = (k as usize).min(block.len());
+            let (_, &mut kth, _) =
+                magnitudes.select_nth_unstable_by(kept - 1, |a, b| b.total_cmp(a));
+            // Levels 2·absmax/qmax apart.
+            let half_spacing = absmax / ((1 << bits) - 1) as f32 * 1.0001;
+            if v.abs() <= kth {
+                half_spacing.max(v.abs())
+            } else {
+                half_spacing
+            }
+        }
     }
 }
 
 fn block_len(codec: Codec) -> usize {
     match codec {
         Codec::Fp32 | Codec::Bf16 => 1,
-        Codec::Int8 { block_size } | Codec::Int4 { block_size } => block_size as usize,
+        Codec::Int8 { block_size }
+        | Codec::Int4 { block_size }
+        | Codec::TopK { block_size, .. } => block_size as usize,
     }
 }
 
@@ -473,6 +511,87 @@ fn config_names_codecs_in_toml() {
 }
 
 #[test]
+fn config_names_topk_with_density_and_bits() {
+    let topk = |block_size, k, bits| Codec::TopK {
+        block_size,
+        k,
+        bits,
+    };
+    assert_eq!(
+        from_toml("compression = { codec = \"topk\", block_size = 4096, density = 0.015625, bits = 2, zstd = 3 }")
+            .unwrap(),
+        zstd3(TOPK)
+    );
+    for (text, codec) in [
+        ("{ codec = \"topk\" }", TOPK),
+        ("{ codec = \"topk\", bits = 4 }", topk(4096, 64, 4)),
+        // k = ceil(4096 · 0.01) = 41, at least 1, at most the block.
+        ("{ codec = \"topk\", density = 0.01 }", topk(4096, 41, 2)),
+        ("{ codec = \"topk\", density = 1e-9 }", topk(4096, 1, 2)),
+        (
+            "{ codec = \"topk\", block_size = 64, density = 1.0 }",
+            topk(64, 64, 2),
+        ),
+        (
+            "{ codec = \"topk\", block_size = 65536 }",
+            topk(65_536, 1024, 2),
+        ),
+    ] {
+        assert_eq!(
+            from_toml(&format!("compression = {text}")).unwrap(),
+            plain(codec),
+            "{text}"
+        );
+    }
+    for (text, needle) in [
+        (
+            "{ codec = \"topk\", density = 0.0 }",
+            "density = 0 of topk is not in (0, 1]",
+        ),
+        ("{ codec = \"topk\", density = 1.5 }", "density = 1.5"),
+        ("{ codec = \"topk\", density = nan }", "density = NaN"),
+        ("{ codec = \"topk\", bits = 3 }", "bits must be 2 or 4"),
+        (
+            "{ codec = \"topk\", block_size = 32 }",
+            "block size 32 of topk",
+        ),
+        (
+            "{ codec = \"topk\", block_size = 1000 }",
+            "block size 1000 of topk",
+        ),
+        (
+            "{ codec = \"int8\", density = 0.1 }",
+            "density = 0.1 is set but codec int8 keeps every value; remove density or use codec = \"topk\"",
+        ),
+        (
+            "{ codec = \"fp32\", bits = 2 }",
+            "bits = 2 is set but codec fp32 has a fixed width; remove bits or use codec = \"topk\"",
+        ),
+        ("{ codec = \"topk\", k = 64 }", "unknown field `k`"),
+    ] {
+        let err = from_toml(&format!("compression = {text}")).unwrap_err();
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+    // Serialising gives a density that gives back the same k, even one no round number names.
+    for codec in [TOPK, topk(4096, 41, 4), topk(64, 1, 2)] {
+        let text = toml::to_string(&zstd3(codec)).unwrap();
+        assert!(text.contains("codec = \"topk\""), "{text}");
+        assert_eq!(
+            toml::from_str::<Compression>(&text).unwrap(),
+            zstd3(codec),
+            "{text}"
+        );
+    }
+    assert_eq!(TOPK.name(), "topk");
+    assert_eq!(TOPK.to_string(), "topk (block 4096, k 64, 2-bit)");
+    assert!(!TOPK.is_lossless());
+    // A hand-built codec is validated too.
+    for bad in [topk(4096, 0, 2), topk(64, 65, 2), topk(4096, 64, 8)] {
+        assert!(Compression::new(bad, None).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn sync_codec_names_each_codec_with_its_block_size() {
     assert_eq!(plain(Codec::Fp32).sync_codec(), (SyncCodec::F32, false));
     assert_eq!(zstd3(Codec::Bf16).sync_codec(), (SyncCodec::Bf16, true));
@@ -484,6 +603,427 @@ fn sync_codec_names_each_codec_with_its_block_size() {
         zstd3(INT4).sync_codec(),
         (SyncCodec::Int4Blocks { block: 256 }, true)
     );
+    assert_eq!(
+        zstd3(TOPK).sync_codec(),
+        (
+            SyncCodec::TopK {
+                block: 4096,
+                k: 64,
+                bits: 2
+            },
+            true
+        )
+    );
+}
+
+/// A topk block as the tests read and write it, bit by bit, apart from the kernels.
+#[derive(Clone)]
+struct TopKBlock {
+    scale: f32,
+    indices: Vec<u32>,
+    codes: Vec<u32>,
+}
+
+fn pack(values: &[u32], width: usize) -> Vec<u8> {
+    let mut out = vec![0u8; (values.len() * width).div_ceil(8)];
+    for (i, &v) in values.iter().enumerate() {
+        for b in 0..width {
+            let bit = i * width + b;
+            out[bit / 8] |= ((v >> b & 1) as u8) << (bit % 8);
+        }
+    }
+    out
+}
+
+fn unpack(bytes: &[u8], width: usize, count: usize) -> Vec<u32> {
+    (0..count)
+        .map(|i| {
+            (0..width).fold(0, |v, b| {
+                let bit = i * width + b;
+                v | u32::from(bytes[bit / 8] >> (bit % 8) & 1) << b
+            })
+        })
+        .collect()
+}
+
+/// Splits the body of an uncompressed topk blob of `len` values into its blocks.
+fn topk_blocks(blob: &[u8], codec: Codec, len: usize) -> Vec<TopKBlock> {
+    let Codec::TopK {
+        block_size,
+        k,
+        bits,
+    } = codec
+    else {
+        panic!("{codec} is not topk");
+    };
+    let width = block_size.trailing_zeros() as usize;
+    let mut rest = &blob[BLOB_HEADER_LEN..];
+    let mut blocks = Vec::new();
+    for start in (0..len).step_by(block_size as usize) {
+        let kept = (k as usize).min(len - start).min(block_size as usize);
+        let index_bytes = (kept * width).div_ceil(8);
+        let code_bytes = (kept * bits as usize).div_ceil(8);
+        let scale = f32::from_le_bytes(rest[..4].try_into().unwrap());
+        blocks.push(TopKBlock {
+            scale,
+            indices: unpack(&rest[4..], width, kept),
+            codes: unpack(&rest[4 + index_bytes..], bits.into(), kept),
+        });
+        rest = &rest[4 + index_bytes + code_bytes..];
+    }
+    assert!(rest.is_empty(), "{} bytes after the last block", rest.len());
+    blocks
+}
+
+/// The blob holding `blocks` under the header of `blob`.
+fn topk_blob(blob: &[u8], codec: Codec, blocks: &[TopKBlock]) -> Vec<u8> {
+    let Codec::TopK {
+        block_size, bits, ..
+    } = codec
+    else {
+        panic!("{codec} is not topk");
+    };
+    let mut out = blob[..BLOB_HEADER_LEN].to_vec();
+    for block in blocks {
+        out.extend_from_slice(&block.scale.to_le_bytes());
+        out.extend(pack(&block.indices, block_size.trailing_zeros() as usize));
+        out.extend(pack(&block.codes, bits.into()));
+    }
+    out
+}
+
+/// The indices of the `k` largest `|x|` of `block`, ties to the lower index, ascending.
+fn top_k(block: &[f32], k: usize) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..block.len()).collect();
+    order.sort_by(|&a, &b| block[b].abs().total_cmp(&block[a].abs()).then(a.cmp(&b)));
+    let mut kept: Vec<u32> = order[..k.min(block.len())]
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    kept.sort_unstable();
+    kept
+}
+
+#[test]
+fn topk_keeps_exactly_the_k_largest_of_each_block_with_their_signs() {
+    let codecs = [
+        TOPK,
+        Codec::TopK {
+            block_size: 4096,
+            k: 64,
+            bits: 4,
+        },
+        Codec::TopK {
+            block_size: 64,
+            k: 5,
+            bits: 4,
+        },
+    ];
+    // 10,000 ends in a block of 1808 values, 4116 in one of 20: fewer than k, so all kept.
+    for len in [10_000, 4116] {
+        let values = pseudo_grad(len, 11);
+        for codec in codecs {
+            let Codec::TopK {
+                block_size,
+                k,
+                bits,
+            } = codec
+            else {
+                unreachable!()
+            };
+            let blob = encode(&values, &plain(codec)).unwrap();
+            let decoded = decode(&blob, len, &plain(codec)).unwrap();
+            let qmax = ((1 << bits) - 1) as f32;
+            let chunks = values.chunks(block_size as usize);
+            for (b, ((vals, outs), block)) in chunks
+                .zip(decoded.chunks(block_size as usize))
+                .zip(topk_blocks(&blob, codec, len))
+                .enumerate()
+            {
+                let kept = top_k(vals, k as usize);
+                assert_eq!(block.indices, kept, "{codec}, {len} values, block {b}");
+                let absmax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(block.scale, absmax);
+                let step = absmax / qmax;
+                for (i, (&v, &d)) in vals.iter().zip(outs).enumerate() {
+                    if kept.contains(&(i as u32)) {
+                        // The nearest of the odd levels, with v's sign.
+                        let level = d.abs() / step;
+                        assert!(
+                            (level.round() - level).abs() < 1e-3
+                                && level.round() as u32 % 2 == 1
+                                && level.round() <= qmax,
+                            "{codec}: {v} decoded as {d}, {level} steps"
+                        );
+                        assert_eq!(d.is_sign_negative(), v.is_sign_negative());
+                        assert!((d - v).abs() <= step * 1.0001, "{codec}: {v} → {d}");
+                    } else {
+                        assert_eq!(d.to_bits(), 0, "{codec}: dropped value {i} of block {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_ties_go_to_the_lower_index() {
+    let codec = Codec::TopK {
+        block_size: 64,
+        k: 4,
+        bits: 2,
+    };
+    // Block 0: two values of magnitude 1, then 62 tied at 0.25 of both signs. Block 1: 64 values
+    // tied at 0.5. Block 2: zeros of both signs.
+    let mut values: Vec<f32> = (0..64)
+        .map(|i| if i % 2 == 0 { 0.25 } else { -0.25 })
+        .collect();
+    values[40] = -1.0;
+    values[20] = 1.0;
+    values.extend((0..64).map(|i| if i % 3 == 0 { -0.5 } else { 0.5 }));
+    values.extend((0..64).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }));
+    let blob = encode(&values, &plain(codec)).unwrap();
+    let indices: Vec<Vec<u32>> = topk_blocks(&blob, codec, values.len())
+        .into_iter()
+        .map(|block| block.indices)
+        .collect();
+    assert_eq!(
+        indices,
+        [vec![0, 1, 20, 40], vec![0, 1, 2, 3], vec![0, 1, 2, 3]]
+    );
+    let decoded = decode(&blob, values.len(), &plain(codec)).unwrap();
+    // Block 0's scale is 1: 0.25 goes to the level 1/3, 1 to 3/3.
+    assert_eq!(decoded[..2], [1.0 / 3.0, -1.0 / 3.0]);
+    assert_eq!((decoded[20], decoded[40]), (1.0, -1.0));
+    assert_eq!(decoded[64..68], [-0.5, 0.5, 0.5, -0.5]);
+    assert!(decoded[128..].iter().all(|&d| d == 0.0));
+}
+
+#[test]
+fn topk_encoded_bytes_are_pinned() {
+    // Block 0 keeps -3 (index 5), 1 (9) and 2.5 (40) of 64; block 1 keeps three of its six
+    // values, four of which tie at 0.5.
+    let mut values = vec![0f32; 70];
+    (values[5], values[9], values[40], values[41]) = (-3.0, 1.0, 2.5, 0.2);
+    values[64..].copy_from_slice(&[0.5, -0.5, 0.25, 0.0, -0.5, 0.5]);
+    let header = |field: [u8; 4]| {
+        let mut header = vec![b'F', b'G', b'Q', b'T', 1, 0, 4, 0, 70, 0, 0, 0];
+        header.extend(field);
+        header
+    };
+    // 2 bits: field 6 | 3 << 5 | 2 << 22. Indices 5, 9, 40 and 0, 1, 4 at 6 bits each; codes
+    // (sign << 1 | j) for |v| / (scale / 3) nearest to 2j + 1: -3 → 0b11, 1 → 0b00,
+    // 2.5 → 0b01; 0.5 → 0b01, -0.5 → 0b11.
+    let mut expect2 = header([0x66, 0x00, 0x80, 0x00]);
+    expect2.extend(3.0f32.to_le_bytes());
+    expect2.extend([0x45, 0x82, 0x02, 0x13]);
+    expect2.extend(0.5f32.to_le_bytes());
+    expect2.extend([0x40, 0x40, 0x00, 0x3D]);
+    let two = Codec::TopK {
+        block_size: 64,
+        k: 3,
+        bits: 2,
+    };
+    assert_eq!(encode(&values, &plain(two)).unwrap(), expect2);
+    // 4 bits: field 6 | 3 << 5 | 4 << 22; codes (sign << 3 | j) against scale / 15:
+    // -3 → 0xF, 1 → 0x2, 2.5 → 0x6; 0.5 → 0x7, -0.5 → 0xF.
+    let mut expect4 = header([0x66, 0x00, 0x00, 0x01]);
+    expect4.extend(3.0f32.to_le_bytes());
+    expect4.extend([0x45, 0x82, 0x02, 0x2F, 0x06]);
+    expect4.extend(0.5f32.to_le_bytes());
+    expect4.extend([0x40, 0x40, 0x00, 0xF7, 0x0F]);
+    let four = Codec::TopK {
+        block_size: 64,
+        k: 3,
+        bits: 4,
+    };
+    assert_eq!(encode(&values, &plain(four)).unwrap(), expect4);
+}
+
+#[test]
+fn topk_size_follows_the_length_and_is_under_one_percent_of_fp32() {
+    let small = Codec::TopK {
+        block_size: 64,
+        k: 5,
+        bits: 4,
+    };
+    // TOPK: 116 bytes a block keeping 64 (4 + 64·12/8 + 64·2/8); a block of 20 keeps all 20 in
+    // 4 + 30 + 5. small: 4 + ceil(5·6/8) + ceil(5·4/8) = 11 per block.
+    for (codec, len, body) in [
+        (TOPK, 1, 4 + 2 + 1),
+        (TOPK, 20, 39),
+        (TOPK, 4096, 116),
+        (TOPK, 4116, 116 + 39),
+        (TOPK, 10_000, 3 * 116),
+        (small, 64, 11),
+        (small, 100, 22),
+        (small, 3, 4 + 3 + 2),
+    ] {
+        assert_eq!(codec.body_len(len), body, "{codec}, {len} values");
+        let blob = encode(&pseudo_grad(len, 12), &plain(codec)).unwrap();
+        assert_eq!(blob.len(), BLOB_HEADER_LEN + body, "{codec}, {len} values");
+    }
+    let n = 1 << 20;
+    let values = pseudo_grad(n, 13);
+    for compression in [plain(TOPK), zstd3(TOPK)] {
+        let ratio = encode(&values, &compression).unwrap().len() as f64 / (4 * n) as f64;
+        println!("{compression}: {:.4}% of fp32", ratio * 100.0);
+        assert!(ratio < 0.01, "{compression}: {ratio}");
+    }
+}
+
+#[test]
+fn corrupt_topk_blobs_are_refused_and_leave_the_accumulator_alone() {
+    let codec = Codec::TopK {
+        block_size: 64,
+        k: 3,
+        bits: 2,
+    };
+    let compression = plain(codec);
+    // Blocks of 64 and 36 values; each keeps 3 indices in 18 bits and 3 codes in 6, so both
+    // have padding.
+    let values = pseudo_grad(100, 14);
+    let blob = encode(&values, &compression).unwrap();
+    let blocks = topk_blocks(&blob, codec, 100);
+    assert_eq!(
+        topk_blob(&blob, codec, &blocks),
+        blob,
+        "the tests pack as the codec does"
+    );
+    let with = |edit: &dyn Fn(&mut TopKBlock)| {
+        let mut blocks = blocks.clone();
+        edit(&mut blocks[1]);
+        topk_blob(&blob, codec, &blocks)
+    };
+    let with_bit = |at: usize, mask: u8| {
+        let mut bad = blob.clone();
+        bad[at] |= mask;
+        bad
+    };
+    // Block 1 starts at 16 + 8: scale, 3 index bytes, 1 code byte.
+    let mut cases = vec![
+        (
+            with(&|b| b.indices = vec![2, 2, 30]),
+            "index 2 after index 2",
+        ),
+        (
+            with(&|b| b.indices = vec![2, 30, 7]),
+            "index 7 after index 30",
+        ),
+        (
+            with(&|b| b.indices = vec![2, 7, 40]),
+            "index 40, past its 36 values",
+        ),
+        (with_bit(24 + 6, 0x40), "non-zero padding"),
+        (with_bit(24 + 7, 0x80), "non-zero padding"),
+        (blob[..blob.len() - 1].to_vec(), "payload bytes"),
+    ];
+    for scale in [-1.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        cases.push((with(&|b| b.scale = scale), "scale"));
+    }
+    let before = vec![1.0f32; 100];
+    for (bad, needle) in cases {
+        let mut acc = before.clone();
+        let err = decode_add_into(&bad, &mut acc, &compression).unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+        assert_eq!(acc, before, "a refused blob must not touch the sum: {err}");
+        assert!(decode(&bad, 100, &compression).is_err(), "{needle}");
+    }
+    // Another k, bits or block size in the header, or expected by the receiver.
+    for other in [
+        Codec::TopK {
+            block_size: 64,
+            k: 4,
+            bits: 2,
+        },
+        Codec::TopK {
+            block_size: 64,
+            k: 3,
+            bits: 4,
+        },
+        Codec::TopK {
+            block_size: 128,
+            k: 3,
+            bits: 2,
+        },
+    ] {
+        let err = decode(&blob, 100, &plain(other)).unwrap_err();
+        assert!(matches!(err, Error::CodecMismatch { .. }), "{err}");
+        let found = |codec: Codec| {
+            let Codec::TopK {
+                block_size,
+                k,
+                bits,
+            } = codec
+            else {
+                unreachable!()
+            };
+            format!("uses topk (codec id 4), block {block_size}, k {k}, {bits}-bit")
+        };
+        assert!(err.to_string().contains(&other.to_string()), "{err}");
+        assert!(err.to_string().contains(&found(codec)), "{err}");
+        // The same body under the other codec's header.
+        let mut relabelled = encode(&values, &plain(other)).unwrap();
+        relabelled.truncate(BLOB_HEADER_LEN);
+        relabelled.extend_from_slice(&blob[BLOB_HEADER_LEN..]);
+        let mut acc = before.clone();
+        let err = decode_add_into(&relabelled, &mut acc, &compression).unwrap_err();
+        assert!(err.to_string().contains(&found(other)), "{err}");
+        assert_eq!(acc, before);
+    }
+}
+
+/// The relative gap between the sums of what `rounds` rounds of `x` meant and what topk sent,
+/// with or without error feedback; also the residual's norm and the largest norm one round
+/// sent, both relative to `|x|`.
+fn topk_drift(x: &[f32], feedback: bool, rounds: usize) -> (f64, f64, f64) {
+    fn norm(v: impl IntoIterator<Item = f64>) -> f64 {
+        v.into_iter().map(|a| a * a).sum::<f64>().sqrt()
+    }
+    let x_norm = norm(x.iter().map(|&v| f64::from(v)));
+    let compression = plain(TOPK);
+    let mut state = ErrorFeedback::new(compression, x.len()).unwrap();
+    let mut gap = vec![0f64; x.len()];
+    let mut max_sent = 0f64;
+    for _ in 0..rounds {
+        let blob = if feedback {
+            state.compress(x).unwrap()
+        } else {
+            encode(x, &compression).unwrap()
+        };
+        let decoded = decode(&blob, x.len(), &compression).unwrap();
+        for ((g, &v), &d) in gap.iter_mut().zip(x).zip(&decoded) {
+            *g += f64::from(v) - f64::from(d);
+        }
+        max_sent = max_sent.max(norm(decoded.iter().map(|&d| f64::from(d))) / x_norm);
+    }
+    let residual = norm(state.residual().iter().map(|&e| f64::from(e))) / x_norm;
+    let relative_gap = norm(gap) / (rounds as f64 * x_norm);
+    (relative_gap, residual, max_sent)
+}
+
+/// The same vector sent round after round through topk (64 of 4096 at 2 bits): with error
+/// feedback every value is sent once its residual is among the largest of its block, so the
+/// residual stays bounded while the sums grow and their relative gap shrinks; without it the
+/// same 64 values a block are sent every round and the rest never.
+#[test]
+fn error_feedback_with_topk_tracks_the_running_sum() {
+    let x = pseudo_grad(4 * 4096, 15);
+    let (gap_100, residual_100, _) = topk_drift(&x, true, 100);
+    let (gap_200, residual_200, max_sent) = topk_drift(&x, true, 200);
+    let (gap_without, _, _) = topk_drift(&x, false, 200);
+    println!(
+        "topk with error feedback: sums {gap_100:.3} apart after 100 rounds, {gap_200:.3} after \
+         200; residual {residual_100:.1}x then {residual_200:.1}x |x|; one round sends up to \
+         {max_sent:.1}x |x|. Without: {gap_without:.3} apart after 200 rounds"
+    );
+    assert!(gap_200 < 0.15, "{gap_200}");
+    assert!(gap_200 < 0.6 * gap_100, "{gap_100} → {gap_200}");
+    assert!(
+        residual_200 < 1.2 * residual_100,
+        "{residual_100} → {residual_200}"
+    );
+    assert!(gap_without > 0.8, "{gap_without}");
 }
 
 /// Sums `rounds` outer gradients in which one value per block of 256 is large (1e-2, so the
@@ -632,9 +1172,8 @@ proptest! {
     fn random_bytes_never_panic(
         bytes in proptest::collection::vec(any::<u8>(), 0..2048),
         len in 0usize..1024,
-        which in 0usize..12,
+        compression in proptest::sample::select(all_compressions()),
     ) {
-        let compression = all_compressions()[which];
         if let Ok(values) = decode(&bytes, len, &compression) {
             prop_assert!(values.iter().all(|v| v.is_finite()));
         }
@@ -643,10 +1182,9 @@ proptest! {
     #[test]
     fn random_header_on_a_valid_body_never_panics(
         header in proptest::array::uniform16(any::<u8>()),
-        which in 0usize..12,
+        compression in proptest::sample::select(all_compressions()),
     ) {
         // Real magic and version, so the fields behind them are what gets exercised.
-        let compression = all_compressions()[which];
         let mut blob = encode(&pseudo_grad(300, 10), &compression).unwrap();
         blob[..BLOB_HEADER_LEN].copy_from_slice(&header);
         blob[..6].copy_from_slice(&[b'F', b'G', b'Q', b'T', 1, 0]);
@@ -660,9 +1198,8 @@ proptest! {
         seed in any::<u64>(),
         len in 1usize..700,
         flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4),
-        which in 0usize..12,
+        compression in proptest::sample::select(all_compressions()),
     ) {
-        let compression = all_compressions()[which];
         let mut blob = encode(&pseudo_grad(len, seed), &compression).unwrap();
         for (at, mask) in flips {
             let at = at % blob.len();
@@ -678,15 +1215,30 @@ proptest! {
     #[test]
     fn any_finite_input_round_trips_within_bound(
         values in proptest::collection::vec(-1e30f32..1e30, 0..600),
-        which in 0usize..12,
+        compression in proptest::sample::select(all_compressions()),
     ) {
-        let compression = all_compressions()[which];
         let blob = encode(&values, &compression).unwrap();
         let decoded = decode(&blob, values.len(), &compression).unwrap();
         let block = block_len(compression.codec);
         for (i, (&v, &d)) in values.iter().zip(&decoded).enumerate() {
             let chunk = &values[i / block * block..((i / block + 1) * block).min(values.len())];
             prop_assert!((v - d).abs() <= max_error(compression.codec, chunk, v), "{} {} {}", i, v, d);
+        }
+    }
+
+    /// Values from a handful of magnitudes, so most of a block ties.
+    #[test]
+    fn topk_keeps_the_k_largest_of_any_input(
+        values in proptest::collection::vec((-3i8..=3).prop_map(|q| f32::from(q) * 0.5), 1..400),
+        block_size in proptest::sample::select(vec![64u32, 128]),
+        k in 1u32..=128,
+        bits in proptest::sample::select(vec![2u8, 4]),
+    ) {
+        let codec = Codec::TopK { block_size, k: k.min(block_size), bits };
+        let blob = encode(&values, &plain(codec)).unwrap();
+        let blocks = topk_blocks(&blob, codec, values.len());
+        for (block, vals) in blocks.iter().zip(values.chunks(block_size as usize)) {
+            prop_assert_eq!(&block.indices, &top_k(vals, k.min(block_size) as usize));
         }
     }
 }
@@ -718,10 +1270,21 @@ fn quant_report_on_a_pseudo_gradient() {
         }
     );
     println!(
-        "{:<26} {:>11} {:>11} {:>10} {:>10} {:>10}",
+        "{:<40} {:>11} {:>11} {:>10} {:>10} {:>10}",
         "codec", "bytes/value", "rel. L2", "enc MB/s", "dec MB/s", "add MB/s"
     );
-    let codecs = [Codec::Fp32, Codec::Bf16, INT8, INT4];
+    let codecs = [
+        Codec::Fp32,
+        Codec::Bf16,
+        INT8,
+        INT4,
+        TOPK,
+        Codec::TopK {
+            block_size: 4096,
+            k: 64,
+            bits: 4,
+        },
+    ];
     for compression in codecs.iter().flat_map(|&c| [plain(c), zstd3(c)]) {
         let blob = encode(&values, &compression).unwrap();
         let decoded = decode(&blob, n, &compression).unwrap();
@@ -736,7 +1299,7 @@ fn quant_report_on_a_pseudo_gradient() {
             decode_add_into(&blob, &mut out, &compression).unwrap()
         });
         println!(
-            "{:<26} {bytes_per_value:>11.4} {error:>11.2e} {enc:>10.0} {dec:>10.0} {add:>10.0}",
+            "{:<40} {bytes_per_value:>11.4} {error:>11.2e} {enc:>10.0} {dec:>10.0} {add:>10.0}",
             compression.to_string()
         );
         let (max_bytes, max_error) = match compression.codec {
@@ -744,6 +1307,9 @@ fn quant_report_on_a_pseudo_gradient() {
             Codec::Bf16 => (2.0, 3e-3),
             Codec::Int8 { .. } => (1.0 + 4.0 / 256.0, 1e-2),
             Codec::Int4 { .. } => (0.5 + 4.0 / 256.0, 0.15),
+            // The kept 1/64 of a normal distribution hold about 12% of its energy; error
+            // feedback sends the rest in later rounds.
+            Codec::TopK { .. } => (compression.codec.body_len(n) as f64 / n as f64, 0.96),
         };
         let max_bytes = max_bytes + (BLOB_HEADER_LEN as f64 / n as f64);
         // zstd may add a few bytes of framing on incompressible data.

@@ -22,7 +22,7 @@ pub struct DilocoConfig {
     /// Nesterov momentum (the DiLoCo default) or plain heavy-ball.
     pub nesterov: bool,
     /// How pseudo-gradients travel: `{ codec = "int8", block_size = 256, zstd = 3 }`; codecs
-    /// fp32, bf16, int8, int4; lossy ones use error feedback.
+    /// fp32, bf16, int8, int4, topk (`density` and `bits` too); lossy ones use error feedback.
     pub compression: Compression,
     /// Validation loss every this many rounds.
     pub eval_every_rounds: u64,
