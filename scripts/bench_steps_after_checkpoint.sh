@@ -56,7 +56,7 @@ for background in ("false", "true"):
     t = t.replace(f'out_dir = "{work}/run"', f'out_dir = "{work}/run-{background}"')
     open(f"{work}/run-{background}.toml", "w").write(t)
 PY
-echo "forge-node train: preset $preset, batch $batch x 128 tokens, a checkpoint every $every steps, $steps steps, threads ${threads:-libtorch's choice}"
+echo "forge-node train: preset $preset, batch $batch x 128 tokens, a checkpoint every $every steps, $steps steps, threads ${threads:-all cores}"
 for background in false true; do
   "$bin" train --config "$work/run-$background.toml" --no-resume > "$work/train.out" 2> "$work/train.log" \
     || { cat "$work/train.log" >&2; exit 1; }
