@@ -240,34 +240,38 @@ impl Phase {
 }
 
 /// Where the node's wall clock went since it joined: its jobs by phase, the waits for the
-/// coordinator, and the inner steps' parts from the trainer.
+/// coordinator, and the inner steps' parts from the trainer (summed over the rounds: a re-plan
+/// or a restart from the seed rebuilds the trainer, whose own timing starts again).
 struct WallClock {
     started: Instant,
     phases: Phases,
-    /// The trainer's step timing when the node joined.
-    timing: StepTiming,
+    /// The inner steps' timing since the node joined.
+    steps: StepTiming,
     /// Inner steps, the time and the phases at the previous round line.
     last: (u64, Instant, Phases),
 }
 
 impl WallClock {
-    fn new(trainer: &Trainer) -> WallClock {
+    fn new() -> WallClock {
         let now = Instant::now();
         WallClock {
             started: now,
             phases: Phases::default(),
-            timing: trainer.timing(),
-            last: (trainer.timing().steps, now, Phases::default()),
+            steps: StepTiming::default(),
+            last: (0, now, Phases::default()),
         }
     }
 
-    /// Counts a job of `phase` that took `seconds`; `step_s` of them the trainer's steps.
-    fn add(&mut self, phase: Phase, seconds: f64, step_s: f64) {
+    /// Counts a job of `phase` that took `seconds`; `steps` the trainer's steps in it.
+    fn add(&mut self, phase: Phase, seconds: f64, steps: &StepTiming) {
         let p = &mut self.phases;
         match phase {
             // A round's inner steps: what is not in the steps themselves (the pipeline
             // forming, the divergence guard) is the rest.
-            Phase::Train => p.step_s += step_s,
+            Phase::Train => {
+                p.step_s += steps.step_s;
+                self.steps.accumulate(steps);
+            }
             Phase::OuterSync => p.outer_sync_s += seconds,
             Phase::StateFetch => p.state_fetch_s += seconds,
             Phase::Eval => p.eval_s += seconds,
@@ -276,23 +280,22 @@ impl WallClock {
         }
     }
 
-    /// The phases since the node joined, with the trainer's step parts and the rest.
-    fn phases(&self, trainer: &Trainer) -> Phases {
+    /// The phases since the node joined, with the inner steps' parts and the rest.
+    fn phases(&self) -> Phases {
         let mut phases = self.phases;
-        phases.set_step_parts(&trainer.timing().since(&self.timing));
+        phases.set_step_parts(&self.steps);
         phases.rest_of(self.started.elapsed().as_secs_f64());
         phases
     }
 
-    /// Tokens per second of wall clock since the previous call, and the phases since then
-    /// (`phases`: [`WallClock::phases`] now); starts the next span.
-    fn since_last(&mut self, trainer: &Trainer, phases: Phases) -> (f64, Phases) {
+    /// Tokens per second of wall clock since the previous call (at `tokens_per_step`), and
+    /// the phases since then (`phases`: [`WallClock::phases`] now); starts the next span.
+    fn since_last(&mut self, tokens_per_step: u64, phases: Phases) -> (f64, Phases) {
         let now = Instant::now();
-        let steps = trainer.timing().steps;
-        let tokens = (steps - self.last.0) * trainer.config().tokens_per_step();
+        let tokens = (self.steps.steps - self.last.0) * tokens_per_step;
         let seconds = now.duration_since(self.last.1).as_secs_f64().max(1e-9);
         let span = phases.since(&self.last.2);
-        self.last = (steps, now, phases);
+        self.last = (self.steps.steps, now, phases);
         (tokens as f64 / seconds, span)
     }
 }
@@ -365,7 +368,7 @@ impl Shell {
             fault: test_fault()?,
             us_per_step: None,
             pipeline: Vec::new(),
-            clock: WallClock::new(&trainer),
+            clock: WallClock::new(),
             outer,
             trainer,
         };
@@ -404,14 +407,11 @@ impl Shell {
                 if let Action::Exit(exit) = action {
                     return self.exit(exit).await;
                 }
-                let (phase, begun, steps_before) = (
-                    Phase::of(&action),
-                    Instant::now(),
-                    self.trainer.timing().step_s,
-                );
+                let (phase, begun, before) =
+                    (Phase::of(&action), Instant::now(), self.trainer.timing());
                 let done = self.carry_out(action, &mut notes, &mut queue).await;
-                let step_s = self.trainer.timing().step_s - steps_before;
-                self.clock.add(phase, begun.elapsed().as_secs_f64(), step_s);
+                let steps = self.trainer.timing().since(&before);
+                self.clock.add(phase, begun.elapsed().as_secs_f64(), &steps);
                 match done {
                     Ok(Some(input)) => queue.extend(self.feed(input)),
                     Ok(None) => {}
@@ -914,8 +914,9 @@ impl Shell {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let phases = self.clock.phases(&self.trainer);
-        let (wall_tokens_per_s, span) = self.clock.since_last(&self.trainer, phases);
+        let phases = self.clock.phases();
+        let tokens_per_step = self.trainer.config().tokens_per_step();
+        let (wall_tokens_per_s, span) = self.clock.since_last(tokens_per_step, phases);
         let stamped = RoundLog {
             unix_ms: Some(at),
             wall_tokens_per_s: Some(wall_tokens_per_s),
@@ -980,8 +981,8 @@ impl Shell {
                     "sample: {}",
                     tokio::task::block_in_place(|| self.trainer.sample())
                 );
-                let phases = self.clock.phases(&self.trainer);
-                let steps = self.trainer.timing().since(&self.clock.timing).steps;
+                let phases = self.clock.phases();
+                let steps = self.clock.steps.steps;
                 let wall = phases.total();
                 println!(
                     "wall clock {wall:.1} s for {steps} inner steps, {:.0} tokens/s: {}",

@@ -159,16 +159,30 @@ impl StepTiming {
         self.optimizer_s += parts.optimizer.as_secs_f64();
     }
 
-    /// The time since `earlier` (this trainer's timing then).
+    /// The time since `earlier`, this trainer's timing then (none if `earlier` counts more
+    /// steps: another trainer's, as after a node rebuilt its trainer).
     pub fn since(&self, earlier: &StepTiming) -> StepTiming {
-        StepTiming {
-            steps: self.steps - earlier.steps,
-            step_s: self.step_s - earlier.step_s,
-            data_s: self.data_s - earlier.data_s,
-            forward_backward_s: self.forward_backward_s - earlier.forward_backward_s,
-            comm_s: self.comm_s - earlier.comm_s,
-            optimizer_s: self.optimizer_s - earlier.optimizer_s,
+        match self.steps.checked_sub(earlier.steps) {
+            Some(steps) => StepTiming {
+                steps,
+                step_s: self.step_s - earlier.step_s,
+                data_s: self.data_s - earlier.data_s,
+                forward_backward_s: self.forward_backward_s - earlier.forward_backward_s,
+                comm_s: self.comm_s - earlier.comm_s,
+                optimizer_s: self.optimizer_s - earlier.optimizer_s,
+            },
+            None => StepTiming::default(),
         }
+    }
+
+    /// Adds `more` (another span's timing) to this one.
+    pub fn accumulate(&mut self, more: &StepTiming) {
+        self.steps += more.steps;
+        self.step_s += more.step_s;
+        self.data_s += more.data_s;
+        self.forward_backward_s += more.forward_backward_s;
+        self.comm_s += more.comm_s;
+        self.optimizer_s += more.optimizer_s;
     }
 
     /// The gradient exchange's share of step time.
