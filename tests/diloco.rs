@@ -875,6 +875,84 @@ fn nodes_with_different_workers_and_threads_commit_round_1_together() {
     );
 }
 
+/// With `overlap_steps`, the last inner steps of each round train while its all-reduce runs and
+/// their progress goes on top of the committed outer step: every round commits with both nodes
+/// (the same global state on each, as the coordinator's hash check proves), each node trains
+/// exactly the budget's inner steps (a round's count holds the previous round's overlapped
+/// steps, the last round has none of its own), the nodes end on one model, and the data each
+/// replica read (the overlapped steps included) is every leased position once.
+#[test]
+fn an_overlapped_outer_sync_commits_every_round_and_trains_the_whole_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 2);
+    edit_config(
+        &config,
+        &[
+            ("overlap_steps = 0", "overlap_steps = 2"),
+            ("pace = \"auto\"", "pace = \"fixed\""),
+        ],
+    );
+    let deadline = Instant::now() + LIMIT;
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    let mut finals = Vec::new();
+    let mut outcomes = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+        assert_eq!(rounds.len(), 12, "node {i}:\n{log}");
+        for r in &rounds {
+            assert!(
+                r.1 == 2 && r.3.starts_with(&format!("committed v{} ", r.0)),
+                "node {i}: round {} not committed by both:\n{log}",
+                r.0
+            );
+        }
+        outcomes.push(rounds.iter().map(|r| r.3.clone()).collect::<Vec<_>>());
+        let text =
+            std::fs::read_to_string(tmp.path().join(format!("node{i}/run/rounds.jsonl"))).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["inner_steps"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        // Round 1 syncs after 3 steps, the next ones count the 2 overlapped before them, the
+        // last has no overlap of its own.
+        let mut expected = vec![3];
+        expected.extend([5; 10]);
+        expected.push(7);
+        assert_eq!(steps, expected, "node {i}:\n{text}");
+        assert!(
+            log.contains("after 60 inner steps"),
+            "node {i} did not train the budget:\n{log}"
+        );
+        wall_clock_accounted(&tmp.path().join(format!("node{i}")), &log);
+        finals.push(final_loss_line(&lines).expect("a final loss"));
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the nodes committed different states"
+    );
+    assert_eq!(finals[0], finals[1], "the nodes ended on different models");
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    let (mut consumed, _) = consumed_positions(&coordinator_log);
+    consumed.sort_unstable();
+    for pair in consumed.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "positions read twice: {consumed:?}");
+    }
+    let read: u64 = consumed.iter().map(|(a, b)| b - a).sum();
+    // Two replicas, 60 steps of 8 sequences each.
+    assert_eq!(read, 2 * 60 * 8, "{consumed:?}");
+}
+
 #[test]
 fn a_node_whose_worker_hangs_leaves_and_the_coordinator_learns_why() {
     let tmp = tempfile::tempdir().unwrap();

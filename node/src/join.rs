@@ -24,7 +24,7 @@ use forge_trainer::diloco::{DilocoConfig, OuterOptimizer, Proposal};
 use forge_trainer::metrics::Phases;
 use forge_trainer::outer_state::{self, OuterCheckpoint};
 use forge_trainer::parallel::Fault;
-use forge_trainer::train::{StageSpec, StepTiming, Trainer};
+use forge_trainer::train::{InnerSummary, ScheduleSpan, StageSpec, StepTiming, Trainer};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -213,6 +213,33 @@ struct Shell {
     /// none).
     pipeline: Vec<(MemberId, PeerId)>,
     clock: WallClock,
+    overlap: Overlap,
+}
+
+/// The inner steps a round runs while its outer gradients travel
+/// ([`DilocoConfig::overlap_steps`]): the tail of its inner steps, whose progress goes on top of
+/// the outer step once the round commits and into the next round's pseudo-gradient.
+#[derive(Default)]
+struct Overlap {
+    /// The tail the round's inner steps left for its all-reduce: how many steps, and where in
+    /// the lr schedule.
+    tail: Option<(u64, ScheduleSpan)>,
+    /// What the last tail trained, counted with the next round's inner steps.
+    trained: InnerSummary,
+    /// The last tail's progress (parameters after it less before it), flattened: put on top
+    /// of its round's outer step if that round commits with this node.
+    progress: Option<Vec<f32>>,
+    /// The progress of a tail whose round committed, added to the parameters as the next
+    /// round starts (evaluations and checkpoint shards in between see the global state).
+    carried: Option<Vec<f32>>,
+}
+
+impl Overlap {
+    /// The node's parameters were replaced (state fetched, a checkpoint resumed, the trainer
+    /// rebuilt): what the last tail trained is gone with them.
+    fn forget(&mut self) {
+        *self = Overlap::default();
+    }
 }
 
 /// What a job of the node's event loop spends its time on.
@@ -262,21 +289,22 @@ impl WallClock {
         }
     }
 
-    /// Counts a job of `phase` that took `seconds`; `steps` the trainer's steps in it.
+    /// Counts a job of `phase` that took `seconds`; `steps` the trainer's steps in it. Inner
+    /// steps that ran during another job (overlapped with the outer sync) count as steps, and
+    /// the job has the rest of its time.
     fn add(&mut self, phase: Phase, seconds: f64, steps: &StepTiming) {
         let p = &mut self.phases;
+        p.step_s += steps.step_s;
+        self.steps.accumulate(steps);
+        let rest = (seconds - steps.step_s).max(0.0);
         match phase {
             // A round's inner steps: what is not in the steps themselves (the pipeline
             // forming, the divergence guard) is the rest.
-            Phase::Train => {
-                p.step_s += steps.step_s;
-                self.steps.accumulate(steps);
-            }
-            Phase::OuterSync => p.outer_sync_s += seconds,
-            Phase::StateFetch => p.state_fetch_s += seconds,
-            Phase::Eval => p.eval_s += seconds,
-            Phase::Checkpoint => p.checkpoint_s += seconds,
-            Phase::Other => {}
+            Phase::Train | Phase::Other => {}
+            Phase::OuterSync => p.outer_sync_s += rest,
+            Phase::StateFetch => p.state_fetch_s += rest,
+            Phase::Eval => p.eval_s += rest,
+            Phase::Checkpoint => p.checkpoint_s += rest,
         }
     }
 
@@ -369,6 +397,7 @@ impl Shell {
             us_per_step: None,
             pipeline: Vec::new(),
             clock: WallClock::new(),
+            overlap: Overlap::default(),
             outer,
             trainer,
         };
@@ -538,6 +567,7 @@ impl Shell {
             Action::Report(report) => self.client.report(report).await?,
             Action::ApplyOuterStep(proposal) => {
                 self.outer.commit(proposal, self.trainer.var_store());
+                self.overlap.carried = self.overlap.progress.take();
                 // The outer step happened once, on worker 0: every local worker takes it.
                 self.trainer.broadcast_params()?;
             }
@@ -609,6 +639,7 @@ impl Shell {
         self.trainer = trainer;
         self.outer = outer;
         self.pipeline.clear();
+        self.overlap.forget();
         Ok(())
     }
 
@@ -678,6 +709,7 @@ impl Shell {
     /// Fetches the round's global state from its other participants, or, when the run went back
     /// to its last checkpoint, takes it from this node's checkpoint shard if one holds it.
     async fn fetch(&mut self, open: &RoundOpened) -> Input<Proposal> {
+        self.overlap.forget();
         if self.rounds.went_back() && open.global_version == 0 {
             let started = Instant::now();
             match self.restart_from_seed(open) {
@@ -787,6 +819,24 @@ impl Shell {
             }
             plan.steps = plan.steps.min(leased);
         }
+        // The last tail's progress on top of the outer step its round committed.
+        self.overlap.tail = None;
+        if let Some(carried) = self.overlap.carried.take() {
+            self.outer
+                .add_to_params(self.trainer.var_store(), &carried)?;
+            self.trainer.broadcast_params()?;
+        }
+        let tail = self.tail_steps(version, &plan);
+        plan.steps -= tail;
+        if let (Some(budget), Some(us)) = (plan.budget, self.us_per_step) {
+            // A paced round's time covers its tail too.
+            let tail_time = Duration::from_micros(us.saturating_mul(tail));
+            plan.budget = Some(
+                budget
+                    .saturating_sub(tail_time)
+                    .max(Duration::from_millis(1)),
+            );
+        }
         let inner = tokio::task::block_in_place(|| {
             self.trainer
                 .inner_steps(plan.steps, plan.budget, &self.stop, plan.schedule)
@@ -801,7 +851,24 @@ impl Shell {
             && inner.steps > 0
         {
             self.us_per_step = Some((inner.seconds * 1e6 / inner.steps as f64).max(1.0) as u64);
+            if tail > 0 {
+                let schedule = ScheduleSpan {
+                    start: plan.schedule.start
+                        + (inner.steps as f64 * plan.schedule.per_step) as u64,
+                    per_step: plan.schedule.per_step,
+                };
+                self.overlap.tail = Some((tail, schedule));
+            }
         }
+        // The last tail's steps are in this round's pseudo-gradient.
+        let mut trained = std::mem::take(&mut self.overlap.trained);
+        let inner = inner.map(|inner| {
+            trained.absorb(&inner);
+            trained
+        });
+        // The tail reads the rest of the lease while the round syncs: the round reports it
+        // read.
+        let ahead = self.overlap.tail.map_or(0, |(steps, _)| steps);
         Ok(Input::Trained(
             inner
                 .map(|inner| Trained {
@@ -811,12 +878,24 @@ impl Shell {
                     seconds: inner.seconds,
                     step: self.trainer.step(),
                     consumed: match lease {
-                        Some(_) => self.trainer.data_consumed(),
+                        Some(_) => self.trainer.data_consumed_after(ahead),
                         None => Vec::new(),
                     },
                 })
                 .map_err(|e| format!("{e:#}")),
         ))
+    }
+
+    /// The inner steps of a round of `plan` (from global `version`) to run while its outer
+    /// gradients travel: `overlap_steps`, leaving the round at least one step before them, and
+    /// none in a round of one step, in the run's last round (nothing would sync them) or in a
+    /// pipeline stage (its stages step together).
+    fn tail_steps(&self, version: u64, plan: &InnerPlan) -> u64 {
+        let last = version + 1 >= self.trainer.config().final_version();
+        if last || self.trainer.stage().is_some() || self.stop.load(Ordering::Relaxed) {
+            return 0;
+        }
+        self.diloco.overlap_steps.min(plan.steps.saturating_sub(1))
     }
 
     /// All-reduces the pseudo-gradient weighted by this node's tokens and proposes the outer
@@ -838,8 +917,20 @@ impl Shell {
         // A pipeline stage averages its own layers with the nodes holding them.
         let group = self.same_layers(participants);
         let participants = group.as_slice();
+        let tail = self.overlap.tail.take();
+        self.overlap.progress = None;
         let data = self.outer.pseudo_gradient(self.trainer.var_store());
+        let snapshot = tail.is_some().then(|| data.clone());
         let seq_len = self.trainer.config().train.seq_len.max(1) as u64;
+        let max_weights = max_weights(participants, leases, seq_len);
+        // No more than this node's lease holds (its last tail's steps count in this round and
+        // a shorter tail now leaves them above it).
+        let me = self.net.peer_id().to_string();
+        let tokens = participants
+            .iter()
+            .zip(&max_weights)
+            .find(|(p, _)| p.peer_id == me)
+            .map_or(tokens, |(_, &cap)| tokens.min(cap as u64));
         let mut request = match request(
             round,
             participants,
@@ -853,7 +944,7 @@ impl Shell {
             Err(failure) => return Ok(Input::Reduced(Err(failure))),
         };
         request.timeout += wait;
-        request.max_weights = max_weights(participants, leases, seq_len);
+        request.max_weights = max_weights;
         if crate::hostile::mode() == Some(crate::hostile::Mode::InflateWeight) {
             request.weight *= f64::from(crate::hostile::INFLATE);
             request
@@ -861,31 +952,51 @@ impl Shell {
                 .iter_mut()
                 .for_each(|v| *v *= crate::hostile::INFLATE);
         }
-        let started = Instant::now();
-        let result = {
-            let all_reduce = self.net.all_reduce(request, &mut self.codec);
-            tokio::pin!(all_reduce);
-            loop {
-                tokio::select! {
-                    result = &mut all_reduce => break result,
-                    Some(note) = notes.recv() => {
-                        let mut abort = None;
-                        for action in self.rounds.handle(Instant::now(), Input::Note(note)) {
-                            match action {
-                                Action::AbortAllReduce { peer, reason, .. } => {
-                                    abort = Some(declared_gone(round, &peer, &reason));
-                                }
-                                other => queue.push_back(other),
-                            }
-                        }
-                        if let Some(e) = abort {
-                            break Err(e);
-                        }
-                    }
+        let reducing = reduce(
+            &self.net,
+            &mut self.codec,
+            &mut self.rounds,
+            (round, request),
+            notes,
+            queue,
+        );
+        let (result, sync_s) = match tail {
+            None => reducing.await,
+            Some((steps, schedule)) => {
+                // The tail trains on a thread of its own while this one drives the all-reduce.
+                let (trainer, stop) = (&mut self.trainer, &self.stop);
+                let (reduced, tail) = tokio::task::block_in_place(|| {
+                    let runtime = tokio::runtime::Handle::current();
+                    std::thread::scope(|scope| {
+                        let tail = std::thread::Builder::new()
+                            .name("overlap".into())
+                            .spawn_scoped(scope, move || {
+                                trainer.inner_steps(steps, None, stop, schedule)
+                            });
+                        let reduced = runtime.block_on(reducing);
+                        let tail = match tail {
+                            Ok(handle) => handle
+                                .join()
+                                .map_err(|_| anyhow!("the overlapped inner steps panicked")),
+                            Err(e) => Err(anyhow!(
+                                "cannot start a thread for the overlapped inner steps: {e}"
+                            )),
+                        };
+                        (reduced, tail)
+                    })
+                });
+                let tail = tail?.context("the inner steps overlapped with the outer sync")?;
+                self.overlap.trained = tail;
+                if let (Ok(_), Some(snapshot)) = (&reduced.0, snapshot) {
+                    // Both against the same global state: their difference is the tail's
+                    // progress.
+                    let after = self.outer.pseudo_gradient(self.trainer.var_store());
+                    let progress = snapshot.iter().zip(&after).map(|(b, a)| b - a).collect();
+                    self.overlap.progress = Some(progress);
                 }
+                reduced
             }
         };
-        let sync_s = started.elapsed().as_secs_f64();
         let out = match result {
             Ok(out) => out,
             Err(e) => return Ok(Input::Reduced(Err(failure_of(&e, sync_s)))),
@@ -999,6 +1110,44 @@ impl Shell {
             Exit::Stopped(reason) => Err(anyhow!(reason)),
         }
     }
+}
+
+/// Runs `request`, the all-reduce of `round`, and its time in seconds. Notes that arrive
+/// meanwhile go to the state machine; one that declares a participant gone gives it up.
+async fn reduce(
+    net: &PeerNet,
+    codec: &mut QuantCodec,
+    rounds: &mut Rounds<Proposal>,
+    (round, request): (RoundId, crate::p2p::AllReduceRequest),
+    notes: &mut mpsc::UnboundedReceiver<Notification>,
+    queue: &mut VecDeque<Action<Proposal>>,
+) -> (
+    std::result::Result<crate::p2p::AllReduceOutput, crate::p2p::AllReduceError>,
+    f64,
+) {
+    let started = Instant::now();
+    let all_reduce = net.all_reduce(request, codec);
+    tokio::pin!(all_reduce);
+    let result = loop {
+        tokio::select! {
+            result = &mut all_reduce => break result,
+            Some(note) = notes.recv() => {
+                let mut abort = None;
+                for action in rounds.handle(Instant::now(), Input::Note(note)) {
+                    match action {
+                        Action::AbortAllReduce { peer, reason, .. } => {
+                            abort = Some(declared_gone(round, &peer, &reason));
+                        }
+                        other => queue.push_back(other),
+                    }
+                }
+                if let Some(e) = abort {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    (result, started.elapsed().as_secs_f64())
 }
 
 /// The members' libp2p ids and addresses. One whose peer id does not parse (the coordinator

@@ -180,6 +180,34 @@ impl OuterOptimizer {
         self.load_into(vs);
     }
 
+    /// Adds `delta` (flattened in name order, as [`OuterOptimizer::pseudo_gradient`]) to the
+    /// model's parameters: inner steps taken while an outer step was on its way, put on top of
+    /// it. The difference of two pseudo-gradients against one global state is the progress
+    /// between them, negated.
+    pub fn add_to_params(&self, vs: &VarStore, delta: &[f32]) -> Result<()> {
+        if delta.len() != self.numel {
+            return Err(Error::InvalidTrainConfig(format!(
+                "a parameter update has {} values, the model {}",
+                delta.len(),
+                self.numel
+            )));
+        }
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for mut local in self.params(vs) {
+                let n = local.numel();
+                let d = Tensor::from_slice(&delta[offset..offset + n])
+                    .view(local.size().as_slice())
+                    .to_device(local.device());
+                offset += n;
+                // In fp32 and rounded once, whatever the model's kind.
+                let sum = cpu_f32(&local).to_device(local.device()) + d;
+                local.copy_(&sum.to_kind(local.kind()));
+            }
+        });
+        Ok(())
+    }
+
     /// Copies the global parameters into the model (after a commit, or to undo local steps).
     pub fn load_into(&self, vs: &VarStore) {
         tch::no_grad(|| {
@@ -322,6 +350,36 @@ mod tests {
         outer.commit(p, &vs);
         let after = Vec::<f32>::try_from(&w).unwrap();
         assert!((before[0] - after[0] - 0.5 * 2.71 * 0.2).abs() < 1e-5);
+    }
+
+    /// The overlapped inner steps' progress, taken as the difference of two pseudo-gradients
+    /// against the old global state, lands on top of the committed outer step.
+    #[test]
+    fn progress_between_two_pseudo_gradients_goes_on_top_of_the_outer_step() {
+        let (vs, w) = store(&[1.0, 2.0]);
+        let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let set = |v: [f32; 2]| tch::no_grad(|| w.shallow_clone().copy_(&Tensor::from_slice(&v)));
+        set([0.5, 2.5]);
+        let sent = outer.pseudo_gradient(&vs);
+        // The tail moves the parameters by [0.25, -0.125] while the sync runs.
+        set([0.75, 2.375]);
+        let after = outer.pseudo_gradient(&vs);
+        let progress: Vec<f32> = sent.iter().zip(&after).map(|(b, a)| b - a).collect();
+        let p = outer.propose(&sent).unwrap();
+        outer.commit(p, &vs);
+        let global = Vec::<f32>::try_from(&w).unwrap();
+        outer.add_to_params(&vs, &progress).unwrap();
+        let got = Vec::<f32>::try_from(&w).unwrap();
+        assert!(
+            (got[0] - global[0] - 0.25).abs() < 1e-6,
+            "{got:?} {global:?}"
+        );
+        assert!(
+            (got[1] - global[1] + 0.125).abs() < 1e-6,
+            "{got:?} {global:?}"
+        );
+        let err = outer.add_to_params(&vs, &[1.0]).unwrap_err().to_string();
+        assert!(err.contains("1 values"), "{err}");
     }
 
     #[test]

@@ -113,6 +113,18 @@ pub struct InnerSummary {
 }
 
 impl InnerSummary {
+    /// Counts `later`'s steps in this summary, as one span of steps.
+    pub fn absorb(&mut self, later: &InnerSummary) {
+        self.steps += later.steps;
+        self.tokens += later.tokens;
+        self.loss_sum += later.loss_sum;
+        self.seconds += later.seconds;
+        if later.steps > 0 {
+            self.last_loss = later.last_loss;
+            self.last_grad_norm = later.last_grad_norm;
+        }
+    }
+
     pub fn mean_loss(&self) -> f64 {
         if self.steps == 0 {
             f64::NAN
@@ -584,7 +596,16 @@ impl Trainer {
 
     /// The stream positions this replica's inner steps read of the lease set last, in order.
     pub fn data_consumed(&self) -> Vec<SeqRange> {
-        self.primary.batches.lease_consumed().unwrap_or_default()
+        self.data_consumed_after(0)
+    }
+
+    /// [`Trainer::data_consumed`] once `steps` more steps have read the lease (as far as it
+    /// holds them): what a round reports when steps of it still run while it syncs.
+    pub fn data_consumed_after(&self, steps: u64) -> Vec<SeqRange> {
+        self.primary
+            .batches
+            .lease_consumed_after(steps)
+            .unwrap_or_default()
     }
 
     /// An estimate of this node's microseconds per inner step before it has trained: worker 0's

@@ -37,6 +37,13 @@ pub struct DilocoConfig {
     /// H steps everywhere.
     #[serde(default)]
     pub pace: Pace,
+    /// The last this many inner steps of each round run while its outer gradients travel, and
+    /// their progress goes on top of the outer step when it arrives, so the node never waits
+    /// for the all-reduce (0: blocking, the node idles through it). About the outer sync's
+    /// seconds over an inner step's; a round of one step and the run's last round never
+    /// overlap, nor do pipeline stages.
+    #[serde(default)]
+    pub overlap_steps: u64,
 }
 
 /// `[diloco] pace`: the inner steps of a round, fixed or following each node's speed.
@@ -65,6 +72,7 @@ impl Default for DilocoConfig {
             eval_every_rounds: 5,
             sync_warmup_steps: 0,
             pace: Pace::Auto,
+            overlap_steps: 0,
         }
     }
 }
@@ -118,6 +126,13 @@ impl DilocoConfig {
                 self.round_seconds
             ));
         }
+        if self.overlap_steps >= self.inner_steps {
+            return bad(format!(
+                "overlap_steps ({}) must be below inner_steps ({}): a round needs one step \
+                 before its outer gradients can start to travel",
+                self.overlap_steps, self.inner_steps
+            ));
+        }
         if self.eval_every_rounds == 0 {
             return bad("eval_every_rounds must be at least 1".into());
         }
@@ -153,6 +168,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[diloco] compression: "), "{err}");
+        let err = DilocoConfig {
+            inner_steps: 5,
+            overlap_steps: 5,
+            ..DilocoConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("overlap_steps (5) must be below inner_steps (5)"),
+            "{err}"
+        );
     }
 
     /// The rounds a replica plays for a budget of inner steps, as the node's rounds take them

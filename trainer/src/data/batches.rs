@@ -158,8 +158,14 @@ impl Batches {
     /// With a lease: the positions its steps so far read (a prefix of the lease), for the
     /// whole replica.
     pub fn lease_consumed(&self) -> Option<Vec<SeqRange>> {
+        self.lease_consumed_after(0)
+    }
+
+    /// [`Batches::lease_consumed`] once `more` further steps have read the lease (as far as it
+    /// holds them).
+    pub fn lease_consumed_after(&self, more: u64) -> Option<Vec<SeqRange>> {
         let lease = self.lease.as_ref()?;
-        let done = self.lease_steps_done(lease);
+        let done = (self.lease_steps_done(lease) + more).min(lease.steps());
         Some(stream::split_at(&lease.ranges, done * lease.block).0)
     }
 
