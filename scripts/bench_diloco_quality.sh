@@ -7,8 +7,13 @@
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
 #                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--sync-warmup 0]
+#                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
+# --overlap sets [diloco] overlap_steps (inner steps that train while the outer sync runs);
+# --pace fixed gives every node H steps whatever its speed (runs that do not depend on load);
+# --data wikipedia trains on ../shared/data/wikipedia (enwiki-train-1.txt, never read twice in
+# runs of up to 4 x 2,000 steps) and validates on 200 batches of enwiki-valid.txt.
 # --lr sets the peak inner learning rate of both runs (default: the configs' 3e-3); --seed sets
 # the seed of both runs (initialisation and data order; default: the configs' 1234). --seeds
 # repeats both runs once per seed and then prints the means, the ratio of the means and the
@@ -19,6 +24,7 @@ source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
 nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
+overlap=0 pace=auto data=tinystories
 args=("$@")
 while (($#)); do
   case "$1" in
@@ -30,11 +36,14 @@ while (($#)); do
     --momentum) momentum=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
     --sync-warmup) warm=$2; shift 2 ;;
+    --overlap) overlap=$2; shift 2 ;;
+    --pace) pace=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
     --skip-diloco) diloco=0; shift ;;
-    -h|--help) sed -n '2,15p' "$self"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$self"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -43,6 +52,15 @@ case "$codec" in
   int8|int4) compression="{ codec = \"$codec\", block_size = 256, zstd = 3 }" ;;
   topk) compression="{ codec = \"topk\", block_size = 4096, density = 0.015625, bits = 2 }" ;;
   *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8, int4 or topk" >&2; exit 2 ;;
+esac
+case "$pace" in auto|fixed) ;; *) echo "bench_diloco_quality.sh: --pace must be auto or fixed" >&2; exit 2 ;; esac
+# sed edits that point a config at the corpus.
+case "$data" in
+  tinystories) data_edits=() ;;
+  wikipedia) data_edits=(-e "s#^train = .*#train = \"../shared/data/wikipedia/enwiki-train-1.txt\"#"
+                         -e "s#^val = .*#val = \"../shared/data/wikipedia/enwiki-valid.txt\"#"
+                         -e "s/^batches = 0/batches = 200/") ;;
+  *) echo "bench_diloco_quality.sh: --data must be tinystories or wikipedia" >&2; exit 2 ;;
 esac
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}
@@ -73,7 +91,10 @@ PY
 fi
 ((baseline || diloco)) || { echo "bench_diloco_quality.sh: --skip-baseline and --skip-diloco leave nothing to run" >&2; exit 2; }
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm
+((overlap == 0)) || work=$work-o$overlap
+[[ "$pace" == auto ]] || work=$work-$pace
 ((diloco)) || work=runs/quality/sync-n$nodes-ilr$lr-s$steps
+[[ "$data" == tinystories ]] || work=$work-$data
 [[ "$seed" == 1234 ]] || work=$work-seed$seed
 rm -rf "$work"; mkdir -p "$work"
 warmup=$(( steps / 5 ))
@@ -86,6 +107,7 @@ if ((baseline)); then
       -e "s/^seed = 1234/seed = $seed/" \
       -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
       -e "s/^every = 100$/every = 100000/" \
+      "${data_edits[@]}" \
       configs/tiny-cpu.toml > "$work/sync.toml"
   echo "== one node, batch $((16 * nodes)) x 128, $steps steps, lr $lr" >&2
   RUST_LOG=warn "$bin/forge-node" train --config "$work/sync.toml" --no-resume > "$work/sync.out" 2> "$work/sync.log"
@@ -107,6 +129,9 @@ sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^sync_warmup_steps = 0/sync_warmup_steps = $warm/" \
     -e "s/^min_replicas = 2/min_replicas = $nodes/" \
     -e "s/^start_replicas = 2/start_replicas = $nodes/" \
+    -e "s/^overlap_steps = 0/overlap_steps = $overlap/" \
+    -e "s/^pace = \"auto\"/pace = \"$pace\"/" \
+    "${data_edits[@]}" \
     configs/diloco-tiny-cpu.toml > "$work/diloco.toml"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
@@ -127,7 +152,7 @@ diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.
 sent=$(python3 -c "
 import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
-echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr sync_warmup=$warm seed=$seed: val loss $diloco_loss; $sent"
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum lr=$lr sync_warmup=$warm overlap=$overlap pace=$pace data=$data seed=$seed: val loss $diloco_loss; $sent"
 if ((baseline)); then
   echo "$sync_line"
   python3 -c "print(f'diloco / synchronous: {$diloco_loss / $sync_loss:.4f} ({100*($diloco_loss / $sync_loss - 1):+.2f}%)')"

@@ -232,13 +232,18 @@ struct Overlap {
     /// The progress of a tail whose round committed, added to the parameters as the next
     /// round starts (evaluations and checkpoint shards in between see the global state).
     carried: Option<Vec<f32>>,
+    /// Seconds this node's last outer sync took (for `auto`).
+    sync_s: Option<f64>,
 }
 
 impl Overlap {
     /// The node's parameters were replaced (state fetched, a checkpoint resumed, the trainer
     /// rebuilt): what the last tail trained is gone with them.
     fn forget(&mut self) {
-        *self = Overlap::default();
+        *self = Overlap {
+            sync_s: self.sync_s,
+            ..Overlap::default()
+        };
     }
 }
 
@@ -887,15 +892,20 @@ impl Shell {
     }
 
     /// The inner steps of a round of `plan` (from global `version`) to run while its outer
-    /// gradients travel: `overlap_steps`, leaving the round at least one step before them, and
-    /// none in a round of one step, in the run's last round (nothing would sync them) or in a
+    /// gradients travel ([`forge_trainer::diloco::OverlapSteps::steps`]; `auto` from this
+    /// node's last outer sync), none in the run's last round (nothing would sync them) or in a
     /// pipeline stage (its stages step together).
     fn tail_steps(&self, version: u64, plan: &InnerPlan) -> u64 {
         let last = version + 1 >= self.trainer.config().final_version();
         if last || self.trainer.stage().is_some() || self.stop.load(Ordering::Relaxed) {
             return 0;
         }
-        self.diloco.overlap_steps.min(plan.steps.saturating_sub(1))
+        let round = self.diloco.round_steps(plan.schedule.start);
+        let steps = self
+            .diloco
+            .overlap_steps
+            .steps(round, self.overlap.sync_s, self.us_per_step);
+        steps.min(plan.steps.saturating_sub(1))
     }
 
     /// All-reduces the pseudo-gradient weighted by this node's tokens and proposes the outer
@@ -997,6 +1007,9 @@ impl Shell {
                 reduced
             }
         };
+        if result.is_ok() {
+            self.overlap.sync_s = Some(sync_s);
+        }
         let out = match result {
             Ok(out) => out,
             Err(e) => return Ok(Input::Reduced(Err(failure_of(&e, sync_s)))),

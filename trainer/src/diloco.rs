@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 /// `[diloco]` in a run config; defined with the run config schema in forge-protocol.
-pub use forge_protocol::run_config::DilocoConfig;
+pub use forge_protocol::run_config::{DilocoConfig, OverlapSteps};
 
 /// SHA-256 of a tensor's fp32 little-endian bytes ([`digest::tensor_digest`]).
 pub type TensorDigest = [u8; 32];

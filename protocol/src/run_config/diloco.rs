@@ -38,12 +38,82 @@ pub struct DilocoConfig {
     #[serde(default)]
     pub pace: Pace,
     /// The last this many inner steps of each round run while its outer gradients travel, and
-    /// their progress goes on top of the outer step when it arrives, so the node never waits
-    /// for the all-reduce (0: blocking, the node idles through it). About the outer sync's
-    /// seconds over an inner step's; a round of one step and the run's last round never
-    /// overlap, nor do pipeline stages.
+    /// their progress goes on top of the outer step when it arrives, so the node does not wait
+    /// for the all-reduce: a number (0, the default: blocking, the node idles through the sync)
+    /// or `"auto"` (each node as many as its last outer sync took at its own speed, at least
+    /// one, at most half a round). A round of one step and the run's last round never overlap,
+    /// nor do pipeline stages.
     #[serde(default)]
-    pub overlap_steps: u64,
+    pub overlap_steps: OverlapSteps,
+}
+
+/// `[diloco] overlap_steps`: a number of inner steps, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlapSteps {
+    /// This many (0: none, the sync blocks).
+    Steps(u64),
+    /// Each node as many as its last outer sync took at its own speed, from 1 to half a round.
+    Auto,
+}
+
+impl Default for OverlapSteps {
+    fn default() -> Self {
+        OverlapSteps::Steps(0)
+    }
+}
+
+impl Serialize for OverlapSteps {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            OverlapSteps::Steps(n) => serializer.serialize_u64(*n),
+            OverlapSteps::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OverlapSteps {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = OverlapSteps;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of inner steps (0 for none) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OverlapSteps, E> {
+                Ok(OverlapSteps::Steps(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OverlapSteps, E> {
+                u64::try_from(v)
+                    .map(OverlapSteps::Steps)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OverlapSteps, E> {
+                match v {
+                    "auto" => Ok(OverlapSteps::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl OverlapSteps {
+    /// The steps of a round of `round_steps` to overlap, for a node whose last outer sync took
+    /// `sync_s` seconds and whose inner steps take `us_per_step` (None: not measured yet), at
+    /// least one step of the round left before them.
+    pub fn steps(&self, round_steps: u64, sync_s: Option<f64>, us_per_step: Option<u64>) -> u64 {
+        let wanted = match *self {
+            OverlapSteps::Steps(n) => n,
+            OverlapSteps::Auto => match (sync_s, us_per_step) {
+                (Some(sync), Some(us)) if us > 0 => {
+                    ((sync * 1e6 / us as f64).ceil() as u64).clamp(1, (round_steps / 2).max(1))
+                }
+                _ => 1,
+            },
+        };
+        wanted.min(round_steps.saturating_sub(1))
+    }
 }
 
 /// `[diloco] pace`: the inner steps of a round, fixed or following each node's speed.
@@ -72,7 +142,7 @@ impl Default for DilocoConfig {
             eval_every_rounds: 5,
             sync_warmup_steps: 0,
             pace: Pace::Auto,
-            overlap_steps: 0,
+            overlap_steps: OverlapSteps::default(),
         }
     }
 }
@@ -126,11 +196,13 @@ impl DilocoConfig {
                 self.round_seconds
             ));
         }
-        if self.overlap_steps >= self.inner_steps {
+        if let OverlapSteps::Steps(n) = self.overlap_steps
+            && n >= self.inner_steps
+        {
             return bad(format!(
-                "overlap_steps ({}) must be below inner_steps ({}): a round needs one step \
+                "overlap_steps ({n}) must be below inner_steps ({}): a round needs one step \
                  before its outer gradients can start to travel",
-                self.overlap_steps, self.inner_steps
+                self.inner_steps
             ));
         }
         if self.eval_every_rounds == 0 {
@@ -170,7 +242,7 @@ mod tests {
         assert!(err.contains("[diloco] compression: "), "{err}");
         let err = DilocoConfig {
             inner_steps: 5,
-            overlap_steps: 5,
+            overlap_steps: OverlapSteps::Steps(5),
             ..DilocoConfig::default()
         }
         .validate()
@@ -180,6 +252,44 @@ mod tests {
             err.contains("overlap_steps (5) must be below inner_steps (5)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn overlap_steps_are_a_number_or_auto() {
+        #[derive(Deserialize, Serialize)]
+        struct T {
+            overlap_steps: OverlapSteps,
+        }
+        let parse = |text: &str| toml::from_str::<T>(text).map(|t| t.overlap_steps);
+        assert_eq!(parse("overlap_steps = 3").unwrap(), OverlapSteps::Steps(3));
+        assert_eq!(
+            parse("overlap_steps = \"auto\"").unwrap(),
+            OverlapSteps::Auto
+        );
+        for bad in [
+            "overlap_steps = -1",
+            "overlap_steps = \"some\"",
+            "overlap_steps = 1.5",
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("a number of inner steps (0 for none) or \"auto\""),
+                "{err}"
+            );
+        }
+        for v in [OverlapSteps::Steps(4), OverlapSteps::Auto] {
+            let text = toml::to_string(&T { overlap_steps: v }).unwrap();
+            assert_eq!(parse(&text).unwrap(), v, "{text}");
+        }
+        // A fixed count leaves a round one step; auto covers the sync, from 1 to half a round.
+        assert_eq!(OverlapSteps::Steps(4).steps(30, None, None), 4);
+        assert_eq!(OverlapSteps::Steps(4).steps(3, None, None), 2);
+        assert_eq!(OverlapSteps::Steps(4).steps(1, None, None), 0);
+        assert_eq!(OverlapSteps::Auto.steps(30, None, None), 1);
+        assert_eq!(OverlapSteps::Auto.steps(30, Some(2.1), Some(500_000)), 5);
+        assert_eq!(OverlapSteps::Auto.steps(30, Some(60.0), Some(500_000)), 15);
+        assert_eq!(OverlapSteps::Auto.steps(30, Some(0.01), Some(500_000)), 1);
+        assert_eq!(OverlapSteps::Auto.steps(1, Some(2.0), Some(500_000)), 0);
     }
 
     /// The rounds a replica plays for a budget of inner steps, as the node's rounds take them

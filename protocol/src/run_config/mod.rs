@@ -12,7 +12,7 @@ mod parallel;
 mod schedule;
 
 pub use data::{CorpusFormat, DataConfig, TokenizerConfig};
-pub use diloco::{DilocoConfig, Pace};
+pub use diloco::{DilocoConfig, OverlapSteps, Pace};
 pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};
 pub use schedule::Schedule;
 
