@@ -50,49 +50,18 @@ case "$what" in
   pipeline) subcommand=pipeline ;;
   *) echo "bench_allreduce_netns.sh: --what must be allreduce, state or pipeline" >&2; exit 2 ;;
 esac
-if [[ $(id -u) != 0 ]]; then
-  echo "bench_allreduce_netns.sh: needs root for ip netns and tc (run it with sudo)" >&2
-  exit 1
-fi
-for tool in ip tc; do
-  command -v "$tool" > /dev/null || { echo "bench_allreduce_netns.sh: '$tool' not found (install iproute2)" >&2; exit 1; }
-done
+source "$FORGE_ROOT/scripts/netns_lan.sh"
+lan_check bench_allreduce_netns.sh
 [[ -n "${FORGE_BIN:-}" ]] || scripts/setup.sh >&2
 bin=${FORGE_BIN:-target/release}/forge-node
 work=runs/bench-allreduce-netns
 mkdir -p "$work"
 
-sw=forge-ar-sw
 max_peers=0
 for k in $peers_list; do ((k > max_peers)) && max_peers=$k; done
-cleanup() {
-  for ((i = 0; i < max_peers; i++)); do ip netns del "forge-ar-$i" 2> /dev/null || true; done
-  ip netns del "$sw" 2> /dev/null || true
-}
-trap cleanup EXIT
-cleanup
-
-# tbf: the bucket holds ~2 ms at the rate, the queue ~20 ms (a switch port's buffer).
-shape() { # netns dev
-  ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "${rate}mbit" \
-    burst $((rate * 1000 / 8 * 2))b latency 20ms
-}
-ip netns add "$sw"
-ip -n "$sw" link set lo up
-ip -n "$sw" link add br0 type bridge
-ip -n "$sw" link set br0 up
-for ((i = 0; i < max_peers; i++)); do
-  ns=forge-ar-$i
-  ip netns add "$ns"
-  ip -n "$ns" link set lo up
-  ip -n "$ns" link add eth0 type veth peer name "fgar${i}b" netns "$sw"
-  ip -n "$ns" addr add "10.231.0.$((i + 1))/24" dev eth0
-  ip -n "$ns" link set eth0 up
-  ip -n "$sw" link set "fgar${i}b" master br0
-  ip -n "$sw" link set "fgar${i}b" up
-  shape "$ns" eth0          # what the member uploads
-  shape "$sw" "fgar${i}b"   # what it downloads
-done
+trap 'lan_down forge-ar "$max_peers"' EXIT
+lan_down forge-ar "$max_peers"
+lan_up forge-ar "$max_peers" "$rate"
 
 values_of() {
   case "$1" in
