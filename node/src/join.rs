@@ -881,7 +881,8 @@ impl Shell {
                     tokens: inner.tokens,
                     mean_loss: inner.mean_loss(),
                     seconds: inner.seconds,
-                    step: self.trainer.step(),
+                    // Where the round ends, once its tail ran.
+                    step: self.trainer.step() + ahead,
                     consumed: match lease {
                         Some(_) => self.trainer.data_consumed_after(ahead),
                         None => Vec::new(),
