@@ -318,6 +318,9 @@ fn parse_round(line: &str) -> Option<(u64, usize, f64, String)> {
 fn a_killed_node_does_not_stop_the_others() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 4);
+    // With two inner steps of each round overlapping its sync: the round the kill breaks fails
+    // while the survivors train its tail, and their next rounds go on from there.
+    edit_config(&config, &[("overlap_steps = 0", "overlap_steps = 2")]);
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..4)
@@ -624,8 +627,16 @@ fn a_node_joining_mid_run_fetches_the_state_and_contributes() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 3);
     // A budget the three cannot finish before the joiner is in, however slow the machine: the
-    // test stops every node with SIGTERM once the joiner has committed rounds with them.
-    edit_config(&config, &[("max_steps = 60", "max_steps = 5000")]);
+    // test stops every node with SIGTERM once the joiner has committed rounds with them. Their
+    // outer syncs overlap inner steps (as many as each node's last sync took): the joiner
+    // fetches a state whose holders train on while they sync.
+    edit_config(
+        &config,
+        &[
+            ("max_steps = 60", "max_steps = 5000"),
+            ("overlap_steps = 0", "overlap_steps = \"auto\""),
+        ],
+    );
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..3)
