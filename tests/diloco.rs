@@ -71,6 +71,21 @@ fn edit_config(config: &Path, edits: &[(&str, &str)]) {
     std::fs::write(config, text).unwrap();
 }
 
+/// Whether one of `nodes` printed a line containing `needle` by `deadline` (lines that came
+/// before count too).
+fn said_by_any(nodes: &mut [Proc], needle: &str, deadline: Instant) -> bool {
+    loop {
+        let said = nodes.iter_mut().any(|n| {
+            n.drain();
+            n.seen.iter().any(|l| l.contains(needle))
+        });
+        if said || Instant::now() > deadline {
+            return said;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A child process whose stdout lines arrive on a channel; killed when dropped.
 struct Proc {
     child: Child,
@@ -121,6 +136,13 @@ impl Proc {
             self.seen.join("\n"),
             self.log.display()
         )
+    }
+
+    /// Takes in the stdout lines that arrived so far.
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
     }
 
     /// Waits for a stdout line containing `needle`; returns it.
@@ -710,14 +732,9 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
         assert!(line.contains("committed"), "{line}");
         loss_before = loss_before.min(parse_round(&line).unwrap().2);
     }
-    let written = nodes.iter_mut().position(|n| {
-        n.seen
-            .iter()
-            .any(|l| l.contains("checkpoint shard 0 written"))
-    });
-    assert!(written.is_some(), "no node wrote the round 4 checkpoint");
-    // The writer tells the coordinator after printing that line: wait for the commit, or the
-    // cluster would be lost between the write and the commit (and rightly not resume from it).
+    // The shard is written in the background while the next round trains, and the writer
+    // tells the coordinator once it is: wait for the commit, or the cluster would be lost
+    // between the write and the commit (and rightly not resume from it).
     let coordinator_log = wait_for_log(&tmp.path().join("coord.log"), deadline, |line| {
         line.contains("checkpoint committed") && line.contains("round 4")
     });
@@ -725,6 +742,9 @@ fn a_whole_cluster_restart_resumes_from_the_last_committed_checkpoint() {
         coordinator_log.is_ok(),
         "the coordinator never committed the round 4 checkpoint"
     );
+    // It printed that before telling the coordinator.
+    let written = said_by_any(&mut nodes, "round 4: checkpoint shard 0 written", deadline);
+    assert!(written, "no node said it wrote the round 4 checkpoint");
     drop(nodes); // SIGKILL both
     // The coordinator declares them dead (2 s of silence) and, with no member left, rolls the
     // run back to the checkpoint: only then do the nodes come back.
@@ -1260,7 +1280,9 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
         );
     }
     let deadline = Instant::now() + LIMIT;
-    let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    // At info, the coordinator logs the checkpoints it commits.
+    let (_coordinator, addr, token) =
+        start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
     let capped = ["--memory-limit", "33MB"];
     let node = |i: usize| start_node_args(tmp.path(), i, &addr, &token, &[], &capped);
     let mut nodes: Vec<Proc> = (0..4).map(node).collect();
@@ -1297,16 +1319,26 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
                 parse_round(l).is_some_and(|r| r.0 >= 5 && r.3.starts_with("committed"))
             });
         }
+        // The shard is written in the background: said by the time the run moves on, or
+        // never (no checkpoint asked for).
+        let soon = if checkpoint { deadline } else { Instant::now() };
+        let written = said_by_any(&mut nodes, "round 4: checkpoint shard 1 written", soon);
         let seen: String = nodes
             .iter()
             .flat_map(|n| n.seen.clone())
             .collect::<Vec<_>>()
             .join("\n");
-        assert_eq!(
-            seen.contains("round 4: checkpoint shard 1 written"),
-            checkpoint,
-            "{seen}"
-        );
+        assert_eq!(written, checkpoint, "{seen}");
+        if checkpoint {
+            // Reported durable after that line: the loss must come after the commit.
+            let committed = wait_for_log(&tmp.path().join("coord.log"), deadline, |line| {
+                line.contains("checkpoint committed") && line.contains("round 4")
+            });
+            assert!(
+                committed.is_ok(),
+                "the round 4 checkpoint was not committed"
+            );
+        }
         let second: Vec<usize> = (0..4)
             .filter(|&i| last_stage_line(&nodes[i]).contains("stage 2 of 2"))
             .collect();

@@ -214,6 +214,8 @@ struct Shell {
     pipeline: Vec<(MemberId, PeerId)>,
     clock: WallClock,
     overlap: Overlap,
+    /// The checkpoint shard being written in the background, if any (one at a time).
+    writer: Option<std::thread::JoinHandle<forge_trainer::Result<PathBuf>>>,
 }
 
 /// The inner steps a round runs while its outer gradients travel
@@ -403,6 +405,7 @@ impl Shell {
             pipeline: Vec::new(),
             clock: WallClock::new(),
             overlap: Overlap::default(),
+            writer: None,
             outer,
             trainer,
         };
@@ -446,6 +449,9 @@ impl Shell {
                 let done = self.carry_out(action, &mut notes, &mut queue).await;
                 let steps = self.trainer.timing().since(&before);
                 self.clock.add(phase, begun.elapsed().as_secs_f64(), &steps);
+                if let Some(written) = self.written(false) {
+                    queue.extend(self.feed(written));
+                }
                 match done {
                     Ok(Some(input)) => queue.extend(self.feed(input)),
                     Ok(None) => {}
@@ -470,6 +476,8 @@ impl Shell {
                     Input::StopRequested { waiting }
                 }
                 note = notes.recv() => note.map_or(Input::CoordinatorGone, Input::Note),
+                // A background checkpoint write that ends is reported at once.
+                written = self.writer_done(), if self.writer.is_some() => written,
             };
             self.clock.phases.waiting_s += waiting.elapsed().as_secs_f64();
             queue.extend(self.feed(input));
@@ -589,19 +597,28 @@ impl Shell {
                 version,
                 tensor_hashes,
             } => {
+                // One write at a time: the previous one ends (and is reported) first.
+                if let Some(written) = self.written(true) {
+                    queue.extend(self.feed(written));
+                }
                 tracing::debug!("{round}: writing checkpoint shard {shard} of v{version}");
                 let meta = OuterCheckpoint {
                     version,
                     round: round.0,
                     tensor_hashes,
                 };
-                let written = tokio::task::block_in_place(|| {
-                    outer_state::write(&self.checkpoints, &self.trainer, &self.outer, &meta)
+                let started = tokio::task::block_in_place(|| {
+                    outer_state::write_in_background(
+                        &self.checkpoints,
+                        &self.trainer,
+                        &self.outer,
+                        meta,
+                    )
                 });
-                let written = written
-                    .map(|dir| dir.display().to_string())
-                    .map_err(|e| format!("{e:#}"));
-                return Ok(Some(Input::CheckpointWritten(written)));
+                match started {
+                    Ok(writer) => self.writer = Some(writer),
+                    Err(e) => return Ok(Some(Input::CheckpointWritten(Err(format!("{e:#}"))))),
+                }
             }
             Action::ShardDurable(durable) => self.client.shard_durable(durable).await?,
             Action::ShardFailed(failed) => self.client.shard_failed(failed).await?,
@@ -1034,6 +1051,29 @@ impl Shell {
         Ok(Input::Reduced(Ok(reduced)))
     }
 
+    /// The background checkpoint write's outcome once it has ended (waiting for it when
+    /// `wait`); None while it runs or when there is none.
+    fn written(&mut self, wait: bool) -> Option<Input<Proposal>> {
+        let writer = self.writer.take_if(|w| wait || w.is_finished())?;
+        let result = tokio::task::block_in_place(|| writer.join());
+        Some(Input::CheckpointWritten(match result {
+            Ok(Ok(dir)) => Ok(dir.display().to_string()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err("the checkpoint writer panicked".to_string()),
+        }))
+    }
+
+    /// Waits (polling: the writer is a plain thread) until the background checkpoint write
+    /// ends; its outcome.
+    async fn writer_done(&mut self) -> Input<Proposal> {
+        loop {
+            if let Some(written) = self.written(false) {
+                return written;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Appends the round to `rounds.jsonl` and prints it.
     fn record(&mut self, log: &RoundLog) -> Result<()> {
         let at = std::time::SystemTime::now()
@@ -1080,6 +1120,10 @@ impl Shell {
     }
 
     async fn exit(mut self, exit: Exit) -> Result<()> {
+        // A checkpoint shard still being written is finished, whatever the node leaves for.
+        if let Some(Input::CheckpointWritten(Err(e))) = self.written(true) {
+            tracing::warn!("the last checkpoint shard was not written: {e}");
+        }
         match exit {
             Exit::Leave(reason) => {
                 println!("leaving: {reason}");

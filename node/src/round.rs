@@ -264,8 +264,9 @@ pub(crate) enum Action<P> {
     Evaluate,
     /// Serve the global state this node now holds to peers that join or fell behind.
     PublishState { version: u64, round: u64 },
-    /// Write this node's checkpoint shard of the committed state; answer with
-    /// [`Input::CheckpointWritten`].
+    /// Write this node's checkpoint shard of the committed state, in the background (the node
+    /// goes on meanwhile); answer with [`Input::CheckpointWritten`] when it is written, shards
+    /// in the order they were asked for.
     WriteCheckpoint {
         round: RoundId,
         shard: u32,
@@ -315,11 +316,6 @@ enum Phase {
         trained: Trained,
     },
     Evaluating(Closing),
-    /// The shard write under way, with the report that tells the coordinator it is durable.
-    Checkpointing {
-        log: RoundLog,
-        durable: CheckpointShardDurable,
-    },
     Exited,
 }
 
@@ -341,6 +337,9 @@ pub(crate) struct Rounds<P> {
     phase: Phase,
     /// Coordinator notifications that arrived while a job ran, in order.
     backlog: VecDeque<Notification>,
+    /// Checkpoint shards being written in the background, oldest first, each with the report
+    /// that tells the coordinator it is durable.
+    writing: VecDeque<CheckpointShardDurable>,
     /// The data shard this node reads (index, count); None on standby.
     shard: Option<(u32, u32)>,
     /// Peers of the other replicas (they may fetch the global state from this node).
@@ -386,6 +385,7 @@ impl<P> Rounds<P> {
             pending: None,
             phase: Phase::Idle,
             backlog: VecDeque::new(),
+            writing: VecDeque::new(),
             shard: None,
             sync_peers: accepted.sync_peers.clone(),
             participants: Vec::new(),
@@ -531,11 +531,17 @@ impl<P> Rounds<P> {
                         if unplayed(last, open.round))
                 });
                 if !announced || self.finished() {
-                    self.exit(Exit::Leave("stopped by signal".into()), out);
+                    // Not before its checkpoint shards are written and reported.
+                    if self.writing.is_empty() {
+                        self.exit(Exit::Leave("stopped by signal".into()), out);
+                    }
                     return;
                 }
             }
             if self.finished() && self.pending.is_none() {
+                if !self.writing.is_empty() {
+                    return;
+                }
                 let version = self.config.final_version;
                 let why = if self.held == Some(version) {
                     format!("the run is finished: its final version {version} is committed")
@@ -1071,31 +1077,24 @@ impl<P> Rounds<P> {
             .checkpoint
             .as_ref()
             .and_then(|c| c.writers.iter().find(|w| w.member == self.me));
-        match writer {
-            Some(writer) => {
-                out.push(Action::WriteCheckpoint {
-                    round: closing.closed.round,
-                    shard: writer.shard,
-                    version: *version,
-                    tensor_hashes: tensor_hashes.clone(),
-                });
-                let durable = CheckpointShardDurable {
-                    round: closing.closed.round,
-                    shard: writer.shard,
-                    tensor_hashes: tensor_hashes.clone(),
-                };
-                self.phase = Phase::Checkpointing {
-                    log: closing.log,
-                    durable,
-                };
-            }
-            None => out.push(Action::Record(closing.log)),
+        if let Some(writer) = writer {
+            out.push(Action::WriteCheckpoint {
+                round: closing.closed.round,
+                shard: writer.shard,
+                version: *version,
+                tensor_hashes: tensor_hashes.clone(),
+            });
+            self.writing.push_back(CheckpointShardDurable {
+                round: closing.closed.round,
+                shard: writer.shard,
+                tensor_hashes: tensor_hashes.clone(),
+            });
         }
+        out.push(Action::Record(closing.log));
     }
 
     fn on_checkpoint_written(&mut self, result: Result<String, String>, out: &mut Vec<Action<P>>) {
-        let Phase::Checkpointing { log, durable } = std::mem::replace(&mut self.phase, Phase::Idle)
-        else {
+        let Some(durable) = self.writing.pop_front() else {
             return;
         };
         let (round, shard) = (durable.round.0, durable.shard);
@@ -1121,7 +1120,6 @@ impl<P> Rounds<P> {
                 }));
             }
         }
-        out.push(Action::Record(log));
     }
 
     fn follow_shard(&mut self, assignment: &Assignment, out: &mut Vec<Action<P>>) {

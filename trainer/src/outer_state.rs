@@ -85,6 +85,25 @@ pub fn write(
     })
 }
 
+/// [`write`] on a thread of its own: the state is copied out now (the trainer's and the outer
+/// state), and the shard is written, hashed, synced and committed by rename while the node
+/// trains on. The thread's result says where the shard was committed, or why it was not.
+pub fn write_in_background(
+    ckpts: &CheckpointDir,
+    trainer: &Trainer,
+    outer: &OuterOptimizer,
+    meta: OuterCheckpoint,
+) -> Result<std::thread::JoinHandle<Result<PathBuf>>> {
+    let state: Vec<(TensorKey, Tensor)> = outer
+        .state_tensors()
+        .into_iter()
+        .map(|(key, t)| (key, t.copy()))
+        .collect();
+    trainer.save_checkpoint_in_background(ckpts, trainer.step(), move |dir| {
+        write_state_files(dir, state, &meta)
+    })
+}
+
 /// Takes the newest valid shard in `ckpts` that holds `global`'s version, if every tensor's
 /// digest equals the committed hash (an error otherwise): the outer state, then the trainer's files,
 /// then the global parameters into the model on every worker.
@@ -185,9 +204,17 @@ pub(crate) fn write_outer_files(
     outer: &OuterOptimizer,
     meta: &OuterCheckpoint,
 ) -> Result<()> {
+    write_state_files(dir, outer.state_tensors(), meta)
+}
+
+/// `outer.safetensors` with `state` ([`OuterOptimizer::state_tensors`]) and `outer.json`.
+fn write_state_files(
+    dir: &Path,
+    state: Vec<(TensorKey, Tensor)>,
+    meta: &OuterCheckpoint,
+) -> Result<()> {
     let path = dir.join(OUTER_STATE);
-    let state = outer
-        .state_tensors()
+    let state = state
         .into_iter()
         .map(|(key, t)| match state_file_name(&key) {
             Some(name) => Ok((name, t)),

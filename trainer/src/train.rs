@@ -862,22 +862,40 @@ impl Trainer {
         let started = Instant::now();
         self.wait_for_checkpoint()?;
         let waited = started.elapsed();
-        let snapshot = self.snapshot(true)?;
+        let handle =
+            self.save_checkpoint_in_background(&self.ckpts, self.state.step, |_| Ok(()))?;
         tracing::debug!(
             "checkpoint of step {}: waited {:.3} s for the previous one, copied the state in {:.3} s",
             self.state.step,
             waited.as_secs_f64(),
             (started.elapsed() - waited).as_secs_f64()
         );
-        let (ckpts, step) = (self.ckpts.clone(), self.state.step);
+        *self.writing.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Copies this trainer's state out and writes it as a checkpoint into `ckpts` under `key`
+    /// on a thread of its own, with whatever `extra` adds to the directory first (a DiLoCo
+    /// node's outer state, copied out by the caller): training goes on meanwhile. The thread's
+    /// result says where the checkpoint was committed, or why it was not (the previous one
+    /// stays the newest then).
+    pub fn save_checkpoint_in_background(
+        &self,
+        ckpts: &CheckpointDir,
+        key: u64,
+        extra: impl FnOnce(&Path) -> Result<()> + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<PathBuf>>> {
+        let snapshot = self.snapshot(true)?;
+        let ckpts = ckpts.clone();
         let hold = self.hold_writes.clone();
-        let handle = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
                 lowest_priority();
-                ckpts.save(step, |dir| {
+                ckpts.save(key, |dir| {
+                    extra(dir)?;
                     snapshot.write(dir, || {
-                        while step >= hold.load(Ordering::Relaxed) {
+                        while key >= hold.load(Ordering::Relaxed) {
                             std::thread::sleep(std::time::Duration::from_millis(5));
                         }
                     })
@@ -886,9 +904,7 @@ impl Trainer {
             .map_err(|e| Error::Io {
                 context: "starting the checkpoint writer".into(),
                 source: e,
-            })?;
-        *self.writing.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        Ok(())
+            })
     }
 
     /// Holds background checkpoint writes back (`true`) halfway, the model written and the

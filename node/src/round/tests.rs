@@ -758,6 +758,8 @@ fn a_rejected_contribution_names_the_member() {
     assert_eq!((*rejected, *unreachable), (Some(MemberId(2)), None));
 }
 
+/// The shard is written in the background: the round is recorded and the next one trains while
+/// it is written, and the write's outcome is reported when it comes.
 #[test]
 fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
     let t0 = Instant::now();
@@ -765,8 +767,15 @@ fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
     play(&mut n, t0, 1, 0, 25);
     assert_eq!(
         note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], Some(1))),
-        ["apply 1", "publish v1 r1", "checkpoint 1 shard 0"]
+        [
+            "apply 1",
+            "publish v1 r1",
+            "checkpoint 1 shard 0",
+            "record 1: committed v1 010101010101"
+        ]
     );
+    let actions = note(&mut n, t0, opened(2, 1, &[1, 2, 3]));
+    assert_eq!(actions.last().unwrap(), "train 2");
     assert_eq!(
         input(
             &mut n,
@@ -776,23 +785,35 @@ fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
         [
             "say round 1: checkpoint shard 0 written to ckpt/step-25",
             "durable 1 shard 0",
-            "record 1: committed v1 010101010101"
         ]
     );
-    // A failed write is said, reported failed (the coordinator asks another replica next time)
-    // and the round recorded; nothing is reported durable.
-    play(&mut n, t0, 2, 1, 50);
-    let actions = note(&mut n, t0, closed(2, committed(2), &[1, 2, 3], Some(1)));
-    assert_eq!(actions, ["apply 2", "evaluate"]);
-    let actions = input(
-        &mut n,
-        t0,
-        Input::Evaluated {
-            loss: 3.0,
-            bpb: 1.0,
-        },
+    assert_eq!(input(&mut n, t0, trained(50)), ["all-reduce 2"]);
+    let actions = input(&mut n, t0, reduced(2));
+    assert_eq!(actions.last().unwrap(), "report 2 ok");
+    assert_eq!(
+        note(&mut n, t0, closed(2, committed(2), &[1, 2, 3], None)),
+        ["apply 2", "evaluate"]
     );
-    assert_eq!(actions, ["publish v2 r2", "checkpoint 2 shard 0"]);
+    let evaluated = Input::Evaluated {
+        loss: 3.0,
+        bpb: 1.0,
+    };
+    assert_eq!(
+        input(&mut n, t0, evaluated),
+        ["publish v2 r2", "record 2: committed v2 020202020202"]
+    );
+    // A failed write is said and reported failed (the coordinator asks another replica next
+    // time); nothing is reported durable.
+    play(&mut n, t0, 3, 2, 75);
+    assert_eq!(
+        note(&mut n, t0, closed(3, committed(3), &[1, 2, 3], Some(1))),
+        [
+            "apply 3",
+            "publish v3 r3",
+            "checkpoint 3 shard 0",
+            "record 3: committed v3 030303030303"
+        ]
+    );
     assert_eq!(
         input(
             &mut n,
@@ -800,22 +821,25 @@ fn the_writer_writes_its_checkpoint_shard_and_reports_it_durable() {
             Input::CheckpointWritten(Err("disk full".into()))
         ),
         [
-            "say round 2: checkpoint shard 0 not written: disk full; training goes on and \
+            "say round 3: checkpoint shard 0 not written: disk full; training goes on and \
              another replica is asked for the next checkpoint (free space under --workdir for \
              this node to write again)",
-            "failed 2 shard 0: disk full",
-            "record 2: committed v2 020202020202"
+            "failed 3 shard 0: disk full",
         ]
     );
     // Another member's shard is not this node's to write.
-    play(&mut n, t0, 3, 2, 75);
+    play(&mut n, t0, 4, 3, 100);
     assert_eq!(
-        note(&mut n, t0, closed(3, committed(3), &[1, 2, 3], Some(2))),
-        [
-            "apply 3",
-            "publish v3 r3",
-            "record 3: committed v3 030303030303"
-        ]
+        note(&mut n, t0, closed(4, committed(4), &[1, 2, 3], Some(2))),
+        ["apply 4", "evaluate"]
+    );
+    let evaluated = Input::Evaluated {
+        loss: 3.0,
+        bpb: 1.0,
+    };
+    assert_eq!(
+        input(&mut n, t0, evaluated),
+        ["publish v4 r4", "record 4: committed v4 040404040404"]
     );
 }
 
@@ -901,9 +925,14 @@ fn the_final_version_ends_the_node_once_its_round_is_closed() {
         loss: 3.0,
         bpb: 1.0,
     };
+    // It leaves once the shard is written and reported.
     assert_eq!(
         input(&mut n, t0, evaluated),
-        ["publish v20 r20", "checkpoint 20 shard 0"]
+        [
+            "publish v20 r20",
+            "checkpoint 20 shard 0",
+            "record 20: committed v20 141414141414"
+        ]
     );
     let written = Input::CheckpointWritten(Ok("ckpt".into()));
     let actions = input(&mut n, t0, written);
@@ -911,7 +940,6 @@ fn the_final_version_ends_the_node_once_its_round_is_closed() {
         actions[1..],
         [
             "durable 20 shard 0",
-            "record 20: committed v20 141414141414",
             "exit Leave(\"the run is finished: its final version 20 is committed\")"
         ]
     );
@@ -964,6 +992,26 @@ fn the_coordinator_gone_or_stopping_the_node_ends_it() {
 
 fn stop(waiting: Vec<Notification>) -> Input<u64> {
     Input::StopRequested { waiting }
+}
+
+/// A node stopped while its checkpoint shard is written in the background leaves once the
+/// write is done and reported.
+#[test]
+fn sigterm_waits_for_the_checkpoint_shard_being_written() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    let actions = note(&mut n, t0, closed(1, committed(1), &[1, 2, 3], Some(1)));
+    assert_eq!(actions[2], "checkpoint 1 shard 0");
+    assert!(input(&mut n, t0, stop(Vec::new())).is_empty());
+    assert_eq!(
+        input(&mut n, t0, Input::CheckpointWritten(Ok("ckpt".into()))),
+        [
+            "say round 1: checkpoint shard 0 written to ckpt",
+            "durable 1 shard 0",
+            "exit Leave(\"stopped by signal\")"
+        ]
+    );
 }
 
 #[test]
