@@ -315,7 +315,7 @@ enum Phase {
         state_fetch_s: Option<f64>,
         trained: Trained,
     },
-    Evaluating(Closing),
+    Evaluating(Box<Closing>),
     Exited,
 }
 
@@ -1038,7 +1038,7 @@ impl<P> Rounds<P> {
             || self.finished()
         {
             out.push(Action::Evaluate);
-            self.phase = Phase::Evaluating(closing);
+            self.phase = Phase::Evaluating(Box::new(closing));
         } else {
             self.after_evaluation(closing, out);
         }
@@ -1050,7 +1050,7 @@ impl<P> Rounds<P> {
         };
         closing.log.eval_loss = Some(loss);
         closing.log.eval_bpb = Some(bpb);
-        self.after_evaluation(closing, out);
+        self.after_evaluation(*closing, out);
     }
 
     /// A closed round: serve the committed state this node holds, write its checkpoint shard if
