@@ -70,10 +70,11 @@ for rate in $rates; do
       [[ $overlap == auto ]] && overlap_value='"auto"' || overlap_value=$overlap
       run=$work/r$rate-$codec-o$overlap
       mkdir -p "$run"
-          -e "s/^preset = \"tiny\"/preset = \"$model\"/" \
+      sed -e "s/^preset = \"tiny\"/preset = \"$model\"/" \
           -e "s/^batch_size = 16/batch_size = $batch/" \
           -e "s/^micro_batch = 16/micro_batch = $batch/" \
           -e "s/^max_steps = 300/max_steps = $((inner * rounds))/" \
+          -e "s/^warmup_steps = 30/warmup_steps = $((inner * rounds / 5))/" \
           -e "s/^inner_steps = 25/inner_steps = $inner/" \
           -e "s/^pace = \"auto\"/pace = \"fixed\"/" \
           -e "s#^compression = .*#compression = $compression#" \
@@ -87,6 +88,11 @@ for rate in $rates; do
         --listen 10.231.0.254:7400 --state-dir "$run/coord" > "$run/coord.out" 2> "$run/coord.log" &
       pids+=($!)
       for _ in $(seq 300); do grep -q "forge-node join " "$run/coord.out" 2> /dev/null && break; sleep 0.1; done
+      if ! grep -q "forge-node join " "$run/coord.out"; then
+        echo "bench_utilisation_netns.sh: the coordinator did not start; see $run/coord.log:" >&2
+        tail -n 5 "$run/coord.out" "$run/coord.log" >&2
+        exit 1
+      fi
       read -r _ _ addr _ token <<< "$(grep "forge-node join " "$run/coord.out")"
       node_pids=()
       for ((i = 0; i < nodes; i++)); do
