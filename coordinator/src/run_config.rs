@@ -57,6 +57,9 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
         reason: err.to_string(),
     })?;
     let final_version = run.final_version();
+    if let Some(warning) = run.diloco.and_then(|d| d.plan_warning(final_version)) {
+        tracing::warn!("{}: {warning}", path.display());
+    }
     let pace = run
         .diloco
         .is_some_and(|d| d.pace == forge_protocol::run_config::Pace::Auto);
@@ -252,7 +255,7 @@ mod tests {
             );
         }
         let err = parse(
-            diloco.replacen("inner_steps = 25", "inner_steps = 0", 1),
+            diloco.replacen("inner_steps = 5\n", "inner_steps = 0\n", 1),
             Path::new("configs/x.toml"),
         )
         .unwrap_err()

@@ -318,7 +318,7 @@ mod tests {
         };
         let steps: Vec<u64> = (0..5).map(|s| cfg.round_steps(s)).collect();
         assert_eq!(steps, vec![1, 1, 1, 10, 10]);
-        assert_eq!(DilocoConfig::default().round_steps(0), 50);
+        assert_eq!(DilocoConfig::default().round_steps(0), 30);
     }
 
     #[test]
@@ -443,7 +443,8 @@ mod tests {
     #[test]
     fn state_round_trips() {
         let (vs, _w) = store(&[1.0, 2.0]);
-        let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let cfg = crate::outer_state::tests::with_momentum();
+        let mut outer = OuterOptimizer::new(&vs, cfg).unwrap();
         let p = outer.propose(&[0.5, -0.5]).unwrap();
         outer.commit(p, &vs);
         let saved: HashMap<TensorKey, Tensor> = outer
@@ -451,7 +452,7 @@ mod tests {
             .into_iter()
             .map(|(k, t)| (k, t.copy()))
             .collect();
-        let mut fresh = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let mut fresh = OuterOptimizer::new(&vs, cfg).unwrap();
         fresh.load_state_tensors(&saved).unwrap();
         assert_eq!(fresh.global_hash(), outer.global_hash());
         let next_a = outer.propose(&[0.1, 0.1]).unwrap();

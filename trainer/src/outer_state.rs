@@ -406,6 +406,17 @@ pub(crate) mod tests {
     use crate::models::trainable_by_name;
     use tch::{Device, nn};
 
+    /// Outer SGD with Nesterov momentum (the default has none), so that a state whose
+    /// momentum differs proposes a different next step.
+    pub(crate) fn with_momentum() -> DilocoConfig {
+        DilocoConfig {
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            nesterov: true,
+            ..DilocoConfig::default()
+        }
+    }
+
     /// A var store with two parameters, and its outer state after one committed outer step
     /// (so the momentum is not zero).
     pub(crate) fn trained() -> (VarStore, OuterOptimizer, Vec<TensorHash>) {
@@ -419,7 +430,7 @@ pub(crate) mod tests {
             b.shallow_clone()
                 .copy_(&Tensor::from_slice(&[0.25f32, -0.5, 0.75]));
         });
-        let mut outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let mut outer = OuterOptimizer::new(&vs, with_momentum()).unwrap();
         let step: Vec<f32> = (0..9).map(|i| 0.1 * i as f32 - 0.3).collect();
         let proposal = outer.propose(&step).unwrap();
         let committed = proposal
@@ -440,7 +451,7 @@ pub(crate) mod tests {
         let root = vs.root();
         let _ = root.var("w", &[2, 3], nn::Init::Const(9.0));
         let _ = root.var("b", &[3], nn::Init::Const(9.0));
-        let outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
+        let outer = OuterOptimizer::new(&vs, with_momentum()).unwrap();
         (vs, outer)
     }
 

@@ -6,18 +6,22 @@ use serde::{Deserialize, Serialize};
 use super::ConfigError;
 use crate::quant::{Codec, Compression};
 
-/// `[diloco]` in a run config: how replicas on different machines train together.
+/// `[diloco]` in a run config: how replicas on different machines train together. A key left
+/// out takes its [`Default`] value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DilocoConfig {
-    /// Inner steps per round (H): 30–100 from scratch, about 500 from a pretrained start.
+    /// Inner steps per round (H): 30–100 from scratch, about 500 from a pretrained start; fewer
+    /// keep more of the synchronous gain when each node's batch is small (a few thousand tokens).
     pub inner_steps: u64,
     /// A node stops its inner loop early after this many seconds, so a slow node does fewer
     /// steps instead of holding the others up (0: no budget).
     pub round_seconds: f64,
-    /// Outer learning rate: 0.7 at H=500, about 0.4–0.8 for H=30–100 (DiLoCo).
+    /// Outer learning rate. 1.0 with no momentum (the default) is plain averaging of the
+    /// replicas; see [`DilocoConfig::plan_warning`] for what heavier settings cost.
     pub outer_lr: f64,
-    /// Momentum of the outer SGD.
+    /// Momentum of the outer SGD (DiLoCo's paper: 0.9 with outer lr 0.7, for runs of hundreds
+    /// of rounds with large per-node batches).
     pub outer_momentum: f64,
     /// Nesterov momentum (the DiLoCo default) or plain heavy-ball.
     pub nesterov: bool,
@@ -46,6 +50,14 @@ pub struct DilocoConfig {
     #[serde(default)]
     pub overlap_steps: OverlapSteps,
 }
+
+/// Outer steps of this many times the averaged pseudo-gradient or more
+/// ([`DilocoConfig::outer_step_multiple`]) lost against one node alone on the quality bench.
+pub const MAX_OUTER_STEP_MULTIPLE: f64 = 2.0;
+
+/// Runs of fewer rounds than this are where [`MAX_OUTER_STEP_MULTIPLE`] was measured (up to 60
+/// rounds) and what [`DilocoConfig::plan_warning`] warns for.
+pub const FEW_ROUNDS: u64 = 100;
 
 /// `[diloco] overlap_steps`: a number of inner steps, or `"auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +142,10 @@ pub enum Pace {
 impl Default for DilocoConfig {
     fn default() -> Self {
         DilocoConfig {
-            inner_steps: 50,
+            inner_steps: 30,
             round_seconds: 0.0,
-            outer_lr: 0.7,
-            outer_momentum: 0.9,
+            outer_lr: 1.0,
+            outer_momentum: 0.0,
             nesterov: true,
             compression: Compression {
                 codec: Codec::Int8 { block_size: 256 },
@@ -174,6 +186,33 @@ impl DilocoConfig {
     pub fn rounds_for(&self, total_steps: u64) -> u64 {
         let warm = self.sync_warmup_steps.min(total_steps);
         warm + (total_steps - warm).div_ceil(self.inner_steps.max(1))
+    }
+
+    /// The outer step once momentum has built up, as a multiple of a steady averaged
+    /// pseudo-gradient: `outer_lr / (1 - outer_momentum)` (heavy-ball and Nesterov alike). 1 is
+    /// plain averaging; above 1 the outer step extrapolates past the replicas' average.
+    pub fn outer_step_multiple(&self) -> f64 {
+        self.outer_lr / (1.0 - self.outer_momentum)
+    }
+
+    /// One line for the user when the plan is of a kind Forge's quality bench saw lose:
+    /// outer steps of [`MAX_OUTER_STEP_MULTIPLE`] or more times the averaged pseudo-gradient in
+    /// a run of fewer than [`FEW_ROUNDS`] rounds (`rounds`: the run's planned rounds, 0 when it
+    /// has no budget). Measured in docs/benchmarks/diloco-outer.md: such settings ended worse
+    /// than one node alone, or no better, at 12, 33 and 60 rounds.
+    pub fn plan_warning(&self, rounds: u64) -> Option<String> {
+        let multiple = self.outer_step_multiple();
+        if multiple < MAX_OUTER_STEP_MULTIPLE || rounds == 0 || rounds >= FEW_ROUNDS {
+            return None;
+        }
+        Some(format!(
+            "[diloco] outer_lr = {} with outer_momentum = {} takes outer steps of up to {multiple:.1}x \
+             the replicas' averaged progress; in runs of fewer than {FEW_ROUNDS} rounds (this one \
+             plans {rounds}) such settings made DiLoCo end no better than one node alone on \
+             Forge's quality bench (docs/benchmarks/diloco-outer.md): set outer_lr = 1.0 and \
+             outer_momentum = 0 (plain averaging, the default)",
+            self.outer_lr, self.outer_momentum
+        ))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -252,6 +291,48 @@ mod tests {
             err.contains("overlap_steps (5) must be below inner_steps (5)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn keys_left_out_take_the_defaults() {
+        let cfg: DilocoConfig = toml::from_str("inner_steps = 10").unwrap();
+        assert_eq!(
+            cfg,
+            DilocoConfig {
+                inner_steps: 10,
+                ..DilocoConfig::default()
+            }
+        );
+        let cfg: DilocoConfig = toml::from_str("").unwrap();
+        assert_eq!((cfg.outer_lr, cfg.outer_momentum), (1.0, 0.0));
+        assert!(toml::from_str::<DilocoConfig>("outer_lrr = 1.0").is_err());
+    }
+
+    #[test]
+    fn heavy_outer_steps_in_a_short_run_are_warned_of() {
+        let with = |outer_lr, outer_momentum| DilocoConfig {
+            outer_lr,
+            outer_momentum,
+            ..DilocoConfig::default()
+        };
+        // Plain averaging, the default: never.
+        assert_eq!(DilocoConfig::default().outer_step_multiple(), 1.0);
+        assert_eq!(DilocoConfig::default().plan_warning(12), None);
+        assert_eq!(with(1.5, 0.0).plan_warning(12), None);
+        // The old demo setting: 5x, 12 rounds.
+        let warning = with(0.5, 0.9).plan_warning(12).unwrap();
+        for needle in [
+            "outer_lr = 0.5 with outer_momentum = 0.9",
+            "5.0x",
+            "plans 12",
+            "set outer_lr = 1.0 and outer_momentum = 0",
+        ] {
+            assert!(warning.contains(needle), "{needle}: {warning}");
+        }
+        assert!(with(2.0, 0.0).plan_warning(60).is_some());
+        // Long runs, and runs without a budget, are not what the bench measured.
+        assert_eq!(with(0.7, 0.9).plan_warning(FEW_ROUNDS), None);
+        assert_eq!(with(0.7, 0.9).plan_warning(0), None);
     }
 
     #[test]

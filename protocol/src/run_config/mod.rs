@@ -336,13 +336,13 @@ mod tests {
         let base = shipped("diloco-tiny-cpu.toml");
         for (from, to, why) in [
             (
-                "inner_steps = 25",
-                "inner_steps = 0",
+                "inner_steps = 5\n",
+                "inner_steps = 0\n",
                 "[diloco] inner_steps",
             ),
             ("lr = ", "lr = -1 #", "lr must be positive"),
             (
-                "warmup_steps = 30",
+                "warmup_steps = 60",
                 "warmup_steps = 3000",
                 "warmup_steps 3000",
             ),
