@@ -9,14 +9,15 @@
 # the share of the synchronous gain kept, (one node - DiLoCo) / (one node - synchronous): 1 when
 # DiLoCo matches synchronous training, 0 when adding nodes did not help, negative when it hurt.
 #
-#   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner 25]
-#                                   [--outer-lr 0.7] [--momentum 0.9] [--lr 3e-3] [--sync-warmup 0]
+#   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner H]
+#                                   [--outer-lr LR] [--momentum M] [--lr 3e-3] [--sync-warmup 0]
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
-# --outer-lr / --momentum set the [diloco] keys of those names; --diloco (repeatable) sets any
-# other [diloco] key (e.g. --diloco 'nesterov = false');
+# --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
+# (default: configs/diloco-tiny-cpu.toml's, the demo's); --diloco (repeatable) sets any other
+# [diloco] key (e.g. --diloco 'nesterov = false');
 # --overlap sets [diloco] overlap_steps (inner steps that train while the outer sync runs);
 # --pace fixed gives every node H steps whatever its speed (runs that do not depend on load);
 # --data wikipedia trains on ../shared/data/wikipedia (enwiki-train-1.txt, never read twice in
@@ -33,7 +34,7 @@ self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner=25 outer_lr=0.7 momentum=0.9 lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
+nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
 overlap=0 pace=auto data=tinystories warmup="" extras=()
 args=("$@")
 while (($#)); do
@@ -116,7 +117,7 @@ fi
 suffix=""
 [[ "$data" == tinystories ]] || suffix=$suffix-$data
 [[ "$seed" == 1234 ]] || suffix=$suffix-seed$seed
-[[ -z "$warmup" ]] || suffix=$suffix-wu$warmup
+[[ -z "$warmup" || "$warmup" == $(( steps / 5 )) ]] || suffix=$suffix-wu$warmup
 warmup=${warmup:-$(( steps / 5 ))}
 
 # One node training configs/tiny-cpu.toml with batch 16 x $1 for $steps steps; prints its final
@@ -125,11 +126,11 @@ baseline_loss() {
   local batch=$((16 * $1)) dir=runs/quality/base-b$((16 * $1))-ilr$lr-s$steps$suffix
   local toml
   toml=$(sed -e "s#out_dir = \"runs/tiny-cpu\"#out_dir = \"$dir/run\"#" \
-      -e "s/^batch_size = 16/batch_size = $batch/" \
-      -e "s/^max_steps = 500/max_steps = $steps/" \
-      -e "s/^lr = 3e-3/lr = $lr/" \
+      -e "s/^batch_size = .*/batch_size = $batch/" \
+      -e "s/^max_steps = .*/max_steps = $steps/" \
+      -e "s/^lr = .*/lr = $lr/" \
       -e "s/^seed = 1234/seed = $seed/" \
-      -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
+      -e "s/^warmup_steps = .*/warmup_steps = $warmup/" \
       -e "s/^every = 100$/every = 100000/" \
       "${data_edits[@]}" \
       configs/tiny-cpu.toml)
@@ -153,6 +154,11 @@ if ((baseline)); then
   ((diloco)) || { echo "$one_line"; echo "$sync_line"; exit 0; }
 fi
 
+# The demo config's outer settings unless given.
+config_value() { sed -n "s/^$1 = \(.*\)/\1/p" configs/diloco-tiny-cpu.toml; }
+inner=${inner:-$(config_value inner_steps)}
+outer_lr=${outer_lr:-$(config_value outer_lr)}
+momentum=${momentum:-$(config_value outer_momentum)}
 tag=""
 for e in "${extras[@]}"; do tag=$tag-$(tr -d ' ' <<< "$e" | tr '=' '_'); done
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm$tag
@@ -166,20 +172,20 @@ for e in "${extras[@]}"; do
   extra_edits+=(-e "/^$key = /d" -e "s/^\[diloco\]$/[diloco]\n$e/")
 done
 sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
-    -e "s/^max_steps = 300/max_steps = $steps/" \
-    -e "s/^lr = 3e-3/lr = $lr/" \
+    -e "s/^max_steps = .*/max_steps = $steps/" \
+    -e "s/^lr = .*/lr = $lr/" \
     -e "s/^seed = 1234/seed = $seed/" \
-    -e "s/^warmup_steps = 30/warmup_steps = $warmup/" \
-    -e "s/^inner_steps = 25/inner_steps = $inner/" \
-    -e "s/^outer_lr = 0.5/outer_lr = $outer_lr/" \
-    -e "s/^outer_momentum = 0.9/outer_momentum = $momentum/" \
+    -e "s/^warmup_steps = .*/warmup_steps = $warmup/" \
+    -e "s/^inner_steps = .*/inner_steps = $inner/" \
+    -e "s/^outer_lr = .*/outer_lr = $outer_lr/" \
+    -e "s/^outer_momentum = .*/outer_momentum = $momentum/" \
     -e "s#^compression = .*#compression = $compression#" \
-    -e "s/^eval_every_rounds = 4/eval_every_rounds = 100000/" \
-    -e "s/^sync_warmup_steps = 0/sync_warmup_steps = $warm/" \
-    -e "s/^min_replicas = 2/min_replicas = $nodes/" \
-    -e "s/^start_replicas = 2/start_replicas = $nodes/" \
-    -e "s/^overlap_steps = 0/overlap_steps = $overlap/" \
-    -e "s/^pace = \"auto\"/pace = \"$pace\"/" \
+    -e "s/^eval_every_rounds = .*/eval_every_rounds = 100000/" \
+    -e "s/^sync_warmup_steps = .*/sync_warmup_steps = $warm/" \
+    -e "s/^min_replicas = .*/min_replicas = $nodes/" \
+    -e "s/^start_replicas = .*/start_replicas = $nodes/" \
+    -e "s/^overlap_steps = .*/overlap_steps = $overlap/" \
+    -e "s/^pace = .*/pace = \"$pace\"/" \
     "${extra_edits[@]}" \
     "${data_edits[@]}" \
     configs/diloco-tiny-cpu.toml > "$work/diloco.toml"

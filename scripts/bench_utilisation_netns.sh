@@ -74,12 +74,12 @@ for rate in $rates; do
           -e "s/^batch_size = 16/batch_size = $batch/" \
           -e "s/^micro_batch = 16/micro_batch = $batch/" \
           -e "s/^max_steps = 300/max_steps = $((inner * rounds))/" \
-          -e "s/^warmup_steps = 30/warmup_steps = $((inner * rounds / 5))/" \
-          -e "s/^inner_steps = 25/inner_steps = $inner/" \
+          -e "s/^warmup_steps = .*/warmup_steps = $((inner * rounds / 5))/" \
+          -e "s/^inner_steps = .*/inner_steps = $inner/" \
           -e "s/^pace = \"auto\"/pace = \"fixed\"/" \
           -e "s#^compression = .*#compression = $compression#" \
           -e "s/^overlap_steps = 0/overlap_steps = $overlap_value/" \
-          -e "s/^eval_every_rounds = 4/eval_every_rounds = 100000/" \
+          -e "s/^eval_every_rounds = .*/eval_every_rounds = 100000/" \
           -e "s/^min_replicas = 2/min_replicas = $nodes/" \
           -e "s/^start_replicas = 2/start_replicas = $nodes/" \
           configs/diloco-tiny-cpu.toml > "$run/run.toml"

@@ -120,8 +120,8 @@ def write_config(work, nodes, steps, small, pace):
         ('pace = "auto"', f'pace = "{pace}"'),
         ('out_dir = "runs/diloco-tiny-cpu"', f'out_dir = "{work}/unused"'),
         ("max_steps = 300", f"max_steps = {steps}"),
-        ("warmup_steps = 30", f"warmup_steps = {max(2, steps // 10)}"),
-        ("eval_every_rounds = 4", "eval_every_rounds = 100000"),
+        ("warmup_steps = 60", f"warmup_steps = {max(2, steps // 10)}"),
+        ("eval_every_rounds = 20", "eval_every_rounds = 100000"),
         ("heartbeat_interval_ms = 500", "heartbeat_interval_ms = 250"),
         ("heartbeat_timeout_ms = 5000", "heartbeat_timeout_ms = 2000"),
         ("start_replicas = 2", f"start_replicas = {nodes}"),
@@ -133,11 +133,11 @@ def write_config(work, nodes, steps, small, pace):
             ("seq_len = 128", "seq_len = 32"),
             ("batch_size = 16", "batch_size = 8"),
             ("micro_batch = 16", "micro_batch = 8"),
-            ("inner_steps = 25", "inner_steps = 5"),
+            ("inner_steps = 5\n", "inner_steps = 5\n"),
             ("batches = 0", "batches = 4"),
         ]
     else:
-        edits += [("inner_steps = 25", "inner_steps = 10")]
+        edits += [("inner_steps = 5\n", "inner_steps = 10\n")]
     for old, new in edits:
         if old not in text:
             raise SystemExit(f"chaos: configs/diloco-tiny-cpu.toml no longer has {old!r}")

@@ -8,15 +8,27 @@
 # told it has 38 MB (`--memory-limit`), which holds half the model but not all of it, so the
 # coordinator plans two pipelines of two stages; micro-batches of 4 sequences go through each
 # pipeline over libp2p, and the nodes holding the same stage average it every round.
-#   scripts/demo.sh [--pipeline] [CONFIG]     (default configs/diloco-tiny-cpu.toml)
+# With --compare (the default config only), then the two runs the demo is judged against, at its
+# per-node batch, inner steps and seed (scripts/bench_diloco_quality.sh; a few more minutes):
+# one node alone, and one node with twice the batch (the synchronous equivalent of two nodes);
+# then the three final validation losses and the share of the synchronous gain the demo kept.
+#   scripts/demo.sh [--pipeline] [--compare] [CONFIG]     (default configs/diloco-tiny-cpu.toml)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
 
-pipeline=0
-if [[ ${1:-} == --pipeline ]]; then
-  pipeline=1
+pipeline=0 compare=0
+while [[ ${1:-} == --* ]]; do
+  case "$1" in
+    --pipeline) pipeline=1 ;;
+    --compare) compare=1 ;;
+    *) echo "demo.sh: unknown option '$1' (--pipeline, --compare)" >&2; exit 2 ;;
+  esac
   shift
+done
+if ((compare)) && { ((pipeline)) || [[ -n ${1:-} ]]; }; then
+  echo "demo.sh: --compare runs the baselines of the default config's demo; drop --pipeline and CONFIG" >&2
+  exit 2
 fi
 scripts/setup.sh
 bin=target/release
@@ -66,4 +78,23 @@ status=0
 for pid in "${nodes[@]}"; do wait "$pid" || status=1; done
 echo
 echo "== done: per-round records in $work/node1/run/rounds.jsonl"
-exit $status
+((status == 0 && compare)) || exit $status
+
+value() { sed -n "s/^$1 = \([0-9.e-]*\).*/\1/p" "$config" | head -1; }
+steps=$(value max_steps) warmup=$(value warmup_steps) lr=$(value lr) seed=$(value seed)
+demo_loss=$(python3 -c "
+import json
+rounds = [json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
+print(next(r['eval_loss'] for r in reversed(rounds) if 'eval_loss' in r))")
+echo "== the baselines: one node alone, and one node with twice the batch ($steps steps each)"
+baselines=$(FORGE_BIN=$bin scripts/bench_diloco_quality.sh --skip-diloco --nodes "$node_count" \
+  --steps "$steps" --warmup "$warmup" --lr "$lr" --seed "$seed")
+one=$(sed -n 's/^one node alone .*: val loss \([0-9.]*\)/\1/p' <<< "$baselines")
+sync=$(sed -n 's/^synchronous .*: val loss \([0-9.]*\)/\1/p' <<< "$baselines")
+python3 -c "
+one, sync, demo = $one, $sync, $demo_loss
+print(f'one node alone, batch 16:              {one:.4f}')
+print(f'synchronous, one node with batch 32:   {sync:.4f}  (the same tokens as the demo)')
+print(f'this demo, 2 nodes with DiLoCo:        {demo:.4f}  ({100 * (demo / one - 1):+.2f}% against one node alone, '
+      f'{100 * (demo / sync - 1):+.2f}% against synchronous)')
+print(f'share of the synchronous gain kept: {(one - demo) / (one - sync):.2f}  (1: as good as synchronous; 0: no better than one node)')"
