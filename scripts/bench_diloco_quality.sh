@@ -13,11 +13,13 @@
 #                                   [--outer-lr LR] [--momentum M] [--lr 3e-3] [--sync-warmup 0]
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
+#                                   [--density 0.015625] [--bits 2]
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
 # --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
 # (default: configs/diloco-tiny-cpu.toml's, the demo's); --diloco (repeatable) sets any other
 # [diloco] key (e.g. --diloco 'nesterov = false');
+# --density and --bits set topk's share of values kept and bits per value (with --codec topk);
 # --overlap sets [diloco] overlap_steps (inner steps that train while the outer sync runs);
 # --pace fixed gives every node H steps whatever its speed (runs that do not depend on load);
 # --data wikipedia trains on ../shared/data/wikipedia (enwiki-train-1.txt, never read twice in
@@ -35,7 +37,7 @@ source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
 nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
-overlap=0 pace=auto data=tinystories warmup="" extras=()
+overlap=0 pace=auto data=tinystories warmup="" extras=() density=0.015625 bits=2
 args=("$@")
 while (($#)); do
   case "$1" in
@@ -49,6 +51,8 @@ while (($#)); do
     --warmup) warmup=$2; shift 2 ;;
     --sync-warmup) warm=$2; shift 2 ;;
     --overlap) overlap=$2; shift 2 ;;
+    --density) density=$2; shift 2 ;;
+    --bits) bits=$2; shift 2 ;;
     --pace) pace=$2; shift 2 ;;
     --data) data=$2; shift 2 ;;
     --diloco) extras+=("$2"); shift 2 ;;
@@ -56,14 +60,14 @@ while (($#)); do
     --seeds) seeds=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
     --skip-diloco) diloco=0; shift ;;
-    -h|--help) sed -n '2,31p' "$self"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$self"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$codec" in
   fp32|bf16) compression="{ codec = \"$codec\" }" ;;
   int8|int4) compression="{ codec = \"$codec\", block_size = 256, zstd = 3 }" ;;
-  topk) compression="{ codec = \"topk\", block_size = 4096, density = 0.015625, bits = 2 }" ;;
+  topk) compression="{ codec = \"topk\", block_size = 4096, density = $density, bits = $bits }" ;;
   *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8, int4 or topk" >&2; exit 2 ;;
 esac
 case "$pace" in auto|fixed) ;; *) echo "bench_diloco_quality.sh: --pace must be auto or fixed" >&2; exit 2 ;; esac
@@ -163,6 +167,7 @@ tag=""
 for e in "${extras[@]}"; do tag=$tag-$(tr -d ' ' <<< "$e" | tr '=' '_'); done
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm$tag
 ((overlap == 0)) || work=$work-o$overlap
+[[ "$density $bits" == "0.015625 2" ]] || work=$work-d$density-b$bits
 [[ "$pace" == auto ]] || work=$work-$pace
 work=$work$suffix
 rm -rf "$work"; mkdir -p "$work"

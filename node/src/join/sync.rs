@@ -38,28 +38,25 @@ pub(super) fn failure_of(e: &AllReduceError, sync_s: f64) -> ReduceFailure {
 }
 
 /// The node's codec: the run's compression, with error feedback over the whole flattened
-/// pseudo-gradient (chunks are ranges of it), and for a sparse codec also over the ranges this
-/// node reduces as their owner.
+/// pseudo-gradient (chunks are ranges of it). A sparse codec's contributions are relayed by
+/// their owners, not re-encoded (see `p2p::relay`).
 pub(super) struct QuantCodec {
     pub(super) compression: Compression,
     pub(super) feedback: ErrorFeedback,
-    /// What this node, as an owner, did not send of its reduced ranges (sparse codecs: top-k
-    /// of a sum of top-k contributions drops most of it; dense ones round it only).
-    results: Option<ErrorFeedback>,
 }
 
 impl QuantCodec {
     /// The run's `compression` for a pseudo-gradient of `numel` values, no residual yet.
     pub(super) fn new(compression: Compression, numel: usize) -> forge_protocol::Result<Self> {
-        let sparse = matches!(compression.codec, quant::Codec::TopK { .. });
         Ok(QuantCodec {
             compression,
             feedback: ErrorFeedback::new(compression, numel)?,
-            results: match sparse {
-                true => Some(ErrorFeedback::new(compression, numel)?),
-                false => None,
-            },
         })
+    }
+
+    /// Whether owners relay the contributions (see `p2p::relay`): for top-k.
+    fn sparse(&self) -> bool {
+        matches!(self.compression.codec, quant::Codec::TopK { .. })
     }
 }
 
@@ -76,9 +73,9 @@ impl ChunkCodec for QuantCodec {
 
     fn encode_result(
         &mut self,
-        offset: usize,
+        _offset: usize,
         x: &[f32],
-        max_norm: f64,
+        _max_norm: f64,
         out: &mut Vec<u8>,
     ) -> forge_protocol::Result<f64> {
         if crate::hostile::mode() == Some(crate::hostile::Mode::PoisonResults) {
@@ -86,13 +83,10 @@ impl ChunkCodec for QuantCodec {
             quant::encode_into(&poisoned, &self.compression, out)?;
             return Ok(quant::squares(&poisoned));
         }
-        match &mut self.results {
-            Some(results) => results.compress_within(offset, x, max_norm, out),
-            None => {
-                quant::encode_into(x, &self.compression, out)?;
-                Ok(quant::squares(x))
-            }
-        }
+        // A dense codec rounds the average once, within a half step per value: nothing for
+        // error feedback to carry (and a relaying codec never encodes an average).
+        quant::encode_into(x, &self.compression, out)?;
+        Ok(quant::squares(x))
     }
 
     fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> forge_protocol::Result<()> {
@@ -101,6 +95,10 @@ impl ChunkCodec for QuantCodec {
 
     fn id(&self) -> (SyncCodec, bool) {
         self.compression.sync_codec()
+    }
+
+    fn relays(&self) -> bool {
+        self.sparse()
     }
 }
 
@@ -133,7 +131,12 @@ pub(super) fn request(
     for v in &mut data {
         *v *= weight as f32;
     }
-    let encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
+    let mut encoded_bytes = codec.compression.codec.body_len(data.len()) as u64;
+    if codec.sparse() {
+        // Owners relay every member's bytes: the all-gather carries K times the contribution,
+        // (K + 1) / 2 times what the ring bound assumes in all.
+        encoded_bytes = encoded_bytes * (members.len() as u64 + 1) / 2;
+    }
     Ok(AllReduceRequest {
         round: round.0,
         members: members.iter().map(|(_, id, _)| *id).collect(),
@@ -264,10 +267,66 @@ mod tests {
         assert_eq!(ok.members, [good.parse().unwrap()]);
     }
 
+    /// With topk the owners relay the members' values: when each member's contribution is
+    /// exactly `k` values per block (at the block's absmax, which 2 bits keep), on supports
+    /// that differ from member to member, the average of four members has `4k` values per
+    /// block, and every one of them arrives (an owner that re-encoded the sum with top-k would
+    /// keep `k`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topk_owners_relay_every_members_values() {
+        use crate::p2p::tests::{
+            CHUNK_VALUES, all_reduce_everywhere, bits, cluster, reference_average, small_chunks,
+        };
+        let peers = 4;
+        let nets = cluster(peers, small_chunks).await;
+        let (block, k) = (64, 4);
+        let len = 8 * CHUNK_VALUES;
+        let compression: Compression =
+            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
+                .unwrap();
+        let mut codecs: Vec<Box<dyn ChunkCodec>> = (0..peers)
+            .map(|_| Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>)
+            .collect();
+        let weights = [100.0, 300.0, 200.0, 50.0];
+        let data: Vec<Vec<f32>> = (0..peers)
+            .map(|m| {
+                (0..len)
+                    .map(|e| match (e % block) / k == m {
+                        true if e % 2 == 0 => weights[m] as f32,
+                        true => -(weights[m] as f32),
+                        false => 0.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let outputs = all_reduce_everywhere(
+            &nets,
+            1,
+            &data,
+            &weights,
+            &[],
+            &mut codecs,
+            std::time::Duration::from_secs(20),
+        )
+        .await;
+        let outputs: Vec<_> = outputs.into_iter().map(Result::unwrap).collect();
+        for output in &outputs[1..] {
+            assert_eq!(bits(&output.average), bits(&outputs[0].average));
+        }
+        let exact = reference_average(&data, &weights);
+        let nonzero = outputs[0].average.iter().filter(|v| **v != 0.0).count();
+        assert_eq!(nonzero, len / block * peers * k);
+        for (e, (got, want)) in outputs[0].average.iter().zip(&exact).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs(),
+                "element {e}: {got} against {want}"
+            );
+        }
+    }
+
     /// topk among four members over rounds of similar pseudo-gradients (a fixed direction plus
-    /// noise, as consecutive rounds' are): every round succeeds (the residuals that build up
-    /// are sent within what the receivers accept), every member gets the same bits, and with
-    /// both error feedbacks (members' and owners') the sum of the averages over the rounds
+    /// noise, as consecutive rounds' are): every round succeeds, every member gets the same
+    /// bits, and with the members' error feedback the sum of the averages over the rounds
     /// closes in on the sum of the exact averages.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn topk_all_reduces_agree_and_their_sum_tracks_the_exact_one() {

@@ -8,7 +8,9 @@
 //! It does so chunk by chunk: a reduced chunk goes out while the next is being summed, so the
 //! two phases overlap and a member's upload does not sit idle between them.
 //! Every member therefore decodes identical bytes for every range: the results are bit-identical
-//! even with lossy codecs. Each member uploads `2(K-1)/K` of the payload, the ring bound, with
+//! even with lossy codecs. A sparse codec's owner relays the members' encoded contributions
+//! instead of encoding their sum ([`super::relay`]); members then sum the same parts in the same
+//! order, with the same result. Each member uploads `2(K-1)/K` of the payload, the ring bound, with
 //! one hop of latency instead of `K-1`.
 //!
 //! Ranges move in wire chunks of at most `chunk_values` values (see [`super::wire`]); a stream
@@ -44,6 +46,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::error::{AllReduceError, RejectReason};
 use super::inbox::Incoming;
 use super::net::{PeerEvent, PeerNet};
+use super::relay;
 use super::wire::{self, OpenError, ReadError};
 
 type Result<T> = std::result::Result<T, AllReduceError>;
@@ -95,9 +98,9 @@ pub(crate) trait ChunkCodec: Send {
     ) -> forge_protocol::Result<f64>;
 
     /// Encodes an owner's reduced values, starting at element `offset`, into `out`, replacing
-    /// what it held; every member decodes these bytes. A sparse codec keeps the owner's error
-    /// feedback here (what it did not send of its range goes into the next round's), within
-    /// `max_norm` as for contributions. Returns the sum of squares of what the bytes decode to.
+    /// what it held; every member decodes these bytes. What they decode to should stay within
+    /// `max_norm`. Returns the sum of squares of what the bytes decode to. Not called for a
+    /// codec that [`relays`](ChunkCodec::relays).
     fn encode_result(
         &mut self,
         offset: usize,
@@ -112,6 +115,13 @@ pub(crate) trait ChunkCodec: Send {
 
     /// The codec as the chunk header names it, and whether zstd follows it.
     fn id(&self) -> (SyncCodec, bool);
+
+    /// Whether owners relay the members' encoded contributions instead of encoding their
+    /// average ([`super::relay`]): a sparse codec's. Such a codec encodes each contribution
+    /// once, before the round starts, and declares the norm of what it sends.
+    fn relays(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +233,15 @@ impl PeerNet {
         let (arrivals, _finished_on_drop) = self.inbox.open_round((request.round, group), capacity);
         let peer_events = self.peer_events.subscribe();
         let codec_id = codec.id();
+        let encoded = match codec.relays() {
+            true => Some(Encoded::new(&layout, &request.data, codec).map_err(|err| {
+                AllReduceError::Codec {
+                    round: request.round,
+                    reason: err.to_string(),
+                }
+            })?),
+            false => None,
+        };
         let round = Round {
             net: self,
             round: request.round,
@@ -232,7 +251,10 @@ impl PeerNet {
             layout,
             data: &request.data,
             weight: request.weight,
-            norm: declared_norm(&request.data),
+            norm: encoded
+                .as_ref()
+                .map_or_else(|| declared_norm(&request.data), |e| e.norm),
+            encoded,
             max_weights: &request.max_weights,
             codec: Mutex::new(codec),
             codec_id,
@@ -354,8 +376,11 @@ struct Round<'a> {
     layout: Layout,
     data: &'a [f32],
     weight: f64,
-    /// The norm of `data`, declared in this member's contribution headers.
+    /// The norm of `data` (of `encoded` when the codec relays), declared in this member's
+    /// contribution headers.
     norm: f64,
+    /// This member's contribution encoded before the round, when the codec relays.
+    encoded: Option<Encoded>,
     max_weights: &'a [f64],
     /// Locked only around the synchronous encode/decode calls, never across an await.
     codec: Mutex<&'a mut dyn ChunkCodec>,
@@ -431,6 +456,44 @@ fn declared_norm(data: &[f32]) -> f64 {
         .sum::<f64>()
         .sqrt();
     if norm.is_finite() { norm } else { f64::MAX }
+}
+
+/// A relaying codec's encoding of this member's whole contribution, per owner and wire chunk
+/// in layout order, and the norm of what it decodes to.
+struct Encoded {
+    chunks: Vec<Vec<Vec<u8>>>,
+    norm: f64,
+}
+
+impl Encoded {
+    /// Encodes `data` chunk by chunk, every owner's range, with the codec's error feedback.
+    fn new(
+        layout: &Layout,
+        data: &[f32],
+        codec: &mut dyn ChunkCodec,
+    ) -> forge_protocol::Result<Encoded> {
+        let mut squares = 0.0;
+        let mut chunks = Vec::with_capacity(layout.members);
+        for owner in 0..layout.members {
+            let mut owned = Vec::new();
+            for range in layout.chunks(owner) {
+                let mut bytes = Vec::new();
+                squares += codec.encode_contribution(
+                    range.start,
+                    &data[range],
+                    f64::INFINITY,
+                    &mut bytes,
+                )?;
+                owned.push(bytes);
+            }
+            chunks.push(owned);
+        }
+        let norm = squares.sqrt();
+        Ok(Encoded {
+            chunks,
+            norm: if norm.is_finite() { norm } else { f64::MAX },
+        })
+    }
 }
 
 /// What the reduction of this member's range learnt of every member.
@@ -878,6 +941,16 @@ impl<'a> Round<'a> {
     /// Reduce-scatter, sending side: this member's contribution to `j`'s range.
     async fn send_contribution(&self, j: usize) -> Result<()> {
         let mut stream = None;
+        if let Some(encoded) = &self.encoded {
+            for (range, payload) in self.layout.chunks(j).into_iter().zip(&encoded.chunks[j]) {
+                let header =
+                    self.header(SyncPhase::ReduceScatter, j, &range, self.weight, payload)?;
+                self.send_chunk(j, &mut stream, &header, payload).await?;
+            }
+            self.close(j, stream).await?;
+            self.progress().contribution_sent[j] = true;
+            return Ok(());
+        }
         let mut payload = self.take_bytes();
         // What owner j accepts of this member's contribution to its range, a little inside
         // (see `check_declared`); the chunks share it.
@@ -975,7 +1048,15 @@ impl<'a> Round<'a> {
             sum.fill(0.0);
             for m in 0..k {
                 let values: &[f32] = if m == self.me {
-                    &self.data[range.clone()]
+                    match &self.encoded {
+                        Some(encoded) => {
+                            self.lock_codec()
+                                .decode_into(&encoded.chunks[self.me][c], &mut decoded[..n])
+                                .map_err(|err| self.codec_error(err))?;
+                            &decoded[..n]
+                        }
+                        None => &self.data[range.clone()],
+                    }
                 } else {
                     self.progress().reducing_waits_on = Some(m);
                     let reader = match &mut readers[m] {
@@ -1023,26 +1104,46 @@ impl<'a> Round<'a> {
             // Every member's first header has been read: the weights are all known. Summed in
             // member order, like the values, so every owner gets the same total.
             total_weight = weights.iter().sum();
-            let mean = &mut mean[..n];
-            for (avg, &s) in mean.iter_mut().zip(sum.iter()) {
-                *avg = (s / total_weight) as f32;
-            }
-            let budget = result_budget.get_or_insert_with(|| {
-                (0.99 * NORM_SLACK * declared.iter().sum::<f64>() / total_weight).powi(2)
-            });
+            let out = &mut out[range.start - owned.start..range.end - owned.start];
             let mut bytes = self.take_bytes();
-            let mut codec = self.lock_codec();
-            let sent = codec
-                .encode_result(range.start, mean, budget.max(0.0).sqrt(), &mut bytes)
-                .map_err(|err| self.codec_error(err))?;
-            *budget -= sent;
-            codec
-                .decode_into(
+            if let Some(encoded) = &self.encoded {
+                // Readers exist for every member but this one once the chunk has been read.
+                let parts: Vec<&[u8]> = readers
+                    .iter()
+                    .map(|reader| match reader {
+                        Some(reader) => &reader.payload[..],
+                        None => &encoded.chunks[self.me][c][..],
+                    })
+                    .collect();
+                relay::pack(&parts, &mut bytes).map_err(|err| self.codec_error(err))?;
+                relay::decode(
+                    &**self.lock_codec(),
                     &bytes,
-                    &mut out[range.start - owned.start..range.end - owned.start],
+                    k,
+                    total_weight,
+                    out,
+                    sum,
+                    &mut decoded[..n],
                 )
                 .map_err(|err| self.codec_error(err))?;
-            drop(codec);
+            } else {
+                let mean = &mut mean[..n];
+                for (avg, &s) in mean.iter_mut().zip(sum.iter()) {
+                    *avg = (s / total_weight) as f32;
+                }
+                let budget = result_budget.get_or_insert_with(|| {
+                    (0.99 * NORM_SLACK * declared.iter().sum::<f64>() / total_weight).powi(2)
+                });
+                let mut codec = self.lock_codec();
+                let sent = codec
+                    .encode_result(range.start, mean, budget.max(0.0).sqrt(), &mut bytes)
+                    .map_err(|err| self.codec_error(err))?;
+                *budget -= sent;
+                codec
+                    .decode_into(&bytes, out)
+                    .map_err(|err| self.codec_error(err))?;
+                drop(codec);
+            }
             let chunk = Arc::new(ReducedChunk {
                 range,
                 bytes,
@@ -1108,6 +1209,15 @@ impl<'a> Round<'a> {
         let owned = self.layout.owned(j);
         let mut weight = f64::NAN;
         let mut sum_of_squares = 0.0f64;
+        // A relayed chunk's scratch: its running sum and one part.
+        let (mut sum, mut part) = match self.encoded {
+            Some(_) => {
+                let widest = self.layout.chunks(j).iter().map(Range::len).max();
+                let n = widest.unwrap_or(0);
+                (vec![0.0f64; n], vec![0.0f32; n])
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         for range in self.layout.chunks(j) {
             let expect = Expect {
                 phase: SyncPhase::AllGather,
@@ -1117,7 +1227,22 @@ impl<'a> Round<'a> {
             let header = self.next_chunk(j, &mut reader, &expect).await?;
             weight = header.weight;
             let values = &mut out[range.start - owned.start..range.end - owned.start];
-            self.decode_into(j, &reader.payload, values)?;
+            if self.encoded.is_some() {
+                let codec = self.lock_codec();
+                let members = self.layout.members;
+                relay::decode(
+                    &**codec,
+                    &reader.payload,
+                    members,
+                    weight,
+                    values,
+                    &mut sum,
+                    &mut part,
+                )
+                .map_err(|err| self.reject(j, RejectReason::Decode(err)))?;
+            } else {
+                self.decode_into(j, &reader.payload, values)?;
+            }
             self.check_finite(j, range.start, values)?;
             sum_of_squares += values
                 .iter()

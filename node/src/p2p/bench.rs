@@ -145,6 +145,21 @@ pub(crate) async fn bench_all_reduce(
     rounds: u64,
     timeout: Duration,
 ) -> Result<BenchReport, AllReduceError> {
+    bench_rounds(net, members, values, first_round, rounds, timeout, None).await
+}
+
+/// [`bench_all_reduce`]; peers in one process pass a `barrier` of all of them: they start each
+/// round together and the CPU time counted is the process's between two barriers, so every
+/// peer's all-reduce is in it and no peer's preparation of its next round is.
+async fn bench_rounds(
+    net: &PeerNet,
+    members: Vec<PeerId>,
+    values: usize,
+    first_round: u64,
+    rounds: u64,
+    timeout: Duration,
+    barrier: Option<&tokio::sync::Barrier>,
+) -> Result<BenchReport, AllReduceError> {
     let payload_bytes = 4 * values as u64;
     let data: Vec<f32> = (0..values).map(|i| (i as f32 * 0.618).sin()).collect();
     let mut report = BenchReport {
@@ -163,8 +178,14 @@ pub(crate) async fn bench_all_reduce(
             max_weights: Vec::new(),
             timeout,
         };
+        if let Some(barrier) = barrier {
+            barrier.wait().await;
+        }
         let cpu_before = process_cpu_time();
         let output = net.all_reduce(request, &mut Fp32Codec).await?;
+        if let Some(barrier) = barrier {
+            barrier.wait().await;
+        }
         report
             .cpu
             .push(process_cpu_time().saturating_sub(cpu_before));
@@ -212,9 +233,18 @@ pub(crate) async fn bench_local(
     let members: Vec<PeerId> = nets.iter().map(|(net, _)| net.peer_id()).collect();
     // Loopback is fast; 100 MB/s only sizes the timeout.
     let timeout = all_reduce_timeout(4 * values as u64, peers, 100e6);
-    let runs = nets
-        .iter()
-        .map(|(net, _)| bench_all_reduce(net, members.clone(), values, 1, rounds, timeout));
+    let barrier = tokio::sync::Barrier::new(peers);
+    let runs = nets.iter().map(|(net, _)| {
+        bench_rounds(
+            net,
+            members.clone(),
+            values,
+            1,
+            rounds,
+            timeout,
+            Some(&barrier),
+        )
+    });
     let mut reports = futures::future::try_join_all(runs).await?;
     Ok(reports.swap_remove(0))
 }
