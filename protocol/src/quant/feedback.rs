@@ -123,7 +123,21 @@ impl ErrorFeedback {
     }
 }
 
-/// The sum of squares of `values`, in f64.
+/// The sum of squares of `values`, in f64: in eight running sums (element `i` goes to sum
+/// `i % 8`) added in a fixed order, so it vectorises and is the same on every machine. A single
+/// running sum waits for each addition before the next: several times slower on the
+/// all-reduce's path, where this runs over every value sent and received.
 pub fn squares(values: &[f32]) -> f64 {
-    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+    let mut lanes = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f64::from(v) * f64::from(v);
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(tail) {
+        *lane += f64::from(v) * f64::from(v);
+    }
+    lanes.iter().sum()
 }
