@@ -324,6 +324,60 @@ mod tests {
         }
     }
 
+    /// Relayed topk with fewer values than members (some owners own nothing) and with a partial
+    /// last block: every member gets the exact average (each block keeps all of its few values,
+    /// all at the block's absmax, which 2 bits keep; a zero would round to a third of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topk_relays_vectors_shorter_than_the_member_count() {
+        use crate::p2p::tests::{
+            all_reduce_everywhere, bits, cluster, reference_average, small_chunks,
+        };
+        let peers = 4;
+        let nets = cluster(peers, small_chunks).await;
+        let compression: Compression =
+            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
+                .unwrap();
+        for len in [3, 5] {
+            let mut codecs: Vec<Box<dyn ChunkCodec>> = (0..peers)
+                .map(|_| {
+                    Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>
+                })
+                .collect();
+            let weights = [1.0, 2.0, 3.0, 4.0];
+            let data: Vec<Vec<f32>> = (0..peers)
+                .map(|m| {
+                    (0..len)
+                        .map(|e| match (e + m) % 2 {
+                            0 => weights[m] as f32,
+                            _ => -(weights[m] as f32),
+                        })
+                        .collect()
+                })
+                .collect();
+            let outputs = all_reduce_everywhere(
+                &nets,
+                len as u64,
+                &data,
+                &weights,
+                &[],
+                &mut codecs,
+                std::time::Duration::from_secs(20),
+            )
+            .await;
+            let outputs: Vec<_> = outputs.into_iter().map(Result::unwrap).collect();
+            for output in &outputs[1..] {
+                assert_eq!(bits(&output.average), bits(&outputs[0].average));
+            }
+            let exact = reference_average(&data, &weights);
+            for (got, want) in outputs[0].average.iter().zip(&exact) {
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs(),
+                    "len {len}: {got} against {want}"
+                );
+            }
+        }
+    }
+
     /// topk among four members over rounds of similar pseudo-gradients (a fixed direction plus
     /// noise, as consecutive rounds' are): every round succeeds, every member gets the same
     /// bits, and with the members' error feedback the sum of the averages over the rounds
