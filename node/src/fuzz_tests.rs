@@ -20,7 +20,7 @@ use futures::io::Cursor;
 
 use crate::p2p::{
     StateSnapshot, check_manifest, chunk_of, load_or_create_keypair, read_frame, read_header,
-    read_payload,
+    read_payload, relay,
 };
 
 #[test]
@@ -108,6 +108,38 @@ fn fuzz_sync_stream() {
                 let _ = read_payload(&mut stream, &header, &mut buf).await;
             }
         });
+    });
+}
+
+/// A relayed topk chunk as a member decodes it: the container and every member's part.
+#[test]
+fn fuzz_relayed_chunk() {
+    let compression = Compression {
+        codec: Codec::TopK {
+            block_size: 64,
+            k: 4,
+            bits: 2,
+        },
+        zstd: None,
+    };
+    let codec = crate::join::relay_codec(compression, 100);
+    let parts: Vec<Vec<u8>> = (0..3)
+        .map(|m| {
+            let values: Vec<f32> = (0..100)
+                .map(|i| ((i * (m + 3)) % 17) as f32 - 8.0)
+                .collect();
+            let mut bytes = Vec::new();
+            quant::encode_into(&values, &compression, &mut bytes).unwrap();
+            bytes
+        })
+        .collect();
+    let mut seed = Vec::new();
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    relay::pack(&refs, &mut seed).unwrap();
+    let (mut out, mut sum, mut part) = (vec![0.0f32; 100], vec![0.0f64; 100], vec![0.0f32; 100]);
+    relay::decode(&*codec, &seed, 3, 6.0, &mut out, &mut sum, &mut part).unwrap();
+    fuzz::run("node: relayed chunk", &[seed], |bytes| {
+        let _ = relay::decode(&*codec, bytes, 3, 6.0, &mut out, &mut sum, &mut part);
     });
 }
 

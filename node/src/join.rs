@@ -45,6 +45,15 @@ mod sync;
 const PIPELINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) use setup::parse_memory_size;
+
+/// The node's codec for `compression`, for the fuzz tests of what it decodes.
+#[cfg(test)]
+pub(crate) fn relay_codec(
+    compression: forge_protocol::quant::Compression,
+    numel: usize,
+) -> Box<dyn crate::p2p::ChunkCodec> {
+    Box::new(QuantCodec::new(compression, numel).unwrap())
+}
 use setup::{
     capabilities, local_config, shutdown_signal, start_peer_net, test_fault, upload_bytes_per_s,
 };

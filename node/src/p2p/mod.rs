@@ -24,7 +24,7 @@ mod inbox;
 mod net;
 mod pipeline;
 mod pipeline_bench;
-mod relay;
+pub(crate) mod relay;
 mod state;
 mod wire;
 
