@@ -267,6 +267,58 @@ mod tests {
         assert_eq!(ok.members, [good.parse().unwrap()]);
     }
 
+    /// One topk codec (blocks of 64 keeping 4, 2 bits) per member, for vectors of `len` values.
+    fn topk_codecs(peers: usize, len: usize) -> Vec<Box<dyn ChunkCodec>> {
+        let compression: Compression =
+            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
+                .unwrap();
+        (0..peers)
+            .map(|_| Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>)
+            .collect()
+    }
+
+    /// Member `m`'s contribution of `len` values: `±weights[m]` where `keep(m, e)`, else 0.
+    fn signed(weights: &[f64], len: usize, keep: impl Fn(usize, usize) -> bool) -> Vec<Vec<f32>> {
+        (0..weights.len())
+            .map(|m| {
+                (0..len)
+                    .map(|e| match (keep(m, e), (e + m) % 2) {
+                        (false, _) => 0.0,
+                        (true, 0) => weights[m] as f32,
+                        (true, _) => -(weights[m] as f32),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// One topk all-reduce of `data` among `nets`: every member gets the same bits, the exact
+    /// weighted average within 1e-6 of each value. Returns it.
+    async fn relayed_exactly(
+        nets: &[crate::p2p::PeerNet],
+        round: u64,
+        data: &[Vec<f32>],
+        weights: &[f64],
+    ) -> Vec<f32> {
+        use crate::p2p::tests::{all_reduce_everywhere, bits, reference_average};
+        let mut codecs = topk_codecs(nets.len(), data[0].len());
+        let timeout = std::time::Duration::from_secs(20);
+        let outputs =
+            all_reduce_everywhere(nets, round, data, weights, &[], &mut codecs, timeout).await;
+        let outputs: Vec<_> = outputs.into_iter().map(Result::unwrap).collect();
+        for output in &outputs[1..] {
+            assert_eq!(bits(&output.average), bits(&outputs[0].average));
+        }
+        let exact = reference_average(data, weights);
+        for (e, (got, want)) in outputs[0].average.iter().zip(&exact).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs(),
+                "round {round}, element {e}: {got} against {want}"
+            );
+        }
+        outputs.into_iter().next().unwrap().average
+    }
+
     /// With topk the owners relay the members' values: when each member's contribution is
     /// exactly `k` values per block (at the block's absmax, which 2 bits keep), on supports
     /// that differ from member to member, the average of four members has `4k` values per
@@ -274,54 +326,14 @@ mod tests {
     /// keep `k`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn topk_owners_relay_every_members_values() {
-        use crate::p2p::tests::{
-            CHUNK_VALUES, all_reduce_everywhere, bits, cluster, reference_average, small_chunks,
-        };
-        let peers = 4;
-        let nets = cluster(peers, small_chunks).await;
-        let (block, k) = (64, 4);
-        let len = 8 * CHUNK_VALUES;
-        let compression: Compression =
-            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
-                .unwrap();
-        let mut codecs: Vec<Box<dyn ChunkCodec>> = (0..peers)
-            .map(|_| Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>)
-            .collect();
+        use crate::p2p::tests::{CHUNK_VALUES, cluster, small_chunks};
+        let nets = cluster(4, small_chunks).await;
+        let (block, k, len) = (64, 4, 8 * CHUNK_VALUES);
         let weights = [100.0, 300.0, 200.0, 50.0];
-        let data: Vec<Vec<f32>> = (0..peers)
-            .map(|m| {
-                (0..len)
-                    .map(|e| match (e % block) / k == m {
-                        true if e % 2 == 0 => weights[m] as f32,
-                        true => -(weights[m] as f32),
-                        false => 0.0,
-                    })
-                    .collect()
-            })
-            .collect();
-        let outputs = all_reduce_everywhere(
-            &nets,
-            1,
-            &data,
-            &weights,
-            &[],
-            &mut codecs,
-            std::time::Duration::from_secs(20),
-        )
-        .await;
-        let outputs: Vec<_> = outputs.into_iter().map(Result::unwrap).collect();
-        for output in &outputs[1..] {
-            assert_eq!(bits(&output.average), bits(&outputs[0].average));
-        }
-        let exact = reference_average(&data, &weights);
-        let nonzero = outputs[0].average.iter().filter(|v| **v != 0.0).count();
-        assert_eq!(nonzero, len / block * peers * k);
-        for (e, (got, want)) in outputs[0].average.iter().zip(&exact).enumerate() {
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs(),
-                "element {e}: {got} against {want}"
-            );
-        }
+        let data = signed(&weights, len, |m, e| (e % block) / k == m);
+        let average = relayed_exactly(&nets, 1, &data, &weights).await;
+        let nonzero = average.iter().filter(|v| **v != 0.0).count();
+        assert_eq!(nonzero, len / block * 4 * k);
     }
 
     /// Relayed topk with fewer values than members (some owners own nothing) and with a partial
@@ -329,52 +341,12 @@ mod tests {
     /// all at the block's absmax, which 2 bits keep; a zero would round to a third of it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn topk_relays_vectors_shorter_than_the_member_count() {
-        use crate::p2p::tests::{
-            all_reduce_everywhere, bits, cluster, reference_average, small_chunks,
-        };
-        let peers = 4;
-        let nets = cluster(peers, small_chunks).await;
-        let compression: Compression =
-            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
-                .unwrap();
+        use crate::p2p::tests::{cluster, small_chunks};
+        let nets = cluster(4, small_chunks).await;
+        let weights = [1.0, 2.0, 3.0, 4.0];
         for len in [3, 5] {
-            let mut codecs: Vec<Box<dyn ChunkCodec>> = (0..peers)
-                .map(|_| {
-                    Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>
-                })
-                .collect();
-            let weights = [1.0, 2.0, 3.0, 4.0];
-            let data: Vec<Vec<f32>> = (0..peers)
-                .map(|m| {
-                    (0..len)
-                        .map(|e| match (e + m) % 2 {
-                            0 => weights[m] as f32,
-                            _ => -(weights[m] as f32),
-                        })
-                        .collect()
-                })
-                .collect();
-            let outputs = all_reduce_everywhere(
-                &nets,
-                len as u64,
-                &data,
-                &weights,
-                &[],
-                &mut codecs,
-                std::time::Duration::from_secs(20),
-            )
-            .await;
-            let outputs: Vec<_> = outputs.into_iter().map(Result::unwrap).collect();
-            for output in &outputs[1..] {
-                assert_eq!(bits(&output.average), bits(&outputs[0].average));
-            }
-            let exact = reference_average(&data, &weights);
-            for (got, want) in outputs[0].average.iter().zip(&exact) {
-                assert!(
-                    (got - want).abs() <= 1e-6 * want.abs(),
-                    "len {len}: {got} against {want}"
-                );
-            }
+            let data = signed(&weights, len, |_, _| true);
+            relayed_exactly(&nets, len as u64, &data, &weights).await;
         }
     }
 
@@ -391,12 +363,7 @@ mod tests {
         let peers = 4;
         let nets = cluster(peers, small_chunks).await;
         let len = 8 * CHUNK_VALUES + 5;
-        let compression: Compression =
-            serde_json::from_str(r#"{ "codec": "topk", "block_size": 64, "density": 0.0625 }"#)
-                .unwrap();
-        let mut codecs: Vec<Box<dyn ChunkCodec>> = (0..peers)
-            .map(|_| Box::new(QuantCodec::new(compression, len).unwrap()) as Box<dyn ChunkCodec>)
-            .collect();
+        let mut codecs = topk_codecs(peers, len);
         let (base, weights) = contributions(peers, len, 7);
         let mut got = vec![0.0f64; len];
         let mut want = vec![0.0f64; len];
