@@ -224,7 +224,13 @@ struct Shell {
     clock: WallClock,
     overlap: Overlap,
     /// The checkpoint shard being written in the background, if any (one at a time).
-    writer: Option<std::thread::JoinHandle<forge_trainer::Result<PathBuf>>>,
+    writer: Option<Writer>,
+}
+
+/// A checkpoint shard's background write: its thread, and the signal it sends as it ends.
+struct Writer {
+    thread: std::thread::JoinHandle<forge_trainer::Result<PathBuf>>,
+    ended: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// The inner steps a round runs while its outer gradients travel
@@ -616,16 +622,20 @@ impl Shell {
                     round: round.0,
                     tensor_hashes,
                 };
+                let (ended_tx, ended) = tokio::sync::oneshot::channel();
                 let started = tokio::task::block_in_place(|| {
                     outer_state::write_in_background(
                         &self.checkpoints,
                         &self.trainer,
                         &self.outer,
                         meta,
+                        move || {
+                            let _ = ended_tx.send(());
+                        },
                     )
                 });
                 match started {
-                    Ok(writer) => self.writer = Some(writer),
+                    Ok(thread) => self.writer = Some(Writer { thread, ended }),
                     Err(e) => return Ok(Some(Input::CheckpointWritten(Err(format!("{e:#}"))))),
                 }
             }
@@ -1063,8 +1073,8 @@ impl Shell {
     /// The background checkpoint write's outcome once it has ended (waiting for it when
     /// `wait`); None while it runs or when there is none.
     fn written(&mut self, wait: bool) -> Option<Input<Proposal>> {
-        let writer = self.writer.take_if(|w| wait || w.is_finished())?;
-        let result = tokio::task::block_in_place(|| writer.join());
+        let writer = self.writer.take_if(|w| wait || w.thread.is_finished())?;
+        let result = tokio::task::block_in_place(|| writer.thread.join());
         Some(Input::CheckpointWritten(match result {
             Ok(Ok(dir)) => Ok(dir.display().to_string()),
             Ok(Err(e)) => Err(format!("{e:#}")),
@@ -1072,14 +1082,16 @@ impl Shell {
         }))
     }
 
-    /// Waits (polling: the writer is a plain thread) until the background checkpoint write
-    /// ends; its outcome.
+    /// Waits until the background checkpoint write ends (its thread signals as it ends); its
+    /// outcome. Never ready when there is none.
     async fn writer_done(&mut self) -> Input<Proposal> {
-        loop {
-            if let Some(written) = self.written(false) {
-                return written;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(writer) = self.writer.as_mut() {
+            // The sender goes only as the thread ends, signalled or not.
+            let _ = (&mut writer.ended).await;
+        }
+        match self.written(true) {
+            Some(written) => written,
+            None => std::future::pending().await,
         }
     }
 

@@ -87,21 +87,26 @@ pub fn write(
 
 /// [`write`] on a thread of its own: the state is copied out now (the trainer's and the outer
 /// state), and the shard is written, hashed, synced and committed by rename while the node
-/// trains on. The thread's result says where the shard was committed, or why it was not.
+/// trains on. The thread's result says where the shard was committed, or why it was not;
+/// `done` runs on that thread as it ends.
 pub fn write_in_background(
     ckpts: &CheckpointDir,
     trainer: &Trainer,
     outer: &OuterOptimizer,
     meta: OuterCheckpoint,
+    done: impl FnOnce() + Send + 'static,
 ) -> Result<std::thread::JoinHandle<Result<PathBuf>>> {
     let state: Vec<(TensorKey, Tensor)> = outer
         .state_tensors()
         .into_iter()
         .map(|(key, t)| (key, t.copy()))
         .collect();
-    trainer.save_checkpoint_in_background(ckpts, trainer.step(), move |dir| {
-        write_state_files(dir, state, &meta)
-    })
+    trainer.save_checkpoint_in_background(
+        ckpts,
+        trainer.step(),
+        move |dir| write_state_files(dir, state, &meta),
+        done,
+    )
 }
 
 /// Takes the newest valid shard in `ckpts` that holds `global`'s version, if every tensor's

@@ -50,6 +50,63 @@ struct CheckpointSnapshot {
     optimizer: Vec<(String, Tensor)>,
     state: TrainState,
     tokenizer: String,
+    /// Held while the snapshot lives when its tensors are the trainer's page-locked staging
+    /// buffers: the next snapshot reuses them only once this is dropped.
+    _staging: Option<Arc<()>>,
+}
+
+/// Page-locked (pinned) host buffers that snapshots of GPU tensors are copied into, kept from
+/// one checkpoint to the next as PyTorch's asynchronous checkpointing keeps its staging cache:
+/// a device-to-host copy into pinned memory runs at the link's full speed, and allocating a
+/// gigabyte of it for every save would cost more than the copy.
+#[derive(Default)]
+struct Staging {
+    buffers: Vec<Tensor>,
+    /// One clone per snapshot that still uses `buffers`.
+    lease: Arc<()>,
+}
+
+impl Staging {
+    /// Host copies of `sources` (each converted to its kind), in memory pinned for `device`
+    /// (plain host memory for None): into the cached buffers
+    /// when no writer still holds them and the shapes match, else into new pinned buffers that
+    /// become the cache. Returns the copies and the lease the snapshot keeps.
+    fn copy(
+        &mut self,
+        device: Option<Device>,
+        sources: &[(Tensor, tch::Kind)],
+    ) -> (Vec<Tensor>, Arc<()>) {
+        let fits = Arc::strong_count(&self.lease) == 1
+            && self.buffers.len() == sources.len()
+            && self
+                .buffers
+                .iter()
+                .zip(sources)
+                .all(|(b, (t, kind))| b.size() == t.size() && b.kind() == *kind);
+        if !fits {
+            self.buffers = sources
+                .iter()
+                .map(|(t, kind)| {
+                    let buffer = Tensor::empty(t.size(), (*kind, Device::Cpu));
+                    match device {
+                        Some(device) => buffer.pin_memory(device),
+                        None => buffer,
+                    }
+                })
+                .collect();
+            self.lease = Arc::new(());
+        }
+        let copies = self
+            .buffers
+            .iter_mut()
+            .zip(sources)
+            .map(|(buffer, (t, kind))| {
+                buffer.copy_(&t.detach().to_kind(*kind));
+                buffer.shallow_clone()
+            })
+            .collect();
+        (copies, self.lease.clone())
+    }
 }
 
 impl CheckpointSnapshot {
@@ -258,6 +315,8 @@ pub struct Trainer {
     last_checkpoint: std::sync::Mutex<Option<PathBuf>>,
     /// The checkpoint being written in the background ([`Trainer::save_checkpoint_async`]).
     writing: std::sync::Mutex<Option<std::thread::JoinHandle<Result<PathBuf>>>>,
+    /// Pinned host buffers for snapshots of a GPU trainer's state.
+    staging: std::sync::Mutex<Staging>,
     /// Background writes of checkpoints of this step or later stop halfway until it is raised
     /// ([`Trainer::hold_checkpoint_writes`]); `u64::MAX`: none.
     hold_writes: Arc<AtomicU64>,
@@ -454,6 +513,7 @@ impl Trainer {
             ckpts,
             last_checkpoint: std::sync::Mutex::new(None),
             writing: std::sync::Mutex::new(None),
+            staging: Default::default(),
             hold_writes: Arc::new(AtomicU64::new(u64::MAX)),
             state,
             peak_lr,
@@ -863,7 +923,7 @@ impl Trainer {
         self.wait_for_checkpoint()?;
         let waited = started.elapsed();
         let handle =
-            self.save_checkpoint_in_background(&self.ckpts, self.state.step, |_| Ok(()))?;
+            self.save_checkpoint_in_background(&self.ckpts, self.state.step, |_| Ok(()), || {})?;
         tracing::debug!(
             "checkpoint of step {}: waited {:.3} s for the previous one, copied the state in {:.3} s",
             self.state.step,
@@ -878,19 +938,31 @@ impl Trainer {
     /// on a thread of its own, with whatever `extra` adds to the directory first (a DiLoCo
     /// node's outer state, copied out by the caller): training goes on meanwhile. The thread's
     /// result says where the checkpoint was committed, or why it was not (the previous one
-    /// stays the newest then).
+    /// stays the newest then). `done` runs on that thread as it ends, however it ends (an
+    /// event loop's wake-up).
     pub fn save_checkpoint_in_background(
         &self,
         ckpts: &CheckpointDir,
         key: u64,
         extra: impl FnOnce(&Path) -> Result<()> + Send + 'static,
+        done: impl FnOnce() + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<PathBuf>>> {
+        /// Runs its function when dropped: at the end of the thread, a panic included.
+        struct OnDrop<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for OnDrop<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f();
+                }
+            }
+        }
         let snapshot = self.snapshot(true)?;
         let ckpts = ckpts.clone();
         let hold = self.hold_writes.clone();
         std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
+                let _done = OnDrop(Some(done));
                 lowest_priority();
                 ckpts.save(key, |dir| {
                     extra(dir)?;
@@ -956,28 +1028,55 @@ impl Trainer {
     }
 
     /// What a checkpoint holds of this trainer, on the CPU: copies when `copy` (for a writer
-    /// that runs while training goes on), otherwise views where the tensors already are.
+    /// that runs while training goes on), otherwise views where the tensors already are. A
+    /// GPU trainer's copies go into its pinned staging buffers.
     fn snapshot(&self, copy: bool) -> Result<CheckpointSnapshot> {
-        let optimizer = self
-            .primary
-            .opt
-            .state_tensors()
-            .into_iter()
-            .map(|(k, t)| {
-                let cpu = t.to_device(Device::Cpu);
-                let cpu = if copy && cpu.data_ptr() == t.data_ptr() {
-                    cpu.copy()
-                } else {
-                    cpu
-                };
-                (k, cpu)
-            })
-            .collect();
+        let optimizer = self.primary.opt.state_tensors();
+        let device = self.primary.vs.device();
+        let (model, optimizer, staging) = if copy && device != Device::Cpu {
+            let variables = self.primary.vs.variables();
+            let model: std::collections::BTreeMap<String, Tensor> = variables.into_iter().collect();
+            let sources: Vec<(Tensor, tch::Kind)> = model
+                .values()
+                .map(|t| (t.shallow_clone(), tch::Kind::Float))
+                .chain(optimizer.iter().map(|(_, t)| (t.shallow_clone(), t.kind())))
+                .collect();
+            let (mut copies, lease) = self
+                .staging
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .copy(Some(device), &sources);
+            let optimizer_copies = copies.split_off(model.len());
+            (
+                model.into_keys().zip(copies).collect(),
+                optimizer
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .zip(optimizer_copies)
+                    .collect(),
+                Some(lease),
+            )
+        } else {
+            let optimizer = optimizer
+                .into_iter()
+                .map(|(k, t)| {
+                    let cpu = t.to_device(Device::Cpu);
+                    let cpu = if copy && cpu.data_ptr() == t.data_ptr() {
+                        cpu.copy()
+                    } else {
+                        cpu
+                    };
+                    (k, cpu)
+                })
+                .collect();
+            (weights::cpu_f32(&self.primary.vs, copy), optimizer, None)
+        };
         Ok(CheckpointSnapshot {
-            model: weights::cpu_f32(&self.primary.vs, copy),
+            model,
             optimizer,
             state: self.state.clone(),
             tokenizer: self.dataset.tokenizer.to_json()?,
+            _staging: staging,
         })
     }
 
@@ -1484,4 +1583,69 @@ pub fn load_checkpoint_model(dir: &Path, device: Device) -> Result<(VarStore, Mo
     };
     weights::load(&mut vs, &state.model, &dir.join("model.safetensors"))?;
     Ok((vs, model, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(values: &[&[f32]]) -> Vec<(Tensor, tch::Kind)> {
+        values
+            .iter()
+            .map(|v| (Tensor::from_slice(v), tch::Kind::Float))
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t).unwrap()
+    }
+
+    /// The staging buffers (pinned on a GPU; plain host memory here, where only the reuse is
+    /// under test) are reused only when no snapshot still holds them: a writer that has not
+    /// finished never sees its tensors overwritten by the next snapshot.
+    #[test]
+    fn staging_buffers_are_reused_only_when_no_writer_holds_them() {
+        let mut staging = Staging::default();
+        let (first, lease) = staging.copy(None, &sources(&[&[1.0, 2.0], &[3.0]]));
+        let first_ptr = first[0].data_ptr();
+        // Still held (the first writer runs): the next snapshot goes elsewhere.
+        let (second, second_lease) = staging.copy(None, &sources(&[&[5.0, 6.0], &[7.0]]));
+        assert_ne!(second[0].data_ptr(), first_ptr);
+        assert_eq!(
+            values(&first[0]),
+            [1.0, 2.0],
+            "a held snapshot was overwritten"
+        );
+        assert_eq!(values(&second[0]), [5.0, 6.0]);
+        drop((first, lease));
+        // The cache is now the second snapshot's buffers, still held.
+        let second_ptr = second[0].data_ptr();
+        let (third, third_lease) = staging.copy(None, &sources(&[&[8.0, 9.0], &[10.0]]));
+        assert_ne!(third[0].data_ptr(), second_ptr);
+        assert_eq!(values(&second[0]), [5.0, 6.0]);
+        drop((second, second_lease));
+        let third_ptr = third[0].data_ptr();
+        drop((third, third_lease));
+        // Released: reused in place, with the new values.
+        let (fourth, _lease) = staging.copy(None, &sources(&[&[11.0, 12.0], &[13.0]]));
+        assert_eq!(fourth[0].data_ptr(), third_ptr);
+        assert_eq!(values(&fourth[0]), [11.0, 12.0]);
+        assert_eq!(values(&fourth[1]), [13.0]);
+    }
+
+    #[test]
+    fn staging_buffers_follow_a_change_of_shape_or_kind() {
+        let mut staging = Staging::default();
+        let (first, lease) = staging.copy(None, &sources(&[&[1.0, 2.0]]));
+        let ptr = first[0].data_ptr();
+        drop((first, lease));
+        let (grown, lease) = staging.copy(None, &sources(&[&[1.0, 2.0, 3.0]]));
+        assert_ne!(grown[0].data_ptr(), ptr);
+        assert_eq!(values(&grown[0]), [1.0, 2.0, 3.0]);
+        drop((grown, lease));
+        let step = [(Tensor::from_slice(&[7i64]), tch::Kind::Int64)];
+        let (copies, _lease) = staging.copy(None, &step);
+        assert_eq!(copies[0].kind(), tch::Kind::Int64);
+        assert_eq!(Vec::<i64>::try_from(&copies[0]).unwrap(), [7]);
+    }
 }
