@@ -8,13 +8,14 @@
 # a save takes than an ordinary one (what the save blocks) and what a save costs in all until the
 # next one; and the ratio of the runs' wall clocks.
 # --threads N sets the step's libtorch threads ([train] threads; default: libtorch's choice, all
-# cores): fewer than the cores leaves the background writer a core of its own.
+# cores): fewer than the cores leaves the background writer a core of its own. --device cuda:0
+# trains on a GPU (bf16; the snapshot is then a copy into pinned host memory).
 #   scripts/bench_steps_after_checkpoint.sh [--preset gpt2-124m] [--batch 2] [--every 8] [--steps 24]
-#                                           [--threads N] [--bin target/release/forge-node]
+#                                           [--threads N] [--device cpu] [--bin target/release/forge-node]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$FORGE_ROOT"
-preset=gpt2-124m batch=2 every=8 steps=24 threads="" bin=target/release/forge-node
+preset=gpt2-124m batch=2 every=8 steps=24 threads="" device=cpu bin=target/release/forge-node
 while (($#)); do
   case $1 in
     --preset) preset=$2; shift 2 ;;
@@ -22,15 +23,16 @@ while (($#)); do
     --every) every=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --device) device=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 work=$(mktemp -d /tmp/forge-bench-ckpt.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-python3 - "$work" "$preset" "$batch" "$every" "$steps" "$threads" <<'PY'
+python3 - "$work" "$preset" "$batch" "$every" "$steps" "$threads" "$device" <<'PY'
 import re, sys
-work, preset, batch, every, steps, threads = sys.argv[1:]
+work, preset, batch, every, steps, threads, device = sys.argv[1:]
 text = open("configs/tiny-cpu.toml").read()
 edits = [
     (r'^preset = .*$', f'preset = "{preset}"'),
@@ -41,7 +43,9 @@ edits = [
     (r'^warmup_steps = .*$', 'warmup_steps = 2'),
     (r'^log_every = .*$', 'log_every = 1'),
     (r'^batches = .*$', 'batches = 1'),
-] + ([(r'^# threads = .*$', f'threads = {threads}')] if threads else [])
+    (r'^device = .*$', f'device = "{device}"'),
+] + ([(r'^# threads = .*$', f'threads = {threads}')] if threads else []) \
+  + ([(r'^# precision = .*$', 'precision = "bf16"')] if device != "cpu" else [])
 for pattern, line in edits:
     text, n = re.subn(pattern, line, text, count=1, flags=re.M)
     if n != 1:
@@ -56,7 +60,7 @@ for background in ("false", "true"):
     t = t.replace(f'out_dir = "{work}/run"', f'out_dir = "{work}/run-{background}"')
     open(f"{work}/run-{background}.toml", "w").write(t)
 PY
-echo "forge-node train: preset $preset, batch $batch x 128 tokens, a checkpoint every $every steps, $steps steps, threads ${threads:-all cores}"
+echo "forge-node train on $device: preset $preset, batch $batch x 128 tokens, a checkpoint every $every steps, $steps steps, threads ${threads:-all cores}"
 for background in false true; do
   "$bin" train --config "$work/run-$background.toml" --no-resume > "$work/train.out" 2> "$work/train.log" \
     || { cat "$work/train.log" >&2; exit 1; }

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks of a mixed cluster, in one run of under 8 minutes on a machine with one NVIDIA
+# The GPU checks of a mixed cluster, in one run of under 9 minutes on a machine with one NVIDIA
 # GPU, with release binaries built elsewhere (this script builds nothing):
 #   1. DiLoCo with two nodes sharing the GPU and one CPU node: round 1 commits with the same
 #      state hash on all three (identical start on any device, every device in one run);
 #   2. bf16 on the GPU against fp32 on the CPU: the training losses of the same run side by side
 #      (the first 10 must agree within 2%);
 #   3. scripts/bench_train_step.sh for `15m` and `gpt2-124m`: Forge against PyTorch eager and
-#      torch.compile, tokens/s and MFU.
+#      torch.compile, tokens/s and MFU;
+#   4. wall clock as users feel it: scripts/bench_end_to_end.sh for `15m` (forge-node train
+#      against a nanoGPT-style PyTorch loop, evals and checkpoints every 100 steps included) and
+#      scripts/bench_steps_after_checkpoint.sh for `gpt2-124m` (steps after a checkpoint exists,
+#      and how long a save holds the step: the copy into pinned host memory).
 #
 #   scripts/gpu_check.sh [--bin DIR] [--data DIR] [--out DIR] [--gpu cuda:0] [--skip-bench]
 # --bin holds forge-node and forge-coordinator (default target/release); --data the shared data
@@ -25,7 +29,7 @@ while (($#)); do
     --out) out=$2; shift 2 ;;
     --skip-bench) bench=0; shift ;;
     --gpu) gpu=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +45,8 @@ half=bf16
 if [[ -z "${LD_LIBRARY_PATH:-}" ]] && lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
   export LD_LIBRARY_PATH=$lib
 fi
+# The benchmarks' PyTorch side: the virtualenv's python where there is one, else the machine's.
+[[ -x "$root/.venv/bin/python" ]] || export FORGE_PYTHON=${FORGE_PYTHON:-python3}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 rm -rf "$out"; mkdir -p "$out"
 out=$(realpath "$out")
@@ -127,5 +133,11 @@ if ((bench)); then
   timeout 150 scripts/bench_train_step.sh --preset 15m --batch 64 --seq 256 --device "$gpu" --compile --repeats 2 || fail=1
   echo "== train step, gpt2-124m"
   timeout 150 scripts/bench_train_step.sh --preset gpt2-124m --batch 16 --seq 1024 --device "$gpu" --compile --repeats 2 || fail=1
+  # 4. Wall clock end to end, and what checkpoints cost it.
+  echo "== end to end against PyTorch, 15m, checkpoints and evals every 100 steps"
+  FORGE_BENCH_OUT="$out/end-to-end.jsonl" FORGE_BENCH_WORK="$out/end-to-end" \
+    timeout 150 scripts/bench_end_to_end.sh --preset 15m --batch 32 --seq 256 --steps 300 --device "$gpu" --repeats 1 || fail=1
+  echo "== steps after a checkpoint, gpt2-124m, a save every 8 steps"
+  timeout 120 scripts/bench_steps_after_checkpoint.sh --preset gpt2-124m --batch 8 --every 8 --steps 33 --device "$gpu" --bin "$bin/forge-node" || fail=1
 fi
 exit $fail
