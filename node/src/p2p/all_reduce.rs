@@ -75,7 +75,8 @@ const TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 /// reason; an abort's reason is cut to this many bytes.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_ABORT_REASON: usize = 1024;
-/// How long a member whose peer broke a stream waits for that peer's abort.
+/// How long a member whose peer broke a stream waits for that peer's abort, and how long a
+/// member that hears an abort goes on reading for a verdict of its own.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// How long a member that lost its connection has to come back before the all-reduce fails.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
@@ -425,6 +426,14 @@ impl Progress {
     }
 }
 
+/// Where the streams that arrive for a round go: each member's contribution to this member's
+/// range and its reduced range, one stream each (a sender is used once).
+struct Routes {
+    arrivals: mpsc::Receiver<Incoming>,
+    contributions: Vec<Option<oneshot::Sender<Incoming>>>,
+    results: Vec<Option<oneshot::Sender<Incoming>>>,
+}
+
 /// What the next header on a stream must say.
 struct Expect {
     phase: SyncPhase,
@@ -577,16 +586,54 @@ impl<'a> Round<'a> {
             Ok((average, total_weight))
         };
         tokio::pin!(core);
-        let failure = tokio::select! {
+        let mut routes = Routes {
+            arrivals,
+            contributions: contribution_senders,
+            results: result_senders,
+        };
+        let told = tokio::select! {
             result = &mut core => match result {
                 Ok(average) => return Ok(average),
-                Err(err) => err,
+                Err(err) => return self.fail(err).await,
             },
-            err = self.dispatch(arrivals, contribution_senders, result_senders) => err,
+            err = self.dispatch(&mut routes) => err,
             err = self.watch_connections(peer_events) => err,
             () = tokio::time::sleep(timeout) => self.timed_out(timeout),
         };
-        // `core` is still alive here unless it finished, so its streams are still open.
+        let failure = match told {
+            // Another member's abort may arrive while this member's own verdict on a
+            // contribution is being told, or moments before it reaches one: the first-hand
+            // rejection is what the coordinator needs from every honest member that can see it,
+            // or two members rejecting the same contribution would report each other's abort
+            // and the culprit would stay. So the streams keep arriving and the reduction keeps
+            // reading for a moment; the round is over either way, and whatever else fails now
+            // is not told to the others.
+            aborted @ AllReduceError::Aborted { .. } => {
+                self.abort_sent.store(true, Ordering::Relaxed);
+                let own = async {
+                    loop {
+                        tokio::select! {
+                            result = &mut core => return result.err(),
+                            err = self.dispatch(&mut routes) => match err {
+                                AllReduceError::Aborted { .. } => continue,
+                                err => return Some(err),
+                            },
+                        }
+                    }
+                };
+                match tokio::time::timeout(ABORT_GRACE, own).await {
+                    Ok(Some(own @ AllReduceError::Rejected { .. })) => own,
+                    _ => aborted,
+                }
+            }
+            failure => failure,
+        };
+        // `core` is still alive here, so its streams are still open.
+        self.fail(failure).await
+    }
+
+    /// Ends the all-reduce with `failure`, told to the other members first.
+    async fn fail<T>(&self, failure: AllReduceError) -> Result<T> {
         self.send_aborts(&failure).await;
         Err(failure)
     }
@@ -693,16 +740,9 @@ impl<'a> Round<'a> {
     /// Hands each incoming stream to the part of the all-reduce that reads it, and turns a
     /// member's abort or a protocol violation into this all-reduce's error. Never returns
     /// otherwise: it keeps listening for aborts until the all-reduce ends.
-    async fn dispatch(
-        &self,
-        mut arrivals: mpsc::Receiver<Incoming>,
-        mut contributions: Vec<Option<oneshot::Sender<Incoming>>>,
-        mut results: Vec<Option<oneshot::Sender<Incoming>>>,
-    ) -> AllReduceError {
-        // Whose contribution headers this member has checked itself.
-        let mut checked = vec![false; self.layout.members];
+    async fn dispatch(&self, routes: &mut Routes) -> AllReduceError {
         loop {
-            let Some(mut incoming) = arrivals.recv().await else {
+            let Some(mut incoming) = routes.arrivals.recv().await else {
                 return AllReduceError::Stopped;
             };
             let Some(m) = self.members.iter().position(|peer| *peer == incoming.peer) else {
@@ -723,14 +763,10 @@ impl<'a> Round<'a> {
                     if let Err(err) = self.check_claims(m, &header) {
                         return err;
                     }
-                    checked[m] = true;
-                    (&mut contributions[m], self.me)
+                    (&mut routes.contributions[m], self.me)
                 }
-                SyncPhase::AllGather => (&mut results[m], m),
-                SyncPhase::Abort => {
-                    let abort = self.aborted(m, &mut incoming).await;
-                    return self.verify_abort(abort, &checked, &mut arrivals).await;
-                }
+                SyncPhase::AllGather => (&mut routes.results[m], m),
+                SyncPhase::Abort => return self.aborted(m, &mut incoming).await,
             };
             if header.owner as usize != owner {
                 return bad(format!(
@@ -749,7 +785,6 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// Reads the reason of member `m`'s abort.
     /// What every member can check of member `m`'s contribution from its header alone: its
     /// weight against its replica's lease. The reduction checks it again on every chunk.
     fn check_claims(&self, m: usize, header: &SyncChunkHeader) -> Result<()> {
@@ -765,39 +800,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// An abort blaming a member whose contribution header this member has not checked yet:
-    /// waits a moment for that member's stream and checks it, so that a member rejected by one
-    /// owner for a claim everyone can check (its weight) is rejected by every member that sees
-    /// the same, not only blamed second-hand. Otherwise the abort stands.
-    async fn verify_abort(
-        &self,
-        abort: AllReduceError,
-        checked: &[bool],
-        arrivals: &mut mpsc::Receiver<Incoming>,
-    ) -> AllReduceError {
-        let AllReduceError::Aborted { blamed, .. } = &abort else {
-            return abort;
-        };
-        let Some(x) = self.members.iter().position(|peer| peer == blamed) else {
-            return abort;
-        };
-        if x == self.me || checked[x] {
-            return abort;
-        }
-        let wait = async {
-            while let Some(incoming) = arrivals.recv().await {
-                if incoming.peer == *blamed && incoming.header.phase == SyncPhase::ReduceScatter {
-                    return self.check_claims(x, &incoming.header).err();
-                }
-            }
-            None
-        };
-        match tokio::time::timeout(ABORT_GRACE, wait).await {
-            Ok(Some(own)) => own,
-            _ => abort,
-        }
-    }
-
+    /// Reads the reason of member `m`'s abort.
     async fn aborted(&self, m: usize, incoming: &mut Incoming) -> AllReduceError {
         let header = incoming.header;
         let reason = if header.payload_len as usize > MAX_ABORT_REASON {
@@ -1095,6 +1098,7 @@ impl<'a> Round<'a> {
                     self.check_finite(m, range.start, values)?;
                 }
                 sum_of_squares[m] += squares;
+                self.check_declared(m, sum_of_squares[m], declared[m])?;
             }
             // Every member's first header has been read: the weights are all known. Summed in
             // member order, like the values, so every owner gets the same total.
@@ -1163,7 +1167,6 @@ impl<'a> Round<'a> {
             let payloads = readers.into_iter().flatten().map(|reader| reader.payload);
             scratch.bytes.extend(payloads);
         }
-        self.check_declared(&sum_of_squares, &declared)?;
         let per_weight: Vec<f64> = sum_of_squares
             .iter()
             .zip(&weights)
@@ -1180,19 +1183,20 @@ impl<'a> Round<'a> {
         })
     }
 
-    /// Rejects the first member whose contribution to this owner's range has a larger norm
-    /// than it declared for its whole contribution (with the codecs' slack).
-    fn check_declared(&self, sum_of_squares: &[f64], declared: &[f64]) -> Result<()> {
-        for (m, (&squares, &norm)) in sum_of_squares.iter().zip(declared).enumerate() {
-            if m != self.me && squares.sqrt() > NORM_SLACK * norm {
-                return Err(self.reject(
-                    m,
-                    RejectReason::AboveDeclared {
-                        norm: squares.sqrt(),
-                        declared: norm,
-                    },
-                ));
-            }
+    /// Rejects member `m` once its contribution to this owner's range so far (`squares`, the
+    /// sum of its squares) has a larger norm than it declared for its whole contribution (with
+    /// the codecs' slack). Checked as every chunk is read, the verdict comes at the first chunk
+    /// that crosses the bound, not after the whole range: an owner that rejects tells the
+    /// others while their own checks of the same member are still under way.
+    fn check_declared(&self, m: usize, squares: f64, declared: f64) -> Result<()> {
+        if m != self.me && squares.sqrt() > NORM_SLACK * declared {
+            return Err(self.reject(
+                m,
+                RejectReason::AboveDeclared {
+                    norm: squares.sqrt(),
+                    declared,
+                },
+            ));
         }
         Ok(())
     }

@@ -164,20 +164,27 @@ impl ChunkCodec for Scaled {
     }
 }
 
-/// Whether `err` is this member's rejection for a reason `is_reason` accepts, or another
-/// member's abort telling such a rejection (its reason contains `told`): two members that
-/// reject the same peer at once may each hear the other's abort first.
-fn rejected_for(
+/// Whether `err` is this member's own rejection, for a reason `is_reason` accepts (a member
+/// that hears another's abort while it tells, or is about to reach, its own verdict reports its
+/// own: the coordinator counts first-hand rejections).
+fn rejected_for(err: &AllReduceError, is_reason: impl Fn(&RejectReason) -> bool) -> bool {
+    matches!(err, AllReduceError::Rejected { reason, .. } if is_reason(reason))
+}
+
+/// [`rejected_for`], or another member's abort telling such a rejection (its reason contains
+/// `told`): a member that reads the culprit's data only after a peer that has already rejected
+/// it and stopped sending, or whose culprit stopped sending on hearing that abort, cannot reach
+/// a verdict of its own.
+fn rejected_or_told(
     err: &AllReduceError,
     told: &str,
     is_reason: impl Fn(&RejectReason) -> bool,
 ) -> bool {
     match err {
-        AllReduceError::Rejected { reason, .. } => is_reason(reason),
         AllReduceError::Aborted { reason, .. } => {
             reason.contains("rejected") && reason.contains(told)
         }
-        _ => false,
+        err => rejected_for(err, is_reason),
     }
 }
 
@@ -655,14 +662,16 @@ async fn an_overweight_contribution_is_rejected_naming_its_sender() {
     for err in &errors {
         assert_eq!(err.peer(), Some(members[2]), "{err}");
     }
-    // Both honest members reject it (a weight is checked from the header); one that hears the
-    // other's abort while telling its own reports that abort, whose reason is the same
-    // rejection, so their reports corroborate each other either way.
+    // Both honest members reject it (a weight is checked from the header), first-hand unless
+    // the culprit stopped sending on hearing the other's abort.
+    let overweight = |reason: &RejectReason| matches!(reason, RejectReason::Overweight { .. });
+    assert!(
+        errors.iter().any(|err| rejected_for(err, overweight)),
+        "{errors:?}"
+    );
     for err in &errors[..2] {
         assert!(
-            rejected_for(err, "its replica's data lease allows", |reason| {
-                matches!(reason, RejectReason::Overweight { .. })
-            }),
+            rejected_or_told(err, "its replica's data lease allows", overweight),
             "{err}"
         );
     }
@@ -732,14 +741,12 @@ async fn an_owner_writing_more_than_its_inputs_allow_is_rejected_by_everyone() {
                 "{members} members, x{results}: {err}"
             );
         }
+        // Every honest member gathers the range and rejects it itself.
         assert!(
-            errors.iter().any(|err| matches!(
-                err,
-                AllReduceError::Rejected {
-                    reason: RejectReason::ResultAboveInputs { .. },
-                    ..
-                }
-            )),
+            errors.iter().all(|err| rejected_for(err, |reason| matches!(
+                reason,
+                RejectReason::ResultAboveInputs { .. }
+            ))),
             "{members} members, x{results}: {errors:?}"
         );
     }
@@ -776,11 +783,19 @@ async fn a_contribution_above_its_declared_norm_is_rejected() {
     for err in &errors {
         assert_eq!(err.peer(), Some(ids[2]), "{err}");
     }
+    // Both honest members own a range of it above the declared norm and reject it as soon as
+    // a chunk crosses the bound; one that still waits on the other's chunk when that one stops
+    // sending reports the other's abort.
+    let above = |reason: &RejectReason| matches!(reason, RejectReason::AboveDeclared { .. });
     assert!(
-        errors.iter().any(|err| rejected_for(
+        errors.iter().any(|err| rejected_for(err, above)),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().all(|err| rejected_or_told(
             err,
             "it declared for its whole contribution",
-            |reason| matches!(reason, RejectReason::AboveDeclared { .. })
+            above
         )),
         "{errors:?}"
     );
