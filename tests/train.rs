@@ -278,3 +278,59 @@ fn a_kill_during_a_background_save_leaves_the_previous_checkpoint_and_resumes_ex
         );
     }
 }
+
+/// `--set` changes the run config like an edit of the file, checked like the file; `--dry-run`
+/// prints the resolved config, the size, the budget and an estimated time, and trains nothing
+/// in the run's folder.
+#[test]
+fn set_overrides_keys_and_dry_run_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = write_config(tmp.path(), &out, 40, 1000);
+    let config = config.to_str().unwrap();
+    let dry = run(
+        "forge-node",
+        &[
+            "train",
+            "--config",
+            config,
+            "--set",
+            "train.max_steps=1234",
+            "--set",
+            "train.lr=0.00125",
+            "--dry-run",
+        ],
+        LIMIT,
+    );
+    assert!(dry.success(), "{}\n{}", dry.stdout, dry.stderr);
+    let text = &dry.stdout;
+    for expect in [
+        "max_steps = 1234",
+        "lr = 0.00125",
+        "parameters ",
+        "tokens per step ",
+        "steps             1234",
+        "tokens in all ",
+        "estimated time ",
+    ] {
+        assert!(text.contains(expect), "{expect:?} missing:\n{text}");
+    }
+    assert!(!out.exists(), "the dry run wrote into the run's folder");
+    for (set, names) in [
+        ("train.lr_typo=1", "lr_typo"),
+        ("train.max_steps=lots", "max_steps"),
+        ("train.lr", "give section.key=value"),
+    ] {
+        let failed = run(
+            "forge-node",
+            &["train", "--config", config, "--set", set, "--dry-run"],
+            LIMIT,
+        );
+        assert!(!failed.success(), "--set {set} was accepted");
+        let err = &failed.stderr;
+        assert!(
+            err.contains(names) && err.contains(config),
+            "--set {set}: {err}"
+        );
+    }
+}

@@ -29,9 +29,14 @@ fn init_logging() {
         .try_init();
 }
 
-pub(crate) fn serve(config: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn serve(
+    config: &Path,
+    sets: &[String],
+    listen: SocketAddr,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
     init_logging();
-    let config = run_config::load(config)?;
+    let config = run_config::load_with(config, sets)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let server = Server::bind(config, listen, state_dir)?;

@@ -34,6 +34,11 @@ enum Command {
         /// Directory for the state database; reuse it to continue a run after a restart.
         #[arg(long)]
         state_dir: PathBuf,
+        /// Change one key of the run config, checked like the file: --set section.key=value
+        /// (repeatable, the last wins; a value is TOML or else a string). Nodes get the
+        /// config with the changes.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Show a running coordinator's members, stage plan, rounds and last checkpoint.
     Status {
@@ -116,7 +121,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             listen,
             state_dir,
-        } => commands::serve(&config, listen, &state_dir)?,
+            sets,
+        } => commands::serve(&config, &sets, listen, &state_dir)?,
         Command::Status {
             addr,
             token,

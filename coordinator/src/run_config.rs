@@ -41,10 +41,18 @@ const DEFAULT_CHECKPOINT_EVERY_ROUNDS: u64 = 10;
 
 /// Reads the run config at `path` into the core's config (the text travels to nodes as is).
 pub fn load(path: &Path) -> Result<CoordinatorConfig> {
+    load_with(path, &[])
+}
+
+/// [`load`] with `--set section.key=value` changes applied to the file's text first (the
+/// changed text is what travels to nodes).
+pub fn load_with(path: &Path, sets: &[String]) -> Result<CoordinatorConfig> {
     let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
         path: path.to_path_buf(),
         cause,
     })?;
+    let text = forge_protocol::run_config::apply_overrides(&text, path, sets, None)
+        .map_err(Error::InvalidRunConfig)?;
     parse(text, path)
 }
 
@@ -155,6 +163,27 @@ mod tests {
     fn run_config(extra: &str) -> String {
         let tiny = include_str!("../../configs/tiny-cpu.toml");
         format!("{tiny}\n{extra}")
+    }
+
+    /// `serve --set` changes the run config checked like the file, and the nodes get the
+    /// changed text.
+    #[test]
+    fn set_changes_what_the_nodes_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, run_config("[diloco]\ninner_steps = 5\n")).unwrap();
+        let sets = [
+            "diloco.inner_steps=7".to_string(),
+            "train.lr=0.002".to_string(),
+        ];
+        let config = load_with(&path, &sets).unwrap();
+        let sent = RunConfig::parse(&config.run_config, &path).unwrap();
+        assert_eq!(sent.diloco.unwrap().inner_steps, 7);
+        assert_eq!(sent.train.lr, 0.002);
+        let err = load_with(&path, &["diloco.inner_stepz=7".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inner_stepz"), "{err}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -77,12 +77,23 @@ pub(crate) struct JoinOptions {
     /// Address for peer connections; an unspecified IP advertises the one facing the coordinator.
     pub(crate) listen: SocketAddr,
     pub(crate) max_upload_mbps: Option<f64>,
+    /// `--set section.key=value` changes to the coordinator's run config, of the keys a node
+    /// may set (`forge_protocol::run_config::NODE_KEYS`).
+    pub(crate) sets: Vec<String>,
     /// Caps the memory each device reports to the coordinator's stage planner.
     pub(crate) memory_limit: Option<u64>,
 }
 
 /// Runs a node until the run's budget is spent, SIGTERM/SIGINT, or a fatal error.
 pub(crate) fn run(opts: JoinOptions) -> Result<()> {
+    // The form and the keys of --set are checked before joining; the values, once the
+    // coordinator's run config is here.
+    forge_protocol::run_config::apply_overrides(
+        "",
+        Path::new("<run config from the coordinator>"),
+        &opts.sets,
+        Some(forge_protocol::run_config::NODE_KEYS),
+    )?;
     if let Err(err) = std::fs::create_dir_all(&opts.workdir) {
         // AlreadyExists is what create_dir_all reports when a file is in the way.
         let why = if err.kind() == std::io::ErrorKind::AlreadyExists {

@@ -30,7 +30,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use tch::Device;
+use std::time::Instant;
+use tch::{Device, Tensor};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,6 +112,12 @@ struct JoinArgs {
     /// whole model needs, the coordinator plans pipeline stages.
     #[arg(long, value_name = "SIZE", value_parser = join::parse_memory_size)]
     memory_limit: Option<u64>,
+    /// Change one key of the coordinator's run config for this node, checked like the file:
+    /// --set section.key=value (repeatable). A node may set how it trains its replica
+    /// (train.threads, train.micro_batch, train.precision, train.parallel.*), not what the
+    /// run computes.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +128,15 @@ struct TrainArgs {
     /// Start from scratch even if the run directory has checkpoints.
     #[arg(long)]
     no_resume: bool,
+    /// Change one key of the run config, checked like the file: --set section.key=value
+    /// (repeatable, the last wins; a value is TOML or else a string, e.g. train.lr=3e-4,
+    /// train.device=cuda:0).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Print the resolved config, the model's size, tokens per step, steps, tokens in all and
+    /// an estimated time from a few timed steps, then exit without training.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -397,6 +413,7 @@ fn run(cli: Cli) -> Result<()> {
             listen: args.listen,
             max_upload_mbps: args.max_upload_mbps,
             memory_limit: args.memory_limit,
+            sets: args.sets,
         }),
         Command::Train(args) => train(&args),
         Command::Sample(args) => sample(&args),
@@ -424,7 +441,10 @@ fn test_hold_checkpoint_writes() -> Result<Option<u64>> {
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
-    let mut cfg = RunConfig::load(&args.config)?;
+    let mut cfg = RunConfig::load_with(&args.config, &args.sets)?;
+    if args.dry_run {
+        return dry_run(cfg);
+    }
     if args.no_resume {
         cfg.checkpoint.resume = false;
     }
@@ -862,5 +882,78 @@ fn print_result(r: &TrainStepResult) {
             r.peak_tflops.unwrap_or(0.0)
         ),
         None => println!("MFU n/a: peak unknown for this device (pass --peak-tflops)"),
+    }
+}
+
+/// `forge-node train --dry-run`: the resolved config, the model's size, the run's budget, and
+/// the time its steps would take, from a few steps timed on a scratch copy of the run (its
+/// checkpoints and metrics go to a temporary folder; the data cache is the run's own).
+fn dry_run(mut cfg: RunConfig) -> Result<()> {
+    const TIMED: usize = 3;
+    println!("# resolved run config");
+    println!(
+        "{}",
+        toml::to_string(&cfg).context("printing the resolved config")?
+    );
+    let scratch = tempfile::tempdir().context("creating a scratch folder for the timed steps")?;
+    cfg.train.out_dir = scratch.path().join("run");
+    cfg.checkpoint.resume = false;
+    let steps = cfg.total_steps();
+    let tokens_per_step = cfg.tokens_per_step();
+    let mut trainer = Trainer::new(cfg)?;
+    let params: i64 = trainer
+        .var_store()
+        .variables()
+        .values()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum();
+    // The first step warms up (allocations, kernels); the rest are timed.
+    trainer.train_step()?;
+    let started = Instant::now();
+    for _ in 1..TIMED {
+        trainer.train_step()?;
+    }
+    let per_step = started.elapsed().as_secs_f64() / (TIMED - 1) as f64;
+    let cfg = trainer.config();
+    println!("# dry run");
+    println!(
+        "parameters        {params} ({:.2}M) on {} ({} worker{})",
+        params as f64 / 1e6,
+        cfg.train.device,
+        trainer.workers(),
+        if trainer.workers() == 1 { "" } else { "s" }
+    );
+    println!(
+        "tokens per step   {tokens_per_step} ({} sequences of {})",
+        cfg.train.batch_size, cfg.train.seq_len
+    );
+    println!("steps             {steps}");
+    println!(
+        "tokens in all     {} ({:.1}M)",
+        steps * tokens_per_step,
+        (steps * tokens_per_step) as f64 / 1e6
+    );
+    let total = per_step * steps as f64;
+    println!(
+        "estimated time    {} ({per_step:.3} s per step over {} timed steps, {:.0} tokens/s; evals \
+         every {} steps and checkpoints every {} come on top)",
+        human_duration(total),
+        TIMED - 1,
+        tokens_per_step as f64 / per_step,
+        cfg.eval.every,
+        cfg.checkpoint.every,
+    );
+    Ok(())
+}
+
+/// Seconds as people read them: 45 s, 12 min, 3.2 h.
+fn human_duration(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0} s")
+    } else if s < 90.0 * 60.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
     }
 }

@@ -10,15 +10,22 @@ pub use forge_protocol::run_config::{CheckpointConfig, EvalConfig, RunConfig, Tr
 /// Reading a run config from a file (the schema in forge-protocol does no I/O).
 pub trait LoadRunConfig: Sized {
     /// Reads and validates a run config; errors name the file and the offending key.
-    fn load(path: &Path) -> Result<Self>;
+    fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
+    }
+
+    /// [`LoadRunConfig::load`] with `--set section.key=value` changes applied to the file's
+    /// text first, checked like the file.
+    fn load_with(path: &Path, sets: &[String]) -> Result<Self>;
 }
 
 impl LoadRunConfig for RunConfig {
-    fn load(path: &Path) -> Result<Self> {
+    fn load_with(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             why: format!("cannot read it: {e}"),
         })?;
+        let text = forge_protocol::run_config::apply_overrides(&text, path, sets, None)?;
         Ok(Self::parse(&text, path)?)
     }
 }

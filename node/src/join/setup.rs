@@ -204,7 +204,14 @@ fn node_devices(opts: &JoinOptions) -> Result<Vec<tch::Device>> {
 /// caches under the workdir, corpus paths under the data root, this node's devices, workers and
 /// threads.
 pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConfig)> {
-    let mut cfg = RunConfig::parse(text, Path::new("<run config from the coordinator>"))?;
+    let from = Path::new("<run config from the coordinator>");
+    let text = forge_protocol::run_config::apply_overrides(
+        text,
+        from,
+        &opts.sets,
+        Some(forge_protocol::run_config::NODE_KEYS),
+    )?;
+    let mut cfg = RunConfig::parse(&text, from)?;
     let Some(diloco) = cfg.diloco else {
         bail!(
             "the coordinator's run config has no [diloco] section; add one (see configs/diloco-tiny-cpu.toml)"

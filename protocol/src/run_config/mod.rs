@@ -8,11 +8,13 @@
 
 mod data;
 mod diloco;
+mod overrides;
 mod parallel;
 mod schedule;
 
 pub use data::{CorpusFormat, DataConfig, TokenizerConfig};
 pub use diloco::{DilocoConfig, OverlapSteps, Pace};
+pub use overrides::{NODE_KEYS, apply_overrides};
 pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};
 pub use schedule::Schedule;
 
