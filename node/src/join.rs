@@ -28,7 +28,7 @@ use forge_trainer::train::{InnerSummary, ScheduleSpan, StageSpec, StepTiming, Tr
 use libp2p::{Multiaddr, PeerId};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -390,6 +390,7 @@ impl Shell {
             );
         }
         let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
+        trainer.observe_steps(progress_line());
         let outer = OuterOptimizer::without(trainer.var_store(), diloco, trainer.derived_param())?;
         let codec = QuantCodec::new(diloco.compression, outer.numel())?;
         let out_dir = trainer.config().train.out_dir.clone();
@@ -681,6 +682,7 @@ impl Shell {
     fn rebuild(&mut self, spec: Option<StageSpec>, progress: (u64, u64)) -> Result<()> {
         let cfg = self.trainer.config().clone();
         let mut trainer = tokio::task::block_in_place(|| Trainer::with_stage(cfg, spec))?;
+        trainer.observe_steps(progress_line());
         trainer.set_progress(progress.0, progress.1);
         if let Some((index, count)) = self.rounds.shard() {
             trainer.set_data_shard(index as usize, count as usize)?;
@@ -1108,6 +1110,7 @@ impl Shell {
 
     /// Appends the round to `rounds.jsonl` and prints it.
     fn record(&mut self, log: &RoundLog) -> Result<()> {
+        clear_progress_line();
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -1265,4 +1268,69 @@ fn peers_of(participants: &[Peer]) -> Vec<(&Peer, PeerId, Vec<Multiaddr>)> {
             }
         })
         .collect()
+}
+
+/// On a terminal, a line on stderr that follows a round's inner steps (rewritten in place at
+/// most twice a second, cleared before the round's own line); None elsewhere (logs and pipes
+/// get the round lines alone).
+fn progress_line() -> Option<forge_trainer::train::StepObserver> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let mut shown = Instant::now();
+    Some(Box::new(move |summary, steps| {
+        if summary.steps < steps && shown.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        shown = Instant::now();
+        eprint!("\r{}\x1b[K", progress_text(summary, steps));
+    }))
+}
+
+/// The progress line's text: steps of the round so far, their mean loss and speed.
+fn progress_text(summary: &forge_trainer::train::InnerSummary, steps: u64) -> String {
+    let width = steps.to_string().len();
+    let bar_len = 20;
+    let filled = (summary.steps * bar_len / steps.max(1)).min(bar_len) as usize;
+    format!(
+        "inner steps [{}{}] {:>width$}/{steps} | loss {:.4} | {:.0} tok/s",
+        "#".repeat(filled),
+        " ".repeat(bar_len as usize - filled),
+        summary.steps,
+        summary.mean_loss(),
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+    )
+}
+
+/// Clears the progress line, if stderr is a terminal, before a line of output.
+fn clear_progress_line() {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[K");
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line_shows_steps_loss_and_speed() {
+        let summary = forge_trainer::train::InnerSummary {
+            steps: 15,
+            tokens: 15 * 2048,
+            loss_sum: 15.0 * 4.25,
+            last_loss: 4.0,
+            last_grad_norm: 1.0,
+            seconds: 3.0,
+        };
+        assert_eq!(
+            progress_text(&summary, 30),
+            "inner steps [##########          ] 15/30 | loss 4.2500 | 10240 tok/s"
+        );
+        let done = forge_trainer::train::InnerSummary {
+            steps: 30,
+            ..summary
+        };
+        assert!(progress_text(&done, 30).starts_with("inner steps [####################] 30/30"));
+    }
 }

@@ -158,6 +158,10 @@ pub enum Outcome {
     Interrupted { step: u64, checkpoint: PathBuf },
 }
 
+/// Told after every inner step: the loop's progress so far and the steps it was asked for (a
+/// terminal's progress line).
+pub type StepObserver = Box<dyn FnMut(&InnerSummary, u64) + Send>;
+
 /// What an inner loop did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct InnerSummary {
@@ -326,6 +330,8 @@ pub struct Trainer {
     /// Set when this trainer holds one stage of a pipeline. Behind a lock so that evaluation,
     /// which talks to the other stages, keeps `&self`.
     pipeline: Option<std::sync::Mutex<Pipeline>>,
+    /// Told after every inner step ([`Trainer::observe_steps`]).
+    observer: Option<StepObserver>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -499,6 +505,7 @@ impl Trainer {
         });
         let mut trainer = Trainer {
             pipeline,
+            observer: None,
             cfg,
             device,
             dataset,
@@ -830,10 +837,19 @@ impl Trainer {
             summary.loss_sum += loss;
             summary.last_loss = loss;
             summary.last_grad_norm = grad_norm;
+            summary.seconds = started.elapsed().as_secs_f64();
+            if let Some(observer) = &mut self.observer {
+                observer(&summary, steps);
+            }
         }
         self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
+    }
+
+    /// Has `observer` told after every inner step of [`Trainer::inner_steps`] (None: nobody).
+    pub fn observe_steps(&mut self, observer: Option<StepObserver>) {
+        self.observer = observer;
     }
 
     pub fn config(&self) -> &RunConfig {
