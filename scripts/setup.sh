@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a project-local virtualenv with torch 2.11.0 (the libtorch that tch 0.24
-# expects) and transformers (the Hugging Face export test loads exports with it), then a build of
-# the workspace. A second run skips what is already done.
+# expects), transformers (the Hugging Face export test loads exports with it) and pyarrow (it writes
+# the Parquet files of the corpus tests), then a build of the workspace. A second run skips what is already done.
 #
 #   scripts/setup.sh            venv + release binaries (target/release)
 #   scripts/setup.sh --dev      venv + debug binaries (target/debug), what the tests use
@@ -82,6 +82,22 @@ else
   [[ "$have" == "$FORGE_TRANSFORMERS_VERSION" ]] \
     || die "after install, the virtualenv reports transformers '${have:-none}', not $FORGE_TRANSFORMERS_VERSION"
   say "transformers $have installed"
+fi
+
+# 3. pyarrow, which writes the Parquet files of the corpus tests.
+pyarrow_version() { "$FORGE_VENV/bin/python" -c 'import pyarrow; print(pyarrow.__version__)' 2>/dev/null || true; }
+have="$(pyarrow_version)"
+if [[ "$have" == "$FORGE_PYARROW_VERSION" ]]; then
+  say "pyarrow $have already in $FORGE_VENV"
+else
+  say "installing pyarrow==$FORGE_PYARROW_VERSION into $FORGE_VENV (about 45 MB)"
+  "$FORGE_VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q \
+      "pyarrow==$FORGE_PYARROW_VERSION" \
+    || die "pip could not install pyarrow==$FORGE_PYARROW_VERSION (see the pip output above)"
+  have="$(pyarrow_version)"
+  [[ "$have" == "$FORGE_PYARROW_VERSION" ]] \
+    || die "after install, the virtualenv reports pyarrow '${have:-none}', not $FORGE_PYARROW_VERSION"
+  say "pyarrow $have installed"
 fi
 
 # NCCL (the `nccl` build feature) is loaded at run time as libnccl.so; the torch wheel ships only

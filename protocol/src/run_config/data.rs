@@ -71,6 +71,9 @@ pub enum CorpusFormat {
     Jsonl,
     /// llm.c token shard: 256 int32 header (magic 20240520, version 1, count), uint16 tokens.
     LlmcShard,
+    /// Apache Parquet (the Hugging Face Hub's dataset format): one document per row, in the
+    /// string column `text_field`.
+    Parquet,
 }
 
 impl fmt::Display for CorpusFormat {
@@ -82,6 +85,7 @@ impl fmt::Display for CorpusFormat {
             CorpusFormat::Json => "json",
             CorpusFormat::Jsonl => "jsonl",
             CorpusFormat::LlmcShard => "llmc_shard",
+            CorpusFormat::Parquet => "parquet",
         };
         f.write_str(name)
     }
@@ -211,6 +215,7 @@ mod tests {
             CorpusFormat::Json,
             CorpusFormat::Jsonl,
             CorpusFormat::LlmcShard,
+            CorpusFormat::Parquet,
         ] {
             let cfg = parse(&format!(
                 "train = \"t\"\nval = \"v\"\nformat = \"{format}\"\ntokenizer = {{ path = \"t\" }}"

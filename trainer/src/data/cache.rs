@@ -480,7 +480,10 @@ impl FileFingerprint {
         };
         let head_sha256 = hash_span(0).map_err(read_err)?;
         let tail_sha256 = hash_span(size.saturating_sub(FINGERPRINT_SPAN)).map_err(read_err)?;
-        let json = matches!(format, CorpusFormat::Json | CorpusFormat::Jsonl);
+        let json = matches!(
+            format,
+            CorpusFormat::Json | CorpusFormat::Jsonl | CorpusFormat::Parquet
+        );
         Ok(Self {
             path: canonical,
             format,

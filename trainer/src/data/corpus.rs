@@ -1,5 +1,5 @@
-//! Corpus readers: stream documents out of text and JSON files, and tokens out of (and into)
-//! llm.c shards, without ever holding a whole file in memory.
+//! Corpus readers: stream documents out of text and JSON files (plain, gzip or zstd), and
+//! tokens out of (and into) llm.c shards, without ever holding a whole file in memory.
 
 use crate::error::{Error, Result};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -24,6 +24,8 @@ const LLMC_HEADER_BYTES: u64 = 256 * 4;
 const SHARD_CHUNK_TOKENS: usize = 1 << 20;
 /// Bytes looked at to tell the text formats apart.
 const SNIFF_BYTES: u64 = 1 << 20;
+/// The four bytes that open (and end) a Parquet file.
+const PARQUET_MAGIC: &[u8] = b"PAR1";
 /// Documents buffered between the JSON parser thread and the consumer.
 const JSON_CHANNEL_DOCS: usize = 256;
 
@@ -64,6 +66,7 @@ pub(crate) fn open(path: &Path, format: CorpusFormat, text_field: &str) -> Resul
         }
         CorpusFormat::Json => Content::Documents(json_documents(path, text_field)?),
         CorpusFormat::Jsonl => Content::Documents(jsonl_documents(path, text_field)?),
+        CorpusFormat::Parquet => Content::Documents(parquet_documents(path, text_field)?),
         CorpusFormat::Auto => unreachable!("resolve_format never returns Auto"),
     })
 }
@@ -89,24 +92,26 @@ pub(crate) fn resolve_format(path: &Path, format: CorpusFormat) -> Result<Corpus
     }
 }
 
-/// Guesses a file's format: llm.c magic in the first 4 bytes → shard; `.jsonl`/`.ndjson` →
+/// Guesses a file's format (of its decompressed bytes, for gzip and zstd files, whose
+/// compression suffix is skipped): llm.c magic in the first 4 bytes → shard; `PAR1` or
+/// `.parquet` → Parquet; `.jsonl`/`.ndjson` →
 /// JSONL; `.json` or a leading `[` → JSON; a leading `{` whose first line is a whole JSON value
 /// → JSONL, else JSON; otherwise text, with `<|endoftext|>` in the first MiB → `text_eot`, and
 /// blank-line separated if not. A convenience: set `format` when a corpus could be read wrongly.
 pub fn detect_format(path: &Path) -> Result<CorpusFormat> {
-    let file = File::open(path).map_err(|e| cannot_open(path, &e))?;
     let mut head = Vec::new();
-    file.take(SNIFF_BYTES)
+    open_stream(path)?
+        .take(SNIFF_BYTES)
         .read_to_end(&mut head)
-        .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
+        .map_err(|e| corpus_error(path, read_error(path, &e)))?;
     if head.len() >= 4 && i32::from_le_bytes([head[0], head[1], head[2], head[3]]) == LLMC_MAGIC {
         return Ok(CorpusFormat::LlmcShard);
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    match ext.as_deref() {
+    if head.starts_with(PARQUET_MAGIC) {
+        return Ok(CorpusFormat::Parquet);
+    }
+    match layout_extension(path).as_deref() {
+        Some("parquet") => return Ok(CorpusFormat::Parquet),
         Some("jsonl" | "ndjson") => return Ok(CorpusFormat::Jsonl),
         Some("json") => return Ok(CorpusFormat::Json),
         _ => {}
@@ -129,6 +134,71 @@ pub fn detect_format(path: &Path) -> Result<CorpusFormat> {
     } else {
         Ok(CorpusFormat::TextBlankLines)
     }
+}
+
+/// How a corpus file is compressed, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+fn compression_of(head: &[u8]) -> Compression {
+    match head {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// A corpus file's bytes, decompressed when it is gzip (`.jsonl.gz`, `.txt.gz`; several
+/// members are read as one stream) or zstd (`.jsonl.zst`), told by its first bytes.
+fn open_stream(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let mut file = File::open(path).map_err(|e| cannot_open(path, &e))?;
+    let mut magic = [0u8; 4];
+    let n = file
+        .read(&mut magic)
+        .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
+    Ok(match compression_of(&magic[..n]) {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(file)
+                .map_err(|e| corpus_error(path, format!("cannot start zstd on it: {e}")))?,
+        ),
+    })
+}
+
+/// A read error of a corpus, naming a damaged compressed file as such.
+fn read_error(path: &Path, e: &std::io::Error) -> String {
+    let compressed = File::open(path)
+        .and_then(|mut f| {
+            let mut magic = [0u8; 4];
+            let n = f.read(&mut magic)?;
+            Ok(compression_of(&magic[..n]) != Compression::None)
+        })
+        .unwrap_or(false);
+    if compressed {
+        format!("cannot decompress it ({e}): the file is truncated or damaged; download it again")
+    } else {
+        format!("cannot read it ({e})")
+    }
+}
+
+/// The file name's extension that tells the layout: `x.jsonl.gz` → `jsonl`.
+fn layout_extension(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let name = ["gz", "gzip", "zst", "zstd"]
+        .iter()
+        .find_map(|c| name.strip_suffix(&format!(".{c}")))
+        .unwrap_or(&name);
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_string)
 }
 
 fn corpus_error(path: &Path, why: impl Into<String>) -> Error {
@@ -181,7 +251,7 @@ enum TextLayout {
 }
 
 fn text_documents(path: &Path, layout: TextLayout) -> Result<Documents> {
-    let file = File::open(path).map_err(|e| cannot_open(path, &e))?;
+    let file = open_stream(path)?;
     Ok(Documents {
         inner: Box::new(TextDocuments {
             path: path.to_path_buf(),
@@ -202,7 +272,7 @@ fn text_documents(path: &Path, layout: TextLayout) -> Result<Documents> {
 /// Reads line by line, so memory stays at one document plus one line.
 struct TextDocuments {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: BufReader<Box<dyn Read + Send>>,
     layout: TextLayout,
     line: Vec<u8>,
     /// Byte offset of `line` in the file.
@@ -271,7 +341,7 @@ impl TextDocuments {
         let n = self
             .reader
             .read_until(b'\n', &mut self.line)
-            .map_err(|e| corpus_error(&self.path, format!("read failed: {e}")))?;
+            .map_err(|e| corpus_error(&self.path, read_error(&self.path, &e)))?;
         if n == 0 {
             return Ok(false);
         }
@@ -354,7 +424,7 @@ impl Iterator for TextDocuments {
 /// element at a time and hands documents over a bounded channel, so neither the file nor a
 /// `Vec` of its elements is ever held whole.
 fn json_documents(path: &Path, text_field: &str) -> Result<Documents> {
-    let file = File::open(path).map_err(|e| cannot_open(path, &e))?;
+    let file = open_stream(path)?;
     let (tx, rx) = sync_channel(JSON_CHANNEL_DOCS);
     let thread_path = path.to_path_buf();
     let field = text_field.to_string();
@@ -379,7 +449,12 @@ impl Iterator for ChannelDocuments {
     }
 }
 
-fn parse_json(file: File, path: &Path, field: &str, tx: &SyncSender<Result<String>>) {
+fn parse_json(
+    file: Box<dyn Read + Send>,
+    path: &Path,
+    field: &str,
+    tx: &SyncSender<Result<String>>,
+) {
     let mut sink = Sink {
         tx,
         field,
@@ -387,7 +462,14 @@ fn parse_json(file: File, path: &Path, field: &str, tx: &SyncSender<Result<Strin
         emitted: 0,
         stopped: false,
     };
-    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(1 << 20, file));
+    // A read error (a truncated gzip) may reach the parser inside a record, where it reports
+    // it as that record's error: the reader keeps the first one, which is the real cause.
+    let failed = std::cell::RefCell::new(None);
+    let reader = KeepsReadError {
+        inner: BufReader::with_capacity(1 << 20, file),
+        failed: &failed,
+    };
+    let mut de = serde_json::Deserializer::from_reader(reader);
     let parsed = TopLevel { sink: &mut sink }
         .deserialize(&mut de)
         .and_then(|()| de.end());
@@ -395,6 +477,10 @@ fn parse_json(file: File, path: &Path, field: &str, tx: &SyncSender<Result<Strin
         return;
     }
     let last = match parsed {
+        Err(_) if failed.borrow().is_some() => {
+            let e = failed.take().expect("checked above");
+            Err(corpus_error(path, read_error(path, &e)))
+        }
         Err(e) => Err(corpus_error(
             path,
             format!("{e}; expected {{\"texts\": [..]}}, an array, or format = \"jsonl\""),
@@ -404,6 +490,23 @@ fn parse_json(file: File, path: &Path, field: &str, tx: &SyncSender<Result<Strin
     };
     // The consumer may be gone already; then nobody needs the error.
     let _ = tx.send(last);
+}
+
+/// A reader that keeps the first error it hits (see `parse_json`).
+struct KeepsReadError<'a, R> {
+    inner: R,
+    failed: &'a std::cell::RefCell<Option<std::io::Error>>,
+}
+
+impl<R: Read> Read for KeepsReadError<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            let mut failed = self.failed.borrow_mut();
+            if failed.is_none() {
+                *failed = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        })
+    }
 }
 
 /// Where parsed documents go; counts elements so errors can say which one is wrong.
@@ -578,8 +681,116 @@ fn missing_field(which: &str, field: &str, keys: &[String]) -> String {
     )
 }
 
-fn jsonl_documents(path: &Path, text_field: &str) -> Result<Documents> {
+// ---------------------------------------------------------------------------------------------
+// Parquet corpora
+
+/// Streams the string column `text_field` of a Parquet file, one row group at a time; null and
+/// blank values are skipped.
+fn parquet_documents(path: &Path, text_field: &str) -> Result<Documents> {
+    use parquet::basic::{ConvertedType, LogicalType, Type as Physical};
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::RowAccessor;
     let file = File::open(path).map_err(|e| cannot_open(path, &e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| {
+        corpus_error(
+            path,
+            format!("is not a readable Parquet file ({e}); is it truncated? download it again"),
+        )
+    })?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let fields = schema.root_schema().get_fields();
+    let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+    let Some(field) = fields.iter().find(|f| f.name() == text_field) else {
+        return Err(corpus_error(
+            path,
+            format!(
+                "has no column \"{text_field}\" (its columns: {}); set data.text_field to the \
+                 column that holds the text",
+                names.join(", ")
+            ),
+        ));
+    };
+    let info = field.get_basic_info();
+    let is_string = field.is_primitive()
+        && field.get_physical_type() == Physical::BYTE_ARRAY
+        && (matches!(info.logical_type_ref(), Some(LogicalType::String))
+            || info.converted_type() == ConvertedType::UTF8
+            || info.logical_type_ref().is_none() && info.converted_type() == ConvertedType::NONE);
+    if !is_string {
+        return Err(corpus_error(
+            path,
+            format!(
+                "column \"{text_field}\" does not hold strings ({}); set data.text_field to the \
+                 column that holds the text",
+                if field.is_primitive() {
+                    format!("{:?}", field.get_physical_type())
+                } else {
+                    "a nested group".to_string()
+                }
+            ),
+        ));
+    }
+    let projection = parquet::schema::types::Type::group_type_builder(schema.root_schema().name())
+        .with_fields(vec![field.clone()])
+        .build()
+        .map_err(|e| corpus_error(path, format!("cannot select column {text_field}: {e}")))?;
+    let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader))
+        .project(Some(projection))
+        .map_err(|e| corpus_error(path, format!("cannot read column {text_field}: {e}")))?;
+    let path = path.to_path_buf();
+    let mut rows = rows.enumerate();
+    let mut emitted = 0usize;
+    let mut done = false;
+    let inner = std::iter::from_fn(move || {
+        while !done {
+            let Some((i, row)) = rows.next() else {
+                done = true;
+                return (emitted == 0).then(|| Err(no_documents(&path)));
+            };
+            let text = match row {
+                Ok(row) => match row.get_string(0) {
+                    Ok(text) => text.trim().to_string(),
+                    // Null (or, without a string annotation, bytes that are not UTF-8).
+                    Err(_) => match row.get_bytes(0) {
+                        Ok(bytes) => match std::str::from_utf8(bytes.data()) {
+                            Ok(text) => text.trim().to_string(),
+                            Err(e) => {
+                                done = true;
+                                return Some(Err(corpus_error(
+                                    &path,
+                                    format!("row {}: column is not UTF-8 text ({e})", i + 1),
+                                )));
+                            }
+                        },
+                        Err(_) => continue,
+                    },
+                },
+                Err(e) => {
+                    done = true;
+                    return Some(Err(corpus_error(
+                        &path,
+                        format!(
+                            "row {}: cannot read it ({e}); is the file truncated?",
+                            i + 1
+                        ),
+                    )));
+                }
+            };
+            if text.is_empty() {
+                continue;
+            }
+            emitted += 1;
+            return Some(Ok(text));
+        }
+        None
+    });
+    Ok(Documents {
+        inner: Box::new(inner),
+    })
+}
+
+fn jsonl_documents(path: &Path, text_field: &str) -> Result<Documents> {
+    let file = open_stream(path)?;
     let path = path.to_path_buf();
     let field = text_field.to_string();
     let mut emitted = 0usize;
@@ -592,7 +803,13 @@ fn jsonl_documents(path: &Path, text_field: &str) -> Result<Documents> {
                 return (emitted == 0).then(|| Err(no_documents(&path)));
             };
             let result = line
-                .map_err(|e| format!("line {}: cannot read it ({e}); is the file UTF-8?", i + 1))
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        format!("line {}: cannot read it ({e}); is the file UTF-8?", i + 1)
+                    } else {
+                        format!("line {}: {}", i + 1, read_error(&path, &e))
+                    }
+                })
                 .and_then(|line| jsonl_record(&line, &field, i + 1));
             match result {
                 Ok(None) => continue,
@@ -670,6 +887,16 @@ impl LlmcShard {
     /// Checks the magic, version and that the body holds exactly the tokens the header claims.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| cannot_open(path, &e))?;
+        let mut magic = [0u8; 4];
+        let n = file.read(&mut magic).unwrap_or(0);
+        if compression_of(&magic[..n]) != Compression::None {
+            return Err(corpus_error(
+                path,
+                "is a compressed llm.c shard: shards are read in place, so decompress it first",
+            ));
+        }
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
         let size = file
             .metadata()
             .map_err(|e| corpus_error(path, format!("cannot stat it: {e}")))?
@@ -1161,5 +1388,186 @@ mod tests {
         let docs = all_docs(&json, CorpusFormat::Auto, "story").unwrap();
         assert_eq!(docs.len(), 3000);
         assert!(docs[0].starts_with("Lily was a princess who loved to jump."));
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// `.jsonl.gz`, `.jsonl.zst` and compressed text read as their plain twins do, the format
+    /// told from the name under the compression suffix (or, without one, from the first bytes
+    /// of what they decompress to); gzip files of several members read as one stream.
+    #[test]
+    fn gzip_and_zstd_corpora_read_like_plain_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = b"{\"text\": \"one\"}\n{\"text\": \"two\"}\n\"three\"\n";
+        let text = b"First.\n<|endoftext|>\nSecond.\n";
+        let zst = |b: &[u8]| zstd::encode_all(b, 3).unwrap();
+        let cases: Vec<(&str, Vec<u8>, CorpusFormat, Vec<&str>)> = vec![
+            (
+                "a.jsonl.gz",
+                gzip(jsonl),
+                CorpusFormat::Jsonl,
+                vec!["one", "two", "three"],
+            ),
+            (
+                "a.jsonl.zst",
+                zst(jsonl),
+                CorpusFormat::Jsonl,
+                vec!["one", "two", "three"],
+            ),
+            (
+                "bare.gz",
+                gzip(jsonl),
+                CorpusFormat::Jsonl,
+                vec!["one", "two", "three"],
+            ),
+            (
+                "t.txt.gz",
+                gzip(text),
+                CorpusFormat::TextEot,
+                vec!["First.", "Second."],
+            ),
+            (
+                "t.txt.zst",
+                zst(text),
+                CorpusFormat::TextEot,
+                vec!["First.", "Second."],
+            ),
+            (
+                "j.json.zst",
+                zst(b"[\"x\", {\"text\": \"y\"}]"),
+                CorpusFormat::Json,
+                vec!["x", "y"],
+            ),
+            (
+                "multi.jsonl.gz",
+                [
+                    gzip(b"{\"text\": \"one\"}\n"),
+                    gzip(b"{\"text\": \"two\"}\n"),
+                ]
+                .concat(),
+                CorpusFormat::Jsonl,
+                vec!["one", "two"],
+            ),
+        ];
+        for (name, bytes, format, expect) in cases {
+            let path = write(&dir, name, &bytes);
+            assert_eq!(detect_format(&path).unwrap(), format, "{name}");
+            assert_eq!(
+                all_docs(&path, CorpusFormat::Auto, "text").unwrap(),
+                expect,
+                "{name}"
+            );
+            assert_eq!(all_docs(&path, format, "text").unwrap(), expect, "{name}");
+        }
+    }
+
+    /// A truncated download is named as one, in every layout, with the file.
+    #[test]
+    fn a_truncated_compressed_corpus_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("{{\"text\": \"document number {i}\"}}\n").into_bytes())
+            .collect();
+        let records: Vec<String> = (0..2000)
+            .map(|i| format!("{{\"text\": \"document number {i}\"}}"))
+            .collect();
+        let array = format!("[{}]", records.join(",")).into_bytes();
+        for (name, format, body) in [
+            ("cut.jsonl.gz", CorpusFormat::Jsonl, &body),
+            ("cut.txt.gz", CorpusFormat::TextBlankLines, &body),
+            ("cut.json.gz", CorpusFormat::Json, &array),
+        ] {
+            let whole = gzip(body);
+            let path = write(&dir, name, &whole[..whole.len() / 2]);
+            let err = all_docs(&path, format, "text").unwrap_err().to_string();
+            assert!(
+                err.contains(name) && (err.contains("truncated") || err.contains("decompress")),
+                "{name}: {err}"
+            );
+        }
+        let tokens: Vec<u32> = (0..100).collect();
+        let shard = dir.path().join("shard.bin");
+        write_llmc_shard(&shard, &tokens).unwrap();
+        let zipped = write(&dir, "shard.bin.gz", &gzip(&std::fs::read(&shard).unwrap()));
+        let err = all_docs(&zipped, CorpusFormat::Auto, "text")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("decompress it first"), "{err}");
+    }
+
+    /// The project's virtualenv python (scripts/setup.sh installs pyarrow into it).
+    fn venv_python() -> PathBuf {
+        let venv = std::env::var_os("VIRTUAL_ENV").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
+            PathBuf::from,
+        );
+        venv.join("bin/python")
+    }
+
+    /// Parquet files written by pyarrow (snappy and zstd pages, several row groups, a null and
+    /// a blank value, other columns of other types) read as the rows' texts, in order; a
+    /// missing or non-string column and a truncated file are errors that say what to do.
+    #[test]
+    fn parquet_written_by_pyarrow_reads_its_text_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+table = pa.table({
+    "id": pa.array([1, 2, 3, 4, 5], pa.int64()),
+    "text": pa.array(["one", None, "  ", "four\nlines", "five"], pa.string()),
+    "meta": pa.array([{"url": "u%d" % i} for i in range(5)]),
+})
+pq.write_table(table, sys.argv[1] + "/a.parquet", row_group_size=2, compression="snappy")
+pq.write_table(table, sys.argv[1] + "/b.data", compression="zstd")
+"#;
+        let out = std::process::Command::new(venv_python())
+            .args(["-c", script, dir.path().to_str().unwrap()])
+            .output()
+            .expect("the virtualenv's python (run scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "pyarrow could not write the files (run scripts/setup.sh): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expect = ["one", "four\nlines", "five"];
+        for name in ["a.parquet", "b.data"] {
+            let path = dir.path().join(name);
+            assert_eq!(
+                detect_format(&path).unwrap(),
+                CorpusFormat::Parquet,
+                "{name}"
+            );
+            assert_eq!(all_docs(&path, CorpusFormat::Auto, "text").unwrap(), expect);
+            assert_eq!(
+                all_docs(&path, CorpusFormat::Parquet, "text").unwrap(),
+                expect
+            );
+        }
+        let path = dir.path().join("a.parquet");
+        let err = all_docs(&path, CorpusFormat::Parquet, "body")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no column \"body\"") && err.contains("id, text, meta"),
+            "{err}"
+        );
+        let err = all_docs(&path, CorpusFormat::Parquet, "id")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not hold strings"), "{err}");
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = write(&dir, "cut.parquet", &bytes[..bytes.len() / 2]);
+        let err = all_docs(&cut, CorpusFormat::Parquet, "text")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.parquet") && err.contains("truncated"),
+            "{err}"
+        );
     }
 }

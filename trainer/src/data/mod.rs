@@ -43,9 +43,19 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Loads or trains the tokenizer, then builds (or reuses) both token caches.
+    /// Loads or trains the tokenizer, then builds (or reuses) both token caches. Patterns in
+    /// `train` and `val` (`data/*.jsonl.zst`) stand for the files they match, in name order.
     pub fn prepare(cfg: &DataConfig) -> Result<Self> {
         cfg.validate()?;
+        let expanded = DataConfig {
+            train: expand_patterns(&cfg.train, "train")?,
+            val: expand_patterns(&cfg.val, "val")?,
+            ..cfg.clone()
+        };
+        // Again with the files the patterns stand for (a validation file a train pattern
+        // also matches).
+        expanded.validate()?;
+        let cfg = &expanded;
         std::fs::create_dir_all(&cfg.cache_dir).map_err(|e| {
             Error::Data(format!(
                 "cannot create cache_dir {} ({e}); set data.cache_dir to a writable directory",
@@ -87,6 +97,34 @@ impl Dataset {
     pub fn stats_report(&self) -> Result<BaselineReport> {
         BaselineReport::of(self)
     }
+}
+
+/// `paths` with every glob pattern (a path with `*`, `?` or `[`) replaced by the files it
+/// matches, sorted; a pattern that matches no file is an error naming `data.{which}`.
+fn expand_patterns(paths: &[PathBuf], which: &str) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let text = path.to_string_lossy();
+        if !text.contains(['*', '?', '[']) {
+            out.push(path.clone());
+            continue;
+        }
+        let bad = |why: String| Error::Data(format!("data.{which} pattern {text}: {why}"));
+        let mut matched: Vec<PathBuf> = glob::glob(&text)
+            .map_err(|e| bad(format!("{e}; use * ? [..] as in data/*.jsonl.gz")))?
+            .filter_map(|entry| entry.ok())
+            .filter(|p| p.is_file())
+            .collect();
+        if matched.is_empty() {
+            return Err(bad(
+                "matches no file; check the folder (relative paths are taken from where                  forge-node runs, or its --data-root) and the pattern"
+                    .into(),
+            ));
+        }
+        matched.sort();
+        out.extend(matched);
+    }
+    Ok(out)
 }
 
 /// Bumped when the BPE training recipe changes, so saved tokenizers are retrained.
@@ -284,5 +322,47 @@ mod tests {
         write_atomically(&path, b"new").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Patterns stand for the files they match, in name order, among plain paths kept as
+    /// they are; a pattern matching nothing is an error naming the key; a validation file that
+    /// a train pattern also matches is refused once the patterns are expanded.
+    #[test]
+    fn patterns_in_train_and_val_expand_to_the_files_they_match() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b-2.jsonl.gz", "b-1.jsonl.gz", "b-10.jsonl.gz", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("b-dir.jsonl.gz")).unwrap();
+        let plain = dir.path().join("notes.txt");
+        let pattern = dir.path().join("b-*.jsonl.gz");
+        let got = expand_patterns(&[plain.clone(), pattern.clone()], "train").unwrap();
+        let names: Vec<String> = got
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["notes.txt", "b-1.jsonl.gz", "b-10.jsonl.gz", "b-2.jsonl.gz"]
+        );
+        let none = dir.path().join("c-*.parquet");
+        let err = expand_patterns(&[none], "val").unwrap_err().to_string();
+        assert!(
+            err.contains("data.val pattern")
+                && err.contains("c-*.parquet")
+                && err.contains("matches no file"),
+            "{err}"
+        );
+        let cfg = DataConfig {
+            train: vec![dir.path().join("*.txt")],
+            val: vec![plain],
+            cache_dir: dir.path().join("cache"),
+            ..toml::from_str::<DataConfig>(
+                "train = [\"x\"]\nval = [\"y\"]\ntokenizer = { train = { vocab_size = 256 } }",
+            )
+            .unwrap()
+        };
+        let err = Dataset::prepare(&cfg).unwrap_err().to_string();
+        assert!(err.contains("both a train and a val file"), "{err}");
     }
 }
