@@ -8,6 +8,8 @@ mod hostile;
 mod join;
 /// Peer-to-peer layer: node identity, the swarm, the all-reduce and the state transfer.
 mod p2p;
+/// `forge-node plot`: loss curves of runs as a PNG.
+mod plot;
 /// One node's view of the DiLoCo rounds as a state machine with no I/O.
 mod round;
 
@@ -52,6 +54,9 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Draw training and validation loss against tokens for one or several runs (a train
+    /// run's out_dir or a join node's --workdir) as a PNG.
+    Plot(PlotArgs),
     /// Write a checkpoint as a Hugging Face model folder (transformers' from_pretrained).
     Export(ExportArgs),
     /// Inspect a run config's data.
@@ -137,6 +142,20 @@ struct TrainArgs {
     /// an estimated time from a few timed steps, then exit without training.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// Run folders: `forge-node train`'s out_dir (metrics.jsonl) or a node's --workdir
+    /// (run/rounds.jsonl; its tokens are the whole group's).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// The PNG to write.
+    #[arg(short, long, default_value = "loss.png")]
+    output: PathBuf,
+    /// Exponential smoothing of the training loss, in [0, 1): 0 draws it as logged.
+    #[arg(long, default_value_t = 0.8)]
+    smooth: f64,
 }
 
 #[derive(Debug, Args)]
@@ -417,6 +436,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Train(args) => train(&args),
         Command::Sample(args) => sample(&args),
+        Command::Plot(args) => plot::plot(&args.runs, &args.output, args.smooth),
         Command::Export(args) => export(&args),
         Command::Data(DataCommand::Stats { config }) => data_stats(&config),
         Command::Model(ModelCommand::Info(args)) => model_info(&args),
