@@ -136,7 +136,7 @@ pub fn detect_format(path: &Path) -> Result<CorpusFormat> {
     }
 }
 
-/// How a corpus file is compressed, from its first bytes.
+/// How a corpus file is compressed, from its first bytes (read, then the file is rewound).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Compression {
     None,
@@ -144,25 +144,24 @@ enum Compression {
     Zstd,
 }
 
-fn compression_of(head: &[u8]) -> Compression {
-    match head {
+fn compression_of(file: &mut File) -> std::io::Result<Compression> {
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(match &magic[..n] {
         [0x1f, 0x8b, ..] => Compression::Gzip,
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
         _ => Compression::None,
-    }
+    })
 }
 
 /// A corpus file's bytes, decompressed when it is gzip (`.jsonl.gz`, `.txt.gz`; several
 /// members are read as one stream) or zstd (`.jsonl.zst`), told by its first bytes.
 fn open_stream(path: &Path) -> Result<Box<dyn Read + Send>> {
     let mut file = File::open(path).map_err(|e| cannot_open(path, &e))?;
-    let mut magic = [0u8; 4];
-    let n = file
-        .read(&mut magic)
+    let compression = compression_of(&mut file)
         .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
-    Ok(match compression_of(&magic[..n]) {
+    Ok(match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
         Compression::Zstd => Box::new(
@@ -175,12 +174,8 @@ fn open_stream(path: &Path) -> Result<Box<dyn Read + Send>> {
 /// A read error of a corpus, naming a damaged compressed file as such.
 fn read_error(path: &Path, e: &std::io::Error) -> String {
     let compressed = File::open(path)
-        .and_then(|mut f| {
-            let mut magic = [0u8; 4];
-            let n = f.read(&mut magic)?;
-            Ok(compression_of(&magic[..n]) != Compression::None)
-        })
-        .unwrap_or(false);
+        .and_then(|mut f| compression_of(&mut f))
+        .is_ok_and(|c| c != Compression::None);
     if compressed {
         format!("cannot decompress it ({e}): the file is truncated or damaged; download it again")
     } else {
@@ -887,16 +882,14 @@ impl LlmcShard {
     /// Checks the magic, version and that the body holds exactly the tokens the header claims.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| cannot_open(path, &e))?;
-        let mut magic = [0u8; 4];
-        let n = file.read(&mut magic).unwrap_or(0);
-        if compression_of(&magic[..n]) != Compression::None {
+        let compression = compression_of(&mut file)
+            .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
+        if compression != Compression::None {
             return Err(corpus_error(
                 path,
                 "is a compressed llm.c shard: shards are read in place, so decompress it first",
             ));
         }
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| corpus_error(path, format!("cannot read it: {e}")))?;
         let size = file
             .metadata()
             .map_err(|e| corpus_error(path, format!("cannot stat it: {e}")))?
