@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup: a project-local virtualenv with torch 2.11.0 (the libtorch that tch 0.24
 # expects), transformers (the Hugging Face export test loads exports with it) and pyarrow (it writes
-# the Parquet files of the corpus tests), then a build of the workspace. A second run skips what is already done.
+# the Parquet files of the corpus tests), Chromium (the dashboard test's browser, from the
+# distribution when run as root), then a build of the workspace. A second run skips what is already done.
 #
 #   scripts/setup.sh            venv + release binaries (target/release)
 #   scripts/setup.sh --dev      venv + debug binaries (target/debug), what the tests use
@@ -100,6 +101,21 @@ else
   say "pyarrow $have installed"
 fi
 
+# 4. Chromium, the headless browser the dashboard test loads `forge-coordinator serve --http` in
+# (the distribution's package; installed when missing and this runs as root with apt).
+if command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+    || command -v google-chrome >/dev/null; then
+  say "chromium already installed"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  say "installing chromium (the dashboard test's browser) with apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+    || die "apt-get could not install chromium, which the dashboard test needs"
+else
+  say "no chromium: the dashboard test needs it; install it (Debian: apt-get install chromium)"
+fi
+
 # NCCL (the `nccl` build feature) is loaded at run time as libnccl.so; the torch wheel ships only
 # libnccl.so.2. A link in torch's lib folder (on the binaries' RUNPATH) lets it be found.
 site=$("$FORGE_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -109,7 +125,7 @@ fi
 
 [[ "$profile" == none ]] && exit 0
 
-# 3. Build. cargo skips what is up to date.
+# 5. Build. cargo skips what is up to date.
 command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and re-run"
 flags=(--workspace --bins)
 [[ "$profile" == release ]] && flags+=(--release)

@@ -244,20 +244,29 @@ fn start_coordinator_with(
     deadline: Instant,
     env: &[(&str, &str)],
 ) -> (Proc, String, String) {
-    let mut coordinator = Proc::start_with(
-        "forge-coordinator",
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            dir.join("coord").to_str().unwrap(),
-        ],
-        &dir.join("coord.log"),
-        env,
-    );
+    start_coordinator_args(dir, config, deadline, env, &[])
+}
+
+/// [`start_coordinator_with`] with `extra` arguments to `serve`.
+fn start_coordinator_args(
+    dir: &Path,
+    config: &Path,
+    deadline: Instant,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Proc, String, String) {
+    let state_dir = dir.join("coord");
+    let mut args = vec![
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut coordinator = Proc::start_with("forge-coordinator", &args, &dir.join("coord.log"), env);
     let join = coordinator.wait_for("forge-node join ", deadline);
     let mut words = join.split_whitespace().skip(2);
     let (addr, token) = (
@@ -1475,4 +1484,195 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
         assert_eq!(went_back, 1, "{log}");
     }
     println!("{}", finals[0]);
+}
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port`: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Runs headless Chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`), after the
+/// page's scripts had `budget_ms` of virtual time; returns its stdout.
+fn chromium(url: &str, args: &[&str], budget_ms: u64) -> String {
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect(
+            "no Chromium to test the dashboard in: scripts/setup.sh installs the distribution's \
+             (apt-get install chromium)",
+        );
+    let budget = format!("--virtual-time-budget={budget_ms}");
+    let profile = tempfile::tempdir().unwrap();
+    let profile_arg = format!("--user-data-dir={}", profile.path().display());
+    let output = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=1400,1400",
+            budget.as_str(),
+            profile_arg.as_str(),
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `serve --http`: a real browser loads the dashboard of a live two-node run and finds both
+/// members and a loss curve; `/api/status` and `/metrics` say the same. Set
+/// FORGE_DASHBOARD_SCREENSHOT=PATH to keep the screenshot (docs/img/dashboard.png is one).
+#[test]
+fn the_dashboard_shows_a_live_two_node_run_in_a_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let config = write_config(tmp.path(), 2);
+    // A run that outlasts the test, evaluated every other round.
+    edit_config(
+        &config,
+        &[
+            ("max_steps = 60", "max_steps = 100000"),
+            ("eval_every_rounds = 100", "eval_every_rounds = 2"),
+        ],
+    );
+    let (mut coordinator, addr, token) =
+        start_coordinator_args(tmp.path(), &config, deadline, &[], &["--http", "0"]);
+    let line = coordinator.wait_for("dashboard: http://127.0.0.1:", deadline);
+    let url = line.split_whitespace().nth(1).unwrap().to_string();
+    let port: u16 = url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| start_node(tmp.path(), i, &addr, &token))
+        .collect();
+    // Four rounds summarised by both members, two of them evaluated.
+    let status = loop {
+        let (code, body) = http_get(port, "/api/status");
+        assert_eq!(code, 200, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = status["rounds"].as_array().unwrap();
+        let summarised = rows.iter().filter(|r| r["summaries"] == 2).count();
+        let evaluated = rows.iter().filter(|r| r["eval_loss"].is_f64()).count();
+        if summarised >= 4 && evaluated >= 2 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no four summarised rounds: {status}\n{}",
+            nodes[0].output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{status}");
+    for m in members {
+        let state = m["state"].as_str().unwrap();
+        assert!(
+            ["training", "syncing", "idle", "evaluating", "checkpointing"].contains(&state),
+            "{state}"
+        );
+        assert!(m["bytes_sent"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["devices"][0]["kind"].is_string(), "{m}");
+    }
+    assert_eq!(status["replicas"].as_array().unwrap().len(), 2);
+
+    let (code, metrics) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "forge_members 2",
+        "forge_rounds_committed_total ",
+        "forge_member_bytes_sent_total{member=\"",
+        "forge_member_sync_seconds_total{",
+        "forge_member_tokens_per_second{",
+        "forge_loss ",
+        "forge_validation_loss ",
+        "# EOF",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle:?}:\n{metrics}"
+        );
+    }
+    let committed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forge_rounds_committed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(committed >= 4.0, "{metrics}");
+
+    // The page as a browser renders it once its script has fetched the status.
+    let dom = chromium(&url, &["--dump-dom"], 8000);
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page never loaded its data:\n{dom}"
+    );
+    for m in members {
+        let row = format!("data-member=\"{}\"", m["member"]);
+        assert!(
+            dom.contains(&row),
+            "no row for member {}:\n{dom}",
+            m["member"]
+        );
+    }
+    let points = |class: &str| -> usize {
+        let at = dom
+            .find(&format!("class=\"series {class}\" data-points=\""))
+            .unwrap_or_else(|| panic!("no {class} curve:\n{dom}"));
+        dom[at..].split('"').nth(3).unwrap().parse().unwrap()
+    };
+    assert!(points("train") >= 4, "{dom}");
+    assert!(points("val") >= 2, "{dom}");
+    let shot = tmp.path().join("dashboard.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    chromium(&url, &[shot_arg.as_str()], 8000);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Ok(keep) = std::env::var("FORGE_DASHBOARD_SCREENSHOT") {
+        std::fs::copy(&shot, keep).unwrap();
+    }
+    for node in &mut nodes {
+        node.drain();
+    }
 }

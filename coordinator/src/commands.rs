@@ -34,12 +34,14 @@ pub(crate) fn serve(
     sets: &[String],
     listen: SocketAddr,
     state_dir: &Path,
+    http: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     init_logging();
     let config = run_config::load_with(config, sets)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let server = Server::bind(config, listen, state_dir)?;
+        let mut server = Server::bind(config, listen, state_dir)?;
+        let dashboard = http.map(|addr| server.serve_http(addr)).transpose()?;
         let addr = server.local_addr()?;
         let token = server.token();
         let how = match server.startup() {
@@ -56,6 +58,22 @@ pub(crate) fn serve(
         println!("  forge-node join {addr} --token {token}");
         if addr.ip().is_unspecified() {
             println!("  (replace {} with this machine's LAN address)", addr.ip());
+        }
+        if let Some((at, needs_token)) = dashboard {
+            let host = if at.ip().is_unspecified() {
+                "THIS-MACHINE".to_string()
+            } else {
+                at.ip().to_string()
+            };
+            let query = if needs_token {
+                format!("?token={token}")
+            } else {
+                String::new()
+            };
+            println!(
+                "dashboard: http://{host}:{}/{query} (metrics for Prometheus at /metrics)",
+                at.port()
+            );
         }
         let stats = server.stats();
         let on_signal = stats.clone();

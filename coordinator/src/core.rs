@@ -683,6 +683,14 @@ impl Coordinator {
             .map(|(id, member)| (*id, member.assignment.as_ref()))
     }
 
+    /// The member a connection speaks for, once it joined and while it is a member.
+    pub fn member_on(&self, conn: ConnId) -> Option<MemberId> {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.member)
+            .filter(|id| self.members.contains_key(id))
+    }
+
     pub fn open_round(&self) -> Option<RoundId> {
         self.round.as_ref().map(|round| round.id)
     }
@@ -825,7 +833,8 @@ impl Coordinator {
                     reason: leave.reason,
                 }));
             }
-            NodeMessage::Heartbeat(_) => {}
+            // For the dashboard, which the shell keeps (see `member_on`).
+            NodeMessage::Heartbeat(_) | NodeMessage::RoundSummary(_) => {}
             NodeMessage::RoundReport(report) => self.on_report(from, id, report, out),
             NodeMessage::CheckpointShardDurable(durable) => {
                 self.on_shard_durable(from, id, durable, out)

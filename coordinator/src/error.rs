@@ -19,6 +19,9 @@ pub enum Error {
     #[error("coordinator config is invalid: {reason}")]
     InvalidConfig { reason: String },
 
+    #[error("{0}")]
+    Http(String),
+
     #[error("coordinator snapshot: {0}")]
     Snapshot(forge_protocol::Error),
 

@@ -7,10 +7,14 @@
 pub use forge_coordinator_client as client;
 /// The coordinator state machine: membership, assignment, rounds, checkpoints. No I/O.
 pub mod core;
+/// What the dashboard shows beyond the status: members' activity, round curves, members gone.
+pub mod dashboard;
 /// The training stream's ledger: leases per round, consumed and returned positions.
 pub mod data;
 /// Errors and the crate's `Result`.
 pub mod error;
+/// The dashboard, its JSON and Prometheus metrics over HTTP (axum).
+mod http;
 /// Peer ids: the check at join, and stable ids for simulated members.
 pub mod identity;
 /// Fixed-size latency histogram for the server's statistics.

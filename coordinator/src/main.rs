@@ -39,6 +39,12 @@ enum Command {
         /// config with the changes.
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
+        /// Also serve the live dashboard (open it in a browser), its JSON at /api/status and
+        /// Prometheus metrics at /metrics over HTTP on this address: a port alone listens on
+        /// 127.0.0.1; any other than a loopback address requires the cluster token
+        /// (`?token=TOKEN` in the page's address, or `Authorization: Bearer TOKEN`).
+        #[arg(long, value_name = "[IP:]PORT", value_parser = http_addr)]
+        http: Option<SocketAddr>,
     },
     /// Show a running coordinator's members, stage plan, rounds and last checkpoint.
     Status {
@@ -122,7 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             state_dir,
             sets,
-        } => commands::serve(&config, &sets, listen, &state_dir)?,
+            http,
+        } => commands::serve(&config, &sets, listen, &state_dir, http)?,
         Command::Status {
             addr,
             token,
@@ -165,6 +172,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--http`: `IP:PORT`, or a port alone for 127.0.0.1.
+fn http_addr(given: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = given.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    given.parse().map_err(|_| {
+        format!("{given:?} is neither a port nor IP:PORT (e.g. 8080, 127.0.0.1:8080, 0.0.0.0:8080)")
+    })
 }
 
 fn gb(bytes: u64) -> String {

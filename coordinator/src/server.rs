@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 use crate::core::{
     Coalesced, ConnId, Coordinator, CoordinatorConfig, Event, Input, Limits, Millis, Output,
 };
+use crate::dashboard::Dashboard;
 use crate::error::{Error, Result};
+use crate::http::HttpListener;
 use crate::latency::Histogram;
 use crate::planner::{Plan, ReplicaPlan};
 use crate::store::{Changes, RoundHistory, Store};
@@ -84,9 +86,10 @@ pub struct Server {
     startup: Startup,
     started: Instant,
     stats: Arc<Mutex<ServerStats>>,
+    http: Option<HttpListener>,
 }
 
-enum ToLoop {
+pub(crate) enum ToLoop {
     Connected {
         conn: ConnId,
         addr: SocketAddr,
@@ -102,7 +105,7 @@ enum ToLoop {
     },
 }
 
-enum Outbound {
+pub(crate) enum Outbound {
     Frame(Vec<u8>),
     Close,
 }
@@ -149,7 +152,18 @@ impl Server {
             startup,
             started: Instant::now(),
             stats: Arc::default(),
+            http: None,
         })
+    }
+
+    /// Also serves the dashboard, its JSON and `/metrics` over HTTP on `addr` (the cluster
+    /// token required unless it is a loopback address); returns the bound address and whether
+    /// the token is required.
+    pub fn serve_http(&mut self, addr: SocketAddr) -> Result<(SocketAddr, bool)> {
+        let http = HttpListener::bind(addr, &self.identity.token_secret)?;
+        let bound = (http.local_addr()?, http.needs_token());
+        self.http = Some(http);
+        Ok(bound)
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -187,9 +201,15 @@ impl Server {
             history,
             started,
             stats,
+            http,
             ..
         } = self;
         let (to_loop, inbox) = mpsc::channel(4 * BATCH);
+        let dashboard = Arc::new(Mutex::new(Dashboard::default()));
+        let http = http.map(|http| {
+            let run = run_summary(&core.config().run_config);
+            tokio::spawn(http.serve(to_loop.clone(), dashboard.clone(), run))
+        });
         let gate = Arc::new(AddressGate::new(core.config().limits.clone()));
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -204,9 +224,13 @@ impl Server {
             started,
             conns: BTreeMap::new(),
             stats,
+            dashboard,
         };
         let result = event_loop.run(inbox, shutdown).await;
         accept.abort();
+        if let Some(http) = http {
+            http.abort();
+        }
         endpoint.close(0u32.into(), b"coordinator shutting down");
         // Lets the close frames leave; nodes reconnect to the next coordinator either way.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -599,6 +623,7 @@ struct EventLoop {
     started: Instant,
     conns: BTreeMap<ConnId, (SocketAddr, mpsc::Sender<Outbound>)>,
     stats: Arc<Mutex<ServerStats>>,
+    dashboard: Arc<Mutex<Dashboard>>,
 }
 
 impl EventLoop {
@@ -660,6 +685,7 @@ impl EventLoop {
                     if matches!(input, Input::Disconnected) {
                         self.conns.remove(&conn);
                     }
+                    self.observe(conn, &input);
                     let now = self.now();
                     let start = Instant::now();
                     let out = self.core.step(now, conn, input);
@@ -724,7 +750,73 @@ impl EventLoop {
             .map_or_else(|| format!("{conn:?}"), |(addr, _)| addr.to_string())
     }
 
+    /// What the dashboard takes from a member's message: its activity and its round summaries.
+    fn observe(&mut self, conn: ConnId, input: &Input) {
+        let Input::Message(message) = input else {
+            return;
+        };
+        if !matches!(
+            message,
+            NodeMessage::Heartbeat(_) | NodeMessage::RoundSummary(_)
+        ) {
+            return;
+        }
+        let Some(member) = self.core.member_on(conn) else {
+            return;
+        };
+        let mut dashboard = self.dashboard();
+        match message {
+            NodeMessage::Heartbeat(heartbeat) => dashboard.heartbeat(member, heartbeat.clone()),
+            NodeMessage::RoundSummary(summary) if !dashboard.summary(member, summary) => {
+                debug!(%member, round = %summary.round, "ignored a round summary");
+            }
+            _ => {}
+        }
+    }
+
+    fn dashboard(&self) -> std::sync::MutexGuard<'_, Dashboard> {
+        self.dashboard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the dashboard takes from the core's events.
+    fn show(&self, event: &Event) {
+        let mut dashboard = self.dashboard();
+        match event {
+            Event::Left { member, reason } => {
+                dashboard.member_gone(*member, "left", reason.clone(), unix_ms())
+            }
+            Event::Dead { member, silent_ms } => dashboard.member_gone(
+                *member,
+                "dead",
+                format!("silent for {silent_ms} ms"),
+                unix_ms(),
+            ),
+            Event::Rejected {
+                member,
+                by,
+                round,
+                reason,
+            } => dashboard.member_gone(
+                *member,
+                "removed",
+                format!("{by} rejected its contribution to {round}: {reason}"),
+                unix_ms(),
+            ),
+            Event::RoundOpened { round, .. } => dashboard.round_opened(*round),
+            Event::RoundClosed {
+                round,
+                committed,
+                included,
+                ..
+            } => dashboard.round_closed(*round, *committed, included.len(), unix_ms()),
+            _ => {}
+        }
+    }
+
     fn on_event(&mut self, event: &Event, changes: &mut Changes) {
+        self.show(event);
         match event {
             Event::Refused { conn, reason } => {
                 warn!(addr = %self.addr(*conn), "refused: {reason}");
@@ -961,4 +1053,19 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// What the dashboard says of the run itself, from its config (the TOML nodes get).
+fn run_summary(text: &str) -> serde_json::Value {
+    let Ok(run) = forge_protocol::RunConfig::parse(text, Path::new("run.toml")) else {
+        return serde_json::Value::Null;
+    };
+    let model = run.model_config().ok();
+    serde_json::json!({
+        "model": model.as_ref().map(|m| format!("{:?} {} layers, d_model {}", m.family, m.n_layer, m.d_model)),
+        "params": model.as_ref().map(|m| m.param_count()),
+        "inner_steps": run.diloco.as_ref().map(|d| d.inner_steps),
+        "final_version": run.final_version(),
+        "tokens_per_step": run.train.batch_size as i64 * run.train.seq_len,
+    })
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use forge_protocol::rng::SplitMix64;
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
+    Activity, Capabilities, CheckpointShardDurable, CoordinatorMessage, Device, DeviceKind, Digest,
     ErrorCode, Heartbeat, Hello, Join, Leave, MemberId, NodeMessage, OuterStep, ReplicaId, RoundId,
     RoundOutcome, RoundReport, SeqRange, TensorHash, TensorKey,
 };
@@ -544,6 +544,7 @@ impl Sim {
             NodeMessage::Heartbeat(Heartbeat {
                 round,
                 inner_steps_done: 10,
+                activity: Activity::Training,
             }),
         );
     }
@@ -1356,6 +1357,7 @@ mod tests {
         let heartbeat = NodeMessage::Heartbeat(Heartbeat {
             round: Some(round2),
             inner_steps_done: 0,
+            activity: Activity::Training,
         });
         while closed(&closing).is_none() && driver.now < 10_000 {
             closing.extend(driver.advance(100));
@@ -1884,6 +1886,7 @@ mod tests {
         let heartbeat = NodeMessage::Heartbeat(Heartbeat {
             round: None,
             inner_steps_done: 0,
+            activity: Activity::Training,
         });
         let outputs = driver.send(1, heartbeat.clone());
         assert_eq!(error_codes(&outputs, 1), vec![ErrorCode::HelloRequired]);
@@ -2100,6 +2103,7 @@ mod tests {
                     NodeMessage::Heartbeat(Heartbeat {
                         round: Some(round),
                         inner_steps_done: 1,
+                        activity: Activity::Training,
                     }),
                 ));
             }
@@ -2240,6 +2244,7 @@ mod tests {
             NodeMessage::Heartbeat(Heartbeat {
                 round: None,
                 inner_steps_done: 0,
+                activity: Activity::Training,
             }),
         );
         assert_eq!(error_codes(&outputs, 2), vec![ErrorCode::UnknownMember]);

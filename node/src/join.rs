@@ -16,7 +16,8 @@ use crate::round::{
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, StageAssignment,
+    Activity, GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, RoundSummary,
+    StageAssignment,
 };
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
@@ -297,6 +298,18 @@ impl Phase {
             _ => Phase::Other,
         }
     }
+
+    /// What the node's heartbeats say while a job of this phase runs (None: no change).
+    fn activity(self) -> Option<Activity> {
+        match self {
+            Phase::Train => Some(Activity::Training),
+            Phase::OuterSync => Some(Activity::Syncing),
+            Phase::StateFetch => Some(Activity::FetchingState),
+            Phase::Eval => Some(Activity::Evaluating),
+            Phase::Checkpoint => Some(Activity::Checkpointing),
+            Phase::Other => None,
+        }
+    }
 }
 
 /// Where the node's wall clock went since it joined: its jobs by phase, the waits for the
@@ -473,6 +486,10 @@ impl Shell {
                 }
                 let (phase, begun, before) =
                     (Phase::of(&action), Instant::now(), self.trainer.timing());
+                if let Some(activity) = phase.activity() {
+                    let round = self.rounds.round_in_flight();
+                    self.client.set_progress(round, 0, activity);
+                }
                 let done = self.carry_out(action, &mut notes, &mut queue).await;
                 let steps = self.trainer.timing().since(&before);
                 self.clock.add(phase, begun.elapsed().as_secs_f64(), &steps);
@@ -492,6 +509,8 @@ impl Shell {
                 }
             }
             let waiting = Instant::now();
+            self.client
+                .set_progress(self.rounds.round_in_flight(), 0, Activity::Idle);
             let input = tokio::select! {
                 // A signal first, as the state machine would see it between two notes.
                 biased;
@@ -653,7 +672,10 @@ impl Shell {
             }
             Action::ShardDurable(durable) => self.client.shard_durable(durable).await?,
             Action::ShardFailed(failed) => self.client.shard_failed(failed).await?,
-            Action::Record(log) => self.record(&log)?,
+            Action::Record(log) => {
+                let summary = self.record(&log)?;
+                self.client.round_summary(summary).await?;
+            }
             Action::Exit(_) => unreachable!("the event loop takes exits"),
         }
         Ok(None)
@@ -1108,8 +1130,9 @@ impl Shell {
         }
     }
 
-    /// Appends the round to `rounds.jsonl` and prints it.
-    fn record(&mut self, log: &RoundLog) -> Result<()> {
+    /// Appends the round to `rounds.jsonl` and prints it; returns its summary for the
+    /// coordinator's dashboard.
+    fn record(&mut self, log: &RoundLog) -> Result<RoundSummary> {
         clear_progress_line();
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1137,7 +1160,7 @@ impl Shell {
             "  since the last round: {wall_tokens_per_s:.0} tok/s of wall clock ({})",
             span.shares()
         );
-        Ok(())
+        Ok(stamped.summary())
     }
 
     /// Reports `round` failed (if any) and leaves, telling the coordinator why; best effort, as

@@ -14,9 +14,9 @@
 
 use forge_coordinator_client::Notification;
 use forge_protocol::messages::{
-    Assignment, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, Digest,
+    Assignment, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, Digest, F64Bits,
     JoinAccepted, MemberDead, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened,
-    RoundOutcome, RoundReport, StageAssignment, TensorHash,
+    RoundOutcome, RoundReport, RoundSummary, StageAssignment, TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
 use forge_protocol::stream::{DataLease, SeqRange};
@@ -71,6 +71,24 @@ pub(crate) struct RoundLog {
 }
 
 impl RoundLog {
+    /// What the coordinator's dashboard shows of the round.
+    pub(crate) fn summary(&self) -> RoundSummary {
+        RoundSummary {
+            round: RoundId(self.round),
+            committed: self.outcome.starts_with("committed"),
+            inner_steps: self.inner_steps,
+            tokens: self.tokens,
+            loss: F64Bits::new(self.loss),
+            eval_loss: self.eval_loss.map(F64Bits::new),
+            eval_bpb: self.eval_bpb.map(F64Bits::new),
+            bytes_sent: self.bytes_sent,
+            bytes_received: self.bytes_received,
+            sync_ms: (self.sync_s * 1e3) as u64,
+            inner_ms: (self.inner_s * 1e3) as u64,
+            wall_tokens_per_s: F64Bits::new(self.wall_tokens_per_s.unwrap_or(0.0)),
+        }
+    }
+
     /// The round's printout line.
     pub(crate) fn line(&self) -> String {
         let eval = self

@@ -37,12 +37,13 @@ mod fuzz_tests;
 
 pub use error::{Error, Result};
 pub use messages::{
-    Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
+    Activity, Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, DataShard, Device,
-    DeviceKind, Digest, ErrorCode, ErrorReply, GlobalState, Heartbeat, Hello, InitialState, Join,
-    JoinAccepted, LayerRange, Leave, MAX_PACED_ROUND, MemberDead, MemberId, NodeMessage, OuterStep,
-    PROTOCOL_VERSION, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId, RoundOpened,
-    RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
+    DeviceKind, Digest, ErrorCode, ErrorReply, F64Bits, GlobalState, Heartbeat, Hello,
+    InitialState, Join, JoinAccepted, LayerRange, Leave, MAX_PACED_ROUND, MemberDead, MemberId,
+    NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, PeersChanged, Ready, ReplicaId, RoundClosed,
+    RoundId, RoundOpened, RoundOutcome, RoundReport, RoundSummary, ShardWriter, StageAssignment,
+    TensorHash, TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};
 pub use stream::{DataDigest, DataLease, SeqRange};

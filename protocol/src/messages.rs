@@ -22,7 +22,7 @@ use crate::stream::{DataDigest, DataLease, SeqRange};
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
 /// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream; 8: the status
 /// report carries the stage planner's predictions).
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -155,6 +155,77 @@ pub struct Heartbeat {
     /// The round the node is training in, if any.
     pub round: Option<RoundId>,
     pub inner_steps_done: u64,
+    /// What the node is doing now, for the coordinator's status and dashboard.
+    pub activity: Activity,
+}
+
+/// What a node is doing, as its heartbeats say (shown by the dashboard; nothing depends on it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activity {
+    /// Joining, preparing its data, or waiting for a round.
+    #[default]
+    Idle,
+    /// Inner steps of a round.
+    Training,
+    /// The outer all-reduce and outer step.
+    Syncing,
+    /// Fetching the global state from its peers.
+    FetchingState,
+    /// Validation loss after a round.
+    Evaluating,
+    /// Writing its checkpoint shard.
+    Checkpointing,
+}
+
+impl Activity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activity::Idle => "idle",
+            Activity::Training => "training",
+            Activity::Syncing => "syncing",
+            Activity::FetchingState => "fetching state",
+            Activity::Evaluating => "evaluating",
+            Activity::Checkpointing => "checkpointing",
+        }
+    }
+}
+
+/// An `f64` carried as its bits, so that the messages holding one stay `Eq`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct F64Bits(pub u64);
+
+impl F64Bits {
+    pub fn new(value: f64) -> F64Bits {
+        F64Bits(value.to_bits())
+    }
+
+    pub fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+/// A node's record of a closed round (its `rounds.jsonl` line, in part), sent once for the
+/// coordinator's dashboard and metrics; best effort (not sent again after a reconnect), and the
+/// coordinator takes it for display only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    pub round: RoundId,
+    /// Whether the round committed, as the node heard it.
+    pub committed: bool,
+    pub inner_steps: u64,
+    /// Tokens this node trained on in the round.
+    pub tokens: u64,
+    /// Mean training loss of its inner steps.
+    pub loss: F64Bits,
+    /// Validation loss and bits per byte of the committed model, when the node evaluated it.
+    pub eval_loss: Option<F64Bits>,
+    pub eval_bpb: Option<F64Bits>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub sync_ms: u64,
+    pub inner_ms: u64,
+    /// The node's tokens per second of wall clock since its previous round.
+    pub wall_tokens_per_s: F64Bits,
 }
 
 /// Which slice of the data a replica reads: shard `index` of `count` fixed shards.
@@ -487,6 +558,8 @@ pub enum NodeMessage {
     /// Sent once the node's data is tokenized and its model built.
     Ready(Ready),
     CheckpointShardFailed(CheckpointShardFailed),
+    /// A closed round as the node recorded it, for the dashboard.
+    RoundSummary(RoundSummary),
 }
 
 /// Everything the coordinator sends to a node.
@@ -666,6 +739,7 @@ mod tests {
                 NodeMessage::Heartbeat(Heartbeat {
                     round: round.map(RoundId),
                     inner_steps_done: steps,
+                    activity: Activity::Syncing,
                 })
             }),
             (any::<u64>(), any::<u64>(), ranges(), outer_step()).prop_map(
@@ -686,6 +760,29 @@ mod tests {
                     tensor_hashes: hashes,
                 })
             }),
+            (
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<f64>(),
+                any::<u64>()
+            )
+                .prop_map(|(round, committed, tokens, loss, bytes)| {
+                    NodeMessage::RoundSummary(RoundSummary {
+                        round: RoundId(round),
+                        committed,
+                        inner_steps: tokens / 3,
+                        tokens,
+                        loss: F64Bits::new(loss),
+                        eval_loss: committed.then_some(F64Bits::new(-loss)),
+                        eval_bpb: None,
+                        bytes_sent: bytes,
+                        bytes_received: bytes / 2,
+                        sync_ms: round / 5,
+                        inner_ms: tokens / 11,
+                        wall_tokens_per_s: F64Bits::new(loss / 3.0),
+                    })
+                }),
             tensor_hashes().prop_map(|tensor_hashes| NodeMessage::InitialState(InitialState {
                 tensor_hashes
             })),

@@ -16,9 +16,9 @@ use forge_protocol::session::{
     Status, identity_proof_message,
 };
 use forge_protocol::{
-    Capabilities, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, ErrorCode,
-    Heartbeat, Hello, InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage, Ready,
-    RoundId, RoundReport, TensorHash,
+    Activity, Capabilities, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage,
+    ErrorCode, Heartbeat, Hello, InitialState, Join, JoinAccepted, Leave, MemberId, NodeMessage,
+    Ready, RoundId, RoundReport, RoundSummary, TensorHash,
 };
 use libp2p_identity::Keypair;
 use rand::Rng;
@@ -90,10 +90,7 @@ pub struct CoordinatorClient {
 
 #[derive(Debug)]
 enum Command {
-    Progress {
-        round: Option<RoundId>,
-        inner_steps_done: u64,
-    },
+    Progress(Heartbeat),
     Send {
         message: NodeMessage,
         reply: oneshot::Sender<Result<()>>,
@@ -186,13 +183,22 @@ impl CoordinatorClient {
         *self.member.borrow()
     }
 
-    /// What the next heartbeats say: the round being trained and inner steps done in it.
-    pub async fn set_progress(&self, round: Option<RoundId>, inner_steps_done: u64) -> Result<()> {
-        self.command(Command::Progress {
+    /// What the next heartbeats say: what the node is doing, the round it trains in and the
+    /// inner steps done in it. Callable from any thread, the trainer's included; an update the
+    /// full command queue cannot take is dropped (the next one says more).
+    pub fn set_progress(&self, round: Option<RoundId>, inner_steps_done: u64, activity: Activity) {
+        let progress = Heartbeat {
             round,
             inner_steps_done,
-        })
-        .await
+            activity,
+        };
+        let _ = self.commands.try_send(Command::Progress(progress));
+    }
+
+    /// Sends a closed round's summary for the coordinator's dashboard (best effort: not sent
+    /// again after a reconnect).
+    pub async fn round_summary(&self, summary: RoundSummary) -> Result<()> {
+        self.send(NodeMessage::RoundSummary(summary)).await
     }
 
     /// Reports the outcome of a round; re-sent after a reconnect until `RoundClosed` arrives.
@@ -231,6 +237,7 @@ impl CoordinatorClient {
         self.send(NodeMessage::Heartbeat(Heartbeat {
             round: None,
             inner_steps_done: 0,
+            activity: Activity::Idle,
         }))
         .await
     }
@@ -492,6 +499,7 @@ impl NodeState {
         self.progress.clone().unwrap_or(Heartbeat {
             round: None,
             inner_steps_done: 0,
+            activity: Activity::Idle,
         })
     }
 
@@ -511,15 +519,7 @@ impl NodeState {
     /// False when the node left.
     fn offline(&mut self, command: Command) -> bool {
         match command {
-            Command::Progress {
-                round,
-                inner_steps_done,
-            } => {
-                self.progress = Some(Heartbeat {
-                    round,
-                    inner_steps_done,
-                });
-            }
+            Command::Progress(progress) => self.progress = Some(progress),
             Command::Send { message, reply } => {
                 self.remember(&message);
                 let _ = reply.send(Ok(()));
@@ -599,9 +599,7 @@ impl EventLoop {
                         return Ended::Stop;
                     };
                     match command {
-                        Command::Progress { round, inner_steps_done } => {
-                            self.node.progress = Some(Heartbeat { round, inner_steps_done });
-                        }
+                        Command::Progress(progress) => self.node.progress = Some(progress),
                         Command::Send { message, reply } => {
                             self.node.remember(&message);
                             let result = self.write(link, &message).await;
