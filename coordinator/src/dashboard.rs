@@ -2,16 +2,17 @@
 //! activity (from its heartbeats), the rounds' loss, validation loss, bytes and sync time (from
 //! the members' [`RoundSummary`]s), and the members that died or left.
 //!
-//! The shell's event loop feeds it; nothing here changes the run or is stored: after a restart
-//! of the coordinator the curves start again from the rounds that close after it. A member's
-//! summary is display data and is treated as untrusted: one per member and round, only for
-//! rounds the coordinator opened recently, non-finite numbers left out.
+//! The shell's event loop feeds it; nothing here changes the run. The rounds' rows are written
+//! to the state database with the next commit after they change, so the curves survive a
+//! restart of the coordinator (members' activity and totals start again). A member's summary is
+//! display data and is treated as untrusted: one per member and round, only for rounds the
+//! coordinator opened recently, non-finite numbers left out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use forge_protocol::session::Status;
 use forge_protocol::{Activity, Heartbeat, MemberId, RoundId, RoundSummary};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Summaries are taken for the newest this many rounds the coordinator opened.
@@ -22,7 +23,7 @@ const MAX_ROUNDS: usize = 100_000;
 const MAX_GONE: usize = 64;
 
 /// One round as the dashboard draws it: the members' summaries combined.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRow {
     pub round: u64,
     /// From the coordinator's own close (None while open or when the close predates this
@@ -34,6 +35,8 @@ pub struct RoundRow {
     pub summaries: usize,
     /// Mean over the summaries of each member's mean training loss.
     pub loss: Option<f64>,
+    /// Summaries with a finite loss (the mean's count).
+    pub losses: usize,
     pub eval_loss: Option<f64>,
     pub eval_bpb: Option<f64>,
     /// Tokens the members trained on this round.
@@ -44,13 +47,9 @@ pub struct RoundRow {
     pub sync_s: f64,
     /// The slowest member's inner steps.
     pub inner_s: f64,
-    #[serde(skip)]
-    loss_sum: f64,
-    #[serde(skip)]
-    losses: usize,
     /// Who sent a summary (emptied once the round is too old to take more).
     #[serde(skip)]
-    reporters: Vec<MemberId>,
+    pub(crate) reporters: Vec<MemberId>,
 }
 
 /// What one member did over the run, for `/metrics` counters.
@@ -84,6 +83,8 @@ pub struct Dashboard {
     gone: VecDeque<Gone>,
     /// The newest round opened, as the core said.
     newest_round: u64,
+    /// Rows changed since they were last taken for the database.
+    dirty: BTreeSet<u64>,
 }
 
 fn finite(value: f64) -> Option<f64> {
@@ -91,6 +92,28 @@ fn finite(value: f64) -> Option<f64> {
 }
 
 impl Dashboard {
+    /// The dashboard of a restarted coordinator: the rows it stored.
+    pub fn restore(rows: impl IntoIterator<Item = RoundRow>) -> Dashboard {
+        let mut dashboard = Dashboard::default();
+        for row in rows {
+            dashboard.newest_round = dashboard.newest_round.max(row.round);
+            dashboard.rounds.insert(row.round, row);
+        }
+        while dashboard.rounds.len() > MAX_ROUNDS {
+            dashboard.rounds.pop_first();
+        }
+        dashboard
+    }
+
+    /// The rows changed since the last call, to be stored.
+    pub fn take_changed(&mut self) -> Vec<RoundRow> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|round| self.rounds.get(&round).cloned())
+            .collect()
+    }
+
     pub fn heartbeat(&mut self, member: MemberId, heartbeat: Heartbeat) {
         self.progress.insert(member, heartbeat);
     }
@@ -144,9 +167,9 @@ impl Dashboard {
         row.summaries += 1;
         let loss = finite(summary.loss.get());
         if let Some(loss) = loss {
-            row.loss_sum += loss;
+            let before = row.loss.unwrap_or(0.0) * row.losses as f64;
             row.losses += 1;
-            row.loss = Some(row.loss_sum / row.losses as f64);
+            row.loss = Some((before + loss) / row.losses as f64);
         }
         // Every member evaluates the same committed model; the first figure is shown.
         if row.eval_loss.is_none() {
@@ -171,6 +194,7 @@ impl Dashboard {
     }
 
     fn row(&mut self, round: u64) -> &mut RoundRow {
+        self.dirty.insert(round);
         if !self.rounds.contains_key(&round) {
             if self.rounds.len() == MAX_ROUNDS {
                 self.rounds.pop_first();
@@ -347,6 +371,36 @@ mod tests {
         assert_eq!(d.rounds().count(), 2);
         // Serialisable as JSON (no NaN reaches the page).
         serde_json::to_string(row).unwrap();
+    }
+
+    /// A restarted coordinator's dashboard starts from the stored rows; only the rows that
+    /// change afterwards are taken for the database, once.
+    #[test]
+    fn a_restored_dashboard_goes_on_from_its_rows_and_stores_what_changes() {
+        let mut before = Dashboard::default();
+        for round in 1..=3 {
+            before.round_opened(RoundId(round));
+            before.summary(MemberId(1), &summary(round, 5.0 - round as f64 * 0.1, None));
+            before.round_closed(RoundId(round), true, 1, 10 + round);
+        }
+        let stored = before.take_changed();
+        assert_eq!(stored.len(), 3);
+        assert!(before.take_changed().is_empty());
+        let mut after = Dashboard::restore(stored.clone());
+        assert_eq!(after.rounds().cloned().collect::<Vec<_>>(), stored);
+        assert!(after.take_changed().is_empty());
+        after.round_opened(RoundId(4));
+        assert!(
+            after.summary(MemberId(2), &summary(3, 6.0, Some(4.0))),
+            "a late summary"
+        );
+        let changed = after.take_changed();
+        assert_eq!(
+            changed.iter().map(|r| r.round).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert!((changed[0].loss.unwrap() - (4.7 + 6.0) / 2.0).abs() < 1e-12);
+        assert_eq!(after.last_eval(), Some((3, 4.0)));
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub struct Server {
     started: Instant,
     stats: Arc<Mutex<ServerStats>>,
     http: Option<HttpListener>,
+    dashboard: Dashboard,
 }
 
 pub(crate) enum ToLoop {
@@ -141,6 +142,7 @@ impl Server {
             (false, false) => Startup::NoRunState,
         };
         let history = store.round_history()?;
+        let dashboard = Dashboard::restore(store.dashboard_rows()?);
         let idle = Duration::from_millis(core.config().heartbeat_timeout_ms);
         let endpoint = tls::server_endpoint(listen, &identity, idle)?;
         Ok(Server {
@@ -153,6 +155,7 @@ impl Server {
             started: Instant::now(),
             stats: Arc::default(),
             http: None,
+            dashboard,
         })
     }
 
@@ -202,10 +205,11 @@ impl Server {
             started,
             stats,
             http,
+            dashboard,
             ..
         } = self;
         let (to_loop, inbox) = mpsc::channel(4 * BATCH);
-        let dashboard = Arc::new(Mutex::new(Dashboard::default()));
+        let dashboard = Arc::new(Mutex::new(dashboard));
         let http = http.map(|http| {
             let run = run_summary(&core.config().run_config);
             tokio::spawn(http.serve(to_loop.clone(), dashboard.clone(), run))
@@ -226,7 +230,17 @@ impl Server {
             stats,
             dashboard,
         };
-        let result = event_loop.run(inbox, shutdown).await;
+        let mut result = event_loop.run(inbox, shutdown).await;
+        if result.is_ok() {
+            // The rows summarised since the last commit (the last round's, typically).
+            let changes = Changes {
+                dashboard: event_loop.dashboard().take_changed(),
+                ..Changes::default()
+            };
+            if !changes.is_empty() {
+                result = event_loop.store.commit(&changes);
+            }
+        }
         accept.abort();
         if let Some(http) = http {
             http.abort();
@@ -730,6 +744,8 @@ impl EventLoop {
         }
         if durable {
             changes.snapshot = Some(self.core.to_snapshot()?);
+            // The dashboard's rows ride along with a commit that happens anyway.
+            changes.dashboard = self.dashboard().take_changed();
         }
         if !changes.is_empty() {
             let start = Instant::now();

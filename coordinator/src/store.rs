@@ -1,6 +1,6 @@
 //! The coordinator's durable state in one redb file (`STATE_DIR/coordinator.redb`): its identity
-//! (token secret, certificate, key), the core's latest snapshot, and the history of closed rounds
-//! and committed checkpoints.
+//! (token secret, certificate, key), the core's latest snapshot, the history of closed rounds
+//! and committed checkpoints, and the dashboard's rows of rounds.
 //!
 //! Every write is one transaction committed with fsync before the server sends anything that
 //! depends on it (write-ahead), so a coordinator killed at any moment restarts from a state at
@@ -17,6 +17,7 @@ use forge_protocol::codec::{self, Channel};
 use forge_protocol::session::RoundRecord;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::dashboard::RoundRow;
 use crate::error::{Error, Result};
 use crate::tls::Identity;
 
@@ -26,6 +27,9 @@ const META: TableDefinition<'static, &'static str, &'static [u8]> = TableDefinit
 const ROUNDS: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("rounds");
 /// Committed checkpoints: round id → wall-clock commit time (ms since the Unix epoch).
 const CHECKPOINTS: TableDefinition<'static, u64, u64> = TableDefinition::new("checkpoints");
+/// The dashboard's rows by round id, each a [`RoundRow`] in a codec snapshot frame.
+const DASHBOARD: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("dashboard_rounds");
 
 const TOKEN_SECRET: &str = "token_secret";
 const CERT_DER: &str = "cert_der";
@@ -41,11 +45,15 @@ pub(crate) struct Changes {
     pub(crate) snapshot: Option<Vec<u8>>,
     pub(crate) rounds: Vec<RoundRecord>,
     pub(crate) checkpoints: Vec<(RoundId, u64)>,
+    pub(crate) dashboard: Vec<RoundRow>,
 }
 
 impl Changes {
     pub(crate) fn is_empty(&self) -> bool {
-        self.snapshot.is_none() && self.rounds.is_empty() && self.checkpoints.is_empty()
+        self.snapshot.is_none()
+            && self.rounds.is_empty()
+            && self.checkpoints.is_empty()
+            && self.dashboard.is_empty()
     }
 }
 
@@ -120,6 +128,7 @@ impl Store {
             txn.open_table(META)?;
             txn.open_table(ROUNDS)?;
             txn.open_table(CHECKPOINTS)?;
+            txn.open_table(DASHBOARD)?;
             Ok(())
         })?;
         Ok(store)
@@ -210,6 +219,36 @@ impl Store {
         Ok(history)
     }
 
+    /// The dashboard's stored rows, oldest first. They are display data: a row that does not
+    /// decode (another build wrote it) is left out, with a warning.
+    pub(crate) fn dashboard_rows(&self) -> Result<Vec<RoundRow>> {
+        let read = || -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(DASHBOARD)?;
+            let mut all = Vec::with_capacity(table.len()? as usize);
+            for entry in table.iter()? {
+                all.push(entry?.1.value().to_vec());
+            }
+            Ok(all)
+        };
+        let blobs = read().map_err(|err| Error::store(&self.path, err))?;
+        let mut rows = Vec::with_capacity(blobs.len());
+        let mut unreadable = 0;
+        for blob in blobs {
+            match codec::decode(Channel::Snapshot, &blob) {
+                Ok(row) => rows.push(row),
+                Err(_) => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                "{unreadable} of the dashboard's stored rounds do not decode (another Forge build \
+                 wrote them); the dashboard shows the others"
+            );
+        }
+        Ok(rows)
+    }
+
     /// The newest committed checkpoint's round, from the checkpoint table.
     #[cfg(test)]
     pub(crate) fn last_checkpoint(&self) -> Result<Option<RoundId>> {
@@ -235,6 +274,16 @@ impl Store {
                 })?;
             rounds.push((record.round.0, blob));
         }
+        let mut dashboard = Vec::with_capacity(changes.dashboard.len());
+        for row in &changes.dashboard {
+            let blob =
+                codec::encode(Channel::Snapshot, row).map_err(|err| Error::CorruptStore {
+                    path: self.path.clone(),
+                    what: "dashboard row",
+                    cause: err.to_string(),
+                })?;
+            dashboard.push((row.round, blob));
+        }
         self.write(|txn| {
             if let Some(snapshot) = &changes.snapshot {
                 txn.open_table(META)?
@@ -247,6 +296,10 @@ impl Store {
             let mut table = txn.open_table(CHECKPOINTS)?;
             for (round, at) in &changes.checkpoints {
                 table.insert(round.0, *at)?;
+            }
+            let mut table = txn.open_table(DASHBOARD)?;
+            for (round, blob) in &dashboard {
+                table.insert(*round, blob.as_slice())?;
             }
             Ok(())
         })
@@ -279,6 +332,7 @@ mod tests {
                 snapshot: Some(b"FGSN-snapshot".to_vec()),
                 rounds: (1..=60).map(|r| record(r, r % 10 != 0)).collect(),
                 checkpoints: vec![(RoundId(20), 5), (RoundId(40), 6)],
+                dashboard: Vec::new(),
             };
             store.commit(&changes).unwrap();
             (identity, created)
@@ -295,6 +349,46 @@ mod tests {
         assert_eq!(history.recent.len(), RECENT_ROUNDS);
         assert_eq!(history.recent.back().unwrap().round, RoundId(60));
         assert_eq!(store.last_checkpoint().unwrap(), Some(RoundId(40)));
+    }
+
+    /// The dashboard's rows come back as written, a newer write of a round replacing the older,
+    /// and a row another build wrote (that does not decode) is left out.
+    #[test]
+    fn the_dashboard_rows_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |round: u64, loss: f64| RoundRow {
+            round,
+            committed: Some(true),
+            loss: Some(loss),
+            losses: 2,
+            eval_loss: round.is_multiple_of(2).then_some(loss - 0.1),
+            tokens: 4096,
+            bytes_sent: 10_000,
+            sync_s: 0.25,
+            ..RoundRow::default()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let first = Changes {
+                dashboard: (1..=3).map(|r| row(r, 5.0)).collect(),
+                ..Changes::default()
+            };
+            store.commit(&first).unwrap();
+            let second = Changes {
+                dashboard: vec![row(3, 4.5)],
+                ..Changes::default()
+            };
+            store.commit(&second).unwrap();
+            store
+                .write(|txn| {
+                    txn.open_table(DASHBOARD)?.insert(9, &b"not a row"[..])?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows = store.dashboard_rows().unwrap();
+        assert_eq!(rows, vec![row(1, 5.0), row(2, 5.0), row(3, 4.5)]);
     }
 
     /// The token and the TLS key are readable by the coordinator's user only, also in a
