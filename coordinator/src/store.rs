@@ -194,18 +194,23 @@ impl Store {
         self.meta(SNAPSHOT)
     }
 
-    /// Round counts and the newest [`RECENT_ROUNDS`] records.
-    pub(crate) fn round_history(&self) -> Result<RoundHistory> {
+    /// Every value of a table keyed by round, in round order.
+    fn blobs(&self, table: TableDefinition<'static, u64, &'static [u8]>) -> Result<Vec<Vec<u8>>> {
         let read = || -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
             let txn = self.db.begin_read()?;
-            let table = txn.open_table(ROUNDS)?;
+            let table = txn.open_table(table)?;
             let mut all = Vec::with_capacity(table.len()? as usize);
             for entry in table.iter()? {
                 all.push(entry?.1.value().to_vec());
             }
             Ok(all)
         };
-        let blobs = read().map_err(|err| Error::store(&self.path, err))?;
+        read().map_err(|err| Error::store(&self.path, err))
+    }
+
+    /// Round counts and the newest [`RECENT_ROUNDS`] records.
+    pub(crate) fn round_history(&self) -> Result<RoundHistory> {
+        let blobs = self.blobs(ROUNDS)?;
         let mut history = RoundHistory::default();
         for blob in blobs {
             let record: RoundRecord =
@@ -222,16 +227,7 @@ impl Store {
     /// The dashboard's stored rows, oldest first. They are display data: a row that does not
     /// decode (another build wrote it) is left out, with a warning.
     pub(crate) fn dashboard_rows(&self) -> Result<Vec<RoundRow>> {
-        let read = || -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(DASHBOARD)?;
-            let mut all = Vec::with_capacity(table.len()? as usize);
-            for entry in table.iter()? {
-                all.push(entry?.1.value().to_vec());
-            }
-            Ok(all)
-        };
-        let blobs = read().map_err(|err| Error::store(&self.path, err))?;
+        let blobs = self.blobs(DASHBOARD)?;
         let mut rows = Vec::with_capacity(blobs.len());
         let mut unreadable = 0;
         for blob in blobs {
