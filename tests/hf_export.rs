@@ -4,7 +4,7 @@
 //! agrees with Forge on the same checkpoint: every logit of a fixed input within 1e-4, the
 //! prompt's token ids, and the greedy continuation token for token.
 
-use forge_integration_tests::{Run, run, run_command, tiny_run_config, venv_python};
+use forge_integration_tests::{Run, max_abs_diff, run, run_command, tiny_run_config, venv_python};
 use forge_trainer::data::Tokenizer;
 use forge_trainer::sample::{SampleConfig, generate};
 use forge_trainer::train::load_checkpoint_model;
@@ -89,7 +89,7 @@ fn train_and_export(
     let vocab = model.config().vocab_size;
     let mut ids: Vec<i64> = prompt_ids.iter().map(|&t| t as i64).collect();
     ids.extend([
-        tokenizer.eot_id() as i64,
+        tokenizer.separator_id() as i64,
         tokenizer.vocab_size() as i64 - 1,
         vocab - 1,
         3,
@@ -107,7 +107,7 @@ fn train_and_export(
         &model,
         &prompt_ids,
         &greedy_cfg,
-        Some(tokenizer.eot_id()),
+        &tokenizer.stop_ids(),
         Device::Cpu,
     );
     let decoded = tokenizer.decode(&greedy).unwrap();
@@ -152,21 +152,6 @@ fn transformers_reports(tmp: &Path, cases: &[Case]) -> Vec<Value> {
     serde_json::from_slice(&std::fs::read(&result_path).unwrap()).unwrap()
 }
 
-/// Largest |a - b| over two (T, vocab) tables of the same shape.
-fn max_abs_diff(forge: &[Vec<f32>], hf: &Value) -> f64 {
-    let rows = hf.as_array().expect("logits are a list of rows");
-    assert_eq!(rows.len(), forge.len(), "sequence length");
-    let mut max = 0.0f64;
-    for (ours, theirs) in forge.iter().zip(rows) {
-        let theirs = theirs.as_array().expect("a row of logits");
-        assert_eq!(theirs.len(), ours.len(), "vocabulary size");
-        for (a, b) in ours.iter().zip(theirs) {
-            max = max.max((*a as f64 - b.as_f64().unwrap()).abs());
-        }
-    }
-    max
-}
-
 #[test]
 fn transformers_loads_the_export_and_agrees_with_forge() {
     let tmp = tempfile::tempdir().unwrap();
@@ -190,7 +175,8 @@ fn transformers_loads_the_export_and_agrees_with_forge() {
         for keys in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
             assert_eq!(hf[keys], json!([]), "{family}: transformers reports {keys}");
         }
-        let diff = max_abs_diff(&case.logits, &hf["logits"]);
+        let theirs: Vec<Vec<f64>> = serde_json::from_value(hf["logits"].clone()).unwrap();
+        let diff = max_abs_diff(&case.logits, &theirs);
         println!(
             "{family}: max |logit difference| {diff:.3e} over {} x {} logits",
             case.logits.len(),

@@ -111,6 +111,44 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
+/// Small random Hugging Face model folders that the virtualenv's transformers saves with
+/// `save_pretrained` (`tests/hf_import.py` says which), made under `dir` from the shared
+/// TinyStories sample; `dir/reference.json` holds what transformers computes from each folder
+/// (logits of fixed ids, the token ids of `prompt`). Returns `dir`.
+pub fn hf_folders(dir: &Path, prompt: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hf_import.py");
+    let corpus = shared_data().join("tinystories/train-sample.txt");
+    let mut python = Command::new(venv_python());
+    python
+        .arg(&script)
+        .arg(dir)
+        .arg(&corpus)
+        .arg(prompt)
+        .env("TOKENIZERS_PARALLELISM", "false");
+    let r = run_command(python, Duration::from_secs(180));
+    assert!(
+        r.success(),
+        "tests/hf_import.py failed: {}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    dir.to_path_buf()
+}
+
+/// Largest |a - b| over two (T, vocab) tables of logits of the same shape (Forge's, and
+/// transformers' as read from JSON).
+pub fn max_abs_diff(forge: &[Vec<f32>], hf: &[Vec<f64>]) -> f64 {
+    assert_eq!(hf.len(), forge.len(), "sequence length");
+    let mut max = 0.0f64;
+    for (ours, theirs) in forge.iter().zip(hf) {
+        assert_eq!(theirs.len(), ours.len(), "vocabulary size");
+        for (a, b) in ours.iter().zip(theirs) {
+            max = max.max((*a as f64 - b).abs());
+        }
+    }
+    max
+}
+
 /// configs/tiny-cpu.toml, shrunk for a test (8 x 32-token sequences per step, 2 eval batches,
 /// no eval before the end, a checkpoint every `checkpoint_every` steps and at the end) and
 /// pointed at the shared data, `cache_dir` and `out_dir`; written into `dir`.

@@ -1,11 +1,13 @@
 //! The coordinator's view of a run config: the whole file is validated at start with the schema
 //! the nodes use (`forge_protocol::run_config`), so a typo in any table stops `serve` instead of
 //! every node after it joins; the `[coordinator]` table configures the core, and the text itself
-//! is handed to nodes as is.
+//! is handed to nodes as is, except that a run starting from a Hugging Face folder (`[model]
+//! init_from`) gets the digests of the coordinator's copy of the folder pinned in it.
 
 use std::path::Path;
 
 use forge_protocol::RunConfig;
+use forge_protocol::model::hf;
 use serde::Deserialize;
 
 use crate::core::{CoordinatorConfig, Limits};
@@ -59,7 +61,10 @@ pub fn load_with(path: &Path, sets: &[String]) -> Result<CoordinatorConfig> {
 /// Parses run config `text` (read from `path`, named in errors) and validates the result: the
 /// whole file with the shared schema, then the `[coordinator]` table.
 pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
-    let run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
+    let mut run = RunConfig::parse(&text, path).map_err(Error::InvalidRunConfig)?;
+    run.read_init(path, |p| std::fs::read_to_string(p))
+        .map_err(Error::InvalidRunConfig)?;
+    let text = pin_init_files(text, &run, path)?;
     let model = model_profile(&run).map_err(|err| Error::RunConfig {
         path: path.to_path_buf(),
         reason: err.to_string(),
@@ -137,6 +142,45 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     Ok(config)
 }
 
+/// The run config text the nodes get. With `[model] init_from`: the SHA-256 of every file the
+/// run reads from the coordinator's copy of the folder, as `[model] init_sha256`, so that a node
+/// whose copy differs (another revision, a damaged download) refuses to start instead of
+/// training other weights; a config that pins them itself must match this copy.
+fn pin_init_files(text: String, run: &RunConfig, path: &Path) -> Result<String> {
+    let Some(init) = &run.init else {
+        return Ok(text);
+    };
+    let fail = |why: String| {
+        Error::InvalidRunConfig(forge_protocol::ConfigError::File {
+            path: path.to_path_buf(),
+            why: format!("[model] init_from {}: {why}", init.dir.display()),
+        })
+    };
+    let found = hf::folder_digests(&init.dir, init.tokenizer, |p| std::fs::File::open(p)).map_err(
+        |why| {
+            fail(format!(
+                "{why}; the coordinator reads the folder too, to pin its files for the nodes: \
+                 run serve where the folder is"
+            ))
+        },
+    )?;
+    if let Some(pinned) = &run.model.init_sha256 {
+        hf::check_digests(&init.dir, pinned, &found).map_err(fail)?;
+        return Ok(text);
+    }
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    let model = doc
+        .get_mut("model")
+        .and_then(toml::Value::as_table_mut)
+        .ok_or_else(|| fail("the run config has no [model] table".into()))?;
+    let digests = found
+        .into_iter()
+        .map(|(name, digest)| (name, toml::Value::String(digest)))
+        .collect();
+    model.insert("init_sha256".into(), toml::Value::Table(digests));
+    toml::to_string(&doc).map_err(|e| fail(e.to_string()))
+}
+
 /// The planner's view of the run's model at the run's batch shape: the largest micro-batch any
 /// device runs (`[train.parallel] micro_batch` lists them per device) of `seq_len` tokens.
 fn model_profile(run: &RunConfig) -> Result<ModelProfile> {
@@ -149,8 +193,12 @@ fn model_profile(run: &RunConfig) -> Result<ModelProfile> {
         .copied()
         .max()
         .unwrap_or(run.train.micro_batch);
-    Architecture::from_model(&model, run.train.seq_len as u64, micro_batch as u64)
-        .profile(&run.model.preset)
+    let name = match (&run.model.preset, &run.model.init_from) {
+        (Some(preset), _) => preset.clone(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => "model".to_string(),
+    };
+    Architecture::from_model(&model, run.train.seq_len as u64, micro_batch as u64).profile(&name)
 }
 
 #[cfg(test)]
@@ -184,6 +232,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("inner_stepz"), "{err}");
+    }
+
+    /// A run from a Hugging Face folder: the nodes get the digests of the coordinator's copy of
+    /// every file they read from it, and a config that pins other digests is refused.
+    #[test]
+    fn a_folder_to_start_from_is_pinned_for_the_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("hf");
+        std::fs::create_dir(&folder).unwrap();
+        let config_json = r#"{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 96, "vocab_size": 300,
+            "max_position_embeddings": 128}"#;
+        for (name, bytes) in [
+            ("config.json", config_json),
+            ("model.safetensors", "weights"),
+            ("tokenizer.json", "tokenizer"),
+            ("README.md", "not read"),
+        ] {
+            std::fs::write(folder.join(name), bytes).unwrap();
+        }
+        let tiny = run_config("");
+        let tokenizer = tiny
+            .lines()
+            .find(|l| l.starts_with("tokenizer = "))
+            .unwrap();
+        let text = tiny
+            .replace("preset = \"tiny\"", &format!("init_from = {folder:?}"))
+            .replace(tokenizer, "");
+        let path = dir.path().join("run.toml");
+        let config = parse(text.clone(), &path).unwrap();
+        let profile = config.model.as_ref().unwrap();
+        assert_eq!(profile.layers.len(), 2 + 2);
+        let sent = RunConfig::parse(&config.run_config, &path).unwrap();
+        let pinned = sent.model.init_sha256.clone().unwrap();
+        assert_eq!(
+            pinned.keys().collect::<Vec<_>>(),
+            ["config.json", "model.safetensors", "tokenizer.json"]
+        );
+        // sha256("weights").
+        assert!(
+            pinned["model.safetensors"].starts_with("9a129038"),
+            "{pinned:?}"
+        );
+        // Pinned text passes through as it is while the folder matches it.
+        let again = parse(config.run_config.clone(), &path).unwrap();
+        assert_eq!(again.run_config, config.run_config);
+        std::fs::write(folder.join("model.safetensors"), "other weights").unwrap();
+        let err = parse(config.run_config.clone(), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.toml")
+                && err.contains("model.safetensors is not the run's")
+                && err.contains("init_sha256"),
+            "{err}"
+        );
+        std::fs::remove_file(folder.join("tokenizer.json")).unwrap();
+        let err = parse(text, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("run serve where the folder is"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -529,7 +529,7 @@ fn sample(args: &SampleArgs) -> Result<()> {
         top_k: args.top_k,
         seed: args.seed,
     };
-    let new = generate(&model, &prompt, &cfg, Some(tokenizer.eot_id()), device);
+    let new = generate(&model, &prompt, &cfg, &tokenizer.stop_ids(), device);
     println!("{}{}", args.prompt, tokenizer.decode(&new)?);
     Ok(())
 }

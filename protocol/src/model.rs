@@ -6,6 +6,11 @@
 //! Descriptions only, no tensors: the trainer builds models from them, the coordinator sizes
 //! pipeline stages with them, and neither keeps a copy of the presets.
 
+pub mod hf;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use crate::run_config::ConfigError;
@@ -347,18 +352,33 @@ impl ModelConfig {
     }
 }
 
-/// How a run config names a model: a preset, optionally with fields overridden.
+/// How a run config names a model: a preset, optionally with fields overridden, or a Hugging
+/// Face folder to start from, whose `config.json` brings the architecture.
 ///
 /// ```toml
 /// [model]
 /// preset = "tiny"      # tiny | 4m | 15m | gpt2-124m | llama-1b
 /// family = "llama"     # gpt2 | llama (default: llama, gpt2 for gpt2-124m)
 /// vocab_size = 4096    # any ModelConfig field may be overridden
+/// # or, instead of a preset:
+/// init_from = "hf/my-llama"   # config.json, model.safetensors (or sharded), tokenizer.json
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    pub preset: String,
+    /// A named architecture; optional with `init_from`, which brings its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A Hugging Face model folder (GPT-2 or Llama family, as transformers' `save_pretrained`
+    /// writes it) whose weights are the run's initial parameters. A preset or field given
+    /// beside it must agree with its `config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// SHA-256 (hex) of every file the run reads from `init_from`, by name: a folder whose files
+    /// differ is refused. `forge-coordinator serve` fills it in from its own copy for the nodes;
+    /// a config may set it to pin a download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_sha256: Option<BTreeMap<String, String>>,
     pub family: Option<Family>,
     pub vocab_size: Option<i64>,
     pub n_layer: Option<i64>,
@@ -375,7 +395,19 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// The preset with the overrides applied, validated.
     pub fn resolve(&self) -> Result<ModelConfig, ConfigError> {
-        let mut cfg = ModelConfig::preset(&self.preset, self.family)?;
+        let Some(preset) = &self.preset else {
+            return Err(ConfigError::InvalidModel(match &self.init_from {
+                Some(dir) => format!(
+                    "the architecture is {}'s; read it first (RunConfig::read_init)",
+                    dir.join(hf::CONFIG).display()
+                ),
+                None => format!(
+                    "name a preset ({}) or a Hugging Face folder to start from (init_from = \"DIR\")",
+                    PRESETS.join(", ")
+                ),
+            }));
+        };
+        let mut cfg = ModelConfig::preset(preset, self.family)?;
         let n_head_overridden = self.n_head.is_some();
         macro_rules! apply {
             ($($field:ident),*) => {$(if let Some(v) = self.$field { cfg.$field = v; })*};
@@ -400,6 +432,86 @@ impl ModelSpec {
         cfg.validate()?;
         Ok(cfg)
     }
+
+    /// The architecture of the `init_from` folder (`folder`, read from `config_path`), checked
+    /// against what this table states: a preset (every field of it) or a field that disagrees
+    /// is an error naming the field on both sides.
+    pub fn resolve_with(
+        &self,
+        folder: &ModelConfig,
+        config_path: &Path,
+    ) -> Result<ModelConfig, ConfigError> {
+        let preset = self.preset.as_ref().map(|_| self.resolve()).transpose()?;
+        let given = self.given();
+        for (field, theirs) in fields(folder) {
+            let ours = given
+                .iter()
+                .find(|(name, _)| *name == field)
+                .map(|(_, value)| (format!("[model] {field} = {value}"), value.clone()))
+                .or_else(|| {
+                    let preset_cfg = preset.as_ref()?;
+                    let (_, value) = fields(preset_cfg).into_iter().find(|(n, _)| *n == field)?;
+                    let name = self.preset.as_deref().unwrap_or_default();
+                    Some((
+                        format!("[model] preset \"{name}\" has {field} = {value}"),
+                        value,
+                    ))
+                });
+            if let Some((stated, value)) = ours
+                && value != theirs
+            {
+                let hf_field = hf::field_name(folder.family, field);
+                return Err(ConfigError::InvalidModel(format!(
+                    "{stated} but {} says {hf_field} = {theirs}; leave it out of [model] \
+                     (init_from brings the architecture) or start from another folder",
+                    config_path.display()
+                )));
+            }
+        }
+        Ok(folder.clone())
+    }
+
+    /// The fields this table sets itself, with their values as [`fields`] prints them.
+    fn given(&self) -> Vec<(&'static str, String)> {
+        let mut given = Vec::new();
+        macro_rules! push {
+            ($($field:ident),*) => {$(if let Some(v) = &self.$field {
+                given.push((stringify!($field), v.to_string()));
+            })*};
+        }
+        push!(
+            family,
+            vocab_size,
+            n_layer,
+            n_head,
+            n_kv_head,
+            d_model,
+            d_ff,
+            max_seq_len,
+            norm_eps,
+            rope_theta,
+            tie_embeddings
+        );
+        given
+    }
+}
+
+/// Every field of `cfg` by name, its value printed (floats in their shortest exact form, so
+/// equal text is an equal value).
+fn fields(cfg: &ModelConfig) -> [(&'static str, String); 11] {
+    [
+        ("family", cfg.family.to_string()),
+        ("vocab_size", cfg.vocab_size.to_string()),
+        ("n_layer", cfg.n_layer.to_string()),
+        ("n_head", cfg.n_head.to_string()),
+        ("n_kv_head", cfg.n_kv_head.to_string()),
+        ("d_model", cfg.d_model.to_string()),
+        ("d_ff", cfg.d_ff.to_string()),
+        ("max_seq_len", cfg.max_seq_len.to_string()),
+        ("norm_eps", cfg.norm_eps.to_string()),
+        ("rope_theta", cfg.rope_theta.to_string()),
+        ("tie_embeddings", cfg.tie_embeddings.to_string()),
+    ]
 }
 
 /// The dtype matrix multiplies and attention run in. Parameters, norms, softmax and the loss
@@ -557,6 +669,73 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("not divisible")
+        );
+    }
+
+    #[test]
+    fn a_folder_architecture_must_agree_with_what_model_states() {
+        let folder = ModelConfig {
+            n_layer: 2,
+            vocab_size: 300,
+            ..ModelConfig::preset("tiny", None).unwrap()
+        };
+        let path = Path::new("hf/llama/config.json");
+        let spec = |text: &str| -> ModelSpec {
+            toml::from_str(&format!("init_from = \"hf/llama\"\n{text}")).unwrap()
+        };
+        // init_from alone, or with fields that agree.
+        assert_eq!(spec("").resolve_with(&folder, path).unwrap(), folder);
+        assert_eq!(
+            spec("n_layer = 2\nfamily = \"llama\"\nnorm_eps = 1e-5")
+                .resolve_with(&folder, path)
+                .unwrap(),
+            folder
+        );
+        let err = |text: &str| {
+            spec(text)
+                .resolve_with(&folder, path)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("n_layer = 4");
+        assert!(
+            e.contains("[model] n_layer = 4 but hf/llama/config.json says num_hidden_layers = 2"),
+            "{e}"
+        );
+        let e = err("family = \"gpt2\"");
+        assert!(
+            e.contains("family = gpt2 but") && e.contains("model_type = llama"),
+            "{e}"
+        );
+        let e = err("norm_eps = 1e-6");
+        assert!(e.contains("says rms_norm_eps = 0.00001"), "{e}");
+        // A preset states every field: the first that differs is named.
+        let e = err("preset = \"tiny\"");
+        assert!(
+            e.contains("[model] preset \"tiny\" has vocab_size = 2048")
+                && e.contains("says vocab_size = 300"),
+            "{e}"
+        );
+        let e = err("preset = \"tiny\"\nvocab_size = 300");
+        assert!(e.contains("preset \"tiny\" has n_layer = 4"), "{e}");
+        assert_eq!(
+            spec("preset = \"tiny\"\nvocab_size = 300\nn_layer = 2")
+                .resolve_with(&folder, path)
+                .unwrap(),
+            folder
+        );
+        // Without a folder read, resolve says so; without either, it asks for one.
+        assert!(
+            spec("")
+                .resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("hf/llama/config.json")
+        );
+        let none = ModelSpec::default().resolve().unwrap_err().to_string();
+        assert!(
+            none.contains("name a preset") && none.contains("init_from"),
+            "{none}"
         );
     }
 

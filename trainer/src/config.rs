@@ -1,6 +1,6 @@
 //! Run configs: complete TOML files in `configs/`. Their schema and validation live in
 //! `forge_protocol::run_config` (the coordinator checks the same file at start); this module
-//! reads them from disk.
+//! reads them from disk, with the `config.json` of a `[model] init_from` folder.
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -9,7 +9,8 @@ pub use forge_protocol::run_config::{CheckpointConfig, EvalConfig, RunConfig, Tr
 
 /// Reading a run config from a file (the schema in forge-protocol does no I/O).
 pub trait LoadRunConfig: Sized {
-    /// Reads and validates a run config; errors name the file and the offending key.
+    /// Reads and validates a run config, and the `config.json` of its `[model] init_from`
+    /// folder; errors name the file and the offending key.
     fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, &[])
     }
@@ -26,7 +27,9 @@ impl LoadRunConfig for RunConfig {
             why: format!("cannot read it: {e}"),
         })?;
         let text = forge_protocol::run_config::apply_overrides(&text, path, sets, None)?;
-        Ok(Self::parse(&text, path)?)
+        let mut cfg = Self::parse(&text, path)?;
+        crate::import::read_init(&mut cfg, path)?;
+        Ok(cfg)
     }
 }
 

@@ -38,6 +38,9 @@ pub enum Error {
     #[error("checkpoint {path}: {why}")]
     Checkpoint { path: PathBuf, why: String },
 
+    #[error("[model] init_from {dir}: {why}")]
+    InitFrom { dir: PathBuf, why: String },
+
     #[error("cannot export to {out}: {why}")]
     Export { out: PathBuf, why: String },
 

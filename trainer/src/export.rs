@@ -7,14 +7,16 @@
 //! when the head is tied (transformers ties it again on load). Beside it go `config.json` (the
 //! architecture in transformers' field names), `generation_config.json` and the run's tokenizer
 //! as `tokenizer.json`, with a `tokenizer_config.json` that has transformers use that file as it
-//! is. `<|endoftext|>`, which Forge puts before every document, is the begin and end token.
+//! is. The token Forge puts before every document (`<|endoftext|>`, or a Llama-style
+//! tokenizer's BOS) is the begin token; the tokenizer's end token (`<|endoftext|>` again, or EOS)
+//! the end token, and generation stops at either.
 //!
 //! A DiLoCo node's checkpoint shard is a checkpoint directory like any other plus the outer
 //! state (`outer.safetensors`); the node writes it right after taking the outer step, so its
 //! `model.safetensors` holds the committed global parameters and exports the same way.
 
 use crate::checkpoint;
-use crate::data::{END_OF_TEXT, Tokenizer, TokenizerConfig};
+use crate::data::{Tokenizer, TokenizerConfig};
 use crate::error::{Error, Result};
 use crate::models::{Family, Model, ModelConfig, weights};
 use crate::train::{TrainState, read_json};
@@ -24,16 +26,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tch::{Device, nn::VarStore};
 
-/// The architecture, in transformers' `LlamaConfig` / `GPT2Config` fields.
-const CONFIG: &str = "config.json";
-/// The parameters, fp32, under their Hub names.
-const WEIGHTS: &str = "model.safetensors";
-/// The special token ids `generate` uses.
-const GENERATION: &str = "generation_config.json";
-/// The run's tokenizer, as the `tokenizers` library writes it.
-const TOKENIZER: &str = "tokenizer.json";
-/// Which tokenizer class reads `tokenizer.json`, and its special tokens.
-const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+use forge_protocol::model::hf::{
+    CONFIG, GENERATION_CONFIG as GENERATION, TOKENIZER, TOKENIZER_CONFIG, WEIGHTS,
+};
 
 /// Every file an export writes, in the order it writes them.
 const FILES: [&str; 5] = [WEIGHTS, CONFIG, GENERATION, TOKENIZER, TOKENIZER_CONFIG];
@@ -296,10 +291,14 @@ fn layer_of(name: &str) -> Option<i64> {
 fn run_tokenizer(run_config: &str) -> String {
     match RunConfig::parse(run_config, Path::new("the checkpoint's run config")) {
         Ok(run) => match &run.data.tokenizer {
-            TokenizerConfig::Path(path) => {
+            Some(TokenizerConfig::Path(path)) => {
                 format!("its run config loads {}", path.display())
             }
-            TokenizerConfig::Train { vocab_size } => format!(
+            None => match &run.model.init_from {
+                Some(dir) => format!("its run config loads {}/tokenizer.json", dir.display()),
+                None => "its run config names none".to_string(),
+            },
+            Some(TokenizerConfig::Train { vocab_size }) => format!(
                 "its run config trained a {vocab_size}-token BPE, saved in data.cache_dir {} as \
                  tokenizer-bpe{vocab_size}-*.json",
                 run.data.cache_dir.display()
@@ -320,11 +319,39 @@ fn architecture(family: Family) -> &'static str {
 /// Writes every file of the export into `dir`.
 fn write_files(dir: &Path, vs: &VarStore, cfg: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
     weights::save(vs, &dir.join(WEIGHTS))?;
-    let eot = tokenizer.eot_id();
-    write_json(&dir.join(CONFIG), &hf_config(cfg, eot))?;
-    write_json(&dir.join(GENERATION), &generation_config(eot))?;
+    let specials = Specials::of(tokenizer);
+    write_json(&dir.join(CONFIG), &hf_config(cfg, &specials))?;
+    write_json(&dir.join(GENERATION), &generation_config(&specials))?;
     tokenizer.save(&dir.join(TOKENIZER))?;
-    write_json(&dir.join(TOKENIZER_CONFIG), &tokenizer_config(cfg))
+    write_json(
+        &dir.join(TOKENIZER_CONFIG),
+        &tokenizer_config(cfg, tokenizer),
+    )
+}
+
+/// The special token ids an export names: begin (Forge's document separator) and end.
+struct Specials {
+    bos: u32,
+    eos: u32,
+}
+
+impl Specials {
+    fn of(tokenizer: &Tokenizer) -> Self {
+        Specials {
+            bos: tokenizer.separator_id(),
+            eos: tokenizer.end().id,
+        }
+    }
+
+    /// What `generate` stops at: the end token, and the separator where it differs (a model
+    /// trained by Forge ends a document by starting the next one).
+    fn stop(&self) -> Value {
+        if self.bos == self.eos {
+            json!(self.eos)
+        } else {
+            json!([self.eos, self.bos])
+        }
+    }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
@@ -334,8 +361,8 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 }
 
 /// `config.json`: the architecture in the fields of transformers' `LlamaConfig` or `GPT2Config`.
-/// Dropout is 0 because Forge trains without it; `eot` is the begin and end of text.
-fn hf_config(cfg: &ModelConfig, eot: u32) -> Value {
+/// Dropout is 0 because Forge trains without it.
+fn hf_config(cfg: &ModelConfig, specials: &Specials) -> Value {
     match cfg.family {
         Family::Llama => json!({
             "architectures": [architecture(cfg.family)],
@@ -357,8 +384,8 @@ fn hf_config(cfg: &ModelConfig, eot: u32) -> Value {
             "mlp_bias": false,
             "attention_dropout": 0.0,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": eot,
-            "eos_token_id": eot,
+            "bos_token_id": specials.bos,
+            "eos_token_id": specials.eos,
             "initializer_range": 0.02,
             "use_cache": true,
             "dtype": "float32",
@@ -382,8 +409,8 @@ fn hf_config(cfg: &ModelConfig, eot: u32) -> Value {
             "scale_attn_by_inverse_layer_idx": false,
             "reorder_and_upcast_attn": false,
             "tie_word_embeddings": true,
-            "bos_token_id": eot,
-            "eos_token_id": eot,
+            "bos_token_id": specials.bos,
+            "eos_token_id": specials.eos,
             "initializer_range": 0.02,
             "use_cache": true,
             "dtype": "float32",
@@ -391,14 +418,14 @@ fn hf_config(cfg: &ModelConfig, eot: u32) -> Value {
     }
 }
 
-/// `generation_config.json`: begin, stop and pad with end of text. Nothing else: `generate` is
-/// then greedy, like `forge-node sample --temperature 0`, and a length set here would be
-/// reported as overridden by every call that passes `max_new_tokens`.
-fn generation_config(eot: u32) -> Value {
+/// `generation_config.json`: begin, stop ([`Specials::stop`]) and pad with the end token.
+/// Nothing else: `generate` is then greedy, like `forge-node sample --temperature 0`, and a
+/// length set here would be reported as overridden by every call that passes `max_new_tokens`.
+fn generation_config(specials: &Specials) -> Value {
     json!({
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "pad_token_id": eot,
+        "bos_token_id": specials.bos,
+        "eos_token_id": specials.stop(),
+        "pad_token_id": specials.eos,
     })
 }
 
@@ -406,11 +433,11 @@ fn generation_config(eot: u32) -> Value {
 /// written (transformers' `LlamaTokenizer` would rebuild a SentencePiece-style pipeline around
 /// the vocabulary instead). No token is added around the text, as in Forge's sampling; decoding
 /// keeps spaces as they are.
-fn tokenizer_config(cfg: &ModelConfig) -> Value {
+fn tokenizer_config(cfg: &ModelConfig, tokenizer: &Tokenizer) -> Value {
     json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": END_OF_TEXT,
-        "eos_token": END_OF_TEXT,
+        "bos_token": tokenizer.separator().text,
+        "eos_token": tokenizer.end().text,
         "model_max_length": cfg.max_seq_len,
         "clean_up_tokenization_spaces": false,
     })
@@ -508,7 +535,7 @@ mod tests {
     #[test]
     fn llama_config_names_every_setting_in_transformers_terms() {
         let cfg = llama_gqa();
-        let c = hf_config(&cfg, 0);
+        let c = hf_config(&cfg, &Specials { bos: 0, eos: 0 });
         assert_eq!(c["architectures"], json!(["LlamaForCausalLM"]));
         assert_eq!(c["model_type"], "llama");
         assert_eq!(c["vocab_size"], 2112);
@@ -533,7 +560,11 @@ mod tests {
     fn gpt2_config_names_every_setting_in_transformers_terms() {
         let mut cfg = ModelConfig::preset("tiny", Some(Family::Gpt2)).unwrap();
         cfg.norm_eps = 1e-6;
-        let c = hf_config(&cfg, 50256);
+        let gpt2 = Specials {
+            bos: 50256,
+            eos: 50256,
+        };
+        let c = hf_config(&cfg, &gpt2);
         assert_eq!(c["architectures"], json!(["GPT2LMHeadModel"]));
         assert_eq!(c["model_type"], "gpt2");
         assert_eq!(c["vocab_size"], 2048);
@@ -547,9 +578,14 @@ mod tests {
         assert_eq!(c["tie_word_embeddings"], true);
         assert_eq!(c["resid_pdrop"], 0.0);
         assert_eq!(c["eos_token_id"], 50256);
-        let g = generation_config(50256);
+        let g = generation_config(&gpt2);
         assert_eq!(g["eos_token_id"], 50256);
         assert_eq!(g["pad_token_id"], 50256);
+        // A Llama-style tokenizer: documents begin with BOS, generation stops at EOS or BOS.
+        let g = generation_config(&Specials { bos: 1, eos: 2 });
+        assert_eq!(g["bos_token_id"], 1);
+        assert_eq!(g["eos_token_id"], json!([2, 1]));
+        assert_eq!(g["pad_token_id"], 2);
     }
 
     #[test]
@@ -641,10 +677,10 @@ mod tests {
             assert_eq!(config["architectures"][0], done.architecture);
             let tok_config = read_json_file(&out.join(TOKENIZER_CONFIG));
             assert_eq!(tok_config["tokenizer_class"], "PreTrainedTokenizerFast");
-            assert_eq!(tok_config["eos_token"], END_OF_TEXT);
+            assert_eq!(tok_config["eos_token"], crate::data::END_OF_TEXT);
             let shipped = Tokenizer::load(&out.join(TOKENIZER)).unwrap();
             assert_eq!(shipped.hash(), tokenizer().hash());
-            assert_eq!(config["eos_token_id"], shipped.eot_id());
+            assert_eq!(config["eos_token_id"], shipped.separator_id());
         }
     }
 

@@ -108,7 +108,7 @@ fn fuzz_saved_tokenizer() {
             if let Ok(ids) = tok.encode("the cat sat. ☃") {
                 let _ = tok.decode_text(&ids);
             }
-            let _ = tok.decode(&[tok.eot_id()]);
+            let _ = tok.decode(&[tok.separator_id()]);
         }
     });
 }

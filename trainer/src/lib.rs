@@ -23,6 +23,8 @@ pub mod flops;
 /// The decoders of files this crate reads, under the workspace's mutation fuzzer.
 #[cfg(test)]
 mod fuzz_tests;
+/// Hugging Face import: `[model] init_from` folders' weights, and the check of their files.
+pub mod import;
 /// Run metrics: `metrics.jsonl` lines and the progress a person watching sees.
 pub mod metrics;
 /// The model zoo: one file per family, presets, Hugging Face parameter names.

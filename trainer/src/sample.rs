@@ -5,13 +5,14 @@ use tch::{Device, Kind, Tensor};
 
 pub use forge_protocol::run_config::SampleConfig;
 
-/// Continues `prompt` (token ids) and returns only the new tokens. Stops early at `stop`
-/// (the end-of-text id), which is not included.
+/// Continues `prompt` (token ids) and returns only the new tokens. Stops early at any of `stop`
+/// (the tokenizer's [`stop_ids`](crate::data::Tokenizer::stop_ids)), which is not included; an
+/// empty prompt starts with `stop[0]`, the document separator.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
     cfg: &SampleConfig,
-    stop: Option<u32>,
+    stop: &[u32],
     device: Device,
 ) -> Vec<u32> {
     let max_len = model.config().max_seq_len as usize;
@@ -19,7 +20,7 @@ pub fn generate(
     let mut tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     if tokens.is_empty() {
         // An empty prompt starts a new document.
-        tokens.push(stop.map_or(0, |s| s as i64));
+        tokens.push(stop.first().map_or(0, |&s| s as i64));
     }
     let start = tokens.len();
     // Seeded sampling draws from libtorch's process-wide generator; keep other threads out.
@@ -46,7 +47,7 @@ pub fn generate(
                     .squeeze()
             };
             let next = i64::try_from(next).unwrap_or(0);
-            if stop.is_some_and(|s| s as i64 == next) {
+            if stop.iter().any(|&s| s as i64 == next) {
                 break;
             }
             tokens.push(next);
@@ -76,16 +77,16 @@ mod tests {
             top_k: 0,
             seed: 0,
         };
-        let a = generate(&model, &[1, 2, 3], &greedy, None, Device::Cpu);
+        let a = generate(&model, &[1, 2, 3], &greedy, &[], Device::Cpu);
         assert_eq!(a.len(), 8);
-        assert_eq!(a, generate(&model, &[1, 2, 3], &greedy, None, Device::Cpu));
+        assert_eq!(a, generate(&model, &[1, 2, 3], &greedy, &[], Device::Cpu));
         let sampled = SampleConfig {
             temperature: 1.0,
             top_k: 5,
             ..greedy
         };
-        let s1 = generate(&model, &[1, 2, 3], &sampled, None, Device::Cpu);
-        let s2 = generate(&model, &[1, 2, 3], &sampled, None, Device::Cpu);
+        let s1 = generate(&model, &[1, 2, 3], &sampled, &[], Device::Cpu);
+        let s2 = generate(&model, &[1, 2, 3], &sampled, &[], Device::Cpu);
         assert_eq!(s1, s2);
         assert!(s1.iter().all(|&t| (t as i64) < cfg.vocab_size));
     }

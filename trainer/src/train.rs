@@ -10,7 +10,7 @@ use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::metrics::{MetricsLog, Phases, StepMetrics};
-use crate::models::{Model, ModelConfig, Precision, cross_entropy, weights};
+use crate::models::{Initial, Model, ModelConfig, Precision, cross_entropy, weights};
 use crate::optim::AdamW;
 use crate::parallel::worker::{Command, Exchange, Lap, Reply, StepParts, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
@@ -18,6 +18,7 @@ use crate::pipeline::{ScheduleConfig, StageLink, StageRunner, check_stage};
 use crate::sample::generate;
 use crate::schedule::scaled_peak_lr;
 use forge_protocol::messages::{Digest, LayerRange};
+use forge_protocol::model::hf;
 use forge_protocol::pipeline::StageDtype;
 use forge_protocol::stream::{DataDigest, SeqRange};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,9 @@ struct CheckpointSnapshot {
     optimizer: Vec<(String, Tensor)>,
     state: TrainState,
     tokenizer: String,
+    /// The `tokenizer_config.json` that keeps the tokenizer's special tokens, where they are
+    /// not `<|endoftext|>` ([`crate::data::Tokenizer::specials_json`]).
+    tokenizer_specials: Option<String>,
     /// Held while the snapshot lives when its tensors are the trainer's page-locked staging
     /// buffers: the next snapshot reuses them only once this is dropped.
     _staging: Option<Arc<()>>,
@@ -126,8 +130,13 @@ impl CheckpointSnapshot {
         Tensor::write_safetensors(&self.optimizer, dir.join("optimizer.safetensors"))
             .map_err(|e| failed("optimizer.safetensors", &e))?;
         write_json(&dir.join("state.json"), &self.state).map_err(|e| failed("state.json", &e))?;
-        std::fs::write(dir.join("tokenizer.json"), &self.tokenizer)
-            .map_err(|e| failed("tokenizer.json", &e))
+        std::fs::write(dir.join(hf::TOKENIZER), &self.tokenizer)
+            .map_err(|e| failed(hf::TOKENIZER, &e))?;
+        if let Some(specials) = &self.tokenizer_specials {
+            std::fs::write(dir.join(hf::TOKENIZER_CONFIG), specials)
+                .map_err(|e| failed(hf::TOKENIZER_CONFIG, &e))?;
+        }
+        Ok(())
     }
 }
 
@@ -353,7 +362,8 @@ impl Trainer {
     /// [`Trainer::new`] for one stage of a pipeline (`None`: the whole model): the model holds
     /// only the stage's layers (with the whole model's initial values), and a step runs the
     /// pipeline's schedule once [`Trainer::set_stage_link`] has joined the other stages.
-    pub fn with_stage(cfg: RunConfig, stage: Option<StageSpec>) -> Result<Self> {
+    pub fn with_stage(mut cfg: RunConfig, stage: Option<StageSpec>) -> Result<Self> {
+        crate::import::read_init(&mut cfg, Path::new("the run config"))?;
         let t = &cfg.train;
         let mut devices = parse_devices(&t.device)?;
         if t.parallel.cpu_workers == 0 {
@@ -404,16 +414,56 @@ impl Trainer {
 
         let mut model_cfg = cfg.model_config()?;
         let vocab = dataset.tokenizer.vocab_size() as i64;
-        match cfg.model.vocab_size {
-            Some(v) if v < vocab => {
+        match (&cfg.init, cfg.model.vocab_size) {
+            (Some(init), _) if model_cfg.vocab_size < vocab => {
+                return Err(Error::InitFrom {
+                    dir: init.dir.clone(),
+                    why: format!(
+                        "the tokenizer {} has ids up to {}, but the model's embedding has {} \
+                         rows (config.json vocab_size): it is not this model's tokenizer; leave \
+                         [data] tokenizer out to use the folder's",
+                        dataset.tokenizer_origin.path().display(),
+                        vocab - 1,
+                        model_cfg.vocab_size
+                    ),
+                });
+            }
+            (Some(_), _) => {}
+            (None, Some(v)) if v < vocab => {
                 return Err(Error::InvalidTrainConfig(format!(
                     "[model] vocab_size {v} is smaller than the tokenizer's {vocab} tokens"
                 )));
             }
-            Some(_) => {}
-            None => model_cfg.vocab_size = vocab,
+            (None, Some(_)) => {}
+            (None, None) => model_cfg.vocab_size = vocab,
         }
         model_cfg.validate()?;
+
+        let ckpts = CheckpointDir::new(out_dir.join("checkpoints"), cfg.checkpoint.keep);
+        let resume = if cfg.checkpoint.resume {
+            ckpts.latest_valid().map(|(_, dir)| dir)
+        } else {
+            None
+        };
+        // A run resumed from its checkpoint takes its parameters from there, never from the
+        // folder again.
+        let init = cfg.init.as_ref().filter(|_| resume.is_none());
+        if let Some(init) = init {
+            if let Some(pinned) = &cfg.model.init_sha256 {
+                crate::import::check_pinned(init, pinned)?;
+            }
+            for note in &init.model.notes {
+                tracing::warn!("[model] init_from {}: {note}", init.dir.display());
+            }
+        }
+        let load = |cpu: &mut VarStore| match init {
+            Some(init) => crate::import::load_weights(cpu, &model_cfg, &init.dir),
+            None => Ok(()),
+        };
+        let initial = match init {
+            Some(_) => Initial::Load(&load),
+            None => Initial::Seed(t.seed),
+        };
 
         let mut workers = Vec::with_capacity(devices.len());
         for (rank, (dev, batch)) in devices.iter().zip(&worker_batches).enumerate() {
@@ -422,9 +472,10 @@ impl Trainer {
             // the others get them from it by the broadcast below.
             let mut model = if let Some(spec) = stage {
                 check_stage(&model_cfg, spec.layers, spec.stage, spec.stages)?;
-                Model::seeded_stage(&mut vs, &model_cfg, t.seed, spec.layers)?
+                Model::initial_stage(&mut vs, &model_cfg, &initial, spec.layers)?
             } else if rank == 0 {
-                Model::seeded(&mut vs, &model_cfg, t.seed)?
+                let whole = LayerRange::whole(model_cfg.n_layer as u32);
+                Model::initial_stage(&mut vs, &model_cfg, &initial, whole)?
             } else {
                 let _rng = crate::rng();
                 Model::new(&vs.root(), &model_cfg)?
@@ -476,7 +527,6 @@ impl Trainer {
         )?
         .collect();
         let eval_bytes_per_token = bytes_per_token(&dataset, &eval_set);
-        let ckpts = CheckpointDir::new(out_dir.join("checkpoints"), cfg.checkpoint.keep);
         let peak_lr = scaled_peak_lr(t.lr, cfg.tokens_per_step(), t.lr_reference_batch_tokens);
         let peak_tflops = match device {
             Device::Cuda(i) => flops::cuda_device_name(i)
@@ -529,8 +579,8 @@ impl Trainer {
         // Worker 0's parameters everywhere.
         trainer.broadcast_params()?;
         trainer.broadcast_optimizer()?;
-        if trainer.cfg.checkpoint.resume {
-            trainer.resume_latest()?;
+        if let Some(dir) = resume {
+            trainer.resume_from(&dir)?;
         }
         Ok(trainer)
     }
@@ -869,13 +919,6 @@ impl Trainer {
         &self.primary.vs
     }
 
-    fn resume_latest(&mut self) -> Result<()> {
-        let Some((_, dir)) = self.ckpts.latest_valid() else {
-            return Ok(());
-        };
-        self.resume_from(&dir)
-    }
-
     /// Continues from checkpoint `dir` (written by [`Trainer::save_checkpoint`] or
     /// [`Trainer::save_checkpoint_with`]): model, optimizer, data positions, step.
     pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
@@ -1092,6 +1135,7 @@ impl Trainer {
             optimizer,
             state: self.state.clone(),
             tokenizer: self.dataset.tokenizer.to_json()?,
+            tokenizer_specials: self.dataset.tokenizer.specials_json(),
             _staging: staging,
         })
     }
@@ -1194,12 +1238,11 @@ impl Trainer {
             .tokenizer
             .encode(&self.cfg.eval.prompt)
             .unwrap_or_default();
-        let eot = Some(self.dataset.tokenizer.eot_id());
         let new = generate(
             &self.primary.model,
             &prompt,
             &self.cfg.eval.sample,
-            eot,
+            &self.dataset.tokenizer.stop_ids(),
             self.device,
         );
         format!(

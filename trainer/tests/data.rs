@@ -29,7 +29,7 @@ fn tinystories_config(tokenizer: TokenizerConfig, cache_dir: &Path) -> DataConfi
         format: CorpusFormat::Auto,
         val_format: None,
         text_field: "text".into(),
-        tokenizer,
+        tokenizer: Some(tokenizer),
         cache_dir: cache_dir.to_path_buf(),
     }
 }
@@ -51,7 +51,7 @@ fn tinystories_with_the_gpt2_tokenizer() {
     println!("prepared (GPT-2 tokenizer) in {secs:.2} s");
     assert!(secs < 20.0, "tokenizing 2.8 MB took {secs:.1} s");
 
-    assert_eq!(ds.tokenizer.eot_id(), 50256);
+    assert_eq!(ds.tokenizer.separator_id(), 50256);
     assert_eq!(ds.train.documents(), 2317);
     assert!(ds.train.len() > 400_000, "{}", ds.train.len());
     // The first document decodes back to the text it came from.
@@ -146,7 +146,7 @@ fn json_corpora_with_a_text_field() {
         format: CorpusFormat::Json,
         val_format: None,
         text_field: "story".into(),
-        tokenizer: TokenizerConfig::Path(shared("gpt2/tokenizer.json")),
+        tokenizer: Some(TokenizerConfig::Path(shared("gpt2/tokenizer.json"))),
         cache_dir: dir.path().to_path_buf(),
     };
     let ds = Dataset::prepare(&cfg).unwrap();

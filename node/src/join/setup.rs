@@ -201,8 +201,8 @@ fn node_devices(opts: &JoinOptions) -> Result<Vec<tch::Device>> {
 }
 
 /// The run config the coordinator handed out, adapted to this machine: run directory and
-/// caches under the workdir, corpus paths under the data root, this node's devices, workers and
-/// threads.
+/// caches under the workdir, corpus paths and the `init_from` folder under the data root, this
+/// node's devices, workers and threads.
 pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig, DilocoConfig)> {
     let from = Path::new("<run config from the coordinator>");
     let text = forge_protocol::run_config::apply_overrides(
@@ -226,9 +226,13 @@ pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig,
     };
     cfg.data.train = cfg.data.train.iter().map(rebase).collect();
     cfg.data.val = cfg.data.val.iter().map(rebase).collect();
-    if let forge_trainer::data::TokenizerConfig::Path(p) = &cfg.data.tokenizer {
-        cfg.data.tokenizer = forge_trainer::data::TokenizerConfig::Path(rebase(p));
+    if let Some(forge_trainer::data::TokenizerConfig::Path(p)) = &cfg.data.tokenizer {
+        cfg.data.tokenizer = Some(forge_trainer::data::TokenizerConfig::Path(rebase(p)));
     }
+    // The node's copy of the folder the run starts from, checked against the coordinator's
+    // (`[model] init_sha256`) when the trainer loads it.
+    cfg.model.init_from = cfg.model.init_from.as_ref().map(rebase);
+    forge_trainer::import::read_init(&mut cfg, from)?;
     cfg.data.cache_dir = opts.workdir.join("cache");
     cfg.train.out_dir = opts.workdir.join("run");
     cfg.train.device = opts.device.clone();

@@ -18,6 +18,9 @@ use super::ConfigError;
 /// cache_dir = ".forge-cache/data"
 /// tokenizer = { train = { vocab_size = 2048 } }   # or { path = "tokenizer.json" }
 /// ```
+///
+/// With `[model] init_from`, `tokenizer` may be left out: the folder's `tokenizer.json` is then
+/// the run's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -36,7 +39,9 @@ pub struct DataConfig {
     /// Record field holding the text, for `json` and `jsonl` records.
     #[serde(default = "default_text_field")]
     pub text_field: String,
-    pub tokenizer: TokenizerConfig,
+    /// Required unless `[model] init_from` names a folder, whose `tokenizer.json` it defaults to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerConfig>,
     /// Where token caches and trained tokenizers are kept.
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
@@ -165,12 +170,18 @@ mod tests {
         assert_eq!(cfg.val, [PathBuf::from("v.txt")]);
         assert_eq!(cfg.format, CorpusFormat::Json);
         assert_eq!(cfg.val_format, Some(CorpusFormat::TextBlankLines));
-        assert_eq!(cfg.tokenizer, TokenizerConfig::Train { vocab_size: 2048 });
+        assert_eq!(
+            cfg.tokenizer,
+            Some(TokenizerConfig::Train { vocab_size: 2048 })
+        );
         assert_eq!(cfg.cache_dir, PathBuf::from(".forge-cache/data"));
         cfg.validate().unwrap();
 
         let cfg = parse("train = \"t\"\nval = \"v\"\n[tokenizer]\npath = \"tok.json\"\n").unwrap();
-        assert_eq!(cfg.tokenizer, TokenizerConfig::Path("tok.json".into()));
+        assert_eq!(
+            cfg.tokenizer,
+            Some(TokenizerConfig::Path("tok.json".into()))
+        );
         assert_eq!(
             (cfg.format, cfg.text_field.as_str()),
             (CorpusFormat::Auto, "text")

@@ -3,8 +3,9 @@
 //! bad file at start with the same errors `forge-node train` gives.
 //!
 //! No I/O: callers read the file and hand [`RunConfig::parse`] its text and its path (named in
-//! every error). The coordinator hands the text itself to nodes; the structs here are what both
-//! sides read out of it.
+//! every error), and hand [`RunConfig::read_init`] a way to read the `config.json` of a
+//! `[model] init_from` folder. The coordinator hands the text itself to nodes; the structs here
+//! are what both sides read out of it.
 
 mod data;
 mod diloco;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::hf::{self, HfModel};
 use crate::model::{ModelConfig, ModelSpec, Precision};
 
 /// A run config or model description that cannot be used: which table or key, and why.
@@ -60,6 +62,20 @@ pub struct RunConfig {
     pub diloco: Option<DilocoConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<toml::Table>,
+    /// The `[model] init_from` folder as [`RunConfig::read_init`] read it; not in the file.
+    #[serde(skip)]
+    pub init: Option<InitFolder>,
+}
+
+/// A `[model] init_from` folder, as read for a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitFolder {
+    /// The folder (relative to where the program runs, or a node's `--data-root`).
+    pub dir: PathBuf,
+    /// What its `config.json` says.
+    pub model: HfModel,
+    /// The run's tokenizer is the folder's (`[data] tokenizer` was left out).
+    pub tokenizer: bool,
 }
 
 /// `[train]`: the optimisation.
@@ -189,14 +205,71 @@ impl RunConfig {
         };
         let cfg: RunConfig =
             toml::from_str(text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
-        cfg.model_config()
-            .map_err(|e| fail(format!("[model]: {e}")))?;
+        // A folder's architecture is checked once read_init has read it.
+        if cfg.model.init_from.is_none() {
+            let model = cfg
+                .model_config()
+                .map_err(|e| fail(format!("[model]: {e}")))?;
+            cfg.check_seq_len(&model).map_err(|e| fail(e.to_string()))?;
+        }
         cfg.validate().map_err(|e| fail(e.to_string()))?;
         Ok(cfg)
     }
 
+    /// Reads the `config.json` of `[model] init_from` with `read` (given its path) and checks
+    /// the run against it: what `[model]` states and `seq_len`. A left-out `[data] tokenizer`
+    /// becomes the folder's `tokenizer.json`. Nothing to do without `init_from`, or once read.
+    /// `path` is the run config's, named in errors.
+    pub fn read_init(
+        &mut self,
+        path: &Path,
+        read: impl FnOnce(&Path) -> std::io::Result<String>,
+    ) -> Result<(), ConfigError> {
+        let Some(dir) = self.model.init_from.clone() else {
+            return Ok(());
+        };
+        if self.init.is_some() {
+            return Ok(());
+        }
+        let fail = |why: String| ConfigError::File {
+            path: path.to_path_buf(),
+            why: format!("[model] init_from {}: {why}", dir.display()),
+        };
+        let config_path = dir.join(hf::CONFIG);
+        let text = read(&config_path).map_err(|e| {
+            fail(format!(
+                "cannot read {}: {e}; init_from names a Hugging Face model folder \
+                 (config.json, model.safetensors or its shards, tokenizer.json)",
+                config_path.display()
+            ))
+        })?;
+        let model = HfModel::parse(&text)
+            .map_err(|why| fail(format!("{}: {why}", config_path.display())))?;
+        let config = self
+            .model
+            .resolve_with(&model.config, &config_path)
+            .map_err(|e| fail(e.to_string()))?;
+        self.check_seq_len(&config)
+            .map_err(|e| fail(e.to_string()))?;
+        let tokenizer = self.data.tokenizer.is_none();
+        if tokenizer {
+            self.data.tokenizer = Some(TokenizerConfig::Path(dir.join(hf::TOKENIZER)));
+        }
+        self.init = Some(InitFolder {
+            dir,
+            model,
+            tokenizer,
+        });
+        Ok(())
+    }
+
+    /// The model this run trains: `[model]` resolved, or the `init_from` folder's architecture
+    /// once [`RunConfig::read_init`] has read it.
     pub fn model_config(&self) -> Result<ModelConfig, ConfigError> {
-        self.model.resolve()
+        match &self.init {
+            Some(init) if self.model.init_from.is_some() => Ok(init.model.config.clone()),
+            _ => self.model.resolve(),
+        }
     }
 
     /// The global version a DiLoCo run ends at: one committed round for each round a replica
@@ -227,13 +300,6 @@ impl RunConfig {
         let bad = |why: String| Err(ConfigError::InvalidTrain(why));
         if t.seq_len <= 0 {
             return bad(format!("seq_len must be positive, got {}", t.seq_len));
-        }
-        let max_seq = self.model_config()?.max_seq_len;
-        if t.seq_len > max_seq {
-            return bad(format!(
-                "seq_len {} exceeds the model's max_seq_len {max_seq}; lower seq_len or set [model] max_seq_len",
-                t.seq_len
-            ));
         }
         let per_device_batches = !t.parallel.micro_batch.is_empty();
         if t.micro_batch == 0
@@ -270,7 +336,50 @@ impl RunConfig {
             diloco.validate()?;
         }
         t.parallel.validate()?;
+        if self.model.init_from.is_none() {
+            if self.model.init_sha256.is_some() {
+                return Err(ConfigError::InvalidModel(
+                    "[model] init_sha256 pins the files of init_from, which is not set".into(),
+                ));
+            }
+            if self.data.tokenizer.is_none() {
+                return Err(ConfigError::InvalidData(
+                    "tokenizer is missing: give tokenizer = { path = \"tokenizer.json\" } or \
+                     { train = { vocab_size = 2048 } } (it may be left out only with [model] \
+                     init_from, whose folder's tokenizer.json is then the run's)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some((name, digest)) = self.model.init_sha256.iter().flatten().find(|(_, d)| {
+            d.len() != 64
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }) {
+            return Err(ConfigError::InvalidModel(format!(
+                "[model] init_sha256 gives {name} the digest \"{digest}\"; a SHA-256 is 64 \
+                 lowercase hex digits"
+            )));
+        }
         self.data.validate()
+    }
+
+    /// `seq_len` fits the model's positions.
+    fn check_seq_len(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        let seq_len = self.train.seq_len;
+        if seq_len > model.max_seq_len {
+            let fix = if self.model.init_from.is_some() {
+                "lower seq_len (the folder's config.json sets max_position_embeddings / n_positions)"
+            } else {
+                "lower seq_len or set [model] max_seq_len"
+            };
+            return Err(ConfigError::InvalidTrain(format!(
+                "seq_len {seq_len} exceeds the model's max_seq_len {}; {fix}",
+                model.max_seq_len
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -384,6 +493,148 @@ mod tests {
             }
         }
         assert!(seen >= 3, "configs in {}", dir.display());
+    }
+
+    /// A tiny Llama folder's config.json, as transformers 5 writes it.
+    const FOLDER_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 96, "vocab_size": 300, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-06, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": false}"#;
+
+    /// tiny-cpu.toml starting from folder `hf/llama` instead of the tiny preset, `[model]`
+    /// extended by `model` and the tokenizer line replaced by `tokenizer`.
+    fn from_folder(model: &str, tokenizer: &str) -> String {
+        let base = shipped("tiny-cpu.toml");
+        let line = base
+            .lines()
+            .find(|l| l.starts_with("tokenizer = "))
+            .unwrap()
+            .to_string();
+        base.replace(
+            "preset = \"tiny\"",
+            &format!("init_from = \"hf/llama\"\n{model}"),
+        )
+        .replace(&line, tokenizer)
+    }
+
+    fn read_folder(text: &str) -> Result<RunConfig, ConfigError> {
+        let mut cfg = RunConfig::parse(text, Path::new("configs/x.toml"))?;
+        cfg.read_init(Path::new("configs/x.toml"), |path| {
+            assert_eq!(path, Path::new("hf/llama/config.json"));
+            Ok(FOLDER_CONFIG.to_string())
+        })?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn init_from_brings_the_architecture_and_the_tokenizer() {
+        let cfg = read_folder(&from_folder("", "")).unwrap();
+        let model = cfg.model_config().unwrap();
+        assert_eq!(
+            (model.n_layer, model.d_model, model.vocab_size),
+            (2, 64, 300)
+        );
+        assert_eq!(
+            cfg.data.tokenizer,
+            Some(TokenizerConfig::Path("hf/llama/tokenizer.json".into()))
+        );
+        let init = cfg.init.as_ref().unwrap();
+        assert!(init.tokenizer);
+        assert_eq!(init.model.eos_token_ids, [2]);
+        // Reading again changes nothing; the stored config parses back, its tokenizer now
+        // named, and no longer the folder's when read.
+        let mut again = cfg.clone();
+        again.read_init(Path::new("x"), |_| unreachable!()).unwrap();
+        assert_eq!(again, cfg);
+        let stored = read_folder(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert!(!stored.init.unwrap().tokenizer);
+
+        // A tokenizer of its own stays; the config without init_from must name one.
+        let own = read_folder(&from_folder("", "tokenizer = { path = \"t.json\" }")).unwrap();
+        assert_eq!(
+            own.data.tokenizer,
+            Some(TokenizerConfig::Path("t.json".into()))
+        );
+        assert!(!own.init.unwrap().tokenizer);
+        let base = shipped("tiny-cpu.toml");
+        let line = base
+            .lines()
+            .find(|l| l.starts_with("tokenizer = "))
+            .unwrap();
+        let err = parse_err(&base.replace(line, ""));
+        assert!(err.contains("tokenizer is missing"), "{err}");
+
+        // Before the folder is read, the model is unknown, and says why.
+        let unread = RunConfig::parse(&from_folder("", ""), Path::new("x.toml")).unwrap();
+        let err = unread.model_config().unwrap_err().to_string();
+        assert!(err.contains("hf/llama/config.json"), "{err}");
+    }
+
+    #[test]
+    fn init_from_mismatches_and_bad_folders_are_named() {
+        let err = |model: &str| {
+            read_folder(&from_folder(model, ""))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("n_layer = 4");
+        assert!(
+            e.contains("configs/x.toml")
+                && e.contains("[model] init_from hf/llama")
+                && e.contains(
+                    "[model] n_layer = 4 but hf/llama/config.json says num_hidden_layers = 2"
+                ),
+            "{e}"
+        );
+        let e = err("preset = \"tiny\"");
+        assert!(e.contains("preset \"tiny\" has vocab_size = 2048"), "{e}");
+        // seq_len 128 fits the folder's 128 positions; 256 does not.
+        let text = from_folder("", "").replace("seq_len = 128", "seq_len = 256");
+        let e = read_folder(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("seq_len 256 exceeds the model's max_seq_len 128"),
+            "{e}"
+        );
+
+        let mut cfg = RunConfig::parse(&from_folder("", ""), Path::new("x.toml")).unwrap();
+        let e = cfg
+            .read_init(Path::new("x.toml"), |_| {
+                Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot read hf/llama/config.json")
+                && e.contains("Hugging Face model folder"),
+            "{e}"
+        );
+        let e = cfg
+            .read_init(Path::new("x.toml"), |_| {
+                Ok(r#"{"model_type": "bert"}"#.into())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_type = \"bert\""), "{e}");
+
+        let pinned = |digest: &str| {
+            from_folder(
+                &format!("init_sha256 = {{ \"config.json\" = \"{digest}\" }}"),
+                "",
+            )
+        };
+        read_folder(&pinned(&"a1".repeat(32))).unwrap();
+        let e = parse_err(&pinned("abc"));
+        assert!(
+            e.contains("init_sha256 gives config.json the digest \"abc\""),
+            "{e}"
+        );
+        let base = shipped("tiny-cpu.toml");
+        let e = parse_err(&base.replace(
+            "preset = \"tiny\"",
+            "preset = \"tiny\"\ninit_sha256 = { \"config.json\" = \"00\" }",
+        ));
+        assert!(e.contains("init_from, which is not set"), "{e}");
     }
 
     #[test]

@@ -702,7 +702,7 @@ fn encode_batch(
 ) -> Result<()> {
     let encoded: Vec<Result<Vec<u32>>> = batch.par_iter().map(|d| tokenizer.encode(d)).collect();
     for (doc, ids) in batch.iter().zip(encoded) {
-        out.push(tokenizer.eot_id())?;
+        out.push(tokenizer.separator_id())?;
         for id in ids? {
             out.push(id)?;
         }
@@ -721,7 +721,7 @@ fn copy_shard(
     header: &mut Header,
     progress: &mut Progress,
 ) -> Result<()> {
-    let eot = tokenizer.eot_id();
+    let eot = tokenizer.separator_id();
     let vocab = tokenizer.vocab_size();
     let mut document: Vec<u32> = Vec::new();
     let mut pending: Vec<Vec<u32>> = Vec::new();
@@ -890,9 +890,9 @@ mod tests {
             "train",
         )
         .unwrap();
-        let mut expected = vec![tok.eot_id()];
+        let mut expected = vec![tok.separator_id()];
         expected.extend(tok.encode("the cat").unwrap());
-        expected.push(tok.eot_id());
+        expected.push(tok.separator_id());
         expected.extend(tok.encode("the dog ran.").unwrap());
         assert_eq!(cache.tokens().to_vec(), expected);
         assert_eq!(cache.documents(), 2);
@@ -940,7 +940,7 @@ mod tests {
         std::fs::write(&src, "the dog ran.").unwrap();
         let rebuilt = build(&tok);
         assert_eq!(rebuilt.path(), first.path());
-        let mut expected = vec![tok.eot_id()];
+        let mut expected = vec![tok.separator_id()];
         expected.extend(tok.encode("the dog ran.").unwrap());
         assert_eq!(rebuilt.tokens().to_vec(), expected);
         // The earlier map still reads the old tokens: rebuilds never write in place.
@@ -1044,9 +1044,9 @@ mod tests {
     fn shards_are_imported_with_their_documents_counted() {
         let gpt2 = Tokenizer::load(&test_data::gpt2_tokenizer()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut tokens = vec![gpt2.eot_id()];
+        let mut tokens = vec![gpt2.separator_id()];
         tokens.extend(gpt2.encode("Hello world").unwrap());
-        tokens.push(gpt2.eot_id());
+        tokens.push(gpt2.separator_id());
         tokens.extend(gpt2.encode("Bye ☃").unwrap());
         let shard = dir.path().join("s.bin");
         write_llmc_shard(&shard, &tokens).unwrap();

@@ -23,7 +23,7 @@ pub use cache::{TokenCache, Tokens};
 pub use corpus::{CorpusFormat, Documents, LlmcShard, detect_format, documents, write_llmc_shard};
 pub use forge_protocol::run_config::{DataConfig, TokenizerConfig};
 pub use stats::{BaselineReport, BigramBaseline, CorpusStats, bits_per_byte};
-pub use tokenizer::{END_OF_TEXT, Tokenizer, TokenizerOrigin};
+pub use tokenizer::{END_OF_TEXT, SpecialToken, Tokenizer, TokenizerOrigin};
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -63,11 +63,18 @@ impl Dataset {
             ))
         })?;
         let (tokenizer, tokenizer_origin) = match &cfg.tokenizer {
-            TokenizerConfig::Path(path) => (
+            Some(TokenizerConfig::Path(path)) => (
                 Tokenizer::load(path)?,
                 TokenizerOrigin::Loaded(path.clone()),
             ),
-            TokenizerConfig::Train { vocab_size } => trained_tokenizer(cfg, *vocab_size)?,
+            Some(TokenizerConfig::Train { vocab_size }) => trained_tokenizer(cfg, *vocab_size)?,
+            None => {
+                return Err(Error::Data(
+                    "no tokenizer: set data.tokenizer (a path or train), or start from a \
+                     Hugging Face folder ([model] init_from), whose tokenizer.json is then used"
+                        .into(),
+                ));
+            }
         };
         let train = TokenCache::build_or_open(
             &cfg.train,

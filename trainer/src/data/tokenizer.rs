@@ -1,7 +1,11 @@
 //! Tokenizers: load a Hugging Face `tokenizer.json` or train a byte-level BPE on the corpus, and
 //! give every tokenizer a stable hash so token caches built with another one are never reused.
+//! A tokenizer also knows the special token Forge puts between documents ([`Tokenizer::separator`])
+//! and the one a text ends with ([`Tokenizer::end`]).
 
 use crate::error::{Error, Result};
+use forge_protocol::model::hf;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -23,13 +27,21 @@ const MAX_TRAINED_VOCAB: usize = 1 << 20;
 /// up to it (serializing a vocabulary walks `0..=max id`, listing the missing ones).
 const MAX_LOADED_VOCAB: usize = 1 << 22;
 
-/// A tokenizer with its end-of-text id and content hash.
+/// A special token: its text and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub text: String,
+    pub id: u32,
+}
+
+/// A tokenizer with its special tokens and content hash.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Where it came from, for error messages.
     source_name: String,
-    eot_id: u32,
+    separator: SpecialToken,
+    end: SpecialToken,
     vocab_size: usize,
     hash: String,
 }
@@ -49,7 +61,15 @@ impl Tokenizer {
                      data.tokenizer.path at a valid file or use data.tokenizer.train"
                 ),
             })?;
-        Self::from_inner(inner, source_name)
+        let specials = if inner.token_to_id(END_OF_TEXT).is_some() {
+            None
+        } else {
+            Some(folder_specials(path).map_err(|why| Error::Tokenizer {
+                source_name: source_name.clone(),
+                why,
+            })?)
+        };
+        Self::from_inner(inner, source_name, specials)
     }
 
     /// Parses a `tokenizer.json` held in memory (e.g. one stored in a checkpoint).
@@ -58,7 +78,7 @@ impl Tokenizer {
             source_name: source_name.to_string(),
             why: format!("not a Hugging Face tokenizer.json: {e}"),
         })?;
-        Self::from_inner(inner, source_name.to_string())
+        Self::from_inner(inner, source_name.to_string(), None)
     }
 
     /// Trains a GPT-2 style byte-level BPE with `vocab_size` entries (end-of-text included) on
@@ -117,10 +137,16 @@ impl Tokenizer {
         if documents_seen == 0 {
             return Err(fail("no documents to train on".to_string()));
         }
-        Self::from_inner(tokenizers::Tokenizer::from(tok), source_name)
+        Self::from_inner(tokenizers::Tokenizer::from(tok), source_name, None)
     }
 
-    fn from_inner(mut inner: tokenizers::Tokenizer, source_name: String) -> Result<Self> {
+    /// `specials`: the separator and end tokens a tokenizer without `<|endoftext|>` names
+    /// beside it ([`folder_specials`]); `None` for `<|endoftext|>`.
+    fn from_inner(
+        mut inner: tokenizers::Tokenizer,
+        source_name: String,
+        specials: Option<Specials>,
+    ) -> Result<Self> {
         let fail = |why: String| Error::Tokenizer {
             source_name: source_name.clone(),
             why,
@@ -129,12 +155,41 @@ impl Tokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| fail(format!("cannot turn off truncation: {e}")))?;
-        let eot_id = inner.token_to_id(END_OF_TEXT).ok_or_else(|| {
-            fail(format!(
-                "has no {END_OF_TEXT} token, which Forge puts between documents; use a \
-                 tokenizer that defines it (GPT-2's does) or data.tokenizer.train"
-            ))
-        })?;
+        let special = |named: &Named, what: &str| {
+            let found = match named {
+                Named::Text(text) => inner.token_to_id(text).map(|id| (text.clone(), id)),
+                Named::Id(id) => inner.id_to_token(*id).map(|text| (text, *id)),
+            };
+            found
+                .map(|(text, id)| SpecialToken { text, id })
+                .ok_or_else(|| {
+                    fail(format!(
+                        "the {what} its folder names ({named}) is not one of its tokens: the \
+                         folder's files are not of one tokenizer"
+                    ))
+                })
+        };
+        let (separator, end) = match &specials {
+            None => {
+                let eot = inner.token_to_id(END_OF_TEXT).ok_or_else(|| {
+                    fail(format!(
+                        "has no {END_OF_TEXT} token, which Forge puts between documents, and no \
+                         {} beside it names a bos_token or eos_token to put there instead; use \
+                         a tokenizer that defines one (GPT-2's does) or data.tokenizer.train",
+                        hf::TOKENIZER_CONFIG
+                    ))
+                })?;
+                let eot = SpecialToken {
+                    text: END_OF_TEXT.to_string(),
+                    id: eot,
+                };
+                (eot.clone(), eot)
+            }
+            Some(names) => (
+                special(&names.separator, "separator")?,
+                special(&names.end, "end token")?,
+            ),
+        };
         // Ids are what matter for embedding sizes and token widths; added tokens may sit past
         // the model's own vocabulary, so take the largest id rather than a count.
         let vocab_size = inner
@@ -153,19 +208,62 @@ impl Tokenizer {
         let json = inner
             .to_string(false)
             .map_err(|e| fail(format!("cannot serialize it: {e}")))?;
-        let hash = canonical_hash(&json).map_err(fail)?;
+        let mut hash = canonical_hash(&json).map_err(fail)?;
+        if specials.is_some() {
+            // Another separator makes other token streams of the same text: caches and the
+            // data digest must tell them apart. `<|endoftext|>` keeps the plain hash.
+            let mut keyed = Sha256::new();
+            for part in [&hash, &separator.text, &end.text] {
+                keyed.update(part.as_bytes());
+                keyed.update([0]);
+            }
+            hash = hex::encode(keyed.finalize());
+        }
         Ok(Self {
             inner,
             source_name,
-            eot_id,
+            separator,
+            end,
             vocab_size,
             hash,
         })
     }
 
-    /// Id of `<|endoftext|>`, placed before every document.
-    pub fn eot_id(&self) -> u32 {
-        self.eot_id
+    /// The token Forge puts before every document (`<|endoftext|>`, or a Llama-style
+    /// tokenizer's BOS: see [`folder_specials`]).
+    pub fn separator(&self) -> &SpecialToken {
+        &self.separator
+    }
+
+    /// Id of [`Tokenizer::separator`].
+    pub fn separator_id(&self) -> u32 {
+        self.separator.id
+    }
+
+    /// The token a text ends with: `<|endoftext|>` again, or a Llama-style tokenizer's EOS.
+    pub fn end(&self) -> &SpecialToken {
+        &self.end
+    }
+
+    /// The ids sampling stops at: the separator (a new document begins) and the end token.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids = vec![self.separator.id];
+        if self.end.id != self.separator.id {
+            ids.push(self.end.id);
+        }
+        ids
+    }
+
+    /// The `tokenizer_config.json` that keeps this tokenizer's special tokens when they are not
+    /// `<|endoftext|>`: saved beside its `tokenizer.json`, [`Tokenizer::load`] finds them again.
+    pub fn specials_json(&self) -> Option<String> {
+        (self.separator.text != END_OF_TEXT || self.end.text != END_OF_TEXT).then(|| {
+            let value = serde_json::json!({
+                "bos_token": self.separator.text,
+                "eos_token": self.end.text,
+            });
+            serde_json::to_string_pretty(&value).expect("JSON values serialize")
+        })
     }
 
     /// One past the largest token id: the embedding table needs at least this many rows.
@@ -219,13 +317,110 @@ impl Tokenizer {
         })
     }
 
-    /// Writes `tokenizer.json` atomically (temp file, fsync, rename).
+    /// Writes `tokenizer.json` atomically (temp file, fsync, rename), and beside it the
+    /// `tokenizer_config.json` of [`Tokenizer::specials_json`] where there is one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        super::write_atomically(path, self.to_json()?.as_bytes())
+        super::write_atomically(path, self.to_json()?.as_bytes())?;
+        if let Some(specials) = self.specials_json() {
+            super::write_atomically(
+                &path.with_file_name(hf::TOKENIZER_CONFIG),
+                specials.as_bytes(),
+            )?;
+        }
+        Ok(())
     }
 
     pub(crate) fn source_name(&self) -> &str {
         &self.source_name
+    }
+}
+
+/// The separator and end tokens of a tokenizer without `<|endoftext|>`.
+#[derive(Debug, Clone, PartialEq)]
+struct Specials {
+    separator: Named,
+    end: Named,
+}
+
+/// A special token as a folder names it: by its text (`tokenizer_config.json`) or id
+/// (`config.json`).
+#[derive(Debug, Clone, PartialEq)]
+enum Named {
+    Text(String),
+    Id(u32),
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Named::Text(text) => write!(f, "{text}"),
+            Named::Id(id) => write!(f, "id {id}"),
+        }
+    }
+}
+
+/// The special tokens that the files beside a `tokenizer.json` without `<|endoftext|>` name:
+/// `bos_token` and `eos_token` in `tokenizer_config.json`, or else the token ids
+/// `bos_token_id` and `eos_token_id` of `config.json` (as their texts in the tokenizer).
+///
+/// The separator is the BOS token where there is one: Forge puts its separator *before* every
+/// document, which is where Llama-style tokenizers put BOS (their post-processor prepends it to
+/// every text), so a prompt that transformers encodes with its BOS looks to the model like the
+/// start of a training document, as it did to the model the folder came from. With only an
+/// EOS token, that is the separator, as GPT-2's `<|endoftext|>` ends one document and begins
+/// the next. The end token is EOS (or the separator without one): what sampling also stops at
+/// and what an export names as the end of text.
+fn folder_specials(path: &Path) -> std::result::Result<Specials, String> {
+    let beside = |name: &str| path.with_file_name(name);
+    let read_json = |name: &str| -> std::result::Result<Option<Value>, String> {
+        match std::fs::read_to_string(beside(name)) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{} does not parse: {e}", beside(name).display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", beside(name).display())),
+        }
+    };
+    let (mut bos, mut eos) = (None, None);
+    if let Some(config) = read_json(hf::TOKENIZER_CONFIG)? {
+        // A token is a string, or an object with its `content` (an AddedToken).
+        let token = |key: &str| {
+            let value = config.get(key)?;
+            value
+                .as_str()
+                .or_else(|| value.get("content")?.as_str())
+                .map(|text| Named::Text(text.to_string()))
+        };
+        (bos, eos) = (token("bos_token"), token("eos_token"));
+    }
+    if bos.is_none()
+        && eos.is_none()
+        && let Some(config) = read_json(hf::CONFIG)?
+    {
+        // An id, or a list of them (Llama 3's end tokens): the first.
+        let id = |key: &str| {
+            let value = config.get(key)?;
+            let first = value.as_array().map_or(Some(value), |ids| ids.first())?;
+            u32::try_from(first.as_u64()?).ok().map(Named::Id)
+        };
+        (bos, eos) = (id("bos_token_id"), id("eos_token_id"));
+    }
+    match (bos, eos) {
+        (Some(bos), eos) => Ok(Specials {
+            end: eos.unwrap_or_else(|| bos.clone()),
+            separator: bos,
+        }),
+        (None, Some(eos)) => Ok(Specials {
+            separator: eos.clone(),
+            end: eos,
+        }),
+        (None, None) => Err(format!(
+            "has no {END_OF_TEXT} token, which Forge puts between documents, and neither a {} \
+             nor a {} beside it names a bos_token or eos_token to put there instead; add one, or \
+             use a tokenizer that defines {END_OF_TEXT} or data.tokenizer.train",
+            hf::TOKENIZER_CONFIG,
+            hf::CONFIG
+        )),
     }
 }
 
@@ -326,7 +521,7 @@ mod tests {
     #[test]
     fn gpt2_round_trips_and_knows_its_eot() {
         let tok = Tokenizer::load(&test_data::gpt2_tokenizer()).unwrap();
-        assert_eq!(tok.eot_id(), 50256);
+        assert_eq!(tok.separator_id(), 50256);
         assert_eq!(tok.vocab_size(), 50257);
         let text = "Once upon a time, there was a little girl named Lily. 💖";
         let ids = tok.encode(text).unwrap();
@@ -336,7 +531,7 @@ mod tests {
         assert_eq!(&ids[..3], &[7454, 2402, 257]);
         assert_eq!(tok.decode(&ids).unwrap(), text);
         assert_eq!(
-            tok.decode(&[tok.eot_id(), ids[0]]).unwrap(),
+            tok.decode(&[tok.separator_id(), ids[0]]).unwrap(),
             "<|endoftext|>Once"
         );
     }
@@ -376,7 +571,7 @@ mod tests {
         let ids = tok.encode(text).unwrap();
         assert!(ids.len() < text.len(), "no merges learned: {ids:?}");
         assert_eq!(tok.decode(&ids).unwrap(), text);
-        assert!(!ids.contains(&tok.eot_id()));
+        assert!(!ids.contains(&tok.separator_id()));
 
         let again = Tokenizer::train(stream(), 320).unwrap();
         assert_eq!(
@@ -387,7 +582,7 @@ mod tests {
 
         let reloaded = Tokenizer::from_json(&tok.to_json().unwrap(), "test").unwrap();
         assert_eq!(reloaded.hash(), tok.hash());
-        assert_eq!(reloaded.eot_id(), tok.eot_id());
+        assert_eq!(reloaded.separator_id(), tok.separator_id());
     }
 
     #[test]
@@ -405,6 +600,94 @@ mod tests {
         assert!(err.to_string().contains("no documents"), "{err}");
         let err = Tokenizer::train(docs(&["x"]), 100).unwrap_err();
         assert!(err.to_string().contains("vocab_size = 100"), "{err}");
+    }
+
+    /// A tokenizer.json without `<|endoftext|>`, with `<s>` and `</s>` as Llama's, in `dir`;
+    /// the id of `</s>`.
+    fn llama_style(dir: &Path) -> u32 {
+        let tok = Tokenizer::train(docs(&["a b c", "a b d"]), 300).unwrap();
+        let mut json: Value =
+            serde_json::from_str(&tok.to_json().unwrap().replace(END_OF_TEXT, "<s>")).unwrap();
+        let end = tok.vocab_size() as u32;
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": end, "content": "</s>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        end
+    }
+
+    #[test]
+    fn a_llama_style_tokenizer_separates_documents_with_its_bos() {
+        let dir = tempfile::tempdir().unwrap();
+        let end = llama_style(dir.path());
+        let path = dir.path().join("tokenizer.json");
+        let err = Tokenizer::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("has no <|endoftext|>")
+                && err.contains("tokenizer_config.json nor a config.json"),
+            "{err}"
+        );
+
+        // tokenizer_config.json names them, as text or as an AddedToken.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>", "eos_token": {"content": "</s>", "special": true}}"#,
+        )
+        .unwrap();
+        let tok = Tokenizer::load(&path).unwrap();
+        assert_eq!(tok.separator().text, "<s>");
+        assert_eq!((tok.separator_id(), tok.end().id), (0, end));
+        assert_eq!(tok.stop_ids(), [0, end]);
+        // Another separator is another token stream: the hash differs from the file's alone.
+        let plain = canonical_hash(&tok.to_json().unwrap()).unwrap();
+        assert_ne!(tok.hash(), plain);
+        // Saved, it keeps its special tokens beside it.
+        let copy = tempfile::tempdir().unwrap();
+        tok.save(&copy.path().join("tokenizer.json")).unwrap();
+        let again = Tokenizer::load(&copy.path().join("tokenizer.json")).unwrap();
+        assert_eq!(again.hash(), tok.hash());
+        assert_eq!(
+            (again.separator(), again.end()),
+            (tok.separator(), tok.end())
+        );
+
+        // Only config.json's ids (Llama 3 lists its end tokens): EOS is the separator too.
+        std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(r#"{{"bos_token_id": null, "eos_token_id": [{end}, 7]}}"#),
+        )
+        .unwrap();
+        let tok = Tokenizer::load(&path).unwrap();
+        assert_eq!((tok.separator().text.as_str(), tok.end().id), ("</s>", end));
+        assert_eq!(tok.stop_ids(), [end]);
+
+        // A special token the tokenizer does not have is named.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<|begin_of_text|>"}"#,
+        )
+        .unwrap();
+        let err = Tokenizer::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("(<|begin_of_text|>) is not one of its tokens"),
+            "{err}"
+        );
+        // A GPT-2 style tokenizer keeps <|endoftext|> and its plain hash whatever lies beside it.
+        let gpt2 = Tokenizer::train(docs(&["a b c"]), 300).unwrap();
+        gpt2.save(&path).unwrap();
+        let tok = Tokenizer::load(&path).unwrap();
+        assert_eq!(tok.separator().text, END_OF_TEXT);
+        assert_eq!(tok.hash(), gpt2.hash());
+        assert_eq!(
+            tok.hash(),
+            canonical_hash(&gpt2.to_json().unwrap()).unwrap()
+        );
+        assert!(tok.specials_json().is_none());
     }
 
     #[test]

@@ -49,6 +49,24 @@ pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Tensor {
     Tensor::embedding(table, ids, -1, false, false)
 }
 
+/// Where a run's initial parameters come from.
+pub enum Initial<'a> {
+    /// Drawn on the CPU from this seed.
+    Seed(u64),
+    /// Written into a CPU var store of the whole model by this function (a Hugging Face
+    /// folder's weights).
+    Load(&'a dyn Fn(&mut nn::VarStore) -> Result<()>),
+}
+
+impl std::fmt::Debug for Initial<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Initial::Seed(seed) => write!(f, "Seed({seed})"),
+            Initial::Load(_) => f.write_str("Load(..)"),
+        }
+    }
+}
+
 /// A causal language model of either family.
 #[derive(Debug)]
 pub enum Model {
@@ -92,16 +110,32 @@ impl Model {
         seed: u64,
         layers: LayerRange,
     ) -> Result<Self> {
-        let cpu = nn::VarStore::new(tch::Device::Cpu);
+        Model::initial_stage(vs, cfg, &Initial::Seed(seed), layers)
+    }
+
+    /// Builds the parameters of planner layers `layers` on `vs`'s device with the values
+    /// `initial` gives the whole model on the CPU (the stage's are copied over).
+    pub fn initial_stage(
+        vs: &mut nn::VarStore,
+        cfg: &ModelConfig,
+        initial: &Initial<'_>,
+        layers: LayerRange,
+    ) -> Result<Self> {
+        let mut cpu = nn::VarStore::new(tch::Device::Cpu);
         let model = {
             // libtorch's CPU generator is process-wide: hold it for every draw here (the
             // device's own, overwritten below, too), so no thread makes another's differ.
             let _rng = crate::rng();
             let model = Model::stage(&vs.root(), cfg, layers)?;
-            tch::manual_seed(seed as i64);
+            if let Initial::Seed(seed) = initial {
+                tch::manual_seed(*seed as i64);
+            }
             Model::new(&cpu.root(), cfg)?;
             model
         };
+        if let Initial::Load(load) = initial {
+            load(&mut cpu)?;
+        }
         vs.copy(&cpu).map_err(crate::error::Error::torch(
             "copying the initial parameters to the device",
         ))?;

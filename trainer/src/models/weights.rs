@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor, nn::VarStore};
 
 /// Keys in Hub files that are buffers, not parameters (old GPT-2 attention masks, old Llama
@@ -31,15 +31,113 @@ fn canonical_key(cfg: &ModelConfig, key: &str) -> String {
 /// Every parameter must be present with its shape; extra keys are an error, except buffers and
 /// a tied output head that equals the embedding.
 pub fn load(vs: &mut VarStore, cfg: &ModelConfig, path: &Path) -> Result<()> {
-    let mismatch = |why: String| Error::WeightsMismatch {
-        path: path.to_path_buf(),
-        why,
-    };
     std::fs::metadata(path).map_err(Error::io(format!("reading weights {}", path.display())))?;
     let tensors = Tensor::read_safetensors(path).map_err(Error::torch(format!(
         "reading safetensors {}",
         path.display()
     )))?;
+    load_tensors(vs, cfg, path, tensors)
+}
+
+/// One file of a model's weights, with the tensors an index puts in it (which it must hold).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    pub path: PathBuf,
+    pub tensors: Vec<String>,
+}
+
+/// [`load`] for a model whose tensors are spread over `shards` (a Hugging Face folder's
+/// `model.safetensors`, or the shards of its index). `source` names the weights in errors.
+/// Tensors of any float dtype (fp32, bf16, fp16) are converted to fp32; a shard cut short is
+/// named as one.
+pub fn load_shards(
+    vs: &mut VarStore,
+    cfg: &ModelConfig,
+    source: &Path,
+    shards: &[Shard],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for Shard {
+        path,
+        tensors: listed,
+    } in shards
+    {
+        check_complete(path)?;
+        let read = Tensor::read_safetensors(path).map_err(Error::torch(format!(
+            "reading safetensors {}",
+            path.display()
+        )))?;
+        for (name, tensor) in read {
+            if let Some(other) = seen.insert(name.clone(), path.clone()) {
+                return Err(Error::WeightsMismatch {
+                    path: source.to_path_buf(),
+                    why: format!(
+                        "{name} is in both {} and {}",
+                        other.display(),
+                        path.display()
+                    ),
+                });
+            }
+            tensors.push((name, tensor));
+        }
+        if let Some(absent) = listed.iter().find(|name| seen.get(*name) != Some(path)) {
+            return Err(Error::WeightsMismatch {
+                path: source.to_path_buf(),
+                why: format!(
+                    "the index puts {absent} in {}, which does not hold it",
+                    path.display()
+                ),
+            });
+        }
+    }
+    load_tensors(vs, cfg, source, tensors)
+}
+
+/// Refuses a safetensors file that ends before the tensor data its header describes (an
+/// interrupted download or copy), naming it and the sizes.
+fn check_complete(path: &Path) -> Result<()> {
+    let header = read_header(path)?;
+    let data_bytes = header
+        .tensors()
+        .values()
+        .map(|info| info.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    let mut len = [0u8; 8];
+    let mut file = std::fs::File::open(path)
+        .map_err(Error::io(format!("reading weights {}", path.display())))?;
+    file.read_exact(&mut len)
+        .map_err(Error::io(format!("reading weights {}", path.display())))?;
+    let expected = 8 + u64::from_le_bytes(len) + data_bytes;
+    let actual = file
+        .metadata()
+        .map_err(Error::io(format!("reading weights {}", path.display())))?
+        .len();
+    if actual < expected {
+        return Err(Error::WeightsMismatch {
+            path: path.to_path_buf(),
+            why: format!(
+                "the file is truncated: its header describes {expected} bytes, it holds \
+                 {actual} (an interrupted download or copy?); fetch it again"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks `tensors` (read from `path`) against the parameters of `vs` as [`load`] describes,
+/// then copies them in as fp32.
+fn load_tensors(
+    vs: &mut VarStore,
+    cfg: &ModelConfig,
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<()> {
+    let mismatch = |why: String| Error::WeightsMismatch {
+        path: path.to_path_buf(),
+        why,
+    };
     let mut file: BTreeMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(k, _)| !is_buffer(k))
