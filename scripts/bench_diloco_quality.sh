@@ -14,6 +14,7 @@
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
 #                                   [--density 0.015625] [--bits 2]
+#                                   [--optimizer adamw|muon|adafactor]
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
 # --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
@@ -28,7 +29,8 @@
 # warmup steps (default: a fifth of STEPS); --seed sets the seed of all runs (initialisation and
 # data order; default: the configs' 1234). --seeds repeats the runs once per seed and then prints
 # the means, the ratios of the means and the spread of the per-seed ratios: single runs of this
-# size differ by 1-2% from seed to seed.
+# size differ by 1-2% from seed to seed. --optimizer sets [train.optimizer] kind of all three runs
+# (MuLoCo: DiLoCo with Muon as the inner optimizer).
 # The two baselines do not depend on the DiLoCo settings: a finished one with the same config
 # (runs/quality/base-*) is reused; --skip-baseline leaves them out, --skip-diloco runs only them.
 set -euo pipefail
@@ -36,7 +38,7 @@ self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1
+nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1 optimizer=adamw
 overlap=0 pace=auto data=tinystories warmup="" extras=() density=0.015625 bits=2
 args=("$@")
 while (($#)); do
@@ -58,6 +60,7 @@ while (($#)); do
     --diloco) extras+=("$2"); shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
+    --optimizer) optimizer=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
     --skip-diloco) diloco=0; shift ;;
     -h|--help) sed -n '2,33p' "$self"; exit 0 ;;
@@ -70,6 +73,12 @@ case "$codec" in
   topk) compression="{ codec = \"topk\", block_size = 4096, density = $density, bits = $bits }" ;;
   *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8, int4 or topk" >&2; exit 2 ;;
 esac
+case "$optimizer" in adamw|muon|adafactor) ;; *) echo "bench_diloco_quality.sh: --optimizer must be adamw, muon or adafactor" >&2; exit 2 ;; esac
+# The inner optimizer of all three runs: [train.optimizer] appended to each config.
+with_optimizer() {
+  cat
+  [[ "$optimizer" == adamw ]] || printf '\n[train.optimizer]\nkind = "%s"\n' "$optimizer"
+}
 case "$pace" in auto|fixed) ;; *) echo "bench_diloco_quality.sh: --pace must be auto or fixed" >&2; exit 2 ;; esac
 for e in "${extras[@]}"; do
   [[ "$e" =~ ^[a-z_]+\ *=\ *[^=]+$ ]] || { echo "bench_diloco_quality.sh: --diloco takes 'key = value', got '$e'" >&2; exit 2; }
@@ -121,6 +130,7 @@ fi
 suffix=""
 [[ "$data" == tinystories ]] || suffix=$suffix-$data
 [[ "$seed" == 1234 ]] || suffix=$suffix-seed$seed
+[[ "$optimizer" == adamw ]] || suffix=$suffix-$optimizer
 [[ -z "$warmup" || "$warmup" == $(( steps / 5 )) ]] || suffix=$suffix-wu$warmup
 warmup=${warmup:-$(( steps / 5 ))}
 
@@ -137,7 +147,7 @@ baseline_loss() {
       -e "s/^warmup_steps = .*/warmup_steps = $warmup/" \
       -e "s/^every = 100$/every = 100000/" \
       "${data_edits[@]}" \
-      configs/tiny-cpu.toml)
+      configs/tiny-cpu.toml | with_optimizer)
   if [[ -f "$dir/run.out" && "$(cat "$dir/run.toml" 2>/dev/null)" == "$toml" ]] \
       && grep -q "^validation loss" "$dir/run.out"; then
     echo "== one node, batch $batch x 128, $steps steps, lr $lr: reusing $dir" >&2
@@ -193,7 +203,7 @@ sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^pace = .*/pace = \"$pace\"/" \
     "${extra_edits[@]}" \
     "${data_edits[@]}" \
-    configs/diloco-tiny-cpu.toml > "$work/diloco.toml"
+    configs/diloco-tiny-cpu.toml | with_optimizer > "$work/diloco.toml"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 "$bin/forge-coordinator" serve --config "$work/diloco.toml" --listen 127.0.0.1:0 --state-dir "$work/coord" \

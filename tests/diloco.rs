@@ -1486,6 +1486,42 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
     println!("{}", finals[0]);
 }
 
+/// MuLoCo and Adafactor as DiLoCo's inner optimizer: two nodes training with each commit every
+/// round with the same state (the coordinator's hash check) and end on one final model.
+#[test]
+fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
+    for kind in ["muon", "adafactor"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = write_config(tmp.path(), 2);
+        edit_config(&config, &[("max_steps = 60", "max_steps = 20")]);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\n[train.optimizer]\nkind = \"{kind}\"\n"));
+        std::fs::write(&config, text).unwrap();
+        let deadline = Instant::now() + LIMIT;
+        let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+        let nodes: Vec<Proc> = (0..2)
+            .map(|i| start_node(tmp.path(), i, &addr, &token))
+            .collect();
+        let mut finals = Vec::new();
+        for (i, node) in nodes.into_iter().enumerate() {
+            let (code, lines) = node.finish(deadline);
+            let log = lines.join("\n");
+            assert_eq!(code, Some(0), "{kind}, node {i}:\n{log}");
+            let rounds: Vec<_> = lines.iter().filter_map(|l| parse_round(l)).collect();
+            assert!(
+                rounds.len() >= 4 && rounds.iter().all(|r| r.3.starts_with("committed")),
+                "{kind}, node {i}: every round committed:\n{log}"
+            );
+            assert!(
+                rounds.last().unwrap().2 < rounds[0].2,
+                "{kind}, node {i}: the loss falls:\n{log}"
+            );
+            finals.push(final_loss_line(&lines).unwrap_or_else(|| panic!("{kind}:\n{log}")));
+        }
+        assert_eq!(finals[0], finals[1], "{kind}: one final model");
+    }
+}
+
 /// One HTTP/1.1 GET to 127.0.0.1:`port`: (status code, body).
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::Read;

@@ -6,7 +6,7 @@ use crate::device::device_name;
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::models::{Model, ModelConfig, Precision};
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::optim::{AdamWConfig, Optimizer, clip_grad_norm};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -90,7 +90,7 @@ impl TrainStepBench {
             (model, tokens)
         };
         model.set_precision(self.precision);
-        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let mut opt = Optimizer::adamw(&vs, AdamWConfig::default());
         let ids = tokens.narrow(1, 0, self.seq_len);
         let targets = tokens.narrow(1, 1, self.seq_len);
         let sync = || {

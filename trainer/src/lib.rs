@@ -29,7 +29,7 @@ pub mod import;
 pub mod metrics;
 /// The model zoo: one file per family, presets, Hugging Face parameter names.
 pub mod models;
-/// Inner optimizer: AdamW with explicit state and global-norm gradient clipping.
+/// Inner optimizers (AdamW, Muon, Adafactor) with explicit state, and global-norm gradient clipping.
 pub mod optim;
 /// DiLoCo's outer state as checkpointed, served and checked against the committed hashes.
 pub mod outer_state;

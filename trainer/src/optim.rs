@@ -1,7 +1,10 @@
-//! Inner optimizer: AdamW with decoupled weight decay on matrices only, and global-norm
-//! gradient clipping. The state (moments and step) is explicit so checkpoints can save it.
+//! Inner optimizers: AdamW (decoupled weight decay on matrices only), Muon (Newton–Schulz
+//! orthogonalised momentum for the hidden weight matrices, AdamW for the rest) and Adafactor
+//! (factored second moments), as PyTorch's `torch.optim` computes them, and global-norm
+//! gradient clipping. The state (moments and step) is explicit so checkpoints can save it and
+//! joiners can be given it.
 //!
-//! Gradients are explicit too: [`AdamW::gradients`] returns fresh tensors (autograd.grad)
+//! Gradients are explicit too: [`Optimizer::gradients`] returns fresh tensors (autograd.grad)
 //! instead of accumulating into each parameter's `.grad`, which saves a zeroing pass and an
 //! accumulation pass per step (tch cannot reset `.grad` to None) and gives data-parallel
 //! reducers one ordered list to average.
@@ -10,43 +13,176 @@ use crate::error::{Error, Result};
 use crate::models::trainable_by_name;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tch::{Tensor, nn::VarStore};
+use tch::{Kind, Tensor, nn::VarStore};
 
-pub use forge_protocol::run_config::AdamWConfig;
+pub use forge_protocol::run_config::{
+    AdafactorConfig, AdamWConfig, MuonConfig, MuonLrAdjust, OptimizerConfig, OptimizerKind,
+};
+
+/// Muon's Newton–Schulz coefficients (Keller Jordan's, as `torch.optim.Muon` uses them).
+const NS_COEFFICIENTS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
+/// Muon's floor of the gradient norm before Newton–Schulz.
+const MUON_EPS: f64 = 1e-7;
+
+/// How one parameter is updated, with its state.
+#[derive(Debug)]
+enum Rule {
+    AdamW {
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        decay: bool,
+    },
+    Muon {
+        momentum_buffer: Tensor,
+        /// (fan_out, fan_in): the matrix as `nn.Linear` holds it (GPT-2's Conv1D holds the
+        /// transpose), for the learning-rate adjustment.
+        fans: (i64, i64),
+    },
+    /// Factored over the last two dimensions for a matrix, a full second moment for a vector.
+    Adafactor {
+        row_var: Option<Tensor>,
+        col_var: Option<Tensor>,
+        variance: Option<Tensor>,
+    },
+}
 
 #[derive(Debug)]
 struct ParamState {
     name: String,
     param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    decay: bool,
+    rule: Rule,
 }
 
-/// AdamW over every trainable variable of a `VarStore`, in name order.
+/// The inner optimizer over every trainable variable of a `VarStore`, in name order.
 #[derive(Debug)]
-pub struct AdamW {
-    cfg: AdamWConfig,
+pub struct Optimizer {
+    adamw: AdamWConfig,
+    cfg: OptimizerConfig,
     params: Vec<ParamState>,
     step: i64,
 }
 
-impl AdamW {
-    /// Matrices (2-D and up: linear weights and embeddings) get weight decay; vectors (norm
-    /// gains, biases) do not.
-    pub fn new(vs: &VarStore, cfg: AdamWConfig) -> Self {
+/// Whether Muon takes `name` (a 2-D parameter): the hidden weight matrices, not the embeddings
+/// or the head, which stay with AdamW as Muon's authors and PyTorch's docs advise.
+fn muon_takes(name: &str) -> bool {
+    ![
+        "embed_tokens.weight",
+        "wte.weight",
+        "wpe.weight",
+        "lm_head.weight",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
+}
+
+/// A GPT-2 block's Conv1D weight, stored (fan_in, fan_out).
+fn conv1d_layout(name: &str) -> bool {
+    name.contains(".attn.c_") || name.contains(".mlp.c_")
+}
+
+fn adamw_rule(param: &Tensor) -> Rule {
+    Rule::AdamW {
+        decay: param.dim() >= 2,
+        exp_avg: param.zeros_like(),
+        exp_avg_sq: param.zeros_like(),
+    }
+}
+
+fn rule_for(kind: OptimizerKind, name: &str, param: &Tensor) -> Rule {
+    match kind {
+        OptimizerKind::Adamw => adamw_rule(param),
+        OptimizerKind::Muon if param.dim() == 2 && muon_takes(name) => {
+            let size = param.size();
+            let fans = if conv1d_layout(name) {
+                (size[1], size[0])
+            } else {
+                (size[0], size[1])
+            };
+            Rule::Muon {
+                momentum_buffer: param.zeros_like(),
+                fans,
+            }
+        }
+        OptimizerKind::Muon => adamw_rule(param),
+        OptimizerKind::Adafactor if param.dim() >= 2 => {
+            let size = param.size();
+            let n = size.len();
+            let mut rows = size.clone();
+            rows[n - 1] = 1;
+            let mut cols = size;
+            cols[n - 2] = 1;
+            let zeros = |shape: &[i64]| Tensor::zeros(shape, (param.kind(), param.device()));
+            Rule::Adafactor {
+                row_var: Some(zeros(&rows)),
+                col_var: Some(zeros(&cols)),
+                variance: None,
+            }
+        }
+        OptimizerKind::Adafactor => Rule::Adafactor {
+            row_var: None,
+            col_var: None,
+            variance: Some(param.zeros_like()),
+        },
+    }
+}
+
+/// `torch.optim.Muon`'s orthogonalisation: the quintic Newton–Schulz iteration in bf16.
+fn zeropower_newton_schulz(grad: &Tensor, steps: u32) -> Tensor {
+    let (a, b, c) = NS_COEFFICIENTS;
+    let tall = grad.size()[0] > grad.size()[1];
+    let g = grad.to_kind(Kind::BFloat16);
+    let g = if tall { g.tr() } else { g };
+    // Out of place: a bf16 gradient is `grad` itself (PyTorch would scale it in place).
+    let mut x = &g / g.norm().clamp_min(MUON_EPS);
+    // addmm with beta and alpha (tch's addmm has neither): baddbmm on a batch of one.
+    let addmm = |input: &Tensor, m1: &Tensor, m2: &Tensor, beta: f64, alpha: f64| {
+        input
+            .unsqueeze(0)
+            .baddbmm(&m1.unsqueeze(0), &m2.unsqueeze(0), beta, alpha)
+            .squeeze_dim(0)
+    };
+    for _ in 0..steps {
+        let gram = x.matmul(&x.tr());
+        let update = addmm(&gram, &gram, &gram, b, c);
+        x = addmm(&x, &update, &x, a, 1.0);
+    }
+    if tall {
+        x = x.tr();
+    }
+    x
+}
+
+/// `torch.optim.Muon`'s per-matrix learning-rate adjustment.
+fn muon_lr(lr: f64, adjust: MuonLrAdjust, (fan_out, fan_in): (i64, i64)) -> f64 {
+    let (a, b) = (fan_out as f64, fan_in as f64);
+    match adjust {
+        MuonLrAdjust::Original => lr * (a / b).max(1.0).sqrt(),
+        MuonLrAdjust::MatchRmsAdamw => lr * 0.2 * a.max(b).sqrt(),
+        MuonLrAdjust::None => lr,
+    }
+}
+
+impl Optimizer {
+    /// AdamW for every parameter: matrices (2-D and up: linear weights and embeddings) get
+    /// weight decay; vectors (norm gains, biases) do not.
+    pub fn adamw(vs: &VarStore, adamw: AdamWConfig) -> Self {
+        Optimizer::new(vs, &OptimizerConfig::default(), adamw)
+    }
+
+    /// The optimizer `cfg` names; `adamw` configures AdamW wherever it is used (all parameters,
+    /// or Muon's others).
+    pub fn new(vs: &VarStore, cfg: &OptimizerConfig, adamw: AdamWConfig) -> Self {
         let params = trainable_by_name(vs)
             .into_iter()
             .map(|(name, param)| ParamState {
-                decay: param.dim() >= 2,
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
+                rule: rule_for(cfg.kind, &name, &param),
                 name,
                 param,
             })
             .collect();
-        AdamW {
-            cfg,
+        Optimizer {
+            adamw,
+            cfg: *cfg,
             params,
             step: 0,
         }
@@ -64,99 +200,247 @@ impl AdamW {
         Tensor::run_backward(&[loss], &params, false, false)
     }
 
-    /// One AdamW step at learning rate `lr` with `grads` from [`AdamW::gradients`]. Parameters
+    /// One step at learning rate `lr` with `grads` from [`Optimizer::gradients`]. Parameters
     /// whose gradient is undefined are left untouched.
     pub fn step(&mut self, lr: f64, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bias1;
+        let step = self.step;
+        let (adamw, cfg) = (self.adamw, self.cfg);
         tch::no_grad(|| {
             for (s, grad) in self.params.iter_mut().zip(grads) {
                 if !grad.defined() {
                     continue;
                 }
-                if s.decay && weight_decay != 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - lr * weight_decay);
+                match &mut s.rule {
+                    Rule::AdamW {
+                        exp_avg,
+                        exp_avg_sq,
+                        decay,
+                    } => adamw_step(
+                        &adamw,
+                        step,
+                        lr,
+                        &mut s.param,
+                        grad,
+                        exp_avg,
+                        exp_avg_sq,
+                        *decay,
+                    ),
+                    Rule::Muon {
+                        momentum_buffer,
+                        fans,
+                    } => muon_step(&cfg.muon, lr, &mut s.param, grad, momentum_buffer, *fans),
+                    Rule::Adafactor {
+                        row_var,
+                        col_var,
+                        variance,
+                    } => adafactor_step(
+                        &cfg.adafactor,
+                        step,
+                        lr,
+                        &mut s.param,
+                        grad,
+                        row_var.as_mut(),
+                        col_var.as_mut(),
+                        variance.as_mut(),
+                    ),
                 }
-                let _ = s.exp_avg.lerp_(grad, 1.0 - beta1);
-                let _ = s.exp_avg_sq.lerp_(&grad.square(), 1.0 - beta2);
-                if step_size == 0.0 {
-                    continue; // lr 0: moments advance, parameters stay (as in PyTorch)
-                }
-                // param -= step_size · m / (√v / √bias2 + eps), with one temporary: the step
-                // size is folded into the denominator because tch's addcdiv_ has no `value`.
-                let mut denom = s.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bias2_sqrt);
-                let _ = denom.g_add_scalar_(eps);
-                let _ = denom.g_div_scalar_(-step_size);
-                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
             }
         });
     }
 
-    /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, and
-    /// `step`), for checkpoints.
+    /// The optimizer state as named tensors (`<param>.exp_avg` and `<param>.exp_avg_sq` for
+    /// AdamW, `<param>.momentum_buffer` for Muon, `<param>.row_var` / `.col_var` / `.variance`
+    /// for Adafactor, and `step`), for checkpoints and joiners.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
             .params
             .iter()
             .flat_map(|s| {
-                [
-                    (format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()),
-                    (
-                        format!("{}.exp_avg_sq", s.name),
-                        s.exp_avg_sq.shallow_clone(),
-                    ),
-                ]
+                state_parts(&s.rule)
+                    .into_iter()
+                    .map(|(part, t)| (format!("{}.{part}", s.name), t.shallow_clone()))
             })
             .collect();
         out.push(("step".into(), Tensor::from_slice(&[self.step])));
         out
     }
 
-    /// Restores state written by [`AdamW::state_tensors`]; every moment must be present with
-    /// its parameter's shape.
+    /// Restores state written by [`Optimizer::state_tensors`]; every tensor must be present
+    /// with its shape (state another optimizer wrote is refused, naming what it lacks).
     pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let kind = self.cfg.kind;
         let missing = |name: &str| Error::Checkpoint {
             path: PathBuf::from("optimizer.safetensors"),
-            why: format!("optimizer state has no tensor {name} of the right shape"),
+            why: format!(
+                "optimizer state has no tensor {name} of the right shape (this run's optimizer \
+                 is {kind:?}; state another optimizer wrote does not load into it)"
+            ),
         };
         let step = tensors.get("step").ok_or_else(|| missing("step"))?;
         let step = i64::try_from(step.reshape([-1]).get(0)).map_err(|_| missing("step"))?;
-        let get = |name: String, like: &Tensor| -> Result<Tensor> {
-            match tensors.get(&name) {
-                Some(t) if t.size() == like.size() => Ok(t.shallow_clone()),
-                _ => Err(missing(&name)),
-            }
-        };
-        let mut loaded = Vec::with_capacity(self.params.len());
+        let mut loaded = Vec::new();
         for s in &self.params {
-            loaded.push((
-                get(format!("{}.exp_avg", s.name), &s.exp_avg)?,
-                get(format!("{}.exp_avg_sq", s.name), &s.exp_avg_sq)?,
-            ));
+            for (part, like) in state_parts(&s.rule) {
+                let name = format!("{}.{part}", s.name);
+                match tensors.get(&name) {
+                    Some(t) if t.size() == like.size() => loaded.push((like, t.shallow_clone())),
+                    _ => return Err(missing(&name)),
+                }
+            }
         }
         tch::no_grad(|| {
-            for (s, (m, v)) in self.params.iter_mut().zip(loaded) {
-                s.exp_avg
-                    .copy_(&m.to_kind(s.exp_avg.kind()).to_device(s.exp_avg.device()));
-                s.exp_avg_sq.copy_(
-                    &v.to_kind(s.exp_avg_sq.kind())
-                        .to_device(s.exp_avg_sq.device()),
-                );
+            for (mut mine, theirs) in loaded {
+                mine.copy_(&theirs.to_kind(mine.kind()).to_device(mine.device()));
             }
         });
         self.step = step;
         Ok(())
     }
+}
+
+/// A rule's state tensors by part name (handles sharing the storage).
+fn state_parts(rule: &Rule) -> Vec<(&'static str, Tensor)> {
+    match rule {
+        Rule::AdamW {
+            exp_avg,
+            exp_avg_sq,
+            ..
+        } => vec![
+            ("exp_avg", exp_avg.shallow_clone()),
+            ("exp_avg_sq", exp_avg_sq.shallow_clone()),
+        ],
+        Rule::Muon {
+            momentum_buffer, ..
+        } => vec![("momentum_buffer", momentum_buffer.shallow_clone())],
+        Rule::Adafactor {
+            row_var,
+            col_var,
+            variance,
+        } => [
+            ("row_var", row_var),
+            ("col_var", col_var),
+            ("variance", variance),
+        ]
+        .into_iter()
+        .filter_map(|(part, t)| t.as_ref().map(|t| (part, t.shallow_clone())))
+        .collect(),
+    }
+}
+
+/// `torch.optim.AdamW`'s update of one parameter.
+#[allow(clippy::too_many_arguments)]
+fn adamw_step(
+    cfg: &AdamWConfig,
+    step: i64,
+    lr: f64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    exp_avg: &mut Tensor,
+    exp_avg_sq: &mut Tensor,
+    decay: bool,
+) {
+    let AdamWConfig {
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    } = *cfg;
+    let bias1 = 1.0 - beta1.powi(step as i32);
+    let bias2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+    let step_size = lr / bias1;
+    if decay && weight_decay != 0.0 {
+        let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
+    }
+    let _ = exp_avg.lerp_(grad, 1.0 - beta1);
+    let _ = exp_avg_sq.lerp_(&grad.square(), 1.0 - beta2);
+    if step_size == 0.0 {
+        return; // lr 0: moments advance, parameters stay (as in PyTorch)
+    }
+    // param -= step_size · m / (√v / √bias2 + eps), with one temporary: the step size is
+    // folded into the denominator because tch's addcdiv_ has no `value`.
+    let mut denom = exp_avg_sq.sqrt();
+    let _ = denom.g_div_scalar_(bias2_sqrt);
+    let _ = denom.g_add_scalar_(eps);
+    let _ = denom.g_div_scalar_(-step_size);
+    let _ = param.addcdiv_(exp_avg, &denom);
+}
+
+/// `torch.optim.Muon`'s update of one matrix.
+fn muon_step(
+    cfg: &MuonConfig,
+    lr: f64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    buf: &mut Tensor,
+    fans: (i64, i64),
+) {
+    let _ = buf.lerp_(grad, 1.0 - cfg.momentum);
+    let update = if cfg.nesterov {
+        grad.lerp(&*buf, cfg.momentum)
+    } else {
+        buf.shallow_clone()
+    };
+    let update = zeropower_newton_schulz(&update, cfg.ns_steps);
+    let adjusted = muon_lr(lr, cfg.adjust_lr_fn, fans);
+    let _ = param.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+    let _ = param.g_add_(&(update.to_kind(param.kind()) * -adjusted));
+}
+
+/// `torch.optim.Adafactor`'s update of one parameter.
+#[allow(clippy::too_many_arguments)]
+fn adafactor_step(
+    cfg: &AdafactorConfig,
+    step: i64,
+    lr: f64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    row_var: Option<&mut Tensor>,
+    col_var: Option<&mut Tensor>,
+    variance: Option<&mut Tensor>,
+) {
+    let t = step as f64;
+    let eps1 = cfg.eps1.unwrap_or(match param.kind() {
+        Kind::Double => f64::EPSILON,
+        Kind::BFloat16 => 0.0078125,
+        Kind::Half => 0.0009765625,
+        _ => f32::EPSILON as f64,
+    });
+    let one_minus_beta2 = t.powf(cfg.beta2_decay);
+    let rho = lr.min(1.0 / t.sqrt());
+    let rms = f64::try_from(param.norm()).unwrap_or(f64::NAN) / (param.numel() as f64).sqrt();
+    let alpha = cfg.eps2.max(rms) * rho;
+    if cfg.weight_decay != 0.0 {
+        let _ = param.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+    }
+    let mut estimate = match (row_var, col_var, variance) {
+        (Some(row_var), Some(col_var), _) => {
+            let dims = grad.dim() as i64;
+            let squares =
+                |dim: i64, len: i64| grad.norm_scalaropt_dim(2, [dim], true).square() / len as f64;
+            let size = grad.size();
+            let _ = row_var.lerp_(&squares(dims - 1, size[size.len() - 1]), one_minus_beta2);
+            let _ = col_var.lerp_(&squares(dims - 2, size[size.len() - 2]), one_minus_beta2);
+            let estimate = row_var.matmul(col_var);
+            let row_mean = row_var
+                .mean_dim(&[dims - 2][..], true, row_var.kind())
+                .clamp_min(eps1);
+            estimate / row_mean
+        }
+        (_, _, Some(variance)) => {
+            let _ = variance.lerp_(&grad.square(), one_minus_beta2);
+            variance.copy()
+        }
+        _ => unreachable!("an Adafactor state is factored or full"),
+    };
+    let _ = estimate.clamp_min_(eps1 * eps1);
+    let mut update = estimate.rsqrt_();
+    let _ = update.g_mul_(grad);
+    let update_rms =
+        f64::try_from(update.norm()).unwrap_or(f64::NAN) / ((update.numel() as f64).sqrt() * cfg.d);
+    let denom = update_rms.max(1.0);
+    let _ = param.g_add_(&(update * (-alpha / denom)));
 }
 
 /// Adds `more` into `acc` element by element (gradient accumulation over micro-batches).
@@ -217,7 +501,7 @@ mod tests {
         let b = vs.root().var("b", &[3], nn::Init::Const(1.0));
         let c = Tensor::from_slice(&[1.0f32, -2.0, 3.0]);
         let loss = (&w * &c).sum(Kind::Float) + (&b * &c).sum(Kind::Float);
-        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let mut opt = Optimizer::adamw(&vs, AdamWConfig::default());
         let grads = opt.gradients(&loss);
         let lr = 0.01;
         opt.step(lr, &grads);
@@ -231,6 +515,61 @@ mod tests {
         assert_eq!(opt.step_count(), 1);
     }
 
+    /// Muon takes the hidden weight matrices (a GPT-2 Conv1D's fans read transposed); the
+    /// embeddings, the head and every vector stay with AdamW. Adafactor factors matrices only.
+    #[test]
+    fn each_optimizer_gives_each_parameter_its_rule() {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let zeros = |p: nn::Path, shape: &[i64]| {
+            p.var("weight", shape, nn::Init::Const(0.0));
+        };
+        zeros(&root / "transformer" / "wte", &[50, 8]);
+        zeros(&root / "transformer" / "h" / "0" / "mlp" / "c_fc", &[8, 32]);
+        zeros(
+            &root / "model" / "layers" / "0" / "mlp" / "up_proj",
+            &[32, 8],
+        );
+        zeros(&root / "model" / "norm", &[8]);
+        zeros(&root / "lm_head", &[50, 8]);
+        let kinds = |kind| {
+            let cfg = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            let opt = Optimizer::new(&vs, &cfg, AdamWConfig::default());
+            opt.params
+                .iter()
+                .map(|p| match &p.rule {
+                    Rule::AdamW { .. } => "adamw".to_string(),
+                    Rule::Muon { fans, .. } => format!("muon {}x{}", fans.0, fans.1),
+                    Rule::Adafactor { variance, .. } => if variance.is_some() {
+                        "full"
+                    } else {
+                        "factored"
+                    }
+                    .to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        // Name order: lm_head, model.layers.0.mlp.up_proj, model.norm, transformer.h.0.mlp.c_fc,
+        // transformer.wte.
+        assert_eq!(
+            kinds(OptimizerKind::Muon),
+            ["adamw", "muon 32x8", "adamw", "muon 32x8", "adamw"]
+        );
+        assert_eq!(
+            kinds(OptimizerKind::Adafactor),
+            ["factored", "factored", "full", "factored", "factored"]
+        );
+        assert_eq!(muon_lr(0.01, MuonLrAdjust::Original, (32, 8)), 0.02);
+        assert_eq!(muon_lr(0.01, MuonLrAdjust::Original, (8, 32)), 0.01);
+        assert!(
+            (muon_lr(0.01, MuonLrAdjust::MatchRmsAdamw, (8, 32)) - 0.002 * 32f64.sqrt()).abs()
+                < 1e-15
+        );
+    }
+
     #[test]
     fn state_round_trips_exactly() {
         let vs = VarStore::new(Device::Cpu);
@@ -242,7 +581,7 @@ mod tests {
                 stdev: 1.0,
             },
         );
-        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let mut opt = Optimizer::adamw(&vs, AdamWConfig::default());
         for _ in 0..3 {
             let grads = opt.gradients(&(&w * &w).sum(Kind::Float));
             opt.step(0.01, &grads);
@@ -252,7 +591,7 @@ mod tests {
             .into_iter()
             .map(|(k, t)| (k, t.copy()))
             .collect();
-        let mut fresh = AdamW::new(&vs, AdamWConfig::default());
+        let mut fresh = Optimizer::adamw(&vs, AdamWConfig::default());
         fresh.load_state_tensors(&saved).unwrap();
         assert_eq!(fresh.step_count(), 3);
         for ((ka, a), (kb, b)) in opt.state_tensors().iter().zip(fresh.state_tensors().iter()) {
@@ -269,7 +608,7 @@ mod tests {
     fn clipping_bounds_the_global_norm() {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[4], nn::Init::Const(0.0));
-        let opt = AdamW::new(&vs, AdamWConfig::default());
+        let opt = Optimizer::adamw(&vs, AdamWConfig::default());
         let grads =
             opt.gradients(&(&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float));
         let before = clip_grad_norm(&grads, 1.0);
@@ -292,7 +631,7 @@ mod tests {
             },
         );
         let unused = vs.root().var("unused", &[2], nn::Init::Const(1.0));
-        let opt = AdamW::new(&vs, AdamWConfig::default());
+        let opt = Optimizer::adamw(&vs, AdamWConfig::default());
         let f = |k: f64| (&w * &w * k).sum(Kind::Float);
         let mut acc = opt.gradients(&f(1.0));
         accumulate(&mut acc, opt.gradients(&f(2.0)));

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::flops;
 use crate::metrics::{MetricsLog, Phases, StepMetrics};
 use crate::models::{Initial, Model, ModelConfig, Precision, cross_entropy, weights};
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::parallel::worker::{Command, Exchange, Lap, Reply, StepParts, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
 use crate::pipeline::{ScheduleConfig, StageLink, StageRunner, check_stage};
@@ -481,7 +481,7 @@ impl Trainer {
                 Model::new(&vs.root(), &model_cfg)?
             };
             model.set_precision(precision);
-            let opt = AdamW::new(&vs, t.adamw);
+            let opt = Optimizer::new(&vs, &t.optimizer, t.adamw);
             let batches = Batches::new(
                 dataset.train.tokens().clone(),
                 t.seq_len as usize,

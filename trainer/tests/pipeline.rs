@@ -14,7 +14,7 @@ use std::time::Duration;
 use forge_protocol::pipeline::StageDtype;
 use forge_protocol::rng::SplitMix64;
 use forge_trainer::models::{Family, LayerRange, Model, ModelConfig, trainable_by_name};
-use forge_trainer::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use forge_trainer::optim::{AdamWConfig, Optimizer, clip_grad_norm};
 use forge_trainer::pipeline::{MemoryLink, PipelineStage, ScheduleConfig, StageLink, TcpLink};
 use tch::{Device, Tensor, nn};
 
@@ -64,7 +64,7 @@ struct Outcome {
 fn reference(cfg: &ModelConfig) -> Outcome {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = Model::seeded(&mut vs, cfg, SEED).unwrap();
-    let mut opt = AdamW::new(&vs, adamw());
+    let mut opt = Optimizer::adamw(&vs, adamw());
     let names: Vec<String> = trainable_by_name(&vs).into_iter().map(|(n, _)| n).collect();
     let (ids, targets) = batch(cfg, 0);
     let loss = model.loss(&ids, &targets);

@@ -99,6 +99,56 @@ fn resume_is_exact_and_skips_a_corrupt_checkpoint() {
     );
 }
 
+/// Muon and Adafactor save and resume their state like AdamW: a run stopped and resumed from
+/// its checkpoint takes the steps of the uninterrupted one, and training with either lowers the
+/// loss. A checkpoint of one optimizer does not resume under another: the error says which.
+#[test]
+fn muon_and_adafactor_resume_exactly_and_other_state_is_refused() {
+    use forge_trainer::optim::OptimizerKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let total = 8;
+    let config = |dir: &Path, kind| {
+        let mut cfg = small_config(dir, total);
+        cfg.train.optimizer.kind = kind;
+        cfg
+    };
+    for (name, kind) in [
+        ("muon", OptimizerKind::Muon),
+        ("adafactor", OptimizerKind::Adafactor),
+    ] {
+        let straight = tmp.path().join(format!("{name}-straight"));
+        let mut trainer = Trainer::new(config(&straight, kind)).unwrap();
+        let expected = losses(&mut trainer, total as usize);
+        let run = tmp.path().join(name);
+        let mut first = Trainer::new(config(&run, kind)).unwrap();
+        let mut got = losses(&mut first, 4);
+        first.save_checkpoint().unwrap();
+        drop(first);
+        let mut resumed = Trainer::new(config(&run, kind)).unwrap();
+        assert_eq!(resumed.step(), 4);
+        got.extend(losses(&mut resumed, 4));
+        let max_diff = max_loss_diff(&expected, &got);
+        println!("{name}: uninterrupted {expected:?}\nresumed {got:?}\nmax |Δ| {max_diff:e}");
+        assert!(
+            max_diff <= 1e-6,
+            "{name}: resumed losses differ by {max_diff}"
+        );
+        assert!(
+            expected.last().unwrap() < expected.first().unwrap(),
+            "{name}: loss falls"
+        );
+    }
+    // The Muon run's checkpoint under AdamW.
+    let err = Trainer::new(config(&tmp.path().join("muon"), OptimizerKind::Adamw))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exp_avg") && err.contains("another optimizer"),
+        "{err}"
+    );
+}
+
 /// A checkpoint written in the background while training goes on holds the step it was started
 /// at (the state was copied out, not read while later steps change it): resuming from it equals
 /// the uninterrupted run.

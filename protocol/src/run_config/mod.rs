@@ -99,6 +99,9 @@ pub struct TrainConfig {
     pub lr_reference_batch_tokens: Option<u64>,
     pub schedule: Schedule,
     pub adamw: AdamWConfig,
+    /// `[train.optimizer]`: which inner optimizer (AdamW unless set).
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
     /// Global gradient-norm clip; 0 disables.
     pub grad_clip: f64,
     pub seed: u64,
@@ -134,6 +137,139 @@ impl Default for AdamWConfig {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+        }
+    }
+}
+
+/// `[train.optimizer]`: the inner optimizer. AdamW (`[train.adamw]`) for every parameter, or
+/// Muon for the hidden weight matrices with AdamW for the rest, or Adafactor for all.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    #[serde(default)]
+    pub kind: OptimizerKind,
+    #[serde(default)]
+    pub muon: MuonConfig,
+    #[serde(default)]
+    pub adafactor: AdafactorConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    Muon,
+    Adafactor,
+}
+
+/// How Muon scales its learning rate per matrix (PyTorch's `adjust_lr_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MuonLrAdjust {
+    /// `lr · √max(1, fan_out / fan_in)` (PyTorch's default, Keller Jordan's Muon).
+    Original,
+    /// `lr · 0.2 · √max(fan_out, fan_in)`: updates of AdamW's RMS, so the AdamW lr serves both
+    /// groups (Moonlight's recipe).
+    #[default]
+    MatchRmsAdamw,
+    /// `lr` unchanged.
+    None,
+}
+
+/// `[train.optimizer.muon]`: PyTorch's `torch.optim.Muon` options. The scheduled lr (`[train]
+/// lr` and its schedule) drives both Muon and the AdamW of the other parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MuonConfig {
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// Newton–Schulz iterations.
+    pub ns_steps: u32,
+    pub adjust_lr_fn: MuonLrAdjust,
+    /// Decoupled weight decay of the Muon matrices (`[train.adamw] weight_decay` is the rest's).
+    pub weight_decay: f64,
+}
+
+impl Default for MuonConfig {
+    fn default() -> Self {
+        MuonConfig {
+            momentum: 0.95,
+            nesterov: true,
+            ns_steps: 5,
+            adjust_lr_fn: MuonLrAdjust::MatchRmsAdamw,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// `[train.optimizer.adafactor]`: PyTorch's `torch.optim.Adafactor` options (its relative step
+/// size `min(lr, 1/√t)` takes the scheduled lr).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdafactorConfig {
+    /// The second moments' decay: 1 − β₂(t) = t^beta2_decay.
+    pub beta2_decay: f64,
+    /// Floor of the second moment estimate (default: the parameters' dtype epsilon).
+    pub eps1: Option<f64>,
+    /// Floor of the parameter scale the step is relative to.
+    pub eps2: f64,
+    /// Clipping threshold of the update's RMS.
+    pub d: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdafactorConfig {
+    fn default() -> Self {
+        AdafactorConfig {
+            beta2_decay: -0.8,
+            eps1: None,
+            eps2: 1e-3,
+            d: 1.0,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Values PyTorch refuses are refused here, naming the key (NaN is refused everywhere).
+    pub fn validate(&self) -> Result<(), String> {
+        let m = &self.muon;
+        let a = &self.adafactor;
+        let checks = [
+            (
+                (0.0..1.0).contains(&m.momentum),
+                "[train.optimizer.muon] momentum must be in [0, 1)",
+            ),
+            (
+                (1..100).contains(&m.ns_steps),
+                "[train.optimizer.muon] ns_steps must be 1 to 99",
+            ),
+            (
+                m.weight_decay >= 0.0,
+                "[train.optimizer.muon] weight_decay must be >= 0",
+            ),
+            (
+                a.beta2_decay <= 0.0,
+                "[train.optimizer.adafactor] beta2_decay must be <= 0",
+            ),
+            (
+                a.eps1.is_none_or(|e| e >= 0.0),
+                "[train.optimizer.adafactor] eps1 must be >= 0",
+            ),
+            (
+                a.eps2 >= 0.0,
+                "[train.optimizer.adafactor] eps2 must be >= 0",
+            ),
+            (a.d >= 1.0, "[train.optimizer.adafactor] d must be >= 1"),
+            (
+                a.weight_decay >= 0.0,
+                "[train.optimizer.adafactor] weight_decay must be >= 0",
+            ),
+        ];
+        match checks.into_iter().find(|(ok, _)| !ok) {
+            Some((_, why)) => Err(why.to_string()),
+            None => Ok(()),
         }
     }
 }
@@ -329,6 +465,7 @@ impl RunConfig {
             ));
         }
         t.schedule.validate(self.total_steps())?;
+        t.optimizer.validate().map_err(ConfigError::InvalidTrain)?;
         if self.eval.every == 0 || self.checkpoint.every == 0 {
             return bad("[eval] every and [checkpoint] every must be at least 1".into());
         }

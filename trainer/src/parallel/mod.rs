@@ -1,5 +1,5 @@
 //! Data parallelism inside a node: one worker per local device (or several CPU workers), each
-//! with a replica of the model, its own micro-batches and its own AdamW. Gradients are summed
+//! with a replica of the model, its own micro-batches and its own optimizer. Gradients are summed
 //! every step (each worker weights its own by its share of the batch first), so every worker's
 //! optimizer takes the same step and the replicas stay identical; parameters are copied from
 //! worker 0 at the start and after every DiLoCo outer step.

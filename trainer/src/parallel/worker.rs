@@ -6,7 +6,7 @@ use super::{BucketReducer, GradDtype, WorkerBatch, all_reduce_gradients};
 use crate::data::{Batch, Batches, DataPosition, LeaseShare};
 use crate::error::{Error, Result};
 use crate::models::{Model, cross_entropy, trainable_by_name};
-use crate::optim::{AdamW, accumulate, clip_grad_norm};
+use crate::optim::{Optimizer, accumulate, clip_grad_norm};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub(crate) struct Worker {
     pub(crate) device: Device,
     pub(crate) vs: VarStore,
     pub(crate) model: Model,
-    pub(crate) opt: AdamW,
+    pub(crate) opt: Optimizer,
     pub(crate) batches: Batches,
     pub(crate) batch: WorkerBatch,
     /// This worker's sequences over the node's whole batch: its gradients' weight in the sum.

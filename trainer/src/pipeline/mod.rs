@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::models::{
     Family, LayerRange, Model, ModelConfig, cross_entropy_reduced, trainable_by_name,
 };
-use crate::optim::{AdamW, AdamWConfig, accumulate, clip_to_norm};
+use crate::optim::{AdamWConfig, Optimizer, accumulate, clip_to_norm};
 
 pub use tcp::{StreamLink, StreamPair, TcpLink};
 
@@ -534,7 +534,7 @@ impl StageRunner {
         link: &mut dyn StageLink,
         grads: &[Tensor],
         loss: f64,
-        opt: &mut AdamW,
+        opt: &mut Optimizer,
         lr: f64,
         grad_clip: f64,
         more: bool,
@@ -632,7 +632,7 @@ fn token_loss_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
 pub struct PipelineStage {
     pub vs: nn::VarStore,
     pub model: Model,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     pub runner: StageRunner,
 }
 
@@ -651,7 +651,7 @@ impl PipelineStage {
         check_stage(cfg, layers, stage, stages)?;
         let mut vs = nn::VarStore::new(device);
         let model = Model::seeded_stage(&mut vs, cfg, seed, layers)?;
-        let opt = AdamW::new(&vs, adamw);
+        let opt = Optimizer::adamw(&vs, adamw);
         let runner = StageRunner::new(cfg, &vs, stage, stages);
         Ok(PipelineStage {
             vs,
