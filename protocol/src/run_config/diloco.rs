@@ -139,6 +139,23 @@ pub enum Pace {
     Fixed,
 }
 
+/// [`DilocoConfig::step_at_version`] of a run with rounds of `inner_steps` after
+/// `sync_warmup_steps` rounds of one step.
+pub(super) fn step_at_version(inner_steps: u64, sync_warmup_steps: u64, version: u64) -> u64 {
+    if version <= sync_warmup_steps {
+        version
+    } else {
+        sync_warmup_steps + (version - sync_warmup_steps) * inner_steps
+    }
+}
+
+/// [`DilocoConfig::rounds_for`] of a run with rounds of `inner_steps` after `sync_warmup_steps`
+/// rounds of one step.
+pub(super) fn rounds_for(inner_steps: u64, sync_warmup_steps: u64, total_steps: u64) -> u64 {
+    let warm = sync_warmup_steps.min(total_steps);
+    warm + (total_steps - warm).div_ceil(inner_steps.max(1))
+}
+
 impl Default for DilocoConfig {
     fn default() -> Self {
         DilocoConfig {
@@ -173,19 +190,13 @@ impl DilocoConfig {
     /// replica that played every round: the schedule's position (the run's progress, the same on
     /// every node whatever its own step count).
     pub fn step_at_version(&self, version: u64) -> u64 {
-        let warm = self.sync_warmup_steps;
-        if version <= warm {
-            version
-        } else {
-            warm + (version - warm) * self.inner_steps
-        }
+        step_at_version(self.inner_steps, self.sync_warmup_steps, version)
     }
 
     /// Rounds that take a replica through `total_steps` inner steps: the synchronous warmup's
     /// rounds of one step, then rounds of `inner_steps` (the last one shorter). 0 for 0 steps.
     pub fn rounds_for(&self, total_steps: u64) -> u64 {
-        let warm = self.sync_warmup_steps.min(total_steps);
-        warm + (total_steps - warm).div_ceil(self.inner_steps.max(1))
+        rounds_for(self.inner_steps, self.sync_warmup_steps, total_steps)
     }
 
     /// The outer step once momentum has built up, as a multiple of a steady averaged

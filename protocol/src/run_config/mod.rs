@@ -17,7 +17,7 @@ pub use data::{CorpusFormat, DataConfig, TokenizerConfig};
 pub use diloco::{DilocoConfig, OverlapSteps, Pace};
 pub use overrides::{NODE_KEYS, apply_overrides};
 pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};
-pub use schedule::Schedule;
+pub use schedule::{Anneal, AnnealPlan, NO_DECAY_PHASE, Schedule};
 
 use std::path::{Path, PathBuf};
 
