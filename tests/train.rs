@@ -334,3 +334,182 @@ fn set_overrides_keys_and_dry_run_trains_nothing() {
         );
     }
 }
+
+/// [`write_config`] into a folder `name` of `dir`, with samples of 4 tokens (the run's own
+/// steps are what the control tests watch); returns the run's out_dir and the config.
+fn control_run(dir: &Path, name: &str, edit: Option<(&str, &str)>) -> (PathBuf, PathBuf) {
+    let dir = dir.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let out = dir.join("run");
+    let config = write_config(&dir, &out, 100_000, 1000);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    for (from, to) in [("max_new_tokens = 80", "max_new_tokens = 4")]
+        .into_iter()
+        .chain(edit)
+    {
+        assert!(text.contains(from), "{from}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&config, text).unwrap();
+    (out, config)
+}
+
+/// `forge-node train --config CONFIG` in the background, its stdout and stderr captured.
+fn spawn_train(config: &Path) -> std::process::Child {
+    Command::new(binary("forge-node"))
+        .args(["train", "--config", config.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to exit, checks that it exits 0 and returns its stdout.
+fn exits_ok(child: std::process::Child) -> String {
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    stdout
+}
+
+/// Waits until the run in `out` has logged `steps` metrics lines.
+fn wait_for_steps(child: &mut std::process::Child, out: &Path, steps: usize) {
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count())
+        < steps
+    {
+        assert!(start.elapsed() < LIMIT, "no {steps} steps within {LIMIT:?}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "forge-node exited early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The run's metrics lines.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The number after `word` in `text`.
+fn number_after(text: &str, word: &str) -> u64 {
+    text.split(word)
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {word:?} in: {text}"))
+}
+
+/// `forge-node control RUN_DIR ...` on a running `forge-node train`: `save` writes a checkpoint
+/// while training goes on; `anneal` enters a WSD schedule's decay at the next step, the lr
+/// falls to the floor and the run ends with the decay (and a rerun finds it ended); `stop`
+/// ends with a final evaluation and checkpoint; `abort` ends without saving. Refusals: no
+/// trainer running, a cosine schedule to anneal.
+#[test]
+fn control_saves_anneals_stops_and_aborts_a_running_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = |out: &Path, action: &str| {
+        run(
+            "forge-node",
+            &["control", out.to_str().unwrap(), action],
+            LIMIT,
+        )
+    };
+    let nobody = control(&tmp.path().join("none"), "stop");
+    assert!(!nobody.success());
+    assert!(
+        nobody.stderr.contains("no forge-node train is running"),
+        "{}",
+        nobody.stderr
+    );
+
+    // WSD over 100,000 steps with 10 decay steps (0.0001 of the run).
+    let wsd = (
+        "kind = \"cosine\"",
+        "kind = \"wsd\"\ndecay_fraction = 0.0001",
+    );
+    let (out, config) = control_run(tmp.path(), "wsd", Some(wsd));
+    let mut child = spawn_train(&config);
+    wait_for_steps(&mut child, &out, 3);
+    let save = control(&out, "save");
+    assert!(save.success(), "{}", save.stderr);
+    let saved = number_after(&save.stdout, "checkpoint of step ");
+    let start = Instant::now();
+    while !checkpoints(&out).contains(&format!("step-{saved:08}")) {
+        assert!(start.elapsed() < LIMIT, "no checkpoint of step {saved}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let anneal = control(&out, "anneal");
+    assert!(anneal.success(), "{}", anneal.stderr);
+    assert!(anneal.stdout.contains("10 steps down"), "{}", anneal.stdout);
+    let end = number_after(&anneal.stdout, "the run ends at step ");
+    let from = number_after(&anneal.stdout, "anneal at step ");
+    assert_eq!(end, from + 10, "{}", anneal.stdout);
+    let stdout = exits_ok(child);
+    assert!(
+        stdout.contains(&format!("finished at step {end}")),
+        "{stdout}"
+    );
+    let lines = metrics(&out);
+    let lr = |step: u64| {
+        lines.iter().find(|m| m["step"] == step).unwrap()["lr"]
+            .as_f64()
+            .unwrap()
+    };
+    let peak = lr(from);
+    for step in from + 1..end {
+        assert!(lr(step + 1) < lr(step), "step {step}: the lr does not fall");
+    }
+    assert!((lr(end) / peak - 0.1).abs() < 1e-9, "{} of {peak}", lr(end));
+    // The final checkpoint keeps the anneal: the same command resumes into a finished run.
+    let state = out.join(format!("checkpoints/step-{end:08}/state.json"));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+    assert_eq!(state["control"]["anneal"]["start"], from, "{state}");
+
+    // The tiny config's cosine schedule cannot anneal; stop ends with a final checkpoint.
+    let (out, config) = control_run(tmp.path(), "stop", None);
+    let mut child = spawn_train(&config);
+    wait_for_steps(&mut child, &out, 3);
+    let refused = control(&out, "anneal");
+    assert!(!refused.success());
+    assert!(
+        refused.stderr.contains("no decay phase"),
+        "{}",
+        refused.stderr
+    );
+    let stop = control(&out, "stop");
+    assert!(stop.success(), "{}", stop.stderr);
+    let at = number_after(&stop.stdout, "the run ends at step ");
+    let stdout = exits_ok(child);
+    assert!(
+        stdout.contains(&format!("finished at step {at}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("validation loss"), "{stdout}");
+    assert_eq!(checkpoints(&out), vec![format!("step-{at:08}")]);
+
+    // Abort: no checkpoint at all (none was due).
+    let (out, config) = control_run(tmp.path(), "abort", None);
+    let mut child = spawn_train(&config);
+    wait_for_steps(&mut child, &out, 3);
+    let abort = control(&out, "abort");
+    assert!(abort.success(), "{}", abort.stderr);
+    let stdout = exits_ok(child);
+    let at = number_after(&abort.stdout, "abort at step ");
+    assert!(
+        stdout.contains(&format!("aborted at step {at}")),
+        "{stdout}"
+    );
+    assert!(checkpoints(&out).is_empty(), "{:?}", checkpoints(&out));
+}

@@ -121,23 +121,15 @@ pub(crate) fn run(opts: JoinOptions) -> Result<()> {
 /// other's checkpoints away. The lock goes with the process, however it ends.
 fn lock_workdir(workdir: &std::path::Path) -> Result<File> {
     let path = workdir.join("node.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+    match forge_trainer::control::try_lock(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => anyhow::bail!(
             "another forge-node is running with --workdir {} (it holds {}); two nodes on one \
              workdir would share its identity and checkpoints: give each node its own --workdir",
             workdir.display(),
             path.display()
         ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }
 
@@ -1344,6 +1336,7 @@ mod progress_tests {
             loss_sum: 15.0 * 4.25,
             last_loss: 4.0,
             last_grad_norm: 1.0,
+            last_lr: 1e-3,
             seconds: 3.0,
         };
         assert_eq!(

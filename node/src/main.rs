@@ -19,9 +19,11 @@ mod fuzz_tests;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use forge_protocol::session::ControlAction;
 use forge_trainer::bench::{TrainStepBench, TrainStepResult};
 use forge_trainer::checkpoint::CheckpointDir;
 use forge_trainer::config::{LoadRunConfig, RunConfig};
+use forge_trainer::control;
 use forge_trainer::data::{Dataset, Tokenizer};
 use forge_trainer::device::parse_device;
 use forge_trainer::export::HfExport;
@@ -52,6 +54,12 @@ enum Command {
     Join(JoinArgs),
     /// Train on this machine alone, from a run config (resumes from its newest checkpoint).
     Train(TrainArgs),
+    /// Control a running `forge-node train` at its next step boundary: `save` (a checkpoint
+    /// now), `stop` (a final evaluation and checkpoint, then it exits 0; the run stays ended),
+    /// `abort` (it exits 0 without saving) or `anneal` (the schedule's decay phase starts with
+    /// the next step; the run ends with it). Prints the trainer's answer. For a run across
+    /// machines, use `forge-coordinator control`.
+    Control(ControlArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
     /// Draw training and validation loss against tokens for one or several runs (a train
@@ -142,6 +150,26 @@ struct TrainArgs {
     /// an estimated time from a few timed steps, then exit without training.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// The run directory ([train] out_dir) of the running `forge-node train`.
+    run_dir: PathBuf,
+    /// save, stop, abort or anneal.
+    #[arg(value_parser = control_action())]
+    action: ControlAction,
+    /// Give up when the trainer has not answered after this many seconds (it takes requests
+    /// between two steps; not while it evaluates or saves).
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+/// The control actions, listed in `--help`.
+fn control_action() -> impl clap::builder::TypedValueParser<Value = ControlAction> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(ControlAction::ALL.map(ControlAction::name))
+        .map(|name| name.parse().expect("a listed action"))
 }
 
 #[derive(Debug, Args)]
@@ -435,6 +463,7 @@ fn run(cli: Cli) -> Result<()> {
             sets: args.sets,
         }),
         Command::Train(args) => train(&args),
+        Command::Control(args) => run_control(&args),
         Command::Sample(args) => sample(&args),
         Command::Plot(args) => plot::plot(&args.runs, &args.output, args.smooth),
         Command::Export(args) => export(&args),
@@ -474,7 +503,10 @@ fn train(args: &TrainArgs) -> Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
+    // Held while this process trains: `forge-node control` talks to it through the run dir.
+    let inbox = control::Inbox::open(&cfg.train.out_dir)?;
     let mut trainer = Trainer::new(cfg)?;
+    trainer.set_control(inbox);
     if let Some(step) = test_hold_checkpoint_writes()? {
         trainer.hold_checkpoint_writes_from(step);
     }
@@ -491,6 +523,16 @@ fn train(args: &TrainArgs) -> Result<()> {
                 "interrupted at step {step}; checkpoint {}; run the same command to resume",
                 checkpoint.display()
             );
+        }
+        Outcome::Aborted { step } => {
+            let newest = trainer
+                .last_checkpoint()
+                .map_or("none".to_string(), |dir| dir.display().to_string());
+            println!(
+                "aborted at step {step} by forge-node control; nothing saved (newest checkpoint: \
+                 {newest})"
+            );
+            return Ok(());
         }
     }
     if let (Some(loss), Some(bpb)) = (summary.final_eval_loss, summary.final_eval_bpb) {
@@ -514,6 +556,22 @@ fn train(args: &TrainArgs) -> Result<()> {
         "metrics: {}",
         summary.out_dir.join("metrics.jsonl").display()
     );
+    Ok(())
+}
+
+/// `forge-node control`: the trainer's answer, or an error when it refused or is not there.
+fn run_control(args: &ControlArgs) -> Result<()> {
+    let timeout = std::time::Duration::from_secs(args.timeout_s);
+    let answer = control::request(&args.run_dir, args.action, timeout)?;
+    if !answer.accepted {
+        anyhow::bail!(
+            "forge-node train refused {} at step {}: {}",
+            answer.action,
+            answer.step,
+            answer.what
+        );
+    }
+    println!("{} at step {}: {}", answer.action, answer.step, answer.what);
     Ok(())
 }
 

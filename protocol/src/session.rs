@@ -28,6 +28,55 @@ pub enum Purpose {
     Status,
 }
 
+/// What the operator asks of a run (`forge-coordinator control`, `forge-node control`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlAction {
+    /// A committed checkpoint at the next round (or step) boundary.
+    Save,
+    /// Save, then end the run: every node ends on the same final model.
+    Stop,
+    /// End the run at once, without saving.
+    Abort,
+    /// The schedule's decay phase starts at the next boundary; the run ends with it.
+    Anneal,
+}
+
+impl ControlAction {
+    pub const ALL: [ControlAction; 4] = [
+        ControlAction::Save,
+        ControlAction::Stop,
+        ControlAction::Abort,
+        ControlAction::Anneal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlAction::Save => "save",
+            ControlAction::Stop => "stop",
+            ControlAction::Abort => "abort",
+            ControlAction::Anneal => "anneal",
+        }
+    }
+}
+
+impl std::fmt::Display for ControlAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ControlAction {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<ControlAction, String> {
+        ControlAction::ALL
+            .into_iter()
+            .find(|action| action.name() == s)
+            .ok_or_else(|| format!("'{s}' is no control action: save, stop, abort or anneal"))
+    }
+}
+
 /// The first frame a client sends on a control connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Open {

@@ -44,7 +44,7 @@ pub struct CheckpointDir {
     verified: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn step_dir_name(step: u64) -> String {
+pub(crate) fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 

@@ -485,6 +485,7 @@ mod tests {
             run_config: run_config_text(),
             forge_version: "test".into(),
             worker_positions: Vec::new(),
+            control: Default::default(),
         }
     }
 

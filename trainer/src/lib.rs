@@ -8,6 +8,9 @@ pub mod bench;
 pub mod checkpoint;
 /// Run configs: complete TOML files from `configs/`, unknown keys refused, validated once.
 pub mod config;
+/// `forge-node control` of a running `forge-node train`: request and answer files, the run's
+/// lock.
+pub mod control;
 /// Corpus files to tokenizer, memory-mapped token cache, shuffled shards and eval windows.
 pub mod data;
 /// `--device` strings (`cpu`, `cuda`, `cuda:N`, lists) parsed and checked.

@@ -236,6 +236,13 @@ impl MetricsLog {
         Ok(())
     }
 
+    /// The run's end moved (`forge-node control anneal`): the progress bar follows.
+    pub fn set_total(&self, total_steps: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total_steps);
+        }
+    }
+
     /// Prints a line without breaking the progress bar.
     pub fn note(&self, text: &str) {
         match &self.bar {

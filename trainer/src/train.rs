@@ -5,6 +5,7 @@
 
 use crate::checkpoint::CheckpointDir;
 use crate::config::RunConfig;
+use crate::control::{Answer, Inbox, RunControl};
 use crate::data::{Batch, Batches, DataPosition, Dataset, EvalBatches, LeaseShare};
 use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
@@ -20,6 +21,8 @@ use crate::schedule::scaled_peak_lr;
 use forge_protocol::messages::{Digest, LayerRange};
 use forge_protocol::model::hf;
 use forge_protocol::pipeline::StageDtype;
+use forge_protocol::run_config::Anneal;
+use forge_protocol::session::ControlAction;
 use forge_protocol::stream::{DataDigest, SeqRange};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -156,6 +159,10 @@ pub struct TrainState {
     /// Data positions of data-parallel workers 1.. (worker 0's is `data_position`).
     #[serde(default)]
     pub worker_positions: Vec<DataPosition>,
+    /// What the operator changed of the run (`forge-node control`), kept so that a resumed
+    /// run keeps it.
+    #[serde(default)]
+    pub control: RunControl,
 }
 
 /// How a run ended (errors are returned as `Err`).
@@ -165,6 +172,8 @@ pub enum Outcome {
     Finished { step: u64, checkpoint: PathBuf },
     /// A stop was requested (SIGINT/SIGTERM); a checkpoint was saved.
     Interrupted { step: u64, checkpoint: PathBuf },
+    /// `forge-node control abort`: the run ended without saving.
+    Aborted { step: u64 },
 }
 
 /// Told after every inner step: the loop's progress so far and the steps it was asked for (a
@@ -179,6 +188,8 @@ pub struct InnerSummary {
     pub loss_sum: f64,
     pub last_loss: f64,
     pub last_grad_norm: f64,
+    /// The learning rate of the last step.
+    pub last_lr: f64,
     pub seconds: f64,
 }
 
@@ -192,6 +203,7 @@ impl InnerSummary {
         if later.steps > 0 {
             self.last_loss = later.last_loss;
             self.last_grad_norm = later.last_grad_norm;
+            self.last_lr = later.last_lr;
         }
     }
 
@@ -341,6 +353,8 @@ pub struct Trainer {
     pipeline: Option<std::sync::Mutex<Pipeline>>,
     /// Told after every inner step ([`Trainer::observe_steps`]).
     observer: Option<StepObserver>,
+    /// Where `forge-node control` requests reach [`Trainer::run`] ([`Trainer::take_control`]).
+    control: Option<Inbox>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -543,6 +557,7 @@ impl Trainer {
             run_config: toml::to_string(&cfg).expect("config serializes"),
             forge_version: env!("CARGO_PKG_VERSION").to_string(),
             worker_positions: Vec::new(),
+            control: RunControl::default(),
         };
         let pipeline = stage.map(|spec| {
             std::sync::Mutex::new(Pipeline {
@@ -556,6 +571,7 @@ impl Trainer {
         let mut trainer = Trainer {
             pipeline,
             observer: None,
+            control: None,
             cfg,
             device,
             dataset,
@@ -880,13 +896,14 @@ impl Trainer {
             let per_step = started.elapsed() / (summary.steps as u32 + 1);
             let time_left = budget.is_none_or(|b| started.elapsed() + 2 * per_step < b);
             let more = summary.steps + 1 < steps && time_left && !stop.load(Ordering::Relaxed);
-            let (loss, grad_norm, _lr) = self.train_step_at(position, more)?;
+            let (loss, grad_norm, lr) = self.train_step_at(position, more)?;
             self.guard(loss)?;
             summary.steps += 1;
             summary.tokens += self.cfg.tokens_per_step();
             summary.loss_sum += loss;
             summary.last_loss = loss;
             summary.last_grad_norm = grad_norm;
+            summary.last_lr = lr;
             summary.seconds = started.elapsed().as_secs_f64();
             if let Some(observer) = &mut self.observer {
                 observer(&summary, steps);
@@ -895,6 +912,22 @@ impl Trainer {
         self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
+    }
+
+    /// The schedule's decay phase entered early (a DiLoCo node: the coordinator's anneal, the
+    /// same on every node), or as the config plans it (None).
+    pub fn set_anneal(&mut self, anneal: Option<Anneal>) {
+        self.state.control.anneal = anneal;
+    }
+
+    /// Takes `forge-node control` requests from `inbox` in [`Trainer::run`], between steps.
+    pub fn set_control(&mut self, inbox: Inbox) {
+        self.control = Some(inbox);
+    }
+
+    /// The step the run ends at: its budget, or earlier after a stop or an anneal.
+    fn run_end(&self) -> u64 {
+        self.state.control.end(self.cfg.total_steps())
     }
 
     /// Has `observer` told after every inner step of [`Trainer::inner_steps`] (None: nobody).
@@ -1272,7 +1305,8 @@ impl Trainer {
         let started = Instant::now();
         let t = &self.cfg.train;
         let total = self.cfg.total_steps();
-        let lr = self.peak_lr * t.schedule.factor(position, total);
+        let anneal = self.state.control.anneal;
+        let lr = self.peak_lr * t.schedule.factor_annealed(position, total, anneal);
         let grad_clip = t.grad_clip;
         if self.pipeline.is_some() {
             return self.stage_step(lr, grad_clip, more, started);
@@ -1461,7 +1495,8 @@ impl Trainer {
         let first_step = self.state.step;
         // The wall clock and tokens at the previous metrics line.
         let mut previous = (started, self.state.tokens);
-        while self.state.step < total {
+        let mut stopped = false;
+        while self.state.step < self.run_end() {
             if stop.load(Ordering::Relaxed) {
                 let checkpoint = self.save_checkpoint()?;
                 log.note(&format!(
@@ -1480,6 +1515,26 @@ impl Trainer {
                     sample: None,
                     out_dir,
                 });
+            }
+            match self.take_control(&log)? {
+                Some(ControlAction::Stop) => {
+                    stopped = true;
+                    break;
+                }
+                Some(ControlAction::Abort) => {
+                    log.finish();
+                    return Ok(RunSummary {
+                        outcome: Outcome::Aborted {
+                            step: self.state.step,
+                        },
+                        final_eval_loss: last_eval.0,
+                        final_eval_bpb: last_eval.1,
+                        sample: None,
+                        out_dir,
+                    });
+                }
+                Some(ControlAction::Anneal) => log.set_total(self.run_end()),
+                Some(ControlAction::Save) | None => {}
             }
             let step_start = Instant::now();
             let (loss, grad_norm, lr) = self.train_step()?;
@@ -1510,7 +1565,7 @@ impl Trainer {
                 eval_bpb: None,
                 elapsed_s: self.state.elapsed_s,
             };
-            let done = self.state.step == total;
+            let done = self.state.step == self.run_end();
             if self.state.step.is_multiple_of(self.cfg.eval.every) || done {
                 let eval_start = Instant::now();
                 let (eval_loss, bpb) = self.evaluate();
@@ -1535,6 +1590,15 @@ impl Trainer {
                 phases.checkpoint_s += save_start.elapsed().as_secs_f64();
             }
         }
+        if stopped {
+            // The operator's stop: this step's model is the run's, evaluated like a budget's end.
+            let (loss, bpb) = self.evaluate();
+            last_eval = (Some(loss), Some(bpb));
+            log.note(&format!(
+                "stopped by forge-node control at step {}: validation loss {loss:.4}",
+                self.state.step
+            ));
+        }
         let save_start = Instant::now();
         let checkpoint = self.save_checkpoint()?;
         phases.checkpoint_s += save_start.elapsed().as_secs_f64();
@@ -1557,6 +1621,106 @@ impl Trainer {
             final_eval_bpb: last_eval.1,
             sample: Some(self.sample()),
             out_dir,
+        })
+    }
+}
+
+impl Trainer {
+    /// A `forge-node control` request waiting between two steps: answered, and carried out
+    /// (a save, an anneal, a stop's new end), except that ending the loop is the caller's.
+    /// Returns the action taken, if any.
+    fn take_control(&mut self, log: &MetricsLog) -> Result<Option<ControlAction>> {
+        let Some(request) = self
+            .control
+            .as_ref()
+            .map(Inbox::take)
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let step = self.state.step;
+        let decided = match request.action {
+            ControlAction::Save => Ok(format!(
+                "a checkpoint of step {step} is written now ({})",
+                self.ckpts
+                    .root()
+                    .join(crate::checkpoint::step_dir_name(step))
+                    .display()
+            )),
+            ControlAction::Stop => {
+                self.state.control.end_step = Some(step);
+                Ok(format!(
+                    "the run ends at step {step}: a final evaluation and checkpoint, then \
+                     forge-node train exits 0"
+                ))
+            }
+            ControlAction::Abort => Ok(format!(
+                "the run ends at step {step} without saving (its newest checkpoint stays {}); \
+                 forge-node train exits 0",
+                self.last_checkpoint()
+                    .map_or("none".to_string(), |dir| dir.display().to_string())
+            )),
+            ControlAction::Anneal => self.anneal_now(step),
+        };
+        let (accepted, what) = match decided {
+            Ok(what) => (true, what),
+            Err(why) => (false, why),
+        };
+        log.note(&format!("control {}: {what}", request.action));
+        let answer = Answer {
+            id: request.id,
+            action: request.action,
+            accepted,
+            what,
+            step,
+        };
+        if let Some(inbox) = &self.control {
+            inbox.answer(&answer)?;
+        }
+        if !accepted {
+            return Ok(None);
+        }
+        if request.action == ControlAction::Save {
+            if self.cfg.checkpoint.background {
+                self.save_checkpoint_async()?;
+            } else {
+                self.save_checkpoint()?;
+            }
+        }
+        Ok(Some(request.action))
+    }
+
+    /// `control anneal` at `step`: the decay phase starts with the next step (see
+    /// [`Anneal`]); or why not.
+    fn anneal_now(&mut self, step: u64) -> std::result::Result<String, String> {
+        if let Some(anneal) = self.state.control.anneal {
+            return Ok(format!(
+                "the run is in its decay phase since step {} already; it ends at step {}",
+                anneal.start,
+                anneal.end()
+            ));
+        }
+        let total = self.cfg.total_steps();
+        let anneal = self
+            .cfg
+            .train
+            .schedule
+            .anneal_at(step, total)
+            .map_err(|e| format!("the run cannot anneal: {e}"))?;
+        self.state.control.anneal = Some(anneal);
+        Ok(match anneal.start < step {
+            true => format!(
+                "the run is in its planned decay phase since step {} already; it ends at step {}",
+                anneal.start,
+                anneal.end()
+            ),
+            false => format!(
+                "the decay phase starts with the next step: {} steps down to the schedule's \
+                 floor, and the run ends at step {}",
+                anneal.steps,
+                anneal.end()
+            ),
         })
     }
 }
