@@ -503,6 +503,61 @@ fn final_loss_line(lines: &[String]) -> Option<String> {
         .map(|l| l.split(" after ").next().unwrap().to_string())
 }
 
+/// Waits for every node to leave on the run's final version: exit 0, the same last committed
+/// round (version and hash) and the same final validation loss. Returns that version and each
+/// node's stdout lines.
+fn end_on_one_final_model(nodes: Vec<Proc>, deadline: Instant) -> (u64, Vec<Vec<String>>) {
+    let mut finals = Vec::new();
+    let mut all_lines = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        let last = lines.iter().rev().find_map(|l| parse_round(l)).unwrap();
+        assert!(last.3.starts_with("committed v"), "node {i}:\n{log}");
+        let version: u64 = last.3["committed v".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        let finished = format!("the run is finished: its final version {version} is committed");
+        assert!(log.contains(&finished), "node {i}:\n{log}");
+        finals.push((last.3, final_loss_line(&lines).expect("a final loss")));
+        all_lines.push(lines);
+    }
+    println!("{finals:#?}");
+    assert!(
+        finals.iter().all(|f| f == &finals[0]),
+        "the nodes ended on different models: {finals:#?}"
+    );
+    let version = finals[0].0["committed v".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (version, all_lines)
+}
+
+/// The coordinator's log (`dir/coord.log`) says that `version` was the run's final one and that
+/// the checkpoint of the round that committed it was committed; returns the log.
+fn final_checkpoint_committed(dir: &Path, version: u64) -> String {
+    let coordinator_log = std::fs::read_to_string(dir.join("coord.log")).unwrap();
+    let final_round = coordinator_log
+        .lines()
+        .find(|l| l.contains(&format!("committed its final version {version}")))
+        .and_then(|l| l.split("the run is finished: ").nth(1))
+        .and_then(|l| l.split(" committed").next())
+        .unwrap_or_else(|| panic!("no final version {version}:\n{coordinator_log}"))
+        .to_string();
+    assert!(
+        coordinator_log
+            .lines()
+            .any(|l| l.contains("checkpoint committed") && l.trim_end().ends_with(&final_round)),
+        "no committed checkpoint of the final {final_round}:\n{coordinator_log}"
+    );
+    coordinator_log
+}
+
 /// The first stories of TinyStories' train sample, about `bytes` of text, whole stories only.
 fn first_stories(skip: usize, bytes: usize) -> String {
     let text = std::fs::read_to_string(shared_data().join("tinystories/train-sample.txt")).unwrap();
@@ -591,42 +646,9 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         stderr.contains("its data differs from the run's: training corpus"),
         "{log}\n{stderr}"
     );
-    let mut finals = Vec::new();
-    for (i, node) in nodes.into_iter().enumerate() {
-        let (code, lines) = node.finish(deadline);
-        let log = lines.join("\n");
-        assert_eq!(code, Some(0), "node {i}:\n{log}");
-        assert!(
-            log.contains("the run is finished: its final version 12 is committed"),
-            "node {i}:\n{log}"
-        );
-        let last = lines.iter().rev().find_map(|l| parse_round(l)).unwrap();
-        assert!(last.3.starts_with("committed v12 "), "node {i}:\n{log}");
-        finals.push((last.3, final_loss_line(&lines).expect("a final loss")));
-    }
-    println!("{finals:#?}");
-    assert!(
-        finals.iter().all(|f| f == &finals[0]),
-        "the nodes ended on different models: {finals:#?}"
-    );
-    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
-    assert!(
-        coordinator_log.contains("committed its final version 12"),
-        "{coordinator_log}"
-    );
-    let final_round = coordinator_log
-        .lines()
-        .find(|l| l.contains("committed its final version 12"))
-        .and_then(|l| l.split("the run is finished: ").nth(1))
-        .and_then(|l| l.split(" committed").next())
-        .unwrap()
-        .to_string();
-    assert!(
-        coordinator_log
-            .lines()
-            .any(|l| l.contains("checkpoint committed") && l.trim_end().ends_with(&final_round)),
-        "no committed checkpoint of the final {final_round}:\n{coordinator_log}"
-    );
+    let (version, _) = end_on_one_final_model(nodes, deadline);
+    assert_eq!(version, 12);
+    let coordinator_log = final_checkpoint_committed(tmp.path(), 12);
 
     // Data: no position consumed twice, and the epochs read through are whole.
     let (mut consumed, windows) = consumed_positions(&coordinator_log);
@@ -1711,4 +1733,186 @@ fn the_dashboard_shows_a_live_two_node_run_in_a_browser() {
     for node in &mut nodes {
         node.drain();
     }
+}
+
+/// `forge-coordinator control ADDR --token TOKEN ARGS...` as an operator runs it.
+fn control(addr: &str, token: &str, args: &[&str]) -> forge_integration_tests::Run {
+    let mut all = vec!["control", addr, "--token", token];
+    all.extend_from_slice(args);
+    run("forge-coordinator", &all, Duration::from_secs(30))
+}
+
+/// `forge-coordinator status`, as text or as JSON.
+fn status(addr: &str, token: &str, json: bool) -> String {
+    let mut args = vec!["status", addr, "--token", token];
+    if json {
+        args.push("--json");
+    }
+    let status = run("forge-coordinator", &args, Duration::from_secs(30));
+    assert!(status.success(), "{}", status.stderr);
+    status.stdout
+}
+
+/// A coordinator (its events in `coord.log`) and two nodes on the run config of
+/// [`write_config`] with `edits` and a budget of 200 steps (40 rounds: longer than the control
+/// tests take); returns them with the address and the token.
+fn two_node_run(dir: &Path, edits: &[(&str, &str)]) -> (Proc, String, String, Vec<Proc>) {
+    let config = write_config(dir, 2);
+    edit_config(&config, &[("max_steps = 60", "max_steps = 200")]);
+    edit_config(&config, edits);
+    let deadline = Instant::now() + LIMIT;
+    let (coordinator, addr, token) =
+        start_coordinator_with(dir, &config, deadline, &[("RUST_LOG", "info")]);
+    let nodes = (0..2).map(|i| start_node(dir, i, &addr, &token)).collect();
+    (coordinator, addr, token, nodes)
+}
+
+/// The learning rate a node's round line shows (its last inner step's).
+fn round_lr(line: &str) -> Option<f64> {
+    line.split(" lr ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Run control on a live 2-node run, as its operator uses it: a wrong token is refused, and so
+/// is a round in the past; an action scheduled for a later round shows in `status`; an anneal
+/// at the next round makes the rounds after it train down the decay (their lr falls, their
+/// hashes keep agreeing); a stop in the middle of the decay ends both nodes, exit 0, on the
+/// same final model, checkpointed, and nothing stays pending.
+#[test]
+fn control_anneals_then_stops_a_live_two_node_run_on_one_final_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // WSD with 100 decay steps (20 rounds).
+    let wsd = ("kind = \"cosine\"", "kind = \"wsd\"\ndecay_fraction = 0.5");
+    let (_coordinator, addr, token, mut nodes) = two_node_run(tmp.path(), &[wsd]);
+    let deadline = Instant::now() + LIMIT;
+
+    let (secret, fingerprint) = token.split_once('.').unwrap();
+    let flipped = if secret.starts_with('0') { "1" } else { "0" };
+    let wrong = format!("{flipped}{}.{fingerprint}", &secret[1..]);
+    let refused = control(&addr, &wrong, &["stop"]);
+    assert!(!refused.success());
+    assert!(
+        refused.stderr.contains("wrong cluster token"),
+        "{}",
+        refused.stderr
+    );
+
+    nodes[0].wait_for_commit(2, deadline);
+    let current = || {
+        let now: serde_json::Value = serde_json::from_str(&status(&addr, &token, true)).unwrap();
+        now["open_round"]["round"]
+            .as_u64()
+            .unwrap_or_else(|| now["last_round"].as_u64().unwrap() + 1)
+    };
+    let past = control(&addr, &token, &["save", "--at-round", "1"]);
+    assert!(!past.success());
+    assert!(
+        past.stderr.contains("round 1 is past: round "),
+        "{}",
+        past.stderr
+    );
+    let later = (current() + 1000).to_string();
+    let save = control(&addr, &token, &["save", "--at-round", &later]);
+    assert!(save.success(), "{}", save.stderr);
+    let text = status(&addr, &token, false);
+    assert!(
+        text.contains(&format!("pending control: save as round {later} closes")),
+        "{text}"
+    );
+    // A round or two ahead: a round of the tiny model takes about a second.
+    let at = current() + 2;
+    let anneal = control(&addr, &token, &["anneal", "--at-round", &at.to_string()]);
+    assert!(anneal.success(), "{}", anneal.stderr);
+    assert!(
+        anneal.stdout.contains(&format!(
+            "the schedule's decay phase starts with the round after round {at}: 100 inner steps"
+        )),
+        "{}",
+        anneal.stdout
+    );
+
+    // The first round of the decay commits; the stop ends the run in the middle of it.
+    nodes[0].wait_until("a round of the decay committed", deadline, |l| {
+        parse_round(l).is_some_and(|r| r.0 > at && r.3.starts_with("committed"))
+    });
+    let stop = control(&addr, &token, &["stop"]);
+    assert!(stop.success(), "{}", stop.stderr);
+    let (version, node_lines) = end_on_one_final_model(nodes, deadline);
+    assert!(
+        version < 40,
+        "the stop ended the run before its budget: v{version}"
+    );
+
+    // The decay: before it, the stable lr; after it, falling round by round.
+    let rounds: Vec<(u64, f64)> = node_lines[0]
+        .iter()
+        .filter(|l| parse_round(l).is_some_and(|r| r.3.starts_with("committed")))
+        .filter_map(|l| Some((parse_round(l)?.0, round_lr(l)?)))
+        .collect();
+    let stable: Vec<f64> = rounds.iter().filter(|r| r.0 <= at).map(|r| r.1).collect();
+    let decay: Vec<f64> = rounds.iter().filter(|r| r.0 > at).map(|r| r.1).collect();
+    println!("lr by round: {rounds:?}");
+    assert!(!stable.is_empty() && decay.len() >= 2, "{rounds:?}");
+    assert!(
+        stable.iter().all(|lr| (lr - stable[0]).abs() < 1e-12),
+        "{rounds:?}"
+    );
+    assert!(decay[0] < stable[0], "{rounds:?}");
+    assert!(decay.windows(2).all(|w| w[1] < w[0]), "{rounds:?}");
+
+    final_checkpoint_committed(tmp.path(), version);
+    let after: serde_json::Value = serde_json::from_str(&status(&addr, &token, true)).unwrap();
+    assert_eq!(after["plan"]["final_version"], version, "{after:#}");
+    assert!(
+        after["pending_control"].as_array().unwrap().is_empty(),
+        "{after:#}"
+    );
+}
+
+/// `control abort` on a live 2-node run: the round under way is abandoned, both nodes leave at
+/// once (exit 0, saying so) without a final evaluation, and nothing is checkpointed; the run
+/// stays aborted.
+#[test]
+fn control_aborts_a_live_two_node_run_without_saving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_coordinator, addr, token, mut nodes) = two_node_run(tmp.path(), &[]);
+    let deadline = Instant::now() + LIMIT;
+    nodes[0].wait_for_commit(2, deadline);
+    let abort = control(&addr, &token, &["abort"]);
+    assert!(abort.success(), "{}", abort.stderr);
+    assert!(
+        abort.stdout.contains("abort: the run is aborted"),
+        "{}",
+        abort.stdout
+    );
+    for (i, node) in nodes.into_iter().enumerate() {
+        let (code, lines) = node.finish(deadline);
+        let log = lines.join("\n");
+        assert_eq!(code, Some(0), "node {i}:\n{log}");
+        assert!(
+            log.contains("leaving: the run was aborted"),
+            "node {i}:\n{log}"
+        );
+        assert!(final_loss_line(&lines).is_none(), "node {i}:\n{log}");
+        let shards = tmp.path().join(format!("node{i}/run/diloco-checkpoints"));
+        let written = std::fs::read_dir(&shards).map_or(0, |d| d.count());
+        assert_eq!(written, 0, "node {i} wrote a checkpoint shard");
+    }
+    let coordinator_log = std::fs::read_to_string(tmp.path().join("coord.log")).unwrap();
+    assert!(
+        !coordinator_log.contains("checkpoint committed"),
+        "{coordinator_log}"
+    );
+    assert!(status(&addr, &token, false).contains("run: aborted"));
+    let late = control(&addr, &token, &["stop"]);
+    assert!(!late.success());
+    assert!(
+        late.stderr.contains("the run was aborted"),
+        "{}",
+        late.stderr
+    );
 }

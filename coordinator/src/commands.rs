@@ -1,4 +1,4 @@
-//! `serve` and `status`: the coordinator as a user runs it.
+//! `serve`, `status` and `control`: the coordinator as a user runs it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use forge_coordinator::server::{Server, ServerStats, Startup};
-use forge_coordinator::{fetch_status, run_config};
-use forge_protocol::session::Status;
-use forge_protocol::{Assignment, DeviceKind};
+use forge_coordinator::{fetch_status, run_config, send_control};
+use forge_protocol::session::{
+    ControlAction, ControlReply, ControlRequest, PendingControl, Status,
+};
+use forge_protocol::{Assignment, DeviceKind, RoundId};
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -157,6 +159,54 @@ pub(crate) fn status(
     Ok(())
 }
 
+/// `control`: sends the request and prints the coordinator's answer; a refusal is an error.
+pub(crate) fn control(
+    addr: SocketAddr,
+    token: &str,
+    action: ControlAction,
+    at_round: Option<u64>,
+    json: bool,
+    timeout_s: u64,
+) -> anyhow::Result<()> {
+    let request = ControlRequest {
+        action,
+        at_round: at_round.map(RoundId),
+    };
+    let runtime = runtime()?;
+    let timeout = Duration::from_secs(timeout_s);
+    let reply = runtime.block_on(send_control(addr, token, request, timeout))?;
+    match reply {
+        ControlReply::Accepted { what, pending } => {
+            if json {
+                let answer =
+                    serde_json::json!({ "action": action, "what": what, "pending": pending });
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("{action}: {what}");
+                if !pending.is_empty() {
+                    println!("pending: {}", pending_list(&pending));
+                }
+            }
+            Ok(())
+        }
+        ControlReply::Refused(refused) => {
+            anyhow::bail!(
+                "the coordinator at {addr} refused {action}: {}",
+                refused.message
+            )
+        }
+    }
+}
+
+/// Pending control actions as a person reads them.
+fn pending_list(pending: &[PendingControl]) -> String {
+    pending
+        .iter()
+        .map(|p| format!("{} as round {} closes", p.action, p.at_round.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
@@ -299,6 +349,24 @@ fn describe(addr: SocketAddr, status: &Status) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "global state version: {}", status.global_version);
+    let mut run = match status.plan.final_version {
+        0 => "no end (until stopped)".to_string(),
+        version => format!("ends at global version {version}"),
+    };
+    if let Some(from) = status.plan.anneal_from {
+        let _ = write!(run, ", decay phase since version {from} (annealed)");
+    }
+    if status.aborted {
+        run = "aborted by the operator; no round opens again".to_string();
+    }
+    let _ = writeln!(s, "run: {run}");
+    if !status.pending_control.is_empty() {
+        let _ = writeln!(
+            s,
+            "pending control: {}",
+            pending_list(&status.pending_control)
+        );
+    }
     if let Some(data) = &status.data {
         let _ = writeln!(
             s,
@@ -362,6 +430,9 @@ mod tests {
             global_version: 0,
             last_checkpoint: None,
             data: None,
+            plan: Default::default(),
+            pending_control: Vec::new(),
+            aborted: false,
         };
         let text = describe("127.0.0.1:7000".parse().unwrap(), &status);
         assert!(
@@ -373,5 +444,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  standby: members 9\n"), "{text}");
+        assert!(text.contains("run: no end (until stopped)\n"), "{text}");
+        let pending = Status {
+            pending_control: vec![PendingControl {
+                action: ControlAction::Stop,
+                at_round: RoundId(7),
+            }],
+            plan: forge_protocol::RunPlan {
+                final_version: 14,
+                anneal_from: Some(2),
+            },
+            ..status
+        };
+        let text = describe("127.0.0.1:7000".parse().unwrap(), &pending);
+        assert!(
+            text.contains("run: ends at global version 14, decay phase since version 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pending control: stop as round 7 closes\n"),
+            "{text}"
+        );
     }
 }

@@ -25,17 +25,26 @@
 //! - **Checkpoints.** Every `checkpoint_every_rounds` committed rounds, one fully agreeing
 //!   replica writes one shard per stage. The checkpoint is committed only when every shard is
 //!   reported durable by its writer with hashes matching that round's global state.
+//! - **Control.** The operator's `save`, `stop` and `anneal` ([`Coordinator::control`]) wait
+//!   for a round to close: the first committed round at or after theirs is checkpointed, or is
+//!   the run's final version (checkpointed too), and an anneal's decay phase starts with the
+//!   round after it (the run's end moves to the decay's end). An `abort` abandons the open round
+//!   at once (or ends the run as its round closes), drops checkpoints not yet committed, and
+//!   tells every member; no round opens again. Pending actions are part of the snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use forge_protocol::codec::{self, Channel};
+use forge_protocol::run_config::{AnnealPlan, NO_DECAY_PHASE};
+use forge_protocol::session::{ControlAction, ControlReply, ControlRequest, PendingControl};
 use forge_protocol::stream::{self, DataDigest, DataLease, SeqRange};
 use forge_protocol::{
     Assigned, Assignment, Capabilities, CheckpointCommitted, CheckpointRequest,
     CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, DataShard, Digest,
     ErrorCode, ErrorReply, GlobalState, Hello, InitialState, JoinAccepted, LayerRange, MemberDead,
     MemberId, NodeMessage, OuterStep, Peer, PeersChanged, Ready, ReplicaId, RoundClosed, RoundId,
-    RoundOpened, RoundOutcome, RoundReport, ShardWriter, StageAssignment, TensorHash, TensorKey,
+    RoundOpened, RoundOutcome, RoundReport, RunAborted, RunPlan, ShardWriter, StageAssignment,
+    TensorHash, TensorKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +95,10 @@ pub struct CoordinatorConfig {
     /// that commits it is checkpointed (0: no budget, rounds go on until stopped).
     #[serde(default)]
     pub final_version: u64,
+    /// How the run's decay phase is entered early (`control anneal`); None: its schedule has
+    /// none, and an anneal is refused.
+    #[serde(default)]
+    pub anneal: Option<AnnealPlan>,
     /// Speed-aware rounds (`[diloco] pace = "auto"`): rounds carry a pace once the
     /// participants' measured speeds differ (see [`RoundOpened::pace_us_per_step`]).
     #[serde(default)]
@@ -369,6 +382,17 @@ pub enum Event {
         version: u64,
         round: RoundId,
     },
+    /// The operator asked for `action` (`control`); `what` says what will happen and when.
+    ControlRequested {
+        action: ControlAction,
+        what: String,
+    },
+    /// A control action took effect as `round` closed (an immediate abort: as it was asked).
+    ControlApplied {
+        action: ControlAction,
+        round: Option<RoundId>,
+        what: String,
+    },
     /// The run's training stream is the one `member` tokenized, `windows` per epoch.
     DataStream {
         member: MemberId,
@@ -485,6 +509,27 @@ struct Conn {
     member: Option<MemberId>,
 }
 
+/// The operator's requests ([`Coordinator::control`]) and what they changed of the run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Control {
+    /// Actions waiting for a round to close, one of each kind at most.
+    pending: BTreeMap<ControlAction, RoundId>,
+    /// The run ends at this global version (a stop, or an anneal's end).
+    final_version: Option<u64>,
+    /// The schedule's decay phase starts with the round that starts from this version.
+    anneal_from: Option<u64>,
+    aborted: bool,
+}
+
+/// The pending actions that take effect as a round closes.
+#[derive(Debug, Default)]
+struct Due {
+    save: bool,
+    stop: bool,
+    anneal: bool,
+    abort: bool,
+}
+
 /// The coordinator's whole state. Serializable, so a thin shell can persist it after each step
 /// ([`Coordinator::to_snapshot`]) and restore it after a restart.
 #[derive(Debug, Serialize, Deserialize)]
@@ -531,6 +576,8 @@ pub struct Coordinator {
     /// some layers are lost before any checkpoint was committed.
     #[serde(default)]
     initial_hashes: Vec<TensorHash>,
+    #[serde(default)]
+    control: Control,
     /// Connections do not survive a restart; nodes reconnect.
     #[serde(skip)]
     conns: BTreeMap<ConnId, Conn>,
@@ -578,6 +625,7 @@ impl Coordinator {
             planned: BTreeMap::new(),
             holders: Some(BTreeMap::new()),
             initial_hashes: Vec::new(),
+            control: Control::default(),
             conns: BTreeMap::new(),
             grace_until: Millis(0),
             silence_check_at: Millis(0),
@@ -611,6 +659,252 @@ impl Coordinator {
         let mut out = Vec::new();
         self.advance(&mut out);
         out
+    }
+
+    /// The operator's request (`forge-coordinator control`, authenticated by the shell): the
+    /// reply says what will happen and when, or why not. `at_round` is the round at whose close
+    /// the action takes effect; it must not be past (the open round, or the next to open when
+    /// none is, is the earliest). A second request of a kind replaces the first; an abort drops
+    /// every other pending action, and without a round it ends the run at once.
+    pub fn control(&mut self, now: Millis, request: ControlRequest) -> (ControlReply, Vec<Output>) {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        let reply = match self.check_control(&request) {
+            Err(message) => ControlReply::Refused(ErrorReply {
+                code: ErrorCode::InvalidControl,
+                message,
+            }),
+            Ok(at) => {
+                let what = self.accept_control(request, at, &mut out);
+                out.push(Output::Event(Event::ControlRequested {
+                    action: request.action,
+                    what: what.clone(),
+                }));
+                self.advance(&mut out);
+                ControlReply::Accepted {
+                    what,
+                    pending: self.pending_control(),
+                }
+            }
+        };
+        (reply, out)
+    }
+
+    /// The round a request takes effect at, or why it cannot be carried out.
+    fn check_control(&self, request: &ControlRequest) -> std::result::Result<RoundId, String> {
+        if self.control.aborted {
+            return Err("the run was aborted; no round opens again".to_string());
+        }
+        if self.finished() {
+            return Err(format!(
+                "the run is finished: its final version {} is committed, and its last \
+                 checkpoint is the run's model",
+                self.final_version()
+            ));
+        }
+        let current = self.current_round();
+        let at = request.at_round.unwrap_or(current);
+        if at < current {
+            let state = if self.round.is_some() {
+                "under way"
+            } else {
+                "the next to open"
+            };
+            return Err(format!(
+                "{at} is past: {current} is {state}; ask for {current} or a later round"
+            ));
+        }
+        if request.action == ControlAction::Anneal && self.config.anneal.is_none() {
+            return Err(format!("the run cannot anneal: its {NO_DECAY_PHASE}"));
+        }
+        Ok(at)
+    }
+
+    /// Records (or for an immediate abort, carries out) a checked request; says what happens.
+    fn accept_control(
+        &mut self,
+        request: ControlRequest,
+        at: RoundId,
+        out: &mut Vec<Output>,
+    ) -> String {
+        let action = request.action;
+        if action == ControlAction::Anneal
+            && let Some(version) = self.control.anneal_from
+        {
+            return format!(
+                "the decay phase already started with the round from global version {version}; \
+                 the run ends at version {}",
+                self.final_version()
+            );
+        }
+        let mut what = match action {
+            ControlAction::Save => format!(
+                "a checkpoint of the state {at} commits (or the next round to commit, if it is \
+                 abandoned)"
+            ),
+            ControlAction::Stop => format!(
+                "the run ends with the state {at} commits (or the next round to commit): it is \
+                 checkpointed and every node leaves with it"
+            ),
+            ControlAction::Anneal => {
+                let plan = self.config.anneal.expect("checked");
+                format!(
+                    "the schedule's decay phase starts with the round after {at}: {} inner \
+                     steps (about {} rounds) down to the schedule's floor, and the run ends \
+                     with it",
+                    plan.decay_steps,
+                    plan.decay_steps.div_ceil(plan.inner_steps.max(1))
+                )
+            }
+            ControlAction::Abort if request.at_round.is_none() => {
+                let dropped = self.drop_pending_for_abort();
+                let why = "aborted by the operator (forge-coordinator control abort)".to_string();
+                let abandoned = self.round.as_ref().map(|round| round.id);
+                self.abort(why, abandoned, out);
+                let round = abandoned.map_or(String::new(), |r| format!(" ({r} abandoned)"));
+                return format!(
+                    "the run is aborted{round}: no round opens again, nothing more is \
+                     checkpointed, and every node leaves{dropped}"
+                );
+            }
+            ControlAction::Abort => format!(
+                "the run is aborted as {at} closes: nothing of it is checkpointed, no round \
+                 opens after it, and every node leaves{}",
+                self.drop_pending_for_abort()
+            ),
+        };
+        match self.control.pending.insert(action, at) {
+            Some(before) if before == at => what.push_str(" (already pending)"),
+            Some(before) => {
+                what.push_str(&format!(" (replaces the {action} pending for {before})"))
+            }
+            None => {}
+        }
+        what
+    }
+
+    /// An abort makes every other pending action moot: drops them and says which.
+    fn drop_pending_for_abort(&mut self) -> String {
+        let dropped: Vec<String> = std::mem::take(&mut self.control.pending)
+            .into_iter()
+            .filter(|(action, _)| *action != ControlAction::Abort)
+            .map(|(action, round)| format!("{action} at {round}"))
+            .collect();
+        if dropped.is_empty() {
+            String::new()
+        } else {
+            format!("; dropped: {}", dropped.join(", "))
+        }
+    }
+
+    /// Ends the run without saving: the open round is abandoned, checkpoints not yet committed
+    /// are dropped, no round opens again, and every member is told.
+    /// `round`: the round it ends with (the open one, or the one that just closed).
+    fn abort(&mut self, reason: String, round: Option<RoundId>, out: &mut Vec<Output>) {
+        if let Some(round) = self.round.take() {
+            self.settle_data(&round, &[], out);
+            let message = CoordinatorMessage::RoundClosed(RoundClosed {
+                round: round.id,
+                outcome: RoundOutcome::Abandoned {
+                    reason: reason.clone(),
+                },
+                included: Vec::new(),
+                checkpoint: None,
+                plan: self.run_plan(),
+            });
+            for member in round.participants.keys() {
+                self.send_to_member(*member, message.clone(), out);
+            }
+            out.push(Output::Event(Event::RoundClosed {
+                round: round.id,
+                committed: false,
+                included: Vec::new(),
+                excluded: round.participants.keys().copied().collect(),
+            }));
+        }
+        self.control.aborted = true;
+        self.control.pending.clear();
+        self.checkpoints.clear();
+        self.broadcast(
+            CoordinatorMessage::RunAborted(RunAborted {
+                reason: reason.clone(),
+            }),
+            out,
+        );
+        out.push(Output::Event(Event::ControlApplied {
+            action: ControlAction::Abort,
+            round,
+            what: format!("the run is aborted: {reason}"),
+        }));
+    }
+
+    /// The round a control request without `at_round` takes effect at: the open one, else the
+    /// next to open.
+    fn current_round(&self) -> RoundId {
+        match (&self.round, self.last_round) {
+            (Some(round), _) => round.id,
+            (None, Some(last)) => last.next(),
+            (None, None) => RoundId(1),
+        }
+    }
+
+    /// The actions pending, in the order of their rounds.
+    pub fn pending_control(&self) -> Vec<PendingControl> {
+        let mut pending: Vec<PendingControl> = self
+            .control
+            .pending
+            .iter()
+            .map(|(action, at_round)| PendingControl {
+                action: *action,
+                at_round: *at_round,
+            })
+            .collect();
+        pending.sort_by_key(|p| (p.at_round, p.action));
+        pending
+    }
+
+    /// The run's end and schedule as they stand, as every node is told them.
+    pub fn run_plan(&self) -> RunPlan {
+        RunPlan {
+            final_version: self.final_version(),
+            anneal_from: self.control.anneal_from,
+        }
+    }
+
+    /// Whether the operator aborted the run.
+    pub fn aborted(&self) -> bool {
+        self.control.aborted
+    }
+
+    /// The global version the run ends at: the config's budget, or earlier after a stop or an
+    /// anneal (0: no end).
+    pub fn final_version(&self) -> u64 {
+        match (self.config.final_version, self.control.final_version) {
+            (0, Some(stop)) => stop,
+            (budget, Some(stop)) => budget.min(stop),
+            (budget, None) => budget,
+        }
+    }
+
+    /// Takes the pending actions due as `round` closes (`committed` or not): an abort or an
+    /// anneal at once; a save or a stop only with a commit (else at the next one).
+    fn take_due(&mut self, round: RoundId, committed: bool) -> Due {
+        let mut due = Due::default();
+        let pending = &mut self.control.pending;
+        let mut take = |action: ControlAction, when: bool| {
+            let ready = when && pending.get(&action).is_some_and(|at| *at <= round);
+            if ready {
+                pending.remove(&action);
+            }
+            ready
+        };
+        due.abort = take(ControlAction::Abort, true);
+        if !due.abort {
+            due.stop = take(ControlAction::Stop, committed);
+            due.save = take(ControlAction::Save, committed);
+            due.anneal = take(ControlAction::Anneal, true);
+        }
+        due
     }
 
     /// The state as one snapshot blob (magic + version, via the protocol codec).
@@ -1024,6 +1318,7 @@ impl Coordinator {
         }
         let accepted = self.join_accepted(id);
         send(out, from, CoordinatorMessage::JoinAccepted(accepted));
+        self.tell_if_aborted(from, out);
         out.push(Output::Event(Event::Joined {
             member: id,
             peer_id,
@@ -1065,6 +1360,7 @@ impl Coordinator {
         self.conns.entry(from).or_default().member = Some(id);
         let accepted = self.join_accepted(id);
         send(out, from, CoordinatorMessage::JoinAccepted(accepted));
+        self.tell_if_aborted(from, out);
         // The RoundOpened sent before the drop may be lost; a participant that has not
         // reported gets it again (nodes ignore a round they already know).
         if let Some(round) = &self.round
@@ -1085,6 +1381,7 @@ impl Coordinator {
                 pace_us_per_step: round.pace_us_per_step,
                 slowest_us_per_step: round.slowest_us_per_step,
                 data: lease_list(round),
+                plan: self.run_plan(),
             });
             send(out, from, message);
         }
@@ -1332,8 +1629,8 @@ impl Coordinator {
     /// and the nodes load it from their checkpoint shards or fetch it from those that did.
     fn roll_back_to_checkpoint(&mut self, out: &mut Vec<Output>) {
         // A finished run keeps its final version: its members leave once it is committed, and
-        // its checkpoint, still being written, is the run's model.
-        if self.finished() {
+        // its checkpoint, still being written, is the run's model. An aborted one is over.
+        if self.finished() || self.control.aborted {
             return;
         }
         let target = self
@@ -1664,6 +1961,19 @@ impl Coordinator {
             global: self.global.clone(),
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+            plan: self.run_plan(),
+        }
+    }
+
+    /// A node that joins or reconnects after an abort hears of it at once, and leaves.
+    fn tell_if_aborted(&self, conn: ConnId, out: &mut Vec<Output>) {
+        if self.control.aborted {
+            let reason = "the run was aborted by the operator; no round opens again".to_string();
+            send(
+                out,
+                conn,
+                CoordinatorMessage::RunAborted(RunAborted { reason }),
+            );
         }
     }
 
@@ -1676,7 +1986,7 @@ impl Coordinator {
     }
 
     fn try_open_round(&mut self, out: &mut Vec<Output>) {
-        if self.finished() {
+        if self.finished() || self.control.aborted {
             return;
         }
         if (self.replicas.len() as u32) < self.replicas_needed() {
@@ -1714,6 +2024,7 @@ impl Coordinator {
             pace_us_per_step,
             slowest_us_per_step,
             data: lease_list(&round),
+            plan: self.run_plan(),
         });
         for member in round.participants.keys() {
             self.send_to_member(*member, message.clone(), out);
@@ -1809,6 +2120,7 @@ impl Coordinator {
         let quorum = verdict.agreeing.len() * 2 > round.participants.len()
             && complete.len() as u32 >= self.config.min_replicas;
         self.settle_data(&round, if quorum { &complete } else { &[] }, out);
+        let due = self.take_due(round.id, quorum);
         let (outcome, included, checkpoint) = if quorum {
             self.global = GlobalState {
                 version: self.global.version + 1,
@@ -1822,7 +2134,14 @@ impl Coordinator {
                     })
                     .collect(),
             };
-            let checkpoint = self.request_checkpoint(&round, &complete, &verdict);
+            if due.stop {
+                self.control.final_version = Some(self.global.version);
+            }
+            // An abort saves nothing; a save is checkpointed whatever checkpoint_every_rounds.
+            let checkpoint = match due.abort {
+                true => None,
+                false => self.request_checkpoint(&round, &complete, &verdict, due.save),
+            };
             self.holders = Some(
                 verdict
                     .agreeing
@@ -1845,11 +2164,15 @@ impl Coordinator {
             );
             (RoundOutcome::Abandoned { reason }, Vec::new(), None)
         };
+        if due.anneal {
+            self.start_decay(round.id, out);
+        }
         let message = CoordinatorMessage::RoundClosed(RoundClosed {
             round: round.id,
             outcome,
             included: included.clone(),
             checkpoint,
+            plan: self.run_plan(),
         });
         for member in round.participants.keys() {
             self.send_to_member(*member, message.clone(), out);
@@ -1885,14 +2208,56 @@ impl Coordinator {
             included,
             excluded,
         }));
+        let applied = [
+            (
+                ControlAction::Stop,
+                due.stop,
+                "the run ends with this state, checkpointed",
+            ),
+            (ControlAction::Save, due.save, "this state is checkpointed"),
+        ];
+        for (action, _, what) in applied.into_iter().filter(|(_, due, _)| *due) {
+            out.push(Output::Event(Event::ControlApplied {
+                action,
+                round: Some(round.id),
+                what: what.to_string(),
+            }));
+        }
         if quorum && self.finished() {
+            // Nothing is left to act on.
+            self.control.pending.clear();
             out.push(Output::Event(Event::Finished {
                 version: self.global.version,
                 round: round.id,
             }));
         }
+        if due.abort {
+            let why = "aborted by the operator (forge-coordinator control abort)".to_string();
+            self.abort(why, Some(round.id), out);
+        }
         self.remove_rejected(&round, out);
         self.bench_unreachable(&round, out);
+    }
+
+    /// The anneal due as `round` closed: the decay phase starts with the next round, from the
+    /// global version the close leaves, and the run ends with it.
+    fn start_decay(&mut self, round: RoundId, out: &mut Vec<Output>) {
+        let Some(plan) = self.config.anneal else {
+            return;
+        };
+        let from = self.global.version;
+        let end = plan.final_version(from);
+        self.control.anneal_from = Some(from);
+        self.control.final_version = Some(self.control.final_version.map_or(end, |v| v.min(end)));
+        out.push(Output::Event(Event::ControlApplied {
+            action: ControlAction::Anneal,
+            round: Some(round),
+            what: format!(
+                "the decay phase starts with the round from global version {from}; the run ends \
+                 at version {}",
+                self.final_version()
+            ),
+        }));
     }
 
     /// Removes the members whose contributions to `round` other participants rejected (NaN or
@@ -2030,19 +2395,22 @@ impl Coordinator {
 
     /// Whether the run's final version is committed: the run is over.
     pub fn finished(&self) -> bool {
-        self.config.final_version > 0 && self.global.version >= self.config.final_version
+        let last = self.final_version();
+        last > 0 && self.global.version >= last
     }
 
+    /// `asked`: the operator asked for this checkpoint (`control save`).
     fn request_checkpoint(
         &mut self,
         round: &OpenRound,
         complete: &[ReplicaId],
         verdict: &Verdict,
+        asked: bool,
     ) -> Option<CheckpointRequest> {
         let every = self.config.checkpoint_every_rounds;
         let due = every > 0 && round.id.0.is_multiple_of(every);
         // The final state is always checkpointed: it is the run's model.
-        if !due && !self.finished() {
+        if !due && !asked && !self.finished() {
             return None;
         }
         // A replica none of whose members last failed to write, if there is one.

@@ -411,6 +411,9 @@ mod tests {
             global_version: 3,
             last_checkpoint: None,
             data: None,
+            plan: Default::default(),
+            pending_control: Vec::new(),
+            aborted: false,
         }
     }
 

@@ -33,6 +33,8 @@ mod store;
 mod tls;
 
 #[cfg(test)]
+mod control_tests;
+#[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
 mod sim;
@@ -44,5 +46,5 @@ pub use crate::error::{Error, Result};
 pub use crate::planner::{ModelProfile, NodeProfile, Plan, plan, rebalance};
 pub use crate::server::{Server, ServerStats, Startup};
 pub use forge_coordinator_client::{
-    ClientOptions, ClusterToken, CoordinatorClient, Notification, fetch_status,
+    ClientOptions, ClusterToken, CoordinatorClient, Notification, fetch_status, send_control,
 };

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use forge_coordinator::planner::{ModelProfile, NodeProfile, Plan, plan};
 use forge_coordinator::profile::{USABLE_MEMORY_FRACTION, load_model, load_nodes};
+use forge_protocol::session::ControlAction;
 
 #[derive(Debug, Parser)]
 #[command(name = "forge-coordinator", version, about = "The Forge coordinator")]
@@ -54,6 +55,31 @@ enum Command {
         #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
         token: String,
         /// Print JSON for scripts instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_s: u64,
+    },
+    /// Control a running cluster: `save` (a committed checkpoint as the round under way
+    /// commits), `stop` (save, then every node ends on that final model and exits 0), `abort`
+    /// (end now without saving; nodes exit 0 saying so) or `anneal` (the schedule's decay
+    /// phase starts with the next round, on every node; the run ends with it). The answer says
+    /// what will happen and when; `status` shows what is pending.
+    Control {
+        /// The coordinator's address, as printed by `serve`.
+        addr: SocketAddr,
+        /// save, stop, abort or anneal.
+        #[arg(value_parser = control_action())]
+        action: ControlAction,
+        /// The cluster token printed by `serve` (or FORGE_TOKEN).
+        #[arg(long, env = "FORGE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Act as round R closes instead of the round under way (a round in the past is
+        /// refused). Without it an abort is immediate: the round under way is abandoned.
+        #[arg(long, value_name = "R")]
+        at_round: Option<u64>,
+        /// Print the answer as JSON for scripts.
         #[arg(long)]
         json: bool,
         /// Give up after this many seconds.
@@ -136,6 +162,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             timeout_s,
         } => commands::status(addr, &token, json, timeout_s)?,
+        Command::Control {
+            addr,
+            action,
+            token,
+            at_round,
+            json,
+            timeout_s,
+        } => commands::control(addr, &token, action, at_round, json, timeout_s)?,
         Command::SimMember {
             addr,
             token,
@@ -172,6 +206,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The control actions, listed in `--help`.
+fn control_action() -> impl clap::builder::TypedValueParser<Value = ControlAction> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(ControlAction::ALL.map(ControlAction::name))
+        .map(|name| name.parse().expect("a listed action"))
 }
 
 /// `--http`: `IP:PORT`, or a port alone for 127.0.0.1.

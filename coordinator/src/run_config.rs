@@ -70,6 +70,8 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
         reason: err.to_string(),
     })?;
     let final_version = run.final_version();
+    // Without a decay phase (a cosine or constant schedule), `control anneal` is refused.
+    let anneal = run.anneal_plan().ok();
     if let Some(warning) = run.diloco.and_then(|d| d.plan_warning(final_version)) {
         tracing::warn!("{}: {warning}", path.display());
     }
@@ -121,6 +123,7 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
             DEFAULT_CHECKPOINT_EVERY_ROUNDS,
         ),
         final_version,
+        anneal,
         pace,
         data,
         limits: section.as_ref().map_or_else(Limits::default, |s| {

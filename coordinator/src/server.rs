@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use forge_coordinator_client::ClusterToken;
 use forge_coordinator_client::wire::{read_frame, read_frame_within, write_frame};
 use forge_protocol::session::{
-    DataStatus, IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, MemberStatus, Open,
-    OpenReply, OpenRoundStatus, Purpose, ReplicaStatus, RoundRecord, StagePrediction, StageStatus,
-    Status,
+    ControlReply, ControlRequest, DataStatus, IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL,
+    IdentityProof, MemberStatus, Open, OpenReply, OpenRoundStatus, Purpose, ReplicaStatus,
+    RoundRecord, StagePrediction, StageStatus, Status,
 };
 use forge_protocol::{CoordinatorMessage, ErrorCode, ErrorReply, Hello, MemberId, NodeMessage};
 use tokio::sync::{mpsc, oneshot};
@@ -103,6 +103,11 @@ pub(crate) enum ToLoop {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    /// The operator's request; answered once what it changed is durable.
+    Control {
+        request: ControlRequest,
+        reply: oneshot::Sender<ControlReply>,
     },
 }
 
@@ -504,6 +509,35 @@ async fn serve_connection(
             }
             finish(&connection, send).await;
         }
+        Purpose::Control => {
+            let reply = match read_control(&mut recv).await {
+                Ok(request) => {
+                    let (reply, answer) = oneshot::channel();
+                    let control = ToLoop::Control { request, reply };
+                    if to_loop.send(control).await.is_err() {
+                        return;
+                    }
+                    let Ok(answer) = answer.await else {
+                        return;
+                    };
+                    if let ControlReply::Accepted { what, .. } = &answer {
+                        info!(%addr, "control: {}: {what}", request.action);
+                    }
+                    answer
+                }
+                Err(message) => ControlReply::Refused(ErrorReply {
+                    code: ErrorCode::InvalidControl,
+                    message,
+                }),
+            };
+            match reply.to_frame() {
+                Ok(frame) => {
+                    let _ = write_frame(&mut send, &frame).await;
+                }
+                Err(err) => warn!(%addr, "cannot encode a control reply: {err}"),
+            }
+            finish(&connection, send).await;
+        }
         Purpose::Join => {
             let Some(peer_id) = proven else {
                 return;
@@ -512,6 +546,16 @@ async fn serve_connection(
             serve_node(connection, addr, conn, peer_id, send, recv, to_loop).await;
         }
     }
+}
+
+/// Reads a control connection's request (sent right after `Open`, within [`OPEN_TIMEOUT`]).
+async fn read_control(recv: &mut quinn::RecvStream) -> std::result::Result<ControlRequest, String> {
+    let frame = tokio::time::timeout(OPEN_TIMEOUT, read_frame_within(recv, MAX_OPEN_FRAME))
+        .await
+        .map_err(|_| format!("no control request within {OPEN_TIMEOUT:?}"))?
+        .map_err(|err| err.to_string())?
+        .ok_or("the client closed its stream before its control request")?;
+    ControlRequest::from_frame(&frame).map_err(|err| format!("undecodable control request: {err}"))
 }
 
 /// Reads a join connection's [`IdentityProof`] and returns the peer id whose key signed this
@@ -679,12 +723,19 @@ impl EventLoop {
         let mut outputs = Coalesced::default();
         let mut durable = false;
         let mut status_requests = Vec::new();
+        let mut control_replies = Vec::new();
         for command in batch.drain(..) {
             match command {
                 ToLoop::Connected { conn, addr, outbox } => {
                     self.conns.insert(conn, (addr, outbox));
                 }
                 ToLoop::Status { reply } => status_requests.push(reply),
+                ToLoop::Control { request, reply } => {
+                    let (answer, out) = self.core.control(self.now(), request);
+                    outputs.extend(out);
+                    durable = true;
+                    control_replies.push((reply, answer));
+                }
                 ToLoop::Input {
                     conn,
                     input,
@@ -724,6 +775,10 @@ impl EventLoop {
             outputs.extend(self.core.tick(self.now()));
         }
         self.commit_and_send(outputs, durable)?;
+        // Only now is what the requests changed durable.
+        for (reply, answer) in control_replies {
+            let _ = reply.send(answer);
+        }
         if !status_requests.is_empty() {
             let status = self.status();
             for reply in status_requests {
@@ -894,6 +949,15 @@ impl EventLoop {
                 changes.checkpoints.push((*round, unix_ms()));
             }
             Event::Warning { message } => warn!("{message}"),
+            Event::ControlRequested { action, what } => info!("control {action}: {what}"),
+            Event::ControlApplied {
+                action,
+                round,
+                what,
+            } => match round {
+                Some(round) => info!(%round, "control {action} applied: {what}"),
+                None => info!("control {action} applied: {what}"),
+            },
             Event::Finished { version, round } => info!(
                 "the run is finished: {round} committed its final version {version}; its \
                  checkpoint is the run's model"
@@ -1036,6 +1100,9 @@ impl EventLoop {
                     consumed,
                     returned,
                 }),
+            plan: self.core.run_plan(),
+            pending_control: self.core.pending_control(),
+            aborted: self.core.aborted(),
         }
     }
 }

@@ -121,6 +121,7 @@ pub(crate) fn config(min_replicas: u32) -> CoordinatorConfig {
         round_deadline_ms: 4_000,
         checkpoint_every_rounds: 3,
         final_version: 0,
+        anneal: None,
         pace: false,
         data: None,
         limits: crate::core::Limits::default(),
@@ -469,6 +470,8 @@ impl Sim {
             | Event::Warning { .. }
             | Event::InitialState { .. }
             | Event::Finished { .. }
+            | Event::ControlRequested { .. }
+            | Event::ControlApplied { .. }
             | Event::DataStream { .. }
             | Event::DataConsumed { .. } => {}
         }
@@ -624,7 +627,8 @@ impl Sim {
             }
             CoordinatorMessage::Hello(_)
             | CoordinatorMessage::Assigned(_)
-            | CoordinatorMessage::PeersChanged(_) => {}
+            | CoordinatorMessage::PeersChanged(_)
+            | CoordinatorMessage::RunAborted(_) => {}
         }
     }
 

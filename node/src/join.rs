@@ -16,8 +16,8 @@ use crate::round::{
 use anyhow::{Context, Result, anyhow};
 use forge_coordinator_client::{ClientOptions, CoordinatorClient, Notification};
 use forge_protocol::messages::{
-    Activity, GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId, RoundOpened, RoundSummary,
-    StageAssignment,
+    Activity, CoordinatorMessage, GlobalState, JoinAccepted, MemberId, Peer, Ready, RoundId,
+    RoundOpened, RoundSummary, RunPlan, StageAssignment,
 };
 use forge_protocol::stream::{DataLease, SeqRange};
 use forge_trainer::checkpoint::CheckpointDir;
@@ -160,9 +160,10 @@ async fn node(opts: JoinOptions) -> Result<()> {
     .await
     .with_context(|| format!("joining the coordinator at {coordinator}"))?;
     println!("joined {coordinator} as member {}", accepted.member.0);
+    let (halt, notes) = halt_on(notes, shutdown.clone());
     let leaver = client.clone();
     let setup = async {
-        let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop)?;
+        let (mut shell, queue) = Shell::start(&opts, &accepted, net, client, stop, halt)?;
         // The coordinator plans this node once it knows its data is the run's; the estimated
         // speed paces the first round.
         let ready = tokio::task::block_in_place(|| -> Result<Ready> {
@@ -189,6 +190,39 @@ async fn node(opts: JoinOptions) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// Passes the coordinator's notes on, and raises the flag it returns, which stops the inner
+/// steps at the next step, on SIGINT/SIGTERM (`shutdown`) or when the run is aborted: neither
+/// waits for a round's inner steps to end.
+fn halt_on(
+    mut notes: mpsc::UnboundedReceiver<Notification>,
+    mut shutdown: watch::Receiver<bool>,
+) -> (Arc<AtomicBool>, mpsc::UnboundedReceiver<Notification>) {
+    let halt = Arc::new(AtomicBool::new(false));
+    let (forward, forwarded) = mpsc::unbounded_channel();
+    let flag = Arc::clone(&halt);
+    tokio::spawn(async move {
+        let mut signals = true;
+        loop {
+            tokio::select! {
+                note = notes.recv() => {
+                    let Some(note) = note else { break };
+                    if matches!(note, Notification::Message(CoordinatorMessage::RunAborted(_))) {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    if forward.send(note).is_err() {
+                        break;
+                    }
+                }
+                changed = shutdown.changed(), if signals => match changed {
+                    Ok(()) => flag.store(true, Ordering::Relaxed),
+                    Err(_) => signals = false,
+                },
+            }
+        }
+    });
+    (halt, forwarded)
 }
 
 /// One all-reduce as the state machine asked for it ([`Action::AllReduce`]).
@@ -219,6 +253,8 @@ struct Shell {
     stop: Arc<AtomicBool>,
     /// Whether the state machine has been told of the signal.
     stop_told: bool,
+    /// The inner steps stop at the next step: a signal, or the run aborted ([`halt_on`]).
+    halt: Arc<AtomicBool>,
     fault: Option<(usize, Fault, u64)>,
     /// This node's microseconds per inner step in its last round, for paced rounds.
     us_per_step: Option<u64>,
@@ -376,6 +412,7 @@ impl Shell {
         net: PeerNet,
         client: CoordinatorClient,
         stop: Arc<AtomicBool>,
+        halt: Arc<AtomicBool>,
     ) -> Result<(Shell, VecDeque<Action<Proposal>>)> {
         let (cfg, diloco) = local_config(&accepted.run_config, opts)?;
         let final_version = cfg.final_version();
@@ -432,6 +469,7 @@ impl Shell {
             bandwidth: upload_bytes_per_s(opts) as f64,
             stop,
             stop_told: false,
+            halt,
             fault: test_fault()?,
             us_per_step: None,
             pipeline: Vec::new(),
@@ -569,6 +607,7 @@ impl Shell {
                 opened_at,
                 lease,
                 pipeline,
+                plan,
             } => {
                 tracing::debug!("{round}: inner steps from step {}", self.trainer.step());
                 if let Err(e) = self.join_pipeline(&pipeline).await {
@@ -582,6 +621,7 @@ impl Shell {
                     pace_us_per_step,
                     opened_at.elapsed(),
                     lease.as_deref(),
+                    plan,
                 )?;
                 // What the coordinator said while this node trained (a participant declared
                 // gone) decides whether the all-reduce starts at all.
@@ -612,7 +652,7 @@ impl Shell {
                 peer,
                 reason,
             } => {
-                let failure = failure_of(&declared_gone(round, &peer, &reason), 0.0);
+                let failure = failure_of(&declared_gone(round, peer.as_deref(), &reason), 0.0);
                 return Ok(Some(Input::Reduced(Err(failure))));
             }
             Action::Report(report) => self.client.report(report).await?,
@@ -854,13 +894,15 @@ impl Shell {
         (step, step * self.trainer.config().tokens_per_step())
     }
 
-    /// The round's inner steps from global `version` (see [`InnerPlan`]), none once stopped.
+    /// The round's inner steps from global `version` (see [`InnerPlan`]), none once stopped;
+    /// `run` says where the run ends and whether its decay phase was entered early.
     fn train(
         &mut self,
         version: u64,
         pace_us_per_step: Option<u64>,
         elapsed: Duration,
         lease: Option<&[SeqRange]>,
+        run: RunPlan,
     ) -> Result<Input<Proposal>> {
         if let Some((rank, fault)) = self
             .fault
@@ -869,9 +911,21 @@ impl Shell {
         {
             self.trainer.inject_fault(rank, fault)?;
         }
+        // The operator's anneal: the decay phase from the round it names, the same on every node.
+        let anneal = match run.anneal_from {
+            Some(from) => {
+                let plan = self.trainer.config().anneal_plan().context(
+                    "the coordinator announced an anneal this node's run config cannot make",
+                )?;
+                Some(plan.anneal(from))
+            }
+            None => None,
+        };
+        self.trainer.set_anneal(anneal);
+        let total_steps = anneal.map_or(self.trainer.config().total_steps(), |a| a.end());
         let mut plan = InnerPlan::new(
             &self.diloco,
-            self.trainer.config().total_steps(),
+            total_steps,
             version,
             pace_us_per_step,
             self.us_per_step,
@@ -894,7 +948,7 @@ impl Shell {
                 .add_to_params(self.trainer.var_store(), &carried)?;
             self.trainer.broadcast_params()?;
         }
-        let tail = self.tail_steps(version, &plan);
+        let tail = self.tail_steps(version, &plan, run.final_version);
         plan.steps -= tail;
         if let (Some(budget), Some(us)) = (plan.budget, self.us_per_step) {
             // A paced round's time covers its tail too.
@@ -907,7 +961,7 @@ impl Shell {
         }
         let inner = tokio::task::block_in_place(|| {
             self.trainer
-                .inner_steps(plan.steps, plan.budget, &self.stop, plan.schedule)
+                .inner_steps(plan.steps, plan.budget, &self.halt, plan.schedule)
         });
         if let Err(forge_trainer::Error::Pipeline(reason)) = &inner {
             // Another stage's node gone or unreachable: not this node's failure. The pipeline
@@ -943,6 +997,7 @@ impl Shell {
                     steps: inner.steps,
                     tokens: inner.tokens,
                     mean_loss: inner.mean_loss(),
+                    lr: (inner.steps > 0).then_some(inner.last_lr),
                     seconds: inner.seconds,
                     // Where the round ends, once its tail ran.
                     step: self.trainer.step() + ahead,
@@ -957,11 +1012,11 @@ impl Shell {
 
     /// The inner steps of a round of `plan` (from global `version`) to run while its outer
     /// gradients travel ([`forge_trainer::diloco::OverlapSteps::steps`]; `auto` from this
-    /// node's last outer sync), none in the run's last round (nothing would sync them) or in a
-    /// pipeline stage (its stages step together).
-    fn tail_steps(&self, version: u64, plan: &InnerPlan) -> u64 {
-        let last = version + 1 >= self.trainer.config().final_version();
-        if last || self.trainer.stage().is_some() || self.stop.load(Ordering::Relaxed) {
+    /// node's last outer sync), none in the run's last round (nothing would sync them; the run
+    /// ends at `final_version`) or in a pipeline stage (its stages step together).
+    fn tail_steps(&self, version: u64, plan: &InnerPlan, final_version: u64) -> u64 {
+        let last = version + 1 >= final_version;
+        if last || self.trainer.stage().is_some() || self.halt.load(Ordering::Relaxed) {
             return 0;
         }
         let round = self.diloco.round_steps(plan.schedule.start);
@@ -1038,7 +1093,7 @@ impl Shell {
             None => reducing.await,
             Some((steps, schedule)) => {
                 // The tail trains on a thread of its own while this one drives the all-reduce.
-                let (trainer, stop) = (&mut self.trainer, &self.stop);
+                let (trainer, stop) = (&mut self.trainer, &self.halt);
                 let (reduced, tail) = tokio::task::block_in_place(|| {
                     let runtime = tokio::runtime::Handle::current();
                     std::thread::scope(|scope| {
@@ -1216,6 +1271,13 @@ impl Shell {
                 Err(anyhow!(reason))
             }
             Exit::Stopped(reason) => Err(anyhow!(reason)),
+            Exit::Aborted(reason) => {
+                // An abort saves nothing: no final evaluation, no checkpoint.
+                println!("leaving: {reason}; no final evaluation or checkpoint");
+                self.client.leave(&reason).await.ok();
+                tokio::task::block_in_place(|| self.trainer.leave_pipeline());
+                Ok(())
+            }
         }
     }
 }
@@ -1244,7 +1306,7 @@ async fn reduce(
                 for action in rounds.handle(Instant::now(), Input::Note(note)) {
                     match action {
                         Action::AbortAllReduce { peer, reason, .. } => {
-                            abort = Some(declared_gone(round, &peer, &reason));
+                            abort = Some(declared_gone(round, peer.as_deref(), &reason));
                         }
                         other => queue.push_back(other),
                     }

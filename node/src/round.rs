@@ -16,7 +16,7 @@ use forge_coordinator_client::Notification;
 use forge_protocol::messages::{
     Assignment, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage, Digest, F64Bits,
     JoinAccepted, MemberDead, MemberId, OuterStep, Peer, RoundClosed, RoundId, RoundOpened,
-    RoundOutcome, RoundReport, RoundSummary, StageAssignment, TensorHash,
+    RoundOutcome, RoundReport, RoundSummary, RunAborted, RunPlan, StageAssignment, TensorHash,
 };
 use forge_protocol::run_config::DilocoConfig;
 use forge_protocol::stream::{DataLease, SeqRange};
@@ -34,6 +34,10 @@ pub(crate) struct RoundLog {
     pub(crate) step: u64,
     pub(crate) tokens: u64,
     pub(crate) loss: f64,
+    /// The learning rate of the round's last inner step: the schedule's, as the round's
+    /// opening placed it (a `control anneal` shows here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) lr: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,8 +99,12 @@ impl RoundLog {
             .eval_loss
             .map(|l| format!(" val {l:.4} ({:.3} bpb)", self.eval_bpb.unwrap_or(f64::NAN)))
             .unwrap_or_default();
+        let lr = self
+            .lr
+            .map(|lr| format!(" lr {lr:.2e}"))
+            .unwrap_or_default();
         format!(
-            "round {:>4} | {} members | steps {:>5} | loss {:.4}{eval} | sent {:.2} MB ({:.1}% of fp32) | sync {:.2}s | {}",
+            "round {:>4} | {} members | steps {:>5} | loss {:.4}{lr}{eval} | sent {:.2} MB ({:.1}% of fp32) | sync {:.2}s | {}",
             self.round,
             self.members,
             self.step,
@@ -112,8 +120,9 @@ impl RoundLog {
 /// What the run fixes for the whole of a node's life.
 #[derive(Debug, Clone)]
 pub(crate) struct RoundsConfig {
-    /// The global version the run ends at (its budget, which the coordinator owns); 0: none,
-    /// the run goes on until stopped.
+    /// The global version the run ends at (its budget, which the coordinator owns; a stop or
+    /// an anneal moves it, and every round's opening and close says where it is); 0: none, the
+    /// run goes on until stopped.
     pub(crate) final_version: u64,
     /// Evaluate after every this many finished rounds (and after the last one).
     pub(crate) eval_every_rounds: u64,
@@ -179,6 +188,8 @@ pub(crate) struct Trained {
     pub(crate) steps: u64,
     pub(crate) tokens: u64,
     pub(crate) mean_loss: f64,
+    /// The learning rate of the last inner step (None: no step).
+    pub(crate) lr: Option<f64>,
     pub(crate) seconds: f64,
     /// The node's inner step after them.
     pub(crate) step: u64,
@@ -220,6 +231,8 @@ pub(crate) enum Exit {
     Failed { round: RoundId, reason: String },
     /// The coordinator stopped this node (refused on reconnect, or gave up): exit with an error.
     Stopped(String),
+    /// The operator aborted the run: leave at once, without a final evaluation or checkpoint.
+    Aborted(String),
 }
 
 /// What the shell must do, in order.
@@ -253,6 +266,8 @@ pub(crate) enum Action<P> {
         /// The nodes of this node's pipeline in stage order, itself included (empty for a
         /// whole replica): the stages a step runs through.
         pipeline: Vec<Peer>,
+        /// The run's end and decay phase as the round's opening says.
+        plan: RunPlan,
     },
     /// All-reduce the weighted pseudo-gradient with these participants and propose the outer
     /// step; answer with [`Input::Reduced`].
@@ -268,10 +283,10 @@ pub(crate) enum Action<P> {
         wait: Duration,
     },
     /// Give up the round's all-reduce (running or about to start): the coordinator declared
-    /// this participant gone. Answer with [`Input::Reduced`].
+    /// this participant gone (None: the run was aborted). Answer with [`Input::Reduced`].
     AbortAllReduce {
         round: RoundId,
-        peer: String,
+        peer: Option<String>,
         reason: String,
     },
     /// Tell the coordinator how the round went.
@@ -393,6 +408,8 @@ impl<P> Rounds<P> {
     }
 
     pub(crate) fn new(config: RoundsConfig, accepted: &JoinAccepted, now: Instant) -> Rounds<P> {
+        let mut config = config;
+        config.final_version = accepted.plan.final_version;
         let mut rounds = Rounds {
             config,
             me: accepted.member,
@@ -484,6 +501,7 @@ impl<P> Rounds<P> {
                         steps: 0,
                         tokens: 0,
                         mean_loss: f64::NAN,
+                        lr: None,
                         seconds: 0.0,
                         step: self.step,
                         consumed: Vec::new(),
@@ -539,6 +557,11 @@ impl<P> Rounds<P> {
     /// While idle: leave when stopping or out of budget, else take the backlog in order.
     fn drive(&mut self, out: &mut Vec<Action<P>>) {
         while !self.busy() && !matches!(self.phase, Phase::Exited) {
+            if let Some(aborted) = self.backlog.iter().find_map(aborted) {
+                let why = format!("the run was aborted: {}", aborted.reason);
+                self.exit(Exit::Aborted(why), out);
+                return;
+            }
             if self.stopping {
                 // Finish a round already announced to this node before leaving (its inner steps
                 // stop at once; what it trained since the last round is still contributed), so
@@ -593,7 +616,7 @@ impl<P> Rounds<P> {
         // A participant of the round under way died: the all-reduce cannot finish. Checked when
         // the note arrives; the note itself waits like any other.
         if let Phase::Reducing { open, .. } = &self.phase
-            && let Some((peer, reason)) = dead_participant(open, &note)
+            && let Some((peer, reason)) = gives_up(open, &note)
         {
             out.push(Action::AbortAllReduce {
                 round: open.round,
@@ -651,6 +674,10 @@ impl<P> Rounds<P> {
                     dead.member.0, dead.reason
                 )));
             }
+            Notification::Message(CoordinatorMessage::RunAborted(aborted)) => {
+                let why = format!("the run was aborted: {}", aborted.reason);
+                self.exit(Exit::Aborted(why), out);
+            }
             Notification::Message(_) => {}
             Notification::Disconnected { reason } => out.push(Action::Say(format!(
                 "coordinator connection lost ({reason}); reconnecting"
@@ -670,6 +697,8 @@ impl<P> Rounds<P> {
         out.push(Action::Say(format!(
             "reconnected to the coordinator (same member: {kept_member})"
         )));
+        // Its plan as it stands now (a coordinator restarted after a stop, say).
+        self.config.final_version = accepted.plan.final_version;
         if kept_member {
             return;
         }
@@ -699,6 +728,7 @@ impl<P> Rounds<P> {
             return;
         }
         self.last_opened = Some(open.round);
+        self.config.final_version = open.plan.final_version;
         if let Some(stale) = self.pending.take() {
             // Its RoundClosed never reached this node (cut off from the coordinator): the outer
             // step is dropped; the version check below fetches whatever the others committed.
@@ -764,6 +794,7 @@ impl<P> Rounds<P> {
             opened_at,
             lease: self.lease(open),
             pipeline: self.pipeline(open),
+            plan: open.plan,
         }
     }
 
@@ -893,10 +924,7 @@ impl<P> Rounds<P> {
         };
         self.step = trained.step;
         // A participant the coordinator declared gone while this node trained: no all-reduce.
-        let dead = self
-            .backlog
-            .iter()
-            .find_map(|note| dead_participant(&open, note));
+        let dead = self.backlog.iter().find_map(|note| gives_up(&open, note));
         out.push(match dead {
             Some((peer, reason)) => Action::AbortAllReduce {
                 round: open.round,
@@ -993,6 +1021,7 @@ impl<P> Rounds<P> {
             step: trained.step,
             tokens: trained.tokens,
             loss: trained.mean_loss,
+            lr: trained.lr,
             eval_loss: None,
             eval_bpb: None,
             members: k,
@@ -1013,6 +1042,8 @@ impl<P> Rounds<P> {
 
     fn on_round_closed(&mut self, closed: RoundClosed, out: &mut Vec<Action<P>>) {
         self.closed_at = Some((closed.round, self.now));
+        // A stop or an anneal may have moved the run's end as this round closed.
+        self.config.final_version = closed.plan.final_version;
         if let RoundOutcome::Committed { version, .. } = &closed.outcome {
             // The final round's close reaches every member, participant or not.
             self.run_version = self.run_version.max(*version);
@@ -1172,9 +1203,12 @@ pub(crate) fn held_hashes(mine: &[TensorHash], hashes: &[TensorHash]) -> Vec<Ten
         .collect()
 }
 
-/// The participant of `open` that `note` declares dead (not one that left cleanly), as its peer
-/// id and the coordinator's reason.
-fn dead_participant(open: &RoundOpened, note: &Notification) -> Option<(String, String)> {
+/// Why `note` gives up the all-reduce of `open`: a participant declared dead (not one that
+/// left cleanly), as its peer id and the coordinator's reason, or the run aborted (no peer).
+fn gives_up(open: &RoundOpened, note: &Notification) -> Option<(Option<String>, String)> {
+    if let Some(aborted) = aborted(note) {
+        return Some((None, format!("the run was aborted: {}", aborted.reason)));
+    }
     match note {
         Notification::Message(CoordinatorMessage::MemberDead(MemberDead {
             member,
@@ -1185,7 +1219,15 @@ fn dead_participant(open: &RoundOpened, note: &Notification) -> Option<(String, 
             .participants
             .iter()
             .find(|p| p.member == *member)
-            .map(|p| (p.peer_id.clone(), reason.clone())),
+            .map(|p| (Some(p.peer_id.clone()), reason.clone())),
+        _ => None,
+    }
+}
+
+/// The abort `note` announces, if it is one.
+fn aborted(note: &Notification) -> Option<&RunAborted> {
+    match note {
+        Notification::Message(CoordinatorMessage::RunAborted(aborted)) => Some(aborted),
         _ => None,
     }
 }

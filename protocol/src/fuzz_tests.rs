@@ -11,7 +11,9 @@ use crate::messages::{
 };
 use crate::pipeline::{StageDtype, StageHeader, StageKind};
 use crate::quant::{self, Codec, Compression};
-use crate::session::{IdentityProof, Open, OpenReply, Purpose, Status};
+use crate::session::{
+    ControlAction, ControlReply, ControlRequest, IdentityProof, Open, OpenReply, Purpose, Status,
+};
 use crate::state::{Manifest, Request, Response};
 use crate::sync::{SyncChunkHeader, SyncCodec, SyncPhase};
 
@@ -103,10 +105,20 @@ fn fuzz_the_opening_exchange() {
         code: ErrorCode::RateLimited,
         message: "too many joins".to_string(),
     });
+    let control = ControlRequest {
+        action: ControlAction::Stop,
+        at_round: Some(crate::RoundId(12)),
+    };
+    let accepted = ControlReply::Accepted {
+        what: "stop at the close of round 12".to_string(),
+        pending: Vec::new(),
+    };
     let seeds = vec![
         open.to_frame().unwrap(),
         proof.to_frame().unwrap(),
         refused.to_frame().unwrap(),
+        control.to_frame().unwrap(),
+        accepted.to_frame().unwrap(),
     ];
     fuzz::run_frames(
         "control: open, proof, reply",
@@ -117,6 +129,8 @@ fn fuzz_the_opening_exchange() {
             let _ = IdentityProof::from_frame(bytes);
             let _ = OpenReply::from_frame(bytes);
             let _ = Status::from_frame(bytes);
+            let _ = ControlRequest::from_frame(bytes);
+            let _ = ControlReply::from_frame(bytes);
         },
     );
 }

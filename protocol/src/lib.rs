@@ -42,8 +42,8 @@ pub use messages::{
     DeviceKind, Digest, ErrorCode, ErrorReply, F64Bits, GlobalState, Heartbeat, Hello,
     InitialState, Join, JoinAccepted, LayerRange, Leave, MAX_PACED_ROUND, MemberDead, MemberId,
     NodeMessage, OuterStep, PROTOCOL_VERSION, Peer, PeersChanged, Ready, ReplicaId, RoundClosed,
-    RoundId, RoundOpened, RoundOutcome, RoundReport, RoundSummary, ShardWriter, StageAssignment,
-    TensorHash, TensorKey,
+    RoundId, RoundOpened, RoundOutcome, RoundReport, RoundSummary, RunAborted, RunPlan,
+    ShardWriter, StageAssignment, TensorHash, TensorKey,
 };
 pub use run_config::{ConfigError, RunConfig};
 pub use stream::{DataDigest, DataLease, SeqRange};

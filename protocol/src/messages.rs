@@ -21,8 +21,9 @@ use crate::stream::{DataDigest, DataLease, SeqRange};
 
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
 /// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream; 8: the status
-/// report carries the stage planner's predictions).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// report carries the stage planner's predictions; 10: run control, [`RunPlan`] and
+/// [`RunAborted`]).
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";
@@ -347,6 +348,26 @@ pub struct JoinAccepted {
     pub heartbeat_interval_ms: u64,
     /// Silence longer than this and the coordinator declares the member dead.
     pub heartbeat_timeout_ms: u64,
+    pub plan: RunPlan,
+}
+
+/// The run's end and schedule as the coordinator has them now: the run config's, unless the
+/// operator changed them (`forge-coordinator control stop` or `anneal`). Every round's opening
+/// and close carries it, so every node follows the same plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPlan {
+    /// The global version the run ends at (0: none, the run goes on until stopped).
+    pub final_version: u64,
+    /// The schedule's decay phase starts with the round that starts from this global version
+    /// (`control anneal`; see `run_config::AnnealPlan`); None: where the run config puts it.
+    pub anneal_from: Option<u64>,
+}
+
+/// The operator aborted the run (`forge-coordinator control abort`): no round opens again and
+/// no checkpoint is written; every node gives up what it is doing and leaves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAborted {
+    pub reason: String,
 }
 
 /// A new or changed assignment, sent between rounds.
@@ -389,6 +410,7 @@ pub struct RoundOpened {
     /// The stream positions each replica reads this round (see [`crate::stream`]); empty when
     /// the coordinator has no data plan, and a replica reads its fixed data shard.
     pub data: Vec<DataLease>,
+    pub plan: RunPlan,
 }
 
 /// A paced round gives a node at most this many times H inner steps, however fast it is.
@@ -480,6 +502,8 @@ pub struct RoundClosed {
     pub included: Vec<MemberId>,
     /// Present when this round's state is to be checkpointed.
     pub checkpoint: Option<CheckpointRequest>,
+    /// The plan after this close: a stop or an anneal may have moved the run's end.
+    pub plan: RunPlan,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -537,6 +561,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// Too many joins from the client's address; try again after a pause.
     RateLimited,
+    /// A run control request that cannot be carried out (a round in the past, a run that is
+    /// over, a schedule with no decay phase to enter).
+    InvalidControl,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,6 +601,7 @@ pub enum CoordinatorMessage {
     MemberDead(MemberDead),
     CheckpointCommitted(CheckpointCommitted),
     Error(ErrorReply),
+    RunAborted(RunAborted),
 }
 
 impl NodeMessage {
@@ -830,6 +858,10 @@ mod tests {
                         },
                         heartbeat_interval_ms: 1000,
                         heartbeat_timeout_ms: 5000,
+                        plan: RunPlan {
+                            final_version: version.wrapping_add(3),
+                            anneal_from: Some(version),
+                        },
                     })
                 },
             );
@@ -863,6 +895,10 @@ mod tests {
                         shards: writers.len() as u32,
                         writers,
                     }),
+                    plan: RunPlan {
+                        final_version: round,
+                        anneal_from: None,
+                    },
                 })
             });
         prop_oneof![
@@ -921,6 +957,10 @@ mod tests {
                             pace_us_per_step: pace,
                             slowest_us_per_step: slowest,
                             data,
+                            plan: RunPlan {
+                                final_version: deadline_ms,
+                                anneal_from: pace,
+                            },
                         })
                     }
                 ),
@@ -945,6 +985,7 @@ mod tests {
                 code: ErrorCode::WrongRound,
                 message
             })),
+            ".{0,60}".prop_map(|reason| CoordinatorMessage::RunAborted(RunAborted { reason })),
         ]
     }
 
@@ -1058,6 +1099,7 @@ mod tests {
             },
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 5000,
+            plan: RunPlan::default(),
         });
         let frame = message.to_frame().unwrap();
         assert!(parse_header(Channel::Control, &frame).unwrap().compressed);

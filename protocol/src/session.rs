@@ -5,14 +5,17 @@
 //! answering [`OpenReply`], before any [`crate::NodeMessage`]. The token secret is checked here,
 //! outside the coordinator core, so an unauthenticated peer never reaches the state machine. A
 //! [`Purpose::Join`] connection sends an [`IdentityProof`] right after `Open` and then carries the
-//! node protocol; a [`Purpose::Status`] connection receives one [`Status`] and is closed.
+//! node protocol; a [`Purpose::Status`] connection receives one [`Status`] and is closed; a
+//! [`Purpose::Control`] connection sends one [`ControlRequest`] and receives one
+//! [`ControlReply`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Channel};
 use crate::error::Result;
 use crate::messages::{
-    Assignment, DataShard, Device, ErrorReply, Hello, MemberId, ReplicaId, RoundId, StageAssignment,
+    Assignment, DataShard, Device, ErrorReply, Hello, MemberId, ReplicaId, RoundId, RunPlan,
+    StageAssignment,
 };
 
 /// ALPN id of the control protocol; a TLS peer offering anything else is refused in the
@@ -26,6 +29,9 @@ pub enum Purpose {
     Join,
     /// A read-only status query (`forge-coordinator status`).
     Status,
+    /// The operator's request to save, stop, abort or anneal the run (`forge-coordinator
+    /// control`).
+    Control,
 }
 
 /// What the operator asks of a run (`forge-coordinator control`, `forge-node control`).
@@ -74,6 +80,53 @@ impl std::str::FromStr for ControlAction {
             .into_iter()
             .find(|action| action.name() == s)
             .ok_or_else(|| format!("'{s}' is no control action: save, stop, abort or anneal"))
+    }
+}
+
+/// What a [`Purpose::Control`] connection sends right after `Open`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRequest {
+    pub action: ControlAction,
+    /// The round at whose close the action takes effect; None: the round under way (or the
+    /// next to open if none is), and for an abort, at once.
+    pub at_round: Option<RoundId>,
+}
+
+/// An action the coordinator will carry out when round `at_round` closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingControl {
+    pub action: ControlAction,
+    pub at_round: RoundId,
+}
+
+/// The coordinator's answer to a [`ControlRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// `what` says what will happen and when, for the operator.
+    Accepted {
+        what: String,
+        pending: Vec<PendingControl>,
+    },
+    Refused(ErrorReply),
+}
+
+impl ControlRequest {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<ControlRequest> {
+        codec::decode(Channel::Control, frame)
+    }
+}
+
+impl ControlReply {
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        codec::encode(Channel::Control, self)
+    }
+
+    pub fn from_frame(frame: &[u8]) -> Result<ControlReply> {
+        codec::decode(Channel::Control, frame)
     }
 }
 
@@ -234,6 +287,12 @@ pub struct Status {
     pub last_checkpoint: Option<RoundId>,
     /// None until a member said what its data is.
     pub data: Option<DataStatus>,
+    /// The run's end and schedule as they stand (changed by `control stop` or `anneal`).
+    pub plan: RunPlan,
+    /// Control actions waiting for their round to close.
+    pub pending_control: Vec<PendingControl>,
+    /// The run was aborted: no round opens again.
+    pub aborted: bool,
 }
 
 impl Open {
@@ -290,6 +349,36 @@ mod tests {
     }
 
     #[test]
+    fn control_requests_and_replies_round_trip() {
+        for action in ControlAction::ALL {
+            assert_eq!(action.name().parse::<ControlAction>(), Ok(action));
+            let request = ControlRequest {
+                action,
+                at_round: Some(RoundId(7)),
+            };
+            let frame = request.to_frame().unwrap();
+            assert_eq!(ControlRequest::from_frame(&frame).unwrap(), request);
+        }
+        assert!(
+            "pause"
+                .parse::<ControlAction>()
+                .unwrap_err()
+                .contains("anneal")
+        );
+        let reply = ControlReply::Accepted {
+            what: "stop at the close of round 7".to_string(),
+            pending: vec![PendingControl {
+                action: ControlAction::Stop,
+                at_round: RoundId(7),
+            }],
+        };
+        assert_eq!(
+            ControlReply::from_frame(&reply.to_frame().unwrap()).unwrap(),
+            reply
+        );
+    }
+
+    #[test]
     fn status_with_many_members_fits_a_control_frame_and_round_trips() {
         let members = (0..2_000)
             .map(|i| MemberStatus {
@@ -325,6 +414,15 @@ mod tests {
                 consumed: 720,
                 returned: 16,
             }),
+            plan: RunPlan {
+                final_version: 60,
+                anneal_from: Some(5),
+            },
+            pending_control: vec![PendingControl {
+                action: ControlAction::Stop,
+                at_round: RoundId(9),
+            }],
+            aborted: false,
         };
         let frame = status.to_frame().unwrap();
         assert_eq!(Status::from_frame(&frame).unwrap(), status);

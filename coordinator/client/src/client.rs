@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use forge_protocol::session::{
-    IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof, Open, OpenReply, Purpose,
-    Status, identity_proof_message,
+    ControlReply, ControlRequest, IDENTITY_CHALLENGE_LEN, IDENTITY_EXPORTER_LABEL, IdentityProof,
+    Open, OpenReply, Purpose, Status, identity_proof_message,
 };
 use forge_protocol::{
     Activity, Capabilities, CheckpointShardDurable, CheckpointShardFailed, CoordinatorMessage,
@@ -272,6 +272,34 @@ fn stopped() -> Error {
 
 /// Asks the coordinator at `addr` for its status (a read-only connection using the same token).
 pub async fn fetch_status(addr: SocketAddr, token: &str, timeout: Duration) -> Result<Status> {
+    let frame = exchange(addr, token, timeout, Purpose::Status, None, "its status").await?;
+    Status::from_frame(&frame).map_err(Error::Protocol)
+}
+
+/// Asks the coordinator at `addr` to save, stop, abort or anneal the run (the cluster token
+/// authenticates the operator); its answer says what will happen and when, or why not.
+pub async fn send_control(
+    addr: SocketAddr,
+    token: &str,
+    request: ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply> {
+    let frame = request.to_frame().map_err(Error::Protocol)?;
+    let what = "its answer to the control request";
+    let frame = exchange(addr, token, timeout, Purpose::Control, Some(frame), what).await?;
+    ControlReply::from_frame(&frame).map_err(Error::Protocol)
+}
+
+/// One request and one answer on a connection opened for `purpose` (no request: the
+/// coordinator answers the opening), within `timeout`; `what` names the answer in errors.
+async fn exchange(
+    addr: SocketAddr,
+    token: &str,
+    timeout: Duration,
+    purpose: Purpose,
+    request: Option<Vec<u8>>,
+    what: &str,
+) -> Result<Vec<u8>> {
     let token: ClusterToken = token.parse()?;
     let dialer = Dialer {
         addr,
@@ -282,21 +310,24 @@ pub async fn fetch_status(addr: SocketAddr, token: &str, timeout: Duration) -> R
         connect_timeout: timeout,
     };
     let fetch = async {
-        let (connection, _send, mut recv) = dialer.open(Purpose::Status).await?;
+        let (connection, mut send, mut recv) = dialer.open(purpose).await?;
+        if let Some(request) = &request {
+            write_frame(&mut send, request).await?;
+        }
         let frame = read_frame(&mut recv).await?.ok_or_else(|| Error::Stream {
-            reason: "the coordinator closed the stream before sending its status".to_string(),
+            reason: format!("the coordinator closed the stream before sending {what}"),
         })?;
         connection.close(0u32.into(), b"done");
-        Status::from_frame(&frame).map_err(Error::Protocol)
+        Ok::<_, Error>(frame)
     };
-    let status = tokio::time::timeout(timeout, fetch)
+    let frame = tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| Error::Connect {
             addr,
-            reason: format!("no status within {timeout:?}"),
+            reason: format!("no {what} within {timeout:?}"),
         })??;
     dialer.endpoint.wait_idle().await;
-    Ok(status)
+    Ok(frame)
 }
 
 /// The proof that this node holds `identity`, for the connection whose join challenge (TLS

@@ -12,7 +12,7 @@ pub mod tls;
 pub mod wire;
 
 pub use crate::client::{
-    ClientOptions, CoordinatorClient, Notification, fetch_status, prove_identity,
+    ClientOptions, CoordinatorClient, Notification, fetch_status, prove_identity, send_control,
 };
 pub use crate::error::{Error, Result};
 pub use crate::tls::ClusterToken;

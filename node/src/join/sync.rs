@@ -13,8 +13,12 @@ use forge_protocol::stream::{self, DataLease};
 use forge_protocol::sync::SyncCodec;
 use forge_trainer::diloco::Proposal;
 
-/// The error of an all-reduce given up because the coordinator declared a participant gone.
-pub(super) fn declared_gone(round: RoundId, peer: &str, reason: &str) -> AllReduceError {
+/// The error of an all-reduce given up because the coordinator declared participant `peer`
+/// gone, or (no peer) because the run was aborted.
+pub(super) fn declared_gone(round: RoundId, peer: Option<&str>, reason: &str) -> AllReduceError {
+    let Some(peer) = peer else {
+        return AllReduceError::GivenUp(reason.to_string());
+    };
     match peer.parse() {
         Ok(peer) => AllReduceError::PeerFailed {
             round: round.0,

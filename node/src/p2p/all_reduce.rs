@@ -881,7 +881,8 @@ impl<'a> Round<'a> {
             // Another member's abort is not repeated; the rest never reached the network.
             AllReduceError::Aborted { .. }
             | AllReduceError::InvalidRequest(_)
-            | AllReduceError::Stopped => None,
+            | AllReduceError::Stopped
+            | AllReduceError::GivenUp(_) => None,
         };
         let Some(blamed) = blamed else {
             return;

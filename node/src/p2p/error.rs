@@ -120,6 +120,10 @@ pub(crate) enum AllReduceError {
 
     #[error("the peer-to-peer event loop has stopped; the node is shutting down")]
     Stopped,
+
+    /// Given up by this node, blaming nobody (the run was aborted).
+    #[error("the all-reduce was given up: {0}")]
+    GivenUp(String),
 }
 
 impl AllReduceError {
@@ -132,7 +136,8 @@ impl AllReduceError {
             | AllReduceError::Aborted { blamed: peer, .. } => Some(*peer),
             AllReduceError::InvalidRequest(_)
             | AllReduceError::Codec { .. }
-            | AllReduceError::Stopped => None,
+            | AllReduceError::Stopped
+            | AllReduceError::GivenUp(_) => None,
         }
     }
 }

@@ -14,6 +14,12 @@ type Node = Rounds<u64>;
 
 const ME: MemberId = MemberId(1);
 
+/// The run's plan as the coordinator announces it: 20 rounds, the config's schedule.
+const PLAN: RunPlan = RunPlan {
+    final_version: 20,
+    anneal_from: None,
+};
+
 fn config() -> RoundsConfig {
     RoundsConfig {
         final_version: 20,
@@ -64,6 +70,7 @@ fn accepted(member: MemberId, shard: Option<u32>) -> JoinAccepted {
         global: GlobalState::default(),
         heartbeat_interval_ms: 500,
         heartbeat_timeout_ms: 2000,
+        plan: PLAN,
     }
 }
 
@@ -78,6 +85,7 @@ fn open(round: u64, version: u64, members: &[u64]) -> RoundOpened {
         pace_us_per_step: None,
         slowest_us_per_step: None,
         data: vec![],
+        plan: PLAN,
     }
 }
 
@@ -104,6 +112,7 @@ fn closed(
                 member: MemberId(member),
             }],
         }),
+        plan: PLAN,
     }))
 }
 
@@ -128,6 +137,7 @@ fn trained(step: u64) -> Input<u64> {
         steps: 25,
         tokens: 25 * 2048,
         mean_loss: 3.5,
+        lr: Some(1e-3),
         seconds: 2.0,
         step,
         consumed: vec![],
@@ -160,7 +170,9 @@ fn names(actions: &[Action<u64>]) -> Vec<String> {
             Action::FetchState(open) => format!("fetch v{}", open.global_version),
             Action::Train { round, .. } => format!("train {}", round.0),
             Action::AllReduce { round, .. } => format!("all-reduce {}", round.0),
-            Action::AbortAllReduce { peer, .. } => format!("abort {peer}"),
+            Action::AbortAllReduce { peer, .. } => {
+                format!("abort {}", peer.as_deref().unwrap_or("(no peer)"))
+            }
             Action::Report(report) => match &report.outer_step {
                 OuterStep::Ok { .. } => format!("report {} ok", report.round.0),
                 OuterStep::Failed { .. } => format!("report {} failed", report.round.0),
@@ -905,6 +917,38 @@ fn a_failed_training_reports_the_round_and_exits_with_the_error() {
     assert_eq!((*round, why), (RoundId(1), &reason));
 }
 
+/// Round `round`, which committed the run's final version `round`, closes (`close`): evaluated
+/// whatever the interval, checkpointed by this node, the writer (the coordinator always asks
+/// for the final state), and the node leaves once its shard is written and reported.
+fn ends_with_its_final_round(n: &mut Node, t0: Instant, close: Notification, round: u64) {
+    assert_eq!(
+        note(n, t0, close),
+        [format!("apply {round}"), "evaluate".to_string()]
+    );
+    let evaluated = Input::Evaluated {
+        loss: 3.0,
+        bpb: 1.0,
+    };
+    let hash = format!("{round:02x}").repeat(6);
+    assert_eq!(
+        input(n, t0, evaluated),
+        [
+            format!("publish v{round} r{round}"),
+            format!("checkpoint {round} shard 0"),
+            format!("record {round}: committed v{round} {hash}")
+        ]
+    );
+    let written = Input::CheckpointWritten(Ok("ckpt".into()));
+    let actions = input(n, t0, written);
+    assert_eq!(
+        actions[1..],
+        [
+            format!("durable {round} shard 0"),
+            format!("exit Leave(\"the run is finished: its final version {round} is committed\")")
+        ]
+    );
+}
+
 #[test]
 fn the_final_version_ends_the_node_once_its_round_is_closed() {
     let t0 = Instant::now();
@@ -915,34 +959,8 @@ fn the_final_version_ends_the_node_once_its_round_is_closed() {
     };
     assert!(n.handle(t0, resumed).is_empty());
     play(&mut n, t0, 20, 19, 500);
-    // The final round: evaluated whatever the interval, checkpointed by the writer (the
-    // coordinator always asks for the final state), then the node leaves.
-    assert_eq!(
-        note(&mut n, t0, closed(20, committed(20), &[1, 2, 3], Some(1))),
-        ["apply 20", "evaluate"]
-    );
-    let evaluated = Input::Evaluated {
-        loss: 3.0,
-        bpb: 1.0,
-    };
-    // It leaves once the shard is written and reported.
-    assert_eq!(
-        input(&mut n, t0, evaluated),
-        [
-            "publish v20 r20",
-            "checkpoint 20 shard 0",
-            "record 20: committed v20 141414141414"
-        ]
-    );
-    let written = Input::CheckpointWritten(Ok("ckpt".into()));
-    let actions = input(&mut n, t0, written);
-    assert_eq!(
-        actions[1..],
-        [
-            "durable 20 shard 0",
-            "exit Leave(\"the run is finished: its final version 20 is committed\")"
-        ]
-    );
+    let close = closed(20, committed(20), &[1, 2, 3], Some(1));
+    ends_with_its_final_round(&mut n, t0, close, 20);
 
     // A member outside the final round (on standby) hears its close too, and leaves.
     let mut standby = node(t0);
@@ -1149,6 +1167,7 @@ fn the_all_reduce_waits_for_slower_participants() {
         steps: 25,
         tokens: 25 * 2048,
         mean_loss: 3.5,
+        lr: Some(1e-3),
         seconds: 2.0,
         step: 25,
         consumed: vec![],
@@ -1307,4 +1326,85 @@ fn a_broken_pipeline_fails_the_round_and_the_node_stays() {
     // The next round is played.
     let next = note(&mut n, t0, opened(2, 0, &[1, 2, 3]));
     assert!(next.iter().any(|a| a == "train 2"), "{next:?}");
+}
+
+/// The run's control (`forge-coordinator control`): a stop names an earlier final version in
+/// the round's close, which the node ends on like on its budget's; an anneal reaches the inner
+/// steps with the round's opening.
+#[test]
+fn a_stop_ends_the_node_on_the_round_it_made_final() {
+    let t0 = Instant::now();
+    let mut n = node(t0);
+    play(&mut n, t0, 1, 0, 25);
+    let stopped = RunPlan {
+        final_version: 1,
+        anneal_from: None,
+    };
+    let Notification::Message(CoordinatorMessage::RoundClosed(close)) =
+        closed(1, committed(1), &[1, 2, 3], Some(1))
+    else {
+        unreachable!()
+    };
+    let close = RoundClosed {
+        plan: stopped,
+        ..close
+    };
+    let message = Notification::Message(CoordinatorMessage::RoundClosed(close));
+    ends_with_its_final_round(&mut n, t0, message, 1);
+
+    let mut annealing = node(t0);
+    let plan = RunPlan {
+        final_version: 14,
+        anneal_from: Some(2),
+    };
+    let open = RoundOpened {
+        plan,
+        ..open(3, 0, &[1, 2, 3])
+    };
+    let actions = annealing.handle(
+        t0,
+        Input::Note(Notification::Message(CoordinatorMessage::RoundOpened(open))),
+    );
+    let Some(Action::Train { plan: given, .. }) = actions.last() else {
+        panic!("{:?}", names(&actions))
+    };
+    assert_eq!(*given, plan);
+}
+
+fn aborted_note() -> Notification {
+    Notification::Message(CoordinatorMessage::RunAborted(RunAborted {
+        reason: "aborted by the operator".into(),
+    }))
+}
+
+const ABORTED: &str = "exit Aborted(\"the run was aborted: aborted by the operator\")";
+
+/// An abort: a node between rounds leaves at once; one that was training skips the all-reduce
+/// and leaves; one in the all-reduce gives it up and leaves. None evaluates or writes.
+#[test]
+fn an_abort_ends_the_node_wherever_it_is() {
+    let t0 = Instant::now();
+    let mut idle = node(t0);
+    assert_eq!(note(&mut idle, t0, aborted_note()), [ABORTED]);
+
+    let mut training = node(t0);
+    note(&mut training, t0, opened(1, 0, &[1, 2, 3]));
+    assert!(note(&mut training, t0, aborted_note()).is_empty());
+    assert_eq!(input(&mut training, t0, trained(3)), ["abort (no peer)"]);
+    let given_up = ReduceFailure {
+        reason: "given up".into(),
+        peer: None,
+        rejected: false,
+        sync_s: 0.0,
+    };
+    let actions = input(&mut training, t0, Input::Reduced(Err(given_up.clone())));
+    assert_eq!(actions.last().unwrap(), ABORTED, "{actions:?}");
+
+    let mut reducing = node(t0);
+    note(&mut reducing, t0, opened(1, 0, &[1, 2, 3]));
+    input(&mut reducing, t0, trained(25));
+    assert_eq!(note(&mut reducing, t0, aborted_note()), ["abort (no peer)"]);
+    let actions = input(&mut reducing, t0, Input::Reduced(Err(given_up)));
+    assert_eq!(actions.last().unwrap(), ABORTED, "{actions:?}");
+    assert!(!actions.iter().any(|a| a == "evaluate"), "{actions:?}");
 }
