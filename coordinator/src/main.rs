@@ -47,7 +47,8 @@ enum Command {
         #[arg(long, value_name = "[IP:]PORT", value_parser = http_addr)]
         http: Option<SocketAddr>,
     },
-    /// Show a running coordinator's members, stage plan, rounds and last checkpoint.
+    /// Show a running coordinator's members, stage plan, rounds, last checkpoint, where the run
+    /// ends and the control actions pending.
     Status {
         /// The coordinator's address, as printed by `serve`.
         addr: SocketAddr,
