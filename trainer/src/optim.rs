@@ -188,6 +188,14 @@ impl Optimizer {
         }
     }
 
+    /// The parameters, in this optimizer's order (handles sharing their storage).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|s| s.param.shallow_clone())
+            .collect()
+    }
+
     /// Number of optimizer steps taken.
     pub fn step_count(&self) -> i64 {
         self.step

@@ -513,6 +513,8 @@ impl Trainer {
                 batches,
                 batch: *batch,
                 share: batch.sequences() as f64 / t.batch_size as f64,
+                // A pipeline stage's steps run the pipeline's schedule, not this path.
+                recompute: t.activation_checkpointing && stage.is_none(),
             });
         }
         let exchange = if workers.len() > 1 {

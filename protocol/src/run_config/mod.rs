@@ -102,6 +102,10 @@ pub struct TrainConfig {
     /// `[train.optimizer]`: which inner optimizer (AdamW unless set).
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// Keep only each block's input in the forward and recompute its activations in backward:
+    /// less memory for activations, one more forward per step.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     /// Global gradient-norm clip; 0 disables.
     pub grad_clip: f64,
     pub seed: u64,

@@ -160,7 +160,17 @@ impl Gpt2 {
     /// The first stage takes `ids` (B, T) int64, the others the previous stage's output
     /// (B, T, d) fp32; the last returns logits (B, T, vocab) fp32, the others (B, T, d) fp32.
     pub fn forward(&self, input: &Tensor) -> Tensor {
-        let mut x = match (&self.wte, &self.wpe) {
+        let mut x = self.embed_input(input);
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x);
+        }
+        self.head(&x)
+    }
+
+    /// The residual stream (B, T, d) fp32 entering the first block: the embeddings of `input`
+    /// on a first stage, `input` itself on the others.
+    pub(crate) fn embed_input(&self, input: &Tensor) -> Tensor {
+        match (&self.wte, &self.wpe) {
             (Some(wte), Some(wpe)) if self.embeds => {
                 let t = input.size()[1];
                 assert!(
@@ -172,17 +182,28 @@ impl Gpt2 {
                 embed(wte, input) + embed(wpe, &pos)
             }
             _ => input.shallow_clone(),
-        };
-        for block in &self.blocks {
-            x = block.forward(&x, self.compute);
         }
+    }
+
+    pub(crate) fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` of the stage on the residual stream `x`.
+    pub(crate) fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        self.blocks[i].forward(x, self.compute)
+    }
+
+    /// Logits (B, T, vocab) fp32 from the last block's output on a last stage, that output
+    /// itself on the others.
+    pub(crate) fn head(&self, x: &Tensor) -> Tensor {
         match (&self.ln_f, &self.wte) {
             (Some(ln_f), Some(wte)) if self.heads => {
-                let x = to_compute(&ln_f.forward(&x), self.compute);
+                let x = to_compute(&ln_f.forward(x), self.compute);
                 x.matmul(&to_compute(wte, self.compute).tr())
                     .to_kind(Kind::Float)
             }
-            _ => x,
+            _ => x.shallow_clone(),
         }
     }
 }

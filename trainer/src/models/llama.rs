@@ -128,56 +128,79 @@ impl Llama {
     /// The first stage takes `ids` (B, T) int64, the others the previous stage's output
     /// (B, T, d) fp32; the last returns logits (B, T, vocab) fp32, the others (B, T, d) fp32.
     pub fn forward(&self, input: &Tensor) -> Tensor {
-        let (b, t) = (input.size()[0], input.size()[1]);
+        let mut x = self.embed_input(input);
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x);
+        }
+        self.head(&x)
+    }
+
+    /// The residual stream (B, T, d) fp32 entering the first layer: the embeddings of `input`
+    /// on a first stage, `input` itself on the others.
+    pub(crate) fn embed_input(&self, input: &Tensor) -> Tensor {
+        let t = input.size()[1];
         assert!(
             t <= self.cfg.max_seq_len,
             "sequence length {t} exceeds max_seq_len {}",
             self.cfg.max_seq_len
         );
+        match &self.embed_tokens {
+            Some(table) if self.embeds => embed(table, input), // (B, T, d) fp32
+            _ => input.shallow_clone(),
+        }
+    }
+
+    pub(crate) fn n_blocks(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i` of the stage on the residual stream `x` (B, T, d) fp32.
+    pub(crate) fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        let layer = &self.layers[i];
+        let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
         let cos = self.cos.narrow(0, 0, t);
         let sin = self.sin.narrow(0, 0, t);
         let eps = self.cfg.norm_eps;
-        let mut x = match &self.embed_tokens {
-            Some(table) if self.embeds => embed(table, input), // (B, T, d) fp32
-            _ => input.shallow_clone(),
-        };
-        for layer in &self.layers {
-            let h = to_compute(&rms_norm(&x, &layer.input_layernorm, eps), self.compute);
-            let q = apply(&h, &layer.q_proj)
-                .view([b, t, nh, hd])
-                .transpose(1, 2);
-            let k = apply(&h, &layer.k_proj)
-                .view([b, t, nkv, hd])
-                .transpose(1, 2);
-            let v = apply(&h, &layer.v_proj)
-                .view([b, t, nkv, hd])
-                .transpose(1, 2);
-            let q = rotate(&q, &cos, &sin);
-            let k = rotate(&k, &cos, &sin);
-            let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                &q,
-                &k,
-                &v,
-                None,
-                0.0,
-                true,
-                None,
-                nkv != nh,
-            );
-            let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
-            x = &x + apply(&y, &layer.o_proj).to_kind(Kind::Float);
-            let h = to_compute(
-                &rms_norm(&x, &layer.post_attention_layernorm, eps),
-                self.compute,
-            );
-            let gated = apply(&h, &layer.gate_proj).silu() * apply(&h, &layer.up_proj);
-            x = &x + apply(&gated, &layer.down_proj).to_kind(Kind::Float);
-        }
+        let h = to_compute(&rms_norm(x, &layer.input_layernorm, eps), self.compute);
+        let q = apply(&h, &layer.q_proj)
+            .view([b, t, nh, hd])
+            .transpose(1, 2);
+        let k = apply(&h, &layer.k_proj)
+            .view([b, t, nkv, hd])
+            .transpose(1, 2);
+        let v = apply(&h, &layer.v_proj)
+            .view([b, t, nkv, hd])
+            .transpose(1, 2);
+        let q = rotate(&q, &cos, &sin);
+        let k = rotate(&k, &cos, &sin);
+        let y = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q,
+            &k,
+            &v,
+            None,
+            0.0,
+            true,
+            None,
+            nkv != nh,
+        );
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
+        let x = x + apply(&y, &layer.o_proj).to_kind(Kind::Float);
+        let h = to_compute(
+            &rms_norm(&x, &layer.post_attention_layernorm, eps),
+            self.compute,
+        );
+        let gated = apply(&h, &layer.gate_proj).silu() * apply(&h, &layer.up_proj);
+        &x + apply(&gated, &layer.down_proj).to_kind(Kind::Float)
+    }
+
+    /// Logits (B, T, vocab) fp32 from the last layer's output on a last stage, that output
+    /// itself on the others.
+    pub(crate) fn head(&self, x: &Tensor) -> Tensor {
         let (Some(norm), true) = (&self.norm, self.heads) else {
-            return x;
+            return x.shallow_clone();
         };
-        let h = to_compute(&rms_norm(&x, norm, eps), self.compute);
+        let h = to_compute(&rms_norm(x, norm, self.cfg.norm_eps), self.compute);
         let head = self
             .lm_head
             .as_ref()

@@ -32,6 +32,8 @@ pub(crate) struct Worker {
     pub(crate) batch: WorkerBatch,
     /// This worker's sequences over the node's whole batch: its gradients' weight in the sum.
     pub(crate) share: f64,
+    /// Recompute each block's activations in backward (`[train] activation_checkpointing`).
+    pub(crate) recompute: bool,
 }
 
 /// What one worker's part of a step did.
@@ -143,8 +145,15 @@ impl Worker {
             let batch = self.batches.next_batch();
             let (ids, tgt) = self.to_tensors(&batch);
             let clock = parts.data.lap(clock);
-            let loss = cross_entropy(&self.model.forward(&ids), &tgt) * (self.share / accum as f64);
-            let micro = self.opt.gradients(&loss);
+            let scale = self.share / accum as f64;
+            let (loss, micro) = if self.recompute {
+                let params = self.opt.parameters();
+                self.model.recomputed_gradients(&params, &ids, &tgt, scale)
+            } else {
+                let loss = cross_entropy(&self.model.forward(&ids), &tgt) * scale;
+                let grads = self.opt.gradients(&loss);
+                (loss, grads)
+            };
             if grads.is_empty() {
                 grads = micro;
             } else {
