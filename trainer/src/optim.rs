@@ -529,8 +529,8 @@ mod tests {
     fn each_optimizer_gives_each_parameter_its_rule() {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
-        let zeros = |p: nn::Path, shape: &[i64]| {
-            p.var("weight", shape, nn::Init::Const(0.0));
+        let zeros = |p: nn::Path<'_>, shape: &[i64]| {
+            let _ = p.var("weight", shape, nn::Init::Const(0.0));
         };
         zeros(&root / "transformer" / "wte", &[50, 8]);
         zeros(&root / "transformer" / "h" / "0" / "mlp" / "c_fc", &[8, 32]);
