@@ -618,7 +618,15 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         "{:?}",
         shared_data().join("tinystories").join("train-sample.txt")
     );
-    edit_config(&config, &[(&train, "\"train.txt\"")]);
+    // 24 rounds: time for the killed node to start again, join and fetch the state while the
+    // others train on (12 rounds could all pass before a busy machine had restarted it).
+    edit_config(
+        &config,
+        &[
+            (&train, "\"train.txt\""),
+            ("max_steps = 60", "max_steps = 120"),
+        ],
+    );
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) =
         start_coordinator_with(tmp.path(), &config, deadline, &[("RUST_LOG", "info")]);
@@ -647,8 +655,8 @@ fn a_restarted_node_and_the_others_end_on_one_final_model() {
         "{log}\n{stderr}"
     );
     let (version, _) = end_on_one_final_model(nodes, deadline);
-    assert_eq!(version, 12);
-    let coordinator_log = final_checkpoint_committed(tmp.path(), 12);
+    assert_eq!(version, 24);
+    let coordinator_log = final_checkpoint_committed(tmp.path(), 24);
 
     // Data: no position consumed twice, and the epochs read through are whole.
     let (mut consumed, windows) = consumed_positions(&coordinator_log);
