@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use forge_protocol::session::Status;
+use forge_protocol::session::{MemberStatus, Status};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -214,7 +214,7 @@ fn per_member<M>(
     status: &Status,
     (name, help): (&str, &str),
     apply: fn(&M, f64),
-    value: impl Fn(forge_protocol::MemberId) -> Option<f64>,
+    value: impl Fn(&MemberStatus) -> Option<f64>,
 ) where
     M: prometheus_client::metrics::TypedMetric
         + prometheus_client::encoding::EncodeMetric
@@ -226,7 +226,7 @@ fn per_member<M>(
 {
     let family = Family::<MemberLabels, M>::default();
     for m in &status.members {
-        if let Some(v) = value(m.member) {
+        if let Some(v) = value(m) {
             let labels = MemberLabels {
                 member: m.member.0,
                 peer_id: m.peer_id.clone(),
@@ -321,8 +321,7 @@ pub(crate) fn encode_metrics(
             loss,
         );
     }
-    let member = |id| status.members.iter().find(|m| m.member == id);
-    let totals = |id| dashboard.totals(id);
+    let totals = |m: &MemberStatus| dashboard.totals(m.member);
     per_member(
         &mut registry,
         status,
@@ -331,9 +330,13 @@ pub(crate) fn encode_metrics(
             "Tokens per second of wall clock over the member's last round (its measured speed before one)",
         ),
         set_gauge,
-        |id| {
-            let measured = member(id).map(|m| m.tokens_per_s);
-            totals(id).and_then(|t| t.last_tokens_per_s).or(measured)
+        |m| {
+            let measured = m.tokens_per_s;
+            Some(
+                totals(m)
+                    .and_then(|t| t.last_tokens_per_s)
+                    .unwrap_or(measured),
+            )
         },
     );
     per_member(
@@ -344,7 +347,7 @@ pub(crate) fn encode_metrics(
             "Seconds since the member was last heard",
         ),
         set_gauge,
-        |id| member(id).map(|m| m.last_heartbeat_ms_ago as f64 / 1e3),
+        |m| Some(m.last_heartbeat_ms_ago as f64 / 1e3),
     );
     per_member(
         &mut registry,
@@ -354,7 +357,7 @@ pub(crate) fn encode_metrics(
             "Mean training loss of the member's last round",
         ),
         set_gauge,
-        |id| totals(id).and_then(|t| t.last_loss),
+        |m| totals(m).and_then(|t| t.last_loss),
     );
     type Total = fn(&MemberTotals) -> f64;
     let counters: [(&str, &str, Total); 5] = [
@@ -383,8 +386,8 @@ pub(crate) fn encode_metrics(
         }),
     ];
     for (name, help, value) in counters {
-        per_member(&mut registry, status, (name, help), add_counter, |id| {
-            Some(totals(id).map_or(0.0, value))
+        per_member(&mut registry, status, (name, help), add_counter, |m| {
+            Some(totals(m).map_or(0.0, value))
         });
     }
     let mut text = String::new();
