@@ -1191,6 +1191,7 @@ impl Shell {
             unix_ms: Some(at),
             wall_tokens_per_s: Some(wall_tokens_per_s),
             phases: Some(phases),
+            source_tokens: self.trainer.source_tokens(),
             ..log.clone()
         };
         // The record is for people; a full or failing disk must not stop training over it.

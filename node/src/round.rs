@@ -72,6 +72,10 @@ pub(crate) struct RoundLog {
     /// Where this node's wall clock went since it joined (stamped by the shell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) phases: Option<Phases>,
+    /// With a `[data] mix`: the training tokens this node's inner steps read of each source
+    /// so far, by name (stamped by the shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) source_tokens: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl RoundLog {
@@ -311,7 +315,7 @@ pub(crate) enum Action<P> {
     /// Tell the coordinator a checkpoint shard could not be written (the node trains on).
     ShardFailed(CheckpointShardFailed),
     /// Append the round's record to `rounds.jsonl` and print it.
-    Record(RoundLog),
+    Record(Box<RoundLog>),
     /// Stop; nothing follows.
     Exit(Exit),
 }
@@ -1037,6 +1041,7 @@ impl<P> Rounds<P> {
             wall_tokens_per_s: None,
             phases: None,
             data: Vec::new(),
+            source_tokens: None,
         }
     }
 
@@ -1110,11 +1115,11 @@ impl<P> Rounds<P> {
             tensor_hashes,
         } = &closing.closed.outcome
         else {
-            out.push(Action::Record(closing.log));
+            out.push(Action::Record(Box::new(closing.log)));
             return;
         };
         if self.held != Some(*version) {
-            out.push(Action::Record(closing.log));
+            out.push(Action::Record(Box::new(closing.log)));
             return;
         }
         out.push(Action::PublishState {
@@ -1139,7 +1144,7 @@ impl<P> Rounds<P> {
                 tensor_hashes: tensor_hashes.clone(),
             });
         }
-        out.push(Action::Record(closing.log));
+        out.push(Action::Record(Box::new(closing.log)));
     }
 
     fn on_checkpoint_written(&mut self, result: Result<String, String>, out: &mut Vec<Action<P>>) {

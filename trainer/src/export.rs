@@ -486,6 +486,7 @@ mod tests {
             forge_version: "test".into(),
             worker_positions: Vec::new(),
             control: Default::default(),
+            source_windows: Vec::new(),
         }
     }
 

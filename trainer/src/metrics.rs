@@ -32,6 +32,9 @@ pub struct StepMetrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_bpb: Option<f64>,
     pub elapsed_s: f64,
+    /// With a `[data] mix`: the training tokens this run read of each source so far, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tokens: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A run's wall clock by what it was spent on (seconds). `step_s`, `eval_s`, `checkpoint_s`,

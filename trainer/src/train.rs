@@ -163,6 +163,19 @@ pub struct TrainState {
     /// run keeps it.
     #[serde(default)]
     pub control: RunControl,
+    /// With a `[data] mix`: the windows this run's steps read of each source, in mix order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_windows: Vec<u64>,
+}
+
+/// Adds `more` to `counts` element by element (`counts` grows to `more`'s length).
+fn add_counts(counts: &mut Vec<u64>, more: &[u64]) {
+    if counts.len() < more.len() {
+        counts.resize(more.len(), 0);
+    }
+    for (c, m) in counts.iter_mut().zip(more) {
+        *c += m;
+    }
 }
 
 /// How a run ended (errors are returned as `Err`).
@@ -497,7 +510,7 @@ impl Trainer {
             model.set_precision(precision);
             let opt = Optimizer::new(&vs, &t.optimizer, t.adamw);
             let batches = Batches::new(
-                dataset.train.tokens().clone(),
+                dataset.train_stream(),
                 t.seq_len as usize,
                 batch.micro_batch,
                 t.seed,
@@ -560,6 +573,7 @@ impl Trainer {
             forge_version: env!("CARGO_PKG_VERSION").to_string(),
             worker_positions: Vec::new(),
             control: RunControl::default(),
+            source_windows: Vec::new(),
         };
         let pipeline = stage.map(|spec| {
             std::sync::Mutex::new(Pipeline {
@@ -758,21 +772,44 @@ impl Trainer {
         Ok((mean * 1e6).max(1.0) as u64)
     }
 
+    /// With a `[data] mix`: the training tokens this run's steps read of each source, by name.
+    pub fn source_tokens(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let mix = self.dataset.mixture.as_ref()?;
+        let seq_len = self.cfg.train.seq_len;
+        Some(
+            mix.names()
+                .iter()
+                .enumerate()
+                .map(|(s, name)| {
+                    let windows = self.state.source_windows.get(s).copied().unwrap_or(0);
+                    (name.clone(), windows * seq_len as u64)
+                })
+                .collect(),
+        )
+    }
+
     /// What this trainer's training stream is, for the coordinator to check against the run's:
     /// the digest of its training tokens and tokenizer, and its windows per epoch.
     pub fn data_digest(&self) -> DataDigest {
-        let tokens = self.dataset.train.tokens();
         let mut hasher = Sha256::new();
         let mut chunk = vec![0u32; 1 << 16];
         let mut bytes = Vec::with_capacity(4 * chunk.len());
-        let mut start = 0;
-        while start < tokens.len() {
-            let n = chunk.len().min(tokens.len() - start);
-            tokens.read(start, &mut chunk[..n]);
-            bytes.clear();
-            bytes.extend(chunk[..n].iter().flat_map(|t| t.to_le_bytes()));
-            hasher.update(&bytes);
-            start += n;
+        for cache in &self.dataset.train {
+            let tokens = cache.tokens();
+            let mut start = 0;
+            while start < tokens.len() {
+                let n = chunk.len().min(tokens.len() - start);
+                tokens.read(start, &mut chunk[..n]);
+                bytes.clear();
+                bytes.extend(chunk[..n].iter().flat_map(|t| t.to_le_bytes()));
+                hasher.update(&bytes);
+                start += n;
+            }
+        }
+        // A mixture's weights decide which windows the positions name, as its tokens do.
+        if let Some(mix) = &self.dataset.mixture {
+            hasher.update(b"\0mix\0");
+            hasher.update(mix.schedule_key().as_bytes());
         }
         // The tokenizer's hash is hex SHA-256 by construction; hashing its text keeps any
         // other form distinct too.
@@ -1336,12 +1373,14 @@ impl Trainer {
         };
         let mut loss = 0.0;
         let mut positions = Vec::with_capacity(self.others.len());
+        let mut source_windows = Vec::new();
         let mut other_error = None;
         for other in &self.others {
             match other.wait(wait, "its part of the step") {
                 Ok(Reply::Stepped(out, position)) => {
                     loss += out.weighted_loss;
                     positions.push(position);
+                    add_counts(&mut source_windows, &out.source_windows);
                 }
                 Ok(Reply::Done(_)) => {
                     other_error.get_or_insert(Error::Parallel(format!(
@@ -1364,6 +1403,8 @@ impl Trainer {
             }
         };
         loss += out.weighted_loss;
+        add_counts(&mut source_windows, &out.source_windows);
+        add_counts(&mut self.state.source_windows, &source_windows);
         self.state.step += 1;
         self.state.tokens += self.cfg.tokens_per_step();
         self.state.data_position = self.primary.batches.position();
@@ -1566,6 +1607,7 @@ impl Trainer {
                 eval_loss: None,
                 eval_bpb: None,
                 elapsed_s: self.state.elapsed_s,
+                source_tokens: self.source_tokens(),
             };
             let done = self.state.step == self.run_end();
             if self.state.step.is_multiple_of(self.cfg.eval.every) || done {

@@ -31,6 +31,8 @@ fn tinystories_config(tokenizer: TokenizerConfig, cache_dir: &Path) -> DataConfi
         text_field: "text".into(),
         tokenizer: Some(tokenizer),
         cache_dir: cache_dir.to_path_buf(),
+        mix: vec![],
+        curriculum: vec![],
     }
 }
 
@@ -52,10 +54,10 @@ fn tinystories_with_the_gpt2_tokenizer() {
     assert!(secs < 20.0, "tokenizing 2.8 MB took {secs:.1} s");
 
     assert_eq!(ds.tokenizer.separator_id(), 50256);
-    assert_eq!(ds.train.documents(), 2317);
-    assert!(ds.train.len() > 400_000, "{}", ds.train.len());
+    assert_eq!(ds.train[0].documents(), 2317);
+    assert!(ds.train[0].len() > 400_000, "{}", ds.train[0].len());
     // The first document decodes back to the text it came from.
-    let tokens = ds.train.tokens();
+    let tokens = ds.train[0].tokens();
     let first_end = (1..tokens.len()).find(|&i| tokens.get(i) == 50256).unwrap();
     let first = ds
         .tokenizer
@@ -65,16 +67,16 @@ fn tinystories_with_the_gpt2_tokenizer() {
     assert!(first.ends_with("They both felt happy because they had shared and worked together."));
 
     // A second prepare reuses both caches without rewriting them.
-    let stamps = (modified(ds.train.path()), modified(ds.val.path()));
+    let stamps = (modified(ds.train[0].path()), modified(ds.val.path()));
     let again = Dataset::prepare(&cfg).unwrap();
     assert_eq!(
-        (modified(again.train.path()), modified(again.val.path())),
+        (modified(again.train[0].path()), modified(again.val.path())),
         stamps
     );
-    assert_eq!(again.train.len(), ds.train.len());
+    assert_eq!(again.train[0].len(), ds.train[0].len());
 
     // What the training loop does: a training shard and the fixed validation set.
-    let mut train = Batches::new(ds.train.tokens().clone(), 256, 4, 1337, 1, 2).unwrap();
+    let mut train = Batches::new(ds.train[0].tokens().clone(), 256, 4, 1337, 1, 2).unwrap();
     let batch = train.next_batch();
     assert_eq!(batch.inputs.len(), 4 * 256);
     assert!(batch.inputs.iter().all(|&t| (0..50257).contains(&t)));
@@ -86,7 +88,7 @@ fn tinystories_with_the_gpt2_tokenizer() {
     let ln_v = (50257f64).ln();
     assert!(report.val_bigram_loss < report.val_unigram_loss);
     assert!(report.val_unigram_loss < ln_v);
-    assert!(report.train.unigram_entropy < ln_v);
+    assert!(report.train[0].1.unigram_entropy < ln_v);
     assert!(
         (3.0..6.0).contains(&report.val_bigram_loss),
         "{}",
@@ -113,7 +115,7 @@ fn tinystories_with_a_trained_2048_bpe() {
     };
     assert_eq!(Tokenizer::load(saved).unwrap().hash(), ds.tokenizer.hash());
     // A smaller vocabulary spends more tokens per byte than GPT-2's.
-    let bytes_per_token = ds.train.text_bytes() as f64 / ds.train.len() as f64;
+    let bytes_per_token = ds.train[0].text_bytes() as f64 / ds.train[0].len() as f64;
     assert!((2.0..4.5).contains(&bytes_per_token), "{bytes_per_token}");
 
     // Reused, not retrained, on the next prepare.
@@ -124,7 +126,7 @@ fn tinystories_with_a_trained_2048_bpe() {
 
     // The cache refuses the GPT-2 tokenizer, loudly.
     let gpt2 = Tokenizer::load(&shared("gpt2/tokenizer.json")).unwrap();
-    match TokenCache::open(ds.train.path(), &gpt2) {
+    match TokenCache::open(ds.train[0].path(), &gpt2) {
         Err(Error::TokenizerMismatch { .. }) => {}
         other => panic!("expected a tokenizer mismatch, got {other:?}"),
     }
@@ -148,9 +150,11 @@ fn json_corpora_with_a_text_field() {
         text_field: "story".into(),
         tokenizer: Some(TokenizerConfig::Path(shared("gpt2/tokenizer.json"))),
         cache_dir: dir.path().to_path_buf(),
+        mix: vec![],
+        curriculum: vec![],
     };
     let ds = Dataset::prepare(&cfg).unwrap();
-    assert_eq!(ds.train.documents(), 3000);
+    assert_eq!(ds.train[0].documents(), 3000);
     assert_eq!(ds.val.documents(), 3);
     let val = ds.tokenizer.decode(&ds.val.tokens().to_vec()).unwrap();
     assert!(

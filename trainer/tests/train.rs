@@ -571,3 +571,80 @@ fn steps_read_no_checkpoint_files() {
     assert!(resumed.checkpoints().verifications() >= 1);
     assert_eq!(resumed.step(), 0, "the damaged checkpoint is skipped");
 }
+
+/// `[data] mix`: two sources in different layouts (TinyStories text, and the JSON records'
+/// `story` field), weights 0.75 and 0.25. Two workers read 1,024 windows in 16 steps: each
+/// source's tokens are within 1% of its weight (a mixture is exact at every 1,024 windows), and
+/// a run resumed at step 8 takes the uninterrupted run's steps and counts. A curriculum that
+/// switches from the first source to the second at 32,768 tokens (step 16) reads only the
+/// first before the switch and only the second after it.
+#[test]
+fn a_mixture_reads_its_weights_resumes_exactly_and_a_curriculum_switches() {
+    use forge_trainer::data::{CorpusFormat, CurriculumPoint, MixSource};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shared_data().join("tinystories");
+    let source = |file: &str, weight: Option<f64>, json: bool| MixSource {
+        train: vec![data.join(file)],
+        weight,
+        name: Some(if json { "records" } else { "text" }.into()),
+        format: json.then_some(CorpusFormat::Json),
+        text_field: json.then(|| "story".to_string()),
+    };
+    let config = |dir: &Path, total: u64, curriculum: bool| {
+        let mut cfg = small_config(dir, total);
+        cfg.train.batch_size = 64;
+        cfg.train.micro_batch = 32;
+        cfg.train.parallel.cpu_workers = 2;
+        cfg.data.train = vec![];
+        let (a, b) = if curriculum {
+            (None, None)
+        } else {
+            (Some(0.75), Some(0.25))
+        };
+        cfg.data.mix = vec![
+            source("train-sample.txt", a, false),
+            source("stories-3000.json", b, true),
+        ];
+        if curriculum {
+            let point = |tokens, weights: [f64; 2]| CurriculumPoint {
+                tokens,
+                weights: weights.to_vec(),
+            };
+            cfg.data.curriculum = vec![
+                point(0, [1.0, 0.0]),
+                point(32_768, [1.0, 0.0]),
+                point(32_768, [0.0, 1.0]),
+            ];
+        }
+        cfg
+    };
+    let tokens = |trainer: &Trainer| {
+        let t = trainer.source_tokens().unwrap();
+        (t["text"], t["records"])
+    };
+    let total = 16;
+    let mut straight = Trainer::new(config(&tmp.path().join("a"), total, false)).unwrap();
+    let expected = losses(&mut straight, total as usize);
+    let (text, records) = tokens(&straight);
+    println!("16 steps of 64 x 32 tokens: text {text}, records {records}");
+    assert_eq!(text + records, 16 * 64 * 32);
+    let share = text as f64 / (text + records) as f64;
+    assert!((share - 0.75).abs() < 0.01, "text's share {share}");
+
+    let run = tmp.path().join("b");
+    let mut first = Trainer::new(config(&run, total, false)).unwrap();
+    let mut got = losses(&mut first, 8);
+    first.save_checkpoint().unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(config(&run, total, false)).unwrap();
+    assert_eq!(resumed.step(), 8);
+    got.extend(losses(&mut resumed, 8));
+    assert_eq!(expected, got);
+    assert_eq!(tokens(&resumed), (text, records));
+
+    let mut curriculum = Trainer::new(config(&tmp.path().join("c"), 24, true)).unwrap();
+    losses(&mut curriculum, 16);
+    assert_eq!(tokens(&curriculum), (32_768, 0));
+    losses(&mut curriculum, 8);
+    assert_eq!(tokens(&curriculum), (32_768, 8 * 64 * 32));
+}

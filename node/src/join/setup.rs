@@ -226,6 +226,9 @@ pub(super) fn local_config(text: &str, opts: &JoinOptions) -> Result<(RunConfig,
     };
     cfg.data.train = cfg.data.train.iter().map(rebase).collect();
     cfg.data.val = cfg.data.val.iter().map(rebase).collect();
+    for source in &mut cfg.data.mix {
+        source.train = source.train.iter().map(rebase).collect();
+    }
     if let Some(forge_trainer::data::TokenizerConfig::Path(p)) = &cfg.data.tokenizer {
         cfg.data.tokenizer = Some(forge_trainer::data::TokenizerConfig::Path(rebase(p)));
     }

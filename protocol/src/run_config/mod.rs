@@ -13,7 +13,7 @@ mod overrides;
 mod parallel;
 mod schedule;
 
-pub use data::{CorpusFormat, DataConfig, TokenizerConfig};
+pub use data::{CorpusFormat, CurriculumPoint, DataConfig, MixSource, TokenizerConfig};
 pub use diloco::{DilocoConfig, OverlapSteps, Pace};
 pub use overrides::{NODE_KEYS, apply_overrides};
 pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};

@@ -7,6 +7,7 @@
 //! the first is a target exactly once per epoch.
 
 use super::cache::Tokens;
+use super::mix::{MixCursor, Mixture};
 use crate::error::{Error, Result};
 use forge_protocol::rng::SplitMix64;
 use forge_protocol::stream::{self, SeqRange};
@@ -57,10 +58,32 @@ impl LeaseShare {
     }
 }
 
+/// What the training stream is made of: one corpus, or a mixture of sources.
+#[derive(Debug, Clone)]
+pub enum TrainStream {
+    Corpus(Tokens),
+    Mix(Mixture),
+}
+
+impl From<Tokens> for TrainStream {
+    fn from(tokens: Tokens) -> Self {
+        TrainStream::Corpus(tokens)
+    }
+}
+
+impl From<Mixture> for TrainStream {
+    fn from(mix: Mixture) -> Self {
+        TrainStream::Mix(mix)
+    }
+}
+
 /// An endless stream of training batches for one shard, or the positions of a lease.
 #[derive(Debug, Clone)]
 pub struct Batches {
+    /// The corpus (with a mixture: its first source, unused).
     tokens: Tokens,
+    /// Set with a mixture: position → source and window.
+    mix: Option<MixCursor>,
     seq_len: usize,
     batch_size: usize,
     seed: u64,
@@ -81,15 +104,24 @@ impl Batches {
     /// Batches of `batch_size` windows of `seq_len + 1` tokens for `shard` of `n_shards`. Every
     /// shard computes the same seeded permutation of all windows and takes every
     /// `n_shards`-th one from position `shard`, so shards are disjoint and together cover
-    /// every window each epoch; their lengths differ by at most one window.
+    /// every window each epoch; their lengths differ by at most one window. With a mixture
+    /// ([`super::mix`]) the stream has no epochs: shard `shard` reads positions `shard`,
+    /// `shard + n_shards`, … of the mixed stream.
     pub fn new(
-        tokens: Tokens,
+        stream: impl Into<TrainStream>,
         seq_len: usize,
         batch_size: usize,
         seed: u64,
         shard: usize,
         n_shards: usize,
     ) -> Result<Self> {
+        let (tokens, mix) = match stream.into() {
+            TrainStream::Corpus(tokens) => (tokens, None),
+            TrainStream::Mix(mix) => {
+                let tokens = mix.sources()[0].clone();
+                (tokens, Some(MixCursor::new(mix, seq_len.max(1), seed)?))
+            }
+        };
         if seq_len == 0 || batch_size == 0 {
             return Err(Error::Data(format!(
                 "seq_len ({seq_len}) and batch_size ({batch_size}) must both be at least 1"
@@ -101,7 +133,10 @@ impl Batches {
                  replica × workers + worker, below replicas × workers"
             )));
         }
-        let n_windows = windows_in(&tokens, seq_len)?;
+        let n_windows = match &mix {
+            Some(mix) => mix.windows(),
+            None => windows_in(&tokens, seq_len)?,
+        };
         if n_windows > u32::MAX as usize {
             return Err(Error::Data(format!(
                 "{n_windows} windows of {seq_len} tokens are more than one stream indexes \
@@ -119,6 +154,7 @@ impl Batches {
         }
         Ok(Self {
             tokens,
+            mix,
             seq_len,
             batch_size,
             seed,
@@ -173,20 +209,38 @@ impl Batches {
         self.position.index / lease.take
     }
 
-    /// Windows in the whole stream.
+    /// Windows in the whole stream (with a mixture: in all its sources).
     pub fn windows(&self) -> usize {
         self.n_windows
     }
 
-    /// Windows this shard reads per epoch.
+    /// Windows this shard reads per epoch (a mixture's stream has no epochs: `usize::MAX`).
     pub fn shard_len(&self) -> usize {
+        if self.mix.is_some() {
+            return usize::MAX;
+        }
         (self.n_windows - self.shard).div_ceil(self.n_shards)
+    }
+
+    /// With a mixture: the names of its sources and the windows read of each by this stream
+    /// since it was made (or resharded).
+    pub fn mix_drawn(&self) -> Option<(&[String], &[u64])> {
+        let mix = self.mix.as_ref()?;
+        Some((mix.mixture().names(), mix.drawn()))
+    }
+
+    /// What the stream is made of.
+    pub fn stream(&self) -> TrainStream {
+        match &self.mix {
+            Some(mix) => TrainStream::Mix(mix.mixture().clone()),
+            None => TrainStream::Corpus(self.tokens.clone()),
+        }
     }
 
     /// The same stream over shard `shard` of `n_shards`, from its start.
     pub fn reshard(&mut self, shard: usize, n_shards: usize) -> Result<()> {
         *self = Batches::new(
-            self.tokens.clone(),
+            self.stream(),
             self.seq_len,
             self.batch_size,
             self.seed,
@@ -229,21 +283,46 @@ impl Batches {
             seq_len: self.seq_len,
         };
         for _ in 0..self.batch_size {
-            let w = self.next_window();
-            self.tokens.read(w * self.seq_len, &mut self.window);
+            let (source, w) = self.next_source_window();
+            let tokens = match &self.mix {
+                Some(mix) => &mix.sources()[source],
+                None => &self.tokens,
+            };
+            tokens.read(w * self.seq_len, &mut self.window);
             push_window(&self.window, &mut batch);
         }
         batch
     }
 
-    /// Index of the next window this shard (or lease) reads, advancing the position.
+    /// The next window this shard (or lease) reads, as its source (0 without a mixture) and
+    /// window index, advancing the position.
+    fn next_source_window(&mut self) -> (usize, usize) {
+        if self.mix.is_none() {
+            return (0, self.next_window());
+        }
+        let position = match &self.lease {
+            Some(lease) => Self::lease_position(lease, self.position.index),
+            None => self.position.index * self.n_shards as u64 + self.shard as u64,
+        };
+        self.position.index += 1;
+        self.mix
+            .as_mut()
+            .expect("checked above")
+            .window_at(position)
+    }
+
+    /// The stream position of the `k`-th window a worker reads of its share of a lease.
+    fn lease_position(lease: &LeaseShare, k: u64) -> u64 {
+        let offset = k / lease.take * lease.block + lease.offset + k % lease.take;
+        stream::position_at(&lease.ranges, offset)
+            .expect("the trainer stops a round's inner steps when its data lease has no step left")
+    }
+
+    /// Index of the next window this shard (or lease) reads, advancing the position (one
+    /// corpus; [`Batches::next_source_window`] reads mixtures).
     pub(crate) fn next_window(&mut self) -> usize {
         if let Some(lease) = &self.lease {
-            let k = self.position.index;
-            let offset = k / lease.take * lease.block + lease.offset + k % lease.take;
-            let position = stream::position_at(&lease.ranges, offset).expect(
-                "the trainer stops a round's inner steps when its data lease has no step left",
-            );
+            let position = Self::lease_position(lease, self.position.index);
             let n = self.n_windows as u64;
             let epoch = position / n;
             if self.order_epoch != Some(epoch) {
@@ -278,14 +357,19 @@ impl Batches {
 
     /// Every window in `epoch`'s seeded order: the stream's positions of that epoch.
     fn permutation(&self, epoch: u64) -> Vec<u32> {
-        let mut all: Vec<u32> = (0..self.n_windows as u32).collect();
-        let mut rng = Xoshiro256::new(epoch_seed(self.seed, epoch));
-        for i in (1..all.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            all.swap(i, j);
-        }
-        all
+        permutation(self.n_windows, epoch_seed(self.seed, epoch))
     }
+}
+
+/// `0..n` in the order a Fisher–Yates shuffle seeded with `seed` gives.
+pub(super) fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..n as u32).collect();
+    let mut rng = Xoshiro256::new(seed);
+    for i in (1..all.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        all.swap(i, j);
+    }
+    all
 }
 
 /// The validation windows in order, unshuffled: the same fixed set at every evaluation.
@@ -389,19 +473,19 @@ fn push_window(window: &[u32], batch: &mut Batch) {
 
 /// Each epoch's shuffle seed: the run seed and the epoch mixed through splitmix64, so epochs
 /// (and runs) get unrelated orders.
-fn epoch_seed(seed: u64, epoch: u64) -> u64 {
+pub(super) fn epoch_seed(seed: u64, epoch: u64) -> u64 {
     let run = SplitMix64::new(seed).next_u64();
     SplitMix64::new(run ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
 }
 
 /// xoshiro256** (Blackman, Vigna 2018). Written out here because the shuffle order is part of
 /// the resume format: a dependency upgrade must never change which window comes next.
-struct Xoshiro256 {
+pub(super) struct Xoshiro256 {
     s: [u64; 4],
 }
 
 impl Xoshiro256 {
-    fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         let mut sm = SplitMix64::new(seed);
         Self {
             s: [sm.next_u64(), sm.next_u64(), sm.next_u64(), sm.next_u64()],
@@ -421,7 +505,7 @@ impl Xoshiro256 {
     }
 
     /// Uniform in `0..n` without modulo bias (Lemire 2019).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         let mut m = u128::from(self.next_u64()) * u128::from(n);
         if (m as u64) < n {
             let threshold = n.wrapping_neg() % n;
@@ -487,6 +571,90 @@ mod tests {
                 assert_eq!(targets[i], inputs[i] + 1);
             }
         }
+    }
+
+    /// A mixture of two sources (tokens of source `s` start at `s · 1e6`), weights 0.7 and 0.3.
+    fn mixture() -> Mixture {
+        let cfg: forge_protocol::run_config::DataConfig = toml::from_str(
+            "val = \"v\"\nmix = [{ train = \"a\", weight = 0.7 }, { train = \"b\", weight = 0.3 }]",
+        )
+        .unwrap();
+        let sources = (0..2u32)
+            .map(|s| Tokens::from_vec((0..40_001).map(|t| s * 1_000_000 + t).collect()))
+            .collect();
+        Mixture::new(&cfg, sources).unwrap()
+    }
+
+    /// Which source each row of `batch` came from.
+    fn sources_of(batch: &Batch) -> Vec<usize> {
+        (0..batch.rows)
+            .map(|r| (batch.inputs[r * batch.seq_len] / 1_000_000) as usize)
+            .collect()
+    }
+
+    #[test]
+    fn a_mixture_resumes_exactly_and_its_leases_read_the_stream_s_windows() {
+        // Two workers in shard mode: together they read positions 0.. of the mixed stream.
+        let mut workers = [0, 1].map(|w| Batches::new(mixture(), 4, 8, 5, w, 2).unwrap());
+        let mut rows = [0usize; 2];
+        let mut before = Vec::new();
+        for step in 0..600 {
+            if step == 300 {
+                before = workers.iter().map(|b| b.position()).collect();
+            }
+            for b in &mut workers {
+                for s in sources_of(&b.next_batch()) {
+                    rows[s] += 1;
+                }
+            }
+        }
+        // 9,600 windows: each source within 1% of its weight, and exactly what the stream's
+        // first 9,600 positions hold.
+        let total = (rows[0] + rows[1]) as f64;
+        assert!((rows[0] as f64 / total - 0.7).abs() < 0.01, "{rows:?}");
+        assert_eq!(
+            mixture().windows_before(4, 5, 9_600).unwrap(),
+            rows.map(|n| n as u64)
+        );
+        let drawn: u64 = workers.iter().map(|b| b.mix_drawn().unwrap().1[1]).sum();
+        assert_eq!(drawn, rows[1] as u64);
+        // Resuming at step 300 continues with the same batches.
+        let mut resumed = [0, 1].map(|w| {
+            let mut b = Batches::new(mixture(), 4, 8, 5, w, 2).unwrap();
+            b.seek(before[w]).unwrap();
+            b
+        });
+        let mut again = [0, 1].map(|w| {
+            let mut b = Batches::new(mixture(), 4, 8, 5, w, 2).unwrap();
+            for _ in 0..300 {
+                b.next_batch();
+            }
+            b
+        });
+        for _ in 0..50 {
+            for w in 0..2 {
+                assert_eq!(resumed[w].next_batch(), again[w].next_batch());
+            }
+        }
+        // A lease of positions 96..112 for one worker reads what positions 96..112 hold in
+        // shard mode with one shard.
+        let mut whole = Batches::new(mixture(), 4, 16, 5, 0, 1).unwrap();
+        for _ in 0..6 {
+            whole.next_batch();
+        }
+        let mut leased = Batches::new(mixture(), 4, 16, 5, 0, 1).unwrap();
+        leased
+            .lease(LeaseShare {
+                ranges: vec![SeqRange::new(96, 112)],
+                block: 16,
+                offset: 0,
+                take: 16,
+            })
+            .unwrap();
+        assert_eq!(leased.next_batch(), whole.next_batch());
+        // Resharding keeps the mixture.
+        leased.reshard(0, 1).unwrap();
+        assert!(leased.mix_drawn().is_some());
     }
 
     #[test]

@@ -6,22 +6,27 @@
 //! - `corpus`: streaming readers for text, JSON, JSONL and llm.c token shards.
 //! - `cache`: tokenize once (in parallel) into a cache reused until sources or tokenizer change.
 //! - `batches`: packed windows, seeded shuffle, replica × worker shards, resumable positions.
+//! - `mix`: several sources interleaved by weight (and a curriculum) into one stream.
 //! - `stats`: corpus statistics and the bigram baseline a model must beat.
 //!
 //! The training loop calls [`Dataset::prepare`] with the run's `[data]` section ([`DataConfig`],
 //! defined with the run config in `forge_protocol::run_config`), then builds a [`Batches`] over
-//! `dataset.train.tokens()` and an [`EvalBatches`] over `dataset.val.tokens()`.
+//! `dataset.train_stream()` and an [`EvalBatches`] over `dataset.val.tokens()`.
 
 mod batches;
 mod cache;
 mod corpus;
+mod mix;
 mod stats;
 mod tokenizer;
 
-pub use batches::{Batch, Batches, DataPosition, EvalBatches, LeaseShare, shard_index};
+pub use batches::{
+    Batch, Batches, DataPosition, EvalBatches, LeaseShare, TrainStream, shard_index,
+};
 pub use cache::{TokenCache, Tokens};
 pub use corpus::{CorpusFormat, Documents, LlmcShard, detect_format, documents, write_llmc_shard};
-pub use forge_protocol::run_config::{DataConfig, TokenizerConfig};
+pub use forge_protocol::run_config::{CurriculumPoint, DataConfig, MixSource, TokenizerConfig};
+pub use mix::{MIX_BLOCK, Mixture};
 pub use stats::{BaselineReport, BigramBaseline, CorpusStats, bits_per_byte};
 pub use tokenizer::{END_OF_TEXT, SpecialToken, Tokenizer, TokenizerOrigin};
 
@@ -38,8 +43,37 @@ use std::time::Instant;
 pub struct Dataset {
     pub tokenizer: Tokenizer,
     pub tokenizer_origin: TokenizerOrigin,
-    pub train: TokenCache,
+    /// The training corpus: one token cache, or one per `[data] mix` source in its order.
+    pub train: Vec<TokenCache>,
     pub val: TokenCache,
+    /// With `[data] mix`: its sources and weights.
+    pub mixture: Option<Mixture>,
+}
+
+/// Files read into one token stream, in one layout.
+struct Source<'a> {
+    files: &'a [PathBuf],
+    format: CorpusFormat,
+    text_field: &'a str,
+}
+
+/// The training sources of `cfg`: `train`, or each `mix` source with its own layout and field.
+fn sources(cfg: &DataConfig) -> Vec<Source<'_>> {
+    if cfg.mix.is_empty() {
+        return vec![Source {
+            files: &cfg.train,
+            format: cfg.format,
+            text_field: &cfg.text_field,
+        }];
+    }
+    cfg.mix
+        .iter()
+        .map(|m| Source {
+            files: &m.train,
+            format: m.format.unwrap_or(cfg.format),
+            text_field: m.text_field.as_deref().unwrap_or(&cfg.text_field),
+        })
+        .collect()
 }
 
 impl Dataset {
@@ -47,9 +81,14 @@ impl Dataset {
     /// `train` and `val` (`data/*.jsonl.zst`) stand for the files they match, in name order.
     pub fn prepare(cfg: &DataConfig) -> Result<Self> {
         cfg.validate()?;
+        let mut mix = cfg.mix.clone();
+        for (i, source) in mix.iter_mut().enumerate() {
+            source.train = expand_patterns(&source.train, &format!("mix[{i}].train"))?;
+        }
         let expanded = DataConfig {
             train: expand_patterns(&cfg.train, "train")?,
             val: expand_patterns(&cfg.val, "val")?,
+            mix,
             ..cfg.clone()
         };
         // Again with the files the patterns stand for (a validation file a train pattern
@@ -76,14 +115,45 @@ impl Dataset {
                 ));
             }
         };
-        let train = TokenCache::build_or_open(
-            &cfg.train,
-            cfg.format,
-            &cfg.text_field,
-            &tokenizer,
-            &cfg.cache_dir,
-            "train",
-        )?;
+        let train = sources(cfg)
+            .iter()
+            .map(|source| {
+                TokenCache::build_or_open(
+                    source.files,
+                    source.format,
+                    source.text_field,
+                    &tokenizer,
+                    &cfg.cache_dir,
+                    "train",
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mixture = if cfg.mix.is_empty() {
+            None
+        } else {
+            let tokens = train.iter().map(|c| c.tokens().clone()).collect();
+            let mix = Mixture::new(cfg, tokens)?;
+            let shares = mix.shares_at(0.0);
+            let sources: Vec<String> = mix
+                .names()
+                .iter()
+                .zip(&train)
+                .zip(&shares)
+                .map(|((name, cache), share)| {
+                    format!("{name} ({} tokens, {:.1}%)", cache.len(), 100.0 * share)
+                })
+                .collect();
+            let curriculum = match cfg.curriculum.len() {
+                0 => String::new(),
+                n => format!(" at the start of a curriculum of {n} points"),
+            };
+            tracing::info!(
+                "training on a mixture of {} sources{curriculum}: {}",
+                sources.len(),
+                sources.join(", ")
+            );
+            Some(mix)
+        };
         let val = TokenCache::build_or_open(
             &cfg.val,
             cfg.val_format.unwrap_or(cfg.format),
@@ -97,7 +167,16 @@ impl Dataset {
             tokenizer_origin,
             train,
             val,
+            mixture,
         })
+    }
+
+    /// The training stream: the corpus, or the mixture of its sources.
+    pub fn train_stream(&self) -> TrainStream {
+        match &self.mixture {
+            Some(mix) => mix.clone().into(),
+            None => self.train[0].tokens().clone().into(),
+        }
     }
 
     /// Corpus statistics and the unigram and bigram baselines on the validation set.
@@ -143,7 +222,13 @@ fn trained_tokenizer(cfg: &DataConfig, vocab_size: usize) -> Result<(Tokenizer, 
     let mut key = Sha256::new();
     key.update(BPE_RECIPE.as_bytes());
     key.update(vocab_size.to_le_bytes());
-    key.update(cache::content_key(&cfg.train, cfg.format, &cfg.text_field)?);
+    for source in sources(cfg) {
+        key.update(cache::content_key(
+            source.files,
+            source.format,
+            source.text_field,
+        )?);
+    }
     let file = cfg.cache_dir.join(format!(
         "tokenizer-bpe{vocab_size}-{}.json",
         &hex::encode(key.finalize())[..16]
@@ -158,15 +243,18 @@ fn trained_tokenizer(cfg: &DataConfig, vocab_size: usize) -> Result<(Tokenizer, 
         }
     }
     let started = Instant::now();
+    let sources = self::sources(cfg);
     tracing::info!(
         "training a byte-level BPE of {vocab_size} tokens on {:?}",
-        cfg.train
+        sources.iter().flat_map(|s| s.files).collect::<Vec<_>>()
     );
-    let mut sources = Vec::new();
-    for path in &cfg.train {
-        sources.push(corpus::documents(path, cfg.format, &cfg.text_field)?);
+    let mut documents = Vec::new();
+    for source in &sources {
+        for path in source.files {
+            documents.push(corpus::documents(path, source.format, source.text_field)?);
+        }
     }
-    let tok = Tokenizer::train(sources.into_iter().flatten(), vocab_size)?;
+    let tok = Tokenizer::train(documents.into_iter().flatten(), vocab_size)?;
     tok.save(&file)?;
     tracing::info!(
         "trained tokenizer saved to {} in {:.1} s",

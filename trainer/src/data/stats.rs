@@ -264,11 +264,17 @@ impl BigramBaseline {
     }
 }
 
+/// With a mixture, the bigram baseline is fitted on up to this many tokens of the mixed
+/// stream, read in windows of `MIX_SAMPLE_SEQ`.
+const MIX_SAMPLE_TOKENS: usize = 16 << 20;
+const MIX_SAMPLE_SEQ: usize = 1024;
+
 /// What `forge-node data stats` prints: both corpora and the baselines on validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaselineReport {
     pub vocab_size: usize,
-    pub train: CorpusStats,
+    /// The training corpus, or each `[data] mix` source by name.
+    pub train: Vec<(String, CorpusStats)>,
     pub val: CorpusStats,
     pub alpha: f64,
     /// Validation cross-entropy, nats per token.
@@ -282,9 +288,27 @@ pub struct BaselineReport {
 impl BaselineReport {
     pub fn of(dataset: &Dataset) -> Result<Self> {
         let vocab = dataset.tokenizer.vocab_size();
-        let train = CorpusStats::of(&dataset.train, vocab)?;
         let val = CorpusStats::of(&dataset.val, vocab)?;
-        let model = BigramBaseline::fit(dataset.train.tokens(), vocab)?;
+        let (train, model) = match &dataset.mixture {
+            None => {
+                let cache = &dataset.train[0];
+                let train = vec![("train".to_string(), CorpusStats::of(cache, vocab)?)];
+                (train, BigramBaseline::fit(cache.tokens(), vocab)?)
+            }
+            Some(mix) => {
+                let train = mix
+                    .names()
+                    .iter()
+                    .zip(&dataset.train)
+                    .map(|(name, cache)| {
+                        Ok((format!("train {name}"), CorpusStats::of(cache, vocab)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                // Fitted on what the run reads: the first windows of the mixed stream.
+                let sample = mix.sample(MIX_SAMPLE_SEQ, 0, MIX_SAMPLE_TOKENS)?;
+                (train, BigramBaseline::fit(&sample, vocab)?)
+            }
+        };
         let val_tokens = dataset.val.tokens();
         let val_bigram_loss = model.cross_entropy(val_tokens)?;
         let val_unigram_loss = model.unigram_cross_entropy(val_tokens)?;
@@ -305,7 +329,8 @@ impl BaselineReport {
 impl fmt::Display for BaselineReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "vocab size {}", self.vocab_size)?;
-        for (name, s) in [("train", &self.train), ("val", &self.val)] {
+        let corpora = self.train.iter().map(|(name, s)| (name.as_str(), s));
+        for (name, s) in corpora.chain([("val", &self.val)]) {
             writeln!(
                 f,
                 "{name:5}  {} documents, {} tokens, {} bytes ({:.3} bytes/token), {} distinct \

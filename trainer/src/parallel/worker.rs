@@ -37,7 +37,7 @@ pub(crate) struct Worker {
 }
 
 /// What one worker's part of a step did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct StepOutput {
     /// This worker's mean loss times its share (the node's loss is the sum over workers).
     pub(crate) weighted_loss: f64,
@@ -45,6 +45,8 @@ pub(crate) struct StepOutput {
     pub(crate) grad_norm: f64,
     /// Where this worker's part of the step went.
     pub(crate) parts: StepParts,
+    /// With a data mixture: the windows this worker read of each source in the step.
+    pub(crate) source_windows: Vec<u64>,
 }
 
 /// A step's time by part (one worker's clock).
@@ -140,6 +142,7 @@ impl Worker {
         let mut grads: Vec<Tensor> = Vec::new();
         let mut loss_sum = 0.0;
         let mut parts = StepParts::default();
+        let drawn_before = self.batches.mix_drawn().map(|(_, d)| d.to_vec());
         for _ in 0..accum {
             let clock = Instant::now();
             let batch = self.batches.next_batch();
@@ -181,10 +184,17 @@ impl Worker {
             tch::Cuda::synchronize(index as i64);
         }
         parts.optimizer.lap(clock);
+        let source_windows = match (drawn_before, self.batches.mix_drawn()) {
+            (Some(before), Some((_, after))) => {
+                after.iter().zip(before).map(|(a, b)| a - b).collect()
+            }
+            _ => Vec::new(),
+        };
         Ok(StepOutput {
             weighted_loss: loss_sum,
             grad_norm,
             parts,
+            source_windows,
         })
     }
 
