@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Peak memory and step time of one training run with and without activation checkpointing, in
-# the manner of Forgather's peak-memory comparison: `forge-node train` on the TinyStories sample
-# with the GPT-2 tokenizer, the same steps for each variant, each in its own process. On the CPU
-# the peak is the process's maximum resident set size (GNU time); on a GPU (--device cuda:0)
-# the trainer's peak allocated device memory as metrics.jsonl reports it (when it does), the
-# RSS beside it.
+# Peak memory and step time of one training run with and without activation checkpointing and
+# pure bf16, in the manner of Forgather's peak-memory comparison: `forge-node train` on the
+# TinyStories sample with the GPT-2 tokenizer, the same steps for each variant, each in its own
+# process. On the CPU the peak is the process's maximum resident set size (GNU time); on a GPU
+# (--device cuda:0) the trainer's peak allocated device memory as metrics.jsonl reports it
+# (when it does), the RSS beside it.
 #
 #   scripts/bench_memory.sh [--preset gpt2-124m] [--seq 1024] [--batch 2] [--steps 3]
 #                           [--device cpu] [--precision fp32]
+#                           [--variants "plain checkpointed bf16-pure both"]
 #
-# Prints one line per variant (peak, mean time of the steps after the first) and the ratios of
-# checkpointed over plain. Target (issue 26): at least 40% less peak memory at no more than 35%
-# more step time.
+# Variants: plain (--precision), checkpointed (activation checkpointing), bf16-pure (precision
+# bf16-pure), both (the two together). Prints one line per variant (peak, mean time of the steps
+# after the first) and each variant's ratios over plain. Target (issue 26): activation
+# checkpointing at least 40% less peak memory at no more than 35% more step time.
 set -euo pipefail
 self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
 preset=gpt2-124m seq=1024 batch=2 steps=3 device=cpu precision=fp32
+variants="plain checkpointed bf16-pure both"
 while (($#)); do
   case "$1" in
     --preset) preset=$2; shift 2 ;;
@@ -26,7 +29,8 @@ while (($#)); do
     --steps) steps=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --precision) precision=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$self"; exit 0 ;;
+    --variants) variants=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$self"; exit 0 ;;
     *) echo "bench_memory.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +44,7 @@ rm -rf "$work"; mkdir -p "$work"
 
 # One run: peak RSS (KiB) and mean seconds per step after the first.
 run() {
-  local name=$1 recompute=$2 dir=$work/$1
+  local name=$1 recompute=$2 precision=$3 dir=$work/$1
   mkdir -p "$dir"
   /usr/bin/time -f "%M" -o "$dir/maxrss" env RUST_LOG=warn "$node" train \
     --config configs/tiny-cpu.toml --no-resume \
@@ -73,17 +77,31 @@ PY
 }
 
 echo "== $preset, seq $seq, batch $batch, $steps steps, $device, $precision ($node)"
-run plain false
-run checkpointed true
-python3 - "$work" <<'PY'
-import json, sys
-w = sys.argv[1]
-p = json.load(open(f"{w}/plain/result"))
-c = json.load(open(f"{w}/checkpointed/result"))
-key = "peak_dev" if p["peak_dev"] and c["peak_dev"] else "rss_kib"
-mem = c[key] / p[key]
-time = c["step_s"] / p["step_s"]
-print(f"checkpointed / plain: peak memory {mem:.3f} ({100 * (1 - mem):.1f}% less), step time {time:.3f} "
-      f"({100 * (time - 1):+.1f}%)")
-print(f"target (>= 40% less memory at <= 35% more time): {'met' if mem <= 0.60 and time <= 1.35 else 'not met'}")
+for v in $variants; do
+  case "$v" in
+    plain) run plain false "$precision" ;;
+    checkpointed) run checkpointed true "$precision" ;;
+    bf16-pure) run bf16-pure false bf16-pure ;;
+    both) run both true bf16-pure ;;
+    *) echo "bench_memory.sh: unknown variant '$v' (plain, checkpointed, bf16-pure, both)" >&2; exit 2 ;;
+  esac
+done
+python3 - "$work" $variants <<'PY'
+import json, os, sys
+w, names = sys.argv[1], sys.argv[2:]
+results = {n: json.load(open(f"{w}/{n}/result")) for n in names}
+if "plain" not in results:
+    sys.exit(0)
+p = results["plain"]
+for name, r in results.items():
+    if name == "plain":
+        continue
+    key = "peak_dev" if p["peak_dev"] and r["peak_dev"] else "rss_kib"
+    mem = r[key] / p[key]
+    time = r["step_s"] / p["step_s"]
+    print(f"{name} / plain: peak memory {mem:.3f} ({100 * (1 - mem):.1f}% less), step time {time:.3f} "
+          f"({100 * (time - 1):+.1f}%)")
+    if name == "checkpointed":
+        print(f"target (>= 40% less memory at <= 35% more time): "
+              f"{'met' if mem <= 0.60 and time <= 1.35 else 'not met'}")
 PY

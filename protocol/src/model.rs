@@ -514,13 +514,24 @@ fn fields(cfg: &ModelConfig) -> [(&'static str, String); 11] {
     ]
 }
 
-/// The dtype matrix multiplies and attention run in. Parameters, norms, softmax and the loss
-/// stay fp32 (what autocast does, made explicit because tch's autocast only knows fp16).
+/// The dtype matrix multiplies and attention run in. With `fp32` and `bf16` the parameters,
+/// norms, softmax and the loss stay fp32 (what autocast does, made explicit because tch's
+/// autocast only knows fp16); `bf16-pure` keeps the parameters, their gradients and the
+/// optimizer state in bf16 too, and rounds each update stochastically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
     Bf16,
+    #[serde(rename = "bf16-pure")]
+    Bf16Pure,
+}
+
+impl Precision {
+    /// Whether matrix multiplies run in bf16.
+    pub fn bf16_compute(self) -> bool {
+        matches!(self, Precision::Bf16 | Precision::Bf16Pure)
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -529,8 +540,9 @@ impl std::str::FromStr for Precision {
         match s {
             "fp32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
+            "bf16-pure" => Ok(Precision::Bf16Pure),
             other => Err(ConfigError::InvalidModel(format!(
-                "unknown precision '{other}'; use fp32 or bf16"
+                "unknown precision '{other}'; use fp32, bf16 or bf16-pure"
             ))),
         }
     }
@@ -751,6 +763,10 @@ mod tests {
                 .contains("use gpt2 or llama")
         );
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+        assert_eq!(
+            "bf16-pure".parse::<Precision>().unwrap(),
+            Precision::Bf16Pure
+        );
         assert!("fp8".parse::<Precision>().is_err());
     }
 }

@@ -126,7 +126,7 @@ impl TrainStepBench {
         let (name, table_peak) = match self.device {
             Device::Cuda(i) => {
                 let name = flops::cuda_device_name(i).unwrap_or_else(|| "unknown GPU".into());
-                let peak = flops::gpu_peak_tflops(&name, self.precision == Precision::Bf16);
+                let peak = flops::gpu_peak_tflops(&name, self.precision.bf16_compute());
                 (name, peak)
             }
             _ => (cpu_name(), None),

@@ -209,50 +209,36 @@ impl Optimizer {
     }
 
     /// One step at learning rate `lr` with `grads` from [`Optimizer::gradients`]. Parameters
-    /// whose gradient is undefined are left untouched.
+    /// whose gradient is undefined are left untouched. A bf16 parameter (`precision =
+    /// "bf16-pure"`) and its bf16 state are updated in fp32 and rounded back stochastically
+    /// ([`stochastic_round_into`]), so that updates smaller than bf16's spacing still move
+    /// them in expectation.
     pub fn step(&mut self, lr: f64, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
         let step = self.step;
         let (adamw, cfg) = (self.adamw, self.cfg);
         tch::no_grad(|| {
-            for (s, grad) in self.params.iter_mut().zip(grads) {
+            for (index, (s, grad)) in self.params.iter_mut().zip(grads).enumerate() {
                 if !grad.defined() {
                     continue;
                 }
-                match &mut s.rule {
-                    Rule::AdamW {
-                        exp_avg,
-                        exp_avg_sq,
-                        decay,
-                    } => adamw_step(
-                        &adamw,
-                        step,
-                        lr,
-                        &mut s.param,
-                        grad,
-                        exp_avg,
-                        exp_avg_sq,
-                        *decay,
-                    ),
-                    Rule::Muon {
-                        momentum_buffer,
-                        fans,
-                    } => muon_step(&cfg.muon, lr, &mut s.param, grad, momentum_buffer, *fans),
-                    Rule::Adafactor {
-                        row_var,
-                        col_var,
-                        variance,
-                    } => adafactor_step(
-                        &cfg.adafactor,
-                        step,
-                        lr,
-                        &mut s.param,
-                        grad,
-                        row_var.as_mut(),
-                        col_var.as_mut(),
-                        variance.as_mut(),
-                    ),
+                if s.param.kind() != Kind::BFloat16 {
+                    apply_rule(&adamw, &cfg, step, lr, &mut s.param, grad, &mut s.rule);
+                    continue;
+                }
+                let mut param = s.param.to_kind(Kind::Float);
+                let mut rule = s.rule.to_kind(Kind::Float);
+                let grad = grad.to_kind(Kind::Float);
+                apply_rule(&adamw, &cfg, step, lr, &mut param, &grad, &mut rule);
+                let key = |part: usize| rounding_key(step, index, part);
+                stochastic_round_into(&mut s.param, &param, key(0));
+                for (part, ((_, mut mine), (_, updated))) in state_parts(&s.rule)
+                    .into_iter()
+                    .zip(state_parts(&rule))
+                    .enumerate()
+                {
+                    stochastic_round_into(&mut mine, &updated, key(part + 1));
                 }
             }
         });
@@ -334,6 +320,134 @@ fn state_parts(rule: &Rule) -> Vec<(&'static str, Tensor)> {
         .into_iter()
         .filter_map(|(part, t)| t.as_ref().map(|t| (part, t.shallow_clone())))
         .collect(),
+    }
+}
+
+impl Rule {
+    /// A copy of the rule with its state tensors in `kind`.
+    fn to_kind(&self, kind: Kind) -> Rule {
+        let conv = |t: &Tensor| t.to_kind(kind);
+        match self {
+            Rule::AdamW {
+                exp_avg,
+                exp_avg_sq,
+                decay,
+            } => Rule::AdamW {
+                exp_avg: conv(exp_avg),
+                exp_avg_sq: conv(exp_avg_sq),
+                decay: *decay,
+            },
+            Rule::Muon {
+                momentum_buffer,
+                fans,
+            } => Rule::Muon {
+                momentum_buffer: conv(momentum_buffer),
+                fans: *fans,
+            },
+            Rule::Adafactor {
+                row_var,
+                col_var,
+                variance,
+            } => Rule::Adafactor {
+                row_var: row_var.as_ref().map(conv),
+                col_var: col_var.as_ref().map(conv),
+                variance: variance.as_ref().map(conv),
+            },
+        }
+    }
+}
+
+/// One parameter's update by its rule.
+fn apply_rule(
+    adamw: &AdamWConfig,
+    cfg: &OptimizerConfig,
+    step: i64,
+    lr: f64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    rule: &mut Rule,
+) {
+    match rule {
+        Rule::AdamW {
+            exp_avg,
+            exp_avg_sq,
+            decay,
+        } => adamw_step(adamw, step, lr, param, grad, exp_avg, exp_avg_sq, *decay),
+        Rule::Muon {
+            momentum_buffer,
+            fans,
+        } => muon_step(&cfg.muon, lr, param, grad, momentum_buffer, *fans),
+        Rule::Adafactor {
+            row_var,
+            col_var,
+            variance,
+        } => adafactor_step(
+            &cfg.adafactor,
+            step,
+            lr,
+            param,
+            grad,
+            row_var.as_mut(),
+            col_var.as_mut(),
+            variance.as_mut(),
+        ),
+    }
+}
+
+/// Elements a stochastic rounding works on at once (its integer temporaries are 8 bytes each).
+const ROUNDING_CHUNK: i64 = 1 << 20;
+
+/// The key of the rounding noise of `part` (0: the parameter, 1..: its state tensors) of
+/// parameter `index` at `step`: the same on every data-parallel worker, so that their copies
+/// stay identical, and on a resumed run.
+fn rounding_key(step: i64, index: usize, part: usize) -> i64 {
+    let mut h = forge_protocol::rng::SplitMix64::new(
+        (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((index as u64) << 8) ^ part as u64,
+    );
+    (h.next_u64() & 0xFFFF_FFFF) as i64
+}
+
+/// Writes fp32 `src` into bf16 `dst`, each value rounded up or down to a neighbouring bf16
+/// with probabilities that make the result unbiased: 16 bits of noise are added to the fp32
+/// bit pattern below bf16's last bit, and those bits are dropped. The noise is a hash of the
+/// element's index and `key` (computed in int64 without overflow), so the rounding is
+/// deterministic for a key and independent of any random generator. Values that bf16 holds
+/// exactly are kept.
+pub fn stochastic_round_into(dst: &mut Tensor, src: &Tensor, key: i64) {
+    const MASK32: i64 = 0xFFFF_FFFF;
+    const MUL: i64 = 0x045D_9F3B;
+    let flat_src = src.to_kind(Kind::Float).contiguous().reshape([-1]);
+    let flat_dst = dst.reshape([-1]);
+    let n = flat_src.numel() as i64;
+    let device = src.device();
+    let mut start = 0;
+    while start < n {
+        let len = ROUNDING_CHUNK.min(n - start);
+        let mut x = Tensor::arange_start(start, start + len, (Kind::Int64, device));
+        let _ = x.g_add_scalar_(key);
+        let _ = x.bitwise_and_(MASK32);
+        for _ in 0..2 {
+            let shifted = x.bitwise_right_shift_tensor_scalar(16);
+            let _ = x.bitwise_xor_tensor_(&shifted);
+            let _ = x.g_mul_scalar_(MUL);
+            let _ = x.bitwise_and_(MASK32);
+        }
+        let shifted = x.bitwise_right_shift_tensor_scalar(16);
+        let _ = x.bitwise_xor_tensor_(&shifted);
+        let noise = x.bitwise_and(0xFFFF).to_kind(Kind::Int);
+        let bits = flat_src.narrow(0, start, len).view_dtype(Kind::Int);
+        let rounded = (bits + noise)
+            .bitwise_and(-65536i64)
+            .view_dtype(Kind::Float)
+            .to_kind(Kind::BFloat16);
+        flat_dst
+            .narrow(0, start, len)
+            .copy_(&rounded.to_kind(flat_dst.kind()));
+        start += len;
+    }
+    if flat_dst.data_ptr() != dst.data_ptr() {
+        // `dst` was not contiguous: `reshape` copied it, so write the copy back.
+        dst.copy_(&flat_dst.reshape(dst.size()));
     }
 }
 
@@ -499,6 +613,77 @@ pub fn clip_to_norm(grads: &[Tensor], max_norm: f64, total: f64) {
 mod tests {
     use super::*;
     use tch::{Device, Kind, nn};
+
+    /// Stochastic rounding keeps what bf16 holds, picks only the two neighbours of what it
+    /// does not, with the probabilities that make it unbiased, for either sign; the same key
+    /// gives the same rounding, another key another.
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_deterministic() {
+        let n = 1 << 21; // two chunks
+        let round = |value: f32, key: i64| {
+            let src = Tensor::full([n], value as f64, (Kind::Float, Device::Cpu));
+            let mut dst = Tensor::zeros([n], (Kind::BFloat16, Device::Cpu));
+            stochastic_round_into(&mut dst, &src, key);
+            dst.to_kind(Kind::Float)
+        };
+        for exact in [1.0f32, -0.5, 0.0, 3.140625] {
+            let got = round(exact, 7);
+            assert_eq!(f64::try_from(got.max()).unwrap(), exact as f64);
+            assert_eq!(f64::try_from(got.min()).unwrap(), exact as f64);
+        }
+        // Between 1 and the next bf16 (1 + 2^-7), a quarter of the way: up with p = 1/4.
+        for sign in [1.0f32, -1.0] {
+            let value = sign * (1.0 + 0.25 / 128.0);
+            let got = round(value, 7);
+            let up = f64::try_from(got.eq(sign as f64 * (1.0 + 1.0 / 128.0)).sum(Kind::Float))
+                .unwrap()
+                / n as f64;
+            let down = f64::try_from(got.eq(sign as f64).sum(Kind::Float)).unwrap() / n as f64;
+            assert!(
+                (up - 0.25).abs() < 0.002 && (up + down - 1.0).abs() < 1e-12,
+                "{up} {down}"
+            );
+            let mean = f64::try_from(got.mean(Kind::Double)).unwrap();
+            assert!((mean - value as f64).abs() < 2e-5, "mean {mean} of {value}");
+        }
+        let value = 1.0 + 0.5 / 128.0;
+        assert!(round(value, 7).equal(&round(value, 7)));
+        assert!(!round(value, 7).equal(&round(value, 8)));
+        // A transposed (non-contiguous) destination is written through.
+        let src = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]);
+        let mut dst = Tensor::zeros([3, 2], (Kind::BFloat16, Device::Cpu)).tr();
+        stochastic_round_into(&mut dst, &src, 1);
+        assert!(dst.to_kind(Kind::Float).equal(&src));
+    }
+
+    /// In bf16-pure, an update far below bf16's spacing still moves a parameter in expectation
+    /// (round to nearest would leave it where it is), and a parameter's state stays bf16.
+    #[test]
+    fn bf16_parameters_take_updates_smaller_than_their_spacing_in_expectation() {
+        let mut vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[1 << 16], nn::Init::Const(1.0));
+        vs.bfloat16();
+        let mut opt = Optimizer::adamw(
+            &vs,
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        );
+        let grad = Tensor::ones([1 << 16], (Kind::BFloat16, Device::Cpu));
+        // AdamW's first step moves by lr · sign(grad): 1e-4, a 78th of bf16's spacing at 1.
+        opt.step(1e-4, &[grad]);
+        assert_eq!(w.kind(), Kind::BFloat16);
+        let mean = f64::try_from(w.to_kind(Kind::Float).mean(Kind::Double)).unwrap();
+        assert!((mean - (1.0 - 1e-4)).abs() < 1e-5, "mean {mean}");
+        let state = opt.state_tensors();
+        assert!(
+            state
+                .iter()
+                .filter(|(n, _)| n != "step")
+                .all(|(_, t)| t.kind() == Kind::BFloat16)
+        );
+    }
 
     /// One AdamW step on f(w) = sum(w * c) matches the closed form (first step moves every
     /// coordinate by lr·sign(grad), plus decay).

@@ -426,7 +426,16 @@ impl Trainer {
         });
         if precision == Precision::Bf16 && device == Device::Cpu {
             return Err(Error::InvalidTrainConfig(
-                "precision bf16 is for CUDA devices; use fp32 on cpu".into(),
+                "precision bf16 is for CUDA devices; use fp32 (or bf16-pure, which keeps the \
+                 parameters and optimizer state in bf16) on cpu"
+                    .into(),
+            ));
+        }
+        if precision == Precision::Bf16Pure && stage.is_some() {
+            return Err(Error::InvalidTrainConfig(
+                "precision bf16-pure is not supported for pipeline stages yet; use fp32 or bf16 \
+                 for a model split over nodes"
+                    .into(),
             ));
         }
         if let Some(n) = t.threads {
@@ -508,6 +517,10 @@ impl Trainer {
                 Model::new(&vs.root(), &model_cfg)?
             };
             model.set_precision(precision);
+            if precision == Precision::Bf16Pure {
+                // Parameters (and so gradients and optimizer state) in bf16.
+                vs.bfloat16();
+            }
             let opt = Optimizer::new(&vs, &t.optimizer, t.adamw);
             let batches = Batches::new(
                 dataset.train_stream(),
@@ -559,7 +572,7 @@ impl Trainer {
         let peak_lr = scaled_peak_lr(t.lr, cfg.tokens_per_step(), t.lr_reference_batch_tokens);
         let peak_tflops = match device {
             Device::Cuda(i) => flops::cuda_device_name(i)
-                .and_then(|name| flops::gpu_peak_tflops(&name, precision == Precision::Bf16)),
+                .and_then(|name| flops::gpu_peak_tflops(&name, precision.bf16_compute())),
             _ => None,
         };
         let state = TrainState {

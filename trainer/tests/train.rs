@@ -648,3 +648,62 @@ fn a_mixture_reads_its_weights_resumes_exactly_and_a_curriculum_switches() {
     losses(&mut curriculum, 8);
     assert_eq!(tokens(&curriculum), (32_768, 8 * 64 * 32));
 }
+
+/// `precision = "bf16-pure"` on the CPU: parameters, gradients and AdamW's moments in bf16,
+/// updates rounded stochastically. Its losses follow the fp32 run's (the last within 2%), its
+/// parameters and optimizer state are bf16, it resumes exactly (the rounding noise is a
+/// function of the step), and two data-parallel workers train like one.
+#[test]
+fn bf16_pure_trains_like_fp32_resumes_exactly_and_keeps_workers_identical() {
+    use forge_trainer::models::Precision;
+    let tmp = tempfile::tempdir().unwrap();
+    let total = 16;
+    let config = |dir: &Path, precision| {
+        let mut cfg = small_config(dir, total);
+        cfg.train.precision = Some(precision);
+        cfg
+    };
+    let mut fp32 = Trainer::new(config(&tmp.path().join("fp32"), Precision::Fp32)).unwrap();
+    let reference = losses(&mut fp32, total as usize);
+    let mut pure = Trainer::new(config(&tmp.path().join("pure"), Precision::Bf16Pure)).unwrap();
+    let expected = losses(&mut pure, total as usize);
+    println!("fp32      {reference:?}\nbf16-pure {expected:?}");
+    let (a, b) = (reference.last().unwrap(), expected.last().unwrap());
+    assert!(
+        (a - b).abs() / a < 0.02,
+        "last loss: fp32 {a}, bf16-pure {b}"
+    );
+    assert!(b < &expected[0], "loss falls");
+    assert!(
+        forge_trainer::models::trainable_by_name(pure.var_store())
+            .iter()
+            .all(|(_, p)| p.kind() == tch::Kind::BFloat16)
+    );
+
+    let run = tmp.path().join("resumed");
+    let mut first = Trainer::new(config(&run, Precision::Bf16Pure)).unwrap();
+    let mut got = losses(&mut first, 8);
+    let checkpoint = first.save_checkpoint().unwrap();
+    drop(first);
+    let state = tch::Tensor::read_safetensors(checkpoint.join("optimizer.safetensors")).unwrap();
+    assert!(
+        state
+            .iter()
+            .filter(|(name, _)| name.ends_with("exp_avg"))
+            .all(|(_, t)| t.kind() == tch::Kind::BFloat16)
+    );
+    let mut resumed = Trainer::new(config(&run, Precision::Bf16Pure)).unwrap();
+    got.extend(losses(&mut resumed, 8));
+    assert_eq!(expected, got);
+
+    // Two workers (whose gradients are reduced in another order) follow one.
+    let mut cfg = config(&tmp.path().join("two"), Precision::Bf16Pure);
+    cfg.train.parallel.cpu_workers = 2;
+    let mut two = Trainer::new(cfg).unwrap();
+    let both = losses(&mut two, total as usize);
+    let c = both.last().unwrap();
+    assert!(
+        (b - c).abs() / b < 0.02,
+        "last loss: 1 worker {b}, 2 workers {c}"
+    );
+}

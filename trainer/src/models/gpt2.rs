@@ -59,8 +59,11 @@ impl LayerNorm {
     /// Normalises in fp32 whatever the input dtype.
     fn forward(&self, x: &Tensor) -> Tensor {
         let d = self.weight.size()[0];
+        // bf16-pure keeps the gain and bias in bf16.
+        let weight = to_compute(&self.weight, Kind::Float);
+        let bias = to_compute(&self.bias, Kind::Float);
         x.to_kind(Kind::Float)
-            .layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+            .layer_norm([d], Some(&weight), Some(&bias), self.eps, true)
     }
 }
 

@@ -28,7 +28,9 @@ fn apply(x: &Tensor, w: &Tensor) -> Tensor {
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let d = weight.size()[0];
-    x.to_kind(Kind::Float).rms_norm([d], Some(weight), eps)
+    // In fp32 whatever the dtypes (bf16-pure keeps the gain in bf16).
+    let weight = to_compute(weight, Kind::Float);
+    x.to_kind(Kind::Float).rms_norm([d], Some(&weight), eps)
 }
 
 #[derive(Debug)]

@@ -19,7 +19,7 @@ pub use llama::Llama;
 pub fn compute_kind(precision: Precision) -> Kind {
     match precision {
         Precision::Fp32 => Kind::Float,
-        Precision::Bf16 => Kind::BFloat16,
+        Precision::Bf16 | Precision::Bf16Pure => Kind::BFloat16,
     }
 }
 
