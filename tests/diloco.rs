@@ -1704,8 +1704,16 @@ fn the_dashboard_shows_a_live_two_node_run_in_a_browser() {
         .unwrap();
     assert!(committed >= 4.0, "{metrics}");
 
+    // A control action waiting for its round shows in the page's header.
+    let save = control(&addr, &token, &["save", "--at-round", "100000"]);
+    assert!(save.success(), "{}", save.stderr);
+
     // The page as a browser renders it once its script has fetched the status.
     let dom = chromium(&url, &["--dump-dom"], 8000);
+    assert!(
+        dom.contains("control: save as round 100000 closes"),
+        "the page does not show the pending save:\n{dom}"
+    );
     assert!(
         dom.contains("data-loaded=\"1\""),
         "the page never loaded its data:\n{dom}"

@@ -308,6 +308,8 @@ impl Dashboard {
             "standby": status.standby,
             "gone": self.gone,
             "rounds": rounds,
+            "pending_control": status.pending_control,
+            "aborted": status.aborted,
         })
     }
 }
