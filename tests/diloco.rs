@@ -1988,3 +1988,41 @@ fn a_data_mixture_is_read_by_its_weights_across_nodes() {
     let share = text as f64 / (text + records) as f64;
     assert!((share - 0.75).abs() < 0.01, "text's share {share}");
 }
+
+/// A control action survives a coordinator restart: a save and a stop for later rounds are
+/// still pending after the coordinator is killed and started again on its state directory, and
+/// the stop still moves the run's final version there.
+#[test]
+fn pending_control_actions_survive_a_coordinator_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 2);
+    let deadline = Instant::now() + LIMIT;
+    let (coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
+    for args in [["save", "--at-round", "7"], ["stop", "--at-round", "9"]] {
+        let reply = control(&addr, &token, &args);
+        assert!(reply.success(), "{}", reply.stderr);
+    }
+    let before: serde_json::Value = serde_json::from_str(&status(&addr, &token, true)).unwrap();
+    drop(coordinator); // SIGKILL
+    let (_coordinator, addr, token_after) = start_coordinator(tmp.path(), &config, deadline);
+    assert_eq!(token_after, token, "the cluster keeps its token");
+    let after: serde_json::Value = serde_json::from_str(&status(&addr, &token, true)).unwrap();
+    assert_eq!(
+        after["pending_control"], before["pending_control"],
+        "{after:#}"
+    );
+    assert_eq!(
+        after["pending_control"].as_array().unwrap().len(),
+        2,
+        "{after:#}"
+    );
+    assert_eq!(
+        after["plan"]["final_version"],
+        before["plan"]["final_version"]
+    );
+    let text = status(&addr, &token, false);
+    assert!(
+        text.contains("pending control: save as round 7 closes, stop as round 9 closes"),
+        "{text}"
+    );
+}
