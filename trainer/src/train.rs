@@ -1450,6 +1450,9 @@ impl Trainer {
         let batches: Vec<Batch> = (0..micro)
             .map(|_| self.primary.batches.next_batch())
             .collect();
+        // Every stage reads the replica's batches (the first its inputs, the last its targets).
+        let read = self.primary.batches.take_source_windows();
+        add_counts(&mut self.state.source_windows, &read);
         let tensors: Vec<(Tensor, Tensor)> =
             batches.iter().map(|b| self.primary.to_tensors(b)).collect();
         let ids = Tensor::cat(&tensors.iter().map(|(i, _)| i).collect::<Vec<_>>(), 0);

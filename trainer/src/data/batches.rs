@@ -84,6 +84,8 @@ pub struct Batches {
     tokens: Tokens,
     /// Set with a mixture: position → source and window.
     mix: Option<MixCursor>,
+    /// With a mixture: the windows of each source [`Batches::take_source_windows`] reported.
+    reported: Vec<u64>,
     seq_len: usize,
     batch_size: usize,
     seed: u64,
@@ -155,6 +157,7 @@ impl Batches {
         Ok(Self {
             tokens,
             mix,
+            reported: Vec::new(),
             seq_len,
             batch_size,
             seed,
@@ -222,11 +225,20 @@ impl Batches {
         (self.n_windows - self.shard).div_ceil(self.n_shards)
     }
 
-    /// With a mixture: the names of its sources and the windows read of each by this stream
-    /// since it was made (or resharded).
-    pub fn mix_drawn(&self) -> Option<(&[String], &[u64])> {
-        let mix = self.mix.as_ref()?;
-        Some((mix.mixture().names(), mix.drawn()))
+    /// With a mixture: the windows read of each source since the last call (empty without).
+    pub fn take_source_windows(&mut self) -> Vec<u64> {
+        let Some(mix) = &self.mix else {
+            return Vec::new();
+        };
+        let drawn = mix.drawn();
+        self.reported.resize(drawn.len(), 0);
+        let read = drawn
+            .iter()
+            .zip(&self.reported)
+            .map(|(d, r)| d - r)
+            .collect();
+        self.reported = drawn.to_vec();
+        read
     }
 
     /// What the stream is made of.
@@ -616,8 +628,13 @@ mod tests {
             mixture().windows_before(4, 5, 9_600).unwrap(),
             rows.map(|n| n as u64)
         );
-        let drawn: u64 = workers.iter().map(|b| b.mix_drawn().unwrap().1[1]).sum();
+        let drawn: u64 = workers.iter_mut().map(|b| b.take_source_windows()[1]).sum();
         assert_eq!(drawn, rows[1] as u64);
+        assert!(
+            workers
+                .iter_mut()
+                .all(|b| b.take_source_windows() == [0, 0])
+        );
         // Resuming at step 300 continues with the same batches.
         let mut resumed = [0, 1].map(|w| {
             let mut b = Batches::new(mixture(), 4, 8, 5, w, 2).unwrap();
@@ -654,7 +671,7 @@ mod tests {
         assert_eq!(leased.next_batch(), whole.next_batch());
         // Resharding keeps the mixture.
         leased.reshard(0, 1).unwrap();
-        assert!(leased.mix_drawn().is_some());
+        assert_eq!(leased.take_source_windows(), [0, 0]);
     }
 
     #[test]

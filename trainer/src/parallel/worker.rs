@@ -142,7 +142,6 @@ impl Worker {
         let mut grads: Vec<Tensor> = Vec::new();
         let mut loss_sum = 0.0;
         let mut parts = StepParts::default();
-        let drawn_before = self.batches.mix_drawn().map(|(_, d)| d.to_vec());
         for _ in 0..accum {
             let clock = Instant::now();
             let batch = self.batches.next_batch();
@@ -184,12 +183,7 @@ impl Worker {
             tch::Cuda::synchronize(index as i64);
         }
         parts.optimizer.lap(clock);
-        let source_windows = match (drawn_before, self.batches.mix_drawn()) {
-            (Some(before), Some((_, after))) => {
-                after.iter().zip(before).map(|(a, b)| a - b).collect()
-            }
-            _ => Vec::new(),
-        };
+        let source_windows = self.batches.take_source_windows();
         Ok(StepOutput {
             weighted_loss: loss_sum,
             grad_norm,
