@@ -1179,8 +1179,14 @@ type Finished = (Option<i32>, Vec<String>);
 /// returns the two honest nodes' exit codes and lines, the hostile node's member id, and the
 /// coordinator's log.
 fn run_with_hostile(mode: &str) -> (Vec<Finished>, u64, String) {
+    run_with_hostile_config(mode, &[])
+}
+
+/// [`run_with_hostile`] on the run config with `edits`.
+fn run_with_hostile_config(mode: &str, edits: &[(&str, &str)]) -> (Vec<Finished>, u64, String) {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), 3);
+    edit_config(&config, edits);
     let deadline = Instant::now() + LIMIT;
     let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
     let mut nodes: Vec<Proc> = (0..2)
@@ -1247,6 +1253,24 @@ fn shut_out(honest: &[Finished], member: u64, coordinator_log: &str, why: &str) 
 #[test]
 fn a_hostile_owner_poisoning_its_reduced_range_is_removed_and_the_run_goes_on() {
     let (honest, member, coordinator_log) = run_with_hostile("poison-results");
+    shut_out(
+        &honest,
+        member,
+        &coordinator_log,
+        "more than its inputs allow",
+    );
+}
+
+/// The same with a sparse codec, whose owners relay every member's top-k values instead of
+/// encoding their average: a hostile owner relaying each part times 1e30 is rejected and
+/// removed alike.
+#[test]
+fn a_hostile_owner_poisoning_relayed_top_k_values_is_removed_and_the_run_goes_on() {
+    let topk = (
+        "compression = { codec = \"int8\", block_size = 256, zstd = 3 }",
+        "compression = { codec = \"topk\", block_size = 4096, density = 0.015625, bits = 2 }",
+    );
+    let (honest, member, coordinator_log) = run_with_hostile_config("poison-results", &[topk]);
     shut_out(
         &honest,
         member,

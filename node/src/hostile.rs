@@ -45,3 +45,28 @@ pub(crate) fn mode() -> Option<Mode> {
         None
     }
 }
+
+/// A poisoning owner's relayed chunk (sparse codecs, `p2p::relay`) into `out`: each member's
+/// part decoded to its `n` values and encoded again by the codec, which multiplies what it
+/// encodes by [`POISON`] in this mode (see `join::sync`).
+pub(crate) fn poison_relayed(
+    codec: &mut dyn crate::p2p::ChunkCodec,
+    parts: &[&[u8]],
+    n: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let mut values = vec![0.0f32; n];
+    let mut poisoned = Vec::with_capacity(parts.len());
+    for part in parts {
+        codec
+            .decode_into(part, &mut values)
+            .map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        codec
+            .encode_result(0, &values, f64::INFINITY, &mut bytes)
+            .map_err(|e| e.to_string())?;
+        poisoned.push(bytes);
+    }
+    let parts: Vec<&[u8]> = poisoned.iter().map(Vec::as_slice).collect();
+    crate::p2p::relay::pack(&parts, out)
+}

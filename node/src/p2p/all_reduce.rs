@@ -1126,6 +1126,10 @@ impl<'a> Round<'a> {
                     &mut decoded[..n],
                 )
                 .map_err(|err| self.codec_error(err))?;
+                if crate::hostile::mode() == Some(crate::hostile::Mode::PoisonResults) {
+                    crate::hostile::poison_relayed(&mut **self.lock_codec(), &parts, n, &mut bytes)
+                        .map_err(|err| self.codec_error(err))?;
+                }
             } else {
                 let mean = &mut mean[..n];
                 for (avg, &s) in mean.iter_mut().zip(sum.iter()) {
