@@ -3,8 +3,8 @@
 # pure bf16, in the manner of Forgather's peak-memory comparison: `forge-node train` on the
 # TinyStories sample with the GPT-2 tokenizer, the same steps for each variant, each in its own
 # process. On the CPU the peak is the process's maximum resident set size (GNU time); on a GPU
-# (--device cuda:0) the trainer's peak allocated device memory as metrics.jsonl reports it
-# (when it does), the RSS beside it.
+# (--device cuda:N) the most device memory in use that nvidia-smi reported, sampled every
+# 0.2 s while the run lasted (libtorch's caching allocator included), the RSS beside it.
 #
 #   scripts/bench_memory.sh [--preset gpt2-124m] [--seq 1024] [--batch 2] [--steps 3]
 #                           [--device cpu] [--precision fp32]
@@ -46,6 +46,13 @@ rm -rf "$work"; mkdir -p "$work"
 run() {
   local name=$1 recompute=$2 precision=$3 dir=$work/$1
   mkdir -p "$dir"
+  local sampler=""
+  if [[ "$device" == cuda:* ]]; then
+    # The device's memory in use, in MiB, every 0.2 s: the largest sample is the peak.
+    command -v nvidia-smi > /dev/null || { echo "bench_memory.sh: --device $device needs nvidia-smi for the peak" >&2; exit 1; }
+    (while :; do nvidia-smi --id="${device#cuda:}" --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.2; done > "$dir/device_mib") &
+    sampler=$!
+  fi
   /usr/bin/time -f "%M" -o "$dir/maxrss" env RUST_LOG=warn "$node" train \
     --config configs/tiny-cpu.toml --no-resume \
     --set "model.preset=\"$preset\"" --set 'model.family="gpt2"' \
@@ -59,14 +66,19 @@ run() {
     --set "train.activation_checkpointing=$recompute" \
     --set 'train.schedule={ kind = "constant", warmup_steps = 0 }' \
     --set 'eval.every=1000000' --set 'eval.batches=1' --set 'checkpoint.every=1000000' \
-    > "$dir/out" 2> "$dir/log" || { echo "bench_memory.sh: the $name run failed; see $dir/log" >&2; tail -5 "$dir/log" >&2; exit 1; }
+    > "$dir/out" 2> "$dir/log" || { [[ -n "$sampler" ]] && kill "$sampler"; echo "bench_memory.sh: the $name run failed; see $dir/log" >&2; tail -5 "$dir/log" >&2; exit 1; }
+  [[ -z "$sampler" ]] || { kill "$sampler"; wait "$sampler" 2> /dev/null || true; }
   python3 - "$name" "$dir" <<'PY'
 import json, sys
 name, d = sys.argv[1], sys.argv[2]
 rss_kib = int(open(f"{d}/maxrss").read().split()[-1])
 steps = [json.loads(l) for l in open(f"{d}/run/metrics.jsonl") if '"step"' in l and '"loss"' in l]
 times = [s["phases"]["step_s"] for s in steps[1:]]
-peak_dev = max((s.get("peak_device_bytes", 0) or 0) for s in steps) if steps else 0
+try:
+    samples = [int(l) for l in open(f"{d}/device_mib") if l.strip().isdigit()]
+except FileNotFoundError:
+    samples = []
+peak_dev = max(samples) * 1024**2 if samples else 0
 line = f"{name}: peak RSS {rss_kib / 1024**2:.2f} GiB"
 if peak_dev:
     line += f", peak device memory {peak_dev / 1024**3:.2f} GiB"
