@@ -11,7 +11,7 @@ use crate::device::{device_name, parse_devices};
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::metrics::{MetricsLog, Phases, StepMetrics};
-use crate::models::{Initial, Model, ModelConfig, Precision, cross_entropy, weights};
+use crate::models::{Initial, Model, ModelConfig, Precision, weights};
 use crate::optim::Optimizer;
 use crate::parallel::worker::{Command, Exchange, Lap, Reply, StepParts, Worker, WorkerThread};
 use crate::parallel::{BucketReducer, Fault, LocalReducer};
@@ -1284,7 +1284,7 @@ impl Trainer {
                 let mut shown = started;
                 for (done, batch) in self.eval_set.iter().enumerate() {
                     let (ids, tgt) = self.primary.to_tensors(batch);
-                    let loss = cross_entropy(&self.primary.model.forward(&ids), &tgt);
+                    let loss = self.primary.model.eval_loss(&ids, &tgt);
                     total += f64::try_from(loss).unwrap_or(f64::NAN) * batch.targets.len() as f64;
                     count += batch.targets.len();
                     if shown.elapsed().as_secs_f64() >= 5.0 {

@@ -191,13 +191,73 @@ impl Model {
         cross_entropy(&logits, targets)
     }
 
+    /// [`Model::loss`] for evaluation (no gradients): the blocks run on
+    /// [`BLOCK_CHUNK_TOKENS`] tokens' worth of sequences at a time and the head with its loss
+    /// in chunks of at most [`HEAD_CHUNK_ELEMENTS`] logits, so that a large vocabulary's logits
+    /// for a whole batch never exist at once (at sequence 1024, GPT-2's are 200 MB per
+    /// sequence, twice over). The same value as [`Model::loss`] up to rounding. A pipeline
+    /// stage's model (no ids in or no logits out) takes the plain forward.
+    pub fn eval_loss(&self, ids: &Tensor, targets: &Tensor) -> Tensor {
+        if !(self.takes_ids() && self.gives_logits()) {
+            return self.loss(ids, targets);
+        }
+        let seq = ids.size().get(1).copied().unwrap_or(1).max(1);
+        let sequences = (BLOCK_CHUNK_TOKENS / seq).max(1);
+        let head_rows = (HEAD_CHUNK_ELEMENTS / self.config().vocab_size.max(1)).max(1);
+        self.eval_loss_in(ids, targets, sequences, head_rows)
+    }
+
+    fn eval_loss_in(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        block_rows: i64,
+        head_rows: i64,
+    ) -> Tensor {
+        tch::no_grad(|| {
+            let batch = ids.size()[0];
+            let mut parts = Vec::new();
+            for start in (0..batch).step_by(block_rows.max(1) as usize) {
+                let len = block_rows.max(1).min(batch - start);
+                let mut x = self.embed_input(&ids.narrow(0, start, len));
+                for i in 0..self.n_blocks() {
+                    x = self.block(i, &x);
+                }
+                parts.push(x);
+            }
+            let stream = Tensor::cat(&parts, 0);
+            let d = *stream.size().last().expect("a (B, T, d) stream");
+            let last = stream.reshape([-1, d]);
+            let flat_targets = targets.reshape([-1]);
+            let tokens = last.size()[0];
+            let valid = flat_targets.ne(-1).sum(Kind::Float);
+            let mut sum = Tensor::zeros([], (Kind::Float, last.device()));
+            let mut start = 0;
+            while start < tokens {
+                let len = head_rows.min(tokens - start);
+                let logits = self.head(&last.narrow(0, start, len).unsqueeze(0));
+                let chunk = cross_entropy_reduced(
+                    &logits,
+                    &flat_targets.narrow(0, start, len),
+                    tch::Reduction::Sum,
+                );
+                let _ = sum.g_add_(&chunk);
+                start += len;
+            }
+            sum / valid
+        })
+    }
+
     /// [`Model::loss`] times `scale` and its gradients with respect to `params`, recomputing
     /// each block's activations in backward (activation checkpointing): the forward keeps only
     /// the residual stream entering each block, and the backward runs each block's forward
     /// again, from the last to the first, to take its gradients. The head and the loss run in
     /// chunks of tokens whose logits take at most [`HEAD_CHUNK_ELEMENTS`] values, so that the
-    /// logits of a large vocabulary never exist all at once either. Gradients equal the plain
-    /// backward's up to rounding; a parameter the loss does not use gets an undefined tensor.
+    /// logits of a large vocabulary never exist all at once either, and the blocks run on
+    /// [`BLOCK_CHUNK_TOKENS`] tokens' worth of sequences at a time, so that one block's
+    /// activations for a few sequences are all that exists beside the stream. Gradients equal
+    /// the plain backward's up to rounding; a parameter the loss does not use gets an undefined
+    /// tensor.
     pub fn recomputed_gradients(
         &self,
         params: &[Tensor],
@@ -206,10 +266,13 @@ impl Model {
         scale: f64,
     ) -> (Tensor, Vec<Tensor>) {
         let rows = (HEAD_CHUNK_ELEMENTS / self.config().vocab_size.max(1)).max(1);
-        self.recomputed_gradients_in(params, ids, targets, scale, rows)
+        let seq = ids.size().get(1).copied().unwrap_or(1).max(1);
+        let sequences = (BLOCK_CHUNK_TOKENS / seq).max(1);
+        self.recomputed_gradients_in(params, ids, targets, scale, rows, sequences)
     }
 
-    /// [`Model::recomputed_gradients`] with the head in chunks of `chunk_rows` tokens.
+    /// [`Model::recomputed_gradients`] with the head in chunks of `chunk_rows` tokens and the
+    /// blocks in chunks of `block_rows` sequences.
     fn recomputed_gradients_in(
         &self,
         params: &[Tensor],
@@ -217,14 +280,27 @@ impl Model {
         targets: &Tensor,
         scale: f64,
         chunk_rows: i64,
+        block_rows: i64,
     ) -> (Tensor, Vec<Tensor>) {
         let n = self.n_blocks();
-        // The stream entering each block, without the graph that made it.
+        // Sequences `start..start + len` of the batch, for each chunk of `block_rows`.
+        let batch = ids.size()[0];
+        let row_chunks: Vec<(i64, i64)> = (0..batch)
+            .step_by(block_rows.max(1) as usize)
+            .map(|start| (start, block_rows.max(1).min(batch - start)))
+            .collect();
+        // The stream entering each block, without the graph that made it. A block runs on a
+        // few sequences at a time: its activations (attention's scores are T² per head and
+        // sequence) exist for those only.
         let inputs: Vec<Tensor> = tch::no_grad(|| {
             let mut x = self.embed_input(ids);
             let mut inputs = Vec::with_capacity(n);
             for i in 0..n {
-                let next = self.block(i, &x);
+                let parts: Vec<Tensor> = row_chunks
+                    .iter()
+                    .map(|&(start, len)| self.block(i, &x.narrow(0, start, len)))
+                    .collect();
+                let next = Tensor::cat(&parts, 0);
                 inputs.push(x);
                 x = next;
             }
@@ -271,9 +347,19 @@ impl Model {
         }
         let mut upstream = Tensor::cat(&upstream, 1).reshape(&size[..]);
         for i in (0..n).rev() {
-            let x = inputs[i].detach().set_requires_grad(true);
-            let vjp = (self.block(i, &x) * &upstream).sum(Kind::Float);
-            upstream = backward(&vjp, Some(&x)).expect("a block's input gradient");
+            // Recomputed a few sequences at a time, like the forward.
+            let parts: Vec<Tensor> = row_chunks
+                .iter()
+                .map(|&(start, len)| {
+                    let x = inputs[i]
+                        .narrow(0, start, len)
+                        .detach()
+                        .set_requires_grad(true);
+                    let vjp = (self.block(i, &x) * upstream.narrow(0, start, len)).sum(Kind::Float);
+                    backward(&vjp, Some(&x)).expect("a block's input gradient")
+                })
+                .collect();
+            upstream = Tensor::cat(&parts, 0);
         }
         if self.takes_ids() {
             let vjp = (self.embed_input(ids) * &upstream).sum(Kind::Float);
@@ -313,6 +399,10 @@ impl Model {
 
 /// Logits values (tokens × vocabulary) the checkpointed head computes at once: 64 MB in fp32.
 pub const HEAD_CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// Tokens a checkpointed block runs on at once (whole sequences, at least one): its
+/// activations exist for these only, in the forward and in the recomputation.
+pub const BLOCK_CHUNK_TOKENS: i64 = 2048;
 
 /// Mean cross-entropy over (B, T, V) logits and (B, T) targets, ignoring index -1.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -383,9 +473,10 @@ mod tests {
             let refs: Vec<&Tensor> = params.iter().collect();
             let plain = Tensor::run_backward(&[&plain_loss], &refs, false, false);
             let (loss, recomputed) = model.recomputed_gradients(&params, &ids, &targets, 0.5);
-            // And with the head in chunks of 10 tokens (8 chunks, the last of 2).
+            // And with the head in chunks of 10 tokens (8 chunks, the last of 2)
+            // And with the blocks one sequence at a time (3 chunks).
             let (chunked_loss, chunked) =
-                model.recomputed_gradients_in(&params, &ids, &targets, 0.5, 10);
+                model.recomputed_gradients_in(&params, &ids, &targets, 0.5, 10, 1);
             let chunked_diff = f64::try_from((&chunked_loss - &plain_loss).abs()).unwrap();
             assert!(
                 chunked_diff < 1e-6,
@@ -406,6 +497,20 @@ mod tests {
                 worst = worst.max(f64::try_from((a - b).abs().max()).unwrap());
             }
             println!("{name}: {} gradients, max |Δ| {worst:.3e}", plain.len());
+            // The evaluation's chunked loss (sequence by sequence, 10 tokens of logits at a
+            // time) is the plain one.
+            let eval = model.eval_loss_in(&ids, &targets, 1, 10);
+            let eval_diff = f64::try_from((&eval * 0.5 - &plain_loss).abs()).unwrap();
+            assert!(
+                eval_diff < 1e-6,
+                "{name}: evaluation loss differs by {eval_diff}"
+            );
+            let eval = model.eval_loss(&ids, &targets);
+            let eval_diff = f64::try_from((&eval * 0.5 - &plain_loss).abs()).unwrap();
+            assert!(
+                eval_diff < 1e-6,
+                "{name}: evaluation loss differs by {eval_diff}"
+            );
             assert!(worst <= 1e-6, "{name}: gradients differ by {worst}");
         }
     }
