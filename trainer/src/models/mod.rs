@@ -215,10 +215,8 @@ impl Model {
         head_rows: i64,
     ) -> Tensor {
         tch::no_grad(|| {
-            let batch = ids.size()[0];
             let mut parts = Vec::new();
-            for start in (0..batch).step_by(block_rows.max(1) as usize) {
-                let len = block_rows.max(1).min(batch - start);
+            for (start, len) in chunks(ids.size()[0], block_rows) {
                 let mut x = self.embed_input(&ids.narrow(0, start, len));
                 for i in 0..self.n_blocks() {
                     x = self.block(i, &x);
@@ -229,12 +227,9 @@ impl Model {
             let d = *stream.size().last().expect("a (B, T, d) stream");
             let last = stream.reshape([-1, d]);
             let flat_targets = targets.reshape([-1]);
-            let tokens = last.size()[0];
             let valid = flat_targets.ne(-1).sum(Kind::Float);
             let mut sum = Tensor::zeros([], (Kind::Float, last.device()));
-            let mut start = 0;
-            while start < tokens {
-                let len = head_rows.min(tokens - start);
+            for (start, len) in chunks(last.size()[0], head_rows) {
                 let logits = self.head(&last.narrow(0, start, len).unsqueeze(0));
                 let chunk = cross_entropy_reduced(
                     &logits,
@@ -242,7 +237,6 @@ impl Model {
                     tch::Reduction::Sum,
                 );
                 let _ = sum.g_add_(&chunk);
-                start += len;
             }
             sum / valid
         })
@@ -284,11 +278,7 @@ impl Model {
     ) -> (Tensor, Vec<Tensor>) {
         let n = self.n_blocks();
         // Sequences `start..start + len` of the batch, for each chunk of `block_rows`.
-        let batch = ids.size()[0];
-        let row_chunks: Vec<(i64, i64)> = (0..batch)
-            .step_by(block_rows.max(1) as usize)
-            .map(|start| (start, block_rows.max(1).min(batch - start)))
-            .collect();
+        let row_chunks = chunks(ids.size()[0], block_rows);
         // The stream entering each block, without the graph that made it. A block runs on a
         // few sequences at a time: its activations (attention's scores are T² per head and
         // sequence) exist for those only.
@@ -324,14 +314,11 @@ impl Model {
         let d = *size.last().expect("a (B, T, d) stream");
         let last = inputs[n].reshape([-1, d]);
         let flat_targets = targets.reshape([-1]);
-        let tokens = last.size()[0];
         let valid = f64::try_from(flat_targets.ne(-1).sum(Kind::Float)).unwrap_or(0.0);
         let per_token = scale / valid.max(1.0);
         let mut loss = Tensor::zeros([], (Kind::Float, last.device()));
         let mut upstream = Vec::new();
-        let mut start = 0;
-        while start < tokens {
-            let len = chunk_rows.min(tokens - start);
+        for (start, len) in chunks(last.size()[0], chunk_rows) {
             let x = last
                 .narrow(0, start, len)
                 .unsqueeze(0)
@@ -343,7 +330,6 @@ impl Model {
             ) * per_token;
             let _ = loss.g_add_(&chunk.detach());
             upstream.push(backward(&chunk, Some(&x)).expect("the head's input gradient"));
-            start += len;
         }
         let mut upstream = Tensor::cat(&upstream, 1).reshape(&size[..]);
         for i in (0..n).rev() {
@@ -395,6 +381,15 @@ impl Model {
             Model::Llama(m) => m.head(x),
         }
     }
+}
+
+/// `0..total` in consecutive `(start, len)` pieces of `size` (at least 1), the last shorter.
+fn chunks(total: i64, size: i64) -> Vec<(i64, i64)> {
+    let size = size.max(1);
+    (0..total)
+        .step_by(size as usize)
+        .map(|start| (start, size.min(total - start)))
+        .collect()
 }
 
 /// Logits values (tokens × vocabulary) the checkpointed head computes at once: 64 MB in fp32.
