@@ -10,7 +10,8 @@
 # DiLoCo matches synchronous training, 0 when adding nodes did not help, negative when it hurt.
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner H]
-#                                   [--outer-lr LR] [--momentum M] [--lr 3e-3] [--sync-warmup 0]
+#                                   [--outer-lr LR] [--momentum M] [--scaling none|sqrt-members]
+#                                   [--lr 3e-3] [--sync-warmup 0]
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
 #                                   [--density 0.015625] [--bits 2]
@@ -18,7 +19,9 @@
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
 # --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
-# (default: configs/diloco-tiny-cpu.toml's, the demo's); --diloco (repeatable) sets any other
+# (default: configs/diloco-tiny-cpu.toml's, the demo's), --scaling outer_lr_scaling (default none;
+# sqrt-members: the outer lr times the square root of the members; such runs say -sqrtk in their
+# directory's name); --diloco (repeatable) sets any other
 # [diloco] key (e.g. --diloco 'nesterov = false');
 # --density and --bits set topk's share of values kept and bits per value (with --codec topk);
 # --overlap sets [diloco] overlap_steps (inner steps that train while the outer sync runs);
@@ -38,7 +41,7 @@ self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
-nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1 optimizer=adamw
+nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" scaling=none lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1 optimizer=adamw
 overlap=0 pace=auto data=tinystories warmup="" extras=() density=0.015625 bits=2
 args=("$@")
 while (($#)); do
@@ -49,6 +52,7 @@ while (($#)); do
     --inner) inner=$2; shift 2 ;;
     --outer-lr) outer_lr=$2; shift 2 ;;
     --momentum) momentum=$2; shift 2 ;;
+    --scaling) scaling=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
     --sync-warmup) warm=$2; shift 2 ;;
@@ -74,9 +78,10 @@ case "$codec" in
   *) echo "bench_diloco_quality.sh: codec must be fp32, bf16, int8, int4 or topk" >&2; exit 2 ;;
 esac
 case "$optimizer" in adamw|muon|adafactor) ;; *) echo "bench_diloco_quality.sh: --optimizer must be adamw, muon or adafactor" >&2; exit 2 ;; esac
-# The inner optimizer of all three runs: [train.optimizer] appended to each config.
+# The inner optimizer of all three runs: [train.optimizer] appended to each config, in place of
+# any the config has.
 with_optimizer() {
-  cat
+  awk '/^\[/ { skip = ($0 == "[train.optimizer]") } !skip'
   [[ "$optimizer" == adamw ]] || printf '\n[train.optimizer]\nkind = "%s"\n' "$optimizer"
 }
 case "$pace" in auto|fixed) ;; *) echo "bench_diloco_quality.sh: --pace must be auto or fixed" >&2; exit 2 ;; esac
@@ -176,6 +181,7 @@ momentum=${momentum:-$(config_value outer_momentum)}
 tag=""
 for e in "${extras[@]}"; do tag=$tag-$(tr -d ' ' <<< "$e" | tr '=' '_'); done
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm$tag
+[[ "$scaling" == none ]] || work=$work-sqrtk
 ((overlap == 0)) || work=$work-o$overlap
 [[ "$density $bits" == "0.015625 2" ]] || work=$work-d$density-b$bits
 [[ "$pace" == auto ]] || work=$work-$pace
@@ -194,6 +200,7 @@ sed -e "s#out_dir = \"runs/diloco-tiny-cpu\"#out_dir = \"$work/diloco\"#" \
     -e "s/^inner_steps = .*/inner_steps = $inner/" \
     -e "s/^outer_lr = .*/outer_lr = $outer_lr/" \
     -e "s/^outer_momentum = .*/outer_momentum = $momentum/" \
+    -e "s/^outer_lr_scaling = .*/outer_lr_scaling = \"$scaling\"/" \
     -e "s#^compression = .*#compression = $compression#" \
     -e "s/^eval_every_rounds = .*/eval_every_rounds = 100000/" \
     -e "s/^sync_warmup_steps = .*/sync_warmup_steps = $warm/" \
@@ -224,7 +231,7 @@ diloco_loss=$(sed -n 's/^final validation loss \([0-9.]*\).*/\1/p' "$work/node1.
 sent=$(python3 -c "
 import json; r=[json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(f\"{sum(x['bytes_sent'] for x in r)/len(r)/1e6:.2f} MB per outer step ({100*sum(x['bytes_sent'] for x in r)/sum(x['fp32_bytes'] for x in r):.1f}% of fp32), {sum(x['sync_s'] for x in r)/len(r):.2f} s sync\")")
-echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr momentum=$momentum ${extras[*]:+${extras[*]} }lr=$lr sync_warmup=$warm overlap=$overlap pace=$pace data=$data seed=$seed: val loss $diloco_loss; $sent"
+echo "diloco $nodes nodes $codec H=$inner outer_lr=$outer_lr scaling=$scaling momentum=$momentum ${extras[*]:+${extras[*]} }lr=$lr sync_warmup=$warm overlap=$overlap pace=$pace data=$data seed=$seed: val loss $diloco_loss; $sent"
 if ((baseline)); then
   echo "$one_line"
   echo "$sync_line"

@@ -82,13 +82,14 @@ echo "== done: per-round records in $work/node1/run/rounds.jsonl"
 
 value() { sed -n "s/^$1 = \([0-9.e-]*\).*/\1/p" "$config" | head -1; }
 steps=$(value max_steps) warmup=$(value warmup_steps) lr=$(value lr) seed=$(value seed)
+optimizer=$(awk '/^\[/ { t = $0 } t == "[train.optimizer]" && /^kind = / { gsub(/[" ]/, "", $3); print $3 }' "$config")
 demo_loss=$(python3 -c "
 import json
 rounds = [json.loads(l) for l in open('$work/node1/run/rounds.jsonl')]
 print(next(r['eval_loss'] for r in reversed(rounds) if 'eval_loss' in r))")
 echo "== the baselines: one node alone, and one node with twice the batch ($steps steps each)"
 baselines=$(FORGE_BIN=$bin scripts/bench_diloco_quality.sh --skip-diloco --nodes "$node_count" \
-  --steps "$steps" --warmup "$warmup" --lr "$lr" --seed "$seed")
+  --steps "$steps" --warmup "$warmup" --lr "$lr" --seed "$seed" --optimizer "${optimizer:-adamw}")
 one=$(sed -n 's/^one node alone .*: val loss \([0-9.]*\)/\1/p' <<< "$baselines")
 sync=$(sed -n 's/^synchronous .*: val loss \([0-9.]*\)/\1/p' <<< "$baselines")
 python3 -c "

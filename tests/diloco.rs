@@ -383,6 +383,19 @@ fn the_coordinator_warns_of_heavy_outer_steps_in_a_short_run() {
     ] {
         assert!(warning[0].contains(needle), "{needle}: {log}");
     }
+    assert!(!log.contains("outer_lr_scaling"), "Muon scales: {log}");
+    // The demo's √K outer lr with AdamW inner steps, which lost on the bench.
+    edit_config(&config, &[("kind = \"muon\"", "kind = \"adamw\"")]);
+    let adamw = tmp.path().join("adamw");
+    std::fs::create_dir(&adamw).unwrap();
+    let (coordinator, _, _) = start_coordinator(&adamw, &config, deadline);
+    drop(coordinator);
+    let log = std::fs::read_to_string(adamw.join("coord.log")).unwrap();
+    assert!(
+        log.contains("outer_lr_scaling = \"sqrt-members\" with [train.optimizer] kind = \"adamw\"")
+            && log.contains("set kind = \"muon\" or outer_lr_scaling = \"none\""),
+        "{log}"
+    );
 }
 
 #[test]
@@ -1540,17 +1553,29 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
     println!("{}", finals[0]);
 }
 
-/// MuLoCo and Adafactor as DiLoCo's inner optimizer: two nodes training with each commit every
-/// round with the same state (the coordinator's hash check) and end on one final model.
+/// MuLoCo (the demo config's inner optimizer) and Adafactor as DiLoCo's inner optimizer: two
+/// nodes training with each commit every round with the same state (the coordinator's hash
+/// check) and end on one final model; the outer steps are √2 × the average with the demo's
+/// `outer_lr_scaling = "sqrt-members"` (Muon) and the average with `"none"` (Adafactor).
 #[test]
 fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
-    for kind in ["muon", "adafactor"] {
+    for (kind, scaling, outer_lr) in [
+        ("muon", "sqrt-members", 2f64.sqrt()),
+        ("adafactor", "none", 1.0),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let config = write_config(tmp.path(), 2);
-        edit_config(&config, &[("max_steps = 60", "max_steps = 20")]);
-        let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!("\n[train.optimizer]\nkind = \"{kind}\"\n"));
-        std::fs::write(&config, text).unwrap();
+        edit_config(
+            &config,
+            &[
+                ("max_steps = 60", "max_steps = 20"),
+                ("kind = \"muon\"", &format!("kind = \"{kind}\"")),
+                (
+                    "outer_lr_scaling = \"sqrt-members\"",
+                    &format!("outer_lr_scaling = \"{scaling}\""),
+                ),
+            ],
+        );
         let deadline = Instant::now() + LIMIT;
         let (_coordinator, addr, token) = start_coordinator(tmp.path(), &config, deadline);
         let nodes: Vec<Proc> = (0..2)
@@ -1571,6 +1596,17 @@ fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
                 "{kind}, node {i}: the loss falls:\n{log}"
             );
             finals.push(final_loss_line(&lines).unwrap_or_else(|| panic!("{kind}:\n{log}")));
+            let path = tmp.path().join(format!("node{i}/run/rounds.jsonl"));
+            let records = std::fs::read_to_string(&path).unwrap();
+            for line in records.lines() {
+                let record: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(record["members"], 2, "{kind}: {line}");
+                assert_eq!(
+                    record["outer_lr"].as_f64(),
+                    Some(outer_lr),
+                    "{kind}: {line}"
+                );
+            }
         }
         assert_eq!(finals[0], finals[1], "{kind}: one final model");
     }

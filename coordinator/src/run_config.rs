@@ -72,7 +72,13 @@ pub fn parse(text: String, path: &Path) -> Result<CoordinatorConfig> {
     let final_version = run.final_version();
     // Without a decay phase (a cosine or constant schedule), `control anneal` is refused.
     let anneal = run.anneal_plan().ok();
-    if let Some(warning) = run.diloco.and_then(|d| d.plan_warning(final_version)) {
+    let warnings = run.diloco.iter().flat_map(|d| {
+        [
+            d.plan_warning(final_version),
+            d.scaling_warning(run.train.optimizer.kind),
+        ]
+    });
+    for warning in warnings.flatten() {
         tracing::warn!("{}: {warning}", path.display());
     }
     let pace = run

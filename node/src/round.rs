@@ -43,6 +43,10 @@ pub(crate) struct RoundLog {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) eval_bpb: Option<f64>,
     pub(crate) members: usize,
+    /// The outer lr of the round's outer step (`[diloco] outer_lr`, times √K under
+    /// `outer_lr_scaling = "sqrt-members"`), once its all-reduce has finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) outer_lr: Option<f64>,
     /// Tokens all members processed this round (the all-reduce's total weight).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) group_tokens: Option<f64>,
@@ -211,6 +215,8 @@ pub(crate) struct Reduced<P> {
     pub(crate) bytes_received: u64,
     pub(crate) total_weight: f64,
     pub(crate) sync_s: f64,
+    /// The outer lr the proposal took (`[diloco] outer_lr` scaled for the members averaged).
+    pub(crate) outer_lr: f64,
 }
 
 /// A failed all-reduce, and the peer it blames.
@@ -971,6 +977,7 @@ impl<P> Rounds<P> {
                 log.bytes_received = reduced.bytes_received;
                 log.group_tokens = Some(reduced.total_weight);
                 log.sync_s = reduced.sync_s;
+                log.outer_lr = Some(reduced.outer_lr);
                 let step = OuterStep::Ok {
                     params_hash: Digest(reduced.params_hash),
                     tensor_hashes: reduced.tensor_hashes,
@@ -1029,6 +1036,7 @@ impl<P> Rounds<P> {
             eval_loss: None,
             eval_bpb: None,
             members: k,
+            outer_lr: None,
             group_tokens: None,
             outcome: String::new(),
             bytes_sent: 0,

@@ -128,8 +128,9 @@ impl OuterOptimizer {
         out
     }
 
-    /// The outer step for an averaged pseudo-gradient, not yet applied.
-    pub fn propose(&self, average: &[f32]) -> Result<Proposal> {
+    /// The outer step for the pseudo-gradient averaged over `members` replicas (the outer lr
+    /// follows [`DilocoConfig::outer_lr_for`]), not yet applied.
+    pub fn propose(&self, average: &[f32], members: usize) -> Result<Proposal> {
         if average.len() != self.numel {
             return Err(Error::InvalidTrainConfig(format!(
                 "averaged pseudo-gradient has {} values, the model {}",
@@ -138,11 +139,11 @@ impl OuterOptimizer {
             )));
         }
         let DilocoConfig {
-            outer_lr,
             outer_momentum,
             nesterov,
             ..
         } = self.cfg;
+        let outer_lr = self.cfg.outer_lr_for(members);
         let mut offset = 0;
         let mut global = Vec::with_capacity(self.global.len());
         let mut momentum = Vec::with_capacity(self.global.len());
@@ -339,14 +340,14 @@ mod tests {
             "{delta:?}"
         );
         // Step 1: buf = d; step = d + 0.9 d = 1.9 d; global = [1, 2] - 0.5 * 1.9 * d.
-        let p = outer.propose(&delta).unwrap();
+        let p = outer.propose(&delta, 1).unwrap();
         outer.commit(p, &vs);
         let got = Vec::<f32>::try_from(&w).unwrap();
         assert!((got[0] - (1.0 - 0.5 * 1.9 * 0.2)).abs() < 1e-6, "{got:?}");
         assert!((got[1] - (2.0 + 0.5 * 1.9 * 0.4)).abs() < 1e-6, "{got:?}");
         // Step 2 with the same delta: buf = 0.9 d + d = 1.9 d; step = d + 0.9·1.9 d = 2.71 d.
         let before = Vec::<f32>::try_from(&w).unwrap();
-        let p = outer.propose(&delta).unwrap();
+        let p = outer.propose(&delta, 1).unwrap();
         outer.commit(p, &vs);
         let after = Vec::<f32>::try_from(&w).unwrap();
         assert!((before[0] - after[0] - 0.5 * 2.71 * 0.2).abs() < 1e-5);
@@ -365,7 +366,7 @@ mod tests {
         set([0.75, 2.375]);
         let after = outer.pseudo_gradient(&vs);
         let progress: Vec<f32> = sent.iter().zip(&after).map(|(b, a)| b - a).collect();
-        let p = outer.propose(&sent).unwrap();
+        let p = outer.propose(&sent, 1).unwrap();
         outer.commit(p, &vs);
         let global = Vec::<f32>::try_from(&w).unwrap();
         outer.add_to_params(&vs, &progress).unwrap();
@@ -382,20 +383,54 @@ mod tests {
         assert!(err.contains("1 values"), "{err}");
     }
 
+    /// The outer lr of each round follows the members it averaged: √K with `outer_lr_scaling =
+    /// "sqrt-members"` (a round of one member is plain averaging), fixed by default.
+    #[test]
+    fn the_outer_lr_grows_with_the_square_root_of_the_round_s_members() {
+        let (vs, w) = store(&[1.0]);
+        let scaled = DilocoConfig {
+            outer_lr_scaling: forge_protocol::run_config::OuterLrScaling::SqrtMembers,
+            ..DilocoConfig::default()
+        };
+        let mut outer = OuterOptimizer::new(&vs, scaled).unwrap();
+        let mut steps = vec![];
+        // Rounds of 4, 3 (one member gone), 1 (alone) and 2 members, each averaging 0.5.
+        for members in [4, 3, 1, 2] {
+            let before = Vec::<f32>::try_from(&w).unwrap()[0];
+            let p = outer.propose(&[0.5], members).unwrap();
+            outer.commit(p, &vs);
+            steps.push(before - Vec::<f32>::try_from(&w).unwrap()[0]);
+        }
+        let want = [1.0, 3f32.sqrt() / 2.0, 0.5, 2f32.sqrt() / 2.0];
+        for (got, want) in steps.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{steps:?} against {want}");
+        }
+        let fixed = DilocoConfig {
+            outer_lr_scaling: forge_protocol::run_config::OuterLrScaling::None,
+            outer_lr: 0.8,
+            ..DilocoConfig::default()
+        };
+        let (vs, w) = store(&[1.0]);
+        let mut outer = OuterOptimizer::new(&vs, fixed).unwrap();
+        let p = outer.propose(&[0.5], 4).unwrap();
+        outer.commit(p, &vs);
+        assert!((Vec::<f32>::try_from(&w).unwrap()[0] - 0.6).abs() < 1e-6);
+    }
+
     #[test]
     fn proposals_hash_deterministically_and_are_not_applied_until_committed() {
         let (vs, w) = store(&[1.0, 2.0, 3.0]);
         let outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
-        let a = outer.propose(&[0.1, 0.2, 0.3]).unwrap();
-        let b = outer.propose(&[0.1, 0.2, 0.3]).unwrap();
-        let c = outer.propose(&[0.1, 0.2, 0.30001]).unwrap();
+        let a = outer.propose(&[0.1, 0.2, 0.3], 1).unwrap();
+        let b = outer.propose(&[0.1, 0.2, 0.3], 1).unwrap();
+        let c = outer.propose(&[0.1, 0.2, 0.30001], 1).unwrap();
         assert_eq!(a.params_hash, b.params_hash);
         assert_ne!(a.params_hash, c.params_hash);
         assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
         assert_ne!(outer.global_hash().0, a.params_hash);
         assert!(
             outer
-                .propose(&[0.1])
+                .propose(&[0.1], 1)
                 .unwrap_err()
                 .to_string()
                 .contains("1 values")
@@ -445,7 +480,7 @@ mod tests {
         let (vs, _w) = store(&[1.0, 2.0]);
         let cfg = crate::outer_state::tests::with_momentum();
         let mut outer = OuterOptimizer::new(&vs, cfg).unwrap();
-        let p = outer.propose(&[0.5, -0.5]).unwrap();
+        let p = outer.propose(&[0.5, -0.5], 1).unwrap();
         outer.commit(p, &vs);
         let saved: HashMap<TensorKey, Tensor> = outer
             .state_tensors()
@@ -455,8 +490,8 @@ mod tests {
         let mut fresh = OuterOptimizer::new(&vs, cfg).unwrap();
         fresh.load_state_tensors(&saved).unwrap();
         assert_eq!(fresh.global_hash(), outer.global_hash());
-        let next_a = outer.propose(&[0.1, 0.1]).unwrap();
-        let next_b = fresh.propose(&[0.1, 0.1]).unwrap();
+        let next_a = outer.propose(&[0.1, 0.1], 1).unwrap();
+        let next_b = fresh.propose(&[0.1, 0.1], 1).unwrap();
         assert_eq!(
             next_a.params_hash, next_b.params_hash,
             "momentum restored too"

@@ -153,6 +153,7 @@ fn reduced(round: u64) -> Input<u64> {
         bytes_received: 1000,
         total_weight: 3.0 * 25.0 * 2048.0,
         sync_s: 0.5,
+        outer_lr: 1.0,
     }))
 }
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, OptimizerKind};
 use crate::quant::{Codec, Compression};
 
 /// `[diloco]` in a run config: how replicas on different machines train together. A key left
@@ -17,9 +17,14 @@ pub struct DilocoConfig {
     /// A node stops its inner loop early after this many seconds, so a slow node does fewer
     /// steps instead of holding the others up (0: no budget).
     pub round_seconds: f64,
-    /// Outer learning rate. 1.0 with no momentum (the default) is plain averaging of the
+    /// Outer learning rate. 1.0 with no momentum and no scaling is plain averaging of the
     /// replicas; see [`DilocoConfig::plan_warning`] for what heavier settings cost.
     pub outer_lr: f64,
+    /// How the outer lr grows with the number of members K whose replicas a round averages:
+    /// `"none"` (the default) keeps it as set, `"sqrt-members"` multiplies it by √K (for Muon
+    /// inner steps in short rounds). See [`OuterLrScaling`].
+    #[serde(default)]
+    pub outer_lr_scaling: OuterLrScaling,
     /// Momentum of the outer SGD (DiLoCo's paper: 0.9 with outer lr 0.7, for runs of hundreds
     /// of rounds with large per-node batches).
     pub outer_momentum: f64,
@@ -58,6 +63,41 @@ pub const MAX_OUTER_STEP_MULTIPLE: f64 = 2.0;
 /// Runs of fewer rounds than this are where [`MAX_OUTER_STEP_MULTIPLE`] was measured (up to 60
 /// rounds) and what [`DilocoConfig::plan_warning`] warns for.
 pub const FEW_ROUNDS: u64 = 100;
+
+/// `[diloco] outer_lr_scaling`: the outer lr of a round that averages K replicas.
+///
+/// Why √K: Muon takes steps of the same size whatever the noise in its gradients, so a replica
+/// whose batch is small spends much of each step on noise. K replicas averaged keep each one's
+/// progress along the direction they share and shrink the rest by √K; one node with K× the
+/// batch, whose gradients carry √K times less noise, spends up to √K times more of the same
+/// step on that direction. Scaling the average by √K restores both where noise dominates the
+/// replicas' progress over a round (small batches, short rounds); where it does not, it
+/// overshoots. A round of one member is never scaled (√1 = 1). The DiLoCo scaling-law study
+/// (arXiv 2503.09799) also finds the best outer lr growing with the number of replicas.
+/// Measured (docs/benchmarks/diloco-outer.md): with Muon, 2 nodes and H = 5 (the demo) √2 took
+/// the share of the synchronous gain kept from 0.58 to above 1 (DiLoCo beat synchronous
+/// training); with AdamW it lost against plain averaging; with Muon, 4 nodes and H = 30 on
+/// Wikipedia √4 = 2 ended worse than plain averaging and a fixed 1.5 better. Hence not the
+/// default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OuterLrScaling {
+    /// `outer_lr` whatever the number of members.
+    #[default]
+    None,
+    /// `outer_lr` × √(members of the round).
+    SqrtMembers,
+}
+
+impl OuterLrScaling {
+    /// The factor for a round that averages `members` replicas (1 for one or none).
+    pub fn factor(self, members: usize) -> f64 {
+        match self {
+            OuterLrScaling::SqrtMembers => (members.max(1) as f64).sqrt(),
+            OuterLrScaling::None => 1.0,
+        }
+    }
+}
 
 /// `[diloco] overlap_steps`: a number of inner steps, or `"auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +202,7 @@ impl Default for DilocoConfig {
             inner_steps: 30,
             round_seconds: 0.0,
             outer_lr: 1.0,
+            outer_lr_scaling: OuterLrScaling::default(),
             outer_momentum: 0.0,
             nesterov: true,
             compression: Compression {
@@ -199,9 +240,16 @@ impl DilocoConfig {
         rounds_for(self.inner_steps, self.sync_warmup_steps, total_steps)
     }
 
-    /// The outer step once momentum has built up, as a multiple of a steady averaged
-    /// pseudo-gradient: `outer_lr / (1 - outer_momentum)` (heavy-ball and Nesterov alike). 1 is
-    /// plain averaging; above 1 the outer step extrapolates past the replicas' average.
+    /// The outer lr of a round that averages `members` replicas: `outer_lr` scaled by
+    /// [`DilocoConfig::outer_lr_scaling`].
+    pub fn outer_lr_for(&self, members: usize) -> f64 {
+        self.outer_lr * self.outer_lr_scaling.factor(members)
+    }
+
+    /// The outer step once momentum has built up, as a multiple of the default's (`outer_lr`
+    /// 1.0, no momentum) against a steady averaged pseudo-gradient: `outer_lr / (1 -
+    /// outer_momentum)` (heavy-ball and Nesterov alike), on top of
+    /// [`DilocoConfig::outer_lr_scaling`]'s factor.
     pub fn outer_step_multiple(&self) -> f64 {
         self.outer_lr / (1.0 - self.outer_momentum)
     }
@@ -218,11 +266,31 @@ impl DilocoConfig {
         }
         Some(format!(
             "[diloco] outer_lr = {} with outer_momentum = {} takes outer steps of up to {multiple:.1}x \
-             the replicas' averaged progress; in runs of fewer than {FEW_ROUNDS} rounds (this one \
+             the default's (outer_lr = 1.0, no momentum); in runs of fewer than {FEW_ROUNDS} rounds (this one \
              plans {rounds}) such settings made DiLoCo end no better than one node alone on \
              Forge's quality bench (docs/benchmarks/diloco-outer.md): set outer_lr = 1.0 and \
-             outer_momentum = 0 (plain averaging, the default)",
+             outer_momentum = 0 (the default)",
             self.outer_lr, self.outer_momentum
+        ))
+    }
+
+    /// One line for the user when `outer_lr_scaling = "sqrt-members"` goes with an inner
+    /// optimizer other than Muon (`inner`): with AdamW the quality bench saw it lose against
+    /// plain averaging (docs/benchmarks/diloco-outer.md).
+    pub fn scaling_warning(&self, inner: OptimizerKind) -> Option<String> {
+        if self.outer_lr_scaling != OuterLrScaling::SqrtMembers || inner == OptimizerKind::Muon {
+            return None;
+        }
+        let kind = match inner {
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Muon => "muon",
+            OptimizerKind::Adafactor => "adafactor",
+        };
+        Some(format!(
+            "[diloco] outer_lr_scaling = \"sqrt-members\" with [train.optimizer] kind = \"{kind}\": \
+             on Forge's quality bench (docs/benchmarks/diloco-outer.md) the scaling helped Muon \
+             inner steps and made AdamW's end worse than plain averaging: set kind = \"muon\" or \
+             outer_lr_scaling = \"none\""
         ))
     }
 
@@ -317,6 +385,35 @@ mod tests {
         let cfg: DilocoConfig = toml::from_str("").unwrap();
         assert_eq!((cfg.outer_lr, cfg.outer_momentum), (1.0, 0.0));
         assert!(toml::from_str::<DilocoConfig>("outer_lrr = 1.0").is_err());
+    }
+
+    #[test]
+    fn the_outer_lr_scales_with_the_square_root_of_the_members_unless_told_not_to() {
+        let cfg: DilocoConfig = toml::from_str("outer_lr = 0.8").unwrap();
+        assert_eq!(cfg.outer_lr_scaling, OuterLrScaling::None);
+        assert_eq!(cfg.outer_lr_for(4), 0.8);
+        let cfg: DilocoConfig =
+            toml::from_str("outer_lr = 0.8\nouter_lr_scaling = \"sqrt-members\"").unwrap();
+        let lrs: Vec<f64> = (0..5).map(|k| cfg.outer_lr_for(k)).collect();
+        assert_eq!(lrs, [0.8, 0.8, 0.8 * 2f64.sqrt(), 0.8 * 3f64.sqrt(), 1.6]);
+        let err = toml::from_str::<DilocoConfig>("outer_lr_scaling = \"linear\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sqrt-members") && err.contains("none"),
+            "{err}"
+        );
+        // Measured to lose with AdamW: warned of, naming both keys.
+        let warning = cfg.scaling_warning(OptimizerKind::Adamw).unwrap();
+        assert!(
+            warning.contains("kind = \"adamw\"") && warning.contains("outer_lr_scaling = \"none\""),
+            "{warning}"
+        );
+        assert_eq!(cfg.scaling_warning(OptimizerKind::Muon), None);
+        assert_eq!(
+            DilocoConfig::default().scaling_warning(OptimizerKind::Adamw),
+            None
+        );
     }
 
     #[test]
