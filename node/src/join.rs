@@ -1147,8 +1147,7 @@ impl Shell {
             return Ok(Input::Reduced(Err(failure)));
         }
         let proposal = self.outer.propose(&out.average, participants.len())?;
-        let outer_lr = self.diloco.outer_lr_for(participants.len());
-        let reduced = reduced(proposal, &out, sync_s, outer_lr);
+        let reduced = reduced(proposal, &out, sync_s);
         self.net.recycle_average(out.average);
         Ok(Input::Reduced(Ok(reduced)))
     }

@@ -29,6 +29,8 @@ pub struct Proposal {
     momentum: Vec<Tensor>,
     /// Hash of the proposed global parameters (over the per-tensor digests, in name order).
     pub params_hash: TensorDigest,
+    /// The outer lr this step took ([`DilocoConfig::outer_lr_for`] the members averaged).
+    pub outer_lr: f64,
     /// Digests of every global parameter, then of its outer momentum: what the coordinator
     /// commits and a joiner checks fetched state against.
     pub tensor_hashes: Vec<(TensorKey, TensorDigest)>,
@@ -170,6 +172,7 @@ impl OuterOptimizer {
             global,
             momentum,
             params_hash,
+            outer_lr,
             tensor_hashes,
         })
     }

@@ -183,21 +183,16 @@ pub(super) fn wire_hashes(hashes: &[(TensorKey, [u8; 32])]) -> Vec<TensorHash> {
 }
 
 /// A finished all-reduce and the outer step it proposes, as the round state machine takes it.
-pub(super) fn reduced(
-    proposal: Proposal,
-    out: &AllReduceOutput,
-    sync_s: f64,
-    outer_lr: f64,
-) -> Reduced<Proposal> {
+pub(super) fn reduced(proposal: Proposal, out: &AllReduceOutput, sync_s: f64) -> Reduced<Proposal> {
     Reduced {
         params_hash: proposal.params_hash,
         tensor_hashes: wire_hashes(&proposal.tensor_hashes),
+        outer_lr: proposal.outer_lr,
         proposal,
         bytes_sent: out.bytes_sent,
         bytes_received: out.bytes_received,
         total_weight: out.total_weight,
         sync_s,
-        outer_lr,
     }
 }
 
