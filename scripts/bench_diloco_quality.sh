@@ -10,7 +10,7 @@
 # DiLoCo matches synchronous training, 0 when adding nodes did not help, negative when it hurt.
 #
 #   scripts/bench_diloco_quality.sh [--nodes 4] [--steps 150] [--codec int8] [--inner H]
-#                                   [--outer-lr LR] [--momentum M] [--scaling none|sqrt-members]
+#                                   [--outer-lr LR] [--momentum M] [--scaling none|sqrt-members|norm-ratio]
 #                                   [--lr 3e-3] [--sync-warmup 0]
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
@@ -20,8 +20,9 @@
 #                                   [--skip-baseline | --skip-diloco]
 # --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
 # (default: configs/diloco-tiny-cpu.toml's, the demo's), --scaling outer_lr_scaling (default none;
-# sqrt-members: the outer lr times the square root of the members; such runs say -sqrtk in their
-# directory's name); --diloco (repeatable) sets any other
+# sqrt-members: the outer lr times the square root of the members, such runs say -sqrtk in their
+# directory's name; norm-ratio: times the members' mean norm over their average's, -ratio);
+# --diloco (repeatable) sets any other
 # [diloco] key (e.g. --diloco 'nesterov = false');
 # --density and --bits set topk's share of values kept and bits per value (with --codec topk);
 # --overlap sets [diloco] overlap_steps (inner steps that train while the outer sync runs);
@@ -181,7 +182,10 @@ momentum=${momentum:-$(config_value outer_momentum)}
 tag=""
 for e in "${extras[@]}"; do tag=$tag-$(tr -d ' ' <<< "$e" | tr '=' '_'); done
 work=runs/quality/$codec-h$inner-lr$outer_lr-m$momentum-n$nodes-ilr$lr-s$steps-w$warm$tag
-[[ "$scaling" == none ]] || work=$work-sqrtk
+case $scaling in
+    sqrt-members) work=$work-sqrtk ;;
+    norm-ratio) work=$work-ratio ;;
+esac
 ((overlap == 0)) || work=$work-o$overlap
 [[ "$density $bits" == "0.015625 2" ]] || work=$work-d$density-b$bits
 [[ "$pace" == auto ]] || work=$work-$pace

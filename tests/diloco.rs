@@ -1556,12 +1556,15 @@ fn two_pipelines_of_two_stages(loss: StageLoss) {
 /// MuLoCo (the demo config's inner optimizer) and Adafactor as DiLoCo's inner optimizer: two
 /// nodes training with each commit every round with the same state (the coordinator's hash
 /// check) and end on one final model; the outer steps are √2 × the average with the demo's
-/// `outer_lr_scaling = "sqrt-members"` (Muon) and the average with `"none"` (Adafactor).
+/// `outer_lr_scaling = "sqrt-members"` (Muon), the average with `"none"` (Adafactor), and with
+/// `"norm-ratio"` (Muon) the members' mean norm over the average's, the same on both nodes,
+/// within [1, √2] and above 1 in some round.
 #[test]
 fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
     for (kind, scaling, outer_lr) in [
-        ("muon", "sqrt-members", 2f64.sqrt()),
-        ("adafactor", "none", 1.0),
+        ("muon", "sqrt-members", Some(2f64.sqrt())),
+        ("adafactor", "none", Some(1.0)),
+        ("muon", "norm-ratio", None),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let config = write_config(tmp.path(), 2);
@@ -1582,6 +1585,7 @@ fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
             .map(|i| start_node(tmp.path(), i, &addr, &token))
             .collect();
         let mut finals = Vec::new();
+        let mut lrs = Vec::new();
         for (i, node) in nodes.into_iter().enumerate() {
             let (code, lines) = node.finish(deadline);
             let log = lines.join("\n");
@@ -1598,17 +1602,25 @@ fn muon_and_adafactor_train_as_the_inner_optimizer_of_a_two_node_run() {
             finals.push(final_loss_line(&lines).unwrap_or_else(|| panic!("{kind}:\n{log}")));
             let path = tmp.path().join(format!("node{i}/run/rounds.jsonl"));
             let records = std::fs::read_to_string(&path).unwrap();
+            let mut node_lrs = Vec::new();
             for line in records.lines() {
                 let record: serde_json::Value = serde_json::from_str(line).unwrap();
                 assert_eq!(record["members"], 2, "{kind}: {line}");
-                assert_eq!(
-                    record["outer_lr"].as_f64(),
-                    Some(outer_lr),
-                    "{kind}: {line}"
-                );
+                let lr = record["outer_lr"].as_f64().unwrap();
+                match outer_lr {
+                    Some(want) => assert_eq!(lr, want, "{kind}: {line}"),
+                    None => assert!((1.0..=2f64.sqrt()).contains(&lr), "{scaling}: {line}"),
+                }
+                node_lrs.push((record["round"].as_u64().unwrap(), lr));
             }
+            lrs.push(node_lrs);
         }
         assert_eq!(finals[0], finals[1], "{kind}: one final model");
+        assert_eq!(lrs[0], lrs[1], "{scaling}: the same outer lr on both nodes");
+        if outer_lr.is_none() {
+            assert!(lrs[0].iter().any(|r| r.1 > 1.0), "{scaling}: {:?}", lrs[0]);
+            println!("{scaling}: outer lr by round {:?}", lrs[0]);
+        }
     }
 }
 

@@ -1146,7 +1146,9 @@ impl Shell {
             };
             return Ok(Input::Reduced(Err(failure)));
         }
-        let proposal = self.outer.propose(&out.average, participants.len())?;
+        let proposal = self
+            .outer
+            .propose(&out.average, participants.len(), out.member_norm)?;
         let reduced = reduced(proposal, &out, sync_s);
         self.net.recycle_average(out.average);
         Ok(Input::Reduced(Ok(reduced)))

@@ -22,8 +22,9 @@ use crate::stream::{DataDigest, DataLease, SeqRange};
 /// Version of the message set below; bumped on any incompatible change (4: tensor hashes carry
 /// a [`TensorKey`] instead of a name; 6: the coordinator leases the data stream; 8: the status
 /// report carries the stage planner's predictions; 10: run control, [`RunPlan`] and
-/// [`RunAborted`]).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// [`RunAborted`]; 11: an owner's last all-gather header carries its range's share of the
+/// members' pseudo-gradient norm, see [`crate::sync::SyncChunkHeader::norm`]).
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// Protocol id of the control stream, in the libp2p style.
 pub const CONTROL_PROTOCOL: &str = "/forge/control/1";

@@ -82,7 +82,10 @@ pub struct SyncChunkHeader {
     /// owner divided the sum by.
     pub weight: f64,
     /// Reduce-scatter: the norm of the sender's whole contribution (the same in every chunk it
-    /// sends anyone), which bounds what an owner's reduced range may hold. Otherwise 0.
+    /// sends anyone), which bounds what an owner's reduced range may hold. All-gather, in the
+    /// owner's last chunk of its range: the sum over members of the squares of each one's
+    /// contribution to the range divided by its weight (how far the members' pseudo-gradients
+    /// reach, which the outer step may depend on). Otherwise 0.
     pub norm: f64,
     pub codec: SyncCodec,
     /// Raw bytes that follow the header frame.

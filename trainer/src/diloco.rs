@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 
 /// `[diloco]` in a run config; defined with the run config schema in forge-protocol.
 pub use forge_protocol::run_config::{DilocoConfig, OverlapSteps};
+use forge_protocol::run_config::{OuterLrScaling, Spread};
 
 /// SHA-256 of a tensor's fp32 little-endian bytes ([`digest::tensor_digest`]).
 pub type TensorDigest = [u8; 32];
@@ -29,7 +30,7 @@ pub struct Proposal {
     momentum: Vec<Tensor>,
     /// Hash of the proposed global parameters (over the per-tensor digests, in name order).
     pub params_hash: TensorDigest,
-    /// The outer lr this step took ([`DilocoConfig::outer_lr_for`] the members averaged).
+    /// The outer lr this step took ([`DilocoConfig::outer_lr_for`] what the round averaged).
     pub outer_lr: f64,
     /// Digests of every global parameter, then of its outer momentum: what the coordinator
     /// commits and a joiner checks fetched state against.
@@ -130,9 +131,10 @@ impl OuterOptimizer {
         out
     }
 
-    /// The outer step for the pseudo-gradient averaged over `members` replicas (the outer lr
-    /// follows [`DilocoConfig::outer_lr_for`]), not yet applied.
-    pub fn propose(&self, average: &[f32], members: usize) -> Result<Proposal> {
+    /// The outer step for the pseudo-gradient averaged over `members` replicas whose mean norm
+    /// (weighted as the average is) was `member_norm` (0: not measured), not yet applied. The
+    /// outer lr follows [`DilocoConfig::outer_lr_for`].
+    pub fn propose(&self, average: &[f32], members: usize, member_norm: f64) -> Result<Proposal> {
         if average.len() != self.numel {
             return Err(Error::InvalidTrainConfig(format!(
                 "averaged pseudo-gradient has {} values, the model {}",
@@ -145,7 +147,19 @@ impl OuterOptimizer {
             nesterov,
             ..
         } = self.cfg;
-        let outer_lr = self.cfg.outer_lr_for(members);
+        let average_norm = match self.cfg.outer_lr_scaling {
+            OuterLrScaling::NormRatio => average
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt(),
+            OuterLrScaling::None | OuterLrScaling::SqrtMembers => 0.0,
+        };
+        let outer_lr = self.cfg.outer_lr_for(Spread {
+            members,
+            member_norm,
+            average_norm,
+        });
         let mut offset = 0;
         let mut global = Vec::with_capacity(self.global.len());
         let mut momentum = Vec::with_capacity(self.global.len());
@@ -343,14 +357,14 @@ mod tests {
             "{delta:?}"
         );
         // Step 1: buf = d; step = d + 0.9 d = 1.9 d; global = [1, 2] - 0.5 * 1.9 * d.
-        let p = outer.propose(&delta, 1).unwrap();
+        let p = outer.propose(&delta, 1, 0.0).unwrap();
         outer.commit(p, &vs);
         let got = Vec::<f32>::try_from(&w).unwrap();
         assert!((got[0] - (1.0 - 0.5 * 1.9 * 0.2)).abs() < 1e-6, "{got:?}");
         assert!((got[1] - (2.0 + 0.5 * 1.9 * 0.4)).abs() < 1e-6, "{got:?}");
         // Step 2 with the same delta: buf = 0.9 d + d = 1.9 d; step = d + 0.9·1.9 d = 2.71 d.
         let before = Vec::<f32>::try_from(&w).unwrap();
-        let p = outer.propose(&delta, 1).unwrap();
+        let p = outer.propose(&delta, 1, 0.0).unwrap();
         outer.commit(p, &vs);
         let after = Vec::<f32>::try_from(&w).unwrap();
         assert!((before[0] - after[0] - 0.5 * 2.71 * 0.2).abs() < 1e-5);
@@ -369,7 +383,7 @@ mod tests {
         set([0.75, 2.375]);
         let after = outer.pseudo_gradient(&vs);
         let progress: Vec<f32> = sent.iter().zip(&after).map(|(b, a)| b - a).collect();
-        let p = outer.propose(&sent, 1).unwrap();
+        let p = outer.propose(&sent, 1, 0.0).unwrap();
         outer.commit(p, &vs);
         let global = Vec::<f32>::try_from(&w).unwrap();
         outer.add_to_params(&vs, &progress).unwrap();
@@ -400,7 +414,7 @@ mod tests {
         // Rounds of 4, 3 (one member gone), 1 (alone) and 2 members, each averaging 0.5.
         for members in [4, 3, 1, 2] {
             let before = Vec::<f32>::try_from(&w).unwrap()[0];
-            let p = outer.propose(&[0.5], members).unwrap();
+            let p = outer.propose(&[0.5], members, 0.0).unwrap();
             outer.commit(p, &vs);
             steps.push(before - Vec::<f32>::try_from(&w).unwrap()[0]);
         }
@@ -415,25 +429,51 @@ mod tests {
         };
         let (vs, w) = store(&[1.0]);
         let mut outer = OuterOptimizer::new(&vs, fixed).unwrap();
-        let p = outer.propose(&[0.5], 4).unwrap();
+        let p = outer.propose(&[0.5], 4, 0.0).unwrap();
         outer.commit(p, &vs);
         assert!((Vec::<f32>::try_from(&w).unwrap()[0] - 0.6).abs() < 1e-6);
+    }
+
+    /// `outer_lr_scaling = "norm-ratio"`: the step takes the average's direction at the length
+    /// of the members' mean norm, measured on the average itself (norm 5 here), within [1, √K].
+    #[test]
+    fn the_norm_ratio_stretches_the_average_to_the_members_mean_norm() {
+        let ratio = DilocoConfig {
+            outer_lr_scaling: OuterLrScaling::NormRatio,
+            ..DilocoConfig::default()
+        };
+        let mut lrs = vec![];
+        // Members whose mean norm was 7.5, 5 (all alike), 30 (past √4), 0 (not measured), and
+        // a round of one member.
+        for (members, member_norm) in [(4, 7.5), (4, 5.0), (4, 30.0), (4, 0.0), (1, 30.0)] {
+            let (vs, w) = store(&[1.0, 1.0]);
+            let mut outer = OuterOptimizer::new(&vs, ratio).unwrap();
+            let p = outer.propose(&[3.0, 4.0], members, member_norm).unwrap();
+            let lr = p.outer_lr as f32;
+            lrs.push(p.outer_lr);
+            outer.commit(p, &vs);
+            let moved = Vec::<f32>::try_from(&w).unwrap();
+            for (got, want) in moved.iter().zip([1.0 - 3.0 * lr, 1.0 - 4.0 * lr]) {
+                assert!((got - want).abs() < 1e-5, "{moved:?} against {want}");
+            }
+        }
+        assert_eq!(lrs, [1.5, 1.0, 2.0, 1.0, 1.0]);
     }
 
     #[test]
     fn proposals_hash_deterministically_and_are_not_applied_until_committed() {
         let (vs, w) = store(&[1.0, 2.0, 3.0]);
         let outer = OuterOptimizer::new(&vs, DilocoConfig::default()).unwrap();
-        let a = outer.propose(&[0.1, 0.2, 0.3], 1).unwrap();
-        let b = outer.propose(&[0.1, 0.2, 0.3], 1).unwrap();
-        let c = outer.propose(&[0.1, 0.2, 0.30001], 1).unwrap();
+        let a = outer.propose(&[0.1, 0.2, 0.3], 1, 0.0).unwrap();
+        let b = outer.propose(&[0.1, 0.2, 0.3], 1, 0.0).unwrap();
+        let c = outer.propose(&[0.1, 0.2, 0.30001], 1, 0.0).unwrap();
         assert_eq!(a.params_hash, b.params_hash);
         assert_ne!(a.params_hash, c.params_hash);
         assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
         assert_ne!(outer.global_hash().0, a.params_hash);
         assert!(
             outer
-                .propose(&[0.1], 1)
+                .propose(&[0.1], 1, 0.0)
                 .unwrap_err()
                 .to_string()
                 .contains("1 values")
@@ -483,7 +523,7 @@ mod tests {
         let (vs, _w) = store(&[1.0, 2.0]);
         let cfg = crate::outer_state::tests::with_momentum();
         let mut outer = OuterOptimizer::new(&vs, cfg).unwrap();
-        let p = outer.propose(&[0.5, -0.5], 1).unwrap();
+        let p = outer.propose(&[0.5, -0.5], 1, 0.0).unwrap();
         outer.commit(p, &vs);
         let saved: HashMap<TensorKey, Tensor> = outer
             .state_tensors()
@@ -493,8 +533,8 @@ mod tests {
         let mut fresh = OuterOptimizer::new(&vs, cfg).unwrap();
         fresh.load_state_tensors(&saved).unwrap();
         assert_eq!(fresh.global_hash(), outer.global_hash());
-        let next_a = outer.propose(&[0.1, 0.1], 1).unwrap();
-        let next_b = fresh.propose(&[0.1, 0.1], 1).unwrap();
+        let next_a = outer.propose(&[0.1, 0.1], 1, 0.0).unwrap();
+        let next_b = fresh.propose(&[0.1, 0.1], 1, 0.0).unwrap();
         assert_eq!(
             next_a.params_hash, next_b.params_hash,
             "momentum restored too"

@@ -437,7 +437,7 @@ pub(crate) mod tests {
         });
         let mut outer = OuterOptimizer::new(&vs, with_momentum()).unwrap();
         let step: Vec<f32> = (0..9).map(|i| 0.1 * i as f32 - 0.3).collect();
-        let proposal = outer.propose(&step, 1).unwrap();
+        let proposal = outer.propose(&step, 1, 0.0).unwrap();
         let committed = proposal
             .tensor_hashes
             .iter()
@@ -492,8 +492,8 @@ pub(crate) mod tests {
         assert_eq!(got.global_hash(), want.global_hash());
         let step = [0.01f32; 9];
         assert_eq!(
-            got.propose(&step, 1).unwrap().tensor_hashes,
-            want.propose(&step, 1).unwrap().tensor_hashes,
+            got.propose(&step, 1, 0.0).unwrap().tensor_hashes,
+            want.propose(&step, 1, 0.0).unwrap().tensor_hashes,
             "momentum differs"
         );
     }

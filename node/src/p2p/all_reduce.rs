@@ -147,6 +147,11 @@ pub(crate) struct AllReduceOutput {
     /// `sum(data_i) / sum(weight_i)`, bit-identical on every member.
     pub(crate) average: Vec<f32>,
     pub(crate) total_weight: f64,
+    /// The members' pseudo-gradient norm, the root mean square over members weighted as the
+    /// average is: `sqrt(sum(|data_i|² / weight_i) / sum(weight_i))`, from the contributions
+    /// the owners reduced (each owner's share in its last all-gather header), the same bits on
+    /// every member. Against the average's norm, how far the members' progress disagrees.
+    pub(crate) member_norm: f64,
     /// Sync traffic of this member, headers included.
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
@@ -224,6 +229,7 @@ impl PeerNet {
                     .map(|&x| (f64::from(x) / request.weight) as f32)
                     .collect(),
                 total_weight: request.weight,
+                member_norm: declared_norm(&request.data) / request.weight,
                 bytes_sent: 0,
                 bytes_received: 0,
                 elapsed: started.elapsed(),
@@ -265,10 +271,12 @@ impl PeerNet {
             received: AtomicU64::new(0),
             abort_sent: AtomicBool::new(false),
         };
-        let (average, total_weight) = round.run(arrivals, peer_events, request.timeout).await?;
+        let (average, total_weight, weighted_squares) =
+            round.run(arrivals, peer_events, request.timeout).await?;
         Ok(AllReduceOutput {
             average,
             total_weight,
+            member_norm: (weighted_squares / total_weight).sqrt(),
             bytes_sent: round.sent.load(Ordering::Relaxed),
             bytes_received: round.received.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
@@ -454,6 +462,8 @@ struct ReducedChunk {
     range: Range<usize>,
     bytes: Vec<u8>,
     total_weight: f64,
+    /// In the owner's last chunk its range's [`Reduced::weighted_squares`]; 0 in the others.
+    weighted_squares: f64,
 }
 
 /// The norm a member declares for its contribution `data`. A vector holding NaN or infinity
@@ -462,6 +472,13 @@ struct ReducedChunk {
 fn declared_norm(data: &[f32]) -> f64 {
     let norm = squares(data).sqrt();
     if norm.is_finite() { norm } else { f64::MAX }
+}
+
+/// [`Reduced::weighted_squares`] of the members' sums of squares over a range and their
+/// weights, summed in member order; kept finite for the all-gather header that carries it.
+fn weighted_squares_of(sum_of_squares: &[f64], weights: &[f64]) -> f64 {
+    let sum: f64 = sum_of_squares.iter().zip(weights).map(|(s, w)| s / w).sum();
+    sum.min(f64::MAX)
 }
 
 /// A relaying codec's encoding of this member's whole contribution, per owner and wire chunk
@@ -505,6 +522,9 @@ impl Encoded {
 /// What the reduction of this member's range learnt of every member.
 struct Reduced {
     total_weight: f64,
+    /// Over the members, the squares of each one's contribution to this owner's range divided
+    /// by its weight: this range's share of [`AllReduceOutput::member_norm`].
+    weighted_squares: f64,
     weights: Vec<f64>,
     /// The norm of each member's whole contribution, as its headers declared it.
     declared: Vec<f64>,
@@ -515,6 +535,8 @@ struct Gathered {
     owner: usize,
     /// The total weight the owner divided by.
     weight: f64,
+    /// The owner's [`Reduced::weighted_squares`], as its last header said.
+    weighted_squares: f64,
     sum_of_squares: f64,
 }
 
@@ -532,7 +554,7 @@ impl<'a> Round<'a> {
         arrivals: mpsc::Receiver<Incoming>,
         peer_events: broadcast::Receiver<PeerEvent>,
         timeout: Duration,
-    ) -> Result<(Vec<f32>, f64)> {
+    ) -> Result<(Vec<f32>, f64, f64)> {
         let k = self.layout.members;
         let (mut contribution_senders, mut contribution_slots) = (Vec::new(), Vec::new());
         let (mut result_senders, mut result_slots) = (Vec::new(), Vec::new());
@@ -583,7 +605,15 @@ impl<'a> Round<'a> {
             let total_weight = reduced.total_weight;
             self.check_weights(total_weight, &gathered)?;
             self.check_results(&reduced, &gathered)?;
-            Ok((average, total_weight))
+            // Summed in owner order, so every member gets the same bits.
+            let weighted_squares = (0..k)
+                .map(|owner| match gathered.iter().find(|g| g.owner == owner) {
+                    _ if owner == self.me => reduced.weighted_squares,
+                    Some(g) => g.weighted_squares,
+                    None => 0.0,
+                })
+                .sum::<f64>();
+            Ok((average, total_weight, weighted_squares))
         };
         tokio::pin!(core);
         let mut routes = Routes {
@@ -944,8 +974,13 @@ impl<'a> Round<'a> {
         let mut stream = None;
         if let Some(encoded) = &self.encoded {
             for (range, payload) in self.layout.chunks(j).into_iter().zip(&encoded.chunks[j]) {
-                let header =
-                    self.header(SyncPhase::ReduceScatter, j, &range, self.weight, payload)?;
+                let header = self.header(
+                    SyncPhase::ReduceScatter,
+                    j,
+                    &range,
+                    (self.weight, self.norm),
+                    payload,
+                )?;
                 self.send_chunk(j, &mut stream, &header, payload).await?;
             }
             self.close(j, stream).await?;
@@ -967,7 +1002,13 @@ impl<'a> Round<'a> {
                 )
                 .map_err(|err| self.codec_error(err))?;
             budget -= sent;
-            let header = self.header(SyncPhase::ReduceScatter, j, &range, self.weight, &payload)?;
+            let header = self.header(
+                SyncPhase::ReduceScatter,
+                j,
+                &range,
+                (self.weight, self.norm),
+                &payload,
+            )?;
             self.send_chunk(j, &mut stream, &header, &payload).await?;
         }
         self.give_bytes(payload);
@@ -991,7 +1032,7 @@ impl<'a> Round<'a> {
                 SyncPhase::AllGather,
                 self.me,
                 &chunk.range,
-                chunk.total_weight,
+                (chunk.total_weight, chunk.weighted_squares),
                 &chunk.bytes,
             )?;
             self.send_chunk(j, &mut stream, &header, &chunk.bytes)
@@ -1148,10 +1189,16 @@ impl<'a> Round<'a> {
                     .map_err(|err| self.codec_error(err))?;
                 drop(codec);
             }
+            // Every chunk of every member has been read by the last one.
+            let weighted_squares = match c == last {
+                true => weighted_squares_of(&sum_of_squares, &weights),
+                false => 0.0,
+            };
             let chunk = Arc::new(ReducedChunk {
                 range,
                 bytes,
                 total_weight,
+                weighted_squares,
             });
             if c == last {
                 held = Some(chunk);
@@ -1183,6 +1230,7 @@ impl<'a> Round<'a> {
         }
         Ok(Reduced {
             total_weight,
+            weighted_squares: weighted_squares_of(&sum_of_squares, &weights),
             weights,
             declared,
         })
@@ -1212,6 +1260,7 @@ impl<'a> Round<'a> {
         let mut reader = self.accept(Some(slot)).await?;
         let owned = self.layout.owned(j);
         let mut weight = f64::NAN;
+        let mut weighted_squares = 0.0;
         let mut sum_of_squares = 0.0f64;
         // A relayed chunk's scratch: its running sum and one part.
         let (mut sum, mut part) = match self.encoded {
@@ -1230,6 +1279,8 @@ impl<'a> Round<'a> {
             };
             let header = self.next_chunk(j, &mut reader, &expect).await?;
             weight = header.weight;
+            // The last chunk's is the owner's.
+            weighted_squares = header.norm;
             let values = &mut out[range.start - owned.start..range.end - owned.start];
             if self.encoded.is_some() {
                 let codec = self.lock_codec();
@@ -1259,6 +1310,7 @@ impl<'a> Round<'a> {
         Ok(Gathered {
             owner: j,
             weight,
+            weighted_squares,
             sum_of_squares,
         })
     }
@@ -1400,7 +1452,7 @@ impl<'a> Round<'a> {
         phase: SyncPhase,
         owner: usize,
         range: &Range<usize>,
-        weight: f64,
+        (weight, norm): (f64, f64),
         payload: &[u8],
     ) -> Result<SyncChunkHeader> {
         if payload.len() > MAX_SYNC_CHUNK_BYTES as usize {
@@ -1421,11 +1473,7 @@ impl<'a> Round<'a> {
             values: range.len() as u32,
             total_len: self.layout.len as u64,
             weight,
-            norm: if phase == SyncPhase::ReduceScatter {
-                self.norm
-            } else {
-                0.0
-            },
+            norm,
             codec: self.codec_id.0,
             payload_len: payload.len() as u32,
             zstd: self.codec_id.1,

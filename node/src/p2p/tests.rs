@@ -347,6 +347,7 @@ async fn a_single_member_divides_by_its_weight_without_the_network() {
     let output = net.all_reduce(request, &mut Fp32Codec).await.unwrap();
     assert_eq!(output.average, vec![0.5, -1.0, 0.25]);
     assert_eq!(output.total_weight, 4.0);
+    assert_eq!(output.member_norm, 21f64.sqrt() / 4.0);
     assert_eq!(output.bytes_sent, 0);
 }
 
@@ -366,9 +367,24 @@ async fn two_three_and_four_peers_agree_bit_for_bit_on_the_exact_average() {
                     .await;
             let expected = reference_average(&data, &weights);
             let total: f64 = weights.iter().sum();
+            // The members' pseudo-gradients (data / weight), root mean square weighted alike.
+            let member_norm = (data
+                .iter()
+                .zip(&weights)
+                .map(|(d, w)| d.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / w)
+                .sum::<f64>()
+                / total)
+                .sqrt();
+            let mut norms = Vec::new();
             for (i, output) in outputs.into_iter().enumerate() {
                 let output = output
                     .unwrap_or_else(|err| panic!("{peers} peers, len {len}, member {i}: {err}"));
+                assert!(
+                    (output.member_norm - member_norm).abs() <= 1e-12 * member_norm,
+                    "{peers} peers, len {len}, member {i}: {} vs {member_norm}",
+                    output.member_norm
+                );
+                norms.push(output.member_norm.to_bits());
                 assert_eq!(
                     bits(&output.average),
                     bits(&expected),
@@ -382,6 +398,10 @@ async fn two_three_and_four_peers_agree_bit_for_bit_on_the_exact_average() {
                 // than it needs, and into the scratch buffers this round left behind.
                 nets[i].recycle_average(output.average);
             }
+            assert!(
+                norms.iter().all(|&n| n == norms[0]),
+                "{peers} peers, len {len}"
+            );
         }
         for net in &nets {
             assert_eq!(

@@ -22,7 +22,8 @@ pub struct DilocoConfig {
     pub outer_lr: f64,
     /// How the outer lr grows with the number of members K whose replicas a round averages:
     /// `"none"` (the default) keeps it as set, `"sqrt-members"` multiplies it by √K (for Muon
-    /// inner steps in short rounds). See [`OuterLrScaling`].
+    /// inner steps in short rounds), `"norm-ratio"` by how far the members' progress disagrees,
+    /// from 1 to √K. See [`OuterLrScaling`].
     #[serde(default)]
     pub outer_lr_scaling: OuterLrScaling,
     /// Momentum of the outer SGD (DiLoCo's paper: 0.9 with outer lr 0.7, for runs of hundreds
@@ -77,8 +78,15 @@ pub const FEW_ROUNDS: u64 = 100;
 /// Measured (docs/benchmarks/diloco-outer.md): with Muon, 2 nodes and H = 5 (the demo) √2 took
 /// the share of the synchronous gain kept from 0.58 to above 1 (DiLoCo beat synchronous
 /// training); with AdamW it lost against plain averaging; with Muon, 4 nodes and H = 30 on
-/// Wikipedia √4 = 2 ended worse than plain averaging and a fixed 1.5 better. Hence not the
-/// default.
+/// Wikipedia √4 = 2 ended worse than plain averaging and a fixed 1.5 better.
+///
+/// `"norm-ratio"` measures instead of assuming: it scales the average by the ratio of the
+/// members' mean pseudo-gradient norm to the norm of their average, so the outer step is as long
+/// as a typical member's progress over the round, in the direction they share. Replicas that
+/// moved alike give 1 (plain averaging); replicas whose progress shares nothing give √K (the
+/// `"sqrt-members"` factor); in between, the share the replicas have in common decides. Capped to
+/// [1, √K], so members that cancel out cannot blow the step up. The idea is FedExP's
+/// (Jhunjhunwala et al., ICLR 2023), which sets the server step from the same two quantities.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OuterLrScaling {
@@ -87,14 +95,52 @@ pub enum OuterLrScaling {
     None,
     /// `outer_lr` × √(members of the round).
     SqrtMembers,
+    /// `outer_lr` × (members' mean pseudo-gradient norm / norm of their average), within
+    /// [1, √(members)].
+    NormRatio,
+}
+
+/// What a round's outer step averaged, as far as [`OuterLrScaling`] needs it; the same on every
+/// member of the round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// Replicas averaged.
+    pub members: usize,
+    /// The members' mean pseudo-gradient norm, weighted as the average is (by tokens).
+    pub member_norm: f64,
+    /// The norm of the averaged pseudo-gradient.
+    pub average_norm: f64,
+}
+
+impl Spread {
+    /// A round of `members` replicas whose norms nobody measured: `"norm-ratio"` leaves it at
+    /// plain averaging.
+    pub fn members(members: usize) -> Spread {
+        Spread {
+            members,
+            member_norm: 0.0,
+            average_norm: 0.0,
+        }
+    }
 }
 
 impl OuterLrScaling {
-    /// The factor for a round that averages `members` replicas (1 for one or none).
-    pub fn factor(self, members: usize) -> f64 {
+    /// The factor for a round that averaged `spread` (1 for one member or none).
+    pub fn factor(self, spread: Spread) -> f64 {
+        let sqrt_members = (spread.members.max(1) as f64).sqrt();
         match self {
-            OuterLrScaling::SqrtMembers => (members.max(1) as f64).sqrt(),
+            OuterLrScaling::SqrtMembers => sqrt_members,
             OuterLrScaling::None => 1.0,
+            OuterLrScaling::NormRatio => {
+                let ratio = spread.member_norm / spread.average_norm;
+                // No progress to measure (0 / 0) is plain averaging; an average of nothing
+                // (x / 0) is the cap, on a step of length 0.
+                if ratio.is_nan() {
+                    1.0
+                } else {
+                    ratio.clamp(1.0, sqrt_members)
+                }
+            }
         }
     }
 }
@@ -240,10 +286,10 @@ impl DilocoConfig {
         rounds_for(self.inner_steps, self.sync_warmup_steps, total_steps)
     }
 
-    /// The outer lr of a round that averages `members` replicas: `outer_lr` scaled by
+    /// The outer lr of a round that averaged `spread`: `outer_lr` scaled by
     /// [`DilocoConfig::outer_lr_scaling`].
-    pub fn outer_lr_for(&self, members: usize) -> f64 {
-        self.outer_lr * self.outer_lr_scaling.factor(members)
+    pub fn outer_lr_for(&self, spread: Spread) -> f64 {
+        self.outer_lr * self.outer_lr_scaling.factor(spread)
     }
 
     /// The outer step once momentum has built up, as a multiple of the default's (`outer_lr`
@@ -274,11 +320,16 @@ impl DilocoConfig {
         ))
     }
 
-    /// One line for the user when `outer_lr_scaling = "sqrt-members"` goes with an inner
-    /// optimizer other than Muon (`inner`): with AdamW the quality bench saw it lose against
+    /// One line for the user when `outer_lr_scaling` scales the outer lr up with an inner
+    /// optimizer other than Muon (`inner`): with AdamW the quality bench saw √K lose against
     /// plain averaging (docs/benchmarks/diloco-outer.md).
     pub fn scaling_warning(&self, inner: OptimizerKind) -> Option<String> {
-        if self.outer_lr_scaling != OuterLrScaling::SqrtMembers || inner == OptimizerKind::Muon {
+        let scaling = match self.outer_lr_scaling {
+            OuterLrScaling::None => return None,
+            OuterLrScaling::SqrtMembers => "sqrt-members",
+            OuterLrScaling::NormRatio => "norm-ratio",
+        };
+        if inner == OptimizerKind::Muon {
             return None;
         }
         let kind = match inner {
@@ -287,7 +338,7 @@ impl DilocoConfig {
             OptimizerKind::Adafactor => "adafactor",
         };
         Some(format!(
-            "[diloco] outer_lr_scaling = \"sqrt-members\" with [train.optimizer] kind = \"{kind}\": \
+            "[diloco] outer_lr_scaling = \"{scaling}\" with [train.optimizer] kind = \"{kind}\": \
              on Forge's quality bench (docs/benchmarks/diloco-outer.md) the scaling helped Muon \
              inner steps and made AdamW's end worse than plain averaging: set kind = \"muon\" or \
              outer_lr_scaling = \"none\""
@@ -391,16 +442,18 @@ mod tests {
     fn the_outer_lr_scales_with_the_square_root_of_the_members_unless_told_not_to() {
         let cfg: DilocoConfig = toml::from_str("outer_lr = 0.8").unwrap();
         assert_eq!(cfg.outer_lr_scaling, OuterLrScaling::None);
-        assert_eq!(cfg.outer_lr_for(4), 0.8);
+        assert_eq!(cfg.outer_lr_for(Spread::members(4)), 0.8);
         let cfg: DilocoConfig =
             toml::from_str("outer_lr = 0.8\nouter_lr_scaling = \"sqrt-members\"").unwrap();
-        let lrs: Vec<f64> = (0..5).map(|k| cfg.outer_lr_for(k)).collect();
+        let lrs: Vec<f64> = (0..5)
+            .map(|k| cfg.outer_lr_for(Spread::members(k)))
+            .collect();
         assert_eq!(lrs, [0.8, 0.8, 0.8 * 2f64.sqrt(), 0.8 * 3f64.sqrt(), 1.6]);
         let err = toml::from_str::<DilocoConfig>("outer_lr_scaling = \"linear\"")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("sqrt-members") && err.contains("none"),
+            err.contains("sqrt-members") && err.contains("none") && err.contains("norm-ratio"),
             "{err}"
         );
         // Measured to lose with AdamW: warned of, naming both keys.
@@ -414,6 +467,40 @@ mod tests {
             DilocoConfig::default().scaling_warning(OptimizerKind::Adamw),
             None
         );
+    }
+
+    /// `"norm-ratio"`: the members' mean norm over their average's, within [1, √K]; a round
+    /// whose norms nobody measured, or that moved nothing, is plain averaging.
+    #[test]
+    fn the_norm_ratio_scales_the_outer_lr_between_1_and_the_square_root_of_the_members() {
+        let cfg: DilocoConfig =
+            toml::from_str("outer_lr = 0.5\nouter_lr_scaling = \"norm-ratio\"").unwrap();
+        let lr = |members, member_norm, average_norm| {
+            cfg.outer_lr_for(Spread {
+                members,
+                member_norm,
+                average_norm,
+            })
+        };
+        // Four replicas that moved alike, half alike, and not alike at all (or cancelled out).
+        assert_eq!(lr(4, 3.0, 3.0), 0.5);
+        assert_eq!(lr(4, 3.0, 2.0), 0.75);
+        assert_eq!(lr(4, 3.0, 1.5), 1.0);
+        assert_eq!(lr(4, 3.0, 0.1), 1.0);
+        assert_eq!(lr(4, 3.0, 0.0), 1.0);
+        // Codec rounding can leave the average a little longer than the members' mean.
+        assert_eq!(lr(4, 3.0, 3.01), 0.5);
+        assert_eq!(lr(2, 3.0, 1.0), 0.5 * 2f64.sqrt());
+        assert_eq!(lr(1, 3.0, 1.0), 0.5);
+        assert_eq!(lr(4, 0.0, 0.0), 0.5);
+        assert_eq!(cfg.outer_lr_for(Spread::members(4)), 0.5);
+        let warning = cfg.scaling_warning(OptimizerKind::Adafactor).unwrap();
+        assert!(
+            warning.contains("outer_lr_scaling = \"norm-ratio\"")
+                && warning.contains("kind = \"adafactor\""),
+            "{warning}"
+        );
+        assert_eq!(cfg.scaling_warning(OptimizerKind::Muon), None);
     }
 
     #[test]

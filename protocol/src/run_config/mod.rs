@@ -14,7 +14,7 @@ mod parallel;
 mod schedule;
 
 pub use data::{CorpusFormat, CurriculumPoint, DataConfig, MixSource, TokenizerConfig};
-pub use diloco::{DilocoConfig, OuterLrScaling, OverlapSteps, Pace};
+pub use diloco::{DilocoConfig, OuterLrScaling, OverlapSteps, Pace, Spread};
 pub use overrides::{NODE_KEYS, apply_overrides};
 pub use parallel::{GradDtype, ParallelConfig, WorkerBatch};
 pub use schedule::{Anneal, AnnealPlan, NO_DECAY_PHASE, Schedule};
