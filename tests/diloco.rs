@@ -393,7 +393,8 @@ fn the_coordinator_warns_of_heavy_outer_steps_in_a_short_run() {
     let log = std::fs::read_to_string(adamw.join("coord.log")).unwrap();
     assert!(
         log.contains("outer_lr_scaling = \"sqrt-members\" with [train.optimizer] kind = \"adamw\"")
-            && log.contains("set kind = \"muon\" or outer_lr_scaling = \"none\""),
+            && log
+                .contains("set kind = \"muon\" or outer_lr_scaling = \"norm-ratio\" (the default)"),
         "{log}"
     );
 }

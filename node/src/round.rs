@@ -43,8 +43,8 @@ pub(crate) struct RoundLog {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) eval_bpb: Option<f64>,
     pub(crate) members: usize,
-    /// The outer lr of the round's outer step (`[diloco] outer_lr`, times √K under
-    /// `outer_lr_scaling = "sqrt-members"`), once its all-reduce has finished.
+    /// The outer lr of the round's outer step (`[diloco] outer_lr`, scaled by
+    /// `outer_lr_scaling`), once its all-reduce has finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) outer_lr: Option<f64>,
     /// Tokens all members processed this round (the all-reduce's total weight).
