@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
+use forge_protocol::quant::squares;
 /// `[diloco]` in a run config; defined with the run config schema in forge-protocol.
 pub use forge_protocol::run_config::{DilocoConfig, OverlapSteps};
 use forge_protocol::run_config::{OuterLrScaling, Spread};
@@ -131,9 +132,9 @@ impl OuterOptimizer {
         out
     }
 
-    /// The outer step for the pseudo-gradient averaged over `members` replicas whose mean norm
-    /// (weighted as the average is) was `member_norm` (0: not measured), not yet applied. The
-    /// outer lr follows [`DilocoConfig::outer_lr_for`].
+    /// The outer step for the pseudo-gradient averaged over `members` replicas whose norm (root
+    /// mean square, weighted as the average is) was `member_norm` (0: not measured), not yet
+    /// applied. The outer lr follows [`DilocoConfig::outer_lr_for`].
     pub fn propose(&self, average: &[f32], members: usize, member_norm: f64) -> Result<Proposal> {
         if average.len() != self.numel {
             return Err(Error::InvalidTrainConfig(format!(
@@ -148,11 +149,7 @@ impl OuterOptimizer {
             ..
         } = self.cfg;
         let average_norm = match self.cfg.outer_lr_scaling {
-            OuterLrScaling::NormRatio => average
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>()
-                .sqrt(),
+            OuterLrScaling::NormRatio => squares(average).sqrt(),
             OuterLrScaling::None | OuterLrScaling::SqrtMembers => 0.0,
         };
         let outer_lr = self.cfg.outer_lr_for(Spread {

@@ -606,13 +606,12 @@ impl<'a> Round<'a> {
             self.check_weights(total_weight, &gathered)?;
             self.check_results(&reduced, &gathered)?;
             // Summed in owner order, so every member gets the same bits.
-            let weighted_squares = (0..k)
-                .map(|owner| match gathered.iter().find(|g| g.owner == owner) {
-                    _ if owner == self.me => reduced.weighted_squares,
-                    Some(g) => g.weighted_squares,
-                    None => 0.0,
-                })
-                .sum::<f64>();
+            let mut shares = vec![0.0; k];
+            shares[self.me] = reduced.weighted_squares;
+            for g in &gathered {
+                shares[g.owner] = g.weighted_squares;
+            }
+            let weighted_squares = shares.iter().sum::<f64>();
             Ok((average, total_weight, weighted_squares))
         };
         tokio::pin!(core);
@@ -1084,6 +1083,8 @@ impl<'a> Round<'a> {
         let mut result_budget = None;
         let last = chunks.len() - 1;
         let mut held = None;
+        // This range's [`Reduced::weighted_squares`], once the last chunk has been read.
+        let mut own_share = None;
         for (c, range) in chunks.into_iter().enumerate() {
             let n = range.len();
             let sum = &mut sum[..n];
@@ -1191,7 +1192,7 @@ impl<'a> Round<'a> {
             }
             // Every chunk of every member has been read by the last one.
             let weighted_squares = match c == last {
-                true => weighted_squares_of(&sum_of_squares, &weights),
+                true => *own_share.insert(weighted_squares_of(&sum_of_squares, &weights)),
                 false => 0.0,
             };
             let chunk = Arc::new(ReducedChunk {
@@ -1230,7 +1231,7 @@ impl<'a> Round<'a> {
         }
         Ok(Reduced {
             total_weight,
-            weighted_squares: weighted_squares_of(&sum_of_squares, &weights),
+            weighted_squares: own_share.unwrap_or(0.0),
             weights,
             declared,
         })

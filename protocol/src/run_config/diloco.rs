@@ -82,11 +82,11 @@ pub const FEW_ROUNDS: u64 = 100;
 /// default.
 ///
 /// `"norm-ratio"` measures instead of assuming: it scales the average by the ratio of the
-/// members' mean pseudo-gradient norm to the norm of their average, so the outer step is as long
-/// as a typical member's progress over the round, in the direction they share. Replicas that
-/// moved alike give 1 (plain averaging); replicas whose progress shares nothing give √K (the
-/// `"sqrt-members"` factor); in between, the share the replicas have in common decides. Capped to
-/// [1, √K], so members that cancel out cannot blow the step up. The idea is FedExP's
+/// members' pseudo-gradient norm (root mean square) to the norm of their average, so the outer
+/// step is as long as a typical member's progress over the round, in the direction they share.
+/// Replicas that moved alike give 1 (plain averaging); replicas whose progress shares nothing
+/// give √K (the `"sqrt-members"` factor); in between, the share the replicas have in common
+/// decides. Capped to [1, √K], so members that cancel out cannot blow the step up. The idea is FedExP's
 /// (Jhunjhunwala et al., ICLR 2023), which sets the server step from the same two quantities.
 /// It is the default: on the quality bench it beat plain averaging in every setting tried (the
 /// demo with AdamW and with Muon, 4 nodes at H = 30 on Wikipedia with Muon), where √K lost with
@@ -110,22 +110,11 @@ pub enum OuterLrScaling {
 pub struct Spread {
     /// Replicas averaged.
     pub members: usize,
-    /// The members' mean pseudo-gradient norm, weighted as the average is (by tokens).
+    /// The members' pseudo-gradient norm, the root mean square weighted as the average is (by
+    /// tokens).
     pub member_norm: f64,
     /// The norm of the averaged pseudo-gradient.
     pub average_norm: f64,
-}
-
-impl Spread {
-    /// A round of `members` replicas whose norms nobody measured: `"norm-ratio"` leaves it at
-    /// plain averaging.
-    pub fn members(members: usize) -> Spread {
-        Spread {
-            members,
-            member_norm: 0.0,
-            average_norm: 0.0,
-        }
-    }
 }
 
 impl OuterLrScaling {
@@ -451,9 +440,7 @@ mod tests {
         assert_eq!(cfg.outer_lr_for(spread), 0.8);
         let cfg: DilocoConfig =
             toml::from_str("outer_lr = 0.8\nouter_lr_scaling = \"sqrt-members\"").unwrap();
-        let lrs: Vec<f64> = (0..5)
-            .map(|k| cfg.outer_lr_for(Spread::members(k)))
-            .collect();
+        let lrs: Vec<f64> = (0..5).map(|k| cfg.outer_lr_for(unmeasured(k))).collect();
         assert_eq!(lrs, [0.8, 0.8, 0.8 * 2f64.sqrt(), 0.8 * 3f64.sqrt(), 1.6]);
         let err = toml::from_str::<DilocoConfig>("outer_lr_scaling = \"linear\"")
             .unwrap_err()
@@ -476,7 +463,16 @@ mod tests {
         );
     }
 
-    /// `"norm-ratio"`: the members' mean norm over their average's, within [1, √K]; a round
+    /// A round of `members` replicas whose norms nobody measured.
+    fn unmeasured(members: usize) -> Spread {
+        Spread {
+            members,
+            member_norm: 0.0,
+            average_norm: 0.0,
+        }
+    }
+
+    /// `"norm-ratio"`: the members' norm over their average's, within [1, √K]; a round
     /// whose norms nobody measured, or that moved nothing, is plain averaging.
     #[test]
     fn the_norm_ratio_scales_the_outer_lr_between_1_and_the_square_root_of_the_members() {
@@ -500,7 +496,7 @@ mod tests {
         assert_eq!(lr(2, 3.0, 1.0), 0.5 * 2f64.sqrt());
         assert_eq!(lr(1, 3.0, 1.0), 0.5);
         assert_eq!(lr(4, 0.0, 0.0), 0.5);
-        assert_eq!(cfg.outer_lr_for(Spread::members(4)), 0.5);
+        assert_eq!(cfg.outer_lr_for(unmeasured(4)), 0.5);
         // The default, measured to help AdamW too: no warning.
         assert_eq!(
             cfg,
