@@ -15,7 +15,7 @@
 #                                   [--overlap 0] [--pace auto|fixed] [--data tinystories|wikipedia]
 #                                   [--diloco 'key = value' ...] [--warmup STEPS]
 #                                   [--density 0.015625] [--bits 2]
-#                                   [--optimizer adamw|muon|adafactor]
+#                                   [--optimizer adamw|muon|adafactor] [--ns-precision auto|bf16|fp32]
 #                                   [--seed 1234 | --seeds "1234 1 2 3"]
 #                                   [--skip-baseline | --skip-diloco]
 # --inner, --outer-lr and --momentum set [diloco] inner_steps, outer_lr and outer_momentum
@@ -34,16 +34,18 @@
 # data order; default: the configs' 1234). --seeds repeats the runs once per seed and then prints
 # the means, the ratios of the means and the spread of the per-seed ratios: single runs of this
 # size differ by 1-2% from seed to seed. --optimizer sets [train.optimizer] kind of all three runs
-# (MuLoCo: DiLoCo with Muon as the inner optimizer).
+# (MuLoCo: DiLoCo with Muon as the inner optimizer); --ns-precision its [train.optimizer.muon]
+# ns_precision (default auto: fp32 on a CPU; the Muon records before 2026-12-08 were bf16).
 # The two baselines do not depend on the DiLoCo settings: a finished one with the same config
-# (runs/quality/base-*) is reused; --skip-baseline leaves them out, --skip-diloco runs only them.
+# and the same forge-node binary (runs/quality/base-*) is reused; --skip-baseline leaves them
+# out, --skip-diloco runs only them.
 set -euo pipefail
 self=$(realpath "${BASH_SOURCE[0]}")
 source "$(dirname "$self")/env.sh"
 cd "$FORGE_ROOT"
 
 nodes=4 steps=150 codec=int8 inner="" outer_lr="" momentum="" scaling=none lr=3e-3 warm=0 seed=1234 seeds="" baseline=1 diloco=1 optimizer=adamw
-overlap=0 pace=auto data=tinystories warmup="" extras=() density=0.015625 bits=2
+overlap=0 pace=auto data=tinystories warmup="" extras=() density=0.015625 bits=2 ns=""
 args=("$@")
 while (($#)); do
   case "$1" in
@@ -66,9 +68,10 @@ while (($#)); do
     --seed) seed=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
     --optimizer) optimizer=$2; shift 2 ;;
+    --ns-precision) ns=$2; shift 2 ;;
     --skip-baseline) baseline=0; shift ;;
     --skip-diloco) diloco=0; shift ;;
-    -h|--help) sed -n '2,33p' "$self"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$self"; exit 0 ;;
     *) echo "bench_diloco_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -84,7 +87,9 @@ case "$optimizer" in adamw|muon|adafactor) ;; *) echo "bench_diloco_quality.sh: 
 with_optimizer() {
   awk '/^\[/ { skip = ($0 == "[train.optimizer]") } !skip'
   [[ "$optimizer" == adamw ]] || printf '\n[train.optimizer]\nkind = "%s"\n' "$optimizer"
+  [[ -z "$ns" ]] || printf '\n[train.optimizer.muon]\nns_precision = "%s"\n' "$ns"
 }
+case "$ns" in ""|auto|bf16|fp32) ;; *) echo "bench_diloco_quality.sh: --ns-precision must be auto, bf16 or fp32" >&2; exit 2 ;; esac
 case "$pace" in auto|fixed) ;; *) echo "bench_diloco_quality.sh: --pace must be auto or fixed" >&2; exit 2 ;; esac
 for e in "${extras[@]}"; do
   [[ "$e" =~ ^[a-z_]+\ *=\ *[^=]+$ ]] || { echo "bench_diloco_quality.sh: --diloco takes 'key = value', got '$e'" >&2; exit 2; }
@@ -137,6 +142,7 @@ suffix=""
 [[ "$data" == tinystories ]] || suffix=$suffix-$data
 [[ "$seed" == 1234 ]] || suffix=$suffix-seed$seed
 [[ "$optimizer" == adamw ]] || suffix=$suffix-$optimizer
+[[ -z "$ns" ]] || suffix=$suffix-ns$ns
 [[ -z "$warmup" || "$warmup" == $(( steps / 5 )) ]] || suffix=$suffix-wu$warmup
 warmup=${warmup:-$(( steps / 5 ))}
 
@@ -154,12 +160,18 @@ baseline_loss() {
       -e "s/^every = 100$/every = 100000/" \
       "${data_edits[@]}" \
       configs/tiny-cpu.toml | with_optimizer)
+  # The same config trained by another build may end elsewhere (a change in the arithmetic):
+  # a baseline is reused only from the same forge-node binary.
+  local build
+  build=$(sha256sum "$bin/forge-node" | cut -d' ' -f1)
   if [[ -f "$dir/run.out" && "$(cat "$dir/run.toml" 2>/dev/null)" == "$toml" ]] \
+      && [[ "$(cat "$dir/build" 2>/dev/null)" == "$build" ]] \
       && grep -q "^validation loss" "$dir/run.out"; then
     echo "== one node, batch $batch x 128, $steps steps, lr $lr: reusing $dir" >&2
   else
     rm -rf "$dir"; mkdir -p "$dir"
     printf '%s\n' "$toml" > "$dir/run.toml"
+    echo "$build" > "$dir/build"
     echo "== one node, batch $batch x 128, $steps steps, lr $lr" >&2
     RUST_LOG=warn "$bin/forge-node" train --config "$dir/run.toml" --no-resume > "$dir/run.out" 2> "$dir/run.log"
   fi

@@ -6,8 +6,8 @@
 
 use forge_integration_tests::{run_command, venv_python};
 use forge_trainer::optim::{
-    AdafactorConfig, AdamWConfig, MuonConfig, MuonLrAdjust, Optimizer, OptimizerConfig,
-    OptimizerKind,
+    AdafactorConfig, AdamWConfig, MuonConfig, MuonLrAdjust, NsPrecision, Optimizer,
+    OptimizerConfig, OptimizerKind,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -137,6 +137,8 @@ fn forge_optimizers_take_pytorchs_steps() {
         muon: MuonConfig {
             adjust_lr_fn,
             nesterov,
+            // torch.optim.Muon's arithmetic: Newton–Schulz in bf16 on every device.
+            ns_precision: NsPrecision::Bf16,
             ..MuonConfig::default()
         },
         ..OptimizerConfig::default()

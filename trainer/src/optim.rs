@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 use crate::models::trainable_by_name;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tch::{Kind, Tensor, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn::VarStore};
 
 pub use forge_protocol::run_config::{
-    AdafactorConfig, AdamWConfig, MuonConfig, MuonLrAdjust, OptimizerConfig, OptimizerKind,
+    AdafactorConfig, AdamWConfig, MuonConfig, MuonLrAdjust, NsPrecision, OptimizerConfig,
+    OptimizerKind,
 };
 
 /// Muon's Newton–Schulz coefficients (Keller Jordan's, as `torch.optim.Muon` uses them).
@@ -126,13 +127,25 @@ fn rule_for(kind: OptimizerKind, name: &str, param: &Tensor) -> Rule {
     }
 }
 
-/// `torch.optim.Muon`'s orthogonalisation: the quintic Newton–Schulz iteration in bf16.
-fn zeropower_newton_schulz(grad: &Tensor, steps: u32) -> Tensor {
+/// The number format of Newton–Schulz on `device` ([`NsPrecision`]).
+fn ns_kind(precision: NsPrecision, device: Device) -> Kind {
+    match precision {
+        NsPrecision::Bf16 => Kind::BFloat16,
+        NsPrecision::Fp32 => Kind::Float,
+        NsPrecision::Auto if device.is_cuda() => Kind::BFloat16,
+        NsPrecision::Auto => Kind::Float,
+    }
+}
+
+/// `torch.optim.Muon`'s orthogonalisation: the quintic Newton–Schulz iteration, in `kind`
+/// (PyTorch's is bf16).
+fn zeropower_newton_schulz(grad: &Tensor, steps: u32, kind: Kind) -> Tensor {
     let (a, b, c) = NS_COEFFICIENTS;
     let tall = grad.size()[0] > grad.size()[1];
-    let g = grad.to_kind(Kind::BFloat16);
+    let g = grad.to_kind(kind);
     let g = if tall { g.tr() } else { g };
-    // Out of place: a bf16 gradient is `grad` itself (PyTorch would scale it in place).
+    // Out of place: a gradient already of `kind` is `grad` itself (PyTorch would scale it in
+    // place).
     let mut x = &g / g.norm().clamp_min(MUON_EPS);
     // addmm with beta and alpha (tch's addmm has neither): baddbmm on a batch of one.
     let addmm = |input: &Tensor, m1: &Tensor, m2: &Tensor, beta: f64, alpha: f64| {
@@ -504,7 +517,8 @@ fn muon_step(
     } else {
         buf.shallow_clone()
     };
-    let update = zeropower_newton_schulz(&update, cfg.ns_steps);
+    let kind = ns_kind(cfg.ns_precision, param.device());
+    let update = zeropower_newton_schulz(&update, cfg.ns_steps, kind);
     let adjusted = muon_lr(lr, cfg.adjust_lr_fn, fans);
     let _ = param.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
     let _ = param.g_add_(&(update.to_kind(param.kind()) * -adjusted));
@@ -612,7 +626,7 @@ pub fn clip_to_norm(grads: &[Tensor], max_norm: f64, total: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind, nn};
+    use tch::{Kind, nn};
 
     /// Stochastic rounding keeps what bf16 holds, picks only the two neighbours of what it
     /// does not, with the probabilities that make it unbiased, for either sign; the same key
@@ -706,6 +720,43 @@ mod tests {
         let db = f64::try_from((b - b_expected).abs().max()).unwrap();
         assert!(dw < 1e-6 && db < 1e-6, "dw {dw} db {db}");
         assert_eq!(opt.step_count(), 1);
+    }
+
+    /// Newton–Schulz in fp32 (`ns_precision = "auto"` on a CPU) is the bf16 iteration with less
+    /// rounding: both take a wide and a tall matrix to the same near-orthogonal update (singular
+    /// values in the quintic's band around 1), and agree to bf16's precision. `"auto"` picks
+    /// fp32 off CUDA, bf16 on it.
+    #[test]
+    fn newton_schulz_in_fp32_matches_bf16_to_bf16_precision() {
+        tch::manual_seed(7);
+        assert_eq!(ns_kind(NsPrecision::Auto, Device::Cpu), Kind::Float);
+        assert_eq!(ns_kind(NsPrecision::Auto, Device::Cuda(0)), Kind::BFloat16);
+        assert_eq!(ns_kind(NsPrecision::Bf16, Device::Cpu), Kind::BFloat16);
+        assert_eq!(ns_kind(NsPrecision::Fp32, Device::Cuda(0)), Kind::Float);
+        for shape in [[24i64, 64], [64, 24]] {
+            let grad = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+            let fp32 = zeropower_newton_schulz(&grad, 5, Kind::Float);
+            let bf16 = zeropower_newton_schulz(&grad, 5, Kind::BFloat16).to_kind(Kind::Float);
+            assert_eq!(fp32.kind(), Kind::Float);
+            let max_abs = |t: &Tensor| f64::try_from(t.abs().max()).unwrap();
+            let apart = max_abs(&(&fp32 - &bf16)) / max_abs(&fp32);
+            assert!(apart < 0.05, "{shape:?}: fp32 and bf16 differ by {apart}");
+            // The singular values: square roots of the eigenvalues of the smaller Gram matrix.
+            let gram = if shape[0] < shape[1] {
+                fp32.matmul(&fp32.tr())
+            } else {
+                fp32.tr().matmul(&fp32)
+            };
+            let squares = gram.linalg_eigvalsh("L");
+            let (low, high) = (
+                f64::try_from(squares.min()).unwrap().sqrt(),
+                f64::try_from(squares.max()).unwrap().sqrt(),
+            );
+            assert!(
+                low > 0.5 && high < 1.3,
+                "{shape:?}: singular values {low}..{high}"
+            );
+        }
     }
 
     /// Muon takes the hidden weight matrices (a GPT-2 Conv1D's fans read transposed); the

@@ -193,6 +193,27 @@ pub struct MuonConfig {
     pub adjust_lr_fn: MuonLrAdjust,
     /// Decoupled weight decay of the Muon matrices (`[train.adamw] weight_decay` is the rest's).
     pub weight_decay: f64,
+    /// The precision of the Newton–Schulz iteration; see [`NsPrecision`].
+    pub ns_precision: NsPrecision,
+}
+
+/// `[train.optimizer.muon] ns_precision`: the number format Muon orthogonalises its update in.
+///
+/// `torch.optim.Muon` runs Newton–Schulz in bf16, which GPUs multiply at full speed. Most CPUs
+/// have no bf16 matrix unit and emulate it: on this project's AVX2 machine the iteration of a
+/// 128×384 matrix took 20× as long in bf16 as in fp32, and bf16 Newton–Schulz was 78% of a
+/// Muon step of the `tiny` model (docs/benchmarks/train-step.md). fp32 is the same iteration
+/// with rounding error smaller, not larger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NsPrecision {
+    /// bf16 on CUDA devices (PyTorch's choice), fp32 elsewhere.
+    #[default]
+    Auto,
+    /// bf16 everywhere: `torch.optim.Muon`'s arithmetic on every device.
+    Bf16,
+    /// fp32 everywhere.
+    Fp32,
 }
 
 impl Default for MuonConfig {
@@ -203,6 +224,7 @@ impl Default for MuonConfig {
             ns_steps: 5,
             adjust_lr_fn: MuonLrAdjust::MatchRmsAdamw,
             weight_decay: 0.1,
+            ns_precision: NsPrecision::Auto,
         }
     }
 }
